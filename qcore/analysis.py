@@ -1,0 +1,97 @@
+"""Binned weight histograms for plotting: counts, never raw weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qcore.quant import QuantResult, code_range, dequantize_codes
+
+__all__ = ["Histogram", "weight_histogram", "layer_histogram", "MAX_LEVELS_DRAWN"]
+
+MAX_LEVELS_DRAWN = 256  # more levels than this are not listed (they would fill the plot)
+
+
+@dataclass(frozen=True, eq=False)
+class Histogram:
+    """Counts of float and compressed weights on shared bins."""
+
+    edges: np.ndarray  # float64 [bins + 1]
+    before: np.ndarray  # int64 [bins]
+    after: np.ndarray  # int64 [bins]
+    levels: np.ndarray | None  # the values the quantizer can output, if few enough
+    clip: tuple[float, float] | None  # the range the quantizer covers
+    zeros_after: int  # weights exactly zero after compression
+
+    @property
+    def centers(self) -> np.ndarray:
+        return (self.edges[:-1] + self.edges[1:]) / 2
+
+
+def weight_histogram(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    bins: int = 80,
+    *,
+    levels: torch.Tensor | None = None,
+    clip: tuple[float, float] | None = None,
+) -> Histogram:
+    """Histogram of ``before`` and ``after`` on the same ``bins`` bins over both ranges."""
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1; got {bins}.")
+    b = before.detach().float().reshape(-1)
+    a = after.detach().float().reshape(-1)
+    both = torch.cat([b, a])
+    lo, hi = (float(both.min()), float(both.max())) if both.numel() else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    cb = torch.histogram(b.double(), bins=edges).hist
+    ca = torch.histogram(a.double(), bins=edges).hist
+    lv = None
+    if levels is not None and levels.numel() <= MAX_LEVELS_DRAWN:
+        lv = levels.detach().double().numpy()
+    return Histogram(
+        edges=edges.numpy(),
+        before=cb.numpy().astype(np.int64),
+        after=ca.numpy().astype(np.int64),
+        levels=lv,
+        clip=clip,
+        zeros_after=int((a == 0).sum()),
+    )
+
+
+def quant_levels(res: QuantResult, channel: int = 0) -> torch.Tensor:
+    """Every value one group (channel) of a quantized tensor can take, sorted."""
+    qmin, qmax = code_range(res.bits, res.symmetric)
+    if qmax - qmin + 1 > MAX_LEVELS_DRAWN:
+        return torch.empty(MAX_LEVELS_DRAWN + 1)
+    g = channel if res.per_channel else 0
+    qp = res.qparams._replace(
+        scale=res.qparams.scale[g : g + 1], zero_point=res.qparams.zero_point[g : g + 1]
+    )
+    codes = torch.arange(qmin, qmax + 1).reshape(1, -1)
+    return dequantize_codes(codes, qp).reshape(-1)
+
+
+def layer_histogram(compressed, layer: str, bins: int = 80, channel: int | None = None) -> Histogram:
+    """Histogram of one layer of a :class:`~qcore.compress.Compressed` model.
+
+    With per-channel scales, levels and clip bounds are drawn only for a chosen ``channel``.
+    """
+    compressed.layer(layer)  # a clear ValueError for an unknown layer name
+    before = compressed.source_weights[layer]
+    after = compressed.model.overrides.get(f"{layer}.weight", before)
+    if channel is not None:
+        if not 0 <= channel < before.shape[0]:
+            raise ValueError(f"Channel must be in 0..{before.shape[0] - 1}; got {channel}.")
+        before, after = before[channel], after[channel]
+    res = compressed.quant.get(layer)
+    levels = clip = None
+    if res is not None and (not res.per_channel or channel is not None):
+        g = channel if (res.per_channel and channel is not None) else 0
+        levels = quant_levels(res, g)
+        clip = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
+    return weight_histogram(before, after, bins, levels=levels, clip=clip)

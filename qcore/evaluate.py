@@ -1,0 +1,78 @@
+"""Top-1 accuracy, loss, confusion matrix and agreement on a held-out split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Metrics", "evaluate", "agreement", "predict_logits"]
+
+
+@dataclass(frozen=True, eq=False)
+class Metrics:
+    """Evaluation of one model on one split."""
+
+    accuracy: float  # top-1, in [0, 1]
+    loss: float  # mean cross-entropy
+    n: int
+    predictions: np.ndarray  # int64 [N], predicted class per example
+    confusion: np.ndarray  # int64 [C, C]; row = true class, column = predicted
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        """Recall per true class (nan for a class with no examples)."""
+        totals = self.confusion.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(totals > 0, np.diag(self.confusion) / totals, np.nan)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Logits for ``x`` in batches, under inference mode."""
+    if getattr(model, "training", False) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ValueError("The model is in training mode; call model.eval() before evaluating it.")
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            outs.append(model(x[i : i + batch_size]))
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 2000) -> Metrics:
+    """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (a qcore Dataset)."""
+    x, y = dataset.x, dataset.y
+    num_classes = len(dataset.classes)
+    try:
+        logits = predict_logits(model, x, batch_size)
+    except RuntimeError as exc:  # shape mismatch inside the network
+        raise ValueError(
+            f"The model cannot run on dataset {getattr(dataset, 'name', '?')!r} "
+            f"(inputs {tuple(x.shape[1:])}): {exc}"
+        ) from exc
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"The model gives {tuple(logits.shape[1:])} outputs per example but the dataset has "
+            f"{num_classes} classes."
+        )
+    loss = float(F.cross_entropy(logits, y, reduction="mean")) if len(y) else float("nan")
+    pred = logits.argmax(dim=1)
+    confusion = torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+    return Metrics(
+        accuracy=float((pred == y).float().mean()) if len(y) else float("nan"),
+        loss=loss,
+        n=int(len(y)),
+        predictions=pred.numpy().astype(np.int64),
+        confusion=confusion.reshape(num_classes, num_classes).numpy().astype(np.int64),
+    )
+
+
+def agreement(a: Metrics, b: Metrics) -> float:
+    """Fraction of examples on which two evaluations predict the same class."""
+    if a.n != b.n:
+        raise ValueError("The two evaluations are on different numbers of examples.")
+    return float((a.predictions == b.predictions).mean()) if a.n else float("nan")
