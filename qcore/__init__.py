@@ -1,0 +1,61 @@
+"""qcore: the compute core of Quantization Playground.
+
+Pure PyTorch (with numpy and pandas for tables); never imports a UI library. Nothing here
+changes a model or tensor handed to it.
+
+>>> import qcore
+>>> model = qcore.load_model("mnist-cnn")                        # doctest: +SKIP
+>>> c = qcore.compress(model, qcore.CompressionConfig(quant=qcore.QuantConfig(bits=4)))
+>>> qcore.evaluate(c.model, qcore.load_dataset("mnist-5k")).accuracy   # doctest: +SKIP
+"""
+
+from qcore.analysis import Histogram, layer_histogram, weight_histogram
+from qcore.compress import Compressed, CompressedModel, LayerStats, compress, sqnr_db
+from qcore.config import CLIP_MODES, CompressionConfig, PruneConfig, QuantConfig
+from qcore.data import Dataset, DatasetInfo, data_root, dataset_info, list_datasets, load_dataset
+from qcore.evaluate import Metrics, agreement, evaluate
+from qcore.export import export_packed, load_packed, packed_bytes, read_header
+from qcore.fold import fold_batchnorm, weight_layers
+from qcore.models import ModelInfo, build_model, check_fit, list_models, load_model, model_info
+from qcore.prune import magnitude_mask, prune_tensor
+from qcore.quant import quantize_tensor, quantize_with_params
+
+__all__ = [
+    "CLIP_MODES",
+    "Compressed",
+    "CompressedModel",
+    "CompressionConfig",
+    "Dataset",
+    "DatasetInfo",
+    "Histogram",
+    "LayerStats",
+    "Metrics",
+    "ModelInfo",
+    "PruneConfig",
+    "QuantConfig",
+    "agreement",
+    "build_model",
+    "check_fit",
+    "compress",
+    "data_root",
+    "dataset_info",
+    "evaluate",
+    "export_packed",
+    "fold_batchnorm",
+    "layer_histogram",
+    "list_datasets",
+    "list_models",
+    "load_dataset",
+    "load_model",
+    "load_packed",
+    "magnitude_mask",
+    "model_info",
+    "packed_bytes",
+    "prune_tensor",
+    "quantize_tensor",
+    "quantize_with_params",
+    "read_header",
+    "sqnr_db",
+    "weight_histogram",
+    "weight_layers",
+]
