@@ -3,10 +3,10 @@
 Pure PyTorch (with numpy and pandas for tables); never imports a UI library. Nothing here
 changes a model or tensor handed to it.
 
->>> import qcore
->>> model = qcore.load_model("mnist-cnn")                        # doctest: +SKIP
->>> c = qcore.compress(model, qcore.CompressionConfig(quant=qcore.QuantConfig(bits=4)))
->>> qcore.evaluate(c.model, qcore.load_dataset("mnist-5k")).accuracy   # doctest: +SKIP
+    import qcore
+    model = qcore.load_model("mnist-cnn")
+    c = qcore.compress(model, qcore.CompressionConfig(quant=qcore.QuantConfig(bits=4)))
+    print(qcore.evaluate(c.model, qcore.load_dataset("mnist-5k")).accuracy, c.size_bytes)
 """
 
 from qcore.analysis import Histogram, layer_histogram, weight_histogram

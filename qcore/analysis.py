@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qcore.compress import param_key
 from qcore.quant import QuantResult, code_range, dequantize_codes
 
 __all__ = ["Histogram", "weight_histogram", "layer_histogram", "MAX_LEVELS_DRAWN"]
@@ -76,14 +77,16 @@ def quant_levels(res: QuantResult, channel: int = 0) -> torch.Tensor:
     return dequantize_codes(codes, qp).reshape(-1)
 
 
-def layer_histogram(compressed, layer: str, bins: int = 80, channel: int | None = None) -> Histogram:
+def layer_histogram(
+    compressed, layer: str, bins: int = 80, channel: int | None = None
+) -> Histogram:
     """Histogram of one layer of a :class:`~qcore.compress.Compressed` model.
 
     With per-channel scales, levels and clip bounds are drawn only for a chosen ``channel``.
     """
     compressed.layer(layer)  # a clear ValueError for an unknown layer name
     before = compressed.source_weights[layer]
-    after = compressed.model.overrides.get(f"{layer}.weight", before)
+    after = compressed.model.overrides.get(param_key(layer, "weight"), before)
     if channel is not None:
         if not 0 <= channel < before.shape[0]:
             raise ValueError(f"Channel must be in 0..{before.shape[0] - 1}; got {channel}.")

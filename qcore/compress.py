@@ -1,8 +1,8 @@
 """The pipeline: fold BatchNorm -> prune (mask) -> clip -> quantize -> size.
 
-``compress`` never changes the model it is given and never copies it per call: the
-compressed weights are a new dict of tensors that :class:`CompressedModel` runs through
-``torch.func.functional_call`` on the shared (folded) float module.
+``compress`` never changes the model it is given and never copies its tensors per call:
+the compressed weights are a new dict of tensors that :class:`CompressedModel` runs in a
+structural copy of the shared (folded) float module.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from qcore.config import CompressionConfig
 from qcore.fold import _assert_eval, fold_batchnorm, state_for_size, weight_layers
@@ -20,20 +19,52 @@ from qcore.prune import global_masks, layer_mask
 from qcore.quant import QuantResult, quantize_with_params
 from qcore.size import TensorSize, float_bytes, packed_weight_size
 
-__all__ = ["CompressedModel", "LayerStats", "Compressed", "compress", "sqnr_db"]
+__all__ = ["CompressedModel", "LayerStats", "Compressed", "compress", "sqnr_db", "param_key"]
+
+
+def param_key(layer: str, attr: str) -> str:
+    """The state-dict key of ``attr`` in ``layer`` ("" is the root module itself)."""
+    return f"{layer}.{attr}" if layer else attr
+
+
+def _shell(module: nn.Module, overrides: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+    """A structural copy of ``module`` that shares every tensor, with ``overrides`` swapped in.
+
+    Each submodule gets its own parameter, buffer, hook and child tables (new dicts over the
+    same tensors), so running or changing the copy never touches the shared module, and two
+    sessions can run different compressed variants of one model at the same time.
+    """
+    new = object.__new__(type(module))  # no __init__: the tables are filled in below
+    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    for name in module._parameters:
+        key = param_key(prefix, name)
+        if key in overrides:
+            new._parameters[name] = nn.Parameter(overrides[key], requires_grad=False)
+    for name in module._buffers:
+        key = param_key(prefix, name)
+        if key in overrides:
+            new._buffers[name] = overrides[key]
+    for name, child in module._modules.items():
+        if child is not None:
+            new._modules[name] = _shell(child, overrides, param_key(prefix, name))
+    return new
 
 
 class CompressedModel(nn.Module):
-    """Runs a shared float module with some of its tensors replaced.
+    """A float module with some of its tensors replaced, sharing all the others.
 
-    The shared module is held by reference and is not registered as a child, so
-    ``.train()`` or ``.to()`` on this wrapper cannot change it.
+    Built from a structural copy of the shared (folded) float module: no tensor is copied
+    and the shared module is never changed, not even for the length of a forward pass
+    (which ``functional_call`` would do, and which is unsafe with several sessions).
+    It runs in eval mode only, since training-mode BatchNorm would write to shared buffers.
     """
 
     def __init__(self, base: nn.Module, overrides: dict[str, torch.Tensor]):
         super().__init__()
-        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_base", base)  # held by reference, not registered
         self._overrides = dict(overrides)
+        self.net = _shell(base, self._overrides)
+        self.net.train(False)
 
     @property
     def base(self) -> nn.Module:
@@ -45,14 +76,18 @@ class CompressedModel(nn.Module):
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every tensor the model runs with: the base state with the overrides applied."""
-        state = state_for_size(self._base)
-        state.update(self._overrides)
-        return state
+        return state_for_size(self.net)
+
+    def train(self, mode: bool = True) -> CompressedModel:
+        if mode:
+            raise RuntimeError(
+                "A compressed model shares its tensors with the float model and runs in eval "
+                "mode only; fine-tune a copy of the float model instead."
+            )
+        return super().train(False)
 
     def forward(self, *args, **kwargs):
-        if self._base.training:
-            raise RuntimeError("The shared float model is in training mode; call .eval() on it.")
-        return functional_call(self._base, self._overrides, args, kwargs, strict=False)
+        return self.net(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -106,7 +141,8 @@ class Compressed:
         for s in self.layers:
             if s.name == name:
                 return s
-        raise ValueError(f"No layer named {name!r}; layers are {', '.join(s.name for s in self.layers)}.")
+        names = ", ".join(s.name for s in self.layers)
+        raise ValueError(f"No layer named {name!r}; layers are {names}.")
 
 
 def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
@@ -188,13 +224,13 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
             size = packed_weight_size(w.numel(), 32, groups=0, symmetric=True, mask=mask,
                                       quantized=False)
         if new is not w:
-            overrides[f"{n}.weight"] = new
+            overrides[param_key(n, "weight")] = new
         bias = getattr(layer, "bias", None)
         bias_numel = 0 if bias is None else bias.numel()
         if bias is not None and mask is not None and config.prune.structured:
             # a removed output channel is gone, bias included
             alive = mask.reshape(mask.shape[0], -1).any(dim=1)
-            overrides[f"{n}.bias"] = torch.where(alive, bias.detach(), torch.zeros(()))
+            overrides[param_key(n, "bias")] = torch.where(alive, bias.detach(), torch.zeros(()))
         sizes[n] = size
         stats.append(LayerStats(
             name=n,
@@ -209,7 +245,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
             encoding=size.encoding,
         ))
 
-    counted = {f"{n}.weight" for n in names} | {f"{n}.bias" for n in names}
+    counted = {param_key(n, a) for n in names for a in ("weight", "bias")}
     rest = sum(float_bytes(v.numel()) for k, v in state_for_size(base).items() if k not in counted)
     size_bytes = sum(s.size_bytes for s in stats) + rest
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())

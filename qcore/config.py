@@ -24,7 +24,12 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def check_bits(bits: object, what: str = "bits") -> int:
     """Return ``bits`` as an int after checking it is a whole number in 1..16."""
-    if isinstance(bits, bool) or not isinstance(bits, int | float) or bits != int(bits):
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, int | float)
+        or not math.isfinite(bits)
+        or bits != int(bits)
+    ):
         raise ValueError(f"{what} must be a whole number from 1 to 16; got {bits!r}.")
     if not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(
@@ -84,7 +89,9 @@ class QuantConfig:
         checked = []
         for pair in pairs:
             if not isinstance(pair, tuple | list) or len(pair) != 2:
-                raise ValueError(f"layer_bits entries must be (layer name, bits) pairs; got {pair!r}.")
+                raise ValueError(
+                    f"layer_bits entries must be (layer name, bits) pairs; got {pair!r}."
+                )
             name, b = pair
             checked.append((str(name), check_bits(b, f"bits for layer {name!r}")))
         object.__setattr__(self, "layer_bits", tuple(sorted(checked)))
@@ -136,7 +143,8 @@ class CompressionConfig:
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ValueError("layers must be a list of layer names, not a single string.")
-            object.__setattr__(self, "layers", tuple(str(n) for n in self.layers))
+            # duplicates would be compressed and counted twice
+            object.__setattr__(self, "layers", tuple(dict.fromkeys(str(n) for n in self.layers)))
 
     @property
     def prunes(self) -> bool:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcore.fold import fold_batchnorm
+from qcore.compress import param_key
+from qcore.fold import fold_batchnorm, state_for_size
 from qcore.quant import QParams, code_range, dequantize_codes
 from qcore.size import positions_from_stream, relative_index_stream
 
@@ -73,9 +74,10 @@ def packed_bytes(compressed) -> bytes:
     base = compressed.model.base
     state = compressed.model.full_state()
     tensors, payload = [], io.BytesIO()
+    layer_of = {param_key(n, "weight"): n for n in compressed.sizes}
     for key, value in state.items():
-        layer = key[: -len(".weight")] if key.endswith(".weight") else None
-        size = compressed.sizes.get(layer) if layer else None
+        layer = layer_of.get(key)
+        size = None if layer is None else compressed.sizes[layer]
         start = payload.tell()
         entry: dict = {"name": key, "shape": list(value.shape)}
         if size is None:
@@ -178,7 +180,7 @@ def _decode(entry: dict, blob: bytes) -> torch.Tensor:
     kind = entry.get("kind")
     if kind == "float":
         vals = np.frombuffer(r.take(4 * numel), dtype="<f4")
-        return torch.from_numpy(vals.astype(np.float32)).reshape(shape)
+        return _done(r, torch.from_numpy(vals.astype(np.float32)).reshape(shape))
     if kind not in ("quant", "sparse-float"):
         raise ValueError(f"Tensor {name!r} has an unknown kind {kind!r}.")
     encoding, kept = entry.get("encoding"), int(entry.get("kept", -1))
@@ -214,11 +216,18 @@ def _decode(entry: dict, blob: bytes) -> torch.Tensor:
         vals = dequantize_codes(codes[:, None], per_row).reshape(-1)
         out = torch.zeros(numel)
         out[positions] = vals
-        return out.reshape(shape)
+        return _done(r, out.reshape(shape))
     positions = _positions(entry, r, numel, kept, encoding, width, name)
     out = torch.zeros(numel)
     out[positions] = vals
-    return out.reshape(shape)
+    return _done(r, out.reshape(shape))
+
+
+def _done(r: _Reader, t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its block was read to the end (a header lying about bits or counts is not)."""
+    if r.pos != len(r.buf):
+        raise ValueError(f"The packed data for {r.name!r} does not match its header.")
+    return t
 
 
 def _positions(entry, r: _Reader, numel: int, kept: int, encoding: str, width: int, name: str):
@@ -261,7 +270,7 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> n
         raise ValueError("The packed file names no known architecture; pass template=model.")
     if header.get("fold_bn"):
         model = fold_batchnorm(model)
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    expected = state_for_size(model)
     state = {}
     for entry in header["tensors"]:
         if not isinstance(entry, dict):
@@ -271,9 +280,18 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> n
         if not isinstance(off, int) or not isinstance(nbytes, int) or off < 0 or nbytes < 0 \
                 or off + nbytes > len(payload):
             raise ValueError(f"Tensor {name!r} lies outside the packed file.")
-        if name not in expected:
+        if not isinstance(name, str) or name not in expected:
             raise ValueError(f"The packed file has a tensor {name!r} the architecture lacks.")
-        t = _decode(entry, payload[off : off + nbytes])
+        # check the shape before decoding, so a hostile shape cannot allocate a huge tensor
+        if entry.get("shape") != list(expected[name].shape):
+            raise ValueError(
+                f"Tensor {name!r} has shape {entry.get('shape')} but the architecture expects "
+                f"{list(expected[name].shape)}."
+            )
+        try:
+            t = _decode(entry, payload[off : off + nbytes])
+        except (TypeError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+            raise ValueError(f"Tensor {name!r} is malformed in the packed file: {exc}") from exc
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ValueError(
                 f"Tensor {name!r} has shape {tuple(t.shape)} but the architecture expects "

@@ -14,7 +14,10 @@ __all__ = ["WEIGHT_LAYER_TYPES", "weight_layers", "has_batchnorm", "fold_batchno
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+# model -> (folded copy, the model's tensor versions when it was folded)
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, tuple]] = (
+    weakref.WeakKeyDictionary()
+)
 _LOCK = threading.Lock()
 
 
@@ -37,9 +40,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """
     if not has_batchnorm(model):
         return model
+    # a model changed in place since it was folded (training, load_state_dict) folds again
+    version = tuple((id(t), t._version) for t in model.state_dict(keep_vars=True).values())
     with _LOCK:
-        folded = _FOLDED.get(model)
-        if folded is None:
+        folded, seen = _FOLDED.get(model, (None, None))
+        if folded is None or seen != version:
             work = copy.deepcopy(model).eval()
             try:
                 folded = fuse(work, inplace=True)
@@ -52,7 +57,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 p.requires_grad_(False)
             if hasattr(model, "qcore_spec"):
                 folded.qcore_spec = model.qcore_spec
-            _FOLDED[model] = folded
+            _FOLDED[model] = (folded, version)
         return folded
 
 

@@ -91,8 +91,9 @@ def _groups(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 def _masked_extremes(w2: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zero = torch.zeros((), dtype=w2.dtype)
-    lo = torch.where(kept, w2, zero).amin(dim=1)  # includes 0, as an asymmetric range must
-    hi = torch.where(kept, w2, zero).amax(dim=1)
+    # includes 0, as an asymmetric range must (else the clamped zero point shifts the grid)
+    lo = torch.where(kept, w2, zero).amin(dim=1).clamp(max=0.0)
+    hi = torch.where(kept, w2, zero).amax(dim=1).clamp(min=0.0)
     return lo, hi
 
 
@@ -118,7 +119,9 @@ def _asym_error(
     return (((deq - w2) * kept) ** 2).sum(dim=1)
 
 
-def _mse_ratio(w2: torch.Tensor, kept: torch.Tensor, cfg_bits: int, symmetric: bool) -> torch.Tensor:
+def _mse_ratio(
+    w2: torch.Tensor, kept: torch.Tensor, cfg_bits: int, symmetric: bool
+) -> torch.Tensor:
     """Per group, the fraction of the full range whose quantizer has the least squared error.
 
     A coarse grid (0.05 .. 1.0) and then a fine one (steps of 0.0025) around the best.
@@ -178,13 +181,18 @@ def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric
     qmin, qmax = code_range(bits, symmetric)
     if symmetric:
         c = torch.maximum(-lo, hi)
-        scale = torch.where(c > 0, c / qmax, torch.ones_like(c))
+        scale = _floor_scale(torch.where(c > 0, c / qmax, torch.ones_like(c)))
         zp = torch.zeros_like(c, dtype=torch.int64)
     else:
         width = hi - lo
-        scale = torch.where(width > 0, width / qmax, torch.ones_like(width))
+        scale = _floor_scale(torch.where(width > 0, width / qmax, torch.ones_like(width)))
         zp = torch.round(-lo / scale).clamp(qmin, qmax).to(torch.int64)
     return QParams(scale.float(), zp, qmin, qmax, lo.float(), hi.float())
+
+
+def _floor_scale(scale: torch.Tensor) -> torch.Tensor:
+    # a range of subnormal width would give scale 0 (or 1/scale = inf) and wrong codes
+    return scale.float().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def choose_qparams(
@@ -217,6 +225,8 @@ def quantize_codes(
         x = torch.round(x)
     else:
         x = torch.floor(x + torch.rand(x.shape, generator=generator, dtype=x.dtype))
+    # clamp before the cast: far outside the clip range w / scale overflows int64
+    x = x.clamp(-(2.0**31), 2.0**31)
     return (x.to(torch.int64) + qp.zero_point[:, None]).clamp(qp.qmin, qp.qmax)
 
 
@@ -248,7 +258,10 @@ def quantize_with_params(
     w = w.detach().float()
     per_channel = cfg.per_channel and w.dim() >= 2
     w2 = _groups(w, per_channel)
-    kept = torch.ones_like(w2, dtype=torch.bool) if mask is None else _groups(mask.bool(), per_channel)
+    if mask is None:
+        kept = torch.ones_like(w2, dtype=torch.bool)
+    else:
+        kept = _groups(mask.bool(), per_channel)
     qp = choose_qparams(w2, kept, cfg, bits)
     if cfg.rounding == "stochastic" and generator is None:
         generator = torch.Generator().manual_seed(cfg.seed)

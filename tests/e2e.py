@@ -49,7 +49,8 @@ def serve_app(timeout: float = 90.0) -> Iterator[str]:
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise RuntimeError(f"streamlit exited early:\n{log.read().decode(errors='replace')}")
+                output = log.read().decode(errors="replace")
+                raise RuntimeError(f"streamlit exited early:\n{output}")
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                     if r.read().decode().strip() == "ok":

@@ -1,0 +1,88 @@
+"""Tests for qcore.analysis: binned counts, shared edges, levels and clip bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qcore.analysis import MAX_LEVELS_DRAWN, layer_histogram, weight_histogram
+from qcore.compress import compress
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+from qcore.fold import fold_batchnorm
+from qcore.quant import clip_range
+
+
+def test_counts_sum_to_numel_and_edges_shared() -> None:
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(1000, generator=g)
+    after = before.clamp(-0.5, 2.5) * 1.5
+    h = weight_histogram(before, after, bins=37)
+    assert h.edges.shape == (38,) and h.before.shape == h.after.shape == (37,)
+    assert h.before.sum() == 1000 and h.after.sum() == 1000
+    assert h.edges[0] == pytest.approx(float(torch.minimum(before.min(), after.min())))
+    assert h.edges[-1] == pytest.approx(float(torch.maximum(before.max(), after.max())))
+    assert np.allclose(np.diff(h.edges), np.diff(h.edges)[0])
+    assert np.array_equal(h.before, np.histogram(before.double().numpy(), bins=h.edges)[0])
+    assert h.centers.shape == (37,)
+    assert h.levels is None and h.clip is None
+
+
+def test_constant_and_empty_inputs() -> None:
+    h = weight_histogram(torch.zeros(5), torch.zeros(5), bins=4)
+    assert h.before.sum() == 5 and h.zeros_after == 5 and h.edges[0] < 0 < h.edges[-1]
+    assert weight_histogram(torch.empty(0), torch.empty(0), bins=3).before.sum() == 0
+    with pytest.raises(ValueError, match="bins"):
+        weight_histogram(torch.ones(3), torch.ones(3), bins=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_layer_histogram_levels_and_clip(bn_model: nn.Module, symmetric: bool) -> None:
+    q = QuantConfig(bits=4, symmetric=symmetric, clip=0.7)
+    c = compress(bn_model, CompressionConfig(quant=q, prune=PruneConfig(rate=0.3)))
+    w = fold_batchnorm(bn_model).get_submodule("7").weight.detach()
+    h = layer_histogram(c, "7", bins=50)
+    assert h.before.sum() == w.numel() and h.after.sum() == w.numel()
+    assert h.zeros_after == int((c.model.overrides["7.weight"] == 0).sum())
+    assert h.levels is not None and len(h.levels) == (15 if symmetric else 16)
+    after_values = set(c.model.overrides["7.weight"].unique().tolist())
+    assert after_values <= set(np.float32(h.levels).tolist())
+    assert 0.0 in h.levels.tolist()
+    lo, hi = clip_range(w.reshape(1, -1), c.masks["7"].reshape(1, -1), q, 4)
+    assert h.clip == (float(lo), float(hi))
+
+
+def test_levels_absent_for_sixteen_bits(bn_model: nn.Module) -> None:
+    c = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=16)))
+    h = layer_histogram(c, "0")
+    assert h.levels is None and h.clip is not None
+    c8 = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=8, symmetric=False)))
+    assert len(layer_histogram(c8, "0").levels) == 256 <= MAX_LEVELS_DRAWN
+
+
+def test_per_channel_levels_only_for_a_channel(bn_model: nn.Module) -> None:
+    q = QuantConfig(bits=3, per_channel=True)
+    c = compress(bn_model, CompressionConfig(quant=q))
+    assert layer_histogram(c, "3").levels is None
+    h = layer_histogram(c, "3", channel=2)
+    w = fold_batchnorm(bn_model).get_submodule("3").weight.detach()
+    assert h.before.sum() == w[2].numel()
+    amax = float(w[2].abs().max())
+    assert h.clip == pytest.approx((-amax, amax))
+    assert len(h.levels) == 7 and h.levels.max() == pytest.approx(amax)
+    with pytest.raises(ValueError, match="Channel must be in 0..5"):
+        layer_histogram(c, "3", channel=6)
+
+
+def test_one_bit_levels_and_float_layers(bn_model: nn.Module) -> None:
+    c = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=1)))
+    h = layer_histogram(c, "10")
+    w = fold_batchnorm(bn_model).get_submodule("10").weight.detach()
+    alpha = float(w.abs().mean())
+    assert sorted(h.levels.tolist()) == pytest.approx([-alpha, alpha])
+    cf = compress(bn_model, CompressionConfig(quant=None, prune=PruneConfig(rate=0.5)))
+    hf = layer_histogram(cf, "10")
+    assert hf.levels is None and hf.clip is None and hf.zeros_after == w.numel() // 2
+    with pytest.raises(ValueError, match="No layer named"):
+        layer_histogram(cf, "nope")

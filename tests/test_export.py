@@ -1,0 +1,255 @@
+"""Tests for qcore.export: exact round trips, size on disk, hostile files."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_bn_model, make_mlp, make_twice_used
+from torch import nn
+
+from qcore.compress import compress
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+from qcore.export import MAGIC, export_packed, load_packed, packed_bytes, read_header
+
+CONFIGS = {
+    **{f"bits{b}": CompressionConfig(quant=QuantConfig(bits=b)) for b in (1, 2, 3, 5, 8, 16)},
+    "asym4": CompressionConfig(quant=QuantConfig(bits=4, symmetric=False)),
+    "asym8-pc": CompressionConfig(quant=QuantConfig(bits=8, symmetric=False, per_channel=True)),
+    "sym3-pc": CompressionConfig(quant=QuantConfig(bits=3, per_channel=True)),
+    "bits1-pc-pruned": CompressionConfig(
+        quant=QuantConfig(bits=1, per_channel=True), prune=PruneConfig(rate=0.6)
+    ),
+    "mse-asym16": CompressionConfig(
+        quant=QuantConfig(bits=16, symmetric=False, clip_mode="mse")
+    ),
+    "pruned-unstructured": CompressionConfig(
+        quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.5)
+    ),
+    "pruned-sparse": CompressionConfig(
+        quant=QuantConfig(bits=6, symmetric=False), prune=PruneConfig(rate=0.95)
+    ),
+    "pruned-structured": CompressionConfig(
+        quant=QuantConfig(bits=5, per_channel=True, symmetric=False),
+        prune=PruneConfig(rate=0.5, structured=True),
+    ),
+    "pruned-global": CompressionConfig(
+        quant=QuantConfig(bits=7), prune=PruneConfig(rate=0.8, scope="global")
+    ),
+    "pruned-global-structured": CompressionConfig(
+        quant=QuantConfig(bits=2), prune=PruneConfig(rate=0.4, structured=True, scope="global")
+    ),
+    "float-pruned": CompressionConfig(quant=None, prune=PruneConfig(rate=0.7)),
+    "float-pruned-sparse": CompressionConfig(quant=None, prune=PruneConfig(rate=0.97)),
+    "float": CompressionConfig(quant=None),
+    "stochastic": CompressionConfig(quant=QuantConfig(bits=3, rounding="stochastic", seed=9)),
+    "subset": CompressionConfig(quant=QuantConfig(bits=2), layers=("3", "10")),
+    "layer-bits": CompressionConfig(quant=QuantConfig(bits=4, layer_bits={"0": 1, "7": 16})),
+    "no-fold": CompressionConfig(quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.3),
+                                 fold_bn=False),
+}
+
+
+def header_len(data: bytes) -> int:
+    return struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])[0]
+
+
+def round_trip(model: nn.Module, config: CompressionConfig, path: Path, x: torch.Tensor):
+    c = compress(model, config)
+    n = export_packed(c, path)
+    data = path.read_bytes()
+    assert n == len(data) == path.stat().st_size
+    head = header_len(data)
+    assert head < 64 * 1024
+    assert len(data) == c.size_bytes + len(MAGIC) + 4 + head
+    assert data == packed_bytes(c)
+    loaded = load_packed(path, template=model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), c.model(x))
+    assert not loaded.training
+    return c, loaded
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_exact(name: str, tmp_path: Path, images: torch.Tensor) -> None:
+    model = make_bn_model(0)
+    c, loaded = round_trip(model, CONFIGS[name], tmp_path / "m.qpk", images)
+    # every compressed weight comes back bit for bit
+    state = loaded.state_dict()
+    for k, v in c.model.overrides.items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_round_trip_every_bit_width(bits: int, tmp_path: Path, images: torch.Tensor) -> None:
+    for sym in (True, False):
+        config = CompressionConfig(quant=QuantConfig(bits=bits, symmetric=sym, per_channel=sym),
+                                   prune=PruneConfig(rate=0.2 if sym else 0.0))
+        round_trip(make_mlp(bits), config, tmp_path / f"m{bits}{sym}.qpk", images)
+
+
+def test_round_trip_twice_used_and_root_module(tmp_path: Path, images: torch.Tensor) -> None:
+    round_trip(make_twice_used(), CONFIGS["pruned-structured"], tmp_path / "a.qpk", images)
+    torch.manual_seed(0)
+    lin = nn.Linear(36, 3).eval()
+    round_trip(lin, CONFIGS["pruned-unstructured"], tmp_path / "b.qpk", images.flatten(1))
+
+
+def test_template_not_changed(tmp_path: Path, images: torch.Tensor) -> None:
+    model = make_bn_model(0)
+    c = compress(model, CONFIGS["bits2"])
+    export_packed(c, tmp_path / "m.qpk")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_packed(tmp_path / "m.qpk", template=model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_read_header(tmp_path: Path) -> None:
+    config = CONFIGS["pruned-structured"]
+    c = compress(make_bn_model(0), config)
+    export_packed(c, tmp_path / "m.qpk")
+    h = read_header(tmp_path / "m.qpk")
+    assert h["format"] == 1 and h["fold_bn"] is True
+    assert h["size_bytes"] == c.size_bytes and h["float_size_bytes"] == c.float_size_bytes
+    assert h["config"]["quant"]["bits"] == 5 and h["config"]["quant"]["symmetric"] is False
+    assert h["config"]["prune"] == {"rate": 0.5, "structured": True, "scope": "layer"}
+    rebuilt = CompressionConfig(
+        quant=QuantConfig(**{k: v if k != "layer_bits" else tuple(map(tuple, v))
+                             for k, v in h["config"]["quant"].items()}),
+        prune=PruneConfig(**h["config"]["prune"]),
+        layers=h["config"]["layers"],
+        fold_bn=h["config"]["fold_bn"],
+    )
+    assert rebuilt == config
+    kinds = {t["name"]: t["kind"] for t in h["tensors"]}
+    assert kinds["0.weight"] == "quant" and kinds["0.bias"] == "float"
+    assert sum(t["nbytes"] for t in h["tensors"]) == c.size_bytes
+
+
+def test_no_template_and_no_spec_raises(tmp_path: Path) -> None:
+    export_packed(compress(make_mlp(), CONFIGS["bits8"]), tmp_path / "m.qpk")
+    with pytest.raises(ValueError, match="template"):
+        load_packed(tmp_path / "m.qpk")
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, bytes, nn.Module]:
+    model = make_bn_model(0)
+    c = compress(model, CONFIGS["pruned-unstructured"])
+    path = tmp_path / "m.qpk"
+    export_packed(c, path)
+    return path, path.read_bytes(), model
+
+
+def rewrite(data: bytes, edit) -> bytes:
+    n = header_len(data)
+    start = len(MAGIC) + 4
+    header = json.loads(data[start : start + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + data[start + n :]
+
+
+def tensor(header: dict, name: str) -> dict:
+    return next(t for t in header["tensors"] if t["name"] == name)
+
+
+def load_bytes(path: Path, data: bytes, model: nn.Module) -> nn.Module:
+    path.write_bytes(data)
+    return load_packed(path, template=model)
+
+
+def edit_field(name: str, key: str, value):
+    def edit(h: dict) -> None:
+        tensor(h, name)[key] = value
+    return edit
+
+
+HOSTILE = {
+    "bad magic": lambda d: b"NOTMAGIC" + d[8:],
+    "empty": lambda d: b"",
+    "only magic": lambda d: MAGIC,
+    "truncated payload": lambda d: d[:-10],
+    "truncated header": lambda d: d[:20],
+    "huge header length": lambda d: MAGIC + struct.pack("<I", 0xFFFFFFF0) + d[12:],
+    "garbage json": lambda d: MAGIC + struct.pack("<I", 5) + b"{not " + d[12:],
+    "non-utf8 header": lambda d: MAGIC + struct.pack("<I", 2) + b"\xff\xfe" + d[12:],
+    "json list": lambda d: rewrite(d, lambda h: h.clear()),
+    "wrong version": lambda d: rewrite(d, lambda h: h.update(format=2)),
+    "no tensors": lambda d: rewrite(d, lambda h: h.update(tensors=None)),
+    "tensor not a dict": lambda d: rewrite(d, lambda h: h["tensors"].append(3)),
+    "offset past end": lambda d: rewrite(d, edit_field("0.weight", "offset", 10**9)),
+    "negative offset": lambda d: rewrite(d, edit_field("0.weight", "offset", -4)),
+    "offset not int": lambda d: rewrite(d, edit_field("0.weight", "offset", "0")),
+    "nbytes too short": lambda d: rewrite(d, edit_field("7.weight", "nbytes", 3)),
+    "nbytes too long": lambda d: rewrite(d, edit_field("0.bias", "nbytes", 20)),
+    "wrong shape": lambda d: rewrite(d, edit_field("7.weight", "shape", [12, 95])),
+    "huge shape": lambda d: rewrite(d, edit_field("0.bias", "shape", [2**40, 2**40])),
+    "shape not list": lambda d: rewrite(d, edit_field("0.bias", "shape", 4)),
+    "bits lie": lambda d: rewrite(d, edit_field("7.weight", "bits", 3)),
+    "bits lie up": lambda d: rewrite(d, edit_field("0.weight", "bits", 8)),
+    "bits 17": lambda d: rewrite(d, edit_field("0.weight", "bits", 17)),
+    "bits list": lambda d: rewrite(d, edit_field("0.weight", "bits", [4])),
+    "kept lie": lambda d: rewrite(d, edit_field("7.weight", "kept", 10)),
+    "kept none": lambda d: rewrite(d, edit_field("7.weight", "kept", None)),
+    "groups lie": lambda d: rewrite(d, edit_field("0.weight", "groups", 4)),
+    "binary lie": lambda d: rewrite(d, edit_field("0.weight", "binary", True)),
+    "encoding lie": lambda d: rewrite(d, edit_field("7.weight", "encoding", "dense")),
+    "unknown encoding": lambda d: rewrite(d, edit_field("7.weight", "encoding", "zip")),
+    "index width 0": lambda d: rewrite(
+        d, lambda h: tensor(h, "7.weight").update(encoding="relidx", index_width=0)
+    ),
+    "unknown kind": lambda d: rewrite(d, edit_field("0.bias", "kind", "pickle")),
+    "unknown tensor": lambda d: rewrite(d, edit_field("0.bias", "name", "evil")),
+    "name not str": lambda d: rewrite(d, edit_field("0.bias", "name", ["0.bias"])),
+    "missing tensor": lambda d: rewrite(d, lambda h: h["tensors"].pop()),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_files_raise_value_error(case: str, packed, tmp_path: Path) -> None:
+    path, data, model = packed
+    bad = HOSTILE[case](data)
+    with pytest.raises(ValueError):
+        load_bytes(tmp_path / "bad.qpk", bad, model)
+
+
+def test_read_header_rejects_bad_files(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"hello world, not a packed file")
+    with pytest.raises(ValueError, match="magic"):
+        read_header(tmp_path / "x")
+    (tmp_path / "y").write_bytes(MAGIC + struct.pack("<I", 2**21) + b"{}")
+    with pytest.raises(ValueError, match="too large"):
+        read_header(tmp_path / "y")
+
+
+def test_unchanged_rewrite_still_loads(packed, tmp_path: Path, images: torch.Tensor) -> None:
+    path, data, model = packed
+    loaded = load_bytes(tmp_path / "same.qpk", rewrite(data, lambda h: None), model)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), load_packed(path, template=model)(images))
+
+
+def test_export_of_inconsistent_size_fails(tmp_path: Path) -> None:
+    c = compress(make_bn_model(0), CONFIGS["bits2"])
+    object.__setattr__(c, "size_bytes", c.size_bytes + 1)
+    with pytest.raises(AssertionError):
+        packed_bytes(c)
+
+
+def test_bits_lie_on_dense_tensor(tmp_path: Path) -> None:
+    model = make_mlp(0)
+    export_packed(compress(model, CONFIGS["bits8"]), tmp_path / "m.qpk")
+    data = (tmp_path / "m.qpk").read_bytes()
+    for bits in (4, 7):  # fewer bits would leave bytes unread: the header lies
+        with pytest.raises(ValueError, match="does not match its header"):
+            load_bytes(tmp_path / "bad.qpk", rewrite(data, edit_field("1.weight", "bits", bits)),
+                       model)

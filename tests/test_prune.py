@@ -1,0 +1,188 @@
+"""Tests for qcore.prune and PruneConfig: exact counts, magnitude order, channels, global."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcore.config import PruneConfig
+from qcore.prune import (
+    channel_mask,
+    global_masks,
+    layer_mask,
+    magnitude_mask,
+    prune_count,
+    prune_tensor,
+)
+
+PROPS = settings(deadline=None, max_examples=50)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("rate", "n", "k"),
+    [(0.29, 100, 29), (0.57, 100, 57), (0.58, 100, 58), (0.1, 10, 1), (0.3, 10, 3),
+     (0.7, 10, 7), (0.5, 3, 1), (0.99, 10, 9), (0.0, 50, 0), (0.999, 1000, 999),
+     (0.33, 3, 0), (0.9, 1, 0), (0.35, 20, 7), (0.15, 20, 3)],
+)
+def test_prune_count_is_floor(rate: float, n: int, k: int) -> None:
+    assert prune_count(rate, n) == k
+
+
+def test_prune_count_decimal_rates() -> None:
+    for pct in range(100):
+        assert prune_count(pct / 100, 100) == pct
+        assert prune_count(pct / 100, 1000) == 10 * pct
+
+
+def test_docstring_case() -> None:
+    out = prune_tensor(torch.tensor([0.5, -0.1, 2.0, -3.0]), PruneConfig(rate=0.5))
+    assert out.tolist() == [0.0, 0.0, 2.0, -3.0]
+
+
+@PROPS
+@given(
+    n=st.integers(1, 300),
+    rate=st.floats(0.0, 0.999),
+    seed=st.integers(0, 10_000),
+)
+def test_property_exact_count_and_largest_kept(n: int, rate: float, seed: int) -> None:
+    w = randn(n, seed=seed)
+    before = w.clone()
+    mask = magnitude_mask(w, rate)
+    assert torch.equal(w, before)
+    assert mask.dtype == torch.bool and mask.shape == w.shape
+    assert int((~mask).sum()) == math.floor(rate * n + 1e-9)
+    out = prune_tensor(w, PruneConfig(rate=rate))
+    assert int((out == 0).sum()) == int((~mask).sum())
+    assert torch.equal(out[mask], w[mask])
+    if mask.any() and (~mask).any():
+        assert float(w[mask].abs().min()) >= float(w[~mask].abs().max())
+
+
+def test_ties_are_broken_by_position_and_count_is_exact() -> None:
+    w = torch.tensor([1.0, -1.0, 1.0, 1.0, 2.0, -1.0])
+    mask = magnitude_mask(w, 0.5)
+    assert mask.tolist() == [False, False, False, True, True, True]
+
+
+def test_magnitude_mask_on_matrix_prunes_29_of_100() -> None:
+    w = randn(10, 10, seed=1)
+    out = prune_tensor(w, PruneConfig(rate=0.29))
+    assert int((out == 0).sum()) == 29
+    kept = w.abs().reshape(-1).sort().values[29:]
+    assert torch.equal(out.abs().reshape(-1).sort().values[29:], kept)
+
+
+def test_structured_removes_whole_channels_by_l2_norm() -> None:
+    w = randn(8, 3, 2, 2, seed=2)
+    scale = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 0.3, 2.0, 1.0])
+    w = w * scale[:, None, None, None]
+    norms = w.reshape(8, -1).norm(dim=1)
+    cfg = PruneConfig(rate=0.4, structured=True)  # floor(0.4 * 8) = 3 channels
+    out = prune_tensor(w, cfg)
+    removed = [c for c in range(8) if torch.all(out[c] == 0)]
+    assert len(removed) == 3
+    assert sorted(removed) == sorted(norms.argsort()[:3].tolist())
+    for c in range(8):
+        if c not in removed:
+            assert torch.equal(out[c], w[c])
+    mask = channel_mask(w, 0.4)
+    assert mask.shape == w.shape
+    assert torch.equal(layer_mask(w, cfg), mask)
+
+
+def test_structured_uses_l2_not_l1() -> None:
+    # channel 0 has the larger L1 norm (4 * 1 = 4) but the smaller L2 norm (2 < 3)
+    w = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
+    assert channel_mask(w, 0.5).tolist() == [[False] * 4, [True] * 4]
+
+
+def test_structured_on_vector_falls_back_to_unstructured() -> None:
+    w = torch.tensor([0.1, -2.0, 0.3, 4.0])
+    assert channel_mask(w, 0.5).tolist() == [False, True, False, True]
+
+
+def test_global_unstructured_ranks_across_tensors() -> None:
+    a = torch.tensor([[0.1, 0.2], [5.0, 6.0]])
+    b = torch.tensor([0.3, 0.05, 7.0, 8.0, 0.4, 9.0])
+    masks = global_masks({"a": a, "b": b}, PruneConfig(rate=0.5, scope="global"))
+    # 10 weights, floor(0.5 * 10) = 5 smallest: 0.05, 0.1, 0.2, 0.3, 0.4
+    assert masks["a"].tolist() == [[False, False], [True, True]]
+    assert masks["b"].tolist() == [False, False, True, True, False, True]
+
+
+@PROPS
+@given(
+    sizes=st.lists(st.integers(1, 60), min_size=1, max_size=4),
+    rate=st.floats(0.0, 0.99),
+    seed=st.integers(0, 10_000),
+)
+def test_property_global_exact_total_and_order(sizes: list[int], rate: float, seed: int) -> None:
+    weights = {f"l{i}": randn(n, seed=seed + i) * (i + 1) for i, n in enumerate(sizes)}
+    copies = {k: v.clone() for k, v in weights.items()}
+    masks = global_masks(weights, PruneConfig(rate=rate, scope="global"))
+    for k in weights:
+        assert torch.equal(weights[k], copies[k])
+    total = sum(sizes)
+    assert sum(int((~m).sum()) for m in masks.values()) == prune_count(rate, total)
+    kept = torch.cat([weights[k][masks[k]].abs() for k in weights])
+    pruned = torch.cat([weights[k][~masks[k]].abs() for k in weights])
+    if kept.numel() and pruned.numel():
+        assert float(kept.min()) >= float(pruned.max())
+
+
+def test_global_structured_ranks_channels_by_rms() -> None:
+    # a: 2 channels of 4 weights, b: 2 channels of 1 weight
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.1, 0.1, 0.1, 0.1]])  # rms 1, 0.1
+    b = torch.tensor([[1.5], [0.5]])  # rms 1.5, 0.5 (a[0] has the larger L2 norm, 2)
+    masks = global_masks({"a": a, "b": b}, PruneConfig(rate=0.5, structured=True,
+                                                       scope="global"))
+    assert masks["a"].tolist() == [[True] * 4, [False] * 4]
+    assert masks["b"].tolist() == [[True], [False]]
+
+
+def test_global_structured_count_exact() -> None:
+    ws = {"a": randn(6, 3, 3, 3, seed=3), "b": randn(10, 20, seed=4)}
+    masks = global_masks(ws, PruneConfig(rate=0.3, structured=True, scope="global"))
+    removed = sum(int((~m.reshape(m.shape[0], -1).all(dim=1)).sum()) for m in masks.values())
+    assert removed == 4  # floor(0.3 * 16)
+    for m in masks.values():  # whole channels only
+        rows = m.reshape(m.shape[0], -1)
+        assert torch.all(rows.all(dim=1) | (~rows).all(dim=1))
+
+
+def test_global_empty() -> None:
+    assert global_masks({}, PruneConfig(rate=0.5, scope="global")) == {}
+
+
+def test_prune_tensor_does_not_modify_input_and_zero_rate_is_identity() -> None:
+    w = randn(5, 5, seed=5).requires_grad_(True)
+    before = w.detach().clone()
+    out = prune_tensor(w, PruneConfig(rate=0.6, structured=True))
+    assert torch.equal(w.detach(), before)
+    assert int((out == 0).all(dim=1).sum()) == 3
+    assert torch.equal(prune_tensor(w, PruneConfig()), before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(rate=1.5), "at least 0 and below 1"),
+        (dict(rate=-0.1), "at least 0 and below 1"),
+        (dict(rate=1.0), "1 would remove every weight"),
+        (dict(rate=float("nan")), "finite"),
+        (dict(rate="0.5"), "finite"),
+        (dict(scope="model"), "scope must be one of layer, global"),
+    ],
+)
+def test_bad_prune_config_raises(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**kwargs)
