@@ -32,11 +32,22 @@ def prune_count(rate: float, n: int) -> int:
 
 
 def _smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask over flat ``scores`` that is False for the ``k`` smallest (stable order)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    if k > 0:
-        order = torch.argsort(scores.reshape(-1), stable=True)
-        keep[order[:k]] = False
+    """Bool mask over flat ``scores`` that is False for the ``k`` smallest.
+
+    Ties at the threshold are pruned first by position, the same choice a stable sort
+    makes, but found in linear time with ``kthvalue`` instead of a full sort.
+    """
+    flat = scores.reshape(-1)
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    if k <= 0:
+        return keep
+    if k >= flat.numel():
+        return ~keep
+    threshold = torch.kthvalue(flat, k).values
+    below = flat < threshold
+    keep[below] = False
+    ties = torch.nonzero(flat == threshold).reshape(-1)[: k - int(below.sum())]
+    keep[ties] = False
     return keep
 
 

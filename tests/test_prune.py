@@ -186,3 +186,20 @@ def test_prune_tensor_does_not_modify_input_and_zero_rate_is_identity() -> None:
 def test_bad_prune_config_raises(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PruneConfig(**kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    rate=st.floats(0.0, 0.99),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_selection_matches_a_stable_sort_even_with_many_ties(n, rate, levels, seed):
+    """Two ways to pick the k smallest agree: linear-time selection and a stable argsort."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-levels, levels + 1, (n,), generator=g).float()  # many equal |w|
+    k = prune_count(rate, n)
+    expected = torch.ones(n, dtype=torch.bool)
+    expected[torch.argsort(w.abs(), stable=True)[:k]] = False
+    assert torch.equal(magnitude_mask(w, rate), expected)
