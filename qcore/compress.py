@@ -64,7 +64,7 @@ class CompressedModel(nn.Module):
         object.__setattr__(self, "_base", base)  # held by reference, not registered
         self._overrides = dict(overrides)
         self.net = _shell(base, self._overrides)
-        self.net.train(False)
+        nn.Module.train(self, False)  # eval mode, this wrapper and its copy alike
 
     @property
     def base(self) -> nn.Module:

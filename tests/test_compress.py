@@ -369,3 +369,14 @@ def test_sqnr_db() -> None:
     )
     assert sqnr_db(torch.ones(3), torch.ones(3)) == math.inf
     assert sqnr_db(torch.zeros(3), torch.ones(3)) == -math.inf
+
+
+def test_compressed_bn_model_without_folding_evaluates_in_eval_mode(bn_model, images) -> None:
+    c = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=8), fold_bn=False))
+    assert not c.model.training and not any(m.training for m in c.model.modules())
+    with torch.no_grad():
+        out = c.model(images)
+    before = [b.clone() for b in bn_model.buffers()]
+    with torch.no_grad():
+        assert torch.equal(c.model(images), out)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_model.buffers(), strict=True))

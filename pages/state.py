@@ -1,0 +1,634 @@
+"""State shared by every page: cached loaders and results, session state, the URL query.
+
+This is the only module that uses ``st.cache_*``. Loaded models and datasets are cached
+with ``st.cache_resource`` and never mutated; results are plain records cached with
+``st.cache_data`` keyed by primitive arguments (names and a frozen :class:`Settings`).
+
+The settings a page shows live in ``st.session_state`` under the same plain keys as the
+URL query (``model``, ``dataset``, ``bits``, ``clip``, ...), so a link restores a page.
+:func:`parse_query` and :meth:`Settings.to_query` are pure and unit-tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+import qcore
+from qcore.config import ROUNDINGS, SCOPES
+
+DEFAULT_MODEL = "mnist-cnn"
+BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), "float")  # the bit-width slider
+FLOAT = "float"  # the bit-width value that means "no quantization"
+RESULT_CACHE_ENTRIES = 64  # results per process (each is small: numbers and predictions)
+COMPRESSED_CACHE_ENTRIES = 8  # compressed models (they hold weight tensors)
+MAX_WRONG_SHOWN = 16
+
+
+@dataclass(frozen=True)
+class ClipSlider:
+    """The clip slider of one clip mode: its range, step, default and number format."""
+
+    lo: float
+    hi: float
+    step: float
+    default: float
+    fmt: str
+    help: str
+
+
+_RATIO_HELP = "Fraction of the largest |w| the quantizer covers; 1.0 = no clipping."
+_MSE_HELP = "The range with the least squared error is searched; the slider is unused."
+CLIP_SLIDERS: dict[str, ClipSlider] = {
+    "ratio": ClipSlider(lo=0.01, hi=1.0, step=0.01, default=1.0, fmt="%.2f", help=_RATIO_HELP),
+    "absolute": ClipSlider(
+        lo=0.005, hi=2.0, step=0.005, default=0.5, fmt="%.3f",
+        help="Clip weights to [-c, c] in weight units.",
+    ),
+    "sigma": ClipSlider(
+        lo=0.5, hi=8.0, step=0.1, default=3.0, fmt="%.1f",
+        help="Clip at c standard deviations of each tensor's (or channel's) weights.",
+    ),
+    "percentile": ClipSlider(
+        lo=50.0, hi=100.0, step=0.1, default=99.9, fmt="%.1f",
+        help="Clip at the c-th percentile of |w|.",
+    ),
+    "mse": ClipSlider(lo=0.01, hi=1.0, step=0.01, default=1.0, fmt="%.2f", help=_MSE_HELP),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: what the Playground's widgets say, as primitives (hashable, URL-friendly).
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The compression settings of the Playground, in the units its widgets use."""
+
+    bits: int | None = 8  # None = float, no quantization
+    clip: float = 1.0
+    clip_mode: str = "ratio"
+    prune: float = 0.0
+    symmetric: bool = True
+    per_channel: bool = False
+    rounding: str = "nearest"
+    structured: bool = False
+    scope: str = "layer"
+    fold_bn: bool = True
+    layers: tuple[str, ...] | None = None  # None = every weight layer
+
+    def to_config(self) -> qcore.CompressionConfig:
+        """The qcore config; raises ValueError with a user sentence for a bad combination."""
+        if self.layers is not None and not self.layers:
+            raise ValueError("Pick at least one layer to compress (Advanced → Layers).")
+        quant = None
+        if self.bits is not None:
+            quant = qcore.QuantConfig(
+                bits=self.bits,
+                symmetric=self.symmetric,
+                per_channel=self.per_channel,
+                clip=self.clip,
+                clip_mode=self.clip_mode,
+                rounding=self.rounding,
+            )
+        prune = None
+        if self.prune > 0:
+            prune = qcore.PruneConfig(rate=self.prune, structured=self.structured, scope=self.scope)
+        return qcore.CompressionConfig(
+            quant=quant, prune=prune, layers=self.layers, fold_bn=self.fold_bn
+        )
+
+    def to_query(self) -> dict[str, str]:
+        """URL query values: the main sliders always, advanced options when not default."""
+        q = {
+            "bits": FLOAT if self.bits is None else str(self.bits),
+            "clip": f"{self.clip:g}",
+            "clip_mode": self.clip_mode,
+            "prune": f"{self.prune:g}",
+        }
+        default = Settings()
+        for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+            if getattr(self, key) != getattr(default, key):
+                q[key] = "true" if getattr(self, key) else "false"
+        for key in ("rounding", "scope"):
+            if getattr(self, key) != getattr(default, key):
+                q[key] = getattr(self, key)
+        if self.layers is not None:
+            q["layers"] = ",".join(self.layers)
+        return q
+
+    def canonical(self) -> Settings:
+        """The same compression with unused options reset, so equal results share a cache key."""
+        d = Settings()
+        s = self
+        if s.bits is None:
+            s = replace(
+                s,
+                clip=d.clip,
+                clip_mode=d.clip_mode,
+                symmetric=d.symmetric,
+                per_channel=d.per_channel,
+                rounding=d.rounding,
+            )
+        elif s.clip_mode == "mse":
+            s = replace(s, clip=d.clip)
+        if s.prune == 0:
+            s = replace(s, structured=d.structured, scope=d.scope)
+        return s
+
+    def slug(self) -> str:
+        """A short file-name tag, e.g. ``4bit-prune0.5``."""
+        parts = ["float" if self.bits is None else f"{self.bits}bit"]
+        if self.prune > 0:
+            parts.append(f"prune{self.prune:g}")
+        return "-".join(parts)
+
+
+SETTING_KEYS: tuple[str, ...] = tuple(Settings.__dataclass_fields__)
+QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS)
+
+
+def session_defaults(layer_names: Sequence[str]) -> dict[str, Any]:
+    """Widget values (session-state form) of the default settings."""
+    return settings_to_session(Settings(), layer_names)
+
+
+def settings_to_session(s: Settings, layer_names: Sequence[str]) -> dict[str, Any]:
+    """Settings as widget values: bits ``"float"`` for None, layers as a list."""
+    values = asdict(s)
+    values["bits"] = FLOAT if s.bits is None else s.bits
+    values["layers"] = list(layer_names) if s.layers is None else list(s.layers)
+    return values
+
+
+def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str]) -> Settings:
+    """Settings from widget values; layers in model order, None when all are picked."""
+    picked = set(values.get("layers", layer_names))
+    layers = tuple(n for n in layer_names if n in picked)
+    bits = values.get("bits", 8)
+    return Settings(
+        bits=None if bits == FLOAT else int(bits),
+        clip=float(values.get("clip", 1.0)),
+        clip_mode=str(values.get("clip_mode", "ratio")),
+        prune=float(values.get("prune", 0.0)),
+        symmetric=bool(values.get("symmetric", True)),
+        per_channel=bool(values.get("per_channel", False)),
+        rounding=str(values.get("rounding", "nearest")),
+        structured=bool(values.get("structured", False)),
+        scope=str(values.get("scope", "layer")),
+        fold_bn=bool(values.get("fold_bn", True)),
+        layers=None if len(layers) == len(layer_names) else layers,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The URL query: pure parsing, every bad value becomes a warning and a default.
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise ValueError
+
+
+def _float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError
+    return v
+
+
+def parse_query(
+    params: Mapping[str, str | Sequence[str]],
+    *,
+    models: Sequence[str],
+    datasets: Sequence[str],
+    layer_names: Callable[[str], Sequence[str]],
+    default_model: str = DEFAULT_MODEL,
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate a URL query; return the valid values (session-state form) and warnings.
+
+    Only keys present and valid appear in the result; each bad or unknown one adds a
+    warning sentence, and the caller keeps the default for it.
+    """
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+
+    def get(key: str) -> str | None:
+        v = params.get(key)
+        if v is None:
+            return None
+        return v if isinstance(v, str) else (v[-1] if len(v) else "")
+
+    def bad(key: str, raw: str, expected: str) -> None:
+        warnings.append(f"The link's `{key}={raw}` is not valid ({expected}); using the default.")
+
+    for key in params:
+        if key not in QUERY_KEYS:
+            warnings.append(f"The link has an unknown setting `{key}`; it was ignored.")
+
+    raw = get("model")
+    if raw is not None:
+        if raw in models:
+            values["model"] = raw
+        else:
+            bad("model", raw, "known models: " + ", ".join(models))
+    model = values.get("model", default_model)
+
+    raw = get("dataset")
+    if raw is not None:
+        if raw in datasets:
+            values["dataset"] = raw
+        else:
+            bad("dataset", raw, "known datasets: " + ", ".join(datasets))
+
+    raw = get("bits")
+    if raw is not None:
+        t = raw.strip().lower()
+        if t in (FLOAT, "fp32", "32", "none"):
+            values["bits"] = FLOAT
+        elif t.isdigit() and 1 <= int(t) <= 16:
+            values["bits"] = int(t)
+        else:
+            bad("bits", raw, "a whole number from 1 to 16, or float")
+
+    raw = get("clip_mode")
+    if raw is not None:
+        if raw in CLIP_SLIDERS:
+            values["clip_mode"] = raw
+        else:
+            bad("clip_mode", raw, "one of " + ", ".join(CLIP_SLIDERS))
+    mode = values.get("clip_mode", "ratio")
+    if mode != "ratio":
+        values["clip"] = CLIP_SLIDERS[mode].default  # the default clip of the linked mode
+
+    raw = get("clip")
+    if raw is not None:
+        r = CLIP_SLIDERS[mode]
+        try:
+            v = _float(raw)
+            if not r.lo <= v <= r.hi:
+                raise ValueError
+            values["clip"] = v
+        except ValueError:
+            bad("clip", raw, f"a number from {r.lo:g} to {r.hi:g} in {mode} mode")
+
+    raw = get("prune")
+    if raw is not None:
+        try:
+            v = _float(raw)
+            if not 0.0 <= v <= 0.99:
+                raise ValueError
+            values["prune"] = v
+        except ValueError:
+            bad("prune", raw, "a rate from 0 to 0.99")
+
+    for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+        raw = get(key)
+        if raw is not None:
+            try:
+                values[key] = _bool(raw)
+            except ValueError:
+                bad(key, raw, "true or false")
+
+    for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES)):
+        raw = get(key)
+        if raw is not None:
+            if raw in choices:
+                values[key] = raw
+            else:
+                bad(key, raw, "one of " + ", ".join(choices))
+
+    raw = get("layers")
+    if raw is not None:
+        known = list(layer_names(model))
+        picked = [n.strip() for n in raw.split(",") if n.strip()]
+        unknown = [n for n in picked if n not in known]
+        if picked and not unknown:
+            values["layers"] = [n for n in known if n in picked]
+        else:
+            bad("layers", raw, f"comma-separated layers of {model}: " + ", ".join(known))
+    return values, warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached loaders (read-only, shared by every session) and cached results.
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def get_model(name: str):
+    """The float model (eval mode). Shared by every session: never mutate it."""
+    return qcore.load_model(name)
+
+
+@st.cache_resource(show_spinner="Loading the test split…")
+def get_dataset(name: str):
+    """The dataset's test split. Shared by every session: never mutate it."""
+    return qcore.load_dataset(name, "test")
+
+
+@st.cache_data(show_spinner=False)
+def layer_names(model_name: str) -> list[str]:
+    """The model's weight layers (linear and convolution), in definition order."""
+    return list(qcore.weight_layers(get_model(model_name)))
+
+
+@st.cache_data(show_spinner=False)
+def float_metrics(model_name: str, dataset_name: str) -> qcore.Metrics:
+    """Evaluation of the float model; computed once per (model, dataset)."""
+    return qcore.evaluate(get_model(model_name), get_dataset(dataset_name))
+
+
+@st.cache_resource(max_entries=COMPRESSED_CACHE_ENTRIES, show_spinner=False)
+def get_compressed(model_name: str, settings: Settings) -> qcore.Compressed:
+    """The compressed model (its tensors are needed for histograms and export). Read-only."""
+    return qcore.compress(get_model(model_name), settings.to_config())
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """What the Playground shows for one (model, dataset, settings): plain, picklable values."""
+
+    accuracy: float  # simulated: fake-quantized weights in float arithmetic
+    float_accuracy: float
+    loss: float
+    n: int
+    size_bytes: int  # packed
+    float_size_bytes: int
+    ratio: float
+    sparsity: float
+    mean_sqnr_db: float
+    agreement: float  # fraction of test predictions equal to the float model's
+    predictions: np.ndarray  # int64 [N]
+    confusion: np.ndarray  # int64 [C, C]
+    float_confusion: np.ndarray
+    layers: pd.DataFrame
+    shapes: dict[str, tuple[int, ...]]  # weight shape per compressed layer
+    seconds: float  # time to compress and evaluate
+
+
+def layer_table(compressed: qcore.Compressed) -> pd.DataFrame:
+    """One row per compressed weight layer."""
+    rows = [
+        {
+            "layer": s.name,
+            "kind": s.kind,
+            "shape": "×".join(map(str, s.shape)),
+            "params": s.params,
+            "bits": s.bits,
+            "sparsity": s.sparsity,
+            "SQNR (dB)": s.sqnr_db if math.isfinite(s.sqnr_db) else None,
+            "packed bytes": s.size_bytes,
+            "float32 bytes": s.float_bytes,
+            "encoding": s.encoding,
+        }
+        for s in compressed.layers
+    ]
+    return pd.DataFrame(rows)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def results(model_name: str, dataset_name: str, settings: Settings) -> Result:
+    """Compress, evaluate and account; memoised by (model, dataset, settings)."""
+    start = time.perf_counter()
+    comp = get_compressed(model_name, settings)
+    m = qcore.evaluate(comp.model, get_dataset(dataset_name))
+    seconds = time.perf_counter() - start
+    f = float_metrics(model_name, dataset_name)
+    return Result(
+        accuracy=m.accuracy,
+        float_accuracy=f.accuracy,
+        loss=m.loss,
+        n=m.n,
+        size_bytes=comp.size_bytes,
+        float_size_bytes=comp.float_size_bytes,
+        ratio=comp.ratio,
+        sparsity=comp.sparsity,
+        mean_sqnr_db=comp.mean_sqnr_db,
+        agreement=qcore.agreement(m, f),
+        predictions=m.predictions,
+        confusion=m.confusion,
+        float_confusion=f.confusion,
+        layers=layer_table(comp),
+        shapes={s.name: s.shape for s in comp.layers},
+        seconds=seconds,
+    )
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def histogram(
+    model_name: str, settings: Settings, layer: str, bins: int = 80, channel: int | None = None
+) -> qcore.Histogram:
+    """Binned float and compressed weights of one layer (counts only)."""
+    return qcore.layer_histogram(get_compressed(model_name, settings), layer, bins, channel)
+
+
+@dataclass(frozen=True, eq=False)
+class NewlyWrong:
+    """Test images the float model got right and the compressed model gets wrong."""
+
+    images: np.ndarray  # float32 (K, C, H, W), normalised as in the dataset
+    float_pred: list[str]
+    now_pred: list[str]
+    truth: list[str]
+    total: int  # how many such images there are in the test split
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def newly_wrong(
+    model_name: str, dataset_name: str, settings: Settings, limit: int = MAX_WRONG_SHOWN
+) -> NewlyWrong:
+    """Up to ``limit`` test images that compression turned from right to wrong."""
+    ds = get_dataset(dataset_name)
+    y = ds.y.numpy()
+    before = float_metrics(model_name, dataset_name).predictions
+    now = results(model_name, dataset_name, settings).predictions
+    idx = np.flatnonzero((before == y) & (now != y))
+    shown = idx[:limit]
+    names = ds.classes
+    return NewlyWrong(
+        images=ds.x[shown].numpy(),
+        float_pred=[names[i] for i in before[shown]],
+        now_pred=[names[i] for i in now[shown]],
+        truth=[names[i] for i in y[shown]],
+        total=int(idx.size),
+    )
+
+
+def packed_download(model_name: str, settings: Settings) -> Callable[[], bytes]:
+    """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
+    comp = get_compressed(model_name, settings)
+    return lambda: qcore.packed_bytes(comp)
+
+
+def results_json(model_name: str, dataset_name: str, settings: Settings, r: Result) -> str:
+    """The results as a JSON document (settings, headline numbers, per-layer rows)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    layers = [{k: clean(v) for k, v in row.items()} for row in r.layers.to_dict("records")]
+    doc = {
+        "model": model_name,
+        "dataset": dataset_name,
+        "split": "test",
+        "settings": asdict(settings),
+        "accuracy_simulated": r.accuracy,
+        "float_accuracy": r.float_accuracy,
+        "accuracy_change": r.accuracy - r.float_accuracy,
+        "agreement_with_float": r.agreement,
+        "loss": r.loss,
+        "examples": r.n,
+        "packed_size_bytes": r.size_bytes,
+        "float_size_bytes": r.float_size_bytes,
+        "compression_ratio": clean(r.ratio),
+        "sparsity": r.sparsity,
+        "mean_sqnr_db": clean(r.mean_sqnr_db),
+        "layers": layers,
+    }
+    return json.dumps(doc, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Session state, the sidebar pickers and the URL.
+
+
+def _default_model(models: Sequence[str]) -> str:
+    return DEFAULT_MODEL if DEFAULT_MODEL in models else models[0]
+
+
+def init_session() -> None:
+    """Fill ``st.session_state`` once per session, from the URL query where it is valid.
+
+    Warnings about bad query values are kept in ``query_warnings`` for the page to show.
+    """
+    ss = st.session_state
+    if "_initialised" in ss:
+        return
+    try:
+        models = qcore.list_models()
+    except ValueError as e:  # a corrupt manifest
+        st.error(str(e))
+        st.stop()
+    if not models:
+        st.error("No sample models were found. Run `python -m qcore train-samples` first.")
+        st.stop()
+    values, warnings = parse_query(
+        st.query_params.to_dict(),
+        models=models,
+        datasets=qcore.list_datasets(),
+        layer_names=_layer_names_or_empty,
+        default_model=_default_model(models),
+    )
+    model = values.get("model", _default_model(models))
+    ss.update({k: v for k, v in session_defaults([]).items() if k != "layers"})
+    ss["model"] = model
+    ss["dataset"] = qcore.model_info(model).dataset
+    ss.update(values)
+    ss["query_warnings"] = warnings
+    ss["_initialised"] = True
+
+
+def _layer_names_or_empty(model_name: str) -> list[str]:
+    try:
+        return layer_names(model_name)
+    except ValueError:  # the page reports why the model does not load
+        return []
+
+
+def ensure_layers(names: Sequence[str]) -> None:
+    """Start the layer picker at "every layer" for a new model (or a new session)."""
+    ss = st.session_state
+    if "layers" not in ss or any(n not in names for n in ss["layers"]):
+        ss["layers"] = list(names)
+
+
+def _on_model_change() -> None:
+    """A new model: its own dataset, and every layer of it compressed."""
+    ss = st.session_state
+    ss["dataset"] = qcore.model_info(ss["model"]).dataset
+    ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
+    ss.pop("hist_layer", None)
+    ss.pop("hist_channel", None)
+
+
+def _model_label(name: str) -> str:
+    i = qcore.model_info(name)
+    return f"{name} · {i.dataset} · {_count(i.params)} params · {i.float_accuracy:.1%}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def sidebar_pickers() -> None:
+    """The model and dataset pickers (keys ``model``, ``dataset``), shared by every page."""
+    ss = st.session_state
+    st.selectbox(
+        "Model",
+        qcore.list_models(),
+        key="model",
+        format_func=_model_label,
+        on_change=_on_model_change,
+        persist_state="session",
+        help="Sample models with the dataset each was trained on, its size and float accuracy.",
+    )
+    info = qcore.model_info(ss["model"])
+    st.caption(
+        f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
+        f"float accuracy {info.float_accuracy:.1%} on its test split."
+    )
+    st.selectbox(
+        "Dataset",
+        qcore.list_datasets(),
+        key="dataset",
+        persist_state="session",
+        format_func=lambda n: f"{n} (the model's own)" if n == info.dataset else n,
+        help="Accuracy is measured on this dataset's held-out test split.",
+    )
+    st.caption(qcore.dataset_info(ss["dataset"]).description)
+
+
+def require_model_and_dataset() -> tuple[str, str]:
+    """The picked model and dataset, loaded and checked to fit; else an error and stop."""
+    ss = st.session_state
+    model_name, dataset_name = ss["model"], ss["dataset"]
+    try:
+        get_model(model_name)
+        ds = get_dataset(dataset_name)
+        qcore.check_fit(qcore.model_info(model_name), ds)
+    except ValueError as e:
+        st.error(str(e))
+        st.stop()
+    return model_name, dataset_name
+
+
+def show_query_warnings() -> None:
+    """Show (once) the warnings about bad values in the link the session opened with."""
+    for w in st.session_state.pop("query_warnings", []):
+        st.warning(w, icon="⚠️")
+
+
+def sync_query(page_params: Mapping[str, str]) -> None:
+    """Write model, dataset and ``page_params`` to the URL, so it can always be shared."""
+    ss = st.session_state
+    want = {"model": ss["model"], "dataset": ss["dataset"], **page_params}
+    if st.query_params.to_dict() != want:
+        st.query_params.from_dict(want)
