@@ -560,13 +560,22 @@ def ensure_layers(names: Sequence[str]) -> None:
         ss["layers"] = list(names)
 
 
+MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
+
+
 def _on_model_change() -> None:
     """A new model: its own dataset, and every layer of it compressed."""
     ss = st.session_state
+    ss["model"] = ss[MODEL_PICKER]
     ss["dataset"] = qcore.model_info(ss["model"]).dataset
     ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
     ss.pop("hist_layer", None)
     ss.pop("hist_channel", None)
+
+
+def _on_dataset_change() -> None:
+    ss = st.session_state
+    ss["dataset"] = ss[f"{DATASET_PICKER}:{ss['model']}"]
 
 
 def _model_label(name: str) -> str:
@@ -580,14 +589,21 @@ def _count(n: int) -> str:
 
 def sidebar_pickers() -> None:
     """The model and dataset pickers (keys ``model``, ``dataset``), shared by every page."""
+    # The pickers sit in app.py, outside the pages. Such a widget, when its value is set
+    # through st.session_state, comes back as its first option after any other widget
+    # changes (seen in the browser with Streamlit 1.67, not in AppTest). So the pickers
+    # take their value from ``index`` under keys of their own, and copy it to "model" and
+    # "dataset" when the user picks; the dataset picker's key names the model, so a new
+    # model starts it afresh at that model's own dataset.
     ss = st.session_state
+    models = qcore.list_models()
     st.selectbox(
         "Model",
-        qcore.list_models(),
-        key="model",
+        models,
+        index=models.index(ss["model"]),
+        key=MODEL_PICKER,
         format_func=_model_label,
         on_change=_on_model_change,
-        persist_state="session",
         help="Sample models with the dataset each was trained on, its size and float accuracy.",
     )
     info = qcore.model_info(ss["model"])
@@ -595,11 +611,13 @@ def sidebar_pickers() -> None:
         f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
         f"float accuracy {info.float_accuracy:.1%} on its test split."
     )
+    datasets = qcore.list_datasets()
     st.selectbox(
         "Dataset",
-        qcore.list_datasets(),
-        key="dataset",
-        persist_state="session",
+        datasets,
+        index=datasets.index(ss["dataset"]),
+        key=f"{DATASET_PICKER}:{ss['model']}",
+        on_change=_on_dataset_change,
         format_func=lambda n: f"{n} (the model's own)" if n == info.dataset else n,
         help="Accuracy is measured on this dataset's held-out test split.",
     )

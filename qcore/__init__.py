@@ -16,9 +16,12 @@ from qcore.data import Dataset, DatasetInfo, data_root, dataset_info, list_datas
 from qcore.evaluate import Metrics, agreement, evaluate
 from qcore.export import export_packed, load_packed, packed_bytes, read_header
 from qcore.fold import fold_batchnorm, weight_layers
+from qcore.mixed import MixedPrecisionResult, mixed_precision
 from qcore.models import ModelInfo, build_model, check_fit, list_models, load_model, model_info
 from qcore.prune import magnitude_mask, prune_tensor
 from qcore.quant import quantize_tensor, quantize_with_params
+from qcore.sensitivity import layer_sensitivity, sensitivity_matrix
+from qcore.sweep import SweepGrid, pareto_front, sweep
 
 __all__ = [
     "CLIP_MODES",
@@ -30,9 +33,11 @@ __all__ = [
     "Histogram",
     "LayerStats",
     "Metrics",
+    "MixedPrecisionResult",
     "ModelInfo",
     "PruneConfig",
     "QuantConfig",
+    "SweepGrid",
     "agreement",
     "build_model",
     "check_fit",
@@ -43,19 +48,24 @@ __all__ = [
     "export_packed",
     "fold_batchnorm",
     "layer_histogram",
+    "layer_sensitivity",
     "list_datasets",
     "list_models",
     "load_dataset",
     "load_model",
     "load_packed",
     "magnitude_mask",
+    "mixed_precision",
     "model_info",
     "packed_bytes",
+    "pareto_front",
     "prune_tensor",
     "quantize_tensor",
     "quantize_with_params",
     "read_header",
+    "sensitivity_matrix",
     "sqnr_db",
+    "sweep",
     "weight_histogram",
     "weight_layers",
 ]

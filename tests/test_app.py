@@ -45,7 +45,8 @@ def ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert [t.value for t in at.title] == ["Quantization Playground"]
-    assert [s.key for s in at.sidebar.selectbox] == ["model", "dataset"]
+    keys = [s.key for s in at.sidebar.selectbox]
+    assert keys == ["model_picker", f"dataset_picker:{at.session_state['model']}"]
 
 
 # --- AppTest ----------------------------------------------------------------------------------
@@ -172,9 +173,11 @@ def test_user_errors_are_sentences_not_tracebacks() -> None:
 @needs_sample
 def test_model_change_picks_its_dataset_and_layers() -> None:
     at = open_app()
-    at.selectbox(key="model").set_value("digits-mlp").run()
+    at.selectbox(key="model_picker").set_value("digits-mlp").run()
     ok(at)
+    assert at.session_state["model"] == "digits-mlp"
     assert at.session_state["dataset"] == "digits"
+    assert at.selectbox(key="dataset_picker:digits-mlp").value == "digits"
     assert at.multiselect(key="layers").value == ["fc1", "fc2"]
     assert at.query_params["model"] == "digits-mlp"
 

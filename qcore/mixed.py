@@ -1,0 +1,233 @@
+"""Mixed precision: a bit width per layer that fits a packed-size budget.
+
+Packed sizes add up layer by layer (each layer is packed on its own), so the size of any
+assignment is exact without compressing it: rest + sum_k size_k(b_k), with size_k(b) read
+from one ``compress`` per candidate bit width. The search treats the accuracy cost of a
+layer as additive too, taking it from :func:`qcore.sensitivity.layer_sensitivity` (the
+drop when only that layer is quantized), and solves the knapsack exactly: layer by layer
+it keeps the (size, cost) pairs no other pair beats in both, and at the end the cheapest
+pair within the budget. It does this twice, once with the accuracy drop as the cost (loss
+increase breaking ties) and once with the loss increase (smoother on small splits), then
+compresses and evaluates both answers and every uniform bit width that fits, for real.
+The best mixed answer is returned unless a uniform one is better, so the result is never
+worse than the best uniform choice within the same budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from qcore.compress import compress
+from qcore.config import CompressionConfig, QuantConfig, check_bits
+from qcore.evaluate import evaluate
+from qcore.fold import fold_batchnorm, weight_layers
+from qcore.sensitivity import Progress, layer_sensitivity
+
+__all__ = ["DEFAULT_CANDIDATE_BITS", "MixedPrecisionResult", "mixed_precision",
+           "knapsack_bits"]
+
+DEFAULT_CANDIDATE_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionResult:
+    """Per-layer bit widths within a budget, next to the best uniform width that fits."""
+
+    layer_bits: dict[str, int]  # layer name -> bits, in model order
+    size_bytes: int  # packed bytes of the chosen assignment
+    accuracy: float  # simulated top-1 accuracy of the chosen assignment
+    budget_bytes: int
+    uniform_bits: int  # the uniform width with the best accuracy among those that fit
+    uniform_size_bytes: int
+    uniform_accuracy: float
+    feasible: bool  # the chosen assignment fits the budget (always, when returned)
+    note: str  # one sentence for the user
+    chose_uniform: bool = False  # True when no mixed assignment beat the uniform one
+    loss: float = math.nan
+    uniform_loss: float = math.nan
+    float_accuracy: float = math.nan
+    float_size_bytes: int = 0
+    config: QuantConfig = field(default_factory=QuantConfig)  # reproduces the choice
+
+    @property
+    def ratio(self) -> float:
+        return self.float_size_bytes / self.size_bytes if self.size_bytes else math.inf
+
+
+def knapsack_bits(
+    sizes: Mapping[str, Mapping[int, int]],
+    costs: Mapping[str, Mapping[int, float]],
+    budget: int,
+    tiebreak: Mapping[str, Mapping[int, float]] | None = None,
+) -> dict[str, int] | None:
+    """The bits per layer of least total cost whose total size is at most ``budget``.
+
+    ``sizes[k][b]`` and ``costs[k][b]`` are layer k's bytes and cost at ``b`` bits; costs
+    add up over layers. Exact: after each layer only the (size, cost) pairs that no other
+    pair beats in both are kept. Among equal costs the ``tiebreak`` sum, then the larger
+    size, wins. ``None`` when nothing fits.
+
+    >>> sizes = {"a": {2: 10, 8: 40}, "b": {2: 10, 8: 40}}
+    >>> costs = {"a": {2: 0.5, 8: 0.0}, "b": {2: 0.1, 8: 0.0}}
+    >>> knapsack_bits(sizes, costs, 50)
+    {'a': 8, 'b': 2}
+    """
+    names = list(sizes)
+    tiebreak = tiebreak or {k: dict.fromkeys(sizes[k], 0.0) for k in names}
+    min_after = [0] * (len(names) + 1)  # smallest size of the layers after position i
+    for i in range(len(names) - 1, -1, -1):
+        min_after[i] = min_after[i + 1] + min(sizes[names[i]].values())
+    # state: (size, cost, tiebreak, bits per layer so far)
+    states: list[tuple[int, float, float, tuple[int, ...]]] = [(0, 0.0, 0.0, ())]
+    for i, k in enumerate(names):
+        grown = [
+            (s + sizes[k][b], c + costs[k][b], t + tiebreak[k][b], bits + (b,))
+            for s, c, t, bits in states
+            for b in sorted(sizes[k])
+            if s + sizes[k][b] + min_after[i + 1] <= budget
+        ]
+        # keep the pairs not beaten in both size and (cost, tiebreak)
+        grown.sort(key=lambda st: (st[0], st[1], st[2]))
+        states, best = [], None
+        for st in grown:
+            if best is None or (st[1], st[2]) < best:
+                states.append(st)
+                best = (st[1], st[2])
+        if not states:
+            return None
+    s, c, t, bits = min(states, key=lambda st: (st[1], st[2], -st[0]))
+    return dict(zip(names, bits, strict=True))
+
+
+def _evaluate(model, dataset, quant: QuantConfig, fold_bn: bool, batch_size: int):
+    c = compress(model, CompressionConfig(quant=quant, fold_bn=fold_bn))
+    return c, evaluate(c.model, dataset, batch_size=batch_size)
+
+
+def mixed_precision(
+    model: nn.Module,
+    dataset,
+    budget_bytes: int,
+    candidate_bits: Iterable[int] = DEFAULT_CANDIDATE_BITS,
+    *,
+    quant: QuantConfig | None = None,
+    search_dataset=None,
+    fold_bn: bool = True,
+    batch_size: int = 2000,
+    progress: Progress | None = None,
+) -> MixedPrecisionResult:
+    """Per-layer bit widths from ``candidate_bits`` that fit ``budget_bytes`` (packed).
+
+    ``quant`` is the scheme template (symmetric, per channel, clip); its ``bits`` are
+    replaced. The search (sensitivity and the final pick) runs on ``search_dataset``,
+    by default ``dataset``; pass a calibration split to keep the test split unseen. The
+    accuracies returned are on ``dataset``. The result is never worse on the search data
+    than the best uniform width that fits. ``progress`` follows the sensitivity analysis.
+    """
+    quant = QuantConfig() if quant is None else quant
+    if not isinstance(quant, QuantConfig):
+        raise ValueError("quant must be a QuantConfig (or None for the default scheme).")
+    if isinstance(candidate_bits, int):
+        candidate_bits = (candidate_bits,)
+    cands = sorted({check_bits(b, "candidate bits") for b in candidate_bits})
+    if not cands:
+        raise ValueError("Give at least one candidate bit width, e.g. 2 4 8.")
+    if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float)
+            or not math.isfinite(budget_bytes) or budget_bytes <= 0):
+        raise ValueError(f"The budget must be a positive number of bytes; got {budget_bytes!r}.")
+    budget = int(budget_bytes)
+    search = dataset if search_dataset is None else search_dataset
+
+    base = fold_batchnorm(model) if fold_bn else model
+    names = list(weight_layers(base))
+    if not names:
+        raise ValueError("The model has no linear or convolution layers to quantize.")
+    # exact per-layer packed sizes, and the uniform totals, from one compress per width
+    per_bits = {b: compress(model, CompressionConfig(
+        quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn)) for b in cands}
+    sizes = {k: {b: per_bits[b].layer(k).size_bytes for b in cands} for k in names}
+    c0 = per_bits[cands[0]]
+    rest = c0.size_bytes - sum(sizes[k][cands[0]] for k in names)
+    smallest = c0.size_bytes
+    if budget < smallest:
+        raise ValueError(
+            f"A budget of {budget:,} bytes is below the smallest possible packed size, "
+            f"{smallest:,} bytes (every layer at {cands[0]} bits); raise the budget or "
+            "add a lower candidate bit width."
+        )
+
+    ref = evaluate(model, dataset, batch_size=batch_size)
+    # the best uniform width that fits, judged on the search data
+    uniform = {}
+    for b in cands:
+        if per_bits[b].size_bytes <= budget:
+            uniform[b] = evaluate(per_bits[b].model, search, batch_size=batch_size)
+    ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
+
+    sens = layer_sensitivity(model, search, bits=cands, prune_rates=(), quant=quant,
+                             fold_bn=fold_bn, batch_size=batch_size, progress=progress)
+    drop = {k: {} for k in names}
+    dloss = {k: {} for k in names}
+    for r in sens.itertuples(index=False):
+        drop[r.layer][int(r.setting)] = float(r.drop)
+        dloss[r.layer][int(r.setting)] = float(r.loss_increase)
+    tried = {}
+    for costs, ties in ((drop, dloss), (dloss, drop)):
+        bits = knapsack_bits(sizes, costs, budget - rest, ties)
+        if bits is None:  # cannot happen once the smallest size fits; kept as a guard
+            continue
+        key = tuple(bits[k] for k in names)
+        if key not in tried:
+            q = replace(quant, bits=cands[-1], layer_bits=bits)
+            c, m = _evaluate(model, search, q, fold_bn, batch_size)
+            tried[key] = (q, c, m)
+    best_key = max(tried, key=lambda k: (tried[k][2].accuracy, -tried[k][2].loss,
+                                         -tried[k][1].size_bytes)) if tried else None
+    mixed_ok = best_key is not None and (
+        (tried[best_key][2].accuracy, -tried[best_key][2].loss)
+        >= (uniform[ub].accuracy, -uniform[ub].loss)
+    )
+    uq = replace(quant, bits=ub, layer_bits=())
+    if mixed_ok:
+        q, c, m = tried[best_key]
+    else:
+        q, c, m = uq, per_bits[ub], uniform[ub]
+    if search is not dataset:  # report on the evaluation split
+        m = evaluate(c.model, dataset, batch_size=batch_size)
+        um = evaluate(per_bits[ub].model, dataset, batch_size=batch_size)
+    else:
+        um = uniform[ub]
+    if c.size_bytes > budget:  # sizes are additive by construction; never expected
+        raise RuntimeError("The chosen bits do not fit the budget after all; please report.")
+    layer_bits = {k: q.bits_for(k) for k in names}
+    if mixed_ok and len(set(layer_bits.values())) == 1:
+        note = (f"The best choice within {budget:,} bytes is uniform: every layer at "
+                f"{layer_bits[names[0]]} bits.")
+    elif mixed_ok:
+        note = (f"Mixed precision reaches {m.accuracy:.2%} in {c.size_bytes:,} bytes, "
+                f"against {um.accuracy:.2%} in {per_bits[ub].size_bytes:,} bytes for uniform "
+                f"{ub} bits.")
+    else:
+        note = (f"No mixed assignment beat uniform {ub} bits ({um.accuracy:.2%} in "
+                f"{per_bits[ub].size_bytes:,} bytes), so that is returned.")
+    return MixedPrecisionResult(
+        layer_bits=layer_bits,
+        size_bytes=c.size_bytes,
+        accuracy=m.accuracy,
+        budget_bytes=budget,
+        uniform_bits=ub,
+        uniform_size_bytes=per_bits[ub].size_bytes,
+        uniform_accuracy=um.accuracy,
+        feasible=c.size_bytes <= budget,
+        note=note,
+        chose_uniform=not mixed_ok,
+        loss=m.loss,
+        uniform_loss=um.loss,
+        float_accuracy=ref.accuracy,
+        float_size_bytes=c.float_size_bytes,
+        config=q,
+    )

@@ -1,0 +1,206 @@
+"""Sweeps over compression settings, and the Pareto front of a sweep.
+
+A :class:`SweepGrid` is the cartesian product of its axes; :func:`sweep` compresses and
+evaluates the model once per configuration and returns one table row each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from qcore.compress import compress
+from qcore.config import (
+    CLIP_MODES,
+    SCOPES,
+    ClipMode,
+    CompressionConfig,
+    PruneConfig,
+    QuantConfig,
+    Scope,
+    check_bits,
+)
+from qcore.evaluate import agreement, evaluate
+
+__all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
+
+SWEEP_COLUMNS: tuple[str, ...] = (
+    "bits", "clip", "clip_mode", "prune", "symmetric", "per_channel", "scheme", "granularity",
+    "accuracy", "loss", "agreement", "size_bytes", "float_size_bytes", "ratio", "sparsity",
+    "mean_sqnr_db", "seconds",
+)  # fmt: skip
+
+Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
+
+
+def _tuple(name: str, values: object) -> tuple:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        values = (values,)
+    out = tuple(dict.fromkeys(values))  # drop repeats, keep order
+    if not out:
+        raise ValueError(f"The sweep grid needs at least one value for {name}.")
+    return out
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The settings a sweep tries: every combination of the tuples below.
+
+    A ``None`` in ``bits`` adds float rows (pruning only, no quantization); they do not
+    vary with clip, scheme or granularity. Lists are accepted and stored as tuples, repeats
+    dropped, so ``SweepGrid(bits=[2, 4, None], prune_rates=[0, 0.5])`` works.
+    """
+
+    bits: tuple[int | None, ...] = (2, 3, 4, 6, 8)
+    prune_rates: tuple[float, ...] = (0.0,)
+    clips: tuple[float, ...] = (1.0,)  # read as clip_mode says; 1.0 ratio = no clipping
+    clip_mode: ClipMode = "ratio"
+    symmetric: tuple[bool, ...] = (True,)
+    per_channel: tuple[bool, ...] = (False,)
+    structured: bool = False  # prune whole output channels instead of single weights
+    prune_scope: Scope = "layer"
+    fold_bn: bool = True
+    _configs: tuple[CompressionConfig, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        bits = tuple(None if b is None else check_bits(b) for b in _tuple("bits", self.bits))
+        object.__setattr__(self, "bits", tuple(dict.fromkeys(bits)))
+        object.__setattr__(self, "prune_rates", _tuple("prune_rates", self.prune_rates))
+        object.__setattr__(self, "clips", _tuple("clips", self.clips))
+        object.__setattr__(self, "symmetric", tuple(bool(s) for s in _tuple(
+            "symmetric", self.symmetric)))
+        object.__setattr__(self, "per_channel", tuple(bool(s) for s in _tuple(
+            "per_channel", self.per_channel)))
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {', '.join(CLIP_MODES)}; "
+                             f"got {self.clip_mode!r}.")
+        if self.prune_scope not in SCOPES:
+            raise ValueError(f"prune_scope must be one of {', '.join(SCOPES)}; "
+                             f"got {self.prune_scope!r}.")
+        configs = []
+        for b, rate in product(self.bits, self.prune_rates):
+            # a ValueError with a sentence for a bad rate or clip, before any work is done
+            p = PruneConfig(rate=rate, structured=self.structured, scope=self.prune_scope)
+            p = p if p.rate > 0 else None
+            if b is None:
+                configs.append(CompressionConfig(quant=None, prune=p, fold_bn=self.fold_bn))
+                continue
+            for clip, sym, pc in product(self.clips, self.symmetric, self.per_channel):
+                q = QuantConfig(bits=b, symmetric=sym, per_channel=pc, clip=clip,
+                                clip_mode=self.clip_mode)
+                configs.append(CompressionConfig(quant=q, prune=p, fold_bn=self.fold_bn))
+        object.__setattr__(self, "_configs", tuple(configs))
+
+    def configs(self) -> tuple[CompressionConfig, ...]:
+        """Every configuration of the grid, in a fixed order (bits, rate, clip, scheme, ...)."""
+        return self._configs
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+
+def _describe(cfg: CompressionConfig) -> dict:
+    q, p = cfg.quant, cfg.prune
+    rate = p.rate if p is not None else 0.0
+    if q is None:
+        return {"bits": None, "clip": math.nan, "clip_mode": None, "prune": rate,
+                "symmetric": None, "per_channel": None, "scheme": "float",
+                "granularity": "none"}
+    return {
+        "bits": q.bits,
+        "clip": q.clip,
+        "clip_mode": q.clip_mode,
+        "prune": rate,
+        "symmetric": q.symmetric,
+        "per_channel": q.per_channel,
+        "scheme": "symmetric" if q.symmetric else "asymmetric",
+        "granularity": "per-channel" if q.per_channel else "per-tensor",
+    }
+
+
+def sweep(
+    model: nn.Module,
+    dataset,
+    grid: SweepGrid | None = None,
+    *,
+    progress: Progress | None = None,
+    batch_size: int = 2000,
+) -> pd.DataFrame:
+    """Compress and evaluate ``model`` once per configuration of ``grid``.
+
+    One row per configuration, in the grid's order, with the columns of
+    :data:`SWEEP_COLUMNS`: the setting (``bits`` is missing for float rows; ``scheme`` is
+    "symmetric", "asymmetric" or "float"; ``granularity`` "per-tensor", "per-channel" or
+    "none"), the simulated ``accuracy`` and ``loss``, ``agreement`` with the float model's
+    predictions, the packed ``size_bytes`` next to ``float_size_bytes``, their ``ratio``,
+    the weight ``sparsity``, the ``mean_sqnr_db`` over layers that changed (inf if none
+    did) and the ``seconds`` the row took. ``df.attrs`` holds the float accuracy and loss.
+    ``progress(done, total, row)`` is called after each row. Deterministic.
+    """
+    grid = SweepGrid() if grid is None else grid
+    if not isinstance(grid, SweepGrid):
+        raise ValueError("grid must be a SweepGrid, e.g. SweepGrid(bits=[2, 4, 8]).")
+    ref = evaluate(model, dataset, batch_size=batch_size)
+    configs = grid.configs()
+    rows = []
+    for i, cfg in enumerate(configs):
+        start = time.perf_counter()
+        c = compress(model, cfg)
+        m = evaluate(c.model, dataset, batch_size=batch_size)
+        row = _describe(cfg)
+        row.update(
+            accuracy=m.accuracy,
+            loss=m.loss,
+            agreement=agreement(m, ref),
+            size_bytes=c.size_bytes,
+            float_size_bytes=c.float_size_bytes,
+            ratio=c.ratio,
+            sparsity=c.sparsity,
+            mean_sqnr_db=c.mean_sqnr_db,
+            seconds=time.perf_counter() - start,
+        )
+        rows.append(row)
+        if progress is not None:
+            progress(i + 1, len(configs), row)
+    df = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    df["bits"] = df["bits"].astype("Int64")  # missing for float rows
+    df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss)
+    return df
+
+
+def pareto_front(
+    df: pd.DataFrame, x: str = "size_bytes", y: str = "accuracy", *, maximize_y: bool = True
+) -> pd.DataFrame:
+    """The non-dominated rows of ``df``: smaller ``x`` is better, larger ``y`` is better.
+
+    A row is dominated when another row is at least as good in both and better in one.
+    Among rows with equal (x, y) the first in ``df`` is kept; rows where x or y is missing
+    are dropped. The result keeps ``df``'s index and is sorted by ``x`` (so ``y`` rises
+    strictly along it). ``maximize_y=False`` makes smaller ``y`` better (e.g. loss).
+
+    >>> d = pd.DataFrame({"size_bytes": [10, 20, 20, 30, 15, 10],
+    ...                   "accuracy": [0.5, 0.9, 0.8, 0.9, 0.4, 0.5]})
+    >>> pareto_front(d).index.tolist()
+    [0, 1]
+    """
+    for col in (x, y):
+        if col not in df.columns:
+            raise ValueError(f"No column {col!r}; the table has {', '.join(map(str, df.columns))}.")
+    part = df[df[x].notna() & df[y].notna()]
+    xs = part[x].to_numpy()
+    gain = part[y].to_numpy() if maximize_y else -part[y].to_numpy()
+    # by x ascending, best y first among equal x, ties in df order (lexsort is stable)
+    order = np.lexsort((-gain, xs))
+    keep, best = [], None
+    for pos in order:
+        if best is None or gain[pos] > best:
+            keep.append(pos)
+            best = gain[pos]
+    return part.iloc[keep]

@@ -1,0 +1,101 @@
+"""End to end: the served app in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from e2e import CHROMIUM, browser_page, metric_value, serve_app, wait_idle
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("QP_REQUIRE_BROWSER"):
+        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
+    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
+                allow_module_level=True)
+
+ACCURACY = "Accuracy (simulated"
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with serve_app() as url:
+        yield url
+
+
+def _slider(page, label: str):
+    # Streamlit's slider is an <input type="range"> labelled with the widget's label
+    return page.locator(f'input[type="range"][aria-label="{label}"]')
+
+
+def _wait_metric_change(page, label: str, old: str, timeout_ms: int = 60_000) -> str:
+    page.wait_for_function(
+        """([label, old]) => {
+            const m = [...document.querySelectorAll('[data-testid="stMetric"]')]
+                .find(e => e.innerText.includes(label));
+            if (!m) return false;
+            const v = m.querySelector('[data-testid="stMetricValue"]');
+            return v && v.innerText !== old;
+        }""",
+        arg=[label, old],
+        timeout=timeout_ms,
+    )
+    wait_idle(page)
+    return metric_value(page, label)
+
+
+def test_playground_slider_changes_accuracy_and_draws_histogram(app_url, tmp_path):
+    with browser_page() as page:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+        wait_idle(page)
+        before_acc = metric_value(page, ACCURACY)
+        before_size = metric_value(page, "Packed size")
+        assert re.fullmatch(r"\d+\.\d%", before_acc)
+        # the histogram is a real plotly chart with drawn bars
+        page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
+        assert page.locator('[data-testid="stPlotlyChart"] g.barlayer path').count() > 0
+
+        thumb = _slider(page, "Bit width")
+        assert thumb.get_attribute("aria-valuetext") == "8 bits"
+        thumb.focus()
+        for _ in range(7):  # 8 bits -> 1 bit
+            page.keyboard.press("ArrowLeft")
+        after_size = _wait_metric_change(page, "Packed size", before_size)
+        after_acc = metric_value(page, ACCURACY)
+        assert after_acc != before_acc
+        assert float(after_acc.rstrip("%")) < float(before_acc.rstrip("%"))
+        assert after_size != before_size
+        assert thumb.get_attribute("aria-valuetext") == "1 bit"
+        assert "bits=1" in page.url
+        assert page.locator('[data-testid="stPlotlyChart"] g.barlayer path').count() > 0
+        shot = tmp_path / "playground-1bit.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+
+
+def test_deep_link_opens_that_configuration(app_url):
+    with browser_page() as page:
+        page.goto(f"{app_url}/?model=digits-mlp&dataset=digits&bits=6&prune=0.5",
+                  wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text="Sparsity").wait_for(timeout=90_000)
+        wait_idle(page)
+        # pruning makes half the weights zero; 6-bit rounding may zero a few more
+        sparsity = float(metric_value(page, "Sparsity").rstrip("%"))
+        assert 50.0 <= sparsity < 55.0
+        assert _slider(page, "Bit width").get_attribute("aria-valuetext") == "6 bits"
+        assert "Trained on digits" in page.locator("[data-testid=stSidebar]").inner_text()
+        assert page.locator('[data-testid="stAlert"]', has_text="Traceback").count() == 0
+
+
+def test_bad_query_warns_and_falls_back(app_url):
+    with browser_page() as page:
+        page.goto(f"{app_url}/?model=no-such-model&bits=banana", wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+        wait_idle(page)
+        warning = page.locator('[data-testid="stAlert"]').first.inner_text()
+        assert "no-such-model" in warning or "banana" in warning
+        assert page.locator("text=Traceback").count() == 0

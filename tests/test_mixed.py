@@ -1,0 +1,143 @@
+"""Tests for qcore.mixed: exact knapsack, budgets, and never worse than uniform."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from qcore.compress import compress
+from qcore.config import CompressionConfig, QuantConfig
+from qcore.data import Dataset
+from qcore.evaluate import evaluate
+from qcore.mixed import MixedPrecisionResult, knapsack_bits, mixed_precision
+
+
+def test_knapsack_matches_brute_force() -> None:
+    rng = random.Random(0)
+    for _ in range(60):
+        layers = [f"l{i}" for i in range(rng.randint(1, 4))]
+        bits = sorted(rng.sample([2, 3, 4, 6, 8], rng.randint(1, 4)))
+        sizes = {k: {b: b * rng.randint(1, 20) + rng.randint(0, 5) for b in bits} for k in layers}
+        costs = {k: {b: round(rng.uniform(0, 1), 3) for b in bits} for k in layers}
+        budget = rng.randint(0, sum(max(s.values()) for s in sizes.values()))
+        got = knapsack_bits(sizes, costs, budget)
+        fits = [c for c in itertools.product(bits, repeat=len(layers))
+                if sum(sizes[k][b] for k, b in zip(layers, c, strict=True)) <= budget]
+        if not fits:
+            assert got is None
+            continue
+        best = min(sum(costs[k][b] for k, b in zip(layers, c, strict=True)) for c in fits)
+        assert got is not None
+        assert sum(sizes[k][got[k]] for k in layers) <= budget
+        assert sum(costs[k][got[k]] for k in layers) == pytest.approx(best)
+
+
+def _setup() -> tuple[nn.Module, Dataset]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16),
+                          nn.ReLU(), nn.Linear(16, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)
+    data = Dataset(name="synthetic", split="test", x=x, y=y, classes=("a", "b", "c", "d"),
+                   description="synthetic", mean=(0.0,), std=(1.0,), indices=torch.arange(64))
+    return model, data
+
+
+def _uniform_sizes(model: nn.Module, bits, quant: QuantConfig | None = None) -> dict[int, int]:
+    quant = quant or QuantConfig()
+    return {b: compress(model, CompressionConfig(quant=QuantConfig(
+        bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel))).size_bytes
+        for b in bits}
+
+
+def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
+    r = mixed_precision(model, data, budget, bits, quant=quant)
+    assert r.feasible and r.size_bytes <= budget == r.budget_bytes
+    # the reported numbers are what compress + evaluate give for the returned assignment
+    c = compress(model, CompressionConfig(quant=r.config))
+    assert c.size_bytes == r.size_bytes
+    assert evaluate(c.model, data).accuracy == r.accuracy
+    assert {r.config.bits_for(k) for k in r.layer_bits} <= set(bits)
+    assert r.layer_bits == {k: r.config.bits_for(k) for k in r.layer_bits}
+    # the uniform reference is the best uniform width that fits, computed independently
+    sizes = _uniform_sizes(model, bits, quant)
+    accs = {}
+    for b, s in sizes.items():
+        if s <= budget:
+            q = QuantConfig(bits=b) if quant is None else QuantConfig(
+                bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel)
+            accs[b] = evaluate(compress(model, CompressionConfig(quant=q)).model, data).accuracy
+    assert r.uniform_accuracy == max(accs.values())
+    assert r.uniform_size_bytes == sizes[r.uniform_bits] <= budget
+    assert r.accuracy >= r.uniform_accuracy
+    return r
+
+
+def test_synthetic_budgets() -> None:
+    model, data = _setup()
+    bits = (2, 3, 4, 8)
+    sizes = _uniform_sizes(model, bits)
+    budgets = [sizes[2], (sizes[2] + sizes[3]) // 2, (sizes[3] + sizes[4]) // 2, sizes[8] * 2]
+    for budget in budgets:
+        _check(model, data, budget, bits)
+    asym = QuantConfig(symmetric=False, per_channel=True)
+    sizes = _uniform_sizes(model, bits, asym)
+    r = _check(model, data, (sizes[2] + sizes[3]) // 2, bits, quant=asym)
+    assert r.config.per_channel and not r.config.symmetric
+
+
+def test_budget_below_the_minimum_names_it() -> None:
+    model, data = _setup()
+    smallest = _uniform_sizes(model, (2,))[2]
+    with pytest.raises(ValueError, match=f"{smallest:,} bytes"):
+        mixed_precision(model, data, smallest - 1, (2, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(budget_bytes=0), "positive"),
+        (dict(budget_bytes=float("nan")), "positive"),
+        (dict(candidate_bits=(0, 4)), "candidate bits"),
+        (dict(candidate_bits=()), "at least one"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, words: str) -> None:
+    model, data = _setup()
+    args = dict(budget_bytes=10**6, candidate_bits=(2, 4)) | kwargs
+    with pytest.raises(ValueError, match=words):
+        mixed_precision(model, data, **args)
+
+
+def test_search_split_apart_from_the_reported_one() -> None:
+    model, data = _setup()
+    half = Dataset(name="s", split="calib", x=data.x[:32], y=data.y[:32], classes=data.classes,
+                   description="", mean=(0.0,), std=(1.0,), indices=torch.arange(32))
+    budget = sum(_uniform_sizes(model, (3, 4)).values()) // 2
+    r = mixed_precision(model, data, budget, (2, 3, 4, 8), search_dataset=half)
+    c = compress(model, CompressionConfig(quant=r.config))
+    assert r.size_bytes <= budget and evaluate(c.model, data).accuracy == r.accuracy
+
+
+@pytest.mark.parametrize(
+    "name, pairs", [("digits-mlp", [(2, 3), (3, 4)]), ("mnist-lenet300", [(2, 3)])]
+)
+def test_never_worse_than_uniform_on_sample_models(name: str, pairs) -> None:
+    import qcore
+
+    try:
+        model = qcore.load_model(name)
+        data = qcore.load_dataset(qcore.model_info(name).dataset, "test")
+    except ValueError as exc:
+        pytest.skip(f"sample model {name} not available: {exc}")
+    bits = (2, 3, 4, 6, 8)
+    sizes = _uniform_sizes(model, bits)
+    for lo, hi in pairs:
+        r = _check(model, data, (sizes[lo] + sizes[hi]) // 2, bits)
+        assert r.uniform_bits in bits and r.note
