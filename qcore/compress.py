@@ -19,7 +19,15 @@ from qcore.prune import global_masks, layer_mask
 from qcore.quant import QuantResult, quantize_with_params
 from qcore.size import TensorSize, float_bytes, packed_weight_size
 
-__all__ = ["CompressedModel", "LayerStats", "Compressed", "compress", "sqnr_db", "param_key"]
+__all__ = [
+    "CompressedModel",
+    "LayerStats",
+    "Compressed",
+    "compress",
+    "sqnr_db",
+    "param_key",
+    "shallow_copy_with",
+]
 
 
 def param_key(layer: str, attr: str) -> str:
@@ -27,7 +35,9 @@ def param_key(layer: str, attr: str) -> str:
     return f"{layer}.{attr}" if layer else attr
 
 
-def _shell(module: nn.Module, overrides: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+def shallow_copy_with(
+    module: nn.Module, overrides: dict[str, torch.Tensor], prefix: str = ""
+) -> nn.Module:
     """A structural copy of ``module`` that shares every tensor, with ``overrides`` swapped in.
 
     Each submodule gets its own parameter, buffer, hook and child tables (new dicts over the
@@ -46,7 +56,7 @@ def _shell(module: nn.Module, overrides: dict[str, torch.Tensor], prefix: str = 
             new._buffers[name] = overrides[key]
     for name, child in module._modules.items():
         if child is not None:
-            new._modules[name] = _shell(child, overrides, param_key(prefix, name))
+            new._modules[name] = shallow_copy_with(child, overrides, param_key(prefix, name))
     return new
 
 
@@ -63,7 +73,7 @@ class CompressedModel(nn.Module):
         super().__init__()
         object.__setattr__(self, "_base", base)  # held by reference, not registered
         self._overrides = dict(overrides)
-        self.net = _shell(base, self._overrides)
+        self.net = shallow_copy_with(base, self._overrides)
         nn.Module.train(self, False)  # eval mode, this wrapper and its copy alike
 
     @property

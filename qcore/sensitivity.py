@@ -22,7 +22,6 @@ conv2, fc1, fc2), mnist-lenet300 5 MiB, mnist-resnet about 300 MiB.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from qcore.compress import Compressed, compress
+from qcore.compress import Compressed, compress, shallow_copy_with
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig, check_bits
 from qcore.evaluate import evaluate
 from qcore.fold import _assert_eval, fold_batchnorm, weight_layers
@@ -198,7 +197,7 @@ class _Graph:
                 out[t] = overrides.get(t, _fetch(self.root, t))
             elif t not in out:
                 local = {k[len(t) + 1 :]: v for k, v in overrides.items() if k.startswith(f"{t}.")}
-                out[t] = _with_tensors(self.root.get_submodule(t), local)
+                out[t] = shallow_copy_with(self.root.get_submodule(t), local)
         return out
 
     def _run(self, node: fx.Node, env: dict, swapped: dict[str, Any]) -> Any:
@@ -254,30 +253,6 @@ def _fetch(root: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _with_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A shallow copy of ``module`` running ``tensors`` (dotted names) in place of its own.
-
-    Only the parameter, buffer and child tables are new; every other tensor is shared.
-    Overridden parameters become frozen ``nn.Parameter``s, as in a compressed model.
-    """
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    nested: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        head, _, rest = name.partition(".")
-        if rest:
-            nested.setdefault(head, {})[rest] = value
-        elif name in new._parameters:
-            new._parameters[name] = nn.Parameter(value, requires_grad=False)
-        else:
-            new._buffers[name] = value
-    for head, sub in nested.items():
-        new._modules[head] = _with_tensors(module._modules[head], sub)
-    return new
 
 
 def _value_bytes(values: Iterable[Any]) -> int:
