@@ -10,6 +10,9 @@ st.set_page_config(page_title="Quantization Playground", page_icon="🎛️", la
 # One line per page; the first is the default.
 PAGES = [
     st.Page("pages/views/playground.py", title="Playground", icon="🎚️", default=True),
+    st.Page("pages/views/tradeoffs.py", title="Trade-offs", icon="📈"),
+    st.Page("pages/views/sensitivity.py", title="Layer sensitivity", icon="🔬"),
+    st.Page("pages/views/mixed.py", title="Mixed precision", icon="🧮"),
 ]
 
 state.init_session()

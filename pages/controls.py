@@ -1,6 +1,7 @@
 """Widget groups pages share. Each ``*_ui`` function draws widgets and returns plain values.
 
-Every widget has a key equal to its URL query key; its value is initialised once per
+Every Playground widget has a key equal to its URL query key; the analysis pages' widgets
+have keys of their own (``ANALYSIS_DEFAULTS``). Their values are initialised once per
 session by :func:`pages.state.init_session`, so no widget here passes a default.
 """
 
@@ -15,6 +16,7 @@ from pages.state import (
     CLIP_SLIDERS,
     FLOAT,
     Settings,
+    SweepParams,
     ensure_layers,
     settings_from_session,
 )
@@ -142,3 +144,146 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 help="Layers left out stay float32.",
             )
     return settings_from_session(ss, layer_names)
+
+
+def layer_bits_note(settings: Settings) -> None:
+    """Say that per-layer bit widths are active, with a button that clears them."""
+    if not settings.layer_bits:
+        return
+    listed = ", ".join(f"{n} {b}" for n, b in settings.layer_bits)
+    if settings.bits is None:
+        what = "but the bit-width slider is at float32, so no layer is quantized"
+    else:
+        what = "they override the bit-width slider for these layers"
+    text, button = st.columns([5, 1], vertical_alignment="center")
+    text.info(f"Per-layer bit widths are active ({listed} bits); {what}.", icon="🧮")
+    button.button(
+        "Clear per-layer bits",
+        key="clear_layer_bits",
+        on_click=_clear_layer_bits,
+        help="Use the bit-width slider for every layer again.",
+    )
+
+
+def _clear_layer_bits() -> None:
+    st.session_state["layer_bits"] = ()
+
+
+_ANALYSIS_BITS = list(range(1, 17))
+_SWEEP_BITS: list[int | str] = [*_ANALYSIS_BITS, FLOAT]
+_PRUNE_RATES = [0.0, 0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95]
+_CLIPS = [1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5]
+
+
+def sweep_grid_ui() -> tuple[SweepParams, bool]:
+    """The Trade-offs grid in a form; the params and whether Run was pressed."""
+    with st.form("tradeoffs_form", border=True):
+        a, b, c = st.columns(3, gap="large")
+        a.multiselect(
+            "Bit widths",
+            _SWEEP_BITS,
+            key="to_bits",
+            persist_state=_KEEP,
+            format_func=_bits_label,
+            help="float32 rows prune only.",
+        )
+        a.multiselect(
+            "Pruning rates",
+            _PRUNE_RATES,
+            key="to_prune",
+            persist_state=_KEEP,
+            format_func=lambda v: f"{v:g}",
+            help="Fraction of each layer's weights set to zero, smallest |w| first.",
+        )
+        b.multiselect(
+            "Clip (ratio of max|w|)",
+            _CLIPS,
+            key="to_clips",
+            persist_state=_KEEP,
+            format_func=lambda v: f"{v:g}",
+            help="1 = no clipping.",
+        )
+        c.multiselect(
+            "Scheme",
+            [True, False],
+            key="to_symmetric",
+            persist_state=_KEEP,
+            format_func=lambda v: "symmetric" if v else "asymmetric",
+        )
+        c.multiselect(
+            "Granularity",
+            [False, True],
+            key="to_per_channel",
+            persist_state=_KEEP,
+            format_func=lambda v: "per-channel" if v else "per-tensor",
+        )
+        run = st.form_submit_button("Run sweep", key="to_run", type="primary")
+    ss = st.session_state
+    params = SweepParams(
+        bits=tuple(None if v == FLOAT else int(v) for v in ss["to_bits"]),
+        prune_rates=tuple(float(v) for v in ss["to_prune"]),
+        clips=tuple(float(v) for v in ss["to_clips"]),
+        symmetric=tuple(bool(v) for v in ss["to_symmetric"]),
+        per_channel=tuple(bool(v) for v in ss["to_per_channel"]),
+    )
+    return params, run
+
+
+def sensitivity_ui() -> tuple[tuple[int, ...], tuple[float, ...], bool, bool]:
+    """Bit widths, pruning rates and per-channel scales in a form; and whether Run was pressed."""
+    with st.form("sensitivity_form", border=True):
+        a, b, c = st.columns([3, 3, 2], gap="large", vertical_alignment="bottom")
+        a.multiselect(
+            "Bit widths",
+            _ANALYSIS_BITS,
+            key="sens_bits",
+            persist_state=_KEEP,
+            format_func=_bits_label,
+        )
+        b.multiselect(
+            "Pruning rates",
+            [r for r in _PRUNE_RATES if r > 0],
+            key="sens_prune",
+            persist_state=_KEEP,
+            format_func=lambda v: f"{v:g}",
+        )
+        c.toggle("Per-channel scales", key="sens_per_channel", persist_state=_KEEP)
+        run = st.form_submit_button("Run analysis", key="sens_run", type="primary")
+    ss = st.session_state
+    bits = tuple(sorted(int(v) for v in ss["sens_bits"]))
+    rates = tuple(sorted(float(v) for v in ss["sens_prune"]))
+    return bits, rates, bool(ss["sens_per_channel"]), run
+
+
+def mixed_candidates_ui() -> tuple[tuple[int, ...], bool]:
+    """The candidate bit widths and the scale granularity of the mixed-precision search."""
+    a, b = st.columns([3, 1], vertical_alignment="bottom")
+    a.multiselect(
+        "Candidate bit widths",
+        list(range(1, 9)),
+        key="mp_bits",
+        persist_state=_KEEP,
+        format_func=_bits_label,
+        help="Each layer gets one of these.",
+    )
+    b.toggle("Per-channel scales", key="mp_per_channel", persist_state=_KEEP)
+    ss = st.session_state
+    return tuple(sorted(int(v) for v in ss["mp_bits"])), bool(ss["mp_per_channel"])
+
+
+def budget_ui(lo_kb: float, hi_kb: float) -> float:
+    """The size budget slider in kB, kept within [lo_kb, hi_kb]."""
+    ss = st.session_state
+    value = ss.get("mp_budget_kb")
+    if not isinstance(value, float) or not lo_kb <= value <= hi_kb:
+        ss["mp_budget_kb"] = round(lo_kb + (hi_kb - lo_kb) / 2, 1)
+    return st.slider(
+        "Size budget (packed kB)",
+        min_value=lo_kb,
+        max_value=hi_kb,
+        step=0.1,
+        format="%.1f kB",
+        key="mp_budget_kb",
+        persist_state=_KEEP,
+        help="From every layer at the lowest candidate bit width to every layer at 8 bits.",
+    )

@@ -6,10 +6,12 @@ counts and small arrays computed by qcore (never raw weights of a whole model).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 
 FLOAT_COLOR = "#636efa"
@@ -198,3 +200,306 @@ def display_images(
         pix = pix.repeat(factor, axis=2).repeat(factor, axis=3)
     out = pix[:, 0] if pix.shape[1] == 1 else pix.transpose(0, 2, 3, 1)
     return list(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trade-offs, layer sensitivity and mixed precision.
+
+CURRENT_COLOR = "#111111"
+FRONT_COLOR = "rgba(40, 40, 40, 0.7)"
+EXTRA_SYMBOLS = ("diamond", "square", "triangle-up", "cross")
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e3:,.1f} kB" if n >= 1e3 else f"{int(n)} B"
+
+
+def config_label(row: Mapping[str, Any]) -> str:
+    """One sweep row as a short line, e.g. ``4 bits · clip 1 · prune 0.5 · symmetric``."""
+    bits = row.get("bits")
+    if bits is None or (isinstance(bits, float) and math.isnan(bits)) or bits is pd.NA:
+        parts = ["float32"]
+    else:
+        parts = [f"{int(bits)} bits"]
+        clip, mode = row.get("clip"), row.get("clip_mode") or "ratio"
+        if clip is not None and not (isinstance(clip, float) and math.isnan(clip)):
+            parts.append(f"clip {clip:g}" + ("" if mode == "ratio" else f" ({mode})"))
+        parts += [str(row.get("scheme", "")), str(row.get("granularity", ""))]
+    parts.append(f"prune {float(row.get('prune', 0.0)):g}")
+    return " · ".join(p for p in parts if p)
+
+
+def _hover(row: Mapping[str, Any]) -> str:
+    ratio = row.get("ratio")
+    tail = f" · {ratio:.1f}x smaller" if ratio is not None and math.isfinite(ratio) else ""
+    return (
+        f"{config_label(row)}<br>accuracy {row['accuracy']:.2%} (simulated) · "
+        f"{_kb(row['size_bytes'])} packed{tail}"
+    )
+
+
+def _group_label(row: Mapping[str, Any], color_by: str) -> str:
+    if color_by == "prune":
+        return f"prune {float(row['prune']):g}"
+    if row.get("scheme") == "float":
+        return "float32"
+    return f"{row.get('scheme')}, {row.get('granularity')}"
+
+
+def tradeoff_figure(
+    df: pd.DataFrame,
+    front: pd.DataFrame | None = None,
+    current: Mapping[str, Any] | None = None,
+    extra: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    color_by: str | None = None,
+    float_accuracy: float | None = None,
+    budget_bytes: float | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Accuracy against packed size (kB, log axis): one marker per sweep row.
+
+    ``df`` has the columns of ``qcore.sweep`` (``size_bytes``, ``accuracy``, ``bits``,
+    ``prune``, ``scheme``, ...). Points are coloured by pruning rate (``color_by="prune"``,
+    the default when the rates differ) or by scheme and granularity (``"scheme"``).
+    ``front`` (rows of ``df``, sorted by size) is drawn as a line; ``current`` (a mapping
+    with ``size_bytes``, ``accuracy`` and ``label``) as a star; each of ``extra`` (the same,
+    plus ``name``) as a marker of its own; ``budget_bytes`` as a vertical line.
+    """
+    if color_by is None:
+        color_by = "prune" if df["prune"].nunique() > 1 else "scheme"
+    if color_by not in ("prune", "scheme"):
+        raise ValueError(f"color_by must be 'prune' or 'scheme'; got {color_by!r}.")
+    rows = df.to_dict("records")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_group_label(row, color_by), []).append(row)
+    fig = go.Figure()
+    for name, members in groups.items():
+        fig.add_trace(
+            go.Scatter(
+                x=[r["size_bytes"] / 1e3 for r in members],
+                y=[r["accuracy"] for r in members],
+                mode="markers",
+                name=name,
+                marker={"size": 10, "opacity": 0.85, "line": {"width": 0.5, "color": "white"}},
+                text=[_hover(r) for r in members],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )
+    if front is not None and len(front):
+        fig.add_trace(
+            go.Scatter(
+                x=(front["size_bytes"] / 1e3).tolist(),
+                y=front["accuracy"].tolist(),
+                mode="lines",
+                name="Pareto front",
+                line={"color": FRONT_COLOR, "width": 2, "dash": "dot"},
+                hoverinfo="skip",
+            )
+        )
+    for i, point in enumerate(extra or ()):
+        fig.add_trace(
+            go.Scatter(
+                x=[point["size_bytes"] / 1e3],
+                y=[point["accuracy"]],
+                mode="markers",
+                name=str(point.get("name", "extra")),
+                marker={
+                    "size": 16,
+                    "symbol": point.get("symbol", EXTRA_SYMBOLS[i % len(EXTRA_SYMBOLS)]),
+                    "color": point.get("color", COMPRESSED_COLOR),
+                    "line": {"width": 1, "color": "black"},
+                },
+                text=[f"{point.get('label', '')}<br>accuracy {point['accuracy']:.2%} · "
+                      f"{_kb(point['size_bytes'])} packed"],
+                hovertemplate="%{text}<extra>" + str(point.get("name", "")) + "</extra>",
+            )
+        )  # fmt: skip
+    if current is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[current["size_bytes"] / 1e3],
+                y=[current["accuracy"]],
+                mode="markers",
+                name="Playground setting",
+                marker={"size": 20, "symbol": "star", "color": "gold",
+                        "line": {"width": 1.5, "color": CURRENT_COLOR}},
+                text=[f"Playground: {current.get('label', '')}<br>accuracy "
+                      f"{current['accuracy']:.2%} · {_kb(current['size_bytes'])} packed"],
+                hovertemplate="%{text}<extra></extra>",
+            )
+        )  # fmt: skip
+    if float_accuracy is not None and math.isfinite(float_accuracy):
+        fig.add_hline(
+            y=float_accuracy,
+            line={"color": FLOAT_COLOR, "dash": "dash", "width": 1},
+            annotation_text=f"float32 {float_accuracy:.1%}",
+            annotation_position="bottom right",
+        )
+    if budget_bytes is not None:
+        fig.add_vline(
+            x=budget_bytes / 1e3,
+            line={"color": CLIP_COLOR, "dash": "dash", "width": 1},
+            annotation_text=f"budget {_kb(budget_bytes)}",
+            annotation_position="top left",
+        )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "packed size (kB, log scale)", "type": "log"},
+        yaxis={"title": "accuracy (simulated, test split)", "tickformat": ".0%"},
+        legend={"orientation": "h", "y": -0.2},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=480,
+    )
+    return fig
+
+
+def sensitivity_heatmap(matrix: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Layers (rows, model order) x bit widths of the accuracy drop, in percentage points.
+
+    ``matrix`` is ``qcore.sensitivity_matrix(table, "quant", "drop")`` (drops as fractions).
+    """
+    z = np.asarray(matrix.to_numpy(dtype=float)) * 100
+    x = [f"{float(s):g} bits" for s in matrix.columns]
+    y = [str(n) for n in matrix.index]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=y,
+            colorscale="Reds",
+            zmin=0,
+            texttemplate="%{z:.1f}",
+            colorbar={"title": "drop (pts)"},
+            hovertemplate="%{y} alone at %{x}: accuracy drop %{z:.1f} pts<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "bit width of that layer (the others stay float)", "type": "category"},
+        yaxis={"title": "layer", "type": "category", "autorange": "reversed"},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=max(260, 60 + 48 * len(y)),
+    )
+    return fig
+
+
+def sqnr_bars(df: pd.DataFrame, bits: int, *, title: str | None = None) -> go.Figure:
+    """Per-layer SQNR (dB) at one bit width, from a ``qcore.layer_sensitivity`` table."""
+    part = df[(df["kind"] == "quant") & (df["setting"] == float(bits))].sort_values("index")
+    sqnr = part["sqnr_db"].to_numpy(dtype=float)
+    shown = np.where(np.isfinite(sqnr), sqnr, np.nan)  # inf = unchanged: no bar
+    fig = go.Figure(
+        go.Bar(
+            x=part["layer"].astype(str).tolist(),
+            y=shown,
+            marker_color=COMPRESSED_COLOR,
+            text=[f"{v:.1f}" if np.isfinite(v) else "∞" for v in sqnr],
+            textposition="outside",
+            customdata=part["params"].to_numpy(),
+            hovertemplate="%{x}: %{y:.1f} dB (%{customdata:,} params)<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "layer", "type": "category"},
+        yaxis={"title": f"SQNR at {bits} bits (dB)"},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )
+    return fig
+
+
+def prune_curves(
+    df: pd.DataFrame, *, float_accuracy: float | None = None, title: str | None = None
+) -> go.Figure:
+    """Accuracy against the pruning rate of one layer (the others untouched), a line each.
+
+    With ``float_accuracy`` every curve starts at rate 0 from the float model's accuracy.
+    """
+    part = df[df["kind"] == "prune"].sort_values(["index", "setting"])
+    fig = go.Figure()
+    for layer, rows in part.groupby("layer", sort=False):
+        x, y = rows["setting"].tolist(), rows["accuracy"].tolist()
+        if float_accuracy is not None:
+            x, y = [0.0, *x], [float_accuracy, *y]
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=str(layer),
+                hovertemplate=f"{layer} pruned %{{x:.0%}}: accuracy %{{y:.1%}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "pruning rate of that layer", "tickformat": ".0%"},
+        yaxis={"title": "accuracy (simulated, test split)", "tickformat": ".0%"},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=380,
+    )
+    return fig
+
+
+def sensitivity_summary(df: pd.DataFrame) -> str:
+    """The most and least sensitive layers, in a sentence.
+
+    Judged by the accuracy drop at the lowest bit width tried (ties: the mean drop over all
+    bit widths); without bit widths, by the drop at the highest pruning rate.
+    """
+    quant = df[df["kind"] == "quant"]
+    if len(quant):
+        part, at = quant, quant["setting"].min()
+        where = f"at {at:g} bits"
+    else:
+        part = df[df["kind"] == "prune"]
+        if not len(part):
+            raise ValueError("The sensitivity table has no rows.")
+        at = part["setting"].max()
+        where = f"pruned {at:.0%}"
+    mean = part.groupby("layer", sort=False)["drop"].mean()
+    low = part[part["setting"] == at].set_index("layer")["drop"]
+    ranked = sorted(low.index, key=lambda n: (low[n], mean[n]))  # least sensitive first
+    most, least = ranked[-1], ranked[0]
+    if most == least:
+        return f"Only one layer: {most} (drop {low[most] * 100:.1f} pts {where})."
+    return (
+        f"Most sensitive: {most} (drop {low[most] * 100:.1f} pts {where}); "
+        f"least sensitive: {least} (drop {low[least] * 100:.1f} pts {where})."
+    )
+
+
+def bits_bars(
+    layer_bits: Mapping[str, int], params: Mapping[str, int], *, title: str | None = None
+) -> go.Figure:
+    """The bit width chosen for each layer (model order), with the layer's parameter count."""
+    names = list(layer_bits)
+    bits = [int(layer_bits[n]) for n in names]
+    counts = [int(params.get(n, 0)) for n in names]
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=bits,
+            marker={"color": bits, "colorscale": "Viridis", "cmin": 1, "cmax": 8},
+            text=[f"{b} bits" for b in bits],
+            textposition="outside",
+            customdata=counts,
+            hovertemplate="%{x}: %{y} bits, %{customdata:,} params<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={
+            "title": "layer",
+            "type": "category",
+            "tickvals": names,
+            "ticktext": [f"{n}<br>{c:,} params" for n, c in zip(names, counts, strict=True)],
+        },
+        yaxis={"title": "bits per weight", "dtick": 1, "range": [0, max(bits, default=8) + 1.5]},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=340,
+    )
+    return fig

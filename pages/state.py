@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -31,6 +33,20 @@ FLOAT = "float"  # the bit-width value that means "no quantization"
 RESULT_CACHE_ENTRIES = 64  # results per process (each is small: numbers and predictions)
 COMPRESSED_CACHE_ENTRIES = 8  # compressed models (they hold weight tensors)
 MAX_WRONG_SHOWN = 16
+ANALYSIS_CACHE_ENTRIES = 16  # sweeps, sensitivity tables and mixed-precision results
+ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
+    "to_bits": [2, 3, 4, 6, 8],
+    "to_prune": [0.0, 0.5],
+    "to_clips": [1.0],
+    "to_symmetric": [True],
+    "to_per_channel": [False],
+    "sens_bits": [2, 3, 4, 5, 6, 7, 8],
+    "sens_prune": [0.25, 0.5, 0.75, 0.9],
+    "sens_per_channel": False,
+    "mp_bits": [2, 3, 4, 5, 6, 8],
+    "mp_per_channel": False,
+}
+MAX_SWEEP_CONFIGS = 120  # a larger grid is refused with a sentence (it would take minutes)
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,9 @@ class Settings:
     scope: str = "layer"
     fold_bn: bool = True
     layers: tuple[str, ...] | None = None  # None = every weight layer
+    # per-layer bit widths overriding ``bits``, as (layer, bits) pairs in model order; set by
+    # the Mixed precision page or a link (``layer_bits=fc1:4,fc2:8``)
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     def to_config(self) -> qcore.CompressionConfig:
         """The qcore config; raises ValueError with a user sentence for a bad combination."""
@@ -98,6 +117,7 @@ class Settings:
                 clip=self.clip,
                 clip_mode=self.clip_mode,
                 rounding=self.rounding,
+                layer_bits=self.layer_bits,
             )
         prune = None
         if self.prune > 0:
@@ -123,6 +143,8 @@ class Settings:
                 q[key] = getattr(self, key)
         if self.layers is not None:
             q["layers"] = ",".join(self.layers)
+        if self.layer_bits:
+            q["layer_bits"] = ",".join(f"{n}:{b}" for n, b in self.layer_bits)
         return q
 
     def canonical(self) -> Settings:
@@ -137,16 +159,37 @@ class Settings:
                 symmetric=d.symmetric,
                 per_channel=d.per_channel,
                 rounding=d.rounding,
+                layer_bits=d.layer_bits,
             )
         elif s.clip_mode == "mse":
             s = replace(s, clip=d.clip)
         if s.prune == 0:
             s = replace(s, structured=d.structured, scope=d.scope)
+        if s.layer_bits and s.layers is not None:  # overrides of float layers change nothing
+            s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
         return s
+
+    def label(self) -> str:
+        """A short description, e.g. ``4 bits · clip 1 · symmetric · per-tensor · prune 0.5``."""
+        if self.bits is None:
+            parts = ["float32"]
+        else:
+            mode = "" if self.clip_mode == "ratio" else f" ({self.clip_mode})"
+            parts = [
+                f"{self.bits} bits" + (" (per-layer: " + ", ".join(
+                    f"{n} {b}" for n, b in self.layer_bits) + ")" if self.layer_bits else ""),
+                f"clip {self.clip:g}{mode}",
+                "symmetric" if self.symmetric else "asymmetric",
+                "per-channel" if self.per_channel else "per-tensor",
+            ]  # fmt: skip
+        parts.append(f"prune {self.prune:g}")
+        return " · ".join(parts)
 
     def slug(self) -> str:
         """A short file-name tag, e.g. ``4bit-prune0.5``."""
         parts = ["float" if self.bits is None else f"{self.bits}bit"]
+        if self.layer_bits and self.bits is not None:
+            parts.append("mixed")
         if self.prune > 0:
             parts.append(f"prune{self.prune:g}")
         return "-".join(parts)
@@ -166,6 +209,7 @@ def settings_to_session(s: Settings, layer_names: Sequence[str]) -> dict[str, An
     values = asdict(s)
     values["bits"] = FLOAT if s.bits is None else s.bits
     values["layers"] = list(layer_names) if s.layers is None else list(s.layers)
+    values["layer_bits"] = tuple(s.layer_bits)
     return values
 
 
@@ -174,6 +218,7 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
     picked = set(values.get("layers", layer_names))
     layers = tuple(n for n in layer_names if n in picked)
     bits = values.get("bits", 8)
+    overrides = {str(n): int(b) for n, b in values.get("layer_bits", ())}
     return Settings(
         bits=None if bits == FLOAT else int(bits),
         clip=float(values.get("clip", 1.0)),
@@ -186,6 +231,7 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
         scope=str(values.get("scope", "layer")),
         fold_bn=bool(values.get("fold_bn", True)),
         layers=None if len(layers) == len(layer_names) else layers,
+        layer_bits=tuple((n, overrides[n]) for n in layer_names if n in overrides),
     )
 
 
@@ -321,7 +367,31 @@ def parse_query(
             values["layers"] = [n for n in known if n in picked]
         else:
             bad("layers", raw, f"comma-separated layers of {model}: " + ", ".join(known))
+
+    raw = get("layer_bits")
+    if raw is not None:
+        known = list(layer_names(model))
+        pairs = _layer_bits(raw, known)
+        if pairs:
+            values["layer_bits"] = pairs
+        else:
+            example = f"{known[0] if known else 'fc1'}:4"
+            layers = ", ".join(known)
+            bad("layer_bits", raw, f"pairs such as {example}, bits 1 to 16, layers {layers}")
     return values, warnings
+
+
+def _layer_bits(text: str, known: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``"fc1:4,fc2:8"`` as pairs in model order; empty when any part is not valid."""
+    found: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, b = (x.strip() for x in part.partition(":"))
+        if not sep or name not in known or name in found or not b.isdigit():
+            return ()
+        if not 1 <= int(b) <= 16:
+            return ()
+        found[name] = int(b)
+    return tuple((n, found[n]) for n in known if n in found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +577,222 @@ def results_json(model_name: str, dataset_name: str, settings: Settings, r: Resu
 
 
 # ---------------------------------------------------------------------------------------------
+# The analysis pages: sweeps, layer sensitivity and mixed precision. Each takes seconds, so it
+# runs on a button, and its result is cached by (model, dataset, settings as primitives).
+#
+# A progress bar cannot be drawn from inside an ``st.cache_data`` function: Streamlit records
+# every element call made there and replays it on a cache hit, and a bar created outside the
+# function cannot be replayed (CacheReplayClosureError). So the cached function runs in a
+# worker thread and reports to a queue (its ``_progress`` argument, unhashed because of the
+# leading underscore); the script thread drains the queue into the bar. A hit returns at once
+# and draws no bar; a miss draws one. A rerun mid-way stops only the drawing: the worker
+# finishes and fills the cache, so the next run finds the result.
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    """The grid of the Trade-offs page, as primitives (``None`` in ``bits`` = float rows)."""
+
+    bits: tuple[int | None, ...] = (2, 3, 4, 6, 8)
+    prune_rates: tuple[float, ...] = (0.0, 0.5)
+    clips: tuple[float, ...] = (1.0,)  # ratio of max|w|; 1.0 = no clipping
+    symmetric: tuple[bool, ...] = (True,)
+    per_channel: tuple[bool, ...] = (False,)
+
+    def grid(self) -> qcore.SweepGrid:
+        """The qcore grid; raises ValueError with a user sentence for an empty or huge one."""
+        for name, values in (
+            ("bit width", self.bits),
+            ("pruning rate", self.prune_rates),
+            ("clip", self.clips),
+            ("scheme", self.symmetric),
+            ("granularity", self.per_channel),
+        ):
+            if not values:
+                raise ValueError(f"Pick at least one {name} for the sweep.")
+        grid = qcore.SweepGrid(
+            bits=self.bits,
+            prune_rates=self.prune_rates,
+            clips=self.clips,
+            symmetric=self.symmetric,
+            per_channel=self.per_channel,
+        )
+        if len(grid) > MAX_SWEEP_CONFIGS:
+            raise ValueError(
+                f"This grid has {len(grid)} configurations; pick fewer values "
+                f"(at most {MAX_SWEEP_CONFIGS} configurations per sweep)."
+            )
+        return grid
+
+
+@st.cache_resource(show_spinner="Loading the calibration split…")
+def get_calib_dataset(name: str):
+    """The dataset's calibration split (never the test split). Shared: never mutate it."""
+    return qcore.load_dataset(name, "calib")
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def packed_size(model_name: str, settings: Settings) -> int:
+    """Packed bytes of one setting (compress only, no evaluation)."""
+    return qcore.compress(get_model(model_name), settings.to_config()).size_bytes
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def sweep_table(
+    model_name: str, dataset_name: str, params: SweepParams, _progress=None
+) -> pd.DataFrame:
+    """``qcore.sweep`` over the grid on the test split; one row per configuration."""
+    return qcore.sweep(
+        get_model(model_name), get_dataset(dataset_name), params.grid(), progress=_progress
+    )
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def sensitivity_table(
+    model_name: str,
+    dataset_name: str,
+    bits: tuple[int, ...],
+    prune_rates: tuple[float, ...],
+    per_channel: bool,
+    _progress=None,
+) -> pd.DataFrame:
+    """``qcore.layer_sensitivity``: each layer alone quantized or pruned, on the test split."""
+    return qcore.layer_sensitivity(
+        get_model(model_name),
+        get_dataset(dataset_name),
+        bits=bits,
+        prune_rates=prune_rates,
+        quant=qcore.QuantConfig(per_channel=per_channel),
+        progress=_progress,
+    )
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def mixed_result(
+    model_name: str,
+    dataset_name: str,
+    budget_bytes: int,
+    candidate_bits: tuple[int, ...],
+    per_channel: bool,
+    _progress=None,
+) -> qcore.MixedPrecisionResult:
+    """``qcore.mixed_precision``: bits chosen on the calibration split, scored on the test split."""
+    return qcore.mixed_precision(
+        get_model(model_name),
+        get_dataset(dataset_name),
+        budget_bytes,
+        candidate_bits,
+        quant=qcore.QuantConfig(per_channel=per_channel),
+        search_dataset=get_calib_dataset(dataset_name),
+        progress=_progress,
+    )
+
+
+def run_with_progress(fn: Callable[..., Any], *args: Any, text: str) -> Any:
+    """``fn(*args, _progress=...)`` in a worker thread, with a progress bar on a cache miss.
+
+    ``fn`` is one of the cached functions above; its ValueError reaches the caller.
+    """
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qp-analysis")
+    bar = None
+    try:
+        future = pool.submit(fn, *args, _progress=lambda d, t, _row: updates.put((d, t)))
+        start = time.perf_counter()
+        while True:
+            try:
+                done, total = updates.get(timeout=0.05)
+            except queue.Empty:
+                if future.done():
+                    break
+                if bar is None and time.perf_counter() - start > 0.3:  # a miss, still preparing
+                    bar = st.progress(0.0, text=f"{text} (preparing)")
+                continue
+            if bar is None:
+                bar = st.progress(0.0, text=text)
+            bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
+        return future.result()
+    finally:
+        pool.shutdown(wait=False)  # on a rerun mid-way the worker still fills the cache
+        if bar is not None:
+            bar.empty()
+
+
+def run_sweep(model_name: str, dataset_name: str, params: SweepParams) -> pd.DataFrame:
+    """The sweep table, from the cache or computed with a progress bar."""
+    params.grid()  # a ValueError with a sentence before any thread starts
+    return run_with_progress(sweep_table, model_name, dataset_name, params, text="Sweeping…")
+
+
+def run_sensitivity(
+    model_name: str,
+    dataset_name: str,
+    bits: tuple[int, ...],
+    prune_rates: tuple[float, ...],
+    per_channel: bool,
+) -> pd.DataFrame:
+    """The layer sensitivity table, from the cache or computed with a progress bar."""
+    if not bits and not prune_rates:
+        raise ValueError("Pick at least one bit width or pruning rate.")
+    return run_with_progress(
+        sensitivity_table, model_name, dataset_name, bits, prune_rates, per_channel,
+        text="Testing each layer…",
+    )  # fmt: skip
+
+
+def run_mixed(
+    model_name: str,
+    dataset_name: str,
+    budget_bytes: int,
+    candidate_bits: tuple[int, ...],
+    per_channel: bool,
+) -> qcore.MixedPrecisionResult:
+    """The mixed-precision choice, from the cache or computed with a progress bar."""
+    if not candidate_bits:
+        raise ValueError("Pick at least one candidate bit width.")
+    get_calib_dataset(dataset_name)  # loaded here, where its spinner can be drawn
+    return run_with_progress(
+        mixed_result, model_name, dataset_name, budget_bytes, candidate_bits, per_channel,
+        text="Measuring each layer on the calibration split…",
+    )  # fmt: skip
+
+
+def budget_bounds_kb(
+    model_name: str, candidate_bits: tuple[int, ...], per_channel: bool
+) -> tuple[float, float]:
+    """The budget slider's range in kB (0.1 kB steps): every layer at the lowest candidate
+    bit width (rounded up, so the low end always fits) to every layer at 8 bits."""
+    lo = packed_size(model_name, Settings(bits=min(candidate_bits), per_channel=per_channel))
+    hi = packed_size(model_name, Settings(bits=8, per_channel=per_channel))
+    lo_kb = math.ceil(lo / 100) / 10
+    return lo_kb, max(math.floor(hi / 100) / 10, round(lo_kb + 0.1, 1))
+
+
+def mixed_settings(result: qcore.MixedPrecisionResult, layer_names: Sequence[str]) -> Settings:
+    """The Playground settings that reproduce a mixed-precision choice."""
+    q = result.config
+    return Settings(
+        bits=q.bits,
+        symmetric=q.symmetric,
+        per_channel=q.per_channel,
+        clip=q.clip,
+        clip_mode=q.clip_mode,
+        rounding=q.rounding,
+        layer_bits=tuple((n, q.bits_for(n)) for n in layer_names),
+    )
+
+
+def open_in_playground(settings: Settings, layer_names: Sequence[str]) -> None:
+    """Make ``settings`` the Playground's (its widgets read them on their next run)."""
+    st.session_state.update(settings_to_session(settings, layer_names))
+
+
+def playground_settings(layer_names: Sequence[str]) -> Settings:
+    """The Playground's current settings (canonical), read from the session."""
+    return settings_from_session(st.session_state, layer_names).canonical()
+
+
+# ---------------------------------------------------------------------------------------------
 # Session state, the sidebar pickers and the URL.
 
 
@@ -542,6 +828,7 @@ def init_session() -> None:
     ss["model"] = model
     ss["dataset"] = qcore.model_info(model).dataset
     ss.update(values)
+    ss.update({k: list(v) if isinstance(v, list) else v for k, v in ANALYSIS_DEFAULTS.items()})
     ss["query_warnings"] = warnings
     ss["_initialised"] = True
 
@@ -569,6 +856,7 @@ def _on_model_change() -> None:
     ss["model"] = ss[MODEL_PICKER]
     ss["dataset"] = qcore.model_info(ss["model"]).dataset
     ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
+    ss["layer_bits"] = ()  # they name the old model's layers
     ss.pop("hist_layer", None)
     ss.pop("hist_channel", None)
 

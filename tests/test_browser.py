@@ -99,3 +99,38 @@ def test_bad_query_warns_and_falls_back(app_url):
         warning = page.locator('[data-testid="stAlert"]').first.inner_text()
         assert "no-such-model" in warning or "banana" in warning
         assert page.locator("text=Traceback").count() == 0
+
+
+ANALYSIS_PAGES = [  # URL path, its Run button, text its chart draws
+    ("tradeoffs", "Run sweep", "Pareto front"),
+    ("sensitivity", "Run analysis", "Accuracy drop (points)"),
+    ("mixed", "Find per-layer bits", "Bits per layer"),
+]
+
+
+def test_analysis_pages_run_and_draw_their_charts(app_url):
+    link = "?model=digits-mlp&dataset=digits"
+    with browser_page() as page:
+        # a fresh server knows these URLs once st.navigation has run (see pages/__init__.py)
+        page.goto(f"{app_url}/{link}", wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+        for path, button, chart_text in ANALYSIS_PAGES:
+            page.goto(f"{app_url}/{path}{link}", wait_until="domcontentloaded")
+            run = page.get_by_role("button", name=button)
+            run.wait_for(timeout=60_000)
+            wait_idle(page)
+            run.click()
+            chart = page.locator('[data-testid="stPlotlyChart"]', has_text=chart_text)
+            chart.wait_for(timeout=60_000)
+            wait_idle(page)
+            assert chart.locator(".js-plotly-plot").count() == 1, path
+            assert page.locator('[data-testid="stException"]').count() == 0, path
+            assert "digits-mlp" in page.url and f"/{path}" in page.url
+        # the mixed-precision choice opens in the Playground, per-layer bits and all
+        page.get_by_role("button", name="Open in Playground").click()
+        note = page.locator('[data-testid="stAlert"]', has_text="Per-layer bit widths are active")
+        note.wait_for(timeout=60_000)
+        wait_idle(page)
+        # back on the Playground ("/"), whose link now carries the bits (fc1:N,fc2:M, escaped)
+        page.wait_for_url(re.compile(r"/\?.*layer_bits=fc1%3A\d+%2Cfc2%3A\d+"))
+        assert _slider(page, "Bit width").count() == 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
+from conftest import FakeDataset, make_mlp
 
 import qcore
 from pages import figures
@@ -111,3 +115,132 @@ def test_display_images_colour_and_clipping() -> None:
     assert np.all(out[0] == 1.0)
     with pytest.raises(ValueError, match="K, C, H, W"):
         figures.display_images(np.zeros((28, 28)), (0.0,), (1.0,))
+
+
+# --- trade-offs, layer sensitivity and mixed precision ----------------------------------------
+
+def _tiny_sweep() -> pd.DataFrame:
+    g = torch.Generator().manual_seed(123)
+    ds = FakeDataset(torch.randn(16, 1, 6, 6, generator=g),
+                     torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(7)),
+                     ("a", "b", "c"))  # fmt: skip
+    grid = qcore.SweepGrid(bits=[2, 8, None], prune_rates=[0.0, 0.5], symmetric=[True, False])
+    return qcore.sweep(make_mlp(), ds, grid)
+
+
+def _sensitivity_table() -> pd.DataFrame:
+    """A hand-made layer_sensitivity table: conv (2 bits: -30 pts), fc (2 bits: -5 pts)."""
+    rows = []
+    for i, (layer, drops, sqnr, params) in enumerate(
+        [("conv", {2: 0.30, 8: 0.0}, {2: 3.0, 8: 40.0}, 320),
+         ("fc", {2: 0.05, 8: 0.01}, {2: 5.0, 8: math.inf}, 1000)]
+    ):  # fmt: skip
+        for b in (2, 8):
+            rows.append({"layer": layer, "index": i, "kind": "quant", "setting": float(b),
+                         "accuracy": 0.9 - drops[b], "drop": drops[b], "sqnr_db": sqnr[b],
+                         "params": params})  # fmt: skip
+        for rate, drop in ((0.5, 0.02 * (i + 1)), (0.9, 0.2 * (i + 1))):
+            rows.append({"layer": layer, "index": i, "kind": "prune", "setting": rate,
+                         "accuracy": 0.9 - drop, "drop": drop, "sqnr_db": 1.0,
+                         "params": params})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_tradeoff_figure_points_front_star_and_hover() -> None:
+    df = _tiny_sweep()
+    front = qcore.pareto_front(df)
+    current = {"size_bytes": 500, "accuracy": 0.5, "label": "4 bits"}
+    extra = [{"size_bytes": 300, "accuracy": 0.55, "name": "mixed precision", "label": "m"}]
+    fig = figures.tradeoff_figure(df, front, current=current, extra=extra, float_accuracy=0.56)
+    assert fig.layout.xaxis.type == "log"
+    groups = [t for t in fig.data if t.name.startswith("prune ")]
+    assert sorted(t.name for t in groups) == ["prune 0", "prune 0.5"]  # coloured by pruning
+    xs = sorted(x for t in groups for x in t.x)
+    assert np.allclose(xs, sorted(df["size_bytes"] / 1e3))  # every row once, in kB
+    ys = sorted(y for t in groups for y in t.y)
+    assert np.allclose(ys, sorted(df["accuracy"]))
+    line = _trace(fig, "Pareto front")
+    assert line.mode == "lines" and np.allclose(line.x, front["size_bytes"] / 1e3)
+    assert list(line.y) == front["accuracy"].tolist()
+    star = _trace(fig, "Playground setting")
+    assert star.marker.symbol == "star" and star.x == (0.5,) and star.y == (0.5,)
+    assert _trace(fig, "mixed precision").x == (0.3,)
+    hover = " ".join(t for g in groups for t in g.text)
+    for word in ("2 bits", "8 bits", "float32", "clip 1", "prune 0.5", "asymmetric",
+                 "per-tensor", "x smaller"):  # fmt: skip
+        assert word in hover, word
+    by_scheme = figures.tradeoff_figure(df, None, color_by="scheme")
+    assert sorted(t.name for t in by_scheme.data) == [
+        "asymmetric, per-tensor", "float32", "symmetric, per-tensor"]  # fmt: skip
+    with pytest.raises(ValueError, match="color_by"):
+        figures.tradeoff_figure(df, None, color_by="bits")
+
+
+def test_tradeoff_figure_budget_line_and_single_rate_colours_by_scheme() -> None:
+    df = _tiny_sweep()
+    one_rate = df[df["prune"] == 0.0]
+    fig = figures.tradeoff_figure(one_rate, qcore.pareto_front(one_rate), budget_bytes=600)
+    assert "symmetric, per-tensor" in [t.name for t in fig.data]
+    assert any(s.x0 == 0.6 for s in fig.layout.shapes)  # the budget, in kB
+
+
+def test_config_label_of_sweep_rows() -> None:
+    assert figures.config_label({"bits": 4, "clip": 0.9, "clip_mode": "ratio", "prune": 0.5,
+                                 "scheme": "symmetric", "granularity": "per-channel"}) == (
+        "4 bits · clip 0.9 · symmetric · per-channel · prune 0.5")  # fmt: skip
+    assert figures.config_label({"bits": pd.NA, "prune": 0.0}) == "float32 · prune 0"
+
+
+def test_sensitivity_heatmap_shows_drops_in_points() -> None:
+    df = _sensitivity_table()
+    matrix = qcore.sensitivity_matrix(df, "quant", "drop")
+    fig = figures.sensitivity_heatmap(matrix)
+    heat = fig.data[0]
+    assert list(heat.y) == ["conv", "fc"] and list(heat.x) == ["2 bits", "8 bits"]
+    assert np.allclose(heat.z, [[30.0, 0.0], [5.0, 1.0]])
+
+
+def test_sqnr_bars_at_one_bit_width() -> None:
+    df = _sensitivity_table()
+    bars = figures.sqnr_bars(df, 2).data[0]
+    assert list(bars.x) == ["conv", "fc"] and np.allclose(bars.y, [3.0, 5.0])
+    assert list(bars.customdata) == [320, 1000]
+    unchanged = figures.sqnr_bars(df, 8).data[0]
+    assert unchanged.y[0] == 40.0 and math.isnan(unchanged.y[1])  # inf: no bar, text ∞
+    assert list(unchanged.text) == ["40.0", "∞"]
+
+
+def test_prune_curves_one_line_per_layer_from_float() -> None:
+    df = _sensitivity_table()
+    fig = figures.prune_curves(df, float_accuracy=0.9)
+    assert [t.name for t in fig.data] == ["conv", "fc"]
+    conv = fig.data[0]
+    assert list(conv.x) == [0.0, 0.5, 0.9] and np.allclose(conv.y, [0.9, 0.88, 0.7])
+    assert list(figures.prune_curves(df).data[1].x) == [0.5, 0.9]
+
+
+def test_sensitivity_summary_names_most_and_least_sensitive() -> None:
+    df = _sensitivity_table()
+    assert figures.sensitivity_summary(df) == (
+        "Most sensitive: conv (drop 30.0 pts at 2 bits); "
+        "least sensitive: fc (drop 5.0 pts at 2 bits)."
+    )
+    prune_only = df[df["kind"] == "prune"]
+    assert figures.sensitivity_summary(prune_only).startswith(
+        "Most sensitive: fc (drop 40.0 pts pruned 90%)")  # fmt: skip
+    one = df[df["layer"] == "fc"]
+    assert figures.sensitivity_summary(one) == "Only one layer: fc (drop 5.0 pts at 2 bits)."
+    tie = df.copy()
+    tie.loc[(tie["kind"] == "quant") & (tie["setting"] == 2.0), "drop"] = 0.1
+    # equal drops at 2 bits: the mean over all bit widths decides (fc loses 1 pt at 8 bits)
+    assert figures.sensitivity_summary(tie).startswith("Most sensitive: fc")
+    with pytest.raises(ValueError):
+        figures.sensitivity_summary(df.iloc[0:0])
+
+
+def test_bits_bars_in_model_order_with_params() -> None:
+    fig = figures.bits_bars({"conv1": 8, "fc1": 3, "fc2": 4}, {"conv1": 320, "fc1": 9000})
+    bars = fig.data[0]
+    assert list(bars.x) == ["conv1", "fc1", "fc2"] and list(bars.y) == [8, 3, 4]
+    assert list(bars.customdata) == [320, 9000, 0]
+    assert "9,000 params" in fig.layout.xaxis.ticktext[1]

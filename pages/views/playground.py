@@ -5,7 +5,7 @@ import math
 import streamlit as st
 
 from pages import figures, state
-from pages.controls import compression_ui
+from pages.controls import compression_ui, layer_bits_note
 
 
 def _size(n: float) -> str:
@@ -22,6 +22,7 @@ def _sqnr(v: float) -> str:
 model_name, dataset_name = state.require_model_and_dataset()
 layer_names = state.layer_names(model_name)
 settings = compression_ui(layer_names)
+layer_bits_note(settings)
 state.sync_query(settings.to_query())
 settings = settings.canonical()  # unused options must not split the cache
 

@@ -1,0 +1,111 @@
+"""Mixed precision: a bit width per layer that fits a size budget, against uniform bits."""
+
+import streamlit as st
+
+import qcore
+from pages import controls, figures, state
+
+model_name, dataset_name = state.require_model_and_dataset()
+state.sync_query({})
+layer_names = state.layer_names(model_name)
+st.subheader("Mixed precision")
+st.caption(
+    "Sensitive layers get more bits, robust ones fewer, within a packed-size budget. The bits "
+    f"are chosen on {dataset_name}'s calibration split and the results below are measured on "
+    "its test split, which the search never sees. Accuracy is simulated (fake-quant)."
+)
+
+candidates, per_channel = controls.mixed_candidates_ui()
+if not candidates:
+    st.error("Pick at least one candidate bit width.")
+    st.stop()
+try:
+    lo_kb, hi_kb = state.budget_bounds_kb(model_name, candidates, per_channel)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+budget_kb = controls.budget_ui(lo_kb, hi_kb)
+choice = (round(budget_kb * 1000), candidates, per_channel)  # budget in bytes
+if st.button("Find per-layer bits", key="mp_run", type="primary"):
+    st.session_state["mixed_last"] = (model_name, dataset_name, choice)
+last = st.session_state.get("mixed_last")
+if last is None or last[:2] != (model_name, dataset_name):
+    st.info("Set the budget and press **Find per-layer bits**.")
+    st.stop()
+if last[2] != choice:
+    st.caption("The results below are of the last run; press **Find per-layer bits** again.")
+budget_bytes, candidates, per_channel = last[2]
+try:
+    res = state.run_mixed(model_name, dataset_name, budget_bytes, candidates, per_channel)
+    chosen = state.mixed_settings(res, layer_names)
+    with st.spinner("Evaluating on the test split…"):
+        r = state.results(model_name, dataset_name, chosen)  # the Playground's own numbers
+    uniform = state.run_sweep(
+        model_name,
+        dataset_name,
+        state.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,)),
+    )
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+
+mixed_col, size_col, uniform_col = st.columns(3)
+mixed_col.metric(
+    "Accuracy, mixed (simulated)",
+    f"{r.accuracy:.1%}",
+    delta=f"{(r.accuracy - res.uniform_accuracy) * 100:+.1f} pts vs uniform",
+    border=True,
+    help=f"Top-1 on the {r.n:,} test images; the float model gets {r.float_accuracy:.1%}.",
+)
+size_col.metric(
+    "Packed size, mixed",
+    f"{r.size_bytes / 1e3:.2f} kB",
+    delta=f"budget {budget_bytes / 1e3:.2f} kB",
+    delta_color="off",
+    delta_arrow="off",
+    border=True,
+    help=f"{r.size_bytes:,} bytes; the budget is {budget_bytes:,} bytes.",
+)
+uniform_col.metric(
+    f"Best uniform that fits: {res.uniform_bits} bits",
+    f"{res.uniform_accuracy:.1%}",
+    delta=f"{res.uniform_size_bytes / 1e3:.2f} kB packed",
+    delta_color="off",
+    delta_arrow="off",
+    border=True,
+    help="The uniform bit width with the best calibration accuracy within the budget, "
+    "measured on the test split.",
+)
+st.info(res.note)
+
+bars_col, scatter_col = st.columns(2, gap="large")
+params = dict(zip(r.layers["layer"], r.layers["params"], strict=True))
+bars_col.plotly_chart(
+    figures.bits_bars(res.layer_bits, params, title="Bits per layer"), key="bits_chart"
+)
+scatter_col.plotly_chart(
+    figures.tradeoff_figure(
+        uniform,
+        qcore.pareto_front(uniform),
+        extra=[{"size_bytes": r.size_bytes, "accuracy": r.accuracy, "name": "mixed precision",
+                "label": chosen.label(), "symbol": "diamond"}],
+        color_by="scheme",
+        float_accuracy=r.float_accuracy,
+        budget_bytes=budget_bytes,
+        title="Mixed precision against uniform bit widths",
+    ),
+    key="mixed_tradeoff_chart",
+)  # fmt: skip
+st.dataframe(
+    r.layers[["layer", "params", "bits", "SQNR (dB)", "packed bytes", "float32 bytes"]],
+    hide_index=True,
+    key="mixed_layers_table",
+)
+if st.button(
+    "Open in Playground",
+    key="mp_open",
+    icon=":material/open_in_new:",
+    help="Show this per-layer configuration on the Playground (it replaces its settings).",
+):
+    state.open_in_playground(chosen, layer_names)
+    st.switch_page("pages/views/playground.py")

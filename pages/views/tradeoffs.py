@@ -1,0 +1,86 @@
+"""Trade-offs: sweep bit widths, pruning rates, clip and scheme; accuracy against packed size."""
+
+import streamlit as st
+
+import qcore
+from pages import controls, figures, state
+
+model_name, dataset_name = state.require_model_and_dataset()
+state.sync_query({})
+st.subheader("Trade-offs: accuracy against packed size")
+st.caption(
+    f"Every combination of the values below is compressed and evaluated on {dataset_name}'s "
+    "test split. Accuracy is simulated (fake-quant); sizes are packed bytes. The dotted line "
+    "is the Pareto front: no other setting is both smaller and more accurate."
+)
+
+params, run = controls.sweep_grid_ui()
+if run:
+    try:
+        params.grid()
+        st.session_state["tradeoffs_last"] = (model_name, dataset_name, params)
+    except ValueError as e:  # the last good run stays on screen
+        st.error(str(e))
+last = st.session_state.get("tradeoffs_last")
+if last is None or last[:2] != (model_name, dataset_name):
+    st.info(f"Choose the grid and press **Run sweep** ({model_name} on {dataset_name}).")
+    st.stop()
+if last[2] != params:
+    st.caption("The results below are of the last run; press **Run sweep** for the grid above.")
+try:
+    df = state.run_sweep(model_name, dataset_name, last[2])
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+front = qcore.pareto_front(df)
+
+# the Playground's current setting, as a star (skipped when it is not a valid setting)
+layer_names = state.layer_names(model_name)
+current = None
+settings = state.playground_settings(layer_names)
+try:
+    settings.to_config()
+    with st.spinner("Evaluating the Playground's setting…"):
+        r = state.results(model_name, dataset_name, settings)
+    current = {"size_bytes": r.size_bytes, "accuracy": r.accuracy, "label": settings.label()}
+except ValueError as e:
+    st.caption(f"The Playground's setting is not shown: {e}")
+
+st.plotly_chart(
+    figures.tradeoff_figure(
+        df, front, current=current, float_accuracy=df.attrs.get("float_accuracy")
+    ),
+    key="tradeoff_chart",
+)
+st.caption(
+    f"{len(df)} configurations of {model_name} on {dataset_name}; {len(front)} on the Pareto "
+    "front. The star is the Playground's current setting. Hover a point for its setting."
+)
+
+table = df.assign(pareto=df.index.isin(front.index))
+st.dataframe(
+    table,
+    hide_index=True,
+    key="tradeoff_table",
+    column_order=["bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
+                  "size_bytes", "ratio", "sparsity", "mean_sqnr_db", "pareto"],
+    column_config={
+        "bits": st.column_config.NumberColumn("bits", help="empty = float32"),
+        "accuracy": st.column_config.NumberColumn("accuracy (sim.)", format="percent"),
+        "agreement": st.column_config.NumberColumn("agreement", format="percent"),
+        "size_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
+        "ratio": st.column_config.NumberColumn("ratio", format="%.1fx"),
+        "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
+        "mean_sqnr_db": st.column_config.NumberColumn("mean SQNR (dB)", format="%.1f"),
+        "pareto": st.column_config.CheckboxColumn("Pareto"),
+    },
+)  # fmt: skip
+st.download_button(
+    "Download the table (CSV)",
+    data=table.to_csv(index=False),
+    file_name=f"{model_name}-{dataset_name}-sweep.csv",
+    mime="text/csv",
+    on_click="ignore",
+    key="download_sweep",
+    icon=":material/download:",
+)
