@@ -920,10 +920,28 @@ def require_model_and_dataset() -> tuple[str, str]:
         get_model(model_name)
         ds = get_dataset(dataset_name)
         qcore.check_fit(qcore.model_info(model_name), ds)
+    except qcore.DatasetNotFound as e:
+        st.error(str(e))
+        _download_button(e.name, e.folder)
+        st.stop()
     except ValueError as e:
         st.error(str(e))
         st.stop()
     return model_name, dataset_name
+
+
+def _download_button(name: str, folder) -> None:
+    """Offer to fetch a torchvision dataset into the data folder, then show the page."""
+    if not st.button(f"Download {name} into {folder}", key=f"download_{name}",
+                     icon=":material/download:"):
+        return
+    try:
+        with st.spinner(f"Downloading {name}…", show_time=True):
+            qcore.load_dataset(name, "test", download=True)
+    except ValueError as e:
+        st.error(str(e))
+        return
+    st.rerun()
 
 
 def show_query_warnings() -> None:

@@ -12,7 +12,15 @@ changes a model or tensor handed to it.
 from qcore.analysis import Histogram, layer_histogram, weight_histogram
 from qcore.compress import Compressed, CompressedModel, LayerStats, compress, sqnr_db
 from qcore.config import CLIP_MODES, CompressionConfig, PruneConfig, QuantConfig
-from qcore.data import Dataset, DatasetInfo, data_root, dataset_info, list_datasets, load_dataset
+from qcore.data import (
+    Dataset,
+    DatasetInfo,
+    DatasetNotFound,
+    data_root,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+)
 from qcore.evaluate import Metrics, agreement, evaluate
 from qcore.export import export_packed, load_packed, packed_bytes, read_header
 from qcore.fold import fold_batchnorm, weight_layers
@@ -30,6 +38,7 @@ __all__ = [
     "CompressionConfig",
     "Dataset",
     "DatasetInfo",
+    "DatasetNotFound",
     "Histogram",
     "LayerStats",
     "Metrics",

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "SPLITS",
     "Dataset",
+    "DatasetNotFound",
     "DatasetInfo",
     "data_root",
     "dataset_info",
@@ -262,13 +263,19 @@ def _fetch(name: str, root: Path) -> None:
     """Download a torchvision dataset's files unless they are already there."""
     from torchvision import datasets
 
-    if name == "cifar10":
-        if not all((root / _CIFAR_DIR / f).is_file() for f in _CIFAR_FILES):
-            datasets.CIFAR10(str(root), train=True, download=True)  # verifies md5
-        return
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    if not all((root / cls.__name__ / "raw" / f).is_file() for f, _ in _MNIST_FILES):
-        cls(str(root), train=True, download=True)  # fetches train and test files
+    try:
+        if name == "cifar10":
+            if not all((root / _CIFAR_DIR / f).is_file() for f in _CIFAR_FILES):
+                datasets.CIFAR10(str(root), train=True, download=True)  # verifies md5
+            return
+        cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+        if not all((root / cls.__name__ / "raw" / f).is_file() for f, _ in _MNIST_FILES):
+            cls(str(root), train=True, download=True)  # fetches train and test files
+    except (OSError, RuntimeError) as exc:  # no network, a mirror down, a full disk
+        raise ValueError(
+            f"Downloading {name!r} into {root} failed ({exc}); check the internet connection, "
+            f"or copy the files there by hand."
+        ) from exc
 
 
 _MNIST_FILES = (
@@ -279,12 +286,20 @@ _MNIST_FILES = (
 )
 
 
-def _missing(name: str, folder: Path) -> ValueError:
-    return ValueError(
-        f"Dataset {name!r} was not found in {folder}; set the environment variable {DATA_ENV} "
-        f"(or pass root=) to point at another folder, or pass download=True (the UI's download "
-        f"option) to fetch it."
-    )
+class DatasetNotFound(ValueError):
+    """A torchvision dataset's files are not on disk (``download=True`` fetches them)."""
+
+    def __init__(self, name: str, folder: Path):
+        super().__init__(
+            f"Dataset {name!r} was not found in {folder}; set the environment variable "
+            f"{DATA_ENV} (or pass root=) to point at another folder, or pass download=True "
+            f"(the UI's download button) to fetch it."
+        )
+        self.name, self.folder = name, folder
+
+
+def _missing(name: str, folder: Path) -> DatasetNotFound:
+    return DatasetNotFound(name, folder)
 
 
 def _check_idx_file(path: Path, magic: int) -> None:

@@ -343,3 +343,33 @@ def test_settings_to_config_and_bad_combinations() -> None:
     with pytest.raises(ValueError, match="clip"):
         Settings(clip=0.0).to_config()
     assert re.fullmatch(r"4bit-prune0.5", Settings(bits=4, prune=0.5).slug())
+
+
+@needs_sample
+def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) -> None:
+    """MNIST not on disk: an error naming the folder and a button that fetches it."""
+    from test_data import _write_mnist
+
+    import qcore.data
+
+    monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))
+    fetched = []
+
+    def fake_fetch(name: str, root: Path) -> None:  # stands in for torchvision's download
+        fetched.append((name, root))
+        _write_mnist(root, "MNIST", n_train=30, n_test=10)
+
+    monkeypatch.setattr(qcore.data, "_fetch", fake_fetch)
+    try:
+        at = open_app(model="mnist-cnn", dataset="mnist")
+        assert not at.exception
+        assert len(at.error) == 1 and str(tmp_path) in at.error[0].value
+        assert "download" in at.error[0].value
+        assert not at.metric  # nothing computed on a dataset that is not there
+        at.button(key="download_mnist").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert fetched == [("mnist", tmp_path)]
+        assert 0.0 <= percent(metric(at, "Accuracy")) <= 1.0
+        assert at.session_state["dataset"] == "mnist"
+    finally:
+        state.get_dataset.clear()  # the tiny stand-in MNIST must not outlive this test

@@ -218,3 +218,22 @@ def test_corrupt_cifar_named(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="test_batch"):
         load_dataset("cifar10", "test", root=tmp_path)
+
+
+def test_failed_download_is_a_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(ValueError, match="Downloading 'mnist' into .* failed .*internet"):
+        load_dataset("mnist", "test", root=tmp_path, download=True)
+
+
+def test_missing_dataset_error_names_folder(tmp_path: Path) -> None:
+    from qcore.data import DatasetNotFound
+
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("fashion-mnist", "test", root=tmp_path)
+    assert info.value.name == "fashion-mnist" and info.value.folder.is_relative_to(tmp_path)
