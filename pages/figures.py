@@ -32,6 +32,20 @@ class HistogramLike(Protocol):
     zeros_after: int
 
 
+def format_bytes(n: float) -> str:
+    """A byte count in three significant figures: "840 B", "9.50 kB", "127 kB", "1.33 MB".
+
+    >>> format_bytes(840), format_bytes(9500), format_bytes(126_640), format_bytes(1_334_104)
+    ('840 B', '9.50 kB', '127 kB', '1.33 MB')
+    """
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            v = n / scale
+            decimals = 0 if v >= 100 else 1 if v >= 10 else 2
+            return f"{v:.{decimals}f} {unit}"
+    return f"{int(n)} B"
+
+
 def weight_histogram_figure(
     hist: HistogramLike, *, log_y: bool = False, title: str | None = None
 ) -> go.Figure:

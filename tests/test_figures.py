@@ -244,3 +244,11 @@ def test_bits_bars_in_model_order_with_params() -> None:
     assert list(bars.x) == ["conv1", "fc1", "fc2"] and list(bars.y) == [8, 3, 4]
     assert list(bars.customdata) == [320, 9000, 0]
     assert "9,000 params" in fig.layout.xaxis.ticktext[1]
+
+
+def test_format_bytes_keeps_three_significant_figures() -> None:
+    from pages.figures import format_bytes
+
+    assert [format_bytes(n) for n in (0, 840, 1000, 9500, 12_345, 126_640, 1_334_104)] == [
+        "0 B", "840 B", "1.00 kB", "9.50 kB", "12.3 kB", "127 kB", "1.33 MB",
+    ]

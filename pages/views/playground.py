@@ -8,13 +8,6 @@ from pages import figures, state
 from pages.controls import compression_ui, layer_bits_note
 
 
-def _size(n: float) -> str:
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def _sqnr(v: float) -> str:
     return "∞ (unchanged)" if math.isinf(v) and v > 0 else f"{v:.1f} dB"
 
@@ -35,9 +28,9 @@ except ValueError as e:
     st.stop()
 
 # --- headline numbers -------------------------------------------------------------------------
-acc, size, sparsity, sqnr, agree = st.columns(5)
+acc, size, sparsity, sqnr, agree = st.columns([1.2, 1.2, 1, 1, 1])
 acc.metric(
-    "Accuracy (simulated fake-quant)",
+    "Accuracy (simulated)",
     f"{r.accuracy:.1%}",
     delta=f"{(r.accuracy - r.float_accuracy) * 100:+.1f} pts vs float",
     border=True,
@@ -46,13 +39,13 @@ acc.metric(
 )
 size.metric(
     "Packed size",
-    _size(r.size_bytes),
-    delta=f"{r.ratio:.1f}x smaller than float32",
+    figures.format_bytes(r.size_bytes),
+    delta=f"{r.ratio:.1f}x smaller",
     delta_color="off",
     delta_arrow="off",
     border=True,
-    help=f"Bytes of the packed export (codes, scales, sparse index, float biases). "
-    f"float32: {_size(r.float_size_bytes)}.",
+    help=f"{r.size_bytes:,} bytes of packed export (codes, scales, sparse index, float "
+    f"biases), {r.ratio:.2f}x smaller than float32 ({r.float_size_bytes:,} bytes).",
 )
 sparsity.metric(
     "Sparsity",
@@ -67,14 +60,15 @@ sqnr.metric(
     help="10·log10(‖w‖² / ‖w − q(w)‖²), averaged over the layers that changed.",
 )
 agree.metric(
-    "Agreement with float",
+    "Agreement",
     f"{r.agreement:.1%}",
     border=True,
-    help="Share of test images on which the compressed model predicts the same class "
-    "as the float model.",
+    help="Agreement with the float model: the share of test images on which the compressed "
+    "model predicts the same class as the float model.",
 )
 st.caption(
-    f"Float model: {r.float_accuracy:.1%} accuracy, {_size(r.float_size_bytes)} as float32. "
+    f"Float model: {r.float_accuracy:.1%} accuracy, "
+    f"{figures.format_bytes(r.float_size_bytes)} as float32. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
 
