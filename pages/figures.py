@@ -352,8 +352,8 @@ def tradeoff_figure(
             annotation_position="bottom right",
         )
     if budget_bytes is not None:
-        fig.add_vline(
-            x=budget_bytes / 1e3,
+        fig.add_vline(  # shapes on a log axis take log10 of the value
+            x=math.log10(budget_bytes / 1e3),
             line={"color": CLIP_COLOR, "dash": "dash", "width": 1},
             annotation_text=f"budget {_kb(budget_bytes)}",
             annotation_position="top left",

@@ -470,6 +470,19 @@ def layer_table(compressed: qcore.Compressed) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# How the per-layer table's columns are shown, wherever a page draws it.
+LAYER_TABLE_COLUMNS = {
+    "params": st.column_config.NumberColumn("params", format="localized"),
+    "bits": st.column_config.NumberColumn("bits", help="32 = left in float"),
+    "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
+    "SQNR (dB)": st.column_config.NumberColumn(
+        "SQNR (dB)", format="%.1f", help="empty = unchanged"
+    ),
+    "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
+    "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),
+}
+
+
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def results(model_name: str, dataset_name: str, settings: Settings) -> Result:
     """Compress, evaluate and account; memoised by (model, dataset, settings)."""

@@ -59,8 +59,8 @@ mixed_col.metric(
 )
 size_col.metric(
     "Packed size, mixed",
-    f"{r.size_bytes / 1e3:.2f} kB",
-    delta=f"budget {budget_bytes / 1e3:.2f} kB",
+    figures.format_bytes(r.size_bytes),
+    delta=f"budget {figures.format_bytes(budget_bytes)}",
     delta_color="off",
     delta_arrow="off",
     border=True,
@@ -69,7 +69,7 @@ size_col.metric(
 uniform_col.metric(
     f"Best uniform that fits: {res.uniform_bits} bits",
     f"{res.uniform_accuracy:.1%}",
-    delta=f"{res.uniform_size_bytes / 1e3:.2f} kB packed",
+    delta=f"{figures.format_bytes(res.uniform_size_bytes)} packed",
     delta_color="off",
     delta_arrow="off",
     border=True,
@@ -99,6 +99,7 @@ scatter_col.plotly_chart(
 st.dataframe(
     r.layers[["layer", "params", "bits", "SQNR (dB)", "packed bytes", "float32 bytes"]],
     hide_index=True,
+    column_config=state.LAYER_TABLE_COLUMNS,
     key="mixed_layers_table",
 )
 if st.button(

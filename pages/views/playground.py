@@ -122,16 +122,7 @@ with table_tab:
     st.dataframe(
         r.layers,
         hide_index=True,
-        column_config={
-            "params": st.column_config.NumberColumn("params", format="localized"),
-            "bits": st.column_config.NumberColumn("bits", help="32 = left in float"),
-            "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
-            "SQNR (dB)": st.column_config.NumberColumn(
-                "SQNR (dB)", format="%.1f", help="empty = unchanged"
-            ),
-            "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
-            "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),
-        },
+        column_config=state.LAYER_TABLE_COLUMNS,
     )
 with wrong_tab:
     w = state.newly_wrong(model_name, dataset_name, settings)
