@@ -352,11 +352,16 @@ def tradeoff_figure(
             annotation_position="bottom right",
         )
     if budget_bytes is not None:
-        fig.add_vline(  # shapes on a log axis take log10 of the value
-            x=math.log10(budget_bytes / 1e3),
-            line={"color": CLIP_COLOR, "dash": "dash", "width": 1},
-            annotation_text=f"budget {_kb(budget_bytes)}",
-            annotation_position="top left",
+        # a line trace, not a shape: it sits in data units on the log axis, like the points
+        fig.add_trace(
+            go.Scatter(
+                x=[budget_bytes / 1e3] * 2,
+                y=[0, 1],
+                mode="lines",
+                name=f"budget {_kb(budget_bytes)}",
+                line={"color": CLIP_COLOR, "dash": "dash", "width": 1},
+                hovertemplate=f"budget {_kb(budget_bytes)}<extra></extra>",
+            )
         )
     fig.update_layout(
         title=title,
