@@ -205,7 +205,8 @@ def choose_qparams(
         n = kept.sum(dim=1).clamp(min=1)
         alpha = (clipped * kept).sum(dim=1) / n
         zp = torch.zeros_like(alpha, dtype=torch.int64)
-        return QParams(alpha.float(), zp, 0, 1, -alpha.float(), alpha.float(), binary=True)
+        # lo and hi stay the clip range (what the histogram draws); alpha is the level
+        return QParams(alpha.float(), zp, 0, 1, lo.float(), hi.float(), binary=True)
     return _qparams_from_range(lo, hi, bits, cfg.symmetric)
 
 

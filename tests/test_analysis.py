@@ -86,3 +86,16 @@ def test_one_bit_levels_and_float_layers(bn_model: nn.Module) -> None:
     assert hf.levels is None and hf.clip is None and hf.zeros_after == w.numel() // 2
     with pytest.raises(ValueError, match="No layer named"):
         layer_histogram(cf, "nope")
+
+
+def test_one_bit_histogram_draws_the_clip_range_and_the_two_levels() -> None:
+    """At 1 bit the levels are +-mean|w| and the clip bounds are the range, not the levels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    w = model[0].weight.detach()
+    for clip, bound in ((1.0, float(w.abs().max())), (0.5, 0.5 * float(w.abs().max()))):
+        c = compress(model, CompressionConfig(quant=QuantConfig(bits=1, clip=clip)))
+        h = layer_histogram(c, "0", bins=20)
+        alpha = float(w.clamp(-bound, bound).abs().mean())
+        assert h.clip == pytest.approx((-bound, bound))
+        assert h.levels.tolist() == pytest.approx([-alpha, alpha])
