@@ -224,10 +224,6 @@ FRONT_COLOR = "rgba(40, 40, 40, 0.7)"
 EXTRA_SYMBOLS = ("diamond", "square", "triangle-up", "cross")
 
 
-def _kb(n: float) -> str:
-    return f"{n / 1e3:,.1f} kB" if n >= 1e3 else f"{int(n)} B"
-
-
 def config_label(row: Mapping[str, Any]) -> str:
     """One sweep row as a short line, e.g. ``4 bits · clip 1 · prune 0.5 · symmetric``."""
     bits = row.get("bits")
@@ -248,7 +244,7 @@ def _hover(row: Mapping[str, Any]) -> str:
     tail = f" · {ratio:.1f}x smaller" if ratio is not None and math.isfinite(ratio) else ""
     return (
         f"{config_label(row)}<br>accuracy {row['accuracy']:.2%} (simulated) · "
-        f"{_kb(row['size_bytes'])} packed{tail}"
+        f"{format_bytes(row['size_bytes'])} packed{tail}"
     )
 
 
@@ -326,7 +322,7 @@ def tradeoff_figure(
                     "line": {"width": 1, "color": "black"},
                 },
                 text=[f"{point.get('label', '')}<br>accuracy {point['accuracy']:.2%} · "
-                      f"{_kb(point['size_bytes'])} packed"],
+                      f"{format_bytes(point['size_bytes'])} packed"],
                 hovertemplate="%{text}<extra>" + str(point.get("name", "")) + "</extra>",
             )
         )  # fmt: skip
@@ -340,7 +336,7 @@ def tradeoff_figure(
                 marker={"size": 20, "symbol": "star", "color": "gold",
                         "line": {"width": 1.5, "color": CURRENT_COLOR}},
                 text=[f"Playground: {current.get('label', '')}<br>accuracy "
-                      f"{current['accuracy']:.2%} · {_kb(current['size_bytes'])} packed"],
+                      f"{current['accuracy']:.2%} · {format_bytes(current['size_bytes'])} packed"],
                 hovertemplate="%{text}<extra></extra>",
             )
         )  # fmt: skip
@@ -358,9 +354,9 @@ def tradeoff_figure(
                 x=[budget_bytes / 1e3] * 2,
                 y=[0, 1],
                 mode="lines",
-                name=f"budget {_kb(budget_bytes)}",
+                name=f"budget {format_bytes(budget_bytes)}",
                 line={"color": CLIP_COLOR, "dash": "dash", "width": 1},
-                hovertemplate=f"budget {_kb(budget_bytes)}<extra></extra>",
+                hovertemplate=f"budget {format_bytes(budget_bytes)}<extra></extra>",
             )
         )
     fig.update_layout(

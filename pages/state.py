@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import queue
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -306,7 +307,7 @@ def parse_query(
         t = raw.strip().lower()
         if t in (FLOAT, "fp32", "32", "none"):
             values["bits"] = FLOAT
-        elif t.isdigit() and 1 <= int(t) <= 16:
+        elif _ascii_int(t) and 1 <= int(t) <= 16:
             values["bits"] = int(t)
         else:
             bad("bits", raw, "a whole number from 1 to 16, or float")
@@ -381,12 +382,17 @@ def parse_query(
     return values, warnings
 
 
+def _ascii_int(text: str) -> bool:
+    """Plain ASCII digits, few enough to be a bit width (``"²".isdigit()`` is True too)."""
+    return re.fullmatch(r"[0-9]{1,3}", text) is not None
+
+
 def _layer_bits(text: str, known: Sequence[str]) -> tuple[tuple[str, int], ...]:
     """``"fc1:4,fc2:8"`` as pairs in model order; empty when any part is not valid."""
     found: dict[str, int] = {}
     for part in text.split(","):
         name, sep, b = (x.strip() for x in part.partition(":"))
-        if not sep or name not in known or name in found or not b.isdigit():
+        if not sep or name not in known or name in found or not _ascii_int(b):
             return ()
         if not 1 <= int(b) <= 16:
             return ()
@@ -647,7 +653,7 @@ def get_calib_dataset(name: str):
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def packed_size(model_name: str, settings: Settings) -> int:
     """Packed bytes of one setting (compress only, no evaluation)."""
-    return qcore.compress(get_model(model_name), settings.to_config()).size_bytes
+    return get_compressed(model_name, settings).size_bytes
 
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
@@ -930,9 +936,11 @@ def require_model_and_dataset() -> tuple[str, str]:
     ss = st.session_state
     model_name, dataset_name = ss["model"], ss["dataset"]
     try:
+        # whether it fits is known without the data, so a dataset that cannot run is never
+        # offered for download
+        qcore.check_fit(qcore.model_info(model_name), qcore.dataset_info(dataset_name))
         get_model(model_name)
-        ds = get_dataset(dataset_name)
-        qcore.check_fit(qcore.model_info(model_name), ds)
+        get_dataset(dataset_name)
     except qcore.DatasetNotFound as e:
         st.error(str(e))
         _download_button(e.name, e.folder)

@@ -93,8 +93,11 @@ def layer_histogram(
         before, after = before[channel], after[channel]
     res = compressed.quant.get(layer)
     levels = clip = None
+    mask = compressed.masks.get(layer)
     if res is not None and (not res.per_channel or channel is not None):
         g = channel if (res.per_channel and channel is not None) else 0
-        levels = quant_levels(res, g)
-        clip = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
+        group_mask = mask if mask is None or not res.per_channel else mask[g]
+        if group_mask is None or bool(group_mask.any()):  # a group pruned away has no grid
+            levels = quant_levels(res, g)
+            clip = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
     return weight_histogram(before, after, bins, levels=levels, clip=clip)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qcore.fold import _assert_eval
+
 __all__ = ["Metrics", "evaluate", "agreement", "predict_logits"]
 
 
@@ -32,10 +34,7 @@ class Metrics:
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
     """Logits for ``x`` in batches, under inference mode."""
-    if getattr(model, "training", False) and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    ):
-        raise ValueError("The model is in training mode; call model.eval() before evaluating it.")
+    _assert_eval(model, "evaluating")
     outs = []
     with torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):

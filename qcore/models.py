@@ -6,6 +6,7 @@ BatchNorm folding (``torch.fx.experimental.optimization.fuse``) works on all of 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.data import Dataset, dataset_info, list_datasets
+from qcore.data import Dataset, DatasetInfo, dataset_info, list_datasets
 
 __all__ = [
     "ARCHS",
@@ -242,9 +243,17 @@ def read_manifest(directory: Path | None = None) -> list[ModelInfo]:
     path = Path(SAMPLE_DIR if directory is None else directory) / MANIFEST
     if not path.is_file():
         return []
+    stat = path.stat()
+    return list(_parse_manifest(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_manifest(path: Path, mtime_ns: int, size: int) -> tuple[ModelInfo, ...]:
+    """The parsed manifest, read again only when the file changes (the UI asks often)."""
+    del mtime_ns, size  # part of the cache key only
     try:
         entries = json.loads(path.read_text())["models"]
-        return [ModelInfo.from_json(e) for e in entries]
+        return tuple(ModelInfo.from_json(e) for e in entries)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"The manifest {path} is corrupt ({e}).") from e
 
@@ -307,10 +316,11 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def check_fit(model: ModelInfo | nn.Module, dataset: Dataset) -> None:
+def check_fit(model: ModelInfo | nn.Module, dataset: Dataset | DatasetInfo) -> None:
     """Raise ValueError unless ``dataset`` has the input shape and class count ``model`` expects.
 
-    ``model`` is a ModelInfo or a module from :func:`load_model` (with ``qcore_spec``).
+    ``model`` is a ModelInfo or a module from :func:`load_model` (with ``qcore_spec``);
+    ``dataset`` a loaded split or a :class:`DatasetInfo`, so a fit is checked before loading.
     """
     if isinstance(model, ModelInfo):
         name, shape, classes = model.name, tuple(model.input_shape), model.num_classes

@@ -99,3 +99,18 @@ def test_one_bit_histogram_draws_the_clip_range_and_the_two_levels() -> None:
         alpha = float(w.clamp(-bound, bound).abs().mean())
         assert h.clip == pytest.approx((-bound, bound))
         assert h.levels.tolist() == pytest.approx([-alpha, alpha])
+
+
+def test_a_channel_pruned_away_draws_no_grid() -> None:
+    """Structured pruning can empty a channel: it has no scale of its own, so no levels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    cfg = CompressionConfig(quant=QuantConfig(bits=4, per_channel=True),
+                            prune=PruneConfig(rate=0.5, structured=True))
+    c = compress(model, cfg)
+    alive = c.masks["0"].any(dim=1)
+    dead, live = int(torch.nonzero(~alive)[0]), int(torch.nonzero(alive)[0])
+    gone = layer_histogram(c, "0", bins=10, channel=dead)
+    assert gone.levels is None and gone.clip is None and gone.zeros_after == 8
+    kept = layer_histogram(c, "0", bins=10, channel=live)
+    assert kept.levels is not None and len(kept.levels) == 15 and kept.clip is not None

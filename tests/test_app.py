@@ -373,3 +373,21 @@ def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) ->
         assert at.session_state["dataset"] == "mnist"
     finally:
         state.get_dataset.clear()  # the tiny stand-in MNIST must not outlive this test
+
+
+@pytest.mark.parametrize(("key", "raw"), [("bits", "²"), ("bits", "٣"), ("layer_bits", "fc1:²")])
+def test_non_ascii_digits_in_a_link_warn_instead_of_crashing(key: str, raw: str) -> None:
+    values, warnings = parse_query(
+        {key: raw}, models=qcore.list_models(), datasets=qcore.list_datasets(),
+        layer_names=lambda _m: ["conv1", "conv2", "fc1", "fc2"], default_model="mnist-cnn",
+    )  # fmt: skip
+    assert key not in values and len(warnings) == 1 and raw in warnings[0]
+
+
+@needs_sample
+def test_a_dataset_that_cannot_fit_is_not_offered_for_download(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))  # cifar10 is not on disk either
+    at = open_app(model="mnist-cnn", dataset="cifar10")
+    assert not at.exception
+    assert len(at.error) == 1 and "expects 1x28x28 inputs" in at.error[0].value
+    assert not [b for b in at.button if b.key and b.key.startswith("download_")]
