@@ -134,3 +134,35 @@ def test_analysis_pages_run_and_draw_their_charts(app_url):
         # back on the Playground ("/"), whose link now carries the bits (fc1:N,fc2:M, escaped)
         page.wait_for_url(re.compile(r"/\?.*layer_bits=fc1%3A\d+%2Cfc2%3A\d+"))
         assert _slider(page, "Bit width").count() == 1
+
+
+def test_two_sessions_at_once_each_see_their_own_numbers(app_url):
+    """A hosted app: two people on different settings of one shared model at the same time."""
+    import qcore
+
+    model = qcore.load_model("mnist-cnn")
+    test = qcore.load_dataset("mnist-5k", "test")
+    expected = {}
+    for bits in (2, 3):
+        c = qcore.compress(model, qcore.CompressionConfig(quant=qcore.QuantConfig(bits=bits)))
+        expected[bits] = f"{qcore.evaluate(c.model, test).accuracy:.1%}"
+    assert expected[2] != expected[3]
+    with browser_page() as first:
+        second = first.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+        pages = {2: first, 3: second}
+        for bits, page in pages.items():  # both runs are in flight together on the server
+            page.goto(f"{app_url}/?bits={bits}", wait_until="commit")
+        for bits, page in pages.items():
+            page.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+            wait_idle(page)
+            assert metric_value(page, ACCURACY) == expected[bits]
+        # one session moves its slider; the other's numbers stay its own
+        size_at_3 = metric_value(second, "Packed size")
+        _slider(second, "Bit width").focus()
+        second.keyboard.press("ArrowRight")  # 3 -> 4 bits
+        _wait_metric_change(second, "Packed size", size_at_3)
+        first.reload(wait_until="commit")
+        first.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+        wait_idle(first)
+        assert metric_value(first, ACCURACY) == expected[2]
+        assert "bits=4" in second.url and "bits=2" in first.url
