@@ -16,7 +16,7 @@ from torch import nn
 from qcore.config import CompressionConfig
 from qcore.fold import _assert_eval, fold_batchnorm, state_for_size, weight_layers
 from qcore.prune import global_masks, layer_mask
-from qcore.quant import QuantResult, quantize_with_params
+from qcore.quant import QuantResult, quantize_checked
 from qcore.size import TensorSize, float_bytes, packed_weight_size
 
 __all__ = [
@@ -223,7 +223,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
         layer = all_layers[n]
         if q is not None:
             gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
-            res = quantize_with_params(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
+            res = quantize_checked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
             new = res.values
             quant[n] = res
             groups = res.qparams.scale.numel()

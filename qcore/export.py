@@ -206,18 +206,15 @@ def _decode(entry: dict, blob: bytes) -> torch.Tensor:
             zp = torch.from_numpy(np.frombuffer(r.take(4 * groups), dtype="<i4").astype(np.int64))
         qmin, qmax = code_range(bits, symmetric)
         codes = torch.from_numpy(_unpack_uint(r.take((bits * kept + 7) // 8), bits, kept)) + qmin
+    positions = _positions(entry, r, numel, kept, encoding, width, name)
+    if kind == "quant":
         qp = QParams(scale, zp, qmin, qmax, -scale, scale, binary=binary)
         # every kept weight's group: its output channel, or group 0 per tensor
-        per_weight = numel // groups if groups else numel
-        positions = _positions(entry, r, numel, kept, encoding, width, name)
+        per_weight = numel // groups
         group_of = positions // per_weight if groups > 1 else torch.zeros_like(positions)
         # dequantize_codes works on rows of groups; here each kept weight is its own row
         per_row = qp._replace(scale=qp.scale[group_of], zero_point=qp.zero_point[group_of])
         vals = dequantize_codes(codes[:, None], per_row).reshape(-1)
-        out = torch.zeros(numel)
-        out[positions] = vals
-        return _done(r, out.reshape(shape))
-    positions = _positions(entry, r, numel, kept, encoding, width, name)
     out = torch.zeros(numel)
     out[positions] = vals
     return _done(r, out.reshape(shape))

@@ -40,6 +40,7 @@ __all__ = [
     "quantize_codes",
     "dequantize_codes",
     "quantize_with_params",
+    "quantize_checked",
     "quantize_tensor",
     "code_range",
 ]
@@ -251,11 +252,26 @@ def quantize_with_params(
     ``mask`` (bool, same shape) marks the weights pruning kept: ranges are computed over
     them and pruned weights stay exactly zero.
     """
-    bits = cfg.bits if bits is None else bits
     if not torch.is_floating_point(w):
         raise ValueError("Only floating-point weights can be quantized.")
     if not torch.isfinite(w).all():
         raise ValueError("The weights contain NaN or infinite values; they cannot be quantized.")
+    return quantize_checked(w, cfg, bits=bits, mask=mask, generator=generator)
+
+
+def quantize_checked(
+    w: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    bits: int | None = None,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> QuantResult:
+    """:func:`quantize_with_params` for weights already known to be finite floats.
+
+    ``compress`` checks each layer once, naming it, and calls this on the slider path.
+    """
+    bits = cfg.bits if bits is None else bits
     w = w.detach().float()
     per_channel = cfg.per_channel and w.dim() >= 2
     w2 = _groups(w, per_channel)
