@@ -86,12 +86,16 @@ def _format(result: dict) -> str:
 def main_bench(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m qcore bench", description=__doc__)
+    from qcore.cli import Parser, whole_number
+
+    parser = Parser(prog="python -m qcore bench", description=__doc__)
     parser.add_argument("--models", nargs="*", default=None, help="default: every sample model")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=whole_number, default=7)
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model in-process
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("argument --repeats: at least 1 run is needed for a median")
     if args.one:
         print(json.dumps(bench_model(args.one, args.repeats)))
         return 0

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import qcore
-from qcore.__main__ import main
+from qcore import cli
+from qcore.bench import BENCH_CONFIGS
+from qcore.cli import main
 from qcore.export import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +87,101 @@ def test_bench_prints_timings_for_a_model():
         cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300,
     )
     assert "digits-mlp: float evaluation on 359 test images" in out.stdout
-    for label in qcore.bench.BENCH_CONFIGS:
+    for label in BENCH_CONFIGS:
         assert label in out.stdout
     assert "ratio to float eval" in out.stdout
+
+
+def _run_fails(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    """``main(argv)`` exits 2 with one ``error:`` line on stderr naming ``words``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err
+    return err
+
+
+@pytest.mark.parametrize("command", ["export", "sweep", "sensitivity"])
+def test_out_path_checked_before_any_work(command, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_loading)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (tmp_path / "missing" / "x.out", "does not exist"),
+        (tmp_path, "is a folder"),
+        (a_file / "x.out", "is a file, not a folder"),
+        (tmp_path / "missing" / "deeper" / "x.out", "does not exist"),
+    ]
+    for out, words in cases:
+        _run_fails([command, "--model", "digits-mlp", "--out", str(out)], capsys, "--out", words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_unwritable_folder_is_refused(tmp_path, capsys, monkeypatch):
+    # tests run as root, which may write anywhere: pretend the folder is read-only
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != tmp_path)
+    _run_fails(["sweep", "--model", "digits-mlp", "--out", str(tmp_path / "x.csv")], capsys,
+               "not writable")
+
+
+def test_write_failure_after_the_check_is_one_sentence(tmp_path, capsys, monkeypatch):
+    def full_disk(compressed, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "export_packed", full_disk)
+    _run_fails(["export", "--model", "digits-mlp", "--out", str(tmp_path / "m.qpk")], capsys,
+               "No space left on device")
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["evaluate", "--bits", "\u0664"], "--bits"),  # Arabic-Indic four
+        (["evaluate", "--bits", "\uff18"], "--bits"),  # fullwidth eight
+        (["evaluate", "--layer-bits", "fc1:\u0664"], "--layer-bits"),
+        (["evaluate", "--clip", "0.\u0665"], "--clip"),
+        (["evaluate", "--prune", "0.\u0665"], "--prune"),
+        (["export", "--bits", "\u0664", "--out", "m.qpk"], "--bits"),
+        (["sweep", "--bits", "2", "\u0664", "--out", "x.csv"], "--bits"),
+        (["sensitivity", "--bits", "\u0664", "--out", "x.csv"], "--bits"),
+        (["bench", "--repeats", "\u0663"], "--repeats"),
+    ],
+)
+def test_non_ascii_digits_are_refused(argv, option, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda name: pytest.fail("loaded a model"))
+    command, *rest = argv
+    _run_fails([command, "--model" + ("s" if command == "bench" else ""), "digits-mlp", *rest],
+               capsys, f"argument {option}: ", "0-9")
+
+
+def test_per_layer_bits(capsys):
+    assert main(["evaluate", "--model", "digits-mlp", "--bits", "8", "--layer-bits", "fc1:3"]) == 0
+    out = capsys.readouterr().out
+    q = qcore.QuantConfig(bits=8, layer_bits={"fc1": 3})
+    c = qcore.compress(qcore.load_model("digits-mlp"), qcore.CompressionConfig(quant=q))
+    assert f"packed size         {c.size_bytes:,} B" in out
+    _run_fails(["evaluate", "--model", "digits-mlp", "--layer-bits", "nope:3"], capsys, "nope")
+    _run_fails(["evaluate", "--model", "digits-mlp", "--layer-bits", "fc1:17"], capsys, "16")
+    _run_fails(["evaluate", "--model", "digits-mlp", "--bits", "float", "--layer-bits", "fc1:3"],
+               capsys, "--layer-bits")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["export", "--model", "nope", "--out", "OUT"], "nope"),
+        (["export", "--model", "digits-mlp", "--bits", "0", "--out", "OUT"], "bits"),
+        (["sweep", "--model", "digits-mlp", "--bits", "17", "--out", "OUT"], "bits"),
+        (["sensitivity", "--model", "nope", "--out", "OUT"], "nope"),
+        (["sensitivity", "--model", "digits-mlp", "--bits", "0", "--out", "OUT"], "bits"),
+        (["train-samples", "--only", "nope"], "nope"),
+    ],
+)
+def test_value_errors_are_one_line_and_write_nothing(argv, words, tmp_path, capsys):
+    out = tmp_path / "x.out"
+    _run_fails([str(out) if a == "OUT" else a for a in argv], capsys, words)
+    assert not out.exists()

@@ -1,0 +1,407 @@
+"""Command line: ``python -m qcore COMMAND [options]``.
+
+Commands:
+  list            the sample models and datasets
+  evaluate        compress one model with one configuration and print what it did
+  export          write the packed file of one configuration
+  train-samples   retrain the sample models (the reproducible recipe)
+  bench           time compress + evaluate against a float evaluation
+  sweep           evaluate a grid of configurations into a CSV
+  sensitivity     per-layer quantization and pruning sensitivity into a CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TextIO, TypeVar
+
+from torch import nn
+
+from qcore.compress import compress
+from qcore.config import CLIP_MODES, CompressionConfig, PruneConfig, QuantConfig
+from qcore.data import Dataset, dataset_info, list_datasets, load_dataset
+from qcore.evaluate import agreement, evaluate
+from qcore.export import export_packed
+from qcore.models import SAMPLE_DIR, check_fit, list_models, load_model, model_info
+from qcore.sensitivity import DEFAULT_BITS, DEFAULT_PRUNE_RATES, layer_sensitivity
+from qcore.sweep import SweepGrid, sweep
+
+__all__ = [
+    "COMMANDS", "Parser", "ProgressBar", "main", "main_sensitivity", "main_sweep", "whole_number",
+]
+
+FLOAT_WORDS = ("float", "none", "fp32")
+T = TypeVar("T")
+_WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "٤" and "²"-like digits
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: whole numbers and numbers in ASCII digits only, as the URL reads them.
+
+
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number written in ASCII digits (``int`` also takes ``"٤"``).
+
+    >>> whole_number("12")
+    12
+    >>> whole_number("٤")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a whole number in the digits 0-9; got '٤'
+    """
+    if _WHOLE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"expected a whole number in the digits 0-9; got {text!r}")
+    return int(text)
+
+
+def _bits_arg(text: str) -> int | None:
+    """A bit width in ASCII digits, or ``None`` for one of the float words."""
+    if text.lower() in FLOAT_WORDS:
+        return None
+    if _WHOLE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"bit widths are whole numbers from 1 to 16 in the digits 0-9 (or 'float'); "
+            f"got {text!r}"
+        )
+    return int(text)
+
+
+def _number_arg(text: str) -> float:
+    """A number in ASCII (``float`` also takes other scripts' digits)."""
+    try:
+        if not text.isascii():
+            raise ValueError
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in the digits 0-9; got {text!r}"
+        ) from None
+
+
+def _layer_bits_arg(text: str) -> tuple[tuple[str, int], ...]:
+    """``"fc1:4,fc2:8"``: per-layer bit widths as (layer, bits) pairs, as in the URL."""
+    pairs = []
+    for part in text.split(","):
+        name, sep, bits = (s.strip() for s in part.partition(":"))
+        if not name or not sep or _WHOLE.fullmatch(bits) is None:
+            raise argparse.ArgumentTypeError(
+                f"expected layer:bits pairs such as fc1:4,fc2:8 (bits in the digits 0-9); "
+                f"got {text!r}"
+            )
+        pairs.append((name, int(bits)))
+    return tuple(pairs)
+
+
+def _out_arg(text: str) -> Path:
+    """An output file, checked before any work: its folder exists and takes a new file."""
+    out = Path(text)
+    folder = out.parent
+    if not text or out.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name inside it")
+    if not folder.exists():
+        raise argparse.ArgumentTypeError(f"the folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {str(folder)!r} is not writable")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not writable")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command: every mistake a user can make ends as one line on stderr and exit 2.
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``error: ...`` line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
+
+
+def _run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int],
+         argv: list[str]) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return int(exc.code or 0)
+    try:
+        return body(args)
+    except ValueError as exc:  # a user mistake: one sentence, no traceback
+        return _fail(str(exc))
+
+
+def _write(out: Path, write: Callable[[Path], T]) -> T:
+    """``write(out)``, with a failure of the file system as a ValueError sentence."""
+    try:
+        return write(out)
+    except OSError as exc:
+        raise ValueError(f"Could not write {str(out)!r}: {exc.strerror or exc}.") from exc
+
+
+def _load(name: str, dataset: str | None, split: str = "test") -> tuple[nn.Module, Dataset]:
+    """The model and the split, after checking from the manifests that they fit."""
+    info = model_info(name)
+    dataset = dataset or info.dataset
+    check_fit(info, dataset_info(dataset))
+    return load_model(name), load_dataset(dataset, split)
+
+
+class ProgressBar:
+    """A one-line text progress bar: ``label [#####.....] 5/10``, redrawn with ``\\r``."""
+
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+
+    def __call__(self, done: int, total: int, row: dict) -> None:
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        end = "\n" if done >= total else ""
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{total}{end}")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# list, evaluate, export, train-samples
+
+
+def _list_parser() -> argparse.ArgumentParser:
+    return Parser(prog="python -m qcore list")
+
+
+def _list(args: argparse.Namespace) -> int:
+    print("models:")
+    for name in list_models():
+        i = model_info(name)
+        print(f"  {name:<16} {i.arch:<9} on {i.dataset:<9} {i.params:>8,} params  "
+              f"float test accuracy {i.float_accuracy:.4f}")
+    print("datasets:")
+    for name in list_datasets():
+        print(f"  {name:<14} {dataset_info(name).description}")
+    return 0
+
+
+def _compression_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mnist-cnn")
+    parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    parser.add_argument("--bits", type=_bits_arg, default=8,
+                        help="1..16, or 'float' for no quantization")
+    parser.add_argument("--layer-bits", type=_layer_bits_arg, default=(), metavar="LAYER:BITS,...",
+                        help="bit widths for single layers, e.g. fc1:4,fc2:8")
+    parser.add_argument("--clip", type=_number_arg, default=1.0)
+    parser.add_argument("--clip-mode", default="ratio")
+    parser.add_argument("--asymmetric", action="store_true")
+    parser.add_argument("--per-channel", action="store_true")
+    parser.add_argument("--rounding", default="nearest")
+    parser.add_argument("--prune", type=_number_arg, default=0.0)
+    parser.add_argument("--structured", action="store_true")
+    parser.add_argument("--scope", default="layer")
+    parser.add_argument("--no-fold-bn", action="store_true")
+
+
+def _config(args: argparse.Namespace) -> CompressionConfig:
+    quant = None
+    if args.bits is not None:
+        quant = QuantConfig(bits=args.bits, symmetric=not args.asymmetric,
+                            per_channel=args.per_channel, clip=args.clip,
+                            clip_mode=args.clip_mode, rounding=args.rounding,
+                            layer_bits=args.layer_bits)
+    elif args.layer_bits:
+        raise ValueError("--layer-bits needs quantization; give --bits a width, not 'float'.")
+    prune = PruneConfig(rate=args.prune, structured=args.structured, scope=args.scope)
+    return CompressionConfig(quant=quant, prune=prune if args.prune > 0 else None,
+                             fold_bn=not args.no_fold_bn)
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m qcore evaluate")
+    _compression_args(parser)
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    model, data = _load(args.model, args.dataset)
+    base = evaluate(model, data)
+    c = compress(model, cfg)
+    m = evaluate(c.model, data)
+    print(f"float accuracy      {base.accuracy:.4f}")
+    print(f"simulated accuracy  {m.accuracy:.4f} ({m.accuracy - base.accuracy:+.4f}), "
+          f"agreement with float {agreement(base, m):.4f}")
+    print(f"packed size         {c.size_bytes:,} B of {c.float_size_bytes:,} B float "
+          f"({c.ratio:.2f}x smaller)")
+    print(f"sparsity            {c.sparsity:.4f}; mean SQNR {c.mean_sqnr_db:.2f} dB")
+    for s in c.layers:
+        sq = f"{s.sqnr_db:6.1f}" if math.isfinite(s.sqnr_db) else "   inf"
+        print(f"  {s.name:<22} {str(s.shape):<18} {s.bits:>2} bits  sparsity {s.sparsity:.3f}  "
+              f"SQNR {sq} dB  {s.size_bytes:>9,} B ({s.encoding})")
+    return 0
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m qcore export")
+    _compression_args(parser)
+    parser.add_argument("--out", type=_out_arg, required=True, help="packed file to write")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
+        check_fit(model_info(args.model), dataset_info(args.dataset))
+    c = compress(load_model(args.model), cfg)
+    n = _write(args.out, lambda out: export_packed(c, out))
+    print(f"wrote {args.out}: {n:,} bytes ({c.size_bytes:,} packed + {n - c.size_bytes:,} header)")
+    return 0
+
+
+def _train_samples_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m qcore train-samples", description="Train the sample models.")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these models")
+    parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder")
+    return parser
+
+
+def _train_samples(args: argparse.Namespace) -> int:
+    from qcore.train import train_samples
+
+    t0 = time.perf_counter()
+    train_samples(args.out, args.only)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep and sensitivity: a CSV each, a progress bar on stderr
+
+
+def _analysis_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="sample model name, e.g. mnist-cnn")
+    parser.add_argument("--dataset", help="dataset name (default: the model's own)")
+    parser.add_argument("--split", default="test", choices=("test", "calib", "train"),
+                        help="split to evaluate on (default: test)")
+    parser.add_argument("--clip-mode", default="ratio", choices=CLIP_MODES,
+                        help="how --clip is read (default: ratio of max|w|)")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="one scale per output channel instead of per tensor")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="asymmetric codes with a zero point instead of symmetric")
+    parser.add_argument("--structured", action="store_true",
+                        help="prune whole output channels instead of single weights")
+    parser.add_argument("--out", type=_out_arg, required=True, help="CSV file to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _sweep_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore sweep",
+        description="Compress a sample model at every combination of the settings given "
+        "and write accuracy, loss, packed size, ratio, sparsity and SQNR per combination.",
+    )
+    parser.add_argument("--bits", nargs="+", type=_bits_arg, default=[2, 3, 4, 6, 8],
+                        help="bit widths; 'float' adds unquantized rows (default: 2 3 4 6 8)")
+    parser.add_argument("--prune", nargs="+", type=_number_arg, default=[0.0],
+                        help="pruning rates in [0, 1) (default: 0)")
+    parser.add_argument("--clip", nargs="+", type=_number_arg, default=[1.0],
+                        help="clip values, read as --clip-mode says (default: 1.0)")
+    _analysis_args(parser)
+    return parser
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    grid = SweepGrid(
+        bits=args.bits, prune_rates=args.prune, clips=args.clip, clip_mode=args.clip_mode,
+        symmetric=(not args.asymmetric,), per_channel=(args.per_channel,),
+        structured=args.structured,
+    )
+    model, dataset = _load(args.model, args.dataset, args.split)
+    progress = None if args.quiet else ProgressBar("sweep")
+    df = sweep(model, dataset, grid, progress=progress)
+    _write(args.out, lambda out: df.to_csv(out, index=False))
+    print(f"Wrote {len(df)} rows to {args.out}.", file=sys.stderr)
+    return 0
+
+
+def _sensitivity_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore sensitivity",
+        description="For each layer alone, the accuracy when it is quantized at each bit "
+        "width or pruned at each rate (everything else float), with its SQNR.",
+    )
+    parser.add_argument("--bits", nargs="*", type=whole_number, default=list(DEFAULT_BITS),
+                        help="bit widths (default: 2 to 8)")
+    parser.add_argument("--prune", nargs="*", type=_number_arg, default=list(DEFAULT_PRUNE_RATES),
+                        help="pruning rates in [0, 1) (default: 0.25 0.5 0.75 0.9)")
+    parser.add_argument("--clip", type=_number_arg, default=1.0,
+                        help="clip value, read as --clip-mode says (default: 1.0)")
+    parser.add_argument("--naive", action="store_true",
+                        help="recompute the whole model per row (slower, same numbers)")
+    _analysis_args(parser)
+    return parser
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    quant = QuantConfig(symmetric=not args.asymmetric, per_channel=args.per_channel,
+                        clip=args.clip, clip_mode=args.clip_mode)
+    prune = PruneConfig(structured=args.structured)
+    model, dataset = _load(args.model, args.dataset, args.split)
+    progress = None if args.quiet else ProgressBar("sensitivity")
+    df = layer_sensitivity(model, dataset, bits=args.bits, prune_rates=args.prune,
+                           quant=quant, prune=prune, naive=args.naive, progress=progress)
+    _write(args.out, lambda out: df.to_csv(out, index=False))
+    print(f"Wrote {len(df)} rows to {args.out} ({df.attrs['method']} method, "
+          f"{df.attrs['seconds']:.1f} s).", file=sys.stderr)
+    return 0
+
+
+def main_sweep(argv: list[str]) -> int:
+    """``python -m qcore sweep``: one CSV row per configuration of the grid."""
+    return _run(_sweep_parser(), _sweep, argv)
+
+
+def main_sensitivity(argv: list[str]) -> int:
+    """``python -m qcore sensitivity``: accuracy with one layer at a time compressed."""
+    return _run(_sensitivity_parser(), _sensitivity, argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from qcore.bench import main_bench
+
+    try:
+        return main_bench(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return int(exc.code or 0)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "list": lambda argv: _run(_list_parser(), _list, argv),
+    "evaluate": lambda argv: _run(_evaluate_parser(), _evaluate, argv),
+    "export": lambda argv: _run(_export_parser(), _export, argv),
+    "train-samples": lambda argv: _run(_train_samples_parser(), _train_samples, argv),
+    "bench": _bench,
+    "sweep": main_sweep,
+    "sensitivity": main_sensitivity,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m qcore COMMAND ...``; return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
