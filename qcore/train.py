@@ -5,7 +5,6 @@ Training uses only a dataset's train split; accuracy is measured on its test spl
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.data import Dataset, load_dataset
+from qcore.evaluate import evaluate
 from qcore.models import (
     SAMPLE_DIR,
     ModelInfo,
@@ -32,8 +32,7 @@ __all__ = [
     "SAMPLE_SPECS",
     "SampleSpec",
     "TrainConfig",
-    "accuracy",
-    "main_train_samples",
+    "random_shift",
     "train_model",
     "train_samples",
 ]
@@ -118,19 +117,6 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
     out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``dataset``."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(dataset), batch_size):
-            pred = model(dataset.x[i : i + batch_size]).argmax(1)
-            correct += int((pred == dataset.y[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(len(dataset), 1)
 
 
 def train_model(
@@ -220,7 +206,7 @@ def train_samples(
             say(f"{name}: epoch {epoch} loss {loss:.4f} train acc {acc:.4f}")
 
         model = train_model(model, train, spec.config, log)
-        acc = accuracy(model, test)
+        acc = evaluate(model, test).accuracy
         path = out_dir / f"{name}.pt"
         torch.save(model.state_dict(), path)
         info = ModelInfo(
@@ -244,24 +230,3 @@ def train_samples(
     order = [s.name for s in SAMPLE_SPECS] + sorted(set(merged) - set(specs))
     write_manifest([merged[n] for n in order if n in merged], out_dir)
     return new
-
-
-def main_train_samples(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m qcore train-samples [--only NAME ...] [--out DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m qcore train-samples", description="Train the sample models."
-    )
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these models")
-    parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        train_samples(args.out, args.only)
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_train_samples())
