@@ -44,7 +44,6 @@ class MixedPrecisionResult:
     uniform_bits: int  # the uniform width with the best accuracy among those that fit
     uniform_size_bytes: int
     uniform_accuracy: float
-    feasible: bool  # the chosen assignment fits the budget (always, when returned)
     note: str  # one sentence for the user
     chose_uniform: bool = False  # True when no mixed assignment beat the uniform one
     loss: float = math.nan
@@ -222,7 +221,6 @@ def mixed_precision(
         uniform_bits=ub,
         uniform_size_bytes=per_bits[ub].size_bytes,
         uniform_accuracy=um.accuracy,
-        feasible=c.size_bytes <= budget,
         note=note,
         chose_uniform=not mixed_ok,
         loss=m.loss,
