@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import FakeDataset
 from torch import nn
+from torch.nn import functional as F
 
 from qcore.compress import compress
 from qcore.config import CompressionConfig, QuantConfig
@@ -66,9 +67,20 @@ def test_confusion_and_agreement_on_model(bn_model: nn.Module, fake_dataset) -> 
     assert agreement(m, evaluate(bn_model, fake_dataset)) == 1.0
     with torch.no_grad():
         assert m.predictions.tolist() == bn_model(fake_dataset.x).argmax(1).tolist()
-    c = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=8)))
-    mc = evaluate(c.model, fake_dataset)
-    assert 0.0 <= agreement(m, mc) <= 1.0 and 0.0 <= mc.accuracy <= 1.0
+    # a 3-bit model predicts some examples differently: agreement and accuracy against a
+    # direct forward pass and counts made here
+    c = compress(bn_model, CompressionConfig(quant=QuantConfig(bits=3)))
+    mc = evaluate(c.model, fake_dataset, batch_size=5)
+    with torch.no_grad():
+        logits = c.model(fake_dataset.x)
+    pred, truth, float_pred = logits.argmax(1).tolist(), fake_dataset.y.tolist(), m.predictions
+    assert mc.predictions.tolist() == pred
+    assert mc.accuracy == sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth)
+    assert m.accuracy == sum(p == t for p, t in zip(float_pred, truth, strict=True)) / len(truth)
+    same = sum(p == q for p, q in zip(pred, float_pred, strict=True))
+    assert 0 < same < len(truth)  # not a trivial case
+    assert agreement(m, mc) == agreement(mc, m) == same / len(truth)
+    assert mc.loss == pytest.approx(float(F.cross_entropy(logits, fake_dataset.y)), rel=1e-6)
 
 
 def test_agreement_counts() -> None:
