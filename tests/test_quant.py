@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcore.affine import code_dtype, fake_quantize, qparams_from_range
 from qcore.config import CLIP_MODES, QuantConfig
 from qcore.quant import (
     choose_qparams,
@@ -164,6 +165,53 @@ def test_matches_torch_fake_quantize_per_channel(bits: int, symmetric: bool) -> 
         w, qp.scale, qp.zero_point.to(torch.int32), 0, qp.qmin, qp.qmax
     )
     assert torch.equal(res.values, ref)
+
+
+# ---------------------------------------------------------------- code dtypes and fake quant
+
+SMALLER = {torch.int16: torch.int8, torch.int32: torch.int16}
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_use_the_smallest_dtype_that_fits(bits: int, symmetric: bool) -> None:
+    qmin, qmax = code_range(bits, symmetric)
+    dtype = code_dtype(qmin, qmax)
+    info = torch.iinfo(dtype)
+    assert info.min <= qmin and qmax <= info.max
+    if dtype in SMALLER:
+        smaller = torch.iinfo(SMALLER[dtype])
+        assert qmin < smaller.min or qmax > smaller.max
+    else:
+        assert dtype == torch.int8
+    # far outside the range, codes land on its ends and dequantize without overflow
+    w = torch.tensor([[-1e30, -1.0, 0.0, 0.5, 1.0, 1e30]])
+    res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric, clip=1.0,
+                                              clip_mode="absolute"))
+    qp = res.qparams
+    assert res.codes.dtype == dtype and quantize_codes(w, qp).dtype == dtype
+    assert res.codes.min().item() == qmin and res.codes.max().item() == qmax
+    ends = dequantize_codes(torch.tensor([[qmin, qmax]], dtype=dtype), qp)
+    if qp.binary:
+        expected = [-float(qp.scale), float(qp.scale)]
+    else:
+        zp, s = int(qp.zero_point), float(qp.scale)
+        expected = [(qmin - zp) * s, (qmax - zp) * s]
+    assert ends.reshape(-1).tolist() == pytest.approx(expected, rel=1e-6)
+    assert res.values[0, 0] < 0 < res.values[0, -1]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_matches_torch_per_channel_8bit(symmetric: bool) -> None:
+    x2 = randn(5, 300, seed=21) * torch.linspace(0.01, 3.0, 5)[:, None]
+    lo = -x2.abs().amax(dim=1) * 0.8 if symmetric else x2.amin(dim=1).clamp(max=0) * 0.7
+    hi = -lo if symmetric else x2.amax(dim=1).clamp(min=0) * 0.9
+    qp = qparams_from_range(lo, hi, 8, symmetric)
+    ref = torch.fake_quantize_per_channel_affine(
+        x2, qp.scale, qp.zero_point.to(torch.int32), 0, qp.qmin, qp.qmax
+    )
+    assert torch.equal(fake_quantize(x2, qp), ref)
+    assert torch.equal(fake_quantize(x2, qp), dequantize_codes(quantize_codes(x2, qp), qp))
 
 
 # ---------------------------------------------------------------- properties
