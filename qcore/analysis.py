@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qcore.compress import param_key
-from qcore.quant import QuantResult, code_range, dequantize_codes
+from qcore.compress import LayerResult
+from qcore.quant import code_range, dequantize_codes
 
 __all__ = ["Histogram", "weight_histogram", "layer_histogram", "MAX_LEVELS_DRAWN"]
 
@@ -64,7 +64,7 @@ def weight_histogram(
     )
 
 
-def quant_levels(res: QuantResult, channel: int = 0) -> torch.Tensor:
+def quant_levels(res: LayerResult, channel: int = 0) -> torch.Tensor:
     """Every value one group (channel) of a quantized tensor can take, sorted."""
     qmin, qmax = code_range(res.bits, res.symmetric)
     if qmax - qmin + 1 > MAX_LEVELS_DRAWN:
@@ -84,17 +84,15 @@ def layer_histogram(
 
     With per-channel scales, levels and clip bounds are drawn only for a chosen ``channel``.
     """
-    compressed.layer(layer)  # a clear ValueError for an unknown layer name
-    before = compressed.source_weights[layer]
-    after = compressed.model.overrides.get(param_key(layer, "weight"), before)
+    res = compressed.layer(layer)  # a clear ValueError for an unknown layer name
+    before, after = res.float_weight, res.dequantized
     if channel is not None:
         if not 0 <= channel < before.shape[0]:
             raise ValueError(f"Channel must be in 0..{before.shape[0] - 1}; got {channel}.")
         before, after = before[channel], after[channel]
-    res = compressed.quant.get(layer)
     levels = clip = None
-    mask = compressed.masks.get(layer)
-    if res is not None and (not res.per_channel or channel is not None):
+    mask = res.mask
+    if res.qparams is not None and (not res.per_channel or channel is not None):
         g = channel if (res.per_channel and channel is not None) else 0
         group_mask = mask if mask is None or not res.per_channel else mask[g]
         if group_mask is None or bool(group_mask.any()):  # a group pruned away has no grid

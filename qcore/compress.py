@@ -1,119 +1,124 @@
-"""The pipeline: fold BatchNorm -> prune (mask) -> clip -> quantize -> size.
+"""The pipeline: fold BatchNorm -> prune (mask) -> clip -> quantize -> encode.
 
-``compress`` never changes the model it is given and never copies its tensors per call:
-the compressed weights are a new dict of tensors that :class:`CompressedModel` runs in a
-structural copy of the shared (folded) float module.
+``compress`` never changes the model it is given and never copies its tensors per call.
+The result is one :class:`LayerResult` per compressed layer (mask, qparams, codes in the
+smallest integer dtype, the packed form) and a :class:`CompressedModel` that runs the
+model's shared traced graph (:mod:`qcore.graph`) with the dequantized weights, derived
+from codes and qparams when it runs. ``size_bytes`` is the sum of what the codecs write.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qcore.codecs import Encoded, encode_float, encode_quantized, float_bytes, float_values
 from qcore.config import CompressionConfig
-from qcore.fold import _assert_eval, fold_batchnorm, state_for_size, weight_layers
+from qcore.fold import state_for_size
+from qcore.graph import Graph, graph_of, param_key
 from qcore.prune import global_masks, layer_mask
-from qcore.quant import QuantResult, quantize_checked
-from qcore.size import TensorSize, float_bytes, packed_weight_size
+from qcore.quant import QParams, dequantize_codes, quantize_checked
 
-__all__ = [
-    "CompressedModel",
-    "LayerStats",
-    "Compressed",
-    "compress",
-    "sqnr_db",
-    "param_key",
-    "shallow_copy_with",
-]
+__all__ = ["CompressedModel", "LayerResult", "Compressed", "compress", "sqnr_db"]
 
 
-def param_key(layer: str, attr: str) -> str:
-    """The state-dict key of ``attr`` in ``layer`` ("" is the root module itself)."""
-    return f"{layer}.{attr}" if layer else attr
+@dataclass(frozen=True, eq=False)
+class LayerResult:
+    """What compression did to one weight layer: one record, everything derived from it."""
+
+    name: str
+    kind: str  # "linear" or "conv"
+    shape: tuple[int, ...]
+    float_weight: torch.Tensor  # the shared (folded) float weight, not a copy
+    mask: torch.Tensor | None  # bool, True = kept; None when unpruned
+    qparams: QParams | None  # None when left in float
+    codes: torch.Tensor | None  # int8/int16/int32, the weight's shape; pruned at the zero code
+    bits: int  # 32 when left in float
+    per_channel: bool
+    symmetric: bool
+    bias: torch.Tensor | None  # the bias it runs with when changed (channels removed), else None
+    encoded: Encoded  # the weight's packed form
+    params: int  # weights + bias
+    sparsity: float  # fraction of weights that are exactly zero afterwards
+    sqnr_db: float  # 10*log10(||w||^2 / ||w - q(w)||^2); inf when nothing changed
+    size_bytes: int  # packed bytes of weight + bias
+    float_bytes: int
+
+    @property
+    def encoding(self) -> str:
+        """How the weight is stored: "dense", "channels", "mask" or "relidx"."""
+        return self.encoded.encoding
+
+    @property
+    def changed(self) -> bool:
+        return self.qparams is not None or self.mask is not None
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        """The weight the compressed model runs with (derived, not stored)."""
+        return _weight_after(self.float_weight, self.mask, self.qparams, self.codes)
 
 
-def shallow_copy_with(
-    module: nn.Module, overrides: dict[str, torch.Tensor], prefix: str = ""
-) -> nn.Module:
-    """A structural copy of ``module`` that shares every tensor, with ``overrides`` swapped in.
-
-    Each submodule gets its own parameter, buffer, hook and child tables (new dicts over the
-    same tensors), so running or changing the copy never touches the shared module, and two
-    sessions can run different compressed variants of one model at the same time.
-    """
-    new = object.__new__(type(module))  # no __init__: the tables are filled in below
-    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    for name in module._parameters:
-        key = param_key(prefix, name)
-        if key in overrides:
-            new._parameters[name] = nn.Parameter(overrides[key], requires_grad=False)
-    for name in module._buffers:
-        key = param_key(prefix, name)
-        if key in overrides:
-            new._buffers[name] = overrides[key]
-    for name, child in module._modules.items():
-        if child is not None:
-            new._modules[name] = shallow_copy_with(child, overrides, param_key(prefix, name))
-    return new
+def _weight_after(
+    w: torch.Tensor, mask: torch.Tensor | None, qp: QParams | None, codes: torch.Tensor | None
+) -> torch.Tensor:
+    """The compressed weight: dequantized codes, or the float weight with pruned ones zero."""
+    if qp is None:
+        return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+    g = qp.scale.numel()
+    values = dequantize_codes(codes.reshape(g, -1), qp).reshape(w.shape)
+    if qp.binary and mask is not None:  # no zero code at 1 bit
+        values = values * mask
+    return values
 
 
 class CompressedModel(nn.Module):
-    """A float module with some of its tensors replaced, sharing all the others.
+    """The shared traced graph run with a variant's weights; no tensor of the model copied.
 
-    Built from a structural copy of the shared (folded) float module: no tensor is copied
-    and the shared module is never changed, not even for the length of a forward pass
-    (which ``functional_call`` would do, and which is unsafe with several sessions).
-    It runs in eval mode only, since training-mode BatchNorm would write to shared buffers.
+    The dequantized weights are derived from the layer records when it runs, so a cached
+    variant holds codes and masks, not a second float copy. It runs in eval mode only:
+    the graph computes BatchNorm with running statistics and never writes them.
     """
 
-    def __init__(self, base: nn.Module, overrides: dict[str, torch.Tensor]):
+    def __init__(self, graph: Graph, layers: tuple[LayerResult, ...]):
         super().__init__()
-        object.__setattr__(self, "_base", base)  # held by reference, not registered
-        self._overrides = dict(overrides)
-        self.net = shallow_copy_with(base, self._overrides)
-        nn.Module.train(self, False)  # eval mode, this wrapper and its copy alike
+        object.__setattr__(self, "_graph", graph)  # held by reference, not registered
+        self._layers = layers
+        nn.Module.train(self, False)
 
     @property
-    def base(self) -> nn.Module:
-        return self._base
+    def graph(self) -> Graph:
+        return self._graph
 
-    @property
-    def overrides(self) -> dict[str, torch.Tensor]:
-        return dict(self._overrides)
+    def replacements(self) -> dict[str, torch.Tensor]:
+        """The tensors that differ from the float model, by state-dict key (made anew)."""
+        out = {}
+        for r in self._layers:
+            if r.changed:
+                out[param_key(r.name, "weight")] = r.dequantized
+            if r.bias is not None:
+                out[param_key(r.name, "bias")] = r.bias
+        return out
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Every tensor the model runs with: the base state with the overrides applied."""
-        return state_for_size(self.net)
+    def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function x -> logits with the weights derived once (for many batches)."""
+        tensors = self.replacements()
+        return lambda x: self._graph.run(x, tensors)
 
     def train(self, mode: bool = True) -> CompressedModel:
         if mode:
             raise RuntimeError(
                 "A compressed model shares its tensors with the float model and runs in eval "
-                "mode only; fine-tune a copy of the float model instead."
+                "mode only; fine-tune through the graph runtime instead."
             )
         return super().train(False)
 
-    def forward(self, *args, **kwargs):
-        return self.net(*args, **kwargs)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """What compression did to one weight layer."""
-
-    name: str
-    kind: str  # "linear" or "conv"
-    shape: tuple[int, ...]
-    params: int  # weights + bias
-    bits: int  # 32 when left in float
-    sparsity: float  # fraction of weights that are exactly zero afterwards
-    sqnr_db: float  # 10*log10(||w||^2 / ||w - q(w)||^2); inf when nothing changed
-    size_bytes: int  # packed bytes of weight + bias
-    float_bytes: int
-    encoding: str  # "dense", "mask" or "relidx"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._graph.run(x, self.replacements())
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,13 +127,13 @@ class Compressed:
 
     model: CompressedModel
     config: CompressionConfig
-    layers: tuple[LayerStats, ...]
+    layers: tuple[LayerResult, ...]
     size_bytes: int
     float_size_bytes: int
-    quant: dict[str, QuantResult] = field(repr=False)  # per compressed layer (if quantized)
-    masks: dict[str, torch.Tensor] = field(repr=False)  # per pruned layer
-    sizes: dict[str, TensorSize] = field(repr=False)  # per compressed weight tensor
-    source_weights: dict[str, torch.Tensor] = field(repr=False)  # float weights, pre-pruning
+
+    @property
+    def graph(self) -> Graph:
+        return self.model.graph
 
     @property
     def ratio(self) -> float:
@@ -147,12 +152,34 @@ class Compressed:
         finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
         return sum(finite) / len(finite) if finite else math.inf
 
-    def layer(self, name: str) -> LayerStats:
+    def layer(self, name: str) -> LayerResult:
         for s in self.layers:
             if s.name == name:
                 return s
         names = ", ".join(s.name for s in self.layers)
         raise ValueError(f"No layer named {name!r}; layers are {names}.")
+
+    def replacements(self) -> dict[str, torch.Tensor]:
+        """The tensors that differ from the (folded) float model, by state-dict key."""
+        return self.model.replacements()
+
+    def packed_tensors(self) -> list[tuple[str, tuple[int, ...], Encoded]]:
+        """What the export writes, in order: (state-dict key, shape, packed form)."""
+        return _packed_tensors(self.graph, self.layers)
+
+
+def _packed_tensors(
+    graph: Graph, layers: tuple[LayerResult, ...]
+) -> list[tuple[str, tuple[int, ...], Encoded]]:
+    """Every tensor of the (folded) model in its packed form: compressed weights through
+    their codecs, everything else (biases, unfolded BatchNorm) as float32 values."""
+    weights = {param_key(r.name, "weight"): r for r in layers}
+    biases = {param_key(r.name, "bias"): r.bias for r in layers if r.bias is not None}
+    out = []
+    for key, value in graph.params.items():
+        enc = weights[key].encoded if key in weights else float_values(biases.get(key, value))
+        out.append((key, tuple(value.shape), enc))
+    return out
 
 
 def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
@@ -177,14 +204,20 @@ def _check_weights(name: str, w: torch.Tensor) -> None:
         )
 
 
+def _zero_pruned(codes: torch.Tensor, mask: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Codes with every pruned weight at its group's zero code (so it dequantizes to 0)."""
+    g = qp.zero_point.numel()
+    zero = qp.zero_point.to(codes.dtype)[:, None].expand(g, codes.numel() // g)
+    return torch.where(mask.reshape(g, -1), codes.reshape(g, -1), zero).reshape(codes.shape)
+
+
 def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compressed:
     """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md)."""
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
         raise ValueError("config must be a CompressionConfig.")
-    _assert_eval(model)
-    base = fold_batchnorm(model) if config.fold_bn else model
-    all_layers = weight_layers(base)
+    graph = graph_of(model, config.fold_bn)
+    all_layers = graph.layers
     if not all_layers:
         raise ValueError("The model has no linear or convolution layers to compress.")
     names = list(all_layers) if config.layers is None else list(config.layers)
@@ -202,7 +235,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
                 f"Per-layer bits name unknown layer(s) {', '.join(map(repr, extra))}; the "
                 f"model's weight layers are {', '.join(all_layers)}."
             )
-    weights = {n: all_layers[n].weight.detach() for n in names}
+    weights = {n: graph.params[param_key(n, "weight")] for n in names}
     for n, w in weights.items():
         _check_weights(n, w)
 
@@ -214,59 +247,48 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
         else:
             masks = {n: layer_mask(w, p) for n, w in weights.items()}
 
-    overrides: dict[str, torch.Tensor] = {}
-    quant: dict[str, QuantResult] = {}
-    sizes: dict[str, TensorSize] = {}
-    stats = []
+    results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
-        layer = all_layers[n]
+        qparams = codes = None
+        bits, per_channel = 32, False
         if q is not None:
             gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
             res = quantize_checked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
-            new = res.values
-            quant[n] = res
-            groups = res.qparams.scale.numel()
-            size = packed_weight_size(w.numel(), res.bits, groups=groups,
-                                      symmetric=q.symmetric, mask=mask)
+            qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
+            if mask is not None and not qparams.binary:
+                codes = _zero_pruned(codes, mask, qparams)
+        new = _weight_after(w, mask, qparams, codes)
+        if q is None:
+            encoded = encode_float(new)
         else:
-            new = w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
-            size = packed_weight_size(w.numel(), 32, groups=0, symmetric=True, mask=mask,
-                                      quantized=False)
-        if new is not w:
-            overrides[param_key(n, "weight")] = new
-        bias = getattr(layer, "bias", None)
+            encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
+                                       symmetric=q.symmetric, mask=mask)
+        bias = graph.params.get(param_key(n, "bias"))
         bias_numel = 0 if bias is None else bias.numel()
+        new_bias = None
         if bias is not None and mask is not None and config.prune.structured:
             # a removed output channel is gone, bias included
             alive = mask.reshape(mask.shape[0], -1).any(dim=1)
-            overrides[param_key(n, "bias")] = torch.where(alive, bias.detach(), torch.zeros(()))
-        sizes[n] = size
-        stats.append(LayerStats(
-            name=n,
-            kind="conv" if w.dim() > 2 else "linear",
-            shape=tuple(w.shape),
-            params=w.numel() + bias_numel,
-            bits=size.bits,
-            sparsity=float((new == 0).sum()) / w.numel(),
-            sqnr_db=sqnr_db(w, new),
-            size_bytes=size.total + float_bytes(bias_numel),
+            new_bias = torch.where(alive, bias, torch.zeros(()))
+        results.append(LayerResult(
+            name=n, kind="conv" if w.dim() > 2 else "linear", shape=tuple(w.shape),
+            float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
+            per_channel=per_channel, symmetric=True if q is None else q.symmetric,
+            bias=new_bias, encoded=encoded, params=w.numel() + bias_numel,
+            sparsity=float((new == 0).sum()) / w.numel(), sqnr_db=sqnr_db(w, new),
+            size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
-            encoding=size.encoding,
-        ))
+        ))  # fmt: skip
 
-    counted = {param_key(n, a) for n in names for a in ("weight", "bias")}
-    rest = sum(float_bytes(v.numel()) for k, v in state_for_size(base).items() if k not in counted)
-    size_bytes = sum(s.size_bytes for s in stats) + rest
+    layers = tuple(results)
+    size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(
-        model=CompressedModel(base, overrides),
+        model=CompressedModel(graph, layers),
         config=config,
-        layers=tuple(stats),
+        layers=layers,
         size_bytes=size_bytes,
         float_size_bytes=float_size,
-        quant=quant,
-        masks=masks,
-        sizes=sizes,
-        source_weights=weights,
     )
+

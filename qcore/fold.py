@@ -61,7 +61,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return folded
 
 
-def _assert_eval(model: nn.Module, doing: str = "compressing") -> None:
+def assert_eval(model: nn.Module, doing: str = "compressing") -> None:
     """BatchNorm in training mode would use batch statistics and write its buffers."""
     if getattr(model, "training", False) and has_batchnorm(model):
         raise ValueError(f"The model is in training mode; call model.eval() before {doing} it.")

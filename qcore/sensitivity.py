@@ -9,9 +9,9 @@ evaluation split keeping only the values that the recomputed parts read, and for
 (k, s) only the graph descendants of k are run again, with the compressed weights of k,
 reading the cached float values for every other input. Both ways run the same batches
 (those of :func:`qcore.evaluate.evaluate`) through the same modules, so the logits, and
-hence accuracy and loss, are identical (they are scored by ``evaluate`` itself). Layer k
-runs as a shallow copy of its module with the compressed tensors swapped in, so the shared
-float model is never changed, not even for the length of a call.
+hence accuracy and loss, are identical (both are scored by ``metrics_from_logits``). It all
+runs on the model's shared graph (:mod:`qcore.graph`): layer k's compressed tensors are
+replacements in a dictionary, so the shared float model is never changed.
 
 Memory of the fast way: the cached values of one chunk of batches (at most
 ``max_cache_bytes``, at least one batch), the logits of every (k, s) and, when the split
@@ -23,18 +23,20 @@ conv2, fc1, fc2), mnist-lenet300 5 MiB, mnist-resnet about 300 MiB.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import fx, nn
+from torch import nn
 
-from qcore.compress import Compressed, compress, shallow_copy_with
+from qcore.compress import Compressed, compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig, check_bits
-from qcore.evaluate import evaluate
-from qcore.fold import _assert_eval, fold_batchnorm, weight_layers
+from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
+from qcore.fold import has_batchnorm
+from qcore.graph import Graph, Plan, graph_of
+from qcore.refs import Progress
 
 __all__ = [
     "DEFAULT_BITS",
@@ -51,9 +53,6 @@ SENSITIVITY_COLUMNS: tuple[str, ...] = (
     "layer", "index", "kind", "setting", "accuracy", "loss", "drop", "loss_increase",
     "sqnr_db", "sparsity", "params", "layer_size_bytes", "layer_float_bytes",
 )  # fmt: skip
-
-Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
-
 
 @dataclass(frozen=True)
 class _Job:
@@ -118,141 +117,8 @@ def _row(job: _Job, c: Compressed, acc: float, loss: float, ref_acc: float, ref_
     }
 
 
-class _Replay(nn.Module):
-    """Hands back precomputed logits batch by batch, so :func:`evaluate` scores them."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits, self.pos = logits, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.logits[self.pos : self.pos + x.shape[0]]
-        self.pos += x.shape[0]
-        return out
-
-
-def _metrics(logits: torch.Tensor, dataset, batch_size: int) -> tuple[float, float]:
-    """Accuracy and loss of ``logits``, scored by evaluate() itself so the two never differ."""
-    m = evaluate(_Replay(logits).eval(), dataset, batch_size=batch_size)
-    return m.accuracy, m.loss
-
-
-# ---------------------------------------------------------------------------------------------
-# The graph: trace, find what each layer's change reaches, run parts of it.
-
-
-class _Graph:
-    """A traced float module, split into what is cached and what each layer recomputes."""
-
-    def __init__(self, base: nn.Module, layers: Sequence[str]):
-        gm = base if isinstance(base, fx.GraphModule) else fx.symbolic_trace(base)
-        self.root = gm  # its submodules are the very modules ``base`` runs
-        self.nodes = list(gm.graph.nodes)
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise ValueError("Only models with a single input can be analysed by layer.")
-        self.input = placeholders[0]
-        self.output = next(n for n in self.nodes if n.op == "output")
-        self.order = {n: i for i, n in enumerate(self.nodes)}
-        self.sources: dict[str, list[fx.Node]] = {}
-        self.suffix: dict[str, list[fx.Node]] = {}
-        self.reads: dict[str, set[fx.Node]] = {}
-        for k in layers:
-            src = [n for n in self.nodes if self._touches(n, k)]
-            if not src:
-                raise ValueError(f"Layer {k!r} does not appear in the traced graph.")
-            desc: set[fx.Node] = set()
-            todo = list(src)
-            while todo:
-                n = todo.pop()
-                if n not in desc:
-                    desc.add(n)
-                    todo.extend(n.users)
-            suffix = sorted(desc, key=self.order.__getitem__)
-            self.sources[k] = src
-            self.suffix[k] = suffix
-            self.reads[k] = {a for n in suffix for a in n.all_input_nodes if a not in desc}
-            if self.output not in desc:  # the layer does not reach the output
-                self.reads[k].add(self.output)
-        self.cached = set().union(*self.reads.values()) if self.reads else set()
-
-    @staticmethod
-    def _touches(node: fx.Node, layer: str) -> bool:
-        t = node.target
-        if node.op == "call_module":
-            return t == layer or layer.startswith(f"{t}.")
-        return node.op == "get_attr" and isinstance(t, str) and t.startswith(f"{layer}.")
-
-    def swapped(self, layer: str, overrides: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """What runs in place of the graph's own values when ``layer`` has ``overrides``.
-
-        For each module call that touches the layer: a shallow copy of that module with the
-        tensors swapped in (the shared module itself is never changed, not even briefly);
-        for each ``get_attr`` of an overridden tensor: the tensor.
-        """
-        out: dict[str, Any] = {}
-        for node in self.sources[layer]:
-            t = node.target
-            if node.op == "get_attr":
-                out[t] = overrides.get(t, _fetch(self.root, t))
-            elif t not in out:
-                local = {k[len(t) + 1 :]: v for k, v in overrides.items() if k.startswith(f"{t}.")}
-                out[t] = shallow_copy_with(self.root.get_submodule(t), local)
-        return out
-
-    def _run(self, node: fx.Node, env: dict, swapped: dict[str, Any]) -> Any:
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        op, t = node.op, node.target
-        if op == "call_module":
-            mod = swapped[t] if t in swapped else self.root.get_submodule(t)
-            return mod(*args, **kwargs)
-        if op == "call_function":
-            return t(*args, **kwargs)
-        if op == "call_method":
-            obj, *rest = args
-            return getattr(obj, t)(*rest, **kwargs)
-        if op == "get_attr":
-            return swapped[t] if t in swapped else _fetch(self.root, t)
-        if op == "output":
-            return args[0]
-        raise ValueError(f"Unexpected graph node {node.op!r}.")
-
-    def run_float(self, x: torch.Tensor) -> dict[fx.Node, Any]:
-        """Run the whole float graph on ``x``; keep the values some layer's suffix reads."""
-        last_use = {}
-        for n in self.nodes:
-            for a in n.all_input_nodes:
-                last_use[a] = self.order[n]
-        env: dict[fx.Node, Any] = {self.input: x}
-        kept = {}
-        for i, n in enumerate(self.nodes):
-            if n.op != "placeholder":
-                env[n] = self._run(n, env, {})
-            if n in self.cached:
-                kept[n] = env[n]
-            for a in n.all_input_nodes:
-                if last_use.get(a) == i:
-                    del env[a]
-        kept[self.output] = env[self.output]
-        return kept
-
-    def run_suffix(self, layer: str, cache: dict, swapped: dict[str, Any]):
-        """The output with only ``layer`` changed (``swapped`` from :meth:`swapped`)."""
-        suffix = self.suffix[layer]
-        env = {n: cache[n] for n in self.reads[layer]}
-        if self.output not in suffix:
-            return cache[self.output]
-        for n in suffix:
-            env[n] = self._run(n, env, swapped)
-        return env[self.output]
-
-
-def _fetch(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _metrics(logits: torch.Tensor, dataset) -> Metrics:
+    return metrics_from_logits(logits, dataset.y, len(dataset.classes))
 
 
 def _value_bytes(values: Iterable[Any]) -> int:
@@ -286,7 +152,7 @@ def layer_sensitivity(
     prune: PruneConfig | None = None,
     layers: Iterable[str] | None = None,
     fold_bn: bool = True,
-    batch_size: int = 2000,
+    batch_size: int = EVAL_BATCH,
     naive: bool = False,
     max_cache_bytes: int = 512 * 2**20,
     progress: Progress | None = None,
@@ -299,11 +165,12 @@ def layer_sensitivity(
     ``kind`` "quant" (``setting`` = bits) or "prune" (``setting`` = rate); ``drop`` and
     ``loss_increase`` are against the float model (``df.attrs["float_accuracy"]`` and
     ``["float_loss"]``); ``sqnr_db`` and ``layer_size_bytes`` are the layer's own.
-    ``naive=True`` compresses and evaluates the whole model per row (same numbers, slower);
-    models torch.fx cannot trace are always done that way (``df.attrs["method"]`` says
-    which ran). ``progress(done, total, row)`` is called after each row (when the split
-    is cached in several chunks, after each row of each chunk: ``total`` counts them all
-    and the full row comes with the last chunk, before that only layer, kind and setting).
+    ``naive=True`` compresses and evaluates the whole model per row (same numbers, slower;
+    ``df.attrs["method"]`` says which ran; a split that does not fit the model falls back
+    to it, so its error names the dataset). ``progress(done, total, row)`` is called after
+    each row (when the split is cached in several chunks, after each row of each chunk:
+    ``total`` counts them all and the full row comes with the last chunk, before that only
+    layer, kind and setting).
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune
@@ -319,9 +186,8 @@ def layer_sensitivity(
         raise ValueError(f"batch_size must be a positive whole number; got {batch_size!r}.")
     if len(dataset.y) == 0:
         raise ValueError("The dataset is empty; pick a split with examples in it.")
-    _assert_eval(model)
-    base = fold_batchnorm(model) if fold_bn else model
-    all_layers = list(weight_layers(base))
+    graph = graph_of(model, fold_bn)  # a ValueError naming the operation if untraceable
+    all_layers = list(graph.layers)
     if not all_layers:
         raise ValueError("The model has no linear or convolution layers to analyse.")
     if layers is None:
@@ -340,13 +206,7 @@ def layer_sensitivity(
     start = time.perf_counter()
     result = None
     if not naive:
-        try:
-            graph = _Graph(base, names)
-        except Exception:  # data-dependent control flow etc.: do it the slow way
-            graph = None
-        if graph is not None:
-            result = _run_cached(model, base, graph, dataset, jobs, batch_size,
-                                 max_cache_bytes, progress)
+        result = _run_cached(model, graph, dataset, jobs, batch_size, max_cache_bytes, progress)
     if result is None:
         method = "naive"
         ref = evaluate(model, dataset, batch_size=batch_size)
@@ -371,53 +231,58 @@ def _run_naive(model, dataset, jobs, ref, batch_size, progress) -> list[dict]:
     return rows
 
 
-def _run_cached(model, base, graph: _Graph, dataset, jobs, batch_size, max_cache_bytes,
-                progress) -> tuple[list[dict], Any] | None:
-    """Rows the fast way, and the float metrics; ``None`` if the graph cannot be trusted."""
+def _run_cached(model, graph: Graph, dataset, jobs, batch_size, max_cache_bytes,
+                progress) -> tuple[list[dict], Metrics] | None:
+    """Rows the fast way, and the float metrics; ``None`` if the data does not fit."""
     x = dataset.x
     starts = list(range(0, x.shape[0], batch_size))
+    plans: dict[str, Plan] = {}
+    for job in jobs:
+        if job.layer not in plans:
+            keys = [k for k in (f"{job.layer}.weight", f"{job.layer}.bias") if k in graph.params]
+            plans[job.layer] = graph.plan(keys)
+    keep = set().union(*(p.reads for p in plans.values())) | {graph.output}
     with torch.inference_mode():
         try:
-            # the traced graph must compute what the module does (checked on a few examples)
-            probe = x[: min(8, batch_size)]
-            if not torch.equal(graph.run_float(probe)[graph.output], base(probe)):
-                return None
-            first = graph.run_float(x[:batch_size])
+            first = graph.run(x[:batch_size], keep=keep)[1]
         except RuntimeError:  # e.g. the data does not fit: the naive way says so clearly
             return None
-    ref = None if base is model else evaluate(model, dataset, batch_size=batch_size)
     per_batch = max(1, _value_bytes(first.values()))
     per_chunk = max(1, int(max_cache_bytes // per_batch))
     chunks = [starts[i : i + per_chunk] for i in range(0, len(starts), per_chunk)]
     total = len(jobs) * len(chunks)
-    keep = len(chunks) > 1  # compressed weights are needed again for later chunks
+    keep_compressed = len(chunks) > 1  # compressed weights are needed again for later chunks
     compressed: dict[int, Compressed] = {}
     logits: list[list[torch.Tensor]] = [[] for _ in jobs]
     float_logits: list[torch.Tensor] = []
     rows: list[dict] = []
+    ref = None
     done = 0
     for ci, chunk in enumerate(chunks):
         last = ci == len(chunks) - 1
         with torch.inference_mode():
-            caches = [first if s == 0 else graph.run_float(x[s : s + batch_size]) for s in chunk]
+            caches = [first if s == 0 else graph.run(x[s : s + batch_size], keep=keep)[1]
+                      for s in chunk]  # fmt: skip
         first = {}
         float_logits.extend(cache[graph.output] for cache in caches)
-        if last and ref is None:  # unfolded: the graph's float output is the model's
-            ref = evaluate(_Replay(torch.cat(float_logits)).eval(), dataset, batch_size)
+        if last:  # folded BatchNorm runs other arithmetic: the float model itself is the ref
+            folded = any(job.config.fold_bn for job in jobs) and has_batchnorm(model)
+            ref = (evaluate(model, dataset, batch_size=batch_size) if folded
+                   else _metrics(torch.cat(float_logits), dataset))
         for j, job in enumerate(jobs):
             c = compressed[j] if j in compressed else compress(model, job.config)
-            if keep and not last:
+            if keep_compressed and not last:
                 compressed[j] = c
-            swapped = graph.swapped(job.layer, c.model.overrides)
+            tensors = c.replacements()
             with torch.inference_mode():
                 for cache in caches:
-                    logits[j].append(graph.run_suffix(job.layer, cache, swapped))
+                    logits[j].append(graph.run_suffix(plans[job.layer], cache, tensors))
             done += 1
             row: dict = {"layer": job.layer, "kind": job.kind, "setting": job.setting}
             if last:
-                acc, loss = _metrics(torch.cat(logits[j]), dataset, batch_size)
+                m = _metrics(torch.cat(logits[j]), dataset)
                 logits[j] = []
-                row = _row(job, c, acc, loss, ref.accuracy, ref.loss)
+                row = _row(job, c, m.accuracy, m.loss, ref.accuracy, ref.loss)
                 rows.append(row)
                 compressed.pop(j, None)
             if progress is not None:

@@ -44,12 +44,12 @@ def test_layer_histogram_levels_and_clip(bn_model: nn.Module, symmetric: bool) -
     w = fold_batchnorm(bn_model).get_submodule("7").weight.detach()
     h = layer_histogram(c, "7", bins=50)
     assert h.before.sum() == w.numel() and h.after.sum() == w.numel()
-    assert h.zeros_after == int((c.model.overrides["7.weight"] == 0).sum())
+    assert h.zeros_after == int((c.replacements()["7.weight"] == 0).sum())
     assert h.levels is not None and len(h.levels) == (15 if symmetric else 16)
-    after_values = set(c.model.overrides["7.weight"].unique().tolist())
+    after_values = set(c.replacements()["7.weight"].unique().tolist())
     assert after_values <= set(np.float32(h.levels).tolist())
     assert 0.0 in h.levels.tolist()
-    lo, hi = clip_range(w.reshape(1, -1), c.masks["7"].reshape(1, -1), q, 4)
+    lo, hi = clip_range(w.reshape(1, -1), c.layer("7").mask.reshape(1, -1), q, 4)
     assert h.clip == (float(lo), float(hi))
 
 
@@ -108,7 +108,7 @@ def test_a_channel_pruned_away_draws_no_grid() -> None:
     cfg = CompressionConfig(quant=QuantConfig(bits=4, per_channel=True),
                             prune=PruneConfig(rate=0.5, structured=True))
     c = compress(model, cfg)
-    alive = c.masks["0"].any(dim=1)
+    alive = c.layer("0").mask.any(dim=1)
     dead, live = int(torch.nonzero(~alive)[0]), int(torch.nonzero(alive)[0])
     gone = layer_histogram(c, "0", bins=10, channel=dead)
     assert gone.levels is None and gone.clip is None and gone.zeros_after == 8

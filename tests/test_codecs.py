@@ -1,4 +1,5 @@
-"""Tests for qcore.size: packed bytes on hand-computed cases and the relative index."""
+"""Tests for qcore.codecs: packed bytes on hand-computed cases, the relative index, and
+every codec's bytes (nbytes() == len(encode()), decode(encode(x)) == x)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcore.size import (
+from qcore.codecs import (
+    Encoded,
+    decode,
+    encode_float,
+    encode_quantized,
     float_bytes,
-    packed_weight_size,
     positions_from_stream,
     relative_index,
     relative_index_stream,
 )
+from qcore.quant import QParams, code_range
 
 PROPS = settings(deadline=None, max_examples=50)
 
@@ -24,6 +29,36 @@ def mask_at(n: int, positions: list[int]) -> torch.Tensor:
     m = torch.zeros(n, dtype=torch.bool)
     m[positions] = True
     return m
+
+
+class Size:
+    """An encoded tensor's bytes by part (what the old size record held)."""
+
+    def __init__(self, enc: Encoded):
+        self.enc = enc
+        self.total = enc.nbytes()
+        self.encoding = enc.encoding
+        self.kept = enc.fields["kept"]
+        self.index_width = enc.fields.get("index_width", 0)
+        self.code_bytes = enc.bytes_of("codes") + enc.bytes_of("values")
+        self.index_bytes = enc.bytes_of("mask") + enc.bytes_of("relidx")
+        self.param_bytes = enc.bytes_of("scales") + enc.bytes_of("zero_points")
+        self.bits = enc.fields.get("bits", 32)
+        assert len(enc.encode()) == self.total  # the size is the bytes
+
+
+def packed_weight_size(n, bits, *, groups, symmetric, mask=None, quantized=True) -> Size:
+    """Encode n weights whose nonzeros are exactly ``mask`` (all nonzero without one)."""
+    mask = torch.ones(n, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    if not quantized:
+        return Size(encode_float(torch.where(mask, 1.5, 0.0)))
+    qmin, qmax = code_range(bits, symmetric)
+    qp = QParams(torch.ones(groups), torch.zeros(groups, dtype=torch.int64), qmin, qmax,
+                 -torch.ones(groups), torch.ones(groups), binary=bits == 1)
+    codes = mask.to(torch.int16)  # code 1 where kept, the zero code 0 elsewhere
+    shape = (groups, n // groups)
+    return Size(encode_quantized(codes.reshape(shape), qp, bits, per_channel=groups > 1,
+                                 symmetric=symmetric, mask=mask.reshape(shape)))
 
 
 @pytest.mark.parametrize(
@@ -148,6 +183,109 @@ def test_property_stream_round_trip(n: int, density: float, seed: int, width: in
         for r in range(1, 17):  # the chosen width is the cheapest
             assert relative_index_stream(mask, r).numel() * r >= bits
     s = packed_weight_size(n, 5, groups=1, symmetric=True, mask=mask)
-    if not mask.all():
+    kept = int(mask.sum())
+    # the cheapest of dense and the nonzero codes with a mask or relative index
+    dense = math.ceil(5 * n / 8)
+    sparse = math.ceil(5 * kept / 8) + min(math.ceil(n / 8), math.ceil(bits / 8))
+    assert s.total == 4 + min(dense, sparse)
+    if s.encoding != "dense":
         assert s.index_bytes == min(math.ceil(n / 8), math.ceil(bits / 8))
-        assert s.code_bytes == math.ceil(5 * int(mask.sum()) / 8)
+        assert s.code_bytes == math.ceil(5 * kept / 8)
+
+
+# ---------------------------------------------------------------- every codec, generated
+
+
+def _decoded(enc: Encoded, shape: tuple[int, ...]) -> torch.Tensor:
+    data = enc.encode()
+    assert len(data) == enc.nbytes()
+    return decode(enc.header(), data, shape, "w")
+
+
+@PROPS
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 40),
+    bits=st.integers(1, 16),
+    symmetric=st.booleans(),
+    per_channel=st.booleans(),
+    rate=st.sampled_from([0.0, 0.01, 0.3, 0.9]),
+    structured=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_property_quantized_codec_round_trip(
+    rows, cols, bits, symmetric, per_channel, rate, structured, seed
+) -> None:
+    from qcore.compress import _zero_pruned
+    from qcore.config import PruneConfig, QuantConfig
+    from qcore.prune import layer_mask
+    from qcore.quant import dequantize_codes, quantize_with_params
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    mask = None
+    if rate:
+        mask = layer_mask(w, PruneConfig(rate=rate, structured=structured))
+    res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric,
+                                              per_channel=per_channel), mask=mask)
+    codes = res.codes
+    if mask is not None and not res.qparams.binary:
+        codes = _zero_pruned(codes, mask, res.qparams)
+    enc = encode_quantized(codes, res.qparams, bits, per_channel=res.per_channel,
+                           symmetric=symmetric, mask=mask)
+    gr = res.qparams.scale.numel()
+    expected = dequantize_codes(codes.reshape(gr, -1), res.qparams).reshape(w.shape)
+    if mask is not None and res.qparams.binary:
+        expected = expected * mask
+    assert torch.equal(_decoded(enc, (rows, cols)), expected)
+    assert torch.equal(expected, res.values)
+    # the chosen form is the cheapest one offered; dense is always offered but at 1 bit
+    # with pruning (no zero code there)
+    if not (res.qparams.binary and mask is not None and not bool(mask.all())):
+        params = 4 * gr * (1 if symmetric or bits == 1 else 2)  # scales (+ zero points)
+        assert enc.nbytes() <= math.ceil(bits * rows * cols / 8) + params
+
+
+@PROPS
+@given(
+    n=st.integers(0, 300),
+    zeros=st.sampled_from([0.0, 0.05, 0.5, 0.99, 1.0]),
+    rows=st.sampled_from([1, 3]),
+    seed=st.integers(0, 10_000),
+)
+def test_property_float_codec_round_trip(n: int, zeros: float, rows: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    x = torch.where(torch.rand(rows, n, generator=g) < zeros, 0.0, x)
+    enc = encode_float(x)
+    assert torch.equal(_decoded(enc, (rows, n)), x)
+    assert enc.nbytes() <= 4 * rows * n
+
+
+def test_light_pruning_stays_dense_and_costs_nothing() -> None:
+    """8 bits with 1 % pruned is never larger than plain 8 bits (pruned take the zero code)."""
+    from qcore.compress import compress
+    from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)).eval()
+    plain = compress(model, CompressionConfig(quant=QuantConfig(bits=8)))
+    light = compress(model, CompressionConfig(quant=QuantConfig(bits=8),
+                                              prune=PruneConfig(rate=0.01)))
+    assert light.size_bytes <= plain.size_bytes
+    assert [s.encoding for s in light.layers] == ["dense", "dense"]
+
+
+def test_rounded_zeros_count_like_pruned_ones() -> None:
+    """A tensor that rounds almost entirely to zero is stored sparse, not dense."""
+    w = torch.zeros(1000)
+    w[::50] = 1.0  # 20 large weights; the rest rounds to the zero code at 2 bits
+    w[1::50] = 0.01
+    from qcore.config import QuantConfig
+    from qcore.quant import quantize_with_params
+
+    res = quantize_with_params(w, QuantConfig(bits=2))
+    enc = encode_quantized(res.codes, res.qparams, 2, per_channel=False, symmetric=True)
+    assert enc.encoding == "relidx"
+    assert enc.nbytes() < math.ceil(2 * 1000 / 8)
+    assert torch.equal(_decoded(enc, (1000,)), res.values)

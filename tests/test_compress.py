@@ -91,10 +91,10 @@ def test_compress_never_changes_model(config: CompressionConfig, images: torch.T
     with torch.no_grad():
         c.model(images)
     assert state_hash(model) == before
-    assert state_hash(c.model.base) == state_hash(c.model.base)  # stable
-    base_before = state_hash(c.model.base)
+    assert state_hash(c.graph.module) == state_hash(c.graph.module)  # stable
+    base_before = state_hash(c.graph.module)
     compress(model, config).model(images)
-    assert state_hash(c.model.base) == base_before
+    assert state_hash(c.graph.module) == base_before
     with torch.no_grad():
         assert torch.equal(model(images), out)
     assert not model.training
@@ -137,9 +137,9 @@ def test_no_deepcopy_ever_without_bn(monkeypatch: pytest.MonkeyPatch, images: to
 
 def test_layer_subset_only_changes_named_layers(bn_model: nn.Module) -> None:
     c = compress(bn_model, cfg(QuantConfig(bits=2), layers=["3", "10"]))
-    base = c.model.base
-    state = c.model.full_state()
-    assert set(c.model.overrides) == {"3.weight", "10.weight"}
+    base = c.graph.module
+    state = c.graph.tensors(c.replacements())
+    assert set(c.replacements()) == {"3.weight", "10.weight"}
     for name in ("0", "7"):
         assert torch.equal(state[f"{name}.weight"], base.get_submodule(name).weight)
     for name in ("3", "10"):
@@ -165,8 +165,12 @@ def test_unknown_layer_names_known_layers(bn_model: nn.Module) -> None:
 def test_per_layer_bits_override(bn_model: nn.Module) -> None:
     c = compress(bn_model, cfg(QuantConfig(bits=8, layer_bits={"3": 2, "10": 16})))
     assert [s.bits for s in c.layers] == [8, 2, 8, 16]
-    assert c.quant["3"].values.unique().numel() <= 3
-    assert c.sizes["3"].code_bytes == math.ceil(2 * 4 * 6 * 9 / 8)
+    assert c.layer("3").dequantized.unique().numel() <= 3
+    # 2 bits per stored code (at 2 bits most codes round to zero, and whole channels do:
+    # those are left out, so fewer than all 4 * 6 * 9 codes may be stored)
+    enc = c.layer("3").encoded
+    assert enc.bytes_of("codes") == math.ceil(2 * enc.fields["kept"] / 8)
+    assert enc.fields["kept"] <= 4 * 6 * 9
 
 
 def test_layer_stats(bn_model: nn.Module) -> None:
@@ -181,14 +185,14 @@ def test_layer_stats(bn_model: nn.Module) -> None:
         assert s.kind == ("conv" if w.dim() == 4 else "linear")
         assert s.sparsity >= math.floor(0.5 * w.numel()) / w.numel()
         assert s.sparsity == pytest.approx(0.5, abs=0.1)
-        q = c.model.overrides[f"{s.name}.weight"]
+        q = c.replacements()[f"{s.name}.weight"]
         direct = 10 * math.log10(float((w.double() ** 2).sum())
                                  / float(((w.double() - q.double()) ** 2).sum()))
         assert math.isfinite(s.sqnr_db) and s.sqnr_db == pytest.approx(direct, rel=1e-9)
-        assert s.size_bytes == c.sizes[s.name].total + 4 * layer.bias.numel()
+        assert s.size_bytes == s.encoded.nbytes() + 4 * layer.bias.numel()
         assert s.float_bytes == 4 * s.params
         # the layer's values are exactly the quantizer's under the pruning mask
-        mask = c.masks[s.name]
+        mask = s.mask
         ref = quantize_with_params(w, QuantConfig(bits=4, per_channel=True), mask=mask).values
         assert torch.equal(q, ref)
     assert c.layer("7").name == "7"
@@ -238,34 +242,34 @@ def test_no_quant_no_prune_is_float(mlp: nn.Module, images: torch.Tensor) -> Non
 def test_prune_only(mlp: nn.Module) -> None:
     c = compress(mlp, cfg(None, PruneConfig(rate=0.25)))
     w = mlp[1].weight.detach()
-    out = c.model.overrides["1.weight"]
+    out = c.replacements()["1.weight"]
     assert int((out == 0).sum()) == 144  # floor(0.25 * 576)
     assert torch.equal(out[out != 0], w[out != 0])
-    s = c.sizes["1"]
-    assert s.bits == 32 and s.code_bytes == 4 * 432
+    s = c.layer("1")
+    assert s.bits == 32 and s.encoded.bytes_of("values") == 4 * 432
 
 
 def test_global_scope_exact_total(bn_model: nn.Module) -> None:
     c = compress(bn_model, cfg(None, PruneConfig(rate=0.37, scope="global")))
     total = sum(math.prod(s.shape) for s in c.layers)
-    zeros = sum(int((c.model.overrides[f"{s.name}.weight"] == 0).sum()) for s in c.layers)
+    zeros = sum(int((c.replacements()[f"{s.name}.weight"] == 0).sum()) for s in c.layers)
     assert zeros == math.floor(0.37 * total)
 
 
 def test_structured_pruning_zeroes_bias(bn_model: nn.Module, images: torch.Tensor) -> None:
     c = compress(bn_model, cfg(QuantConfig(bits=8), PruneConfig(rate=0.5, structured=True)))
     for name in ("0", "3", "7", "10"):
-        w = c.model.overrides[f"{name}.weight"]
-        b = c.model.overrides[f"{name}.bias"]
+        w = c.replacements()[f"{name}.weight"]
+        b = c.replacements()[f"{name}.bias"]
         dead = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
         assert int(dead.sum()) == w.shape[0] // 2
         assert torch.all(b[dead] == 0) and torch.all(b[~dead] != 0)
     # a removed channel outputs exactly zero
     with torch.no_grad():
-        act = torch.func.functional_call(c.model.base.get_submodule("0"), {
-            "weight": c.model.overrides["0.weight"], "bias": c.model.overrides["0.bias"]},
+        act = torch.func.functional_call(c.graph.module.get_submodule("0"), {
+            "weight": c.replacements()["0.weight"], "bias": c.replacements()["0.bias"]},
             (images,))
-    dead = (c.model.overrides["0.weight"].reshape(4, -1) == 0).all(dim=1)
+    dead = (c.replacements()["0.weight"].reshape(4, -1) == 0).all(dim=1)
     assert torch.all(act[:, dead] == 0)
 
 
@@ -275,11 +279,11 @@ def test_wrapper_runs_in_eval_mode_only_and_never_touches_base(
     c = compress(bn_model, cfg())
     with pytest.raises(RuntimeError, match="eval mode only"):
         c.model.train()
-    assert not c.model.base.training and not bn_model.training
+    assert not c.graph.module.training and not bn_model.training
     assert c.model.eval() is c.model
     with torch.no_grad():
         c.model(images)
-    assert not c.model.base.training
+    assert not c.graph.module.training
 
 
 def test_variants_run_concurrently_without_seeing_each_other(images: torch.Tensor) -> None:
@@ -344,23 +348,25 @@ def test_root_module_layer(images: torch.Tensor) -> None:
     lin = nn.Linear(36, 3).eval()
     c = compress(lin, cfg(QuantConfig(bits=2), PruneConfig(rate=0.5, structured=True)))
     assert [s.name for s in c.layers] == [""]
-    assert set(c.model.overrides) == {"weight", "bias"}
+    assert set(c.replacements()) == {"weight", "bias"}
     x = images.flatten(1)
     with torch.no_grad():
-        ref = nn.functional.linear(x, c.quant[""].values, c.model.overrides["bias"])
+        ref = nn.functional.linear(x, c.layer("").dequantized, c.replacements()["bias"])
         assert torch.equal(c.model(x), ref)
-    # floor(0.5 * 3) = 1 row removed: 72 kept 2-bit codes, a 108-bit mask (the relative
-    # index needs 72 + 36 escapes at width 1, also 14 bytes), one scale, 3 float biases
-    assert c.size_bytes == 18 + 14 + 4 + 12
+    # floor(0.5 * 3) = 1 row removed, stored by channels: a 3-bit channel bitmap (1 byte),
+    # one scale, the 72 codes of the 2 kept rows at 2 bits, 3 float biases; a 108-bit mask
+    # (14 bytes) after the nonzero codes would cost more
+    assert c.layer("").encoding == "channels"
+    assert c.size_bytes == 1 + 4 + 18 + 12
 
 
 def test_stochastic_compress_is_deterministic(mlp: nn.Module) -> None:
     q = QuantConfig(bits=2, rounding="stochastic", seed=3)
     a, b = compress(mlp, cfg(q)), compress(mlp, cfg(q))
-    for k in a.model.overrides:
-        assert torch.equal(a.model.overrides[k], b.model.overrides[k])
+    for k in a.replacements():
+        assert torch.equal(a.replacements()[k], b.replacements()[k])
     other = compress(mlp, cfg(QuantConfig(bits=2, rounding="stochastic", seed=4)))
-    assert not torch.equal(a.model.overrides["1.weight"], other.model.overrides["1.weight"])
+    assert not torch.equal(a.replacements()["1.weight"], other.replacements()["1.weight"])
 
 
 def test_sqnr_db() -> None:

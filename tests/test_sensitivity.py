@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from qcore.cli_analysis import main_sensitivity
-from qcore.config import PruneConfig, QuantConfig
+from qcore.cli import main_sensitivity
+from qcore.compress import compress
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig
 from qcore.data import Dataset
 from qcore.sensitivity import SENSITIVITY_COLUMNS, layer_sensitivity, sensitivity_matrix
 
@@ -66,7 +67,7 @@ class Branchy(nn.Module):
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it, so it goes the naive way."""
+    """Data-dependent control flow: torch.fx cannot trace it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,12 +125,15 @@ def test_cached_equals_naive_other_schemes_and_small_batches() -> None:
         pd.testing.assert_frame_equal(fast, naive, check_exact=True)
 
 
-def test_untraceable_model_falls_back_to_naive() -> None:
+def test_untraceable_model_is_refused_naming_the_operation() -> None:
+    """Everything runs on the traced graph, so a model fx cannot trace gets a sentence
+    that names the line it stopped at, from sensitivity and compress alike."""
     model = _model(Untraceable)
     data = make_dataset(model)
-    df = layer_sensitivity(model, data, bits=(2,), prune_rates=())
-    assert df.attrs["method"] == "naive"
-    assert len(df) == 2
+    with pytest.raises(ValueError, match=r"cannot be traced.*`if h\.sum\(\) > 0:`"):
+        layer_sensitivity(model, data, bits=(2,), prune_rates=())
+    with pytest.raises(ValueError, match=r"cannot be traced.*`if h\.sum\(\) > 0:`"):
+        compress(model, CompressionConfig(quant=QuantConfig(bits=2)))
 
 
 def test_rows_progress_and_no_mutation() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qcore.cli_analysis import main_sweep
+from qcore.cli import main_sweep
 from qcore.compress import compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig
 from qcore.data import Dataset

@@ -1,0 +1,465 @@
+"""Codecs: the packed form of each tensor, whose size is exactly the bytes it writes.
+
+A block is one run of bytes: unsigned integers of a fixed bit width packed MSB first
+(:class:`UIntBlock`: codes, a bit mask, relative-index entries), or little-endian float32
+or int32 values. Every block computes ``nbytes()`` from the counts it holds and
+``encode()`` writes exactly that many bytes, so the packed size is a sum of block sizes
+and never a second formula. An :class:`Encoded` tensor is a short list of blocks plus the
+header fields needed to read them back; :func:`decode` is its inverse.
+
+Encodings of a weight tensor (n weights, "stored" = the values actually written):
+
+- ``dense``: every value, pruned weights taking the zero code (needs a zero code, so a
+  1-bit tensor is dense only when nothing is pruned).
+- ``mask``: the nonzero values, then a 1-bit-per-weight mask.
+- ``relidx``: the nonzero values, then before each one the number of zeros skipped, in r
+  bits; a skip of 2^r - 1 or more is split with escape entries (value 2^r - 1, "skip that
+  many and read on"); r in 1..16, the cheapest.
+- ``channels``: a 1-bit-per-output-channel bitmap first, then the channels kept, dense
+  (what structured pruning leaves); per-channel scales only for the channels kept.
+
+Zeros made by rounding count like pruned zeros: "nonzero" means a code other than the zero
+code. Quantized tensors start with their float32 scales (and int32 zero points when
+asymmetric), one per group (after the bitmap for ``channels``). The cheapest encoding is
+used; on a tie the earlier in the order dense, channels, mask, relidx.
+
+>>> t = torch.tensor([0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 5])
+>>> e = encode_float(t.float())
+>>> e.encoding, e.nbytes(), len(e.encode())   # 2 floats + a 4-bit relative index
+('relidx', 10, 10)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qcore.affine import QParams, code_range
+
+__all__ = [
+    "UIntBlock",
+    "Float32Block",
+    "Int32Block",
+    "Encoded",
+    "encode_quantized",
+    "encode_float",
+    "float_values",
+    "decode",
+    "relative_index",
+    "relative_index_stream",
+    "positions_from_stream",
+    "FLOAT_BYTES",
+    "float_bytes",
+    "ENCODINGS",
+]
+
+FLOAT_BYTES = 4
+MAX_INDEX_WIDTH = 16
+ENCODINGS = ("dense", "channels", "mask", "relidx")
+
+
+def float_bytes(numel: int) -> int:
+    """Bytes of ``numel`` float32 values."""
+    return FLOAT_BYTES * int(numel)
+
+
+def _ceil_bytes(bits: int) -> int:
+    return (int(bits) + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+def pack_uint(values: np.ndarray, width: int) -> bytes:
+    """Unsigned integers as a big-endian bit stream of ``width`` bits each."""
+    if values.size == 0:
+        return b""
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint32)
+    bits = ((values.astype(np.uint32)[:, None] >> shifts) & np.uint32(1)).astype(np.uint8)
+    return np.packbits(bits.reshape(-1)).tobytes()
+
+
+def unpack_uint(buf: bytes, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_uint` (int64)."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))[: count * width]
+    weights = (np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)).astype(np.int64)
+    return bits.reshape(count, width).astype(np.int64) @ weights
+
+
+@dataclass(frozen=True, eq=False)
+class UIntBlock:
+    """``count`` unsigned integers of ``width`` bits, MSB first; made on demand by ``make``."""
+
+    count: int
+    width: int
+    make: Any = field(repr=False)  # () -> integer tensor of ``count`` values in [0, 2^width)
+    role: str = "codes"  # "codes", "mask", "relidx" or "channels"
+
+    def nbytes(self) -> int:
+        return _ceil_bytes(self.count * self.width)
+
+    def encode(self) -> bytes:
+        values = self.make().reshape(-1)
+        if values.numel() != self.count:  # a bug, never a user's doing
+            raise AssertionError(f"block holds {values.numel()} values, said {self.count}")
+        return pack_uint(values.numpy(), self.width)
+
+
+@dataclass(frozen=True, eq=False)
+class Float32Block:
+    """float32 values, little-endian."""
+
+    values: torch.Tensor
+    role: str = "values"  # "values" or "scales"
+
+    def nbytes(self) -> int:
+        return FLOAT_BYTES * self.values.numel()
+
+    def encode(self) -> bytes:
+        return self.values.detach().reshape(-1).float().numpy().astype("<f4").tobytes()
+
+
+@dataclass(frozen=True, eq=False)
+class Int32Block:
+    """int32 values, little-endian (zero points)."""
+
+    values: torch.Tensor
+    role: str = "zero_points"
+
+    def nbytes(self) -> int:
+        return 4 * self.values.numel()
+
+    def encode(self) -> bytes:
+        return self.values.reshape(-1).numpy().astype("<i4").tobytes()
+
+
+Block = UIntBlock | Float32Block | Int32Block
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """One tensor in packed form: its blocks and the header fields that describe them."""
+
+    kind: str  # "quant" or "float"
+    encoding: str  # one of ENCODINGS
+    blocks: tuple[Block, ...] = field(repr=False)
+    fields: dict[str, Any] = field(default_factory=dict)  # JSON-safe, for the file header
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.blocks)
+
+    def encode(self) -> bytes:
+        return b"".join(b.encode() for b in self.blocks)
+
+    def header(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoding": self.encoding, **self.fields}
+
+    def bytes_of(self, role: str) -> int:
+        """Bytes of the blocks with ``role`` ("codes", "values", "scales", "mask", ...)."""
+        return sum(b.nbytes() for b in self.blocks if b.role == role)
+
+
+# ---------------------------------------------------------------------------------------------
+# The relative index
+
+
+def _gaps(mask_flat: torch.Tensor) -> torch.Tensor:
+    """Zeros skipped before each kept position (int64, one per kept weight)."""
+    pos = torch.nonzero(mask_flat, as_tuple=False).reshape(-1)
+    prev = torch.cat([torch.tensor([-1]), pos[:-1]])
+    return pos - prev - 1
+
+
+def relative_index(mask_flat: torch.Tensor) -> tuple[int, int]:
+    """The cheapest relative-index width r and the stream's length in bits.
+
+    >>> relative_index(torch.tensor([False] * 3 + [True] + [False] * 7 + [True]))
+    (4, 8)
+    """
+    gaps = _gaps(mask_flat)
+    if gaps.numel() == 0:
+        return 1, 0
+    widths = torch.arange(1, MAX_INDEX_WIDTH + 1)
+    escape = (2**widths - 1)[:, None]  # (R, 1)
+    entries = gaps.numel() + (gaps[None, :] // escape).sum(dim=1)  # (R,)
+    bits = entries * widths
+    best = int(torch.argmin(bits))  # first minimum: the narrowest of equals
+    return int(widths[best]), int(bits[best])
+
+
+def relative_index_stream(mask_flat: torch.Tensor, width: int) -> torch.Tensor:
+    """The relative-index entries (int64) for ``mask_flat`` at width ``width``."""
+    gaps = _gaps(mask_flat)
+    escape = 2**width - 1
+    fills = gaps // escape
+    counts = fills + 1
+    stream = torch.full((int(counts.sum()),), escape, dtype=torch.int64)
+    stream[torch.cumsum(counts, 0) - 1] = gaps - fills * escape
+    return stream
+
+
+def positions_from_stream(stream: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of :func:`relative_index_stream`: the kept positions."""
+    escape = 2**width - 1
+    terminal = stream != escape
+    advance = torch.cumsum(stream + terminal.to(torch.int64), 0)
+    return advance[terminal] - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing an encoding
+
+
+def _index_candidates(
+    nonzero: torch.Tensor, value_bits: int, dense: bool = True
+) -> list[tuple[str, UIntBlock]]:
+    """(encoding, index block) for the sparse encodings worth pricing."""
+    n = nonzero.numel()
+    k = int(nonzero.sum())
+    # a sparse form saves at most value_bits * (n - k) bits and its index costs at least
+    # min(n, k) bits (a bit per weight, or an entry per kept weight): skip it when it
+    # cannot beat dense
+    if dense and value_bits * (n - k) < min(n, k):
+        return []
+    mask_block = UIntBlock(n, 1, lambda: nonzero.to(torch.uint8), "mask")
+    out = [("mask", mask_block)]
+    width, rel_bits = relative_index(nonzero)
+    rel = UIntBlock(rel_bits // width, width, lambda: relative_index_stream(nonzero, width),
+                    "relidx")
+    out.append(("relidx", rel))
+    return out
+
+
+def _dead_channels(nonzero: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Per output channel, True when it is kept (has a nonzero); None if none is all zero."""
+    if len(shape) < 2:
+        return None
+    alive = nonzero.reshape(shape[0], -1).any(dim=1)
+    return None if bool(alive.all()) else alive
+
+
+def _cheapest(candidates: list[Encoded]) -> Encoded:
+    best = candidates[0]
+    for c in candidates[1:]:
+        if c.nbytes() < best.nbytes():
+            best = c
+    return best
+
+
+def encode_quantized(
+    codes: torch.Tensor,
+    qp: QParams,
+    bits: int,
+    *,
+    per_channel: bool,
+    symmetric: bool,
+    mask: torch.Tensor | None = None,
+) -> Encoded:
+    """The cheapest packed form of a quantized tensor.
+
+    ``codes`` has the tensor's shape (pruned weights already at the zero code when
+    ``bits >= 2``); ``mask`` (True = kept) is what pruning left, needed at 1 bit where no
+    zero code exists.
+    """
+    shape = tuple(codes.shape)
+    groups = int(qp.scale.numel())
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if qp.binary:  # no zero code: only the pruning mask makes zeros
+        nonzero = None if mask is None or bool(mask.all()) else mask.reshape(-1)
+    else:
+        nonzero = (codes.reshape(groups, -1) != qp.zero_point[:, None]).reshape(-1)
+    base = {"bits": bits, "symmetric": symmetric, "binary": qp.binary,
+            "per_channel": per_channel, "groups": groups}  # fmt: skip
+
+    def params(select: torch.Tensor | None = None) -> list[Block]:
+        scale = qp.scale if select is None else qp.scale[select]
+        blocks: list[Block] = [Float32Block(scale, "scales")]
+        if not symmetric and not qp.binary:
+            zp = qp.zero_point if select is None else qp.zero_point[select]
+            blocks.append(Int32Block(zp))
+        return blocks
+
+    def code_block(select: torch.Tensor | None, count: int) -> UIntBlock:
+        # widened first: int8 codes minus qmin would overflow
+        if select is None:
+            return UIntBlock(count, bits, lambda: flat.to(torch.int32) - qp.qmin)
+        return UIntBlock(count, bits, lambda: flat[select].to(torch.int32) - qp.qmin)
+
+    candidates = []
+    has_dense = nonzero is None or not qp.binary
+    if has_dense:
+        candidates.append(Encoded("quant", "dense", (*params(), code_block(None, n)),
+                                  {**base, "kept": n}))  # fmt: skip
+    if nonzero is not None and not bool(nonzero.all()):
+        alive = _dead_channels(nonzero, shape)
+        keep = None if alive is None else alive.repeat_interleave(n // shape[0])
+        # at 1 bit a pruned weight inside a kept channel has no code to take
+        if keep is not None and (has_dense or torch.equal(keep, nonzero)):
+            kept = int(keep.sum())
+            sel = alive if per_channel else None
+            candidates.append(Encoded(
+                "quant", "channels",
+                (UIntBlock(shape[0], 1, lambda: alive.to(torch.uint8), "channels"), *params(sel),
+                 code_block(keep, kept)),
+                {**base, "kept": kept},
+            ))  # fmt: skip
+        k = int(nonzero.sum())
+        for enc, index in _index_candidates(nonzero, bits, dense=has_dense):
+            candidates.append(Encoded(
+                "quant", enc, (*params(), code_block(nonzero, k), index),
+                {**base, "kept": k, "index_width": index.width if enc == "relidx" else 0},
+            ))  # fmt: skip
+    return _cheapest(candidates)
+
+
+def float_values(values: torch.Tensor) -> Encoded:
+    """A tensor stored as plain float32 values (biases, BatchNorm, layers left alone)."""
+    return Encoded("float", "dense", (Float32Block(values.detach().reshape(-1)),),
+                   {"kept": values.numel()})
+
+
+def encode_float(values: torch.Tensor) -> Encoded:
+    """The cheapest packed form of a float32 tensor: dense, or its nonzeros and an index."""
+    shape = tuple(values.shape)
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    candidates = [float_values(flat)]
+    nonzero = flat != 0
+    if n and not bool(nonzero.all()):
+        alive = _dead_channels(nonzero, shape)
+        if alive is not None:
+            keep = alive.repeat_interleave(n // shape[0])
+            candidates.append(Encoded(
+                "float", "channels",
+                (UIntBlock(shape[0], 1, lambda: alive.to(torch.uint8), "channels"),
+                 Float32Block(flat[keep])),
+                {"kept": int(keep.sum())},
+            ))  # fmt: skip
+        for enc, index in _index_candidates(nonzero, 32):
+            candidates.append(Encoded(
+                "float", enc, (Float32Block(flat[nonzero]), index),
+                {"kept": int(nonzero.sum()), "index_width": index.width if enc == "relidx" else 0},
+            ))  # fmt: skip
+    return _cheapest(candidates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (hostile input: every field and length is checked; errors are ValueErrors)
+
+
+class _Reader:
+    def __init__(self, buf: bytes, name: str):
+        self.buf, self.pos, self.name = buf, 0, name
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ValueError(f"The packed data for {self.name!r} is truncated.")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def floats(self, n: int) -> torch.Tensor:
+        vals = np.frombuffer(self.take(4 * n), dtype="<f4").astype(np.float32)
+        if not np.isfinite(vals).all():
+            raise ValueError(f"The packed data for {self.name!r} holds NaN or infinite values.")
+        return torch.from_numpy(vals)
+
+
+def _int_field(fields: dict, key: str, lo: int, hi: int, name: str) -> int:
+    v = fields.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"Tensor {name!r} has an invalid {key} ({v!r}) in the packed file.")
+    return v
+
+
+def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The float32 tensor an :class:`Encoded` wrote (``fields`` is its ``header()``)."""
+    numel = math.prod(shape)
+    r = _Reader(blob, name)
+    kind, encoding = fields.get("kind"), fields.get("encoding")
+    if kind not in ("quant", "float") or encoding not in ENCODINGS:
+        raise ValueError(f"Tensor {name!r} has an unknown kind or encoding in the packed file.")
+    kept = _int_field(fields, "kept", 0, numel, name)
+    channels = shape[0] if len(shape) >= 2 else 0
+    if encoding == "channels" and not channels:
+        raise ValueError(f"Tensor {name!r} is stored by channels but has no channel axis.")
+    if encoding == "dense" and kept != numel:
+        raise ValueError(f"Tensor {name!r} is dense but lists {kept} of {numel} weights.")
+    alive = None
+    if kind == "float":
+        if encoding == "channels":
+            alive = _channel_bitmap(r, channels)
+        vals = r.floats(kept)
+    else:
+        bits = _int_field(fields, "bits", 1, 16, name)
+        groups = _int_field(fields, "groups", 1, max(numel, 1), name)
+        binary, symmetric = fields.get("binary"), fields.get("symmetric")
+        per_channel = fields.get("per_channel")
+        if not all(isinstance(v, bool) for v in (binary, symmetric, per_channel)) \
+                or binary != (bits == 1):
+            raise ValueError(f"Tensor {name!r} has invalid quantization fields.")
+        if per_channel and (not shape or groups != shape[0]):
+            raise ValueError(f"Tensor {name!r} has {groups} scales for {shape[:1]} channels.")
+        if not per_channel and groups != 1:
+            raise ValueError(f"Tensor {name!r} has {groups} scales but is per-tensor.")
+        if encoding == "channels":
+            alive = _channel_bitmap(r, channels)
+        stored = int(alive.sum()) if alive is not None and per_channel else groups
+        scale = r.floats(stored)
+        if bool((scale < 0).any()):
+            raise ValueError(f"Tensor {name!r} has a negative scale in the packed file.")
+        zp = torch.zeros(stored, dtype=torch.int64)
+        qmin, qmax = code_range(bits, symmetric)
+        if not symmetric and not binary:
+            zp = torch.from_numpy(np.frombuffer(r.take(4 * stored), dtype="<i4").astype(np.int64))
+            if bool(((zp < qmin) | (zp > qmax)).any()):
+                raise ValueError(f"Tensor {name!r} has a zero point outside its code range.")
+        if stored != groups:  # scatter the kept channels' parameters back to every channel
+            scale = torch.ones(groups).index_put((alive,), scale)
+            zp = torch.zeros(groups, dtype=torch.int64).index_put((alive,), zp)
+        codes = torch.from_numpy(unpack_uint(r.take(_ceil_bytes(bits * kept)), bits, kept)) + qmin
+    positions = _positions(fields, r, encoding, numel, kept, alive, name)
+    if kind == "quant":
+        # every stored weight's group: its output channel, or group 0 per tensor
+        group_of = positions // (numel // groups) if groups > 1 else torch.zeros_like(positions)
+        s, z = scale[group_of], zp[group_of]
+        vals = (2 * codes - 1).float() * s if binary else (codes - z).float() * s
+    out = torch.zeros(numel)
+    out[positions] = vals
+    if r.pos != len(r.buf):  # a header lying about bits or counts
+        raise ValueError(f"The packed data for {name!r} does not match its header.")
+    return out.reshape(shape)
+
+
+def _channel_bitmap(r: _Reader, channels: int) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(r.take(_ceil_bytes(channels)), dtype=np.uint8))
+    return torch.from_numpy(bits[:channels].astype(bool))
+
+
+def _positions(fields, r: _Reader, encoding, numel, kept, alive, name) -> torch.Tensor:
+    if encoding == "dense":
+        return torch.arange(numel)
+    if encoding == "channels":
+        per = numel // alive.numel()
+        pos = torch.nonzero(alive.repeat_interleave(per)).reshape(-1)
+    elif encoding == "mask":
+        bits = np.unpackbits(np.frombuffer(r.take(_ceil_bytes(numel)), dtype=np.uint8))[:numel]
+        pos = torch.from_numpy(np.nonzero(bits)[0].astype(np.int64))
+    else:
+        width = _int_field(fields, "index_width", 1, MAX_INDEX_WIDTH, name)
+        rest = len(r.buf) - r.pos
+        stream = torch.from_numpy(unpack_uint(r.take(rest), width, rest * 8 // width))
+        pos = positions_from_stream(stream, width)
+        if pos.numel() > kept:  # padding bits at the end may read as one more entry
+            pos = pos[:kept]
+    if pos.numel() != kept or (kept and int(pos.max()) >= numel):
+        raise ValueError(f"The sparse index of tensor {name!r} does not match its weights.")
+    return pos
