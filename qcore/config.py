@@ -1,11 +1,33 @@
-"""Configuration records: what to do to a model, kept apart from how it is done."""
+"""Configuration records: what to do to a model, kept apart from how it is done.
+
+Two layers live here:
+
+- the frozen configs qcore runs (:class:`QuantConfig`, :class:`PruneConfig`,
+  :class:`CompressionConfig`), each with ``to_dict`` (plain, JSON-safe) and ``from_dict``
+  (strict: it reads files and links, so it refuses unknown keys and bad values with a
+  sentence);
+- :class:`Settings`, the flat settings a person gives (the Playground's widgets, a link's
+  query, the command line), and the one mapping from them to a :class:`CompressionConfig`.
+  Flat values are text: ``Settings.from_flat`` parses them, ``Settings.to_flat`` writes
+  them back.
+
+>>> cfg = CompressionConfig(quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.5))
+>>> CompressionConfig.from_dict(cfg.to_dict()) == cfg
+True
+>>> s, warnings = Settings.from_flat({"bits": "4", "prune": "0.5"})
+>>> s.to_config() == cfg, warnings
+(True, [])
+>>> s.to_flat()
+{'bits': '4', 'clip': '1', 'clip_mode': 'ratio', 'prune': '0.5'}
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
@@ -15,33 +37,48 @@ CLIP_MODES: tuple[str, ...] = ("ratio", "absolute", "sigma", "percentile", "mse"
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 SCOPES: tuple[str, ...] = ("layer", "global")
 MIN_BITS, MAX_BITS = 1, 16
+MAX_SEED = 2**32 - 1  # stochastic rounding seeds a torch.Generator with seed * 1_000_003 + i
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut short: messages quote hostile input, which may be huge."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return "a number too long to show"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {_show(value)}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_bits(bits: object, what: str = "bits") -> int:
     """Return ``bits`` as an int after checking it is a whole number in 1..16."""
-    if (
-        isinstance(bits, bool)
-        or not isinstance(bits, int | float)
-        or not math.isfinite(bits)
-        or bits != int(bits)
+    if not _is_number(bits) or (
+        isinstance(bits, float) and (not math.isfinite(bits) or bits != int(bits))
     ):
-        raise ValueError(f"{what} must be a whole number from 1 to 16; got {bits!r}.")
+        raise ValueError(f"{what} must be a whole number from 1 to 16; got {_show(bits)}.")
     if not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(
-            f"{what} must be from {MIN_BITS} to {MAX_BITS}; got {bits}. "
+            f"{what} must be from {MIN_BITS} to {MAX_BITS}; got {_show(bits)}. "
             "Leave quantization off (quant=None) to keep float32 weights."
         )
     return int(bits)
 
 
 def _check_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}.")
+    try:
+        ok = _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a finite number; got {_show(value)}.")
     return float(value)
 
 
@@ -66,9 +103,9 @@ class QuantConfig:
     clip: float = 1.0
     clip_mode: ClipMode = "ratio"
     rounding: Rounding = "nearest"
-    seed: int = 0  # for stochastic rounding, so results repeat
-    # Per-layer bit widths that override ``bits``, as (layer name, bits) pairs; a mapping
-    # is accepted and stored sorted so that the config stays hashable.
+    seed: int = 0  # for stochastic rounding, so results repeat; 0..2**32-1
+    # Per-layer bit widths that override ``bits``, as (layer name, bits) pairs, one per
+    # layer; a mapping is accepted and stored sorted so that the config stays hashable.
     layer_bits: tuple[tuple[str, int], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -85,20 +122,46 @@ class QuantConfig:
             raise ValueError(f"A clip threshold in {self.clip_mode} mode must be > 0; got {clip}.")
         if self.clip_mode == "percentile" and not 0.0 < clip <= 100.0:
             raise ValueError(f"A clip percentile must be in (0, 100]; got {clip}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be a whole number; got {_show(self.seed)}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be from 0 to {MAX_SEED}; got {_show(self.seed)}.")
         pairs = self.layer_bits.items() if isinstance(self.layer_bits, Mapping) else self.layer_bits
-        checked = []
+        checked: dict[str, int] = {}
         for pair in pairs:
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise ValueError(
-                    f"layer_bits entries must be (layer name, bits) pairs; got {pair!r}."
+                    f"layer_bits entries must be (layer name, bits) pairs; got {_show(pair)}."
                 )
-            name, b = pair
-            checked.append((str(name), check_bits(b, f"bits for layer {name!r}")))
-        object.__setattr__(self, "layer_bits", tuple(sorted(checked)))
+            name, b = str(pair[0]), pair[1]
+            if name in checked:
+                raise ValueError(
+                    f"layer_bits names layer {_show(name)} twice; give each layer one bit width."
+                )
+            checked[name] = check_bits(b, f"bits for layer {_show(name)}")
+        object.__setattr__(self, "layer_bits", tuple(sorted(checked.items())))
 
     def bits_for(self, layer: str) -> int:
         """The bit width used for ``layer``: its override if any, else ``bits``."""
         return dict(self.layer_bits).get(layer, self.bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe values; ``layer_bits`` as ``[[name, bits], ...]`` sorted by name."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["layer_bits"] = [[n, b] for n, b in self.layer_bits]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: object) -> QuantConfig:
+        """The config ``to_dict`` wrote; missing keys take their defaults.
+
+        Raises ValueError with a sentence for a key it does not know or a bad value.
+        """
+        values = _known_keys("A quant config", cls, d)
+        _check_bools("A quant config", values, ("symmetric", "per_channel"))
+        if "layer_bits" in values:
+            values["layer_bits"] = _layer_bits_from(values["layer_bits"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -125,6 +188,20 @@ class PruneConfig:
         object.__setattr__(self, "rate", rate)
         _check_choice("scope", self.scope, SCOPES)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: object) -> PruneConfig:
+        """The config ``to_dict`` wrote; missing keys take their defaults.
+
+        Raises ValueError with a sentence for a key it does not know or a bad value.
+        """
+        values = _known_keys("A prune config", cls, d)
+        _check_bools("A prune config", values, ("structured",))
+        return cls(**values)
+
 
 @dataclass(frozen=True)
 class CompressionConfig:
@@ -149,3 +226,435 @@ class CompressionConfig:
     @property
     def prunes(self) -> bool:
         return self.prune is not None and self.prune.rate > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe values: nested dicts for quant and prune (or None), layers a list."""
+        return {
+            "quant": None if self.quant is None else self.quant.to_dict(),
+            "prune": None if self.prune is None else self.prune.to_dict(),
+            "layers": None if self.layers is None else list(self.layers),
+            "fold_bn": self.fold_bn,
+        }
+
+    @classmethod
+    def from_dict(cls, d: object) -> CompressionConfig:
+        """The config ``to_dict`` wrote; missing keys take their defaults.
+
+        Raises ValueError with a sentence for a key it does not know or a bad value.
+        """
+        values = _known_keys("A compression config", cls, d)
+        _check_bools("A compression config", values, ("fold_bn",))
+        if values.get("quant") is not None:
+            values["quant"] = QuantConfig.from_dict(values["quant"])
+        if values.get("prune") is not None:
+            values["prune"] = PruneConfig.from_dict(values["prune"])
+        layers = values.get("layers")
+        if layers is not None:
+            if not isinstance(layers, list | tuple) or not all(isinstance(n, str) for n in layers):
+                raise ValueError(
+                    f"A compression config's layers must be a list of layer names or null; "
+                    f"got {_show(layers)}."
+                )
+        return cls(**values)
+
+
+def _known_keys(what: str, cls: type, d: object) -> dict[str, Any]:
+    """``d`` as a dict after checking it is a mapping of ``cls``'s field names only."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{what} must be a mapping of settings (a JSON object); got {_show(d)}.")
+    known = [f.name for f in fields(cls) if f.init]
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ValueError(
+            f"{what} has no setting {_show(unknown[0])}; the settings are: {', '.join(known)}."
+        )
+    return dict(d)
+
+
+def _check_bools(what: str, values: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key in values and not isinstance(values[key], bool):
+            raise ValueError(f"{what}'s {key} must be true or false; got {_show(values[key])}.")
+
+
+def _layer_bits_from(raw: object) -> tuple[tuple[str, int], ...]:
+    """``[[name, bits], ...]`` (or ``{name: bits}``) as pairs, checking only the types."""
+    pairs = list(raw.items()) if isinstance(raw, Mapping) else raw
+    if not isinstance(pairs, list | tuple) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs
+    ):
+        raise ValueError(
+            f"A quant config's layer_bits must be a list of [layer name, bits] pairs; "
+            f"got {_show(raw)}."
+        )
+    return tuple((p[0], p[1]) for p in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat settings: what a person sets (widgets, a link, the command line) as plain values, and
+# the one mapping from them to a CompressionConfig.
+
+FLOAT = "float"  # the flat value of ``bits`` that means "no quantization"
+MAX_PRUNE = 0.99  # the highest pruning rate a person may set (1.0 would remove everything)
+
+
+@dataclass(frozen=True)
+class ClipRange:
+    """The clip values a person may set in one clip mode, and where that mode starts."""
+
+    lo: float
+    hi: float
+    default: float
+
+
+CLIP_RANGES: dict[str, ClipRange] = {
+    "ratio": ClipRange(lo=0.01, hi=1.0, default=1.0),  # of max|w|; 1.0 = no clipping
+    "absolute": ClipRange(lo=0.005, hi=2.0, default=0.5),  # weight units
+    "sigma": ClipRange(lo=0.5, hi=8.0, default=3.0),  # standard deviations
+    "percentile": ClipRange(lo=50.0, hi=100.0, default=99.9),  # of |w|
+    "mse": ClipRange(lo=0.01, hi=1.0, default=1.0),  # unused: the range is searched
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Flat compression settings, in the units a person uses (hashable, link-friendly)."""
+
+    bits: int | None = 8  # None = float, no quantization
+    clip: float = 1.0
+    clip_mode: str = "ratio"
+    prune: float = 0.0
+    symmetric: bool = True
+    per_channel: bool = False
+    rounding: str = "nearest"
+    structured: bool = False
+    scope: str = "layer"
+    fold_bn: bool = True
+    layers: tuple[str, ...] | None = None  # None = every weight layer
+    # per-layer bit widths overriding ``bits``, as (layer, bits) pairs in model order; set by
+    # the Mixed precision page or a link (``layer_bits=fc1:4,fc2:8``)
+    layer_bits: tuple[tuple[str, int], ...] = ()
+
+    def to_config(self) -> CompressionConfig:
+        """The qcore config; raises ValueError with a user sentence for a bad combination."""
+        if self.layers is not None and not self.layers:
+            raise ValueError("Pick at least one layer to compress (Advanced → Layers).")
+        quant = None
+        if self.bits is not None:
+            quant = QuantConfig(
+                bits=self.bits,
+                symmetric=self.symmetric,
+                per_channel=self.per_channel,
+                clip=self.clip,
+                clip_mode=self.clip_mode,
+                rounding=self.rounding,
+                layer_bits=self.layer_bits,
+            )
+        prune = None
+        if self.prune > 0:
+            prune = PruneConfig(rate=self.prune, structured=self.structured, scope=self.scope)
+        return CompressionConfig(quant=quant, prune=prune, layers=self.layers, fold_bn=self.fold_bn)
+
+    @classmethod
+    def from_config(
+        cls, config: CompressionConfig, layer_names: Sequence[str] | None = None
+    ) -> Settings:
+        """The settings whose ``to_config()`` is ``config``; ``layer_bits`` in the order of
+        ``layer_names`` when given (settings keep model order), else by name."""
+        q, p = config.quant, config.prune
+        if q is not None and q.seed != 0:
+            raise ValueError(
+                f"This config uses rounding seed {q.seed}; flat settings always use seed 0."
+            )
+        s = cls(
+            layers=config.layers,
+            fold_bn=config.fold_bn,
+            prune=0.0 if p is None else p.rate,
+            structured=False if p is None else p.structured,
+            scope="layer" if p is None else p.scope,
+        )
+        if q is None:
+            return replace(s, bits=None)
+        order = {n: i for i, n in enumerate(layer_names or ())}
+        pairs = sorted(q.layer_bits, key=lambda nb: (order.get(nb[0], len(order)), nb[0]))
+        return replace(
+            s,
+            bits=q.bits,
+            clip=q.clip,
+            clip_mode=q.clip_mode,
+            symmetric=q.symmetric,
+            per_channel=q.per_channel,
+            rounding=q.rounding,
+            layer_bits=tuple(pairs),
+        )
+
+    def to_flat(self) -> dict[str, str]:
+        """Flat text values (a link's query): the main sliders always, the others when not
+        default. ``Settings.from_flat`` reads them back."""
+        q = {
+            "bits": FLOAT if self.bits is None else str(self.bits),
+            "clip": f"{self.clip:g}",
+            "clip_mode": self.clip_mode,
+            "prune": f"{self.prune:g}",
+        }
+        default = Settings()
+        for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+            if getattr(self, key) != getattr(default, key):
+                q[key] = "true" if getattr(self, key) else "false"
+        for key in ("rounding", "scope"):
+            if getattr(self, key) != getattr(default, key):
+                q[key] = getattr(self, key)
+        if self.layers is not None:
+            q["layers"] = ",".join(self.layers)
+        if self.layer_bits:
+            q["layer_bits"] = ",".join(f"{n}:{b}" for n, b in self.layer_bits)
+        return q
+
+    @classmethod
+    def from_flat(
+        cls,
+        flat: Mapping[str, str],
+        layer_names: Sequence[str] = (),
+        *,
+        model: str = "the model",
+        source: str = "link",
+    ) -> tuple[Settings, list[str]]:
+        """Settings from flat text values, and a warning sentence for each bad or unknown
+        one (which keeps its default). See :func:`parse_flat`."""
+        values, warnings = parse_flat(flat, layer_names, model=model, source=source)
+        return cls(**values), warnings
+
+    def canonical(self) -> Settings:
+        """The same compression with unused options reset, so equal results share a cache key."""
+        d = Settings()
+        s = self
+        if s.bits is None:
+            s = replace(
+                s,
+                clip=d.clip,
+                clip_mode=d.clip_mode,
+                symmetric=d.symmetric,
+                per_channel=d.per_channel,
+                rounding=d.rounding,
+                layer_bits=d.layer_bits,
+            )
+        elif s.clip_mode == "mse":
+            s = replace(s, clip=d.clip)
+        if s.prune == 0:
+            s = replace(s, structured=d.structured, scope=d.scope)
+        if s.layer_bits and s.layers is not None:  # overrides of float layers change nothing
+            s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
+        return s
+
+    def label(self) -> str:
+        """A short description, e.g. ``4 bits · clip 1 · symmetric · per-tensor · prune 0.5``."""
+        if self.bits is None:
+            parts = ["float32"]
+        else:
+            mode = "" if self.clip_mode == "ratio" else f" ({self.clip_mode})"
+            parts = [
+                f"{self.bits} bits" + (" (per-layer: " + ", ".join(
+                    f"{n} {b}" for n, b in self.layer_bits) + ")" if self.layer_bits else ""),
+                f"clip {self.clip:g}{mode}",
+                "symmetric" if self.symmetric else "asymmetric",
+                "per-channel" if self.per_channel else "per-tensor",
+            ]  # fmt: skip
+        parts.append(f"prune {self.prune:g}")
+        return " · ".join(parts)
+
+    def slug(self) -> str:
+        """A short file-name tag, e.g. ``4bit-prune0.5``."""
+        parts = ["float" if self.bits is None else f"{self.bits}bit"]
+        if self.layer_bits and self.bits is not None:
+            parts.append("mixed")
+        if self.prune > 0:
+            parts.append(f"prune{self.prune:g}")
+        return "-".join(parts)
+
+
+SETTING_KEYS: tuple[str, ...] = tuple(Settings.__dataclass_fields__)
+
+# Parsing flat text. Whole numbers are plain ASCII digits only: ``"²".isdigit()`` is True
+# and ``int("٤")`` is 4, and a value that reads one way in one place must read the same
+# way everywhere (or be refused everywhere).
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_FLOAT_WORDS = (FLOAT, "fp32", "32", "none")
+
+
+def parse_bool(text: str) -> bool:
+    """``true/1/yes/on`` or ``false/0/no/off`` (any case); else ValueError."""
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise ValueError(f"Expected true or false; got {_show(text)}.")
+
+
+def parse_number(text: str) -> float:
+    """A finite number written in ASCII (``"0.5"``, ``"1e-3"``); else ValueError."""
+    t = text.strip()
+    try:
+        if not t.isascii():
+            raise ValueError
+        v = float(t)
+        if not math.isfinite(v):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"Expected a finite number; got {_show(text)}.") from None
+    return v
+
+
+def _whole(text: str) -> int | None:
+    """A small whole number in plain ASCII digits, or None."""
+    t = text.strip()
+    return int(t) if re.fullmatch(r"[0-9]{1,3}", t) else None
+
+
+def parse_bits(text: str) -> int | None:
+    """A bit width 1..16, or None for ``float`` (also ``fp32``, ``32``, ``none``).
+
+    >>> parse_bits("4"), parse_bits("float")
+    (4, None)
+    """
+    t = text.strip().lower()
+    if t in _FLOAT_WORDS:
+        return None
+    b = _whole(t)
+    if b is None or not MIN_BITS <= b <= MAX_BITS:
+        raise ValueError(f"bits must be a whole number from 1 to 16, or float; got {_show(text)}.")
+    return b
+
+
+def parse_layer_bits(text: str, layer_names: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """``"fc1:4,fc2:8"`` as (layer, bits) pairs in the order of ``layer_names``.
+
+    Each layer must be one of ``layer_names`` and appear once, with bits 1 to 16.
+
+    >>> parse_layer_bits("fc2:8, fc1:4", ["fc1", "fc2"])
+    (('fc1', 4), ('fc2', 8))
+    """
+    found: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, raw = (x.strip() for x in part.partition(":"))
+        b = _whole(raw)
+        if not sep or name not in layer_names or name in found or b is None:
+            break
+        if not MIN_BITS <= b <= MAX_BITS:
+            break
+        found[name] = b
+    else:
+        return tuple((n, found[n]) for n in layer_names if n in found)
+    example = f"{layer_names[0] if layer_names else 'fc1'}:4"
+    raise ValueError(
+        f"Expected pairs such as {example}, bits 1 to 16, layers {', '.join(layer_names)}; "
+        f"got {_show(text)}."
+    )
+
+
+def parse_flat(
+    flat: Mapping[str, str],
+    layer_names: Sequence[str] = (),
+    *,
+    model: str = "the model",
+    source: str = "link",
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate flat text settings: the valid ones as :class:`Settings` field values, and
+    a warning sentence for each bad or unknown one.
+
+    Only keys present and valid appear in the result; the caller keeps the default of the
+    others. ``layer_names`` are the model's weight layers, in model order (``layers`` and
+    ``layer_bits`` must name them); ``model`` and ``source`` name them in the warnings.
+    A linked ``clip_mode`` other than ratio brings that mode's default clip along.
+
+    >>> values, warnings = parse_flat({"bits": "3", "clip_mode": "sigma", "colour": "red"})
+    >>> values
+    {'bits': 3, 'clip_mode': 'sigma', 'clip': 3.0}
+    >>> warnings
+    ['The link has an unknown setting `colour`; it was ignored.']
+    """
+    values: dict[str, Any] = {}
+    warnings: list[str] = []
+
+    def bad(key: str, raw: str, expected: str) -> None:
+        warnings.append(
+            f"The {source}'s `{key}={raw}` is not valid ({expected}); using the default."
+        )
+
+    for key in flat:
+        if key not in SETTING_KEYS:
+            warnings.append(f"The {source} has an unknown setting `{key}`; it was ignored.")
+
+    raw = flat.get("bits")
+    if raw is not None:
+        try:
+            values["bits"] = parse_bits(raw)
+        except ValueError:
+            bad("bits", raw, "a whole number from 1 to 16, or float")
+
+    raw = flat.get("clip_mode")
+    if raw is not None:
+        if raw in CLIP_RANGES:
+            values["clip_mode"] = raw
+        else:
+            bad("clip_mode", raw, "one of " + ", ".join(CLIP_RANGES))
+    mode = values.get("clip_mode", "ratio")
+    if mode != "ratio":
+        values["clip"] = CLIP_RANGES[mode].default  # the default clip of the linked mode
+
+    raw = flat.get("clip")
+    if raw is not None:
+        r = CLIP_RANGES[mode]
+        try:
+            v = parse_number(raw)
+            if not r.lo <= v <= r.hi:
+                raise ValueError
+            values["clip"] = v
+        except ValueError:
+            bad("clip", raw, f"a number from {r.lo:g} to {r.hi:g} in {mode} mode")
+
+    raw = flat.get("prune")
+    if raw is not None:
+        try:
+            v = parse_number(raw)
+            if not 0.0 <= v <= MAX_PRUNE:
+                raise ValueError
+            values["prune"] = v
+        except ValueError:
+            bad("prune", raw, f"a rate from 0 to {MAX_PRUNE:g}")
+
+    for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+        raw = flat.get(key)
+        if raw is not None:
+            try:
+                values[key] = parse_bool(raw)
+            except ValueError:
+                bad(key, raw, "true or false")
+
+    for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES)):
+        raw = flat.get(key)
+        if raw is not None:
+            if raw in choices:
+                values[key] = raw
+            else:
+                bad(key, raw, "one of " + ", ".join(choices))
+
+    known = list(layer_names)
+    raw = flat.get("layers")
+    if raw is not None:
+        picked = [n.strip() for n in raw.split(",") if n.strip()]
+        if picked and all(n in known for n in picked):
+            values["layers"] = tuple(n for n in known if n in picked)
+        else:
+            bad("layers", raw, f"comma-separated layers of {model}: " + ", ".join(known))
+
+    raw = flat.get("layer_bits")
+    if raw is not None:
+        try:
+            values["layer_bits"] = parse_layer_bits(raw, known)
+        except ValueError:
+            example = f"{known[0] if known else 'fc1'}:4"
+            layers = ", ".join(known)
+            bad("layer_bits", raw, f"pairs such as {example}, bits 1 to 16, layers {layers}")
+    return values, warnings
