@@ -114,16 +114,25 @@ class UIntBlock:
 
 @dataclass(frozen=True, eq=False)
 class Float32Block:
-    """float32 values, little-endian."""
+    """float32 values, little-endian: ``values``, or only those where ``select`` is True."""
 
     values: torch.Tensor
     role: str = "values"  # "values" or "scales"
+    select: torch.Tensor | None = field(default=None, repr=False)  # picked when encoding
+    count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.values.numel() if self.select is None else int(self.select.sum())
+        object.__setattr__(self, "count", n)
 
     def nbytes(self) -> int:
-        return FLOAT_BYTES * self.values.numel()
+        return FLOAT_BYTES * self.count
 
     def encode(self) -> bytes:
-        return self.values.detach().reshape(-1).float().numpy().astype("<f4").tobytes()
+        flat = self.values.detach().reshape(-1)
+        if self.select is not None:
+            flat = flat[self.select]
+        return flat.float().numpy().astype("<f4").tobytes()
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,12 +349,12 @@ def encode_float(values: torch.Tensor) -> Encoded:
             candidates.append(Encoded(
                 "float", "channels",
                 (UIntBlock(shape[0], 1, lambda: alive.to(torch.uint8), "channels"),
-                 Float32Block(flat[keep])),
+                 Float32Block(flat, select=keep)),
                 {"kept": int(keep.sum())},
             ))  # fmt: skip
         for enc, index in _index_candidates(nonzero, 32):
             candidates.append(Encoded(
-                "float", enc, (Float32Block(flat[nonzero]), index),
+                "float", enc, (Float32Block(flat, select=nonzero), index),
                 {"kept": int(nonzero.sum()), "index_width": index.width if enc == "relidx" else 0},
             ))  # fmt: skip
     return _cheapest(candidates)

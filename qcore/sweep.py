@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -28,6 +28,7 @@ from qcore.config import (
     check_bits,
 )
 from qcore.evaluate import agreement, evaluate
+from qcore.refs import Progress
 
 __all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
 
@@ -36,9 +37,6 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "accuracy", "loss", "agreement", "size_bytes", "float_size_bytes", "ratio", "sparsity",
     "mean_sqnr_db", "seconds",
 )  # fmt: skip
-
-Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
-
 
 def _tuple(name: str, values: object) -> tuple:
     if isinstance(values, str) or not isinstance(values, Iterable):

@@ -12,6 +12,7 @@ import torch
 from conftest import make_bn_model, make_mlp, make_twice_used
 from torch import nn
 
+import qcore
 from qcore.compress import compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig
 from qcore.export import MAGIC, PREFIX_BYTES, export_packed, load_packed, packed_bytes, read_header
@@ -269,3 +270,59 @@ def test_bits_lie_on_dense_tensor(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="does not match its header"):
             load_bytes(tmp_path / "bad.qpk", rewrite(data, edit_field("1.weight", "bits", bits)),
                        model)
+
+
+# ---------------------------------------------------------------- size on screen == file
+
+
+def random_config(rng, layer_names: list[str]) -> CompressionConfig:
+    """A random valid configuration (seeded), covering every encoding and scheme."""
+    quant = None
+    if rng.random() < 0.85:
+        mode = rng.choice(["ratio", "absolute", "sigma", "percentile", "mse"])
+        clip = {"ratio": rng.uniform(0.3, 1.0), "absolute": rng.uniform(0.05, 1.0),
+                "sigma": rng.uniform(1.0, 5.0), "percentile": rng.uniform(90, 100),
+                "mse": 1.0}[mode]  # fmt: skip
+        layer_bits = {}
+        if rng.random() < 0.3:
+            layer_bits = {n: rng.randint(1, 16) for n in rng.sample(layer_names, 1)}
+        quant = QuantConfig(bits=rng.randint(1, 16), symmetric=rng.random() < 0.6,
+                            per_channel=rng.random() < 0.4, clip=clip, clip_mode=mode,
+                            layer_bits=layer_bits)  # fmt: skip
+    prune = None
+    if rng.random() < 0.6:
+        prune = PruneConfig(rate=rng.choice([0.01, 0.2, 0.5, 0.9, 0.98]),
+                            structured=rng.random() < 0.4,
+                            scope=rng.choice(["layer", "global"]))  # fmt: skip
+    layers = None
+    if rng.random() < 0.2:
+        layers = tuple(rng.sample(layer_names, max(1, len(layer_names) // 2)))
+    return CompressionConfig(quant=quant, prune=prune, layers=layers,
+                             fold_bn=rng.random() < 0.8)
+
+
+@pytest.mark.parametrize("name", qcore.list_models())
+def test_size_bytes_is_the_payload_on_every_sample_model(name: str, tmp_path: Path) -> None:
+    """20 random configs per sample model: size_bytes == the payload the file holds, the
+    header says so too, and the file loads to the compressed model's outputs."""
+    import random
+
+    rng = random.Random(f"size-{name}")
+    model = qcore.load_model(name)
+    x = qcore.load_dataset(qcore.model_info(name).dataset).x[:16]
+    layer_names = list(qcore.weight_layers(model))
+    for i in range(20):
+        config = random_config(rng, layer_names)
+        c = compress(model, config)
+        data = packed_bytes(c)
+        head = header_len(data)
+        assert len(data) - PREFIX_BYTES - head == c.size_bytes, config
+        assert c.size_bytes == sum(r.size_bytes for r in c.layers) + sum(
+            e.nbytes() for k, _, e in c.packed_tensors()
+            if k.rsplit(".", 1)[0] not in {r.name for r in c.layers})
+        path = tmp_path / f"{i}.qpk"
+        path.write_bytes(data)
+        packed = load_packed(path)  # rebuilt from the file's model spec
+        assert packed.config == config
+        with torch.inference_mode():
+            assert torch.equal(packed.model(x), c.model(x)), config

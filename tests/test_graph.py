@@ -1,0 +1,175 @@
+"""Tests for qcore.graph: the one runtime every variant, analysis and evaluation runs on."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import make_bn_model, make_mlp, state_hash
+from torch import nn
+
+import qcore
+from qcore.compress import compress
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+from qcore.evaluate import evaluate
+from qcore.graph import Graph, graph_of
+
+
+@pytest.mark.parametrize("name", qcore.list_models())
+def test_graph_equals_float_model_on_every_sample_model(name: str) -> None:
+    """No replacements: the graph's logits are the module's, bit for bit."""
+    model = qcore.load_model(name)
+    x = qcore.load_dataset(qcore.model_info(name).dataset).x[:200]
+    with torch.inference_mode():
+        assert torch.equal(graph_of(model, fold_bn=False).run(x), model(x))
+        folded = qcore.fold.fold_batchnorm(model)
+        assert torch.equal(graph_of(model, fold_bn=True).run(x), folded(x))
+
+
+def test_graph_is_made_once_and_remade_after_a_change(images: torch.Tensor) -> None:
+    model = make_bn_model(3)
+    g = graph_of(model)
+    assert graph_of(model) is g and graph_of(model, fold_bn=False) is not g
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    g2 = graph_of(model)
+    assert g2 is not g
+    with torch.inference_mode():
+        assert torch.allclose(g2.run(images), model(images), atol=1e-5)
+
+
+def test_replacements_change_only_that_run(images: torch.Tensor) -> None:
+    model = make_mlp(1)
+    g = graph_of(model)
+    before = state_hash(model)
+    zero = {"1.weight": torch.zeros_like(g.params["1.weight"])}
+    with torch.inference_mode():
+        out = g.run(images, zero)
+        ref = model[3](torch.relu(model[1].bias.expand(images.shape[0], -1)))
+        assert torch.equal(out, ref)
+        assert torch.equal(g.run(images), model(images))
+    assert state_hash(model) == before
+    with pytest.raises(ValueError, match="No tensor named 'nope'"):
+        g.run(images, {"nope": torch.zeros(1)})
+
+
+def test_gradients_flow_through_a_variant_and_float_weights_stay(images: torch.Tensor) -> None:
+    model = make_bn_model(2)
+    g = graph_of(model)
+    before = state_hash(model)
+    w = g.params["7.weight"].clone().requires_grad_(True)
+    x = images.clone().requires_grad_(True)  # adversarial inputs need input gradients too
+    loss = g.run(x, {"7.weight": w}).square().sum()
+    loss.backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert not any(t.requires_grad for t in g.params.values())
+    assert all(t.grad is None for t in g.params.values())
+    assert state_hash(model) == before
+
+
+def test_points_observe_and_fake_quantize_edges(images: torch.Tensor) -> None:
+    model = make_bn_model(0)
+    g = graph_of(model)
+    names = g.point_names()
+    assert names[0] == "input"
+    assert {"0.input", "3.input", "7.input", "10.input"} <= set(names)
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def observer(name):
+        def point(t: torch.Tensor) -> torch.Tensor:
+            seen[name] = tuple(t.shape)
+            return t
+        return point
+
+    with torch.inference_mode():
+        out = g.run(images, points={n: observer(n) for n in names})
+        assert torch.equal(out, g.run(images))  # observers change nothing
+        assert seen["input"] == tuple(images.shape) and seen["7.input"] == (images.shape[0], 96)
+        rounded = g.run(images, points={"7.input": lambda t: torch.round(t)})
+        plain = g.run(images)
+    assert not torch.equal(rounded, plain)
+
+
+def test_points_on_additions() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) + x)
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    g = graph_of(model)
+    adds = [n for n in g.point_names() if n.startswith("add")]
+    assert len(adds) == 1
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        out = g.run(x, points={adds[0]: torch.zeros_like})
+        assert torch.equal(out, model.b(torch.zeros(5, 4)))
+
+
+def test_untraceable_model_names_the_operation() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(ValueError, match=r"cannot be traced.*`if x\.sum\(\) > 0:`"):
+        Graph(Branch().eval())
+
+
+def test_prefix_reuse_equals_a_whole_run(images: torch.Tensor) -> None:
+    model = make_bn_model(4)
+    g = graph_of(model)
+    new = {"3.weight": g.params["3.weight"] * 0.5}
+    plan = g.plan(new)
+    assert plan.suffix and all(n in g.nodes for n in plan.suffix)
+    with torch.inference_mode():
+        _, cache = g.run(images, keep=plan.reads | {g.output})
+        assert torch.equal(g.run_suffix(plan, cache, new), g.run(images, new))
+
+
+def test_variants_of_one_graph_in_threads() -> None:
+    """Two sessions run different variants of one shared model at once: no mixing."""
+    model = make_bn_model(7)
+    x = torch.randn(16, 1, 6, 6)
+    variants = [compress(model, CompressionConfig(quant=QuantConfig(bits=b),
+                                                  prune=PruneConfig(rate=r)))
+                for b, r in ((2, 0.0), (4, 0.5), (8, 0.0))]  # fmt: skip
+    assert len({id(v.graph) for v in variants}) == 1  # one shared graph
+    with torch.inference_mode():
+        expected = [v.model(x) for v in variants]
+    errors: list[str] = []
+
+    def run(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(40):
+                if not torch.equal(variants[i].model(x), expected[i]):
+                    errors.append(f"variant {i} saw another variant's weights")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(variants))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_evaluate_runs_on_the_graph_with_the_same_numbers() -> None:
+    model = qcore.load_model("digits-mlp")
+    data = qcore.load_dataset("digits")
+    m = evaluate(model, data)
+    with torch.inference_mode():
+        logits = model(data.x)
+    assert m.accuracy == int((logits.argmax(1) == data.y).sum()) / len(data.y)
+    assert round(m.accuracy, 4) == qcore.model_info("digits-mlp").float_accuracy
