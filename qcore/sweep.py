@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from itertools import product
 
 import numpy as np
@@ -23,8 +23,8 @@ from qcore.config import (
     ClipMode,
     CompressionConfig,
     PruneConfig,
-    QuantConfig,
     Scope,
+    Settings,
     check_bits,
 )
 from qcore.evaluate import agreement, evaluate
@@ -85,16 +85,30 @@ class SweepGrid:
         configs = []
         for b, rate in product(self.bits, self.prune_rates):
             # a ValueError with a sentence for a bad rate or clip, before any work is done
-            p = PruneConfig(rate=rate, structured=self.structured, scope=self.prune_scope)
-            p = p if p.rate > 0 else None
-            if b is None:
-                configs.append(CompressionConfig(quant=None, prune=p, fold_bn=self.fold_bn))
+            PruneConfig(rate=rate, structured=self.structured, scope=self.prune_scope)
+            flat = Settings(bits=b, prune=rate, structured=self.structured,
+                            scope=self.prune_scope, fold_bn=self.fold_bn)
+            if b is None:  # float rows do not vary with clip, scheme or granularity
+                configs.append(flat.to_config())
                 continue
             for clip, sym, pc in product(self.clips, self.symmetric, self.per_channel):
-                q = QuantConfig(bits=b, symmetric=sym, per_channel=pc, clip=clip,
-                                clip_mode=self.clip_mode)
-                configs.append(CompressionConfig(quant=q, prune=p, fold_bn=self.fold_bn))
+                configs.append(replace(flat, clip=clip, clip_mode=self.clip_mode, symmetric=sym,
+                                       per_channel=pc).to_config())
         object.__setattr__(self, "_configs", tuple(configs))
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (tuples as lists); :meth:`from_dict` reads them back."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.init}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: object) -> SweepGrid:
+        """The grid ``to_dict`` wrote; unknown keys are a ValueError."""
+        names = [f.name for f in fields(cls) if f.init]
+        if not isinstance(d, dict) or not set(d) <= set(names):
+            extra = sorted(set(d) - set(names)) if isinstance(d, dict) else d
+            raise ValueError(f"A sweep grid has the keys {', '.join(names)}; got {extra!r}.")
+        return cls(**d)
 
     def configs(self) -> tuple[CompressionConfig, ...]:
         """Every configuration of the grid, in a fixed order (bits, rate, clip, scheme, ...)."""

@@ -218,3 +218,19 @@ def test_cli_missing_output_folder(tmp_path, capsys) -> None:
     rc = main_sweep(["--model", "digits-mlp", "--out", str(tmp_path / "no" / "x.csv")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_grid_round_trips_and_builds_configs_through_the_flat_mapping() -> None:
+    import json
+
+    from qcore.config import Settings
+
+    grid = SweepGrid(bits=[None, 2, 4], prune_rates=[0.0, 0.5], clips=[1.0, 0.8],
+                     symmetric=[True, False], structured=True, prune_scope="global")
+    back = SweepGrid.from_dict(json.loads(json.dumps(grid.to_dict())))
+    assert back == grid and back.configs() == grid.configs()
+    assert grid.configs()[0] == Settings(bits=None, prune=0.0, structured=True,
+                                         scope="global").to_config()
+    assert len(grid) == 2 + 2 * 2 * 2 * 2  # float rows do not vary with clip or scheme
+    with pytest.raises(ValueError, match="keys"):
+        SweepGrid.from_dict({"bits": [2], "evil": 1})
