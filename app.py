@@ -3,7 +3,9 @@ and routes to the pages (``streamlit run app.py``)."""
 
 import streamlit as st
 
-from pages import state
+from pages.query import show_query_warnings
+from pages.session import init_session
+from pages.sidebar import sidebar_pickers
 
 st.set_page_config(page_title="Quantization Playground", page_icon="🎛️", layout="wide")
 
@@ -15,7 +17,7 @@ PAGES = [
     st.Page("pages/views/mixed.py", title="Mixed precision", icon="🧮"),
 ]
 
-state.init_session()
+init_session()
 
 st.title("Quantization Playground")
 st.markdown(
@@ -27,9 +29,9 @@ st.markdown(
     "sizes are the *packed* bytes of the file you can download."
 )
 
-state.show_query_warnings()
+show_query_warnings()
 
 with st.sidebar:
-    state.sidebar_pickers()
+    sidebar_pickers()
 
 st.navigation(PAGES).run()

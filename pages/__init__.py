@@ -1,8 +1,14 @@
 """The Streamlit pages and the modules they share.
 
 - ``views/``: one script per page, routed by ``st.navigation`` in ``app.py``.
-- ``state``: cached loaders and results, session state, URL query (the only ``st.cache_*``).
-- ``controls``: widget groups pages share.
+- ``sidebar``: the model and dataset pickers; the check that they load and fit.
+- ``controls``: widget groups pages share, and the widgets' constants.
+- ``session``: session defaults, settings as widget values, hand-off between pages, and
+  the last run of each analysis page.
+- ``query``: the URL query (parsed by qcore's flat-settings mapping, ``qcore.config``).
+- ``cache``: every cached computation (the only ``st.cache_*``).
+- ``progress``: background work with a progress bar.
+- ``tables``: the result records, the per-layer table and the results download.
 - ``figures``: plotly figure builders, plain functions without Streamlit.
 
 Page scripts live in ``views/`` and not directly in ``pages/``: Streamlit treats every

@@ -1,25 +1,52 @@
 """Widget groups pages share. Each ``*_ui`` function draws widgets and returns plain values.
 
 Every Playground widget has a key equal to its URL query key; the analysis pages' widgets
-have keys of their own (``ANALYSIS_DEFAULTS``). Their values are initialised once per
-session by :func:`pages.state.init_session`, so no widget here passes a default.
+have keys of their own (``pages.session.ANALYSIS_DEFAULTS``). Their values are initialised
+once per session by :func:`pages.session.init_session`, so no widget here passes a default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import streamlit as st
 
-from pages.state import (
-    BITS_OPTIONS,
-    CLIP_SLIDERS,
-    FLOAT,
-    Settings,
-    SweepParams,
-    ensure_layers,
-    settings_from_session,
-)
+from pages.cache import SweepParams
+from pages.session import ensure_layers, settings_from_session
+from qcore.config import CLIP_RANGES, FLOAT, Settings
+
+BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), FLOAT)  # the bit-width slider
+
+
+@dataclass(frozen=True)
+class ClipSlider:
+    """The clip slider of one clip mode: its range, step, default and number format."""
+
+    lo: float
+    hi: float
+    step: float
+    default: float
+    fmt: str
+    help: str
+
+
+_SIGMA_HELP = "Clip at c standard deviations of each tensor's (or channel's) weights."
+_MSE_HELP = "The range with the least squared error is searched; the slider is unused."
+# Per clip mode: the slider's step, number format and help. Its range and default are
+# qcore's (CLIP_RANGES), the same values a link may set.
+_CLIP_LOOK: dict[str, tuple[float, str, str]] = {
+    "ratio": (0.01, "%.2f", "Fraction of the largest |w| the quantizer covers; 1.0 = no clipping."),
+    "absolute": (0.005, "%.3f", "Clip weights to [-c, c] in weight units."),
+    "sigma": (0.1, "%.1f", _SIGMA_HELP),
+    "percentile": (0.1, "%.1f", "Clip at the c-th percentile of |w|."),
+    "mse": (0.01, "%.2f", _MSE_HELP),
+}
+CLIP_SLIDERS: dict[str, ClipSlider] = {
+    mode: ClipSlider(lo=r.lo, hi=r.hi, step=_CLIP_LOOK[mode][0], default=r.default,
+                     fmt=_CLIP_LOOK[mode][1], help=_CLIP_LOOK[mode][2])
+    for mode, r in CLIP_RANGES.items()
+}  # fmt: skip
 
 _KEEP = "session"  # widget values survive a visit to another page
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import qcore
-from pages import state
-from pages.state import CLIP_SLIDERS, Settings, parse_query, settings_from_session
+from pages import cache, tables
+from pages.controls import CLIP_SLIDERS
+from pages.query import parse_query
+from pages.session import settings_from_session
+from pages.sidebar import DOWNLOAD_ENV, data_download_allowed
+from qcore.config import CompressionConfig, Settings
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 needs_sample = pytest.mark.skipif(
@@ -205,15 +208,19 @@ def test_histogram_controls_per_channel_and_log_scale() -> None:
 @needs_sample
 def test_downloads_agree_with_the_numbers_on_screen(tmp_path: Path) -> None:
     settings = Settings(bits=4, prune=0.5)
-    r = state.results("mnist-cnn", "mnist-5k", settings)
-    doc = json.loads(state.results_json("mnist-cnn", "mnist-5k", settings, r))
+    r = cache.results("mnist-cnn", "mnist-5k", settings)
+    doc = json.loads(tables.results_json("mnist-cnn", "mnist-5k", settings, r))
     assert doc["packed_size_bytes"] == r.size_bytes and doc["accuracy_simulated"] == r.accuracy
+    assert doc["config"] == settings.to_config().to_dict()  # reads back into the same config
+    assert CompressionConfig.from_dict(doc["config"]) == settings.to_config()
     assert [row["layer"] for row in doc["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
-    data = state.packed_download("mnist-cnn", settings)()
+    data = cache.packed_download("mnist-cnn", settings)()
     path = tmp_path / "m.qpk"
     path.write_bytes(data)
     assert qcore.read_header(path)["size_bytes"] == r.size_bytes
-    reloaded = qcore.evaluate(qcore.load_packed(path), state.get_dataset("mnist-5k"))
+    packed = qcore.load_packed(path)
+    assert packed.config == settings.to_config()  # the file says how it was compressed
+    reloaded = qcore.evaluate(packed.model, cache.get_dataset("mnist-5k"))
     assert reloaded.accuracy == r.accuracy
 
 
@@ -313,53 +320,38 @@ def test_settings_round_trip_through_the_url() -> None:
         scope="global",
         layers=("conv2", "fc1"),
     )
-    q = s.to_query()
+    q = s.to_flat()
     assert q["bits"] == "5" and q["layers"] == "conv2,fc1" and "rounding" not in q
     values, warnings = parse(**q)
     assert warnings == []
     assert settings_from_session(values | {"model": "mnist-cnn"}, names) == s
     default = Settings()
-    assert set(default.to_query()) == {"bits", "clip", "clip_mode", "prune"}
-    assert Settings(bits=None).to_query()["bits"] == "float"
+    assert set(default.to_flat()) == {"bits", "clip", "clip_mode", "prune"}
+    assert Settings(bits=None).to_flat()["bits"] == "float"
 
 
-def test_canonical_settings_drop_unused_options() -> None:
-    float_a = Settings(bits=None, clip=0.5, symmetric=False, prune=0.0, scope="global")
-    assert float_a.canonical() == Settings(bits=None)
-    assert Settings(clip_mode="mse", clip=0.3).canonical() == Settings(clip_mode="mse")
-    kept = Settings(bits=4, clip=0.5, prune=0.2, scope="global")
-    assert kept.canonical() == kept
-    for s in (float_a, kept):
-        assert s.canonical().to_config() == s.to_config()  # the same compression
-
-
-def test_settings_to_config_and_bad_combinations() -> None:
-    cfg = Settings(bits=4, prune=0.5, structured=True).to_config()
-    assert cfg.quant.bits == 4 and cfg.prune.rate == 0.5 and cfg.prune.structured
-    assert Settings(bits=None).to_config().quant is None
-    assert Settings(prune=0.0).to_config().prune is None
-    with pytest.raises(ValueError, match="at least one layer"):
-        Settings(layers=()).to_config()
-    with pytest.raises(ValueError, match="clip"):
-        Settings(clip=0.0).to_config()
-    assert re.fullmatch(r"4bit-prune0.5", Settings(bits=4, prune=0.5).slug())
-
-
-@needs_sample
-def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) -> None:
-    """MNIST not on disk: an error naming the folder and a button that fetches it."""
+def _stand_in_mnist(tmp_path: Path, monkeypatch) -> list:
+    """MNIST missing from an empty data folder; its download writes a tiny stand-in there."""
     from test_data import _write_mnist
 
     import qcore.data
 
     monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))
-    fetched = []
+    fetched: list = []
 
     def fake_fetch(name: str, root: Path) -> None:  # stands in for torchvision's download
         fetched.append((name, root))
         _write_mnist(root, "MNIST", n_train=30, n_test=10)
 
     monkeypatch.setattr(qcore.data, "_fetch", fake_fetch)
+    return fetched
+
+
+@needs_sample
+def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) -> None:
+    """MNIST not on disk: an error naming the folder and a button that fetches it."""
+    monkeypatch.delenv(DOWNLOAD_ENV, raising=False)  # the default: downloads allowed
+    fetched = _stand_in_mnist(tmp_path, monkeypatch)
     try:
         at = open_app(model="mnist-cnn", dataset="mnist")
         assert not at.exception
@@ -369,10 +361,48 @@ def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) ->
         at.button(key="download_mnist").click().run()
         assert not at.exception and not at.error, [e.value for e in at.error]
         assert fetched == [("mnist", tmp_path)]
-        assert 0.0 <= percent(metric(at, "Accuracy")) <= 1.0
+        # the page's number is qcore's for the default settings on the 10 stand-in images
+        test = qcore.load_dataset("mnist", "test")
+        compressed = qcore.compress(qcore.load_model("mnist-cnn"), Settings().to_config())
+        expected = qcore.evaluate(compressed.model, test)
+        assert expected.n == 10
+        assert metric(at, "Accuracy") == f"{expected.accuracy:.1%}"
+        assert cache.results("mnist-cnn", "mnist", Settings()).accuracy == expected.accuracy
         assert at.session_state["dataset"] == "mnist"
     finally:
-        state.get_dataset.clear()  # the tiny stand-in MNIST must not outlive this test
+        cache.get_dataset.clear()  # the tiny stand-in MNIST must not outlive this test
+        cache.results.clear()
+        cache.float_metrics.clear()
+
+
+@needs_sample
+@pytest.mark.parametrize("value", ["0", "false"])
+def test_hosted_app_offers_no_dataset_download(tmp_path, monkeypatch, value: str) -> None:
+    """With downloads turned off, no viewer can write into the server's data folder."""
+    monkeypatch.setenv(DOWNLOAD_ENV, value)
+    fetched = _stand_in_mnist(tmp_path, monkeypatch)
+    at = open_app(model="mnist-cnn", dataset="mnist")
+    assert not at.exception
+    assert len(at.error) == 1
+    text = at.error[0].value
+    assert str(tmp_path) in text and "turned off" in text and "copy" in text
+    assert not [b for b in at.button if b.key and b.key.startswith("download_")]
+    assert not at.metric
+    at.run()
+    assert fetched == [] and not any(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize(
+    ("value", "allowed"),
+    [(None, True), ("", True), ("1", True), ("true", True), ("On", True), ("0", False),
+     ("false", False), ("no", False), ("OFF", False), ("maybe", False)],
+)  # fmt: skip
+def test_download_setting_reads_the_environment(monkeypatch, value, allowed: bool) -> None:
+    if value is None:
+        monkeypatch.delenv(DOWNLOAD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(DOWNLOAD_ENV, value)
+    assert data_download_allowed() is allowed
 
 
 @pytest.mark.parametrize(("key", "raw"), [("bits", "²"), ("bits", "٣"), ("layer_bits", "fc1:²")])

@@ -9,8 +9,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_app import APP, needs_sample, ok
 
-from pages import figures, state
-from pages.state import Settings, parse_query, settings_from_session
+from pages import cache, figures
+from pages.query import parse_query
+from pages.session import settings_from_session
+from qcore.config import Settings
 
 PAGES = {
     "tradeoffs": "pages/views/tradeoffs.py",
@@ -86,7 +88,7 @@ def test_tradeoffs_run_draws_front_star_table_and_csv() -> None:
     (download,) = at.get("download_button")
     assert "CSV" in download.proto.label
     # the Playground's star is its own cached result: 8 bits, no pruning
-    r = state.results("digits-mlp", "digits", Settings())
+    r = cache.results("digits-mlp", "digits", Settings())
     assert star["y"] == [r.accuracy] and star["x"] == [r.size_bytes / 1e3]
     # a rerun (or a return to the page) shows the same sweep from the cache, without Run
     at.run()
@@ -145,7 +147,7 @@ def test_mixed_precision_fits_the_budget_and_opens_in_the_playground() -> None:
     assert set(chosen) == {"fc1", "fc2"} and set(chosen.values()) <= {2, 4, 8}
     scatter = figs["Mixed precision against uniform bit widths"]
     assert "mixed precision" in [t["name"] for t in scatter["data"]]
-    res = state.mixed_result("digits-mlp", "digits", 3200, (2, 4, 8), False)
+    res = cache.mixed_result("digits-mlp", "digits", 3200, (2, 4, 8), False)
     assert res.size_bytes <= 3200 and res.layer_bits == chosen
 
     at.button(key="mp_open").click().run()
@@ -210,14 +212,14 @@ def parse(**q: str):
 def test_layer_bits_round_trip_through_the_url_and_config() -> None:
     names = LAYERS["mnist-cnn"]
     s = Settings(bits=8, layer_bits=(("conv1", 6), ("conv2", 6), ("fc1", 3), ("fc2", 4)))
-    q = s.to_query()
+    q = s.to_flat()
     assert q["layer_bits"] == "conv1:6,conv2:6,fc1:3,fc2:4"
     values, warnings = parse(**q)
     assert warnings == []
     assert settings_from_session(values, names) == s
     cfg = s.to_config().quant
     assert [cfg.bits_for(n) for n in names] == [6, 6, 3, 4]
-    assert "layer_bits" not in Settings().to_query()
+    assert "layer_bits" not in Settings().to_flat()
     assert s.slug() == "8bit-mixed"
 
 

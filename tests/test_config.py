@@ -177,8 +177,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
-config_keys = st.sampled_from(["quant", "prune", "layers", "fold_bn", "bits", "symmetric",
-                               "clip", "clip_mode", "seed", "layer_bits", "rate", "scope"])
+config_keys = st.sampled_from(
+    "quant prune layers fold_bn bits symmetric clip clip_mode seed layer_bits rate scope".split()
+)
 near_configs = st.dictionaries(config_keys, json_values, max_size=4) | st.dictionaries(
     st.just("quant"), st.dictionaries(config_keys, json_values, max_size=4)
 )  # fmt: skip

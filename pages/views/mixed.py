@@ -3,11 +3,14 @@
 import streamlit as st
 
 import qcore
-from pages import controls, figures, state
+from pages import cache, controls, figures, tables
+from pages.query import sync_query
+from pages.session import last_run, mixed_settings, open_in_playground
+from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = state.require_model_and_dataset()
-state.sync_query({})
-layer_names = state.layer_names(model_name)
+model_name, dataset_name = require_model_and_dataset()
+sync_query({})
+layer_names = cache.layer_names(model_name)
 st.subheader("Mixed precision")
 st.caption(
     "Sensitive layers get more bits, robust ones fewer, within a packed-size budget. The bits "
@@ -20,30 +23,27 @@ if not candidates:
     st.error("Pick at least one candidate bit width.")
     st.stop()
 try:
-    lo_kb, hi_kb = state.budget_bounds_kb(model_name, candidates, per_channel)
+    lo_kb, hi_kb = cache.budget_bounds_kb(model_name, candidates, per_channel)
 except ValueError as e:
     st.error(str(e))
     st.stop()
 budget_kb = controls.budget_ui(lo_kb, hi_kb)
 choice = (round(budget_kb * 1000), candidates, per_channel)  # budget in bytes
-if st.button("Find per-layer bits", key="mp_run", type="primary"):
-    st.session_state["mixed_last"] = (model_name, dataset_name, choice)
-last = st.session_state.get("mixed_last")
-if last is None or last[:2] != (model_name, dataset_name):
-    st.info("Set the budget and press **Find per-layer bits**.")
-    st.stop()
-if last[2] != choice:
-    st.caption("The results below are of the last run; press **Find per-layer bits** again.")
-budget_bytes, candidates, per_channel = last[2]
+run = st.button("Find per-layer bits", key="mp_run", type="primary")
+budget_bytes, candidates, per_channel = last_run(
+    "mixed_last", model_name, dataset_name, choice, run=run,
+    prompt="Set the budget and press **Find per-layer bits**.",
+    stale="The results below are of the last run; press **Find per-layer bits** again.",
+)  # fmt: skip
 try:
-    res = state.run_mixed(model_name, dataset_name, budget_bytes, candidates, per_channel)
-    chosen = state.mixed_settings(res, layer_names)
+    res = cache.run_mixed(model_name, dataset_name, budget_bytes, candidates, per_channel)
+    chosen = mixed_settings(res, layer_names)
     with st.spinner("Evaluating on the test split…"):
-        r = state.results(model_name, dataset_name, chosen)  # the Playground's own numbers
-    uniform = state.run_sweep(
+        r = cache.results(model_name, dataset_name, chosen)  # the Playground's own numbers
+    uniform = cache.run_sweep(
         model_name,
         dataset_name,
-        state.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,)),
+        cache.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,)),
     )
 except ValueError as e:
     st.error(str(e))
@@ -99,7 +99,7 @@ scatter_col.plotly_chart(
 st.dataframe(
     r.layers[["layer", "params", "bits", "SQNR (dB)", "packed bytes", "float32 bytes"]],
     hide_index=True,
-    column_config=state.LAYER_TABLE_COLUMNS,
+    column_config=tables.LAYER_TABLE_COLUMNS,
     key="mixed_layers_table",
 )
 if st.button(
@@ -108,5 +108,5 @@ if st.button(
     icon=":material/open_in_new:",
     help="Show this per-layer configuration on the Playground (it replaces its settings).",
 ):
-    state.open_in_playground(chosen, layer_names)
+    open_in_playground(chosen, layer_names)
     st.switch_page("pages/views/playground.py")

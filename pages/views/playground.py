@@ -4,25 +4,28 @@ import math
 
 import streamlit as st
 
-from pages import figures, state
+from pages import cache, figures, tables
 from pages.controls import compression_ui, layer_bits_note
+from pages.query import sync_query
+from pages.sidebar import require_model_and_dataset
+from qcore.config import Settings
 
 
 def _sqnr(v: float) -> str:
     return "∞ (unchanged)" if math.isinf(v) and v > 0 else f"{v:.1f} dB"
 
 
-model_name, dataset_name = state.require_model_and_dataset()
-layer_names = state.layer_names(model_name)
+model_name, dataset_name = require_model_and_dataset()
+layer_names = cache.layer_names(model_name)
 settings = compression_ui(layer_names)
 layer_bits_note(settings)
-state.sync_query(settings.to_query())
+sync_query(settings.to_flat())
 settings = settings.canonical()  # unused options must not split the cache
 
 try:
     settings.to_config()
     with st.spinner("Compressing and evaluating…", show_time=True):
-        r = state.results(model_name, dataset_name, settings)
+        r = cache.results(model_name, dataset_name, settings)
 except ValueError as e:
     st.error(str(e))
     st.stop()
@@ -80,7 +83,7 @@ def _reset_channel() -> None:
 
 
 @st.fragment
-def histogram_section(model_name: str, settings: state.Settings, shapes: dict) -> None:
+def histogram_section(model_name: str, settings: Settings, shapes: dict) -> None:
     st.subheader("Weights of one layer")
     if st.session_state.get("hist_layer") not in shapes:
         st.session_state.pop("hist_layer", None)
@@ -100,7 +103,7 @@ def histogram_section(model_name: str, settings: state.Settings, shapes: dict) -
         )
     log_y = log.toggle("Log scale", key="hist_log")
     try:
-        h = state.histogram(model_name, settings, layer, 80, channel)
+        h = cache.histogram(model_name, settings, layer, 80, channel)
     except ValueError as e:
         st.error(str(e))
         return
@@ -113,7 +116,7 @@ def histogram_section(model_name: str, settings: state.Settings, shapes: dict) -
 
 histogram_section(model_name, settings, r.shapes)
 
-ds = state.get_dataset(dataset_name)
+ds = cache.get_dataset(dataset_name)
 
 # --- details ----------------------------------------------------------------------------------
 table_tab, wrong_tab, confusion_tab = st.tabs(
@@ -123,10 +126,10 @@ with table_tab:
     st.dataframe(
         r.layers,
         hide_index=True,
-        column_config=state.LAYER_TABLE_COLUMNS,
+        column_config=tables.LAYER_TABLE_COLUMNS,
     )
 with wrong_tab:
-    w = state.newly_wrong(model_name, dataset_name, settings)
+    w = cache.newly_wrong(model_name, dataset_name, settings)
     if w.total == 0:
         st.info("No test image that the float model gets right is wrong now.")
     else:
@@ -157,7 +160,7 @@ name = f"{model_name}-{settings.slug()}"
 packed_col, json_col = st.columns(2)
 packed_col.download_button(
     "Download the packed model",
-    data=state.packed_download(model_name, settings),
+    data=cache.packed_download(model_name, settings),
     file_name=f"{name}.qpk",
     mime="application/octet-stream",
     on_click="ignore",
@@ -168,7 +171,7 @@ packed_col.download_button(
 )
 json_col.download_button(
     "Download the results (JSON)",
-    data=state.results_json(model_name, dataset_name, settings, r),
+    data=tables.results_json(model_name, dataset_name, settings, r),
     file_name=f"{name}-results.json",
     mime="application/json",
     on_click="ignore",

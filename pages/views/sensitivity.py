@@ -3,10 +3,13 @@
 import streamlit as st
 
 import qcore
-from pages import controls, figures, state
+from pages import cache, controls, figures
+from pages.query import sync_query
+from pages.session import last_run
+from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = state.require_model_and_dataset()
-state.sync_query({})
+model_name, dataset_name = require_model_and_dataset()
+sync_query({})
 st.subheader("Layer sensitivity")
 st.caption(
     "Each layer is quantized (or pruned) on its own while every other layer stays float, and "
@@ -15,21 +18,14 @@ st.caption(
 )
 
 bits, rates, per_channel, run = controls.sensitivity_ui()
-choice = (bits, rates, per_channel)
-if run:
-    if bits or rates:
-        st.session_state["sensitivity_last"] = (model_name, dataset_name, choice)
-    else:
-        st.error("Pick at least one bit width or pruning rate.")
-last = st.session_state.get("sensitivity_last")
-if last is None or last[:2] != (model_name, dataset_name):
-    st.info(f"Choose bit widths and pruning rates and press **Run analysis** ({model_name}).")
-    st.stop()
-if last[2] != choice:
-    st.caption("The results below are of the last run; press **Run analysis** to apply the above.")
-bits, rates, per_channel = last[2]
+bits, rates, per_channel = last_run(
+    "sensitivity_last", model_name, dataset_name, (bits, rates, per_channel), run=run,
+    check=lambda c: cache.check_sensitivity_choice(c[0], c[1]),
+    prompt=f"Choose bit widths and pruning rates and press **Run analysis** ({model_name}).",
+    stale="The results below are of the last run; press **Run analysis** to apply the above.",
+)  # fmt: skip
 try:
-    df = state.run_sensitivity(model_name, dataset_name, bits, rates, per_channel)
+    df = cache.run_sensitivity(model_name, dataset_name, bits, rates, per_channel)
 except ValueError as e:
     st.error(str(e))
     st.stop()

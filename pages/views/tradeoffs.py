@@ -3,10 +3,13 @@
 import streamlit as st
 
 import qcore
-from pages import controls, figures, state
+from pages import cache, controls, figures
+from pages.query import sync_query
+from pages.session import last_run, playground_settings
+from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = state.require_model_and_dataset()
-state.sync_query({})
+model_name, dataset_name = require_model_and_dataset()
+sync_query({})
 st.subheader("Trade-offs: accuracy against packed size")
 st.caption(
     f"Every combination of the values below is compressed and evaluated on {dataset_name}'s "
@@ -15,33 +18,27 @@ st.caption(
 )
 
 params, run = controls.sweep_grid_ui()
-if run:
-    try:
-        params.grid()
-        st.session_state["tradeoffs_last"] = (model_name, dataset_name, params)
-    except ValueError as e:  # the last good run stays on screen
-        st.error(str(e))
-last = st.session_state.get("tradeoffs_last")
-if last is None or last[:2] != (model_name, dataset_name):
-    st.info(f"Choose the grid and press **Run sweep** ({model_name} on {dataset_name}).")
-    st.stop()
-if last[2] != params:
-    st.caption("The results below are of the last run; press **Run sweep** for the grid above.")
+params = last_run(
+    "tradeoffs_last", model_name, dataset_name, params, run=run,
+    check=lambda p: p.grid(),  # the last good run stays on screen
+    prompt=f"Choose the grid and press **Run sweep** ({model_name} on {dataset_name}).",
+    stale="The results below are of the last run; press **Run sweep** for the grid above.",
+)  # fmt: skip
 try:
-    df = state.run_sweep(model_name, dataset_name, last[2])
+    df = cache.run_sweep(model_name, dataset_name, params)
 except ValueError as e:
     st.error(str(e))
     st.stop()
 front = qcore.pareto_front(df)
 
 # the Playground's current setting, as a star (skipped when it is not a valid setting)
-layer_names = state.layer_names(model_name)
+layer_names = cache.layer_names(model_name)
 current = None
-settings = state.playground_settings(layer_names)
+settings = playground_settings(layer_names)
 try:
     settings.to_config()
     with st.spinner("Evaluating the Playground's setting…"):
-        r = state.results(model_name, dataset_name, settings)
+        r = cache.results(model_name, dataset_name, settings)
     current = {"size_bytes": r.size_bytes, "accuracy": r.accuracy, "label": settings.label()}
 except ValueError as e:
     st.caption(f"The Playground's setting is not shown: {e}")

@@ -1,0 +1,189 @@
+"""Per-session state: defaults filled once (from the link where it is valid), the
+Playground's settings as widget values, the hand-off between pages, and the last run of
+each analysis page.
+
+The Playground's widgets keep their values in ``st.session_state`` under the same plain
+keys as the URL query (``bits``, ``clip``, ...; ``bits`` is ``"float"`` for None and
+``layers`` a list), so a link restores the page. The analysis pages' widgets have keys of
+their own (:data:`ANALYSIS_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, replace
+from typing import Any, TypeVar
+
+import streamlit as st
+
+import qcore
+from pages.cache import layer_names
+from pages.query import DEFAULT_MODEL, parse_query
+from qcore.config import FLOAT, Settings
+
+ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
+    "to_bits": [2, 3, 4, 6, 8],
+    "to_prune": [0.0, 0.5],
+    "to_clips": [1.0],
+    "to_symmetric": [True],
+    "to_per_channel": [False],
+    "sens_bits": [2, 3, 4, 5, 6, 7, 8],
+    "sens_prune": [0.25, 0.5, 0.75, 0.9],
+    "sens_per_channel": False,
+    "mp_bits": [2, 3, 4, 5, 6, 8],
+    "mp_per_channel": False,
+}
+
+Choice = TypeVar("Choice")
+
+
+# --- settings as widget values ----------------------------------------------------------------
+
+
+def session_defaults(layer_names: Sequence[str]) -> dict[str, Any]:
+    """Widget values (session-state form) of the default settings."""
+    return settings_to_session(Settings(), layer_names)
+
+
+def settings_to_session(s: Settings, layer_names: Sequence[str]) -> dict[str, Any]:
+    """Settings as widget values: bits ``"float"`` for None, layers as a list."""
+    values = asdict(s)
+    values["bits"] = FLOAT if s.bits is None else s.bits
+    values["layers"] = list(layer_names) if s.layers is None else list(s.layers)
+    values["layer_bits"] = tuple(s.layer_bits)
+    return values
+
+
+def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str]) -> Settings:
+    """Settings from widget values; layers in model order, None when all are picked."""
+    picked = set(values.get("layers", layer_names))
+    layers = tuple(n for n in layer_names if n in picked)
+    bits = values.get("bits", 8)
+    overrides = {str(n): int(b) for n, b in values.get("layer_bits", ())}
+    return Settings(
+        bits=None if bits == FLOAT else int(bits),
+        clip=float(values.get("clip", 1.0)),
+        clip_mode=str(values.get("clip_mode", "ratio")),
+        prune=float(values.get("prune", 0.0)),
+        symmetric=bool(values.get("symmetric", True)),
+        per_channel=bool(values.get("per_channel", False)),
+        rounding=str(values.get("rounding", "nearest")),
+        structured=bool(values.get("structured", False)),
+        scope=str(values.get("scope", "layer")),
+        fold_bn=bool(values.get("fold_bn", True)),
+        layers=None if len(layers) == len(layer_names) else layers,
+        layer_bits=tuple((n, overrides[n]) for n in layer_names if n in overrides),
+    )
+
+
+# --- the session ------------------------------------------------------------------------------
+
+
+def _default_model(models: Sequence[str]) -> str:
+    return DEFAULT_MODEL if DEFAULT_MODEL in models else models[0]
+
+
+def init_session() -> None:
+    """Fill ``st.session_state`` once per session, from the URL query where it is valid.
+
+    Warnings about bad query values are kept in ``query_warnings`` for the page to show.
+    """
+    ss = st.session_state
+    if "_initialised" in ss:
+        return
+    try:
+        models = qcore.list_models()
+    except ValueError as e:  # a corrupt manifest
+        st.error(str(e))
+        st.stop()
+    if not models:
+        st.error("No sample models were found. Run `python -m qcore train-samples` first.")
+        st.stop()
+    values, warnings = parse_query(
+        st.query_params.to_dict(),
+        models=models,
+        datasets=qcore.list_datasets(),
+        layer_names=_layer_names_or_empty,
+        default_model=_default_model(models),
+    )
+    model = values.get("model", _default_model(models))
+    ss.update({k: v for k, v in session_defaults([]).items() if k != "layers"})
+    ss["model"] = model
+    ss["dataset"] = qcore.model_info(model).dataset
+    ss.update(values)
+    ss.update({k: list(v) if isinstance(v, list) else v for k, v in ANALYSIS_DEFAULTS.items()})
+    ss["query_warnings"] = warnings
+    ss["_initialised"] = True
+
+
+def _layer_names_or_empty(model_name: str) -> list[str]:
+    try:
+        return layer_names(model_name)
+    except ValueError:  # the page reports why the model does not load
+        return []
+
+
+def ensure_layers(names: Sequence[str]) -> None:
+    """Start the layer picker at "every layer" for a new model (or a new session)."""
+    ss = st.session_state
+    if "layers" not in ss or any(n not in names for n in ss["layers"]):
+        ss["layers"] = list(names)
+
+
+# --- hand-off between pages -------------------------------------------------------------------
+
+
+def open_in_playground(settings: Settings, layer_names: Sequence[str]) -> None:
+    """Make ``settings`` the Playground's (its widgets read them on their next run)."""
+    st.session_state.update(settings_to_session(settings, layer_names))
+
+
+def playground_settings(layer_names: Sequence[str]) -> Settings:
+    """The Playground's current settings (canonical), read from the session."""
+    return settings_from_session(st.session_state, layer_names).canonical()
+
+
+def mixed_settings(result: qcore.MixedPrecisionResult, layer_names: Sequence[str]) -> Settings:
+    """The Playground settings that reproduce a mixed-precision choice: every layer's bits
+    listed, in model order."""
+    q = result.config
+    s = Settings.from_config(qcore.CompressionConfig(quant=q), layer_names)
+    return replace(s, layer_bits=tuple((n, q.bits_for(n)) for n in layer_names))
+
+
+# --- the last run of an analysis page ---------------------------------------------------------
+
+
+def last_run(
+    key: str,
+    model_name: str,
+    dataset_name: str,
+    choice: Choice,
+    *,
+    run: bool,
+    prompt: str,
+    stale: str,
+    check: Callable[[Choice], object] | None = None,
+) -> Choice:
+    """The choice of the page's last run on this model and dataset, kept under ``key``.
+
+    A press of the page's button (``run``) records ``choice``, unless ``check(choice)``
+    raises ValueError, which is shown as an error (the last good run stays). With no run
+    for this model and dataset, ``prompt`` is shown and the page stops; when the run's
+    choice differs from the widgets', ``stale`` says so above the results.
+    """
+    ss = st.session_state
+    if run:
+        try:
+            if check is not None:
+                check(choice)
+            ss[key] = (model_name, dataset_name, choice)
+        except ValueError as e:
+            st.error(str(e))
+    last = ss.get(key)
+    if last is None or last[:2] != (model_name, dataset_name):
+        st.info(prompt)
+        st.stop()
+    if last[2] != choice:
+        st.caption(stale)
+    return last[2]

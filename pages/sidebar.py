@@ -1,0 +1,135 @@
+"""The shared sidebar: the model and dataset pickers, and the check every page starts with
+that the picked model and dataset load and fit (with a download offer for a missing
+torchvision dataset, where the server allows it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+import qcore
+from pages.cache import get_dataset, get_model
+from qcore.config import parse_bool
+
+MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
+# Whether a viewer may download a missing torchvision dataset into the server's data folder.
+# On by default (a local `make app`); a hosted app sets it to 0 so that no viewer writes there.
+DOWNLOAD_ENV = "QP_ALLOW_DATA_DOWNLOAD"
+
+
+def data_download_allowed() -> bool:
+    """``QP_ALLOW_DATA_DOWNLOAD``: unset or true/1/yes/on allows it; false/0/no/off and any
+    value it cannot read turn it off (a typo must not open the data folder to viewers)."""
+    raw = os.environ.get(DOWNLOAD_ENV, "").strip()
+    if not raw:
+        return True
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        return False
+
+
+def _on_model_change() -> None:
+    """A new model: its own dataset, and every layer of it compressed."""
+    ss = st.session_state
+    ss["model"] = ss[MODEL_PICKER]
+    ss["dataset"] = qcore.model_info(ss["model"]).dataset
+    ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
+    ss["layer_bits"] = ()  # they name the old model's layers
+    ss.pop("hist_layer", None)
+    ss.pop("hist_channel", None)
+
+
+def _on_dataset_change() -> None:
+    ss = st.session_state
+    ss["dataset"] = ss[f"{DATASET_PICKER}:{ss['model']}"]
+
+
+def _model_label(name: str) -> str:
+    i = qcore.model_info(name)
+    return f"{name} · {i.dataset} · {_count(i.params)} params · {i.float_accuracy:.1%}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def sidebar_pickers() -> None:
+    """The model and dataset pickers (keys ``model``, ``dataset``), shared by every page."""
+    # The pickers sit in app.py, outside the pages. Such a widget, when its value is set
+    # through st.session_state, comes back as its first option after any other widget
+    # changes (seen in the browser with Streamlit 1.67, not in AppTest). So the pickers
+    # take their value from ``index`` under keys of their own, and copy it to "model" and
+    # "dataset" when the user picks; the dataset picker's key names the model, so a new
+    # model starts it afresh at that model's own dataset.
+    ss = st.session_state
+    models = qcore.list_models()
+    st.selectbox(
+        "Model",
+        models,
+        index=models.index(ss["model"]),
+        key=MODEL_PICKER,
+        format_func=_model_label,
+        on_change=_on_model_change,
+        help="Sample models with the dataset each was trained on, its size and float accuracy.",
+    )
+    info = qcore.model_info(ss["model"])
+    st.caption(
+        f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
+        f"float accuracy {info.float_accuracy:.1%} on its test split."
+    )
+    datasets = qcore.list_datasets()
+    st.selectbox(
+        "Dataset",
+        datasets,
+        index=datasets.index(ss["dataset"]),
+        key=f"{DATASET_PICKER}:{ss['model']}",
+        on_change=_on_dataset_change,
+        format_func=lambda n: f"{n} (the model's own)" if n == info.dataset else n,
+        help="Accuracy is measured on this dataset's held-out test split.",
+    )
+    st.caption(qcore.dataset_info(ss["dataset"]).description)
+
+
+def require_model_and_dataset() -> tuple[str, str]:
+    """The picked model and dataset, loaded and checked to fit; else an error and stop."""
+    ss = st.session_state
+    model_name, dataset_name = ss["model"], ss["dataset"]
+    try:
+        # whether it fits is known without the data, so a dataset that cannot run is never
+        # offered for download
+        qcore.check_fit(qcore.model_info(model_name), qcore.dataset_info(dataset_name))
+        get_model(model_name)
+        get_dataset(dataset_name)
+    except qcore.DatasetNotFound as e:
+        if data_download_allowed():
+            st.error(str(e))
+            _download_button(e.name, e.folder)
+        else:
+            st.error(
+                f"Dataset {e.name!r} is not on this server (looked in {e.folder}), and "
+                f"downloading it from this page is turned off here. Whoever runs the server "
+                f"can copy the dataset's files (torchvision's layout) into {e.folder}; "
+                "until then, pick another dataset."
+            )
+        st.stop()
+    except ValueError as e:
+        st.error(str(e))
+        st.stop()
+    return model_name, dataset_name
+
+
+def _download_button(name: str, folder: Path) -> None:
+    """Offer to fetch a torchvision dataset into the data folder, then show the page."""
+    if not st.button(f"Download {name} into {folder}", key=f"download_{name}",
+                     icon=":material/download:"):  # fmt: skip
+        return
+    try:
+        with st.spinner(f"Downloading {name}…", show_time=True):
+            qcore.load_dataset(name, "test", download=True)
+    except ValueError as e:
+        st.error(str(e))
+        return
+    st.rerun()
