@@ -25,10 +25,20 @@ from typing import NoReturn, TextIO, TypeVar
 from torch import nn
 
 from qcore.compress import compress
-from qcore.config import CLIP_MODES, CompressionConfig, PruneConfig, QuantConfig
+from qcore.config import (
+    CLIP_MODES,
+    CompressionConfig,
+    PruneConfig,
+    QuantConfig,
+    Settings,
+    parse_bits,
+    parse_layer_bits,
+    parse_number,
+)
 from qcore.data import Dataset, dataset_info, list_datasets, load_dataset
 from qcore.evaluate import agreement, evaluate
 from qcore.export import export_packed
+from qcore.fold import weight_layers
 from qcore.models import SAMPLE_DIR, check_fit, list_models, load_model, model_info
 from qcore.sensitivity import DEFAULT_BITS, DEFAULT_PRUNE_RATES, layer_sensitivity
 from qcore.sweep import SweepGrid, sweep
@@ -37,13 +47,12 @@ __all__ = [
     "COMMANDS", "Parser", "ProgressBar", "main", "main_sensitivity", "main_sweep", "whole_number",
 ]
 
-FLOAT_WORDS = ("float", "none", "fp32")
 T = TypeVar("T")
 _WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "٤" and "²"-like digits
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument types: whole numbers and numbers in ASCII digits only, as the URL reads them.
+# Argument types: whole numbers and numbers in ASCII digits only, read as in a link.
 
 
 def whole_number(text: str) -> int:
@@ -60,49 +69,30 @@ def whole_number(text: str) -> int:
     return int(text)
 
 
-def _bits_arg(text: str) -> int | None:
-    """A bit width in ASCII digits, or ``None`` for one of the float words."""
-    if text.lower() in FLOAT_WORDS:
-        return None
-    if _WHOLE.fullmatch(text) is None:
-        raise argparse.ArgumentTypeError(
-            f"bit widths are whole numbers from 1 to 16 in the digits 0-9 (or 'float'); "
-            f"got {text!r}"
-        )
-    return int(text)
+def _flat(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse type from one of the flat-settings parsers the URL uses too."""
+
+    def parse_arg(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse_arg.__name__ = name
+    return parse_arg
 
 
-def _number_arg(text: str) -> float:
-    """A number in ASCII (``float`` also takes other scripts' digits)."""
-    try:
-        if not text.isascii():
-            raise ValueError
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number in the digits 0-9; got {text!r}"
-        ) from None
-
-
-def _layer_bits_arg(text: str) -> tuple[tuple[str, int], ...]:
-    """``"fc1:4,fc2:8"``: per-layer bit widths as (layer, bits) pairs, as in the URL."""
-    pairs = []
-    for part in text.split(","):
-        name, sep, bits = (s.strip() for s in part.partition(":"))
-        if not name or not sep or _WHOLE.fullmatch(bits) is None:
-            raise argparse.ArgumentTypeError(
-                f"expected layer:bits pairs such as fc1:4,fc2:8 (bits in the digits 0-9); "
-                f"got {text!r}"
-            )
-        pairs.append((name, int(bits)))
-    return tuple(pairs)
+_bits_arg = _flat(parse_bits, "bits")  # 1..16 in ASCII digits, or None for "float"
+_number_arg = _flat(parse_number, "number")  # finite, in ASCII
 
 
 def _out_arg(text: str) -> Path:
     """An output file, checked before any work: its folder exists and takes a new file."""
     out = Path(text)
     folder = out.parent
-    if not text or out.is_dir():
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty; give a file name")
+    if out.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name inside it")
     if not folder.exists():
         raise argparse.ArgumentTypeError(f"the folder {str(folder)!r} does not exist")
@@ -123,7 +113,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one ``error: ...`` line and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _fail(message: str) -> int:
@@ -198,7 +188,7 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
     parser.add_argument("--bits", type=_bits_arg, default=8,
                         help="1..16, or 'float' for no quantization")
-    parser.add_argument("--layer-bits", type=_layer_bits_arg, default=(), metavar="LAYER:BITS,...",
+    parser.add_argument("--layer-bits", default="", metavar="LAYER:BITS,...",
                         help="bit widths for single layers, e.g. fc1:4,fc2:8")
     parser.add_argument("--clip", type=_number_arg, default=1.0)
     parser.add_argument("--clip-mode", default="ratio")
@@ -211,18 +201,22 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fold-bn", action="store_true")
 
 
-def _config(args: argparse.Namespace) -> CompressionConfig:
-    quant = None
-    if args.bits is not None:
-        quant = QuantConfig(bits=args.bits, symmetric=not args.asymmetric,
-                            per_channel=args.per_channel, clip=args.clip,
-                            clip_mode=args.clip_mode, rounding=args.rounding,
-                            layer_bits=args.layer_bits)
-    elif args.layer_bits:
-        raise ValueError("--layer-bits needs quantization; give --bits a width, not 'float'.")
-    prune = PruneConfig(rate=args.prune, structured=args.structured, scope=args.scope)
-    return CompressionConfig(quant=quant, prune=prune if args.prune > 0 else None,
-                             fold_bn=not args.no_fold_bn)
+def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
+    """The config through the flat settings a link uses, so both read the same."""
+    layer_bits: tuple[tuple[str, int], ...] = ()
+    if args.layer_bits:
+        if args.bits is None:
+            raise ValueError("--layer-bits needs quantization; give --bits a width, not 'float'.")
+        try:
+            layer_bits = parse_layer_bits(args.layer_bits, list(weight_layers(model)))
+        except ValueError as exc:
+            raise ValueError(f"--layer-bits: {exc}") from None
+    return Settings(
+        bits=args.bits, clip=args.clip, clip_mode=args.clip_mode, prune=args.prune,
+        symmetric=not args.asymmetric, per_channel=args.per_channel, rounding=args.rounding,
+        structured=args.structured, scope=args.scope, fold_bn=not args.no_fold_bn,
+        layer_bits=layer_bits,
+    ).to_config()
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -232,8 +226,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    cfg = _config(args)
     model, data = _load(args.model, args.dataset)
+    cfg = _config(args, model)
     base = evaluate(model, data)
     c = compress(model, cfg)
     m = evaluate(c.model, data)
@@ -258,10 +252,10 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    cfg = _config(args)
     if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
         check_fit(model_info(args.model), dataset_info(args.dataset))
-    c = compress(load_model(args.model), cfg)
+    model = load_model(args.model)
+    c = compress(model, _config(args, model))
     n = _write(args.out, lambda out: export_packed(c, out))
     print(f"wrote {args.out}: {n:,} bytes ({c.size_bytes:,} packed + {n - c.size_bytes:,} header)")
     return 0
