@@ -152,7 +152,7 @@ def _load(name: str, dataset: str | None, split: str = "test") -> tuple[nn.Modul
 class ProgressBar:
     """A one-line text progress bar: ``label [#####.....] 5/10``, redrawn with ``\\r``."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30):
+    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30) -> None:
         self.label, self.stream, self.width = label, stream or sys.stderr, width
 
     def __call__(self, done: int, total: int, row: dict) -> None:
