@@ -7,74 +7,53 @@ changes a model or tensor handed to it.
     model = qcore.load_model("mnist-cnn")
     c = qcore.compress(model, qcore.CompressionConfig(quant=qcore.QuantConfig(bits=4)))
     print(qcore.evaluate(c.model, qcore.load_dataset("mnist-5k")).accuracy, c.size_bytes)
+
+The names below are the public API (see DESIGN.md); submodules hold the plumbing.
 """
 
+from qcore.affine import QParams, dequantize_codes, quantize_codes
 from qcore.analysis import Histogram, layer_histogram, weight_histogram
-from qcore.compress import Compressed, CompressedModel, LayerStats, compress, sqnr_db
-from qcore.config import CLIP_MODES, CompressionConfig, PruneConfig, QuantConfig
+from qcore.compress import Compressed, CompressedModel, LayerResult, compress, sqnr_db
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig, Settings
 from qcore.data import (
     Dataset,
     DatasetInfo,
     DatasetNotFound,
-    data_root,
     dataset_info,
     list_datasets,
     load_dataset,
 )
-from qcore.evaluate import Metrics, agreement, evaluate
-from qcore.export import export_packed, load_packed, packed_bytes, read_header
-from qcore.fold import fold_batchnorm, weight_layers
+from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
+from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
+from qcore.fold import weight_layers
+from qcore.graph import Graph, graph_of
 from qcore.mixed import MixedPrecisionResult, mixed_precision
-from qcore.models import ModelInfo, build_model, check_fit, list_models, load_model, model_info
+from qcore.models import ModelInfo, check_fit, list_models, load_model, model_info
 from qcore.prune import magnitude_mask, prune_tensor
-from qcore.quant import quantize_tensor, quantize_with_params
+from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
+from qcore.refs import DatasetRef, ModelRef
 from qcore.sensitivity import layer_sensitivity, sensitivity_matrix
 from qcore.sweep import SweepGrid, pareto_front, sweep
 
 __all__ = [
-    "CLIP_MODES",
-    "Compressed",
-    "CompressedModel",
-    "CompressionConfig",
-    "Dataset",
-    "DatasetInfo",
-    "DatasetNotFound",
-    "Histogram",
-    "LayerStats",
-    "Metrics",
-    "MixedPrecisionResult",
-    "ModelInfo",
-    "PruneConfig",
-    "QuantConfig",
-    "SweepGrid",
-    "agreement",
-    "build_model",
-    "check_fit",
-    "compress",
-    "data_root",
-    "dataset_info",
-    "evaluate",
-    "export_packed",
-    "fold_batchnorm",
-    "layer_histogram",
-    "layer_sensitivity",
-    "list_datasets",
-    "list_models",
-    "load_dataset",
-    "load_model",
-    "load_packed",
-    "magnitude_mask",
-    "mixed_precision",
-    "model_info",
-    "packed_bytes",
-    "pareto_front",
-    "prune_tensor",
-    "quantize_tensor",
-    "quantize_with_params",
-    "read_header",
-    "sensitivity_matrix",
-    "sqnr_db",
-    "sweep",
-    "weight_histogram",
-    "weight_layers",
-]
+    # models and data, and the references caches and workers are keyed by
+    "list_models", "model_info", "ModelInfo", "load_model", "check_fit",
+    "list_datasets", "dataset_info", "DatasetInfo", "load_dataset", "Dataset",
+    "DatasetNotFound", "ModelRef", "DatasetRef",
+    # what to do: configs, and the flat settings a person sets (URL, CLI)
+    "QuantConfig", "PruneConfig", "CompressionConfig", "Settings",
+    # the maths primitives
+    "QParams", "choose_qparams", "quantize_codes", "dequantize_codes", "quantize_tensor",
+    "quantize_with_params", "magnitude_mask", "prune_tensor", "sqnr_db",
+    # the runtime and the pipeline
+    "Graph", "graph_of", "weight_layers", "compress", "Compressed", "CompressedModel",
+    "LayerResult",
+    # measuring
+    "evaluate", "metrics_from_logits", "Metrics", "agreement", "weight_histogram",
+    "layer_histogram", "Histogram",
+    # the packed file
+    "export_packed", "packed_bytes", "load_packed", "read_header", "Packed",
+    # analyses
+    "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
+    "mixed_precision", "MixedPrecisionResult",
+]  # fmt: skip

@@ -25,13 +25,14 @@ used; on a tie the earlier in the order dense, channels, mask, relidx.
 
 >>> t = torch.tensor([0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 5])
 >>> e = encode_float(t.float())
->>> e.encoding, e.nbytes(), len(e.encode())   # 2 floats + a 4-bit relative index
-('relidx', 10, 10)
+>>> e.encoding, e.nbytes(), len(e.encode())   # 2 floats, then skips 2 and 8 in 4 bits
+('relidx', 9, 9)
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,9 @@ __all__ = [
 
 FLOAT_BYTES = 4
 MAX_INDEX_WIDTH = 16
+# the largest magnitude a decoded weight, value or scale may have: far beyond any trained
+# weight, and far enough below float32's 3.4e38 that a forward pass through it stays finite
+MAX_MAGNITUDE = 1e30
 ENCODINGS = ("dense", "channels", "mask", "relidx")
 
 
@@ -89,8 +93,12 @@ def unpack_uint(buf: bytes, width: int, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))[: count * width]
-    weights = (np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)).astype(np.int64)
-    return bits.reshape(count, width).astype(np.int64) @ weights
+    # a bit column at a time: ``width`` bytes and one int64 per value, never an int64 per bit
+    out = np.zeros(count, dtype=np.int64)
+    for column in bits.reshape(count, width).T:  # most significant first
+        out <<= 1
+        out |= column
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -363,6 +371,14 @@ def encode_float(values: torch.Tensor) -> Encoded:
 # ---------------------------------------------------------------------------------------------
 # Decoding (hostile input: every field and length is checked; errors are ValueErrors)
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short (depth, length, digits): messages quote hostile input."""
+    return _REPR.repr(value)
+
 
 class _Reader:
     def __init__(self, buf: bytes, name: str):
@@ -379,13 +395,18 @@ class _Reader:
         vals = np.frombuffer(self.take(4 * n), dtype="<f4").astype(np.float32)
         if not np.isfinite(vals).all():
             raise ValueError(f"The packed data for {self.name!r} holds NaN or infinite values.")
+        if vals.size and float(np.abs(vals).max()) > MAX_MAGNITUDE:
+            raise ValueError(
+                f"The packed data for {self.name!r} holds values beyond {MAX_MAGNITUDE:g}, "
+                "too large for a model."
+            )
         return torch.from_numpy(vals)
 
 
 def _int_field(fields: dict, key: str, lo: int, hi: int, name: str) -> int:
     v = fields.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"Tensor {name!r} has an invalid {key} ({v!r}) in the packed file.")
+        raise ValueError(f"Tensor {name!r} has an invalid {key} ({_show(v)}) in the packed file.")
     return v
 
 
@@ -441,6 +462,10 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
         group_of = positions // (numel // groups) if groups > 1 else torch.zeros_like(positions)
         s, z = scale[group_of], zp[group_of]
         vals = (2 * codes - 1).float() * s if binary else (codes - z).float() * s
+        if vals.numel() and not float(vals.abs().max()) <= MAX_MAGNITUDE:  # or inf, or nan
+            raise ValueError(
+                f"Tensor {name!r} has scales so large that its weights pass {MAX_MAGNITUDE:g}."
+            )
     out = torch.zeros(numel)
     out[positions] = vals
     if r.pos != len(r.buf):  # a header lying about bits or counts
@@ -465,10 +490,19 @@ def _positions(fields, r: _Reader, encoding, numel, kept, alive, name) -> torch.
     else:
         width = _int_field(fields, "index_width", 1, MAX_INDEX_WIDTH, name)
         rest = len(r.buf) - r.pos
-        stream = torch.from_numpy(unpack_uint(r.take(rest), width, rest * 8 // width))
-        pos = positions_from_stream(stream, width)
-        if pos.numel() > kept:  # padding bits at the end may read as one more entry
-            pos = pos[:kept]
+        # the stream is the rest of the block: at most an entry per kept weight and an escape
+        # per 2^width - 1 zeros skipped, so a longer one is refused before it is unpacked
+        if rest > _ceil_bytes((kept + (numel - kept) // (2**width - 1)) * width):
+            raise ValueError(f"The sparse index of tensor {name!r} does not match its weights.")
+        blob = r.take(rest)
+        stream = torch.from_numpy(unpack_uint(blob, width, rest * 8 // width))
+        # it ends with the kept-th terminal entry, then zero bits up to a whole byte
+        ends = torch.nonzero(stream != 2**width - 1).reshape(-1)
+        used = int(ends[kept - 1]) + 1 if 0 < kept <= ends.numel() else 0
+        tail = np.unpackbits(np.frombuffer(blob, dtype=np.uint8))[used * width :]
+        if kept > ends.numel() or _ceil_bytes(used * width) != rest or tail.any():
+            raise ValueError(f"The sparse index of tensor {name!r} does not match its weights.")
+        pos = positions_from_stream(stream[:used], width)
     if pos.numel() != kept or (kept and int(pos.max()) >= numel):
         raise ValueError(f"The sparse index of tensor {name!r} does not match its weights.")
     return pos

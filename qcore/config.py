@@ -29,6 +29,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+__all__ = [
+    "ClipMode", "Rounding", "Scope", "CLIP_MODES", "ROUNDINGS", "SCOPES", "MIN_BITS",
+    "MAX_BITS", "MAX_SEED", "check_bits", "QuantConfig", "PruneConfig", "CompressionConfig",
+    "FLOAT", "MAX_PRUNE", "ClipRange", "CLIP_RANGES", "Settings", "SETTING_KEYS",
+    "parse_bool", "parse_number", "parse_bits", "parse_layer_bits", "parse_flat",
+]  # fmt: skip
+
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
 Scope = Literal["layer", "global"]

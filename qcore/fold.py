@@ -10,7 +10,10 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-__all__ = ["WEIGHT_LAYER_TYPES", "weight_layers", "has_batchnorm", "fold_batchnorm"]
+__all__ = [
+    "WEIGHT_LAYER_TYPES", "weight_layers", "has_batchnorm", "fold_batchnorm", "assert_eval",
+    "state_for_size",
+]  # fmt: skip
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

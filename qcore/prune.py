@@ -18,7 +18,9 @@ import torch
 
 from qcore.config import PruneConfig
 
-__all__ = ["prune_count", "magnitude_mask", "channel_mask", "global_masks", "prune_tensor"]
+__all__ = [
+    "prune_count", "magnitude_mask", "channel_mask", "layer_mask", "global_masks", "prune_tensor",
+]  # fmt: skip
 
 
 def prune_count(rate: float, n: int) -> int:
