@@ -27,14 +27,17 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from qcore.codecs import decode
+from qcore.codecs import _show, decode
 from qcore.config import CompressionConfig
 from qcore.fold import fold_batchnorm, state_for_size
+
+if TYPE_CHECKING:  # compress imports nothing from here; the import is for the hints only
+    from qcore.compress import Compressed
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "Packed", "export_packed", "packed_bytes",
            "load_packed", "read_header", "check_spec"]  # fmt: skip
@@ -48,9 +51,10 @@ MAX_HEADER_BYTES = 1 << 20
 # bounds on a model spec read from a file: the sample architectures on inputs up to CIFAR
 # size and then some; anything larger is not a file this tool wrote
 MAX_CHANNELS, MAX_SIDE, MAX_CLASSES = 4, 64, 1000
+MAX_DIMS, MAX_DIGITS = 8, 100  # a tensor's dimensions; the digits of a number in the header
 
 
-def packed_bytes(compressed) -> bytes:
+def packed_bytes(compressed: Compressed) -> bytes:
     """The packed file's bytes for a :class:`~qcore.compress.Compressed` model."""
     tensors, blocks, offset = [], [], 0
     for key, shape, enc in compressed.packed_tensors():
@@ -74,7 +78,7 @@ def packed_bytes(compressed) -> bytes:
     return MAGIC + struct.pack("<I", len(head)) + digest + head + payload
 
 
-def export_packed(compressed, path: str | os.PathLike) -> int:
+def export_packed(compressed: Compressed, path: str | os.PathLike) -> int:
     """Write the packed file to ``path``; return the number of bytes written."""
     data = packed_bytes(compressed)
     Path(path).write_bytes(data)
@@ -83,6 +87,12 @@ def export_packed(compressed, path: str | os.PathLike) -> int:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"The packed file's header holds {name}, which is not a number.")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_DIGITS:  # no field needs it, and Python reads at most 4300 digits
+        raise ValueError("The packed file's header holds a number too long to read.")
+    return int(text)
 
 
 def _read(data: bytes) -> tuple[dict, bytes]:
@@ -109,7 +119,8 @@ def _read(data: bytes) -> tuple[dict, bytes]:
             "The packed file is corrupt: its SHA-256 checksum does not match its contents."
         )
     try:
-        header = json.loads(head.decode("utf-8"), parse_constant=_no_constant)
+        header = json.loads(head.decode("utf-8"), parse_constant=_no_constant,
+                            parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"The packed file's header is not valid JSON: {exc}.") from exc
     except RecursionError:
@@ -138,16 +149,18 @@ def check_spec(spec: Any) -> tuple[str, tuple[int, int, int], int]:
     if not isinstance(spec, dict):
         raise ValueError("The packed file's model spec is malformed.")
     arch, shape, classes = spec.get("arch"), spec.get("input_shape"), spec.get("num_classes")
-    if arch not in ARCHS:
-        raise ValueError(f"The packed file names an unknown architecture {arch!r}.")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ValueError(f"The packed file names an unknown architecture {_show(arch)}.")
     if not (isinstance(shape, list) and len(shape) == 3 and _whole(shape[0], 1, MAX_CHANNELS)
             and all(_whole(s, 1, MAX_SIDE) for s in shape[1:])):  # fmt: skip
         raise ValueError(
-            f"The packed file's input shape {shape!r} is not (C, H, W) with C in 1..{MAX_CHANNELS}"
-            f" and H, W in 1..{MAX_SIDE}."
+            f"The packed file's input shape {_show(shape)} is not (C, H, W) with C in "
+            f"1..{MAX_CHANNELS} and H, W in 1..{MAX_SIDE}."
         )
     if not _whole(classes, 2, MAX_CLASSES):
-        raise ValueError(f"The packed file's class count {classes!r} is not in 2..{MAX_CLASSES}.")
+        raise ValueError(
+            f"The packed file's class count {_show(classes)} is not in 2..{MAX_CLASSES}."
+        )
     name = spec.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise ValueError("The packed file's model name is malformed.")
@@ -191,7 +204,8 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
         arch, shape, classes = check_spec(header["spec"])
         with torch.device("meta"):  # shapes first, allocating nothing
             expected = _shapes(build_model(arch, shape, classes).eval(), fold_bn)
-        if any(not isinstance(t, dict) or expected.get(t.get("name")) != _shape(t)
+        if any(not isinstance(t, dict) or not isinstance(t.get("name"), str)
+               or expected.get(t["name"]) != _shape(t)
                for t in table) or len(table) > len(expected) + 64:  # fmt: skip
             raise ValueError("The packed file's tensors do not fit its model spec.")
         model = build_model(arch, shape, classes)
@@ -202,33 +216,45 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
     if fold_bn:
         model = fold_batchnorm(model)
     expected = {k: tuple(v.shape) for k, v in state_for_size(model).items()}
-    state = {}
+    entries: dict[str, dict] = {}
     for entry in table:
         if not isinstance(entry, dict):
             raise ValueError("The packed file's tensor table is malformed.")
         name = entry.get("name")
         off, nbytes = entry.get("offset"), entry.get("nbytes")
         if not _whole(off, 0, len(payload)) or not _whole(nbytes, 0, len(payload) - off):
-            raise ValueError(f"Tensor {name!r} lies outside the packed file.")
+            raise ValueError(f"Tensor {_show(name)} lies outside the packed file.")
         if not isinstance(name, str) or name not in expected:
-            raise ValueError(f"The packed file has a tensor {name!r} the architecture lacks.")
-        if name in state:
+            raise ValueError(
+                f"The packed file has a tensor {_show(name)} the architecture lacks."
+            )
+        if name in entries:
             raise ValueError(f"The packed file lists tensor {name!r} twice.")
         # the shape is checked before decoding, so a hostile shape cannot allocate anything
         if _shape(entry) != expected[name]:
             raise ValueError(
-                f"Tensor {name!r} has shape {entry.get('shape')} but the architecture expects "
-                f"{list(expected[name])}."
+                f"Tensor {name!r} has shape {_show(entry.get('shape'))} but the architecture "
+                f"expects {list(expected[name])}."
             )
+        entries[name] = entry
+    missing = sorted(set(expected) - set(entries))
+    if missing:
+        raise ValueError(f"The packed file lacks tensors: {', '.join(missing[:5])}.")
+    # the tensors tile the payload: none overlaps another, no byte is left over
+    end = 0
+    for off, nbytes in sorted((e["offset"], e["nbytes"]) for e in entries.values()):
+        if off != end:
+            raise ValueError("The packed file's tensors overlap or leave bytes between them.")
+        end = off + nbytes
+    if end != len(payload):
+        raise ValueError("The packed file's payload holds bytes no tensor accounts for.")
+    state = {}
+    for name, entry in entries.items():
+        off, nbytes = entry["offset"], entry["nbytes"]
         try:
             state[name] = decode(entry, payload[off : off + nbytes], expected[name], name)
         except (TypeError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
             raise ValueError(f"Tensor {name!r} is malformed in the packed file: {exc}") from exc
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"The packed file lacks tensors: {', '.join(missing[:5])}.")
-    if sum(e["nbytes"] for e in table) != len(payload):
-        raise ValueError("The packed file's payload holds bytes no tensor accounts for.")
     model.load_state_dict(state, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -237,7 +263,9 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
 
 def _shape(entry: dict) -> tuple[int, ...] | None:
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(_whole(d, 0, 1 << 31) for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:  # before any arithmetic on it
+        return None
+    if not all(_whole(d, 0, 1 << 31) for d in shape):
         return None
     if math.prod(shape) > 1 << 31:
         return None
