@@ -1,8 +1,10 @@
 """Every cached computation of the app (the only module that uses ``st.cache_*``).
 
 Loaded models and datasets are cached with ``st.cache_resource`` and never mutated; results
-are plain records (``pages.tables``) cached with ``st.cache_data``, keyed by primitive
-arguments: names and a frozen :class:`~qcore.config.Settings` (or :class:`SweepParams`).
+are plain records (``pages.tables``) cached with ``st.cache_data``, keyed by small frozen
+records: a :class:`~qcore.refs.ModelRef` and :class:`~qcore.refs.DatasetRef` (a sample
+name today, an upload's content hash later) and a :class:`~qcore.config.Settings` (or
+:class:`SweepParams`).
 The analysis computations take seconds, so the ``run_*`` functions compute them in the
 background with a progress bar (``pages.progress``).
 """
@@ -21,6 +23,7 @@ import qcore
 from pages.progress import run_with_progress
 from pages.tables import NewlyWrong, Result, make_newly_wrong, make_result
 from qcore.config import Settings
+from qcore.refs import DatasetRef, ModelRef
 
 RESULT_CACHE_ENTRIES = 64  # results per process (each is small: numbers and predictions)
 COMPRESSED_CACHE_ENTRIES = 8  # compressed models (they hold weight tensors)
@@ -33,84 +36,85 @@ MAX_SWEEP_CONFIGS = 120  # a larger grid is refused with a sentence (it would ta
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def get_model(name: str):
+def get_model(ref: ModelRef):
     """The float model (eval mode). Shared by every session: never mutate it."""
-    return qcore.load_model(name)
+    return ref.load()
 
 
 @st.cache_resource(show_spinner="Loading the test split…")
-def get_dataset(name: str):
-    """The dataset's test split. Shared by every session: never mutate it."""
-    return qcore.load_dataset(name, "test")
+def get_dataset(ref: DatasetRef):
+    """The dataset split (the test split, unless the ref says otherwise). Shared by every
+    session: never mutate it."""
+    return ref.load()
 
 
 @st.cache_resource(show_spinner="Loading the calibration split…")
-def get_calib_dataset(name: str):
+def get_calib_dataset(ref: DatasetRef):
     """The dataset's calibration split (never the test split). Shared: never mutate it."""
-    return qcore.load_dataset(name, "calib")
+    return DatasetRef(ref.name, "calib").load()
 
 
 @st.cache_data(show_spinner=False)
-def layer_names(model_name: str) -> list[str]:
+def layer_names(model: ModelRef) -> list[str]:
     """The model's weight layers (linear and convolution), in definition order."""
-    return list(qcore.weight_layers(get_model(model_name)))
+    return list(qcore.weight_layers(get_model(model)))
 
 
 # --- the Playground ---------------------------------------------------------------------------
 
 
 @st.cache_data(show_spinner=False)
-def float_metrics(model_name: str, dataset_name: str) -> qcore.Metrics:
+def float_metrics(model: ModelRef, data: DatasetRef) -> qcore.Metrics:
     """Evaluation of the float model; computed once per (model, dataset)."""
-    return qcore.evaluate(get_model(model_name), get_dataset(dataset_name))
+    return qcore.evaluate(get_model(model), get_dataset(data))
 
 
 @st.cache_resource(max_entries=COMPRESSED_CACHE_ENTRIES, show_spinner=False)
-def get_compressed(model_name: str, settings: Settings) -> qcore.Compressed:
+def get_compressed(model: ModelRef, settings: Settings) -> qcore.Compressed:
     """The compressed model (its tensors are needed for histograms and export). Read-only."""
-    return qcore.compress(get_model(model_name), settings.to_config())
+    return qcore.compress(get_model(model), settings.to_config())
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def results(model_name: str, dataset_name: str, settings: Settings) -> Result:
+def results(model: ModelRef, data: DatasetRef, settings: Settings) -> Result:
     """Compress, evaluate and account; memoised by (model, dataset, settings)."""
     start = time.perf_counter()
-    comp = get_compressed(model_name, settings)
-    m = qcore.evaluate(comp.model, get_dataset(dataset_name))
+    comp = get_compressed(model, settings)
+    m = qcore.evaluate(comp.model, get_dataset(data))
     seconds = time.perf_counter() - start
-    return make_result(comp, m, float_metrics(model_name, dataset_name), seconds)
+    return make_result(comp, m, float_metrics(model, data), seconds)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def histogram(
-    model_name: str, settings: Settings, layer: str, bins: int = 80, channel: int | None = None
+    model: ModelRef, settings: Settings, layer: str, bins: int = 80, channel: int | None = None
 ) -> qcore.Histogram:
     """Binned float and compressed weights of one layer (counts only)."""
-    return qcore.layer_histogram(get_compressed(model_name, settings), layer, bins, channel)
+    return qcore.layer_histogram(get_compressed(model, settings), layer, bins, channel)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def newly_wrong(
-    model_name: str, dataset_name: str, settings: Settings, limit: int = MAX_WRONG_SHOWN
+    model: ModelRef, data: DatasetRef, settings: Settings, limit: int = MAX_WRONG_SHOWN
 ) -> NewlyWrong:
     """Up to ``limit`` test images that compression turned from right to wrong."""
     return make_newly_wrong(
-        get_dataset(dataset_name),
-        float_metrics(model_name, dataset_name).predictions,
-        results(model_name, dataset_name, settings).predictions,
+        get_dataset(data),
+        float_metrics(model, data).predictions,
+        results(model, data, settings).predictions,
         limit,
     )
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def packed_size(model_name: str, settings: Settings) -> int:
+def packed_size(model: ModelRef, settings: Settings) -> int:
     """Packed bytes of one setting (compress only, no evaluation)."""
-    return get_compressed(model_name, settings).size_bytes
+    return get_compressed(model, settings).size_bytes
 
 
-def packed_download(model_name: str, settings: Settings) -> Callable[[], bytes]:
+def packed_download(model: ModelRef, settings: Settings) -> Callable[[], bytes]:
     """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
-    comp = get_compressed(model_name, settings)
+    comp = get_compressed(model, settings)
     return lambda: qcore.packed_bytes(comp)
 
 
@@ -157,18 +161,18 @@ class SweepParams:
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
 def sweep_table(
-    model_name: str, dataset_name: str, params: SweepParams, _progress=None
+    model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
 ) -> pd.DataFrame:
     """``qcore.sweep`` over the grid on the test split; one row per configuration."""
     return qcore.sweep(
-        get_model(model_name), get_dataset(dataset_name), params.grid(), progress=_progress
+        get_model(model), get_dataset(data), params.grid(), progress=_progress
     )
 
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
 def sensitivity_table(
-    model_name: str,
-    dataset_name: str,
+    model: ModelRef,
+    data: DatasetRef,
     bits: tuple[int, ...],
     prune_rates: tuple[float, ...],
     per_channel: bool,
@@ -176,8 +180,8 @@ def sensitivity_table(
 ) -> pd.DataFrame:
     """``qcore.layer_sensitivity``: each layer alone quantized or pruned, on the test split."""
     return qcore.layer_sensitivity(
-        get_model(model_name),
-        get_dataset(dataset_name),
+        get_model(model),
+        get_dataset(data),
         bits=bits,
         prune_rates=prune_rates,
         quant=qcore.QuantConfig(per_channel=per_channel),
@@ -187,8 +191,8 @@ def sensitivity_table(
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
 def mixed_result(
-    model_name: str,
-    dataset_name: str,
+    model: ModelRef,
+    data: DatasetRef,
     budget_bytes: int,
     candidate_bits: tuple[int, ...],
     per_channel: bool,
@@ -196,20 +200,20 @@ def mixed_result(
 ) -> qcore.MixedPrecisionResult:
     """``qcore.mixed_precision``: bits chosen on the calibration split, scored on the test split."""
     return qcore.mixed_precision(
-        get_model(model_name),
-        get_dataset(dataset_name),
+        get_model(model),
+        get_dataset(data),
         budget_bytes,
         candidate_bits,
         quant=qcore.QuantConfig(per_channel=per_channel),
-        search_dataset=get_calib_dataset(dataset_name),
+        search_dataset=get_calib_dataset(data),
         progress=_progress,
     )
 
 
-def run_sweep(model_name: str, dataset_name: str, params: SweepParams) -> pd.DataFrame:
+def run_sweep(model: ModelRef, data: DatasetRef, params: SweepParams) -> pd.DataFrame:
     """The sweep table, from the cache or computed with a progress bar."""
     params.grid()  # a ValueError with a sentence before any thread starts
-    return run_with_progress(sweep_table, model_name, dataset_name, params, text="Sweeping…")
+    return run_with_progress(sweep_table, model, data, params, text="Sweeping…")
 
 
 def check_sensitivity_choice(bits: tuple[int, ...], prune_rates: tuple[float, ...]) -> None:
@@ -219,8 +223,8 @@ def check_sensitivity_choice(bits: tuple[int, ...], prune_rates: tuple[float, ..
 
 
 def run_sensitivity(
-    model_name: str,
-    dataset_name: str,
+    model: ModelRef,
+    data: DatasetRef,
     bits: tuple[int, ...],
     prune_rates: tuple[float, ...],
     per_channel: bool,
@@ -228,14 +232,14 @@ def run_sensitivity(
     """The layer sensitivity table, from the cache or computed with a progress bar."""
     check_sensitivity_choice(bits, prune_rates)
     return run_with_progress(
-        sensitivity_table, model_name, dataset_name, bits, prune_rates, per_channel,
+        sensitivity_table, model, data, bits, prune_rates, per_channel,
         text="Testing each layer…",
     )  # fmt: skip
 
 
 def run_mixed(
-    model_name: str,
-    dataset_name: str,
+    model: ModelRef,
+    data: DatasetRef,
     budget_bytes: int,
     candidate_bits: tuple[int, ...],
     per_channel: bool,
@@ -243,19 +247,19 @@ def run_mixed(
     """The mixed-precision choice, from the cache or computed with a progress bar."""
     if not candidate_bits:
         raise ValueError("Pick at least one candidate bit width.")
-    get_calib_dataset(dataset_name)  # loaded here, where its spinner can be drawn
+    get_calib_dataset(data)  # loaded here, where its spinner can be drawn
     return run_with_progress(
-        mixed_result, model_name, dataset_name, budget_bytes, candidate_bits, per_channel,
+        mixed_result, model, data, budget_bytes, candidate_bits, per_channel,
         text="Measuring each layer on the calibration split…",
     )  # fmt: skip
 
 
 def budget_bounds_kb(
-    model_name: str, candidate_bits: tuple[int, ...], per_channel: bool
+    model: ModelRef, candidate_bits: tuple[int, ...], per_channel: bool
 ) -> tuple[float, float]:
     """The budget slider's range in kB (0.1 kB steps): every layer at the lowest candidate
     bit width (rounded up, so the low end always fits) to every layer at 8 bits."""
-    lo = packed_size(model_name, Settings(bits=min(candidate_bits), per_channel=per_channel))
-    hi = packed_size(model_name, Settings(bits=8, per_channel=per_channel))
+    lo = packed_size(model, Settings(bits=min(candidate_bits), per_channel=per_channel))
+    hi = packed_size(model, Settings(bits=8, per_channel=per_channel))
     lo_kb = math.ceil(lo / 100) / 10
     return lo_kb, max(math.floor(hi / 100) / 10, round(lo_kb + 0.1, 1))

@@ -20,6 +20,7 @@ import qcore
 from pages.cache import layer_names
 from pages.query import DEFAULT_MODEL, parse_query
 from qcore.config import FLOAT, Settings
+from qcore.refs import DatasetRef, ModelRef
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
     "to_bits": [2, 3, 4, 6, 8],
@@ -118,7 +119,7 @@ def init_session() -> None:
 
 def _layer_names_or_empty(model_name: str) -> list[str]:
     try:
-        return layer_names(model_name)
+        return layer_names(ModelRef(model_name))
     except ValueError:  # the page reports why the model does not load
         return []
 
@@ -156,8 +157,8 @@ def mixed_settings(result: qcore.MixedPrecisionResult, layer_names: Sequence[str
 
 def last_run(
     key: str,
-    model_name: str,
-    dataset_name: str,
+    model: ModelRef,
+    data: DatasetRef,
     choice: Choice,
     *,
     run: bool,
@@ -177,11 +178,11 @@ def last_run(
         try:
             if check is not None:
                 check(choice)
-            ss[key] = (model_name, dataset_name, choice)
+            ss[key] = (model, data, choice)
         except ValueError as e:
             st.error(str(e))
     last = ss.get(key)
-    if last is None or last[:2] != (model_name, dataset_name):
+    if last is None or last[:2] != (model, data):
         st.info(prompt)
         st.stop()
     if last[2] != choice:

@@ -12,6 +12,7 @@ import streamlit as st
 import qcore
 from pages.cache import get_dataset, get_model
 from qcore.config import parse_bool
+from qcore.refs import DatasetRef, ModelRef
 
 MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # Whether a viewer may download a missing torchvision dataset into the server's data folder.
@@ -93,7 +94,7 @@ def sidebar_pickers() -> None:
     st.caption(qcore.dataset_info(ss["dataset"]).description)
 
 
-def require_model_and_dataset() -> tuple[str, str]:
+def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     """The picked model and dataset, loaded and checked to fit; else an error and stop."""
     ss = st.session_state
     model_name, dataset_name = ss["model"], ss["dataset"]
@@ -101,8 +102,8 @@ def require_model_and_dataset() -> tuple[str, str]:
         # whether it fits is known without the data, so a dataset that cannot run is never
         # offered for download
         qcore.check_fit(qcore.model_info(model_name), qcore.dataset_info(dataset_name))
-        get_model(model_name)
-        get_dataset(dataset_name)
+        get_model(ModelRef(model_name))
+        get_dataset(DatasetRef(dataset_name))
     except qcore.DatasetNotFound as e:
         if data_download_allowed():
             st.error(str(e))
@@ -118,7 +119,7 @@ def require_model_and_dataset() -> tuple[str, str]:
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    return model_name, dataset_name
+    return ModelRef(model_name), DatasetRef(dataset_name)
 
 
 def _download_button(name: str, folder: Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qcore.compress import LayerResult
+from qcore.compress import Compressed, LayerResult
 from qcore.quant import code_range, dequantize_codes
 
 __all__ = ["Histogram", "weight_histogram", "layer_histogram", "MAX_LEVELS_DRAWN"]
@@ -78,7 +78,7 @@ def quant_levels(res: LayerResult, channel: int = 0) -> torch.Tensor:
 
 
 def layer_histogram(
-    compressed, layer: str, bins: int = 80, channel: int | None = None
+    compressed: Compressed, layer: str, bins: int = 80, channel: int | None = None
 ) -> Histogram:
     """Histogram of one layer of a :class:`~qcore.compress.Compressed` model.
 

@@ -3,6 +3,10 @@
 For each sample model, on its own test split: the median time of a float evaluation, of
 compress + evaluate for a few configurations, their ratio, and the peak resident memory.
 Each model runs in a fresh subprocess so that its peak memory is its own.
+
+``--eval`` measures float evaluation of mnist-cnn several ways (batch sizes through the
+graph runtime, the module itself, channels-last, ``torch.compile``); ``--sensitivity``
+times layer sensitivity on mnist-cnn the naive way and with prefix reuse.
 """
 
 from __future__ import annotations
@@ -13,16 +17,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
 from qcore.compress import compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig
 from qcore.data import load_dataset
-from qcore.evaluate import evaluate
+from qcore.evaluate import EVAL_BATCH, evaluate
 from qcore.models import list_models, load_model, model_info
 
-__all__ = ["BENCH_CONFIGS", "bench_model", "main_bench"]
+__all__ = ["BENCH_CONFIGS", "bench_model", "bench_eval", "bench_sensitivity", "main_bench"]
 
 BENCH_CONFIGS: dict[str, CompressionConfig] = {
     "8-bit": CompressionConfig(quant=QuantConfig(bits=8)),
@@ -69,6 +74,63 @@ def bench_model(name: str, repeats: int = 7) -> dict:
     }
 
 
+def bench_eval(name: str = "mnist-cnn", repeats: int = 7) -> dict[str, float]:
+    """Float evaluation of ``name`` on its test split, several ways (median seconds)."""
+    model = load_model(name)
+    x = load_dataset(model_info(name).dataset, "test").x
+
+    def batches(run: Callable, bs: int, inputs: torch.Tensor = x) -> Callable[[], None]:
+        def go() -> None:
+            with torch.inference_mode():
+                for i in range(0, inputs.shape[0], bs):
+                    run(inputs[i : i + bs])
+        return go
+
+    data = load_dataset(model_info(name).dataset, "test")
+    out: dict[str, float] = {}
+    for bs in (len(x), 1000, 512, EVAL_BATCH, 128, 64):
+        evaluate(model, data, batch_size=bs)
+        out[f"evaluate, batch {bs}"] = _median_seconds(
+            lambda bs=bs: evaluate(model, data, batch_size=bs), repeats)
+    for bs in (len(x), EVAL_BATCH):
+        batches(model, bs)()
+        out[f"module itself, batch {bs}"] = _median_seconds(batches(model, bs), repeats)
+    cl = load_model(name).to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    for bs in (len(x), EVAL_BATCH):
+        batches(cl, bs, xcl)()
+        out[f"channels-last module, batch {bs}"] = _median_seconds(batches(cl, bs, xcl), repeats)
+    try:
+        compiled = torch.compile(load_model(name))
+        t = time.perf_counter()
+        batches(compiled, EVAL_BATCH)()
+        out["torch.compile: first call (compiling)"] = time.perf_counter() - t
+        out[f"torch.compile module, batch {EVAL_BATCH}"] = _median_seconds(
+            batches(compiled, EVAL_BATCH), repeats)
+    except Exception as exc:  # no compiler toolchain: say so, do not fail the benchmark
+        print(f"torch.compile unavailable: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return out
+
+
+def bench_sensitivity(name: str = "mnist-cnn") -> dict[str, float]:
+    """Layer sensitivity at 2..8 bits (every layer) the naive way and with prefix reuse."""
+    from qcore.sensitivity import layer_sensitivity
+
+    model = load_model(name)
+    data = load_dataset(model_info(name).dataset, "test")
+    kw = dict(bits=(2, 3, 4, 5, 6, 7, 8), prune_rates=())
+    t = time.perf_counter()
+    naive = layer_sensitivity(model, data, naive=True, **kw)
+    naive_s = time.perf_counter() - t
+    t = time.perf_counter()
+    fast = layer_sensitivity(model, data, **kw)
+    fast_s = time.perf_counter() - t
+    if not naive.equals(fast):
+        raise AssertionError("the cached sensitivity differs from the naive one")
+    return {"rows": len(fast), "naive_s": naive_s, "cached_s": fast_s,
+            "speedup": naive_s / fast_s}  # fmt: skip
+
+
 def _format(result: dict) -> str:
     lines = [
         f"{result['model']}: float evaluation on {result['n']} test images "
@@ -93,11 +155,27 @@ def main_bench(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=whole_number, default=7)
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model in-process
+    parser.add_argument("--eval", action="store_true",
+                        help="float evaluation of mnist-cnn several ways, then stop")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="layer sensitivity on mnist-cnn, naive and cached, then stop")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("argument --repeats: at least 1 run is needed for a median")
     if args.one:
         print(json.dumps(bench_model(args.one, args.repeats)))
+        return 0
+    if args.eval:
+        print(f"mnist-cnn float evaluation of 1,000 test images, medians of {args.repeats} runs, "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for label, seconds in bench_eval(repeats=args.repeats).items():
+            print(f"  {label:<40} {seconds * 1000:8.1f} ms")
+        return 0
+    if args.sensitivity:
+        r = bench_sensitivity()
+        print(f"mnist-cnn layer sensitivity, {r['rows']} rows (every layer at 2..8 bits): "
+              f"naive {r['naive_s']:.2f} s, cached {r['cached_s']:.2f} s, "
+              f"speed-up {r['speedup']:.2f}x (identical tables)")
         return 0
     names = args.models or list_models()
     unknown = [n for n in names if n not in list_models()]

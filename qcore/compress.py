@@ -21,7 +21,7 @@ from qcore.config import CompressionConfig
 from qcore.fold import state_for_size
 from qcore.graph import Graph, graph_of, param_key
 from qcore.prune import global_masks, layer_mask
-from qcore.quant import QParams, dequantize_codes, quantize_checked
+from qcore.quant import QParams, dequantize_codes, quantize_prechecked
 
 __all__ = ["CompressedModel", "LayerResult", "Compressed", "compress", "sqnr_db"]
 
@@ -254,7 +254,7 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
         bits, per_channel = 32, False
         if q is not None:
             gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
-            res = quantize_checked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
+            res = quantize_prechecked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
             qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
             if mask is not None and not qparams.binary:
                 codes = _zero_pruned(codes, mask, qparams)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qcore.data import Dataset
 from qcore.fold import assert_eval
 from qcore.graph import graph_of
 
@@ -84,7 +85,7 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int)
     )
 
 
-def evaluate(model: nn.Module, dataset, batch_size: int = EVAL_BATCH) -> Metrics:
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH) -> Metrics:
     """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (a qcore Dataset)."""
     x = dataset.x
     try:

@@ -23,6 +23,7 @@ from torch import nn
 
 from qcore.compress import compress
 from qcore.config import CompressionConfig, QuantConfig, check_bits
+from qcore.data import Dataset
 from qcore.evaluate import evaluate
 from qcore.fold import fold_batchnorm, weight_layers
 from qcore.sensitivity import Progress, layer_sensitivity
@@ -109,12 +110,12 @@ def _evaluate(model, dataset, quant: QuantConfig, fold_bn: bool, batch_size: int
 
 def mixed_precision(
     model: nn.Module,
-    dataset,
+    dataset: Dataset,
     budget_bytes: int,
     candidate_bits: Iterable[int] = DEFAULT_CANDIDATE_BITS,
     *,
     quant: QuantConfig | None = None,
-    search_dataset=None,
+    search_dataset: Dataset | None = None,
     fold_bn: bool = True,
     batch_size: int = 2000,
     progress: Progress | None = None,

@@ -43,7 +43,7 @@ __all__ = [
     "quantize_codes",
     "dequantize_codes",
     "quantize_with_params",
-    "quantize_checked",
+    "quantize_prechecked",
     "quantize_tensor",
     "code_range",
 ]
@@ -108,10 +108,10 @@ def quantize_with_params(
         raise ValueError("Only floating-point weights can be quantized.")
     if not torch.isfinite(w).all():
         raise ValueError("The weights contain NaN or infinite values; they cannot be quantized.")
-    return quantize_checked(w, cfg, bits=bits, mask=mask, generator=generator)
+    return quantize_prechecked(w, cfg, bits=bits, mask=mask, generator=generator)
 
 
-def quantize_checked(
+def quantize_prechecked(
     w: torch.Tensor,
     cfg: QuantConfig,
     *,

@@ -33,6 +33,7 @@ from torch import nn
 
 from qcore.compress import Compressed, compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig, check_bits
+from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
 from qcore.fold import has_batchnorm
 from qcore.graph import Graph, Plan, graph_of
@@ -144,7 +145,7 @@ def _value_bytes(values: Iterable[Any]) -> int:
 
 def layer_sensitivity(
     model: nn.Module,
-    dataset,
+    dataset: Dataset,
     bits: Iterable[int] = DEFAULT_BITS,
     prune_rates: Iterable[float] = DEFAULT_PRUNE_RATES,
     *,

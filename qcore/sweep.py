@@ -27,6 +27,7 @@ from qcore.config import (
     Settings,
     check_bits,
 )
+from qcore.data import Dataset
 from qcore.evaluate import agreement, evaluate
 from qcore.refs import Progress
 
@@ -139,7 +140,7 @@ def _describe(cfg: CompressionConfig) -> dict:
 
 def sweep(
     model: nn.Module,
-    dataset,
+    dataset: Dataset,
     grid: SweepGrid | None = None,
     *,
     progress: Progress | None = None,

@@ -15,6 +15,7 @@ from pages.query import parse_query
 from pages.session import settings_from_session
 from pages.sidebar import DOWNLOAD_ENV, data_download_allowed
 from qcore.config import CompressionConfig, Settings
+from qcore.refs import DatasetRef, ModelRef
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 needs_sample = pytest.mark.skipif(
@@ -208,19 +209,19 @@ def test_histogram_controls_per_channel_and_log_scale() -> None:
 @needs_sample
 def test_downloads_agree_with_the_numbers_on_screen(tmp_path: Path) -> None:
     settings = Settings(bits=4, prune=0.5)
-    r = cache.results("mnist-cnn", "mnist-5k", settings)
+    r = cache.results(ModelRef("mnist-cnn"), DatasetRef("mnist-5k"), settings)
     doc = json.loads(tables.results_json("mnist-cnn", "mnist-5k", settings, r))
     assert doc["packed_size_bytes"] == r.size_bytes and doc["accuracy_simulated"] == r.accuracy
     assert doc["config"] == settings.to_config().to_dict()  # reads back into the same config
     assert CompressionConfig.from_dict(doc["config"]) == settings.to_config()
     assert [row["layer"] for row in doc["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
-    data = cache.packed_download("mnist-cnn", settings)()
+    data = cache.packed_download(ModelRef("mnist-cnn"), settings)()
     path = tmp_path / "m.qpk"
     path.write_bytes(data)
     assert qcore.read_header(path)["size_bytes"] == r.size_bytes
     packed = qcore.load_packed(path)
     assert packed.config == settings.to_config()  # the file says how it was compressed
-    reloaded = qcore.evaluate(packed.model, cache.get_dataset("mnist-5k"))
+    reloaded = qcore.evaluate(packed.model, cache.get_dataset(DatasetRef("mnist-5k")))
     assert reloaded.accuracy == r.accuracy
 
 
@@ -367,7 +368,8 @@ def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) ->
         expected = qcore.evaluate(compressed.model, test)
         assert expected.n == 10
         assert metric(at, "Accuracy") == f"{expected.accuracy:.1%}"
-        assert cache.results("mnist-cnn", "mnist", Settings()).accuracy == expected.accuracy
+        r = cache.results(ModelRef("mnist-cnn"), DatasetRef("mnist"), Settings())
+        assert r.accuracy == expected.accuracy
         assert at.session_state["dataset"] == "mnist"
     finally:
         cache.get_dataset.clear()  # the tiny stand-in MNIST must not outlive this test

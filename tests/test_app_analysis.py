@@ -13,6 +13,7 @@ from pages import cache, figures
 from pages.query import parse_query
 from pages.session import settings_from_session
 from qcore.config import Settings
+from qcore.refs import DatasetRef, ModelRef
 
 PAGES = {
     "tradeoffs": "pages/views/tradeoffs.py",
@@ -88,7 +89,7 @@ def test_tradeoffs_run_draws_front_star_table_and_csv() -> None:
     (download,) = at.get("download_button")
     assert "CSV" in download.proto.label
     # the Playground's star is its own cached result: 8 bits, no pruning
-    r = cache.results("digits-mlp", "digits", Settings())
+    r = cache.results(ModelRef("digits-mlp"), DatasetRef("digits"), Settings())
     assert star["y"] == [r.accuracy] and star["x"] == [r.size_bytes / 1e3]
     # a rerun (or a return to the page) shows the same sweep from the cache, without Run
     at.run()
@@ -147,7 +148,8 @@ def test_mixed_precision_fits_the_budget_and_opens_in_the_playground() -> None:
     assert set(chosen) == {"fc1", "fc2"} and set(chosen.values()) <= {2, 4, 8}
     scatter = figs["Mixed precision against uniform bit widths"]
     assert "mixed precision" in [t["name"] for t in scatter["data"]]
-    res = cache.mixed_result("digits-mlp", "digits", 3200, (2, 4, 8), False)
+    res = cache.mixed_result(ModelRef("digits-mlp"), DatasetRef("digits"), 3200, (2, 4, 8),
+                             False)
     assert res.size_bytes <= 3200 and res.layer_bits == chosen
 
     at.button(key="mp_open").click().run()

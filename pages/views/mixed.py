@@ -8,13 +8,13 @@ from pages.query import sync_query
 from pages.session import last_run, mixed_settings, open_in_playground
 from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = require_model_and_dataset()
+model, data = require_model_and_dataset()
 sync_query({})
-layer_names = cache.layer_names(model_name)
+layer_names = cache.layer_names(model)
 st.subheader("Mixed precision")
 st.caption(
     "Sensitive layers get more bits, robust ones fewer, within a packed-size budget. The bits "
-    f"are chosen on {dataset_name}'s calibration split and the results below are measured on "
+    f"are chosen on {data.name}'s calibration split and the results below are measured on "
     "its test split, which the search never sees. Accuracy is simulated (fake-quant)."
 )
 
@@ -23,7 +23,7 @@ if not candidates:
     st.error("Pick at least one candidate bit width.")
     st.stop()
 try:
-    lo_kb, hi_kb = cache.budget_bounds_kb(model_name, candidates, per_channel)
+    lo_kb, hi_kb = cache.budget_bounds_kb(model, candidates, per_channel)
 except ValueError as e:
     st.error(str(e))
     st.stop()
@@ -31,18 +31,18 @@ budget_kb = controls.budget_ui(lo_kb, hi_kb)
 choice = (round(budget_kb * 1000), candidates, per_channel)  # budget in bytes
 run = st.button("Find per-layer bits", key="mp_run", type="primary")
 budget_bytes, candidates, per_channel = last_run(
-    "mixed_last", model_name, dataset_name, choice, run=run,
+    "mixed_last", model, data, choice, run=run,
     prompt="Set the budget and press **Find per-layer bits**.",
     stale="The results below are of the last run; press **Find per-layer bits** again.",
 )  # fmt: skip
 try:
-    res = cache.run_mixed(model_name, dataset_name, budget_bytes, candidates, per_channel)
+    res = cache.run_mixed(model, data, budget_bytes, candidates, per_channel)
     chosen = mixed_settings(res, layer_names)
     with st.spinner("Evaluating on the test split…"):
-        r = cache.results(model_name, dataset_name, chosen)  # the Playground's own numbers
+        r = cache.results(model, data, chosen)  # the Playground's own numbers
     uniform = cache.run_sweep(
-        model_name,
-        dataset_name,
+        model,
+        data,
         cache.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,)),
     )
 except ValueError as e:

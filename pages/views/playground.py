@@ -9,14 +9,15 @@ from pages.controls import compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
 from qcore.config import Settings
+from qcore.refs import ModelRef
 
 
 def _sqnr(v: float) -> str:
     return "∞ (unchanged)" if math.isinf(v) and v > 0 else f"{v:.1f} dB"
 
 
-model_name, dataset_name = require_model_and_dataset()
-layer_names = cache.layer_names(model_name)
+model, data = require_model_and_dataset()
+layer_names = cache.layer_names(model)
 settings = compression_ui(layer_names)
 layer_bits_note(settings)
 sync_query(settings.to_flat())
@@ -25,7 +26,7 @@ settings = settings.canonical()  # unused options must not split the cache
 try:
     settings.to_config()
     with st.spinner("Compressing and evaluating…", show_time=True):
-        r = cache.results(model_name, dataset_name, settings)
+        r = cache.results(model, data, settings)
 except ValueError as e:
     st.error(str(e))
     st.stop()
@@ -37,7 +38,7 @@ acc.metric(
     f"{r.accuracy:.1%}",
     delta=f"{(r.accuracy - r.float_accuracy) * 100:+.1f} pts vs float",
     border=True,
-    help=f"Top-1 on the {r.n:,} images of {dataset_name}'s test split, weights rounded but run "
+    help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded but run "
     f"in float arithmetic. The float model gets {r.float_accuracy:.1%}.",
 )
 size.metric(
@@ -83,7 +84,7 @@ def _reset_channel() -> None:
 
 
 @st.fragment
-def histogram_section(model_name: str, settings: Settings, shapes: dict) -> None:
+def histogram_section(model: ModelRef, settings: Settings, shapes: dict) -> None:
     st.subheader("Weights of one layer")
     if st.session_state.get("hist_layer") not in shapes:
         st.session_state.pop("hist_layer", None)
@@ -103,7 +104,7 @@ def histogram_section(model_name: str, settings: Settings, shapes: dict) -> None
         )
     log_y = log.toggle("Log scale", key="hist_log")
     try:
-        h = cache.histogram(model_name, settings, layer, 80, channel)
+        h = cache.histogram(model, settings, layer, 80, channel)
     except ValueError as e:
         st.error(str(e))
         return
@@ -114,9 +115,9 @@ def histogram_section(model_name: str, settings: Settings, shapes: dict) -> None
     )
 
 
-histogram_section(model_name, settings, r.shapes)
+histogram_section(model, settings, r.shapes)
 
-ds = cache.get_dataset(dataset_name)
+ds = cache.get_dataset(data)
 
 # --- details ----------------------------------------------------------------------------------
 table_tab, wrong_tab, confusion_tab = st.tabs(
@@ -129,7 +130,7 @@ with table_tab:
         column_config=tables.LAYER_TABLE_COLUMNS,
     )
 with wrong_tab:
-    w = cache.newly_wrong(model_name, dataset_name, settings)
+    w = cache.newly_wrong(model, data, settings)
     if w.total == 0:
         st.info("No test image that the float model gets right is wrong now.")
     else:
@@ -156,11 +157,11 @@ with confusion_tab:
     )
 
 # --- downloads --------------------------------------------------------------------------------
-name = f"{model_name}-{settings.slug()}"
+name = f"{model.name}-{settings.slug()}"
 packed_col, json_col = st.columns(2)
 packed_col.download_button(
     "Download the packed model",
-    data=cache.packed_download(model_name, settings),
+    data=cache.packed_download(model, settings),
     file_name=f"{name}.qpk",
     mime="application/octet-stream",
     on_click="ignore",
@@ -171,7 +172,7 @@ packed_col.download_button(
 )
 json_col.download_button(
     "Download the results (JSON)",
-    data=tables.results_json(model_name, dataset_name, settings, r),
+    data=tables.results_json(model.name, data.name, settings, r),
     file_name=f"{name}-results.json",
     mime="application/json",
     on_click="ignore",

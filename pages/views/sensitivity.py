@@ -8,24 +8,24 @@ from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = require_model_and_dataset()
+model, data = require_model_and_dataset()
 sync_query({})
 st.subheader("Layer sensitivity")
 st.caption(
     "Each layer is quantized (or pruned) on its own while every other layer stays float, and "
-    f"the model is evaluated on {dataset_name}'s test split. A large drop means the layer "
+    f"the model is evaluated on {data.name}'s test split. A large drop means the layer "
     "needs more bits; a small one means it can take fewer. Accuracy is simulated (fake-quant)."
 )
 
 bits, rates, per_channel, run = controls.sensitivity_ui()
 bits, rates, per_channel = last_run(
-    "sensitivity_last", model_name, dataset_name, (bits, rates, per_channel), run=run,
+    "sensitivity_last", model, data, (bits, rates, per_channel), run=run,
     check=lambda c: cache.check_sensitivity_choice(c[0], c[1]),
-    prompt=f"Choose bit widths and pruning rates and press **Run analysis** ({model_name}).",
+    prompt=f"Choose bit widths and pruning rates and press **Run analysis** ({model.name}).",
     stale="The results below are of the last run; press **Run analysis** to apply the above.",
 )  # fmt: skip
 try:
-    df = cache.run_sensitivity(model_name, dataset_name, bits, rates, per_channel)
+    df = cache.run_sensitivity(model, data, bits, rates, per_channel)
 except ValueError as e:
     st.error(str(e))
     st.stop()
@@ -70,7 +70,7 @@ with st.expander("The table"):
     st.download_button(
         "Download the table (CSV)",
         data=df.to_csv(index=False),
-        file_name=f"{model_name}-{dataset_name}-sensitivity.csv",
+        file_name=f"{model.name}-{data.name}-sensitivity.csv",
         mime="text/csv",
         on_click="ignore",
         key="download_sensitivity",

@@ -8,37 +8,37 @@ from pages.query import sync_query
 from pages.session import last_run, playground_settings
 from pages.sidebar import require_model_and_dataset
 
-model_name, dataset_name = require_model_and_dataset()
+model, data = require_model_and_dataset()
 sync_query({})
 st.subheader("Trade-offs: accuracy against packed size")
 st.caption(
-    f"Every combination of the values below is compressed and evaluated on {dataset_name}'s "
+    f"Every combination of the values below is compressed and evaluated on {data.name}'s "
     "test split. Accuracy is simulated (fake-quant); sizes are packed bytes. The dotted line "
     "is the Pareto front: no other setting is both smaller and more accurate."
 )
 
 params, run = controls.sweep_grid_ui()
 params = last_run(
-    "tradeoffs_last", model_name, dataset_name, params, run=run,
+    "tradeoffs_last", model, data, params, run=run,
     check=lambda p: p.grid(),  # the last good run stays on screen
-    prompt=f"Choose the grid and press **Run sweep** ({model_name} on {dataset_name}).",
+    prompt=f"Choose the grid and press **Run sweep** ({model.name} on {data.name}).",
     stale="The results below are of the last run; press **Run sweep** for the grid above.",
 )  # fmt: skip
 try:
-    df = cache.run_sweep(model_name, dataset_name, params)
+    df = cache.run_sweep(model, data, params)
 except ValueError as e:
     st.error(str(e))
     st.stop()
 front = qcore.pareto_front(df)
 
 # the Playground's current setting, as a star (skipped when it is not a valid setting)
-layer_names = cache.layer_names(model_name)
+layer_names = cache.layer_names(model)
 current = None
 settings = playground_settings(layer_names)
 try:
     settings.to_config()
     with st.spinner("Evaluating the Playground's setting…"):
-        r = cache.results(model_name, dataset_name, settings)
+        r = cache.results(model, data, settings)
     current = {"size_bytes": r.size_bytes, "accuracy": r.accuracy, "label": settings.label()}
 except ValueError as e:
     st.caption(f"The Playground's setting is not shown: {e}")
@@ -50,7 +50,7 @@ st.plotly_chart(
     key="tradeoff_chart",
 )
 st.caption(
-    f"{len(df)} configurations of {model_name} on {dataset_name}; {len(front)} on the Pareto "
+    f"{len(df)} configurations of {model.name} on {data.name}; {len(front)} on the Pareto "
     "front. The star is the Playground's current setting. Hover a point for its setting."
 )
 
@@ -75,7 +75,7 @@ st.dataframe(
 st.download_button(
     "Download the table (CSV)",
     data=table.to_csv(index=False),
-    file_name=f"{model_name}-{dataset_name}-sweep.csv",
+    file_name=f"{model.name}-{data.name}-sweep.csv",
     mime="text/csv",
     on_click="ignore",
     key="download_sweep",
