@@ -232,9 +232,6 @@ class Graph:
         out = env[self.output]
         return (out, kept) if keep else out
 
-    def __call__(self, x: torch.Tensor, replacements=None, points=None) -> Any:
-        return self.run(x, replacements, points)
-
     def plan(self, keys: Iterable[str]) -> Plan:
         """The nodes that depend on the tensors ``keys`` and what else they read."""
         keys = frozenset(keys)
