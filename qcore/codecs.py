@@ -203,9 +203,13 @@ def relative_index(mask_flat: torch.Tensor) -> tuple[int, int]:
     gaps = _gaps(mask_flat)
     if gaps.numel() == 0:
         return 1, 0
+    # price every width over the distinct gap lengths (few) rather than every gap (many)
+    counts = torch.bincount(gaps)
+    lengths = torch.nonzero(counts).reshape(-1)
     widths = torch.arange(1, MAX_INDEX_WIDTH + 1)
     escape = (2**widths - 1)[:, None]  # (R, 1)
-    entries = gaps.numel() + (gaps[None, :] // escape).sum(dim=1)  # (R,)
+    fills = (lengths[None, :] // escape) * counts[lengths][None, :]  # (R, distinct lengths)
+    entries = gaps.numel() + fills.sum(dim=1)  # (R,)
     bits = entries * widths
     best = int(torch.argmin(bits))  # first minimum: the narrowest of equals
     return int(widths[best]), int(bits[best])
