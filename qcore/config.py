@@ -34,15 +34,18 @@ __all__ = [
     "MAX_BITS", "MAX_SEED", "check_bits", "QuantConfig", "PruneConfig", "CompressionConfig",
     "FLOAT", "MAX_PRUNE", "ClipRange", "CLIP_RANGES", "Settings", "SETTING_KEYS",
     "parse_bool", "parse_number", "parse_bits", "parse_layer_bits", "parse_flat",
+    "ActObserver", "ACT_OBSERVERS", "ActQuantConfig",
 ]  # fmt: skip
 
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
 Scope = Literal["layer", "global"]
+ActObserver = Literal["minmax", "percentile", "mse", "entropy"]
 
 CLIP_MODES: tuple[str, ...] = ("ratio", "absolute", "sigma", "percentile", "mse")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 SCOPES: tuple[str, ...] = ("layer", "global")
+ACT_OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
 MIN_BITS, MAX_BITS = 1, 16
 MAX_SEED = 2**32 - 1  # stochastic rounding seeds a torch.Generator with seed * 1_000_003 + i
 
@@ -211,6 +214,52 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class ActQuantConfig:
+    """How activations are quantized: calibrated ranges, fake-quantized where values flow.
+
+    Each activation becomes ``(clamp(round(x / scale) + zero_point) - zero_point) * scale``
+    with ``bits``-bit codes, per tensor. The range comes from statistics collected on the
+    calibration split by ``observer``:
+
+    - ``minmax``: the smallest and largest value seen (0 included).
+    - ``percentile``: clip |x| at its ``percentile``-th percentile (one outlier no longer
+      stretches the grid).
+    - ``mse``: the range with the least squared error on the calibration histogram.
+    - ``entropy``: the threshold whose quantized histogram loses the least information
+      (KL divergence), as TensorRT calibrates.
+    """
+
+    bits: int = 8  # 2..16
+    symmetric: bool = False  # asymmetric suits ReLU outputs, which are never negative
+    observer: ActObserver = "minmax"
+    percentile: float = 99.99  # for observer="percentile", in (0, 100]
+
+    def __post_init__(self) -> None:
+        bits = check_bits(self.bits, "activation bits")
+        if bits < 2:
+            raise ValueError("Activations need at least 2 bits; got 1.")
+        object.__setattr__(self, "bits", bits)
+        _check_choice("observer", self.observer, ACT_OBSERVERS)
+        pct = _check_finite("percentile", self.percentile)
+        if not 0.0 < pct <= 100.0:
+            raise ValueError(f"An activation percentile must be in (0, 100]; got {pct}.")
+        object.__setattr__(self, "percentile", pct)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false; got {_show(self.symmetric)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: object) -> ActQuantConfig:
+        """The config ``to_dict`` wrote; missing keys take their defaults."""
+        values = _known_keys("An activation config", cls, d)
+        _check_bools("An activation config", values, ("symmetric",))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     """The whole pipeline: fold BatchNorm, prune, clip, quantize. ``None`` skips a step."""
 
@@ -218,12 +267,15 @@ class CompressionConfig:
     prune: PruneConfig | None = None
     layers: tuple[str, ...] | None = None  # names of weight layers to compress; None = all
     fold_bn: bool = True  # fold BatchNorm into the preceding conv / linear layer first
+    act: ActQuantConfig | None = None  # activations stay float unless set (needs calib data)
 
     def __post_init__(self) -> None:
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise ValueError("quant must be a QuantConfig or None.")
         if self.prune is not None and not isinstance(self.prune, PruneConfig):
             raise ValueError("prune must be a PruneConfig or None.")
+        if self.act is not None and not isinstance(self.act, ActQuantConfig):
+            raise ValueError("act must be an ActQuantConfig or None.")
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ValueError("layers must be a list of layer names, not a single string.")
@@ -236,12 +288,15 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe values: nested dicts for quant and prune (or None), layers a list."""
-        return {
+        d = {
             "quant": None if self.quant is None else self.quant.to_dict(),
             "prune": None if self.prune is None else self.prune.to_dict(),
             "layers": None if self.layers is None else list(self.layers),
             "fold_bn": self.fold_bn,
         }
+        if self.act is not None:  # absent when off, so files without activations read the same
+            d["act"] = self.act.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> CompressionConfig:
@@ -255,6 +310,8 @@ class CompressionConfig:
             values["quant"] = QuantConfig.from_dict(values["quant"])
         if values.get("prune") is not None:
             values["prune"] = PruneConfig.from_dict(values["prune"])
+        if values.get("act") is not None:
+            values["act"] = ActQuantConfig.from_dict(values["act"])
         layers = values.get("layers")
         if layers is not None:
             if not isinstance(layers, list | tuple) or not all(isinstance(n, str) for n in layers):

@@ -1,0 +1,131 @@
+"""Tests for qcore.activations: calibrated ranges per edge, against torch.ao's observers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qcore.activations import activation_edges, calibrate, entropy_threshold
+from qcore.config import ActQuantConfig, CompressionConfig
+from qcore.graph import graph_of
+
+
+@dataclass(frozen=True)
+class Split:
+    """The parts of a qcore Dataset that calibration reads."""
+
+    x: torch.Tensor
+    split: str = "calib"
+    name: str = "synthetic"
+
+
+def one_layer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 4)).eval()
+
+
+def test_minmax_matches_torch_ao_observer_and_fake_quant() -> None:
+    """Oracle: min-max asymmetric 8-bit equals MinMaxObserver + fake_quantize_per_tensor."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 8, generator=g) * 3 + 0.7
+    graph = graph_of(one_layer())
+    ranges = calibrate(graph, Split(x), ActQuantConfig(bits=8, observer="minmax"), ["0.input"])
+    r = ranges["0.input"]
+    obs = torch.ao.quantization.MinMaxObserver(dtype=torch.quint8,
+                                               qscheme=torch.per_tensor_affine)
+    for i in range(0, 600, 256):  # batch by batch, as calibration runs
+        obs(x[i : i + 256])
+    scale, zp = obs.calculate_qparams()
+    assert r.scale == float(scale) and r.zero_point == int(zp)
+    expected = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), 0, 255)
+    assert torch.equal(r.fake_quantize(x), expected)
+
+
+def test_calibration_never_reads_the_test_split() -> None:
+    graph = graph_of(one_layer())
+    with pytest.raises(ValueError, match="never on the test split"):
+        calibrate(graph, Split(torch.randn(10, 8), split="test"), ActQuantConfig(), ["0.input"])
+
+
+def test_batches_do_not_change_minmax_ranges() -> None:
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(2))
+    graph = graph_of(one_layer(3))
+    cfg = ActQuantConfig(bits=4, observer="minmax")
+    a = calibrate(graph, Split(x, name="a"), cfg, ["0.input"], batch_size=7)["0.input"]
+    b = calibrate(graph, Split(x.clone(), name="b"), cfg, ["0.input"], batch_size=300)["0.input"]
+    assert (a.lo, a.hi, a.scale, a.zero_point) == (b.lo, b.hi, b.scale, b.zero_point)
+    assert a.lo == float(x.min()) and a.hi == float(x.max())
+
+
+def test_percentile_ignores_one_outlier_and_minmax_does_not() -> None:
+    """A ReLU-like input with one huge value: min-max spends its levels on the outlier."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2000, 8, generator=g)
+    x[0, 0] = 100.0
+    graph = graph_of(one_layer())
+    mm = calibrate(graph, Split(x), ActQuantConfig(bits=8), ["0.input"])["0.input"]
+    pc = calibrate(graph, Split(x), ActQuantConfig(bits=8, observer="percentile",
+                                                   percentile=99.9), ["0.input"])["0.input"]
+    assert mm.hi == 100.0 and pc.hi < 1.1
+    err = {k: float((r.fake_quantize(x[1:]) - x[1:]).square().mean()) for k, r in
+           (("minmax", mm), ("percentile", pc))}  # fmt: skip
+    assert err["percentile"] < err["minmax"] / 100
+
+
+@pytest.mark.parametrize("observer", ["mse", "entropy"])
+def test_search_observers_clip_a_long_tail(observer: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = -torch.log(torch.rand(4000, 8, generator=g))  # exponential: a long right tail
+    graph = graph_of(one_layer())
+    cfg = ActQuantConfig(bits=4, observer=observer)
+    r = calibrate(graph, Split(x), cfg, ["0.input"])["0.input"]
+    mm = calibrate(graph, Split(x), ActQuantConfig(bits=4), ["0.input"])["0.input"]
+    assert 0.0 <= r.lo and r.hi < mm.hi  # clipped below the maximum
+
+    def mse(rr) -> float:
+        return float((rr.fake_quantize(x) - x).square().mean())
+
+    assert mse(r) < mse(mm)
+
+
+def test_entropy_threshold_hand_case() -> None:
+    h = np.round(1000 * np.exp(-np.arange(64) / 3))  # a decaying tail ...
+    h[63] = 1.0  # ... and one outlier at the top
+    t = entropy_threshold(h, 64.0, 4)
+    assert 4.0 < t < 32.0  # the tail is clipped, the 4 levels go where the mass is
+    flat = np.ones(64)  # nothing to gain by clipping a flat histogram
+    assert entropy_threshold(flat, 64.0, 4) == 64.0
+    assert entropy_threshold(np.ones(4), 4.0, 8) == 4.0  # fewer bins than levels: all of it
+
+
+def test_edges_are_inputs_and_additions() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) + x)
+
+    graph = graph_of(Residual().eval())
+    assert activation_edges(graph) == ["input", "a.input", "add", "b.input"]
+    assert activation_edges(graph, ["b"]) == ["input", "add", "b.input"]
+
+
+def test_act_config_checks_and_round_trips() -> None:
+    c = CompressionConfig(act=ActQuantConfig(bits=4, observer="entropy"))
+    assert CompressionConfig.from_dict(c.to_dict()) == c
+    assert "act" not in CompressionConfig().to_dict()  # files without activations unchanged
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        ActQuantConfig(bits=1)
+    with pytest.raises(ValueError, match="observer"):
+        ActQuantConfig(observer="kl")
+    with pytest.raises(ValueError, match="percentile"):
+        ActQuantConfig(observer="percentile", percentile=0.0)
+    with pytest.raises(ValueError, match="ActQuantConfig"):
+        CompressionConfig(act=8)
