@@ -23,8 +23,10 @@ class Histogram:
     before: np.ndarray  # int64 [bins]
     after: np.ndarray  # int64 [bins]
     levels: np.ndarray | None  # the values the quantizer can output, if few enough
-    clip: tuple[float, float] | None  # the range the quantizer covers
+    clip: tuple[float, float] | None  # the range the grid really covers: its end levels
     zeros_after: int  # weights exactly zero after compression
+    requested: tuple[float, float] | None = None  # the clip range asked for (before rounding
+    # the zero point; at 1 bit the range weights are clipped to before alpha is taken)
 
     @property
     def centers(self) -> np.ndarray:
@@ -38,6 +40,7 @@ def weight_histogram(
     *,
     levels: torch.Tensor | None = None,
     clip: tuple[float, float] | None = None,
+    requested: tuple[float, float] | None = None,
 ) -> Histogram:
     """Histogram of ``before`` and ``after`` on the same ``bins`` bins over both ranges."""
     if bins < 1:
@@ -61,11 +64,16 @@ def weight_histogram(
         levels=lv,
         clip=clip,
         zeros_after=int((a == 0).sum()),
+        requested=requested,
     )
 
 
 def quant_levels(res: LayerResult, channel: int = 0) -> torch.Tensor:
-    """Every value one group (channel) of a quantized tensor can take, sorted."""
+    """Every value one group (channel) of a quantized tensor can take, sorted.
+
+    At 1 bit that is -alpha and +alpha, and 0 as well when pruning removed a weight of the
+    group (there is no zero code: a pruned weight is zero by its mask), so it is ternary.
+    """
     qmin, qmax = code_range(res.bits, res.symmetric)
     if qmax - qmin + 1 > MAX_LEVELS_DRAWN:
         return torch.empty(MAX_LEVELS_DRAWN + 1)
@@ -74,7 +82,12 @@ def quant_levels(res: LayerResult, channel: int = 0) -> torch.Tensor:
         scale=res.qparams.scale[g : g + 1], zero_point=res.qparams.zero_point[g : g + 1]
     )
     codes = torch.arange(qmin, qmax + 1).reshape(1, -1)
-    return dequantize_codes(codes, qp).reshape(-1)
+    levels = dequantize_codes(codes, qp).reshape(-1)
+    if res.qparams.binary and res.mask is not None:
+        group_mask = res.mask[g] if res.per_channel else res.mask
+        if not bool(group_mask.all()):
+            levels = torch.cat([levels[:1], torch.zeros(1), levels[1:]])
+    return levels
 
 
 def layer_histogram(
@@ -82,7 +95,9 @@ def layer_histogram(
 ) -> Histogram:
     """Histogram of one layer of a :class:`~qcore.compress.Compressed` model.
 
-    With per-channel scales, levels and clip bounds are drawn only for a chosen ``channel``.
+    ``clip`` is the grid's effective range (:attr:`LayerResult.grid_range`), so every
+    level lies within it; ``requested`` is the clip range asked for. With per-channel
+    scales, levels and bounds are drawn only for a chosen ``channel``.
     """
     res = compressed.layer(layer)  # a clear ValueError for an unknown layer name
     before, after = res.float_weight, res.dequantized
@@ -90,12 +105,14 @@ def layer_histogram(
         if not 0 <= channel < before.shape[0]:
             raise ValueError(f"Channel must be in 0..{before.shape[0] - 1}; got {channel}.")
         before, after = before[channel], after[channel]
-    levels = clip = None
+    levels = clip = requested = None
     mask = res.mask
     if res.qparams is not None and (not res.per_channel or channel is not None):
         g = channel if (res.per_channel and channel is not None) else 0
         group_mask = mask if mask is None or not res.per_channel else mask[g]
         if group_mask is None or bool(group_mask.any()):  # a group pruned away has no grid
             levels = quant_levels(res, g)
-            clip = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
-    return weight_histogram(before, after, bins, levels=levels, clip=clip)
+            grid_lo, grid_hi = res.grid_range
+            clip = (float(grid_lo[g]), float(grid_hi[g]))
+            requested = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
+    return weight_histogram(before, after, bins, levels=levels, clip=clip, requested=requested)

@@ -43,10 +43,43 @@ class LayerResult:
     bias: torch.Tensor | None  # the bias it runs with when changed (channels removed), else None
     encoded: Encoded  # the weight's packed form
     params: int  # weights + bias
-    sparsity: float  # fraction of weights that are exactly zero afterwards
+    sparsity: float  # fraction of weights exactly zero afterwards: pruned + rounded_zero
     sqnr_db: float  # 10*log10(||w||^2 / ||w - q(w)||^2); inf when nothing changed
     size_bytes: int  # packed bytes of weight + bias
     float_bytes: int
+    pruned: float = 0.0  # fraction of weights the pruning mask removed
+    rounded_zero: float = 0.0  # fraction kept by pruning whose compressed value is exactly 0
+    weight_energy: float = 0.0  # ||w||^2 (float64), the numerator of sqnr_db
+    error_energy: float = 0.0  # ||w - q(w)||^2 (float64), its denominator
+
+    @property
+    def scales(self) -> torch.Tensor | None:
+        """The step of each group's grid (G,), alpha at 1 bit; None when left in float."""
+        return None if self.qparams is None else self.qparams.scale.clone()
+
+    @property
+    def zero_points(self) -> torch.Tensor | None:
+        """Each group's integer zero point (G,), 0 when symmetric; None when left in float."""
+        return None if self.qparams is None else self.qparams.zero_point.clone()
+
+    @property
+    def grid_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The lowest and highest level of each group's grid, each (G,): the range the codes
+        really cover, ((qmin - zero_point) * scale, (qmax - zero_point) * scale), or
+        (-alpha, alpha) at 1 bit; None when left in float.
+
+        With asymmetric codes the zero point is rounded to an integer, which shifts the grid
+        off the requested clip range [qparams.lo, qparams.hi] by up to half a step.
+        """
+        qp = self.qparams
+        if qp is None:
+            return None
+        if qp.binary:
+            return -qp.scale, qp.scale.clone()
+        zp = qp.zero_point.float()
+        # the same float32 sums and products as dequantize_codes, so the levels sit exactly
+        # on these ends
+        return (qp.qmin - zp) * qp.scale, (qp.qmax - zp) * qp.scale
 
     @property
     def encoding(self) -> str:
@@ -140,15 +173,36 @@ class Compressed:
         return self.float_size_bytes / self.size_bytes if self.size_bytes else math.inf
 
     @property
-    def sparsity(self) -> float:
-        """Fraction of zero weights over all weight layers."""
+    def pruned(self) -> float:
+        """Fraction of all compressed weights the pruning masks removed."""
         total = sum(math.prod(s.shape) for s in self.layers)
-        zeros = sum(s.sparsity * math.prod(s.shape) for s in self.layers)
-        return zeros / total if total else 0.0
+        return _count(self.layers, "pruned") / total if total else 0.0
+
+    @property
+    def rounded_zero(self) -> float:
+        """Fraction of all compressed weights kept by pruning but exactly zero afterwards."""
+        total = sum(math.prod(s.shape) for s in self.layers)
+        return _count(self.layers, "rounded_zero") / total if total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero weights over all weight layers: ``pruned + rounded_zero``."""
+        return self.pruned + self.rounded_zero
+
+    @property
+    def sqnr_db(self) -> float:
+        """The whole model's SQNR: 10*log10(sum ||w||^2 / sum ||w - q(w)||^2) over every
+        compressed layer, so a layer is weighted by its energy (inf when nothing changed)."""
+        return _db(sum(s.weight_energy for s in self.layers),
+                   sum(s.error_energy for s in self.layers))
 
     @property
     def mean_sqnr_db(self) -> float:
-        """Mean SQNR over the layers that changed (inf if none did)."""
+        """Mean of the per-layer SQNRs over the layers that changed (inf if none did).
+
+        Deprecated in favour of :attr:`sqnr_db`: one badly quantized layer barely moves a
+        mean of decibels, while it dominates the whole model's error.
+        """
         finite = [s.sqnr_db for s in self.layers if math.isfinite(s.sqnr_db)]
         return sum(finite) / len(finite) if finite else math.inf
 
@@ -182,19 +236,32 @@ def _packed_tensors(
     return out
 
 
+def _count(layers: tuple[LayerResult, ...], fraction: str) -> int:
+    """The number of weights a per-layer fraction stands for, summed over the layers (each
+    fraction is an exact count over the layer's size, so rounding recovers the count)."""
+    return sum(round(getattr(s, fraction) * math.prod(s.shape)) for s in layers)
+
+
+def _energies(w: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
+    """(||w||^2, ||w - q||^2) in float64."""
+    return float((w.double() ** 2).sum()), float(((w.double() - q.double()) ** 2).sum())
+
+
+def _db(sig: float, err: float) -> float:
+    if err == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / err)
+
+
 def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
     """10 * log10(||w||^2 / ||w - q||^2) in dB; inf when q equals w.
 
     >>> sqnr_db(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]))   # 25 / 1
     13.979400086720377
     """
-    err = float(((w.double() - q.double()) ** 2).sum())
-    sig = float((w.double() ** 2).sum())
-    if err == 0.0:
-        return math.inf
-    if sig == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(sig / err)
+    return _db(*_energies(w, q))
 
 
 def _check_weights(name: str, w: torch.Tensor) -> None:
@@ -266,6 +333,9 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
                                        symmetric=q.symmetric, mask=mask)
         bias = graph.params.get(param_key(n, "bias"))
         bias_numel = 0 if bias is None else bias.numel()
+        n_zero = int((new == 0).sum())
+        n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
+        sig, err = _energies(w, new)
         new_bias = None
         if bias is not None and mask is not None and config.prune.structured:
             # a removed output channel is gone, bias included
@@ -276,7 +346,11 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
             float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
             per_channel=per_channel, symmetric=True if q is None else q.symmetric,
             bias=new_bias, encoded=encoded, params=w.numel() + bias_numel,
-            sparsity=float((new == 0).sum()) / w.numel(), sqnr_db=sqnr_db(w, new),
+            # the sum of the two parts, so sparsity == pruned + rounded_zero exactly (it can
+            # differ from n_zero / n by one ulp)
+            sparsity=n_pruned / w.numel() + (n_zero - n_pruned) / w.numel(),
+            pruned=n_pruned / w.numel(), rounded_zero=(n_zero - n_pruned) / w.numel(),
+            sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
             size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
         ))  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from qcore.analysis import MAX_LEVELS_DRAWN, layer_histogram, weight_histogram
@@ -50,7 +52,9 @@ def test_layer_histogram_levels_and_clip(bn_model: nn.Module, symmetric: bool) -
     assert after_values <= set(np.float32(h.levels).tolist())
     assert 0.0 in h.levels.tolist()
     lo, hi = clip_range(w.reshape(1, -1), c.layer("7").mask.reshape(1, -1), q, 4)
-    assert h.clip == (float(lo), float(hi))
+    assert h.requested == (float(lo), float(hi))  # the range asked for
+    grid_lo, grid_hi = c.layer("7").grid_range  # the range the levels really span
+    assert h.clip == (float(grid_lo), float(grid_hi)) == (min(h.levels), max(h.levels))
 
 
 def test_levels_absent_for_sixteen_bits(bn_model: nn.Module) -> None:
@@ -89,7 +93,8 @@ def test_one_bit_levels_and_float_layers(bn_model: nn.Module) -> None:
 
 
 def test_one_bit_histogram_draws_the_clip_range_and_the_two_levels() -> None:
-    """At 1 bit the levels are +-mean|w| and the clip bounds are the range, not the levels."""
+    """At 1 bit the levels are +-mean|w|: the grid spans them, the requested range is the
+    clip range (alpha is the mean of the clipped |w|)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     w = model[0].weight.detach()
@@ -97,7 +102,8 @@ def test_one_bit_histogram_draws_the_clip_range_and_the_two_levels() -> None:
         c = compress(model, CompressionConfig(quant=QuantConfig(bits=1, clip=clip)))
         h = layer_histogram(c, "0", bins=20)
         alpha = float(w.clamp(-bound, bound).abs().mean())
-        assert h.clip == pytest.approx((-bound, bound))
+        assert h.requested == pytest.approx((-bound, bound))
+        assert h.clip == pytest.approx((-alpha, alpha))
         assert h.levels.tolist() == pytest.approx([-alpha, alpha])
 
 
@@ -114,3 +120,65 @@ def test_a_channel_pruned_away_draws_no_grid() -> None:
     assert gone.levels is None and gone.clip is None and gone.zeros_after == 8
     kept = layer_histogram(c, "0", bins=10, channel=live)
     assert kept.levels is not None and len(kept.levels) == 15 and kept.clip is not None
+
+
+def _grid_model(weights: list[float]) -> nn.Module:
+    model = nn.Sequential(nn.Linear(len(weights), 1, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([weights]))
+    return model
+
+
+def test_asymmetric_grid_drawn_where_its_levels_are() -> None:
+    """``?bits=2&symmetric=false``: the zero point is rounded to an integer, which shifts the
+    grid off the requested range; the drawn bounds are the grid's end levels."""
+    # range [-0.25, 2.75]: scale 3 / 3 = 1, zero point round(0.25) = 0, so the grid is
+    # 0, 1, 2, 3: the level 3 lies beyond the requested 2.75 (and 2.75 rounds up to it)
+    c = compress(_grid_model([-0.25, 0.5, 2.75]),
+                 CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)))
+    h = layer_histogram(c, "0", bins=10)
+    assert h.requested == (-0.25, 2.75)
+    assert h.clip == (0.0, 3.0)
+    assert h.levels.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert c.layer("0").dequantized.tolist() == [[0.0, 0.0, 3.0]]
+    # range [-0.75, 2.25]: scale 1, zero point round(0.75) = 1, grid -1, 0, 1, 2
+    c = compress(_grid_model([-0.75, 2.25, 1.0]),
+                 CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)))
+    h = layer_histogram(c, "0", bins=10)
+    assert h.requested == (-0.75, 2.25) and h.clip == (-1.0, 2.0)
+    assert h.levels.tolist() == [-1.0, 0.0, 1.0, 2.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 4), n=st.integers(2, 200), shift=st.floats(-1.0, 1.0),
+       clip=st.floats(0.05, 1.0), per_channel=st.booleans(), seed=st.integers(0, 10_000))
+def test_property_every_level_within_the_drawn_bounds(bits, n, shift, clip, per_channel, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(n, 3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(3, n, generator=g) + shift)
+    q = QuantConfig(bits=bits, symmetric=False, clip=clip, per_channel=per_channel)
+    c = compress(model, CompressionConfig(quant=q))
+    after = c.layer("0").dequantized
+    for channel in (range(3) if per_channel else [None]):
+        h = layer_histogram(c, "0", bins=10, channel=channel)
+        lo, hi = h.clip
+        assert lo <= h.levels.min() and h.levels.max() <= hi
+        assert (lo, hi) == (h.levels.min(), h.levels.max())
+        values = after if channel is None else after[channel]
+        assert lo <= float(values.min()) and float(values.max()) <= hi
+
+
+@pytest.mark.parametrize("rate, levels", [(0.0, 2), (0.5, 3)])
+def test_one_bit_with_pruning_is_ternary(rate: float, levels: int) -> None:
+    """A pruned weight is exactly 0 at 1 bit (by its mask): a third level, drawn as such."""
+    w = [0.5, -1.5, 0.25, 2.0, -0.75, 1.0]
+    prune = PruneConfig(rate=rate) if rate else None
+    c = compress(_grid_model(w), CompressionConfig(quant=QuantConfig(bits=1), prune=prune))
+    h = layer_histogram(c, "0", bins=10)
+    # alpha = mean |w| over the kept weights: all six (6 / 6 = 1), or the three largest
+    # left after pruning floor(0.5 * 6) = 3 ((2 + 1.5 + 1) / 3 = 1.5)
+    expected = [-1.0, 1.0] if levels == 2 else [-1.5, 0.0, 1.5]
+    assert h.levels.tolist() == expected
+    assert set(c.layer("0").dequantized.reshape(-1).tolist()) <= set(h.levels.tolist())
+    assert len(h.levels) == levels

@@ -386,3 +386,122 @@ def test_compressed_bn_model_without_folding_evaluates_in_eval_mode(bn_model, im
     with torch.no_grad():
         assert torch.equal(c.model(images), out)
     assert all(torch.equal(a, b) for a, b in zip(before, bn_model.buffers(), strict=True))
+
+
+# ---------------------------------------------------------------- whole-model numbers
+
+
+def _linears(*weights: list[list[float]]) -> nn.Module:
+    """A chain of bias-free linear layers with the given weights, named "0", "1", ..."""
+    layers = []
+    for w in weights:
+        t = torch.tensor(w)
+        lin = nn.Linear(t.shape[1], t.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(t)
+        layers.append(lin)
+    return nn.Sequential(*layers).eval()
+
+
+def test_whole_model_sqnr_hand_computed() -> None:
+    # layer 0: [3, 4] at 2 bits -> scale 4, both round to 4: ||w||^2 = 25, error 1
+    # layer 1: [1, -0.5] at 2 bits -> scale 1: 1 and -0 (half to even): 1.25, error 0.25
+    model = _linears([[3.0, 4.0]], [[1.0], [-0.5]])
+    c = compress(model, cfg(QuantConfig(bits=2)))
+    assert [s.dequantized.reshape(-1).tolist() for s in c.layers] == [[4.0, 4.0], [1.0, 0.0]]
+    assert [(s.weight_energy, s.error_energy) for s in c.layers] == [(25.0, 1.0), (1.25, 0.25)]
+    assert c.sqnr_db == 10 * math.log10(26.25 / 1.25)  # 13.22 dB: 10 log10(21)
+    assert c.mean_sqnr_db == pytest.approx((10 * math.log10(25) + 10 * math.log10(5)) / 2)
+    assert compress(model, cfg(None)).sqnr_db == math.inf
+    assert compress(model, cfg(QuantConfig(bits=2), layers=["1"])).sqnr_db == pytest.approx(
+        10 * math.log10(5))
+
+
+def test_whole_model_sqnr_is_far_below_the_mean_with_one_bad_layer() -> None:
+    """``?bits=8&layer_bits=fc1:2`` on mnist-cnn: fc1 at 2 bits loses almost all its signal
+    (0.14 dB) while the other layers keep 36-46 dB, so the mean of the per-layer values
+    reads 31.94 dB, while the whole model's weights have an SQNR of 1.91 dB."""
+    import qcore
+
+    try:
+        model = qcore.load_model("mnist-cnn")
+    except ValueError as exc:
+        pytest.skip(f"sample model not available: {exc}")
+    c = compress(model, cfg(QuantConfig(bits=8, layer_bits={"fc1": 2})))
+    assert c.mean_sqnr_db == pytest.approx(31.94, abs=0.01)
+    assert c.sqnr_db == pytest.approx(1.91, abs=0.01)
+    sig = sum(float((s.float_weight.double() ** 2).sum()) for s in c.layers)
+    err = sum(float(((s.float_weight.double() - s.dequantized.double()) ** 2).sum())
+              for s in c.layers)
+    assert c.sqnr_db == pytest.approx(10 * math.log10(sig / err), rel=1e-12)
+
+
+def test_sparsity_split_into_pruned_and_rounded_zero() -> None:
+    # layer 0 (5 weights) at 2 bits: -1, 0, 0, 0, 1 (0.26 / 1 rounds to 0; the 0.0 is kept)
+    # layer 1 (3 weights): scale 3, 2 -> 3, 0.1 -> 0, -3 -> -3
+    model = _linears([[-1.0, -0.2, 0.0, 0.26, 1.0]], [[2.0], [0.1], [-3.0]])
+    c = compress(model, cfg(QuantConfig(bits=2)))
+    assert [(s.pruned, s.rounded_zero) for s in c.layers] == [(0.0, 3 / 5), (0.0, 1 / 3)]
+    assert (c.pruned, c.rounded_zero, c.sparsity) == (0.0, 0.5, 0.5)  # 4 of 8 weights
+    # pruning floor(0.4 * 5) = 2 (0.0, -0.2) and floor(0.4 * 3) = 1 (0.1) first; the range
+    # of layer 0 is still [-1, 1], so 0.26 still rounds to 0
+    c = compress(model, cfg(QuantConfig(bits=2), PruneConfig(rate=0.4)))
+    first, second = c.layers
+    assert (first.pruned, first.rounded_zero) == (2 / 5, 1 / 5)
+    assert (second.pruned, second.rounded_zero) == (1 / 3, 0.0)
+    for s in c.layers:  # exactly, by construction (2/5 + 1/5 is 0.6000000000000001)
+        assert s.sparsity == s.pruned + s.rounded_zero
+    assert first.sparsity == pytest.approx(3 / 5) and second.sparsity == 1 / 3
+    assert (c.pruned, c.rounded_zero) == (3 / 8, 1 / 8)
+    assert c.sparsity == c.pruned + c.rounded_zero == 0.5
+    # left in float, pruning alone: nothing rounds
+    c = compress(model, cfg(None, PruneConfig(rate=0.4)))
+    assert [(s.pruned, s.rounded_zero) for s in c.layers] == [(0.4, 0.0), (1 / 3, 0.0)]
+    # a 1-bit pruned weight is zero by its mask, never by rounding
+    c = compress(model, cfg(QuantConfig(bits=1), PruneConfig(rate=0.4)))
+    assert [(s.pruned, s.rounded_zero) for s in c.layers] == [(0.4, 0.0), (1 / 3, 0.0)]
+
+
+def test_sparsity_split_on_mnist_cnn() -> None:
+    """At 8 bits without pruning 3.0% of mnist-cnn's weights round to zero; at 2 bits 99.6%."""
+    import qcore
+
+    try:
+        model = qcore.load_model("mnist-cnn")
+    except ValueError as exc:
+        pytest.skip(f"sample model not available: {exc}")
+    c8 = compress(model, cfg(QuantConfig(bits=8)))
+    assert c8.pruned == 0.0 and c8.rounded_zero == pytest.approx(0.0303, abs=1e-4)
+    c2 = compress(model, cfg(QuantConfig(bits=2), PruneConfig(rate=0.5)))
+    assert c2.pruned == pytest.approx(0.5, abs=1e-5)
+    assert c2.rounded_zero > 0.4 and c2.sparsity == c2.pruned + c2.rounded_zero
+
+
+def test_scales_zero_points_and_grid_range() -> None:
+    model = _linears([[-0.75, 2.25, 1.0], [0.5, -0.5, 0.0]])
+    # asymmetric 2 bits per channel: row 0 range [-0.75, 2.25] -> scale 1, zero point
+    # round(0.75) = 1, grid [-1, 2] (shifted off the range asked for); row 1 range
+    # [-0.5, 0.5] -> scale 1/3, zero point round(1.5) = 2, grid [-2/3, 1/3]
+    q = QuantConfig(bits=2, symmetric=False, per_channel=True)
+    s = compress(model, cfg(q)).layer("0")
+    assert s.scales.tolist() == [1.0, float(torch.tensor(1.0) / 3)]
+    assert s.zero_points.tolist() == [1, 2]
+    lo, hi = s.grid_range
+    third = torch.tensor([1.0 / 3])
+    assert lo.tolist() == [-1.0, float(-2 * third)] and hi.tolist() == [2.0, float(third)]
+    assert (s.qparams.lo.tolist(), s.qparams.hi.tolist()) == ([-0.75, -0.5], [2.25, 0.5])
+    # every value the layer holds lies on its grid, within [lo, hi]
+    after = s.dequantized
+    assert torch.all((lo[:, None] <= after) & (after <= hi[:, None]))
+    # symmetric 3 bits per tensor: scale 2.25 / 3 = 0.75, grid [-2.25, 2.25]
+    s = compress(model, cfg(QuantConfig(bits=3))).layer("0")
+    assert s.scales.tolist() == [0.75] and s.zero_points.tolist() == [0]
+    assert [t.tolist() for t in s.grid_range] == [[-2.25], [2.25]]
+    # 1 bit: the two levels are -alpha and alpha, alpha = mean |w| = 5 / 6
+    s = compress(model, cfg(QuantConfig(bits=1))).layer("0")
+    alpha = float(torch.tensor(5.0) / 6)
+    assert s.scales.tolist() == [alpha] and s.zero_points.tolist() == [0]
+    assert [t.tolist() for t in s.grid_range] == [[-alpha], [alpha]]
+    # left in float
+    s = compress(model, cfg(None, PruneConfig(rate=0.5))).layer("0")
+    assert s.scales is None and s.zero_points is None and s.grid_range is None

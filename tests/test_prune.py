@@ -149,14 +149,128 @@ def test_global_structured_ranks_channels_by_rms() -> None:
     assert masks["b"].tolist() == [[True], [False]]
 
 
-def test_global_structured_count_exact() -> None:
+def _brute_force_global_channels(ws: dict, rate: float) -> dict[str, list[bool]]:
+    """The documented rule, one channel at a time: rank every channel by RMS (ties by layer
+    then channel), skip each layer's last-ranked channel, remove while fewer than
+    floor(rate * total) weights are gone."""
+    chans = []  # (rms, layer index, channel, fan-in)
+    for i, w in enumerate(ws.values()):
+        rows = w.reshape(w.shape[0], -1).float()
+        rms = (rows.norm(dim=1) / math.sqrt(rows.shape[1])).tolist()  # float32, as ranked
+        chans += [(r, i, c, rows.shape[1]) for c, r in enumerate(rms)]
+    ranked = sorted(chans, key=lambda t: t[0])  # Python's sort is stable: ties by position
+    last = {i: max(k for k, t in enumerate(ranked) if t[1] == i) for i in range(len(ws))}
+    keep = {name: [True] * w.shape[0] for name, w in ws.items()}
+    names = list(ws)
+    target, removed = prune_count(rate, sum(w.numel() for w in ws.values())), 0
+    for k, (_, i, c, fan_in) in enumerate(ranked):
+        if k == last[i] or removed >= target:
+            continue
+        keep[names[i]][c] = False
+        removed += fan_in
+    return keep
+
+
+def _kept_rows(m: torch.Tensor) -> list[bool]:
+    rows = m.reshape(m.shape[0], -1)
+    assert torch.all(rows.all(dim=1) | (~rows).all(dim=1))  # whole channels only
+    return rows.all(dim=1).tolist()
+
+
+def test_global_structured_counts_weights_not_channels() -> None:
+    # a: 6 channels of 27 weights, b: 10 channels of 20; 362 weights in all, so a rate of
+    # 0.3 removes channels until floor(0.3 * 362) = 108 weights are gone (the old rule
+    # removed floor(0.3 * 16) = 4 channels, whatever their size)
     ws = {"a": randn(6, 3, 3, 3, seed=3), "b": randn(10, 20, seed=4)}
     masks = global_masks(ws, PruneConfig(rate=0.3, structured=True, scope="global"))
-    removed = sum(int((~m.reshape(m.shape[0], -1).all(dim=1)).sum()) for m in masks.values())
-    assert removed == 4  # floor(0.3 * 16)
-    for m in masks.values():  # whole channels only
-        rows = m.reshape(m.shape[0], -1)
-        assert torch.all(rows.all(dim=1) | (~rows).all(dim=1))
+    expected = _brute_force_global_channels(ws, 0.3)
+    assert {k: _kept_rows(m) for k, m in masks.items()} == expected
+    removed = sum(int((~m).sum()) for m in masks.values())
+    last_fan_in = 27 if not all(expected["a"]) else 20
+    assert 108 <= removed < 108 + last_fan_in
+
+
+def test_global_structured_hand_counts() -> None:
+    # RMS: a = (1, 0.3, 0.25) with fan-in 4, b = (3, 0.5, 0.2) with fan-in 1, c = (2, 0.1)
+    # with fan-in 10; 35 weights. Ranked: c1 0.1, b2 0.2, a2 0.25, a1 0.3, b1 0.5, a0 1,
+    # c0 2, b0 3; c1 is c's last channel but one and c0 its last (never removed).
+    a = torch.tensor([[1.0] * 4, [0.3] * 4, [0.25] * 4])
+    b = torch.tensor([[3.0], [0.5], [0.2]])
+    c = torch.tensor([[2.0] * 10, [0.1] * 10])
+    ws = {"a": a, "b": b, "c": c}
+
+    def kept(rate: float) -> dict[str, list[bool]]:
+        masks = global_masks(ws, PruneConfig(rate=rate, structured=True, scope="global"))
+        return {k: _kept_rows(m) for k, m in masks.items()}
+
+    # floor(0.02 * 35) = 0: nothing
+    assert kept(0.02) == {"a": [True] * 3, "b": [True] * 3, "c": [True] * 2}
+    # floor(0.1 * 35) = 3: c1 (10 weights) overshoots by 7 < 10
+    assert kept(0.1) == {"a": [True] * 3, "b": [True] * 3, "c": [True, False]}
+    # floor(0.4 * 35) = 14: c1 (10), b2 (11), a2 (15)
+    assert kept(0.4) == {"a": [True, True, False], "b": [True, True, False],
+                         "c": [True, False]}
+    # floor(0.5 * 35) = 17: + a1 (19)
+    assert kept(0.5) == {"a": [True, False, False], "b": [True, True, False],
+                         "c": [True, False]}
+    # floor(0.99 * 35) = 34: everything but each layer's last channel (20 weights), short
+    # of the target because a layer always keeps a channel
+    assert kept(0.99) == {"a": [True, False, False], "b": [True, False, False],
+                          "c": [True, False]}
+
+
+@PROPS
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 30)), min_size=1, max_size=4),
+    rate=st.floats(0.0, 0.9999),
+    seed=st.integers(0, 10_000),
+)
+def test_property_global_structured(shapes: list, rate: float, seed: int) -> None:
+    ws = {f"l{i}": randn(c, k, seed=seed + i) * (i + 1) for i, (c, k) in enumerate(shapes)}
+    copies = {k: v.clone() for k, v in ws.items()}
+    masks = global_masks(ws, PruneConfig(rate=rate, structured=True, scope="global"))
+    assert all(torch.equal(ws[k], copies[k]) for k in ws)
+    kept = {k: _kept_rows(m) for k, m in masks.items()}
+    assert kept == _brute_force_global_channels(ws, rate)
+    assert all(any(v) for v in kept.values())  # every layer keeps a channel
+    target = prune_count(rate, sum(w.numel() for w in ws.values()))
+    removed = sum(int((~m).sum()) for m in masks.values())
+    removable = sum(w.numel() - w.shape[1] for w in ws.values())
+    largest_fan_in = max(k for _, k in shapes)
+    assert min(target, removable) <= removed < target + largest_fan_in or removed == 0 == target
+
+
+def test_structured_never_removes_a_layers_last_channel() -> None:
+    # floor(0.9999999999 * 3 + 1e-9) = 3 channels of 3; the strongest one stays
+    w = torch.tensor([[0.1, 0.1], [5.0, 5.0], [1.0, 1.0]])
+    out = prune_tensor(w, PruneConfig(rate=0.9999999999, structured=True))
+    assert out.tolist() == [[0.0, 0.0], [5.0, 5.0], [0.0, 0.0]]
+    masks = global_masks({"w": w, "v": torch.ones(4, 2)},
+                         PruneConfig(rate=0.9999999999, structured=True, scope="global"))
+    assert _kept_rows(masks["w"]) == [False, True, False]
+    assert _kept_rows(masks["v"]) == [False, False, False, True]  # last of equals kept
+
+
+def test_mnist_cnn_global_structured_half_of_the_weights() -> None:
+    """``?bits=float&prune=0.5&structured=true&scope=global`` used to zero 94% of the
+    weights and remove fc1 entirely (half the channels, most of them fc1's)."""
+    import qcore
+    from qcore.compress import compress
+    from qcore.config import CompressionConfig
+
+    try:
+        model = qcore.load_model("mnist-cnn")
+    except ValueError as exc:
+        pytest.skip(f"sample model not available: {exc}")
+    c = compress(model, CompressionConfig(quant=None, prune=PruneConfig(
+        0.5, structured=True, scope="global")))
+    total = sum(math.prod(s.shape) for s in c.layers)
+    removed = sum(int((~s.mask).sum()) for s in c.layers)
+    largest_fan_in = max(math.prod(s.shape[1:]) for s in c.layers)  # fc1: 3136
+    assert total // 2 <= removed < total // 2 + largest_fan_in
+    assert abs(c.sparsity - 0.5) < largest_fan_in / total
+    for s in c.layers:
+        assert bool(s.mask.reshape(s.shape[0], -1).all(dim=1).any()), s.name
 
 
 def test_global_empty() -> None:
