@@ -150,7 +150,7 @@ def _range(edge: str, obs: HistogramObserver, cfg: ActQuantConfig) -> ActRange:
         levels = 2 ** (cfg.bits - 1) if signed or cfg.symmetric else 2**cfg.bits
         t = entropy_threshold(_abs_histogram(obs), float(obs.radius[0]), levels)
         lo, hi = torch.maximum(lo, torch.tensor([-t])), torch.minimum(hi, torch.tensor([t]))
-    qp = qparams_from_range(lo, hi, cfg.bits, cfg.symmetric)
+    qp = qparams_from_range(lo, hi, cfg.bits, cfg.symmetric, pow2=cfg.scale == "pow2")
     return ActRange(edge, float(lo[0]), float(hi[0]), float(mn[0]), float(mx[0]), qp, cfg.bits,
                     cfg.symmetric)  # fmt: skip
 

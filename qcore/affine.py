@@ -42,6 +42,7 @@ __all__ = [
     "code_range",
     "code_dtype",
     "qparams_from_range",
+    "pow2_scale",
     "quantize_codes",
     "dequantize_codes",
     "fake_quantize",
@@ -87,18 +88,38 @@ def code_dtype(qmin: int, qmax: int) -> torch.dtype:
     return torch.int64
 
 
+def pow2_scale(scale: torch.Tensor, nearest: bool = False) -> torch.Tensor:
+    """``scale`` raised to the next power of two (or the nearest one): fixed point.
+
+    With scale = 2^-p a value is stored as round(x * 2^p) and dequantized by a shift.
+    Raising (not rounding) keeps the whole range on the grid. Exponents stay in -126..127,
+    float32's normal range, which a signed byte holds.
+
+    >>> pow2_scale(torch.tensor([0.3, 0.25, 1e-3])).tolist()
+    [0.5, 0.25, 0.001953125]
+    """
+    e = torch.log2(scale.double())
+    e = torch.round(e) if nearest else torch.ceil(e)
+    return (2.0 ** e.clamp(-126, 127)).float()
+
+
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, pow2: bool = False
 ) -> QParams:
-    """Scale and zero point per group for a range [lo, hi] (each (G,), lo <= 0 <= hi)."""
+    """Scale and zero point per group for a range [lo, hi] (each (G,), lo <= 0 <= hi).
+
+    ``pow2`` raises each scale to a power of two (see :func:`pow2_scale`).
+    """
     qmin, qmax = code_range(bits, symmetric)
     if symmetric:
         c = torch.maximum(-lo, hi)
         scale = _floor_scale(torch.where(c > 0, c / qmax, torch.ones_like(c)))
+        scale = pow2_scale(scale) if pow2 else scale
         zp = torch.zeros_like(c, dtype=torch.int64)
     else:
         width = hi - lo
         scale = _floor_scale(torch.where(width > 0, width / qmax, torch.ones_like(width)))
+        scale = pow2_scale(scale) if pow2 else scale
         zp = torch.round(-lo / scale).clamp(qmin, qmax).to(torch.int64)
     return QParams(scale.float(), zp, qmin, qmax, lo.float(), hi.float())
 

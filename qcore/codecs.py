@@ -157,7 +157,21 @@ class Int32Block:
         return self.values.reshape(-1).numpy().astype("<i4").tobytes()
 
 
-Block = UIntBlock | Float32Block | Int32Block
+@dataclass(frozen=True, eq=False)
+class Int8Block:
+    """Signed bytes (the exponents of power-of-two scales)."""
+
+    values: torch.Tensor
+    role: str = "exponents"
+
+    def nbytes(self) -> int:
+        return self.values.numel()
+
+    def encode(self) -> bytes:
+        return self.values.reshape(-1).numpy().astype("i1").tobytes()
+
+
+Block = UIntBlock | Float32Block | Int32Block | Int8Block
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,6 +296,7 @@ def encode_quantized(
     per_channel: bool,
     symmetric: bool,
     mask: torch.Tensor | None = None,
+    pow2: bool = False,
 ) -> Encoded:
     """The cheapest packed form of a quantized tensor.
 
@@ -299,10 +314,15 @@ def encode_quantized(
         nonzero = (codes.reshape(groups, -1) != qp.zero_point[:, None]).reshape(-1)
     base = {"bits": bits, "symmetric": symmetric, "binary": qp.binary,
             "per_channel": per_channel, "groups": groups}  # fmt: skip
+    if pow2:  # only written when set, so files of float scales read as before
+        base["pow2"] = True
 
     def params(select: torch.Tensor | None = None) -> list[Block]:
         scale = qp.scale if select is None else qp.scale[select]
-        blocks: list[Block] = [Float32Block(scale, "scales")]
+        blocks: list[Block] = [
+            Int8Block(torch.log2(scale).round().to(torch.int8)) if pow2
+            else Float32Block(scale, "scales")
+        ]  # fmt: skip
         if not symmetric and not qp.binary:
             zp = qp.zero_point if select is None else qp.zero_point[select]
             blocks.append(Int32Block(zp))
@@ -447,7 +467,16 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
         if encoding == "channels":
             alive = _channel_bitmap(r, channels)
         stored = int(alive.sum()) if alive is not None and per_channel else groups
-        scale = r.floats(stored)
+        pow2 = fields.get("pow2", False)
+        if not isinstance(pow2, bool):
+            raise ValueError(f"Tensor {name!r} has an invalid pow2 field in the packed file.")
+        if pow2:  # exponents in signed bytes: scale = 2^e
+            e = torch.from_numpy(np.frombuffer(r.take(stored), dtype="i1").astype(np.float64))
+            if bool(((e < -126) | (e > 127)).any()):
+                raise ValueError(f"Tensor {name!r} has a scale exponent outside -126..127.")
+            scale = (2.0**e).float()
+        else:
+            scale = r.floats(stored)
         if bool((scale < 0).any()):
             raise ValueError(f"Tensor {name!r} has a negative scale in the packed file.")
         zp = torch.zeros(stored, dtype=torch.int64)

@@ -34,18 +34,20 @@ __all__ = [
     "MAX_BITS", "MAX_SEED", "check_bits", "QuantConfig", "PruneConfig", "CompressionConfig",
     "FLOAT", "MAX_PRUNE", "ClipRange", "CLIP_RANGES", "Settings", "SETTING_KEYS",
     "parse_bool", "parse_number", "parse_bits", "parse_layer_bits", "parse_flat",
-    "ActObserver", "ACT_OBSERVERS", "ActQuantConfig",
+    "ActObserver", "ACT_OBSERVERS", "ActQuantConfig", "ScaleMode", "SCALE_MODES",
 ]  # fmt: skip
 
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
 Scope = Literal["layer", "global"]
 ActObserver = Literal["minmax", "percentile", "mse", "entropy"]
+ScaleMode = Literal["float", "pow2"]
 
 CLIP_MODES: tuple[str, ...] = ("ratio", "absolute", "sigma", "percentile", "mse")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 SCOPES: tuple[str, ...] = ("layer", "global")
 ACT_OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
+SCALE_MODES: tuple[str, ...] = ("float", "pow2")
 MIN_BITS, MAX_BITS = 1, 16
 MAX_SEED = 2**32 - 1  # stochastic rounding seeds a torch.Generator with seed * 1_000_003 + i
 
@@ -105,6 +107,10 @@ class QuantConfig:
     - ``sigma``: clip at ``clip`` standard deviations of the weights (clip > 0).
     - ``percentile``: clip at the ``clip``-th percentile of |w|, in (0, 100].
     - ``mse``: search the range that minimises the squared error; ``clip`` is ignored.
+
+    ``scale="pow2"`` makes every scale a power of two (fixed point: a weight is stored as
+    round(w * 2^p) and dequantized by a shift); the file then stores the exponent in a
+    signed byte instead of a float32 scale.
     """
 
     bits: int = 8  # 1..16; 1 means sign(w) * mean|w|
@@ -117,9 +123,11 @@ class QuantConfig:
     # Per-layer bit widths that override ``bits``, as (layer name, bits) pairs, one per
     # layer; a mapping is accepted and stored sorted so that the config stays hashable.
     layer_bits: tuple[tuple[str, int], ...] = field(default=())
+    scale: ScaleMode = "float"  # or "pow2": every scale a power of two
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_bits(self.bits))
+        _check_choice("scale", self.scale, SCALE_MODES)
         _check_choice("clip_mode", self.clip_mode, CLIP_MODES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
         clip = _check_finite("clip", self.clip)
@@ -233,8 +241,10 @@ class ActQuantConfig:
     symmetric: bool = False  # asymmetric suits ReLU outputs, which are never negative
     observer: ActObserver = "minmax"
     percentile: float = 99.99  # for observer="percentile", in (0, 100]
+    scale: ScaleMode = "float"  # or "pow2": the scale a power of two (fixed point)
 
     def __post_init__(self) -> None:
+        _check_choice("scale", self.scale, SCALE_MODES)
         bits = check_bits(self.bits, "activation bits")
         if bits < 2:
             raise ValueError("Activations need at least 2 bits; got 1.")

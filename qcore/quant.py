@@ -28,6 +28,7 @@ from qcore.affine import (
     QParams,
     code_range,
     dequantize_codes,
+    pow2_scale,
     qparams_from_range,
     quantize_codes,
 )
@@ -86,9 +87,11 @@ def choose_qparams(
         n = kept.sum(dim=1).clamp(min=1)
         alpha = (clipped * kept).sum(dim=1) / n
         zp = torch.zeros_like(alpha, dtype=torch.int64)
+        if cfg.scale == "pow2":  # the level itself is the step: the nearest power of two
+            alpha = pow2_scale(alpha.float(), nearest=True)
         # lo and hi stay the clip range (what the histogram draws); alpha is the level
         return QParams(alpha.float(), zp, 0, 1, lo.float(), hi.float(), binary=True)
-    return qparams_from_range(lo, hi, bits, cfg.symmetric)
+    return qparams_from_range(lo, hi, bits, cfg.symmetric, pow2=cfg.scale == "pow2")
 
 
 def quantize_with_params(
