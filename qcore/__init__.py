@@ -27,7 +27,7 @@ from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
 from qcore.fold import weight_layers
 from qcore.graph import Graph, graph_of
-from qcore.mixed import MixedPrecisionResult, mixed_precision
+from qcore.mixed import MixedPrecisionResult, UniformChoice, mixed_precision
 from qcore.models import ModelInfo, check_fit, list_models, load_model, model_info
 from qcore.prune import magnitude_mask, prune_tensor
 from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
@@ -55,5 +55,5 @@ __all__ = [
     "export_packed", "packed_bytes", "load_packed", "read_header", "Packed",
     # analyses
     "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
-    "mixed_precision", "MixedPrecisionResult",
+    "mixed_precision", "MixedPrecisionResult", "UniformChoice",
 ]  # fmt: skip

@@ -8,9 +8,14 @@ drop when only that layer is quantized), and solves the knapsack exactly: layer 
 it keeps the (size, cost) pairs no other pair beats in both, and at the end the cheapest
 pair within the budget. It does this twice, once with the accuracy drop as the cost (loss
 increase breaking ties) and once with the loss increase (smoother on small splits), then
-compresses and evaluates both answers and every uniform bit width that fits, for real.
+compresses and evaluates both answers and every uniform bit width, for real.
 The best mixed answer is returned unless a uniform one is better, so the result is never
 worse than the best uniform choice within the same budget.
+
+Two splits are kept apart: the *search* split (``search_dataset``, the calibration split
+on the pages) on which the bits are chosen, and the evaluation split (``dataset``, the
+test split) on which the returned accuracies are measured. A claim that the choice beats
+a uniform width is made on the evaluation split only (:attr:`MixedPrecisionResult.beats`).
 """
 
 from __future__ import annotations
@@ -28,30 +33,50 @@ from qcore.evaluate import evaluate
 from qcore.fold import fold_batchnorm, weight_layers
 from qcore.sensitivity import Progress, layer_sensitivity
 
-__all__ = ["DEFAULT_CANDIDATE_BITS", "MixedPrecisionResult", "mixed_precision",
-           "knapsack_bits"]
+__all__ = ["DEFAULT_CANDIDATE_BITS", "MixedPrecisionResult", "UniformChoice",
+           "mixed_precision", "knapsack_bits"]
 
 DEFAULT_CANDIDATE_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass(frozen=True)
+class UniformChoice:
+    """One candidate bit width used for every layer: its packed size and its accuracies."""
+
+    bits: int
+    size_bytes: int  # packed bytes with every layer at ``bits``
+    fits: bool  # size_bytes <= the budget
+    search_accuracy: float  # simulated top-1 on the search split, where choices are made
+    test_accuracy: float | None  # simulated top-1 on the evaluation (test) split; None when
+    # it does not fit
+
+
+@dataclass(frozen=True)
 class MixedPrecisionResult:
-    """Per-layer bit widths within a budget, next to the best uniform width that fits."""
+    """Per-layer bit widths within a budget, next to every uniform width.
+
+    ``accuracy``, ``uniform_accuracy`` and ``test_accuracy`` in ``uniform`` are measured
+    on the evaluation (test) split; ``search_accuracy`` on the search split the bits were
+    chosen on.
+    """
 
     layer_bits: dict[str, int]  # layer name -> bits, in model order
     size_bytes: int  # packed bytes of the chosen assignment
-    accuracy: float  # simulated top-1 accuracy of the chosen assignment
+    accuracy: float  # simulated top-1 of the chosen assignment on the evaluation split
     budget_bytes: int
-    uniform_bits: int  # the uniform width with the best accuracy among those that fit
+    uniform_bits: int  # the fitting uniform width with the best search accuracy
     uniform_size_bytes: int
-    uniform_accuracy: float
-    note: str  # one sentence for the user
+    uniform_accuracy: float  # its accuracy on the evaluation split
+    note: str  # for the user: which number comes from which split
     chose_uniform: bool = False  # True when no mixed assignment beat the uniform one
     loss: float = math.nan
     uniform_loss: float = math.nan
     float_accuracy: float = math.nan
     float_size_bytes: int = 0
     config: QuantConfig = field(default_factory=QuantConfig)  # reproduces the choice
+    uniform: tuple[UniformChoice, ...] = ()  # every candidate width, ascending
+    beats: tuple[int, ...] = ()  # fitting uniform widths with strictly lower test accuracy
+    search_accuracy: float = math.nan  # the chosen assignment's accuracy on the search split
 
     @property
     def ratio(self) -> float:
@@ -126,7 +151,8 @@ def mixed_precision(
     replaced. The search (sensitivity and the final pick) runs on ``search_dataset``,
     by default ``dataset``; pass a calibration split to keep the test split unseen. The
     accuracies returned are on ``dataset``. The result is never worse on the search data
-    than the best uniform width that fits. ``progress`` follows the sensitivity analysis.
+    than the best uniform width that fits; on ``dataset`` it may be, and ``beats`` and
+    ``note`` say so honestly. ``progress`` follows the sensitivity analysis.
     """
     quant = QuantConfig() if quant is None else quant
     if not isinstance(quant, QuantConfig):
@@ -161,11 +187,9 @@ def mixed_precision(
         )
 
     ref = evaluate(model, dataset, batch_size=batch_size)
-    # the best uniform width that fits, judged on the search data
-    uniform = {}
-    for b in cands:
-        if per_bits[b].size_bytes <= budget:
-            uniform[b] = evaluate(per_bits[b].model, search, batch_size=batch_size)
+    # every uniform width on the search data; the best one that fits is the reference
+    searched = {b: evaluate(per_bits[b].model, search, batch_size=batch_size) for b in cands}
+    uniform = {b: r for b, r in searched.items() if per_bits[b].size_bytes <= budget}
     ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
 
     sens = layer_sensitivity(model, search, bits=cands, prune_rates=(), quant=quant,
@@ -196,24 +220,32 @@ def mixed_precision(
         q, c, m = tried[best_key]
     else:
         q, c, m = uq, per_bits[ub], uniform[ub]
+    m_search = m
+    # every fitting uniform width on the evaluation split (the same runs when it is the search)
+    tested = {b: (evaluate(per_bits[b].model, dataset, batch_size=batch_size)
+                  if search is not dataset else uniform[b]) for b in uniform}
     if search is not dataset:  # report on the evaluation split
-        m = evaluate(c.model, dataset, batch_size=batch_size)
-        um = evaluate(per_bits[ub].model, dataset, batch_size=batch_size)
-    else:
-        um = uniform[ub]
+        m = tested[ub] if not mixed_ok else evaluate(c.model, dataset, batch_size=batch_size)
+    um = tested[ub]
     if c.size_bytes > budget:  # sizes are additive by construction; never expected
         raise RuntimeError("The chosen bits do not fit the budget after all; please report.")
     layer_bits = {k: q.bits_for(k) for k in names}
-    if mixed_ok and len(set(layer_bits.values())) == 1:
-        note = (f"The best choice within {budget:,} bytes is uniform: every layer at "
-                f"{layer_bits[names[0]]} bits.")
-    elif mixed_ok:
-        note = (f"Mixed precision reaches {m.accuracy:.2%} in {c.size_bytes:,} bytes, "
-                f"against {um.accuracy:.2%} in {per_bits[ub].size_bytes:,} bytes for uniform "
-                f"{ub} bits.")
-    else:
-        note = (f"No mixed assignment beat uniform {ub} bits ({um.accuracy:.2%} in "
-                f"{per_bits[ub].size_bytes:,} bytes), so that is returned.")
+    choices = tuple(
+        UniformChoice(bits=b, size_bytes=per_bits[b].size_bytes, fits=b in uniform,
+                      search_accuracy=searched[b].accuracy,
+                      test_accuracy=tested[b].accuracy if b in tested else None)
+        for b in cands
+    )  # fmt: skip
+    beats = tuple(u.bits for u in choices if u.fits and u.test_accuracy < m.accuracy)
+    same = sorted(set(layer_bits.values()))
+    note = _note(
+        budget=budget, kind="mixed" if len(same) > 1 else "uniform" if mixed_ok else "fallback",
+        bits=same[0], ub=ub, size=c.size_bytes, accuracy=m.accuracy,
+        search_accuracy=m_search.accuracy, uniform_search=uniform[ub].accuracy,
+        choices=choices, beats=beats,
+        search_split=_split_name(search), test_split=_split_name(dataset),
+        held_out=search is not dataset,
+    )  # fmt: skip
     return MixedPrecisionResult(
         layer_bits=layer_bits,
         size_bytes=c.size_bytes,
@@ -229,4 +261,74 @@ def mixed_precision(
         float_accuracy=ref.accuracy,
         float_size_bytes=c.float_size_bytes,
         config=q,
+        uniform=choices,
+        beats=beats,
+        search_accuracy=m_search.accuracy,
     )
+
+
+def _split_name(data: Dataset) -> str:
+    return f"the {getattr(data, 'split', '') or 'evaluation'} split"
+
+
+def _widths(bits: Iterable[int]) -> str:
+    """"2 bits", "2 and 3 bits", "2, 3 and 4 bits"."""
+    b = [str(x) for x in bits]
+    return (b[0] if len(b) == 1 else ", ".join(b[:-1]) + " and " + b[-1]) + " bits"
+
+
+def _note(
+    *,
+    budget: int,
+    kind: str,
+    bits: int,
+    ub: int,
+    size: int,
+    accuracy: float,
+    search_accuracy: float,
+    uniform_search: float,
+    choices: tuple[UniformChoice, ...],
+    beats: tuple[int, ...],
+    search_split: str,
+    test_split: str,
+    held_out: bool,
+) -> str:
+    """What was chosen where, and how it compares on the test split with each fitting
+    uniform width; never "beats" of a width that reaches the same test accuracy.
+
+    ``kind``: "fallback" (no mixed assignment beat uniform ``ub`` bits, which is returned),
+    "uniform" (the search itself gave every layer ``bits``) or "mixed".
+    """
+    if kind == "fallback":
+        first = (f"No mixed assignment scored better on {search_split}, where the bits are "
+                 f"chosen, than uniform {ub} bits ({uniform_search:.2%} there), so uniform "
+                 f"{ub} bits is returned: {accuracy:.2%} on {test_split} in {size:,} bytes.")
+    elif kind == "uniform":
+        first = (f"Within {budget:,} bytes the best choice on {search_split} is uniform, every "
+                 f"layer at {bits} bits: {accuracy:.2%} on {test_split} in {size:,} bytes.")
+    elif not held_out:  # one dataset: one number per choice
+        first = (f"Chosen and measured on {test_split}, mixed precision reaches "
+                 f"{accuracy:.2%} in {size:,} bytes, against {uniform_search:.2%} for "
+                 f"uniform {ub} bits.")
+    else:
+        first = (f"Chosen on {search_split} ({search_accuracy:.2%} there, against "
+                 f"{uniform_search:.2%} for uniform {ub} bits), mixed precision reaches "
+                 f"{accuracy:.2%} on {test_split} in {size:,} bytes.")
+    itself = bits if kind != "mixed" else None  # a uniform answer is not compared with itself
+    others = []
+    for u in choices:
+        if not u.fits or u.bits == itself or u.bits in beats:
+            continue
+        than = ("smaller" if u.size_bytes < size
+                else "larger" if u.size_bytes > size else "the same size")
+        how = (f"the same {u.test_accuracy:.2%}" if u.test_accuracy == accuracy
+               else f"{u.test_accuracy:.2%}, more")
+        others.append(f"uniform {u.bits} bits ({u.size_bytes:,} bytes, {than}) reaches {how}")
+    parts = []
+    if beats:
+        parts.append(f"it beats uniform {_widths(beats)}")
+    parts += others
+    if not parts:
+        return first
+    rest = "; ".join(parts)
+    return f"{first} On {test_split} {rest}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from qcore.compress import compress
 from qcore.config import CompressionConfig, QuantConfig
 from qcore.data import Dataset
 from qcore.evaluate import evaluate
-from qcore.mixed import MixedPrecisionResult, knapsack_bits, mixed_precision
+from qcore.mixed import MixedPrecisionResult, UniformChoice, knapsack_bits, mixed_precision
 
 
 def test_knapsack_matches_brute_force() -> None:
@@ -81,7 +82,30 @@ def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
     assert r.uniform_accuracy == max(accs.values())
     assert r.uniform_size_bytes == sizes[r.uniform_bits] <= budget
     assert r.accuracy >= r.uniform_accuracy
+    _check_uniform_choices(r, sizes, accs, search_accuracies=accs)
     return r
+
+
+def _check_uniform_choices(r: MixedPrecisionResult, sizes: dict[int, int], accs: dict,
+                           search_accuracies: dict) -> None:
+    """Every candidate width is listed, ascending, with its size and accuracies; ``beats``
+    and the note claim a win only over widths whose test accuracy is strictly lower."""
+    assert [u.bits for u in r.uniform] == sorted(sizes)
+    for u in r.uniform:
+        assert isinstance(u, UniformChoice)
+        assert u.size_bytes == sizes[u.bits] and u.fits == (u.size_bytes <= r.budget_bytes)
+        assert u.test_accuracy == (accs[u.bits] if u.fits else None)
+        if u.bits in search_accuracies:
+            assert u.search_accuracy == search_accuracies[u.bits]
+    assert r.beats == tuple(b for b in sorted(accs) if accs[b] < r.accuracy)
+    claimed = re.search(r"beats uniform ([\d, and]+) bits", r.note)
+    assert (tuple(int(b) for b in re.findall(r"\d+", claimed.group(1))) if claimed
+            else ()) == r.beats
+    itself = set(r.layer_bits.values())  # a uniform answer is not compared with itself
+    for b, acc in accs.items():
+        if acc >= r.accuracy and itself != {b}:  # as good on test: named, with its size
+            assert f"uniform {b} bits ({sizes[b]:,} bytes" in r.note
+    assert "split" in r.note
 
 
 def test_synthetic_budgets() -> None:
@@ -146,3 +170,53 @@ def test_never_worse_than_uniform_on_sample_models(name: str, pairs) -> None:
     for lo, hi in pairs:
         r = _check(model, data, (sizes[lo] + sizes[hi]) // 2, bits)
         assert r.uniform_bits in bits and r.note
+
+
+def test_no_win_claimed_over_a_uniform_width_as_good_on_test() -> None:
+    """With room for every width, uniform 3 and 8 bits reach 100% on the synthetic test data
+    as the mixed choice does: they are named as equal, and only 2 and 4 bits are beaten."""
+    model, data = _setup()
+    bits = (2, 3, 4, 8)
+    sizes = _uniform_sizes(model, bits)
+    r = _check(model, data, sizes[8] * 2, bits)
+    assert r.accuracy == 1.0 and r.beats == (2, 4)
+    assert [(u.bits, u.fits, u.test_accuracy) for u in r.uniform] == [
+        (2, True, 0.796875), (3, True, 1.0), (4, True, 0.984375), (8, True, 1.0)]
+    assert "beats uniform 2 and 4 bits" in r.note
+    assert f"uniform 3 bits ({sizes[3]:,} bytes, smaller) reaches the same 100.00%" in r.note
+    assert "beats uniform 3" not in r.note and "beats uniform 8" not in r.note
+    assert "Chosen and measured on the test split" in r.note
+    # a budget only 2 bits fits: the other widths are listed, not fitting, untested
+    r = _check(model, data, sizes[2], bits)
+    assert [(u.bits, u.fits) for u in r.uniform] == [(2, True), (3, False), (4, False),
+                                                      (8, False)]
+    assert r.uniform[1].test_accuracy is None and r.uniform[1].search_accuracy == 1.0
+
+
+def test_note_names_the_split_of_every_number_on_digits() -> None:
+    """Bits chosen on digits' calibration split, scored on its test split: at the 8-bit budget
+    the choice (fc1 at 6 bits, fc2 at 8) reaches 98.33% on test, exactly as uniform 6 bits
+    does and below uniform 8 bits (98.61%): neither is claimed beaten."""
+    import qcore
+
+    try:
+        model = qcore.load_model("digits-mlp")
+        test, calib = qcore.load_dataset("digits", "test"), qcore.load_dataset("digits", "calib")
+    except ValueError as exc:
+        pytest.skip(f"sample model not available: {exc}")
+    bits = (2, 3, 4, 6, 8)
+    sizes = _uniform_sizes(model, bits)
+    r = mixed_precision(model, test, sizes[8], bits, search_dataset=calib)
+    tests = {b: evaluate(compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model,
+                         test).accuracy for b in bits}
+    searches = {b: evaluate(compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model,
+                            calib).accuracy for b in bits}
+    _check_uniform_choices(r, sizes, tests, searches)
+    assert r.layer_bits == {"fc1": 6, "fc2": 8} and r.search_accuracy == searches[8]
+    assert r.accuracy == tests[6] < tests[8]
+    assert r.beats == (2, 3, 4)
+    assert r.note.startswith(
+        f"Chosen on the calib split ({searches[8]:.2%} there, against {searches[8]:.2%} for "
+        f"uniform 8 bits), mixed precision reaches {tests[6]:.2%} on the test split")
+    assert f"uniform 6 bits ({sizes[6]:,} bytes, smaller) reaches the same {tests[6]:.2%}" in r.note
+    assert f"uniform 8 bits ({sizes[8]:,} bytes, larger) reaches {tests[8]:.2%}, more" in r.note
