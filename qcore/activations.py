@@ -191,6 +191,8 @@ def entropy_threshold(hist: np.ndarray, top: float, levels: int) -> float:
         sums = np.bincount(group, weights=sliced, minlength=levels)  # q: without the clip
         filled = np.bincount(group, weights=nonzero, minlength=levels)
         q = np.where(nonzero, sums[group] / np.maximum(filled[group], 1), 0.0)
+        if q.sum() == 0:  # everything below this threshold is empty: nothing to compare
+            continue
         pn, qn = p[nonzero] / p.sum(), q[nonzero] / q.sum()
         qn = np.maximum(qn, 1e-12)  # a clipped-in bin q left empty: a large, finite penalty
         kl = float(np.sum(pn * np.log(pn / qn)))

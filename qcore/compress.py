@@ -10,14 +10,16 @@ from codes and qparams when it runs. ``size_bytes`` is the sum of what the codec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from qcore.activations import ActRange, act_points, activation_edges, calibrate
 from qcore.codecs import Encoded, encode_float, encode_quantized, float_bytes, float_values
 from qcore.config import CompressionConfig
+from qcore.data import Dataset
 from qcore.fold import state_for_size
 from qcore.graph import Graph, graph_of, param_key
 from qcore.prune import global_masks, layer_mask
@@ -47,6 +49,7 @@ class LayerResult:
     sqnr_db: float  # 10*log10(||w||^2 / ||w - q(w)||^2); inf when nothing changed
     size_bytes: int  # packed bytes of weight + bias
     float_bytes: int
+    act: ActRange | None = None  # the calibrated range of its input (activations on)
     pruned: float = 0.0  # fraction of weights the pruning mask removed
     rounded_zero: float = 0.0  # fraction kept by pruning whose compressed value is exactly 0
     weight_energy: float = 0.0  # ||w||^2 (float64), the numerator of sqnr_db
@@ -117,10 +120,16 @@ class CompressedModel(nn.Module):
     the graph computes BatchNorm with running statistics and never writes them.
     """
 
-    def __init__(self, graph: Graph, layers: tuple[LayerResult, ...]):
+    def __init__(
+        self,
+        graph: Graph,
+        layers: tuple[LayerResult, ...],
+        activations: Mapping[str, ActRange] | None = None,
+    ):
         super().__init__()
         object.__setattr__(self, "_graph", graph)  # held by reference, not registered
         self._layers = layers
+        self._points = act_points(dict(activations or {}))  # fake-quantized edges
         nn.Module.train(self, False)
 
     @property
@@ -139,8 +148,8 @@ class CompressedModel(nn.Module):
 
     def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function x -> logits with the weights derived once (for many batches)."""
-        tensors = self.replacements()
-        return lambda x: self._graph.run(x, tensors)
+        tensors, points = self.replacements(), self._points
+        return lambda x: self._graph.run(x, tensors, points)
 
     def train(self, mode: bool = True) -> CompressedModel:
         if mode:
@@ -151,7 +160,7 @@ class CompressedModel(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._graph.run(x, self.replacements())
+        return self._graph.run(x, self.replacements(), self._points)
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,6 +172,9 @@ class Compressed:
     layers: tuple[LayerResult, ...]
     size_bytes: int
     float_size_bytes: int
+    # calibrated activation ranges by graph edge ("input", "<layer>.input", additions);
+    # empty when activations stay float
+    activations: Mapping[str, ActRange] = field(default_factory=dict)
 
     @property
     def graph(self) -> Graph:
@@ -278,11 +290,23 @@ def _zero_pruned(codes: torch.Tensor, mask: torch.Tensor, qp: QParams) -> torch.
     return torch.where(mask.reshape(g, -1), codes.reshape(g, -1), zero).reshape(codes.shape)
 
 
-def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compressed:
-    """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md)."""
+def compress(
+    model: nn.Module, config: CompressionConfig | None = None, calib: Dataset | None = None
+) -> Compressed:
+    """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md).
+
+    With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
+    split, never the test split) and fake-quantized on every edge of
+    :func:`qcore.activations.activation_edges`.
+    """
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
         raise ValueError("config must be a CompressionConfig.")
+    if config.act is not None and calib is None:
+        raise ValueError(
+            "Quantizing activations needs calibration data: pass calib= the dataset's "
+            "'calib' split (never the test split)."
+        )
     graph = graph_of(model, config.fold_bn)
     all_layers = graph.layers
     if not all_layers:
@@ -314,6 +338,9 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
         else:
             masks = {n: layer_mask(w, p) for n, w in weights.items()}
 
+    activations = {}
+    if config.act is not None:  # cached per (graph, data, config): weights do not matter
+        activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
     results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
@@ -330,7 +357,8 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
             encoded = encode_float(new)
         else:
             encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
-                                       symmetric=q.symmetric, mask=mask)
+                                       symmetric=q.symmetric, mask=mask,
+                                       pow2=q.scale == "pow2")
         bias = graph.params.get(param_key(n, "bias"))
         bias_numel = 0 if bias is None else bias.numel()
         n_zero = int((new == 0).sum())
@@ -353,16 +381,18 @@ def compress(model: nn.Module, config: CompressionConfig | None = None) -> Compr
             sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
             size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
+            act=activations.get(f"{n}.input"),
         ))  # fmt: skip
 
     layers = tuple(results)
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(
-        model=CompressedModel(graph, layers),
+        model=CompressedModel(graph, layers, activations),
         config=config,
         layers=layers,
         size_bytes=size_bytes,
         float_size_bytes=float_size,
+        activations=activations,
     )
 
