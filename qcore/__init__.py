@@ -34,6 +34,14 @@ from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
 from qcore.refs import DatasetRef, ModelRef
 from qcore.sensitivity import layer_sensitivity, sensitivity_matrix
 from qcore.sweep import SweepGrid, pareto_front, sweep
+from qcore.teach import (
+    ErrorCurve,
+    Journey,
+    clip_error_curve,
+    random_weight_index,
+    trap_hint,
+    weight_journey,
+)
 
 __all__ = [
     # models and data, and the references caches and workers are keyed by
@@ -56,4 +64,7 @@ __all__ = [
     # analyses
     "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
     "mixed_precision", "MixedPrecisionResult", "UniformChoice",
+    # teaching: one weight's journey, the clipping trade-off, hints
+    "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
+    "trap_hint",
 ]  # fmt: skip

@@ -1,0 +1,243 @@
+"""Teaching views of a compressed layer: one weight's journey, the clipping trade-off, hints.
+
+Pure functions over a :class:`~qcore.compress.Compressed` result (no UI library). Every
+number is read from, or recomputed exactly as, the pipeline that made the layer:
+
+    code = clamp(round(w / scale) + zero_point, qmin, qmax)    (bits >= 2)
+    w_q  = (code - zero_point) * scale
+
+stored as the ``bits``-digit binary number ``code - qmin``. At 1 bit the code is 1 for
+w >= 0 and 0 otherwise, and w_q = (2 * code - 1) * alpha. A pruned weight is 0 whatever
+its code says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import pandas as pd
+import torch
+
+from qcore.affine import fake_quantize
+from qcore.compress import Compressed, LayerResult
+from qcore.config import QuantConfig
+from qcore.quant import choose_qparams
+
+__all__ = [
+    "Journey", "weight_journey", "random_weight_index", "ErrorCurve", "clip_error_curve",
+    "trap_hint",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Journey:
+    """One weight through prune -> clip -> scale -> round -> store -> dequantize."""
+
+    layer: str
+    index: int  # flat index into the weight tensor
+    position: tuple[int, ...]  # the same index per dimension, e.g. (out, in, kh, kw)
+    weight: float  # the float weight (after BatchNorm folding)
+    pruned: bool  # removed by the pruning mask: dequantizes to 0
+    bits: int
+    clip_lo: float  # the clip range asked for, of the weight's group (tensor or channel)
+    clip_hi: float
+    grid_lo: float  # the range the grid really covers: its lowest and highest level
+    grid_hi: float
+    scale: float  # the step between levels; alpha at 1 bit
+    zero_point: int  # 0 when symmetric and at 1 bit
+    scaled: float  # weight / scale + zero_point before rounding and clamping; nan at 1 bit
+    code: int  # the integer code stored, in [qmin, qmax]
+    code_binary: str  # code - qmin as exactly ``bits`` binary digits, the stored bits
+    dequantized: float  # the value the compressed model runs with
+    error: float  # dequantized - weight
+
+
+def _layer(compressed: Compressed, layer: str) -> LayerResult:
+    res = compressed.layer(layer)  # a ValueError naming the layers for an unknown name
+    if res.qparams is None:
+        raise ValueError(
+            f"Layer {layer!r} is left in float (32-bit), so no quantizer touches its weights; "
+            "choose a bit width for it to follow a weight through quantization."
+        )
+    return res
+
+
+def weight_journey(compressed: Compressed, layer: str, index: int | None = None) -> Journey:
+    """The journey of weight ``index`` (flat; default: the largest |w|, first on ties).
+
+    ``code`` is the code actually stored (so with stochastic rounding it may differ from
+    rounding ``scaled`` to nearest), and ``dequantized`` equals the compressed weight.
+    ``scaled`` is w / scale + zero_point; the code rounds w / scale (half to even) before
+    adding the integer zero point, which only differs from rounding ``scaled`` on exact
+    halves. At 1 bit there is no scaling step (the code is the sign rule), so ``scaled``
+    is nan.
+    """
+    res = _layer(compressed, layer)
+    w = res.float_weight.detach().reshape(-1)
+    n = w.numel()
+    if index is None:
+        index = int(torch.argmax(w.abs()))  # the first of equal maxima
+    elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise ValueError(f"The weight index must be a whole number in 0..{n - 1}; got {index!r}.")
+    position, rest = [], index
+    for size in reversed(res.shape):
+        position.append(rest % size)
+        rest //= size
+    position = tuple(reversed(position))
+    qp = res.qparams
+    g = position[0] if res.per_channel else 0
+    scale, zero_point = qp.scale[g], int(qp.zero_point[g])
+    grid_lo, grid_hi = res.grid_range
+    code = int(res.codes.reshape(-1)[index])
+    wi = w[index]
+    if qp.binary:
+        scaled = math.nan
+    else:
+        # the quantizer's own float32 product (w * (1 / scale)), then the zero point
+        scaled = float(wi * (1.0 / scale)) + zero_point
+    dequantized = float(res.dequantized.reshape(-1)[index]) + 0.0  # -0.0 (1 bit, pruned) -> 0
+    weight = float(wi)
+    return Journey(
+        layer=layer,
+        index=index,
+        position=position,
+        weight=weight,
+        pruned=res.mask is not None and not bool(res.mask.reshape(-1)[index]),
+        bits=res.bits,
+        clip_lo=float(qp.lo[g]),
+        clip_hi=float(qp.hi[g]),
+        grid_lo=float(grid_lo[g]),
+        grid_hi=float(grid_hi[g]),
+        scale=float(scale),
+        zero_point=zero_point,
+        scaled=scaled,
+        code=code,
+        code_binary=format(code - qp.qmin, f"0{res.bits}b"),
+        dequantized=dequantized,
+        error=dequantized - weight,
+    )
+
+
+def random_weight_index(compressed: Compressed, layer: str, seed: int) -> int:
+    """A flat weight index of ``layer`` drawn uniformly, the same for the same ``seed``."""
+    n = compressed.layer(layer).float_weight.numel()
+    g = torch.Generator().manual_seed(int(seed))
+    return int(torch.randint(n, (1,), generator=g))
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorCurve:
+    """The squared weight error of one layer against its clip magnitude c (range [-c, c]).
+
+    For each c the layer's kept weights (pruned ones left out) are quantized at its bit
+    width and scheme over the range [-c, c] (asymmetric: the observed range cut to it, as
+    the ``absolute`` clip mode does), per tensor and rounding to nearest, and
+
+        clip_error     = sum over |w| >  c of (w - q(w))^2   (clamped to the range's ends)
+        rounding_error = sum over |w| <= c of (w - q(w))^2
+        total          = clip_error + rounding_error
+    """
+
+    layer: str
+    bits: int
+    symmetric: bool
+    per_channel: bool  # the layer has a scale per channel; this curve uses one per tensor
+    note: str  # what the curve leaves out for this layer ("" when nothing)
+    max_abs: float  # max |w| over the kept weights
+    table: pd.DataFrame  # columns c, clip_error, rounding_error, total; c ascending
+    current: tuple[float, float]  # (the layer's clip magnitude, the curve's total there)
+    optimum: tuple[float, float]  # (the c of least total on the curve, that total)
+
+
+class _Errors:
+    """(clip_error, rounding_error) of some weights over [-c, c], for many c."""
+
+    def __init__(self, w: torch.Tensor, cfg: QuantConfig, bits: int):
+        a, order = w.abs().sort()
+        self.abs = a  # (K,) ascending: the weights within [-c, c] come first
+        self.w2 = w[order].reshape(1, -1)  # (1, K) in that order
+        self.w64 = self.w2.double()
+        self.cfg, self.bits = cfg, bits
+        # in absolute mode a range of 2+ bits depends on the extremes alone: a (1, 2)
+        # stand-in gives the same scale and zero point at a fraction of the cost
+        ext = torch.stack([w.min(), w.max()]).reshape(1, 2)
+        # alpha needs every weight, summed in their own order as the layer's quantizer does
+        self.observed = w.reshape(1, -1) if bits == 1 else ext
+
+    def __call__(self, c: float) -> tuple[float, float]:
+        seen = self.observed
+        qp = choose_qparams(seen, torch.ones_like(seen, dtype=torch.bool),
+                            replace(self.cfg, clip=c), self.bits)
+        e = ((self.w64 - fake_quantize(self.w2, qp).double()) ** 2)[0]
+        inside = int(torch.searchsorted(self.abs, torch.tensor([c]), right=True))  # |w| <= c
+        return float(e[inside:].sum()), float(e[:inside].sum())
+
+
+def clip_error_curve(compressed: Compressed, layer: str, points: int = 60) -> ErrorCurve:
+    """The clip / rounding error trade-off of ``layer`` at ``points`` clip magnitudes.
+
+    c runs over i * max|w| / round(0.8 * points) for i = 1..points: from a small fraction
+    of max|w| through max|w| exactly (where clip_error is 0) to about 1.25 * max|w|, so
+    the widening of the steps past max|w| shows. ``current`` is the curve at the layer's
+    clip magnitude max(-lo, hi) (the widest channel's with per-channel scales).
+    """
+    res = _layer(compressed, layer)
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be a whole number of at least 2; got {points!r}.")
+    q = compressed.config.quant
+    w = res.float_weight.detach().float().reshape(-1)
+    if res.mask is not None:
+        w = w[res.mask.reshape(-1)]
+    amax = float(w.abs().max()) if w.numel() else 0.0
+    if amax == 0.0:
+        raise ValueError(
+            f"Layer {layer!r} has no nonzero weight left after pruning; there is no range "
+            "to choose."
+        )
+    cfg = QuantConfig(bits=res.bits, symmetric=res.symmetric, clip_mode="absolute",
+                      scale=q.scale if q is not None else "float")  # fmt: skip
+    errors = _Errors(w, cfg, res.bits)
+    k = max(1, round(0.8 * points))
+    cs = [float(torch.tensor(amax * (i / k), dtype=torch.float32)) for i in range(1, points + 1)]
+    rows = []
+    for c in cs:
+        clip_error, rounding_error = errors(c)
+        rows.append((c, clip_error, rounding_error, clip_error + rounding_error))
+    table = pd.DataFrame(rows, columns=["c", "clip_error", "rounding_error", "total"])
+    best = int(table["total"].to_numpy().argmin())  # the first of equal minima
+    c_now = float(torch.maximum(-res.qparams.lo, res.qparams.hi).max())
+    now = sum(errors(c_now)) if c_now > 0 else float((w.double() ** 2).sum())
+    notes = []
+    if res.per_channel:
+        notes.append("The layer has a scale per output channel; this curve uses one scale "
+                     "for the whole tensor, so its errors are larger than the layer's.")
+    if q is not None and q.rounding == "stochastic":
+        notes.append("The layer rounds stochastically; this curve rounds to nearest.")
+    return ErrorCurve(
+        layer=layer,
+        bits=res.bits,
+        symmetric=res.symmetric,
+        per_channel=res.per_channel,
+        note=" ".join(notes),
+        max_abs=amax,
+        table=table,
+        current=(c_now, now),
+        optimum=(float(table["c"].iloc[best]), float(table["total"].iloc[best])),
+    )
+
+
+def trap_hint(
+    bits: int, clip_mode: str, clip: float, accuracy: float, one_bit_accuracy: float | None
+) -> str | None:
+    """A one-line hint when 2 bits without clipping scores below 1 bit; None otherwise.
+
+    >>> trap_hint(2, "ratio", 1.0, 0.10, 0.62) is not None, trap_hint(2, "mse", 1.0, 0.1, 0.62)
+    (True, None)
+    """
+    if (bits != 2 or clip_mode != "ratio" or clip != 1.0 or one_bit_accuracy is None
+            or not accuracy < one_bit_accuracy):
+        return None
+    return (f"2 bits without clipping scores {accuracy:.1%}, below 1 bit's "
+            f"{one_bit_accuracy:.1%}: its levels are -max|w|, 0 and +max|w|, so almost every "
+            "weight rounds to 0. Try the mse clip mode, which narrows the range.")
