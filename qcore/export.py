@@ -73,6 +73,12 @@ def packed_bytes(compressed: Compressed) -> bytes:
         "float_size_bytes": compressed.float_size_bytes,
         "tensors": tensors,
     }
+    if compressed.activations:  # calibrated ranges travel with the weights
+        header["activations"] = [
+            {"edge": e, "bits": r.bits, "symmetric": r.symmetric, "lo": r.lo, "hi": r.hi,
+             "scale": r.scale, "zero_point": r.zero_point}
+            for e, r in compressed.activations.items()
+        ]  # fmt: skip
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     digest = hashlib.sha256(head + payload).digest()
     return MAGIC + struct.pack("<I", len(head)) + digest + head + payload
@@ -258,7 +264,55 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
     model.load_state_dict(state, strict=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    return Packed(model=model.eval(), config=config, header=header)
+    model = model.eval()
+    if config.act is not None or "activations" in header:
+        model = _with_activations(model, header, config)
+    return Packed(model=model, config=config, header=header)
+
+
+class _Activated(nn.Module):
+    """The rebuilt module run with its calibrated activation fake-quant points."""
+
+    def __init__(self, module: nn.Module, graph, points: dict):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_graph", graph)
+        object.__setattr__(self, "_points", points)
+        nn.Module.train(self, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._graph.run(x, None, self._points)
+
+
+def _with_activations(model: nn.Module, header: dict, config: CompressionConfig) -> nn.Module:
+    """``model`` with the file's activation ranges applied where they were calibrated."""
+    from qcore.activations import ActRange, act_points
+    from qcore.affine import QParams, code_range
+    from qcore.graph import graph_of
+
+    table = header.get("activations")
+    if config.act is None or not isinstance(table, list) or not table:
+        raise ValueError("The packed file's activation ranges do not match its config.")
+    graph = graph_of(model, fold_bn=False)
+    known = set(graph.point_names())
+    ranges = {}
+    for entry in table:
+        if not isinstance(entry, dict) or entry.get("edge") not in known \
+                or entry.get("edge") in ranges:
+            raise ValueError("The packed file names an activation edge the model lacks.")
+        bits, sym = entry.get("bits"), entry.get("symmetric")
+        scale, zp = entry.get("scale"), entry.get("zero_point")
+        lo, hi = entry.get("lo"), entry.get("hi")
+        if bits != config.act.bits or sym is not config.act.symmetric:
+            raise ValueError("The packed file's activation ranges do not match its config.")
+        qmin, qmax = code_range(bits, sym)
+        if not (isinstance(scale, float) and 0.0 < scale <= 1e30 and _whole(zp, qmin, qmax)
+                and all(isinstance(v, float) and abs(v) <= 1e30 for v in (lo, hi))):
+            raise ValueError("The packed file holds an invalid activation range.")
+        qp = QParams(torch.tensor([scale], dtype=torch.float32), torch.tensor([zp]), qmin, qmax,
+                     torch.tensor([lo]), torch.tensor([hi]))
+        ranges[entry["edge"]] = ActRange(entry["edge"], lo, hi, lo, hi, qp, bits, sym)
+    return _Activated(model, graph, act_points(ranges))
 
 
 def _shape(entry: dict) -> tuple[int, ...] | None:

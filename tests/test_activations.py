@@ -203,3 +203,22 @@ def test_weight_sliders_do_not_recalibrate(monkeypatch: pytest.MonkeyPatch) -> N
         qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=bits), act=act),
                        calib=calib)
     assert calls == []
+
+
+def test_export_carries_the_activation_ranges(tmp_path) -> None:
+    import qcore
+    from qcore.config import QuantConfig
+
+    model, test, calib = _splits("mnist-resnet")  # additions (residuals) are edges too
+    c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=6, scale="pow2"),
+                                                act=ActQuantConfig(bits=4, scale="pow2")),
+                       calib=calib)
+    assert any(e.startswith("add") for e in c.activations)
+    qcore.export_packed(c, tmp_path / "m.qpk")
+    packed = qcore.load_packed(tmp_path / "m.qpk")
+    assert packed.config == c.config
+    x = test.x[:64]
+    with torch.inference_mode():
+        assert torch.equal(packed.model(x), c.model(x))
+    for r in c.activations.values():  # power-of-two activation scales
+        assert r.scale == 2.0 ** round(np.log2(r.scale))
