@@ -188,8 +188,9 @@ class PruneConfig:
 
     ``scope="layer"`` prunes floor(rate * n) weights in every layer; ``"global"`` ranks all
     weights of the compressed layers together. ``structured=True`` removes whole output
-    channels, smallest L2 norm first (global scope ranks channels by RMS so that layers of
-    different fan-in compare fairly).
+    channels, smallest L2 norm first, until that share of the weights is gone (global scope
+    ranks channels by RMS so that layers of different fan-in compare fairly, and counts
+    weights, not channels); a layer's last channel is never removed.
     """
 
     rate: float = 0.0  # in [0, 1)
