@@ -12,9 +12,9 @@ The names below are the public API (see DESIGN.md); submodules hold the plumbing
 """
 
 from qcore.affine import QParams, dequantize_codes, quantize_codes
-from qcore.analysis import Histogram, layer_histogram, weight_histogram
+from qcore.analysis import Histogram, activation_histogram, layer_histogram, weight_histogram
 from qcore.compress import Compressed, CompressedModel, LayerResult, compress, sqnr_db
-from qcore.config import CompressionConfig, PruneConfig, QuantConfig, Settings
+from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, Settings
 from qcore.data import (
     Dataset,
     DatasetInfo,
@@ -49,7 +49,7 @@ __all__ = [
     "list_datasets", "dataset_info", "DatasetInfo", "load_dataset", "Dataset",
     "DatasetNotFound", "ModelRef", "DatasetRef",
     # what to do: configs, and the flat settings a person sets (URL, CLI)
-    "QuantConfig", "PruneConfig", "CompressionConfig", "Settings",
+    "QuantConfig", "PruneConfig", "CompressionConfig", "ActQuantConfig", "Settings",
     # the maths primitives
     "QParams", "choose_qparams", "quantize_codes", "dequantize_codes", "quantize_tensor",
     "quantize_with_params", "magnitude_mask", "prune_tensor", "sqnr_db",
@@ -58,6 +58,7 @@ __all__ = [
     "LayerResult",
     # measuring
     "evaluate", "metrics_from_logits", "Metrics", "agreement", "weight_histogram",
+    "activation_histogram",
     "layer_histogram", "Histogram",
     # the packed file
     "export_packed", "packed_bytes", "load_packed", "read_header", "Packed",

@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 from qcore.compress import Compressed, LayerResult
+from qcore.data import Dataset
 from qcore.quant import code_range, dequantize_codes
 
-__all__ = ["Histogram", "weight_histogram", "layer_histogram", "MAX_LEVELS_DRAWN"]
+__all__ = ["Histogram", "weight_histogram", "layer_histogram", "activation_histogram",
+           "MAX_LEVELS_DRAWN", "ACT_HISTOGRAM_IMAGES"]
 
 MAX_LEVELS_DRAWN = 256  # more levels than this are not listed (they would fill the plot)
 
@@ -116,3 +118,44 @@ def layer_histogram(
             clip = (float(grid_lo[g]), float(grid_hi[g]))
             requested = (float(res.qparams.lo[g]), float(res.qparams.hi[g]))
     return weight_histogram(before, after, bins, levels=levels, clip=clip, requested=requested)
+
+
+ACT_HISTOGRAM_IMAGES = 256  # calibration images whose activations an activation histogram bins
+
+
+def activation_histogram(
+    compressed: Compressed, edge: str, calib: Dataset, bins: int = 80
+) -> Histogram:
+    """Histogram of the values reaching activation ``edge`` and what its quantizer makes
+    of them, over the first :data:`ACT_HISTOGRAM_IMAGES` images of the calibration split.
+
+    ``edge`` is a key of ``compressed.activations`` (``"<layer>.input"``, ``"input"`` or
+    an addition). The values are those of the compressed model itself (weights and the
+    activations upstream quantized); ``clip`` is the grid's range, ``requested`` the
+    calibrated range, ``levels`` every value the codes can take (if few enough).
+    """
+    if edge not in compressed.activations:
+        known = ", ".join(compressed.activations) or "none (activations are not quantized)"
+        raise ValueError(f"No quantized activation edge {edge!r}; the edges are {known}.")
+    act = compressed.activations[edge]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    points = dict(compressed.model.points)
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        out = act.fake_quantize(t)
+        seen.append((t.detach().reshape(-1), out.detach().reshape(-1)))
+        return out
+
+    points[edge] = record
+    x = calib.x[:ACT_HISTOGRAM_IMAGES]
+    with torch.inference_mode():
+        compressed.graph.run(x, compressed.replacements(), points)
+    before = torch.cat([b for b, _ in seen])
+    after = torch.cat([a for _, a in seen])
+    qp = act.qparams
+    levels = None
+    if qp.qmax - qp.qmin + 1 <= MAX_LEVELS_DRAWN:
+        codes = torch.arange(qp.qmin, qp.qmax + 1).reshape(1, -1)
+        levels = dequantize_codes(codes, qp).reshape(-1)
+    return weight_histogram(before, after, bins, levels=levels, clip=act.grid_range,
+                            requested=(act.lo, act.hi))  # fmt: skip

@@ -136,6 +136,11 @@ class CompressedModel(nn.Module):
     def graph(self) -> Graph:
         return self._graph
 
+    @property
+    def points(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The fake-quantized activation edges (empty when activations stay float)."""
+        return dict(self._points)
+
     def replacements(self) -> dict[str, torch.Tensor]:
         """The tensors that differ from the float model, by state-dict key (made anew)."""
         out = {}

@@ -222,3 +222,22 @@ def test_export_carries_the_activation_ranges(tmp_path) -> None:
         assert torch.equal(packed.model(x), c.model(x))
     for r in c.activations.values():  # power-of-two activation scales
         assert r.scale == 2.0 ** round(np.log2(r.scale))
+
+
+def test_activation_histogram_bins_what_reaches_the_edge() -> None:
+    import qcore
+    from qcore.analysis import ACT_HISTOGRAM_IMAGES
+
+    model, _, calib = _splits("mnist-cnn")
+    c = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=3)), calib=calib)
+    r = c.layer("fc1").act
+    h = qcore.activation_histogram(c, "fc1.input", calib)
+    n = min(ACT_HISTOGRAM_IMAGES, len(calib.x)) * c.layer("fc1").shape[1]
+    assert int(h.before.sum()) == int(h.after.sum()) == n  # every value, once
+    assert len(h.levels) == 8 and h.clip == r.grid_range and h.requested == (r.lo, r.hi)
+    # after quantization every value sits on one of the 8 levels
+    occupied = h.centers[h.after > 0]
+    step = h.edges[1] - h.edges[0]
+    assert all(np.min(np.abs(h.levels - v)) <= step for v in occupied)
+    with pytest.raises(ValueError, match="No quantized activation edge"):
+        qcore.activation_histogram(c, "nope", calib)
