@@ -241,3 +241,45 @@ def test_activation_histogram_bins_what_reaches_the_edge() -> None:
     assert all(np.min(np.abs(h.levels - v)) <= step for v in occupied)
     with pytest.raises(ValueError, match="No quantized activation edge"):
         qcore.activation_histogram(c, "nope", calib)
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "mnist-lenet300", "mnist-cnn", "mnist-dwsep",
+                                  "mnist-resnet"])
+def test_w8a8_agrees_with_torch_ao_int8_kernels(name: str) -> None:
+    """External oracle: torch.ao's FX-mode int8 model (real int8 kernels, min-max
+    activations, per-channel weights) calibrated on the same split; within 1 point."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import (
+        MinMaxObserver,
+        PerChannelMinMaxObserver,
+        QConfig,
+        QConfigMapping,
+    )
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    import qcore
+    from qcore.config import QuantConfig
+
+    model, test, calib = _splits(name)
+    torch.backends.quantized.engine = "fbgemm"
+    qconfig = QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True),
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                  qscheme=torch.per_channel_symmetric),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qconfig),
+                              (calib.x[:2],))
+        with torch.inference_mode():
+            for i in range(0, len(calib.x), 256):
+                prepared(calib.x[i : i + 256])
+        int8 = convert_fx(prepared)
+    with torch.inference_mode():
+        theirs = float((int8(test.x).argmax(1) == test.y).double().mean())
+    c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=8, per_channel=True),
+                                                act=ActQuantConfig(bits=8)), calib=calib)
+    ours = qcore.evaluate(c.model, test).accuracy
+    assert abs(ours - theirs) <= 0.01, (ours, theirs)
