@@ -409,6 +409,9 @@ class Settings:
     # per-layer bit widths overriding ``bits``, as (layer, bits) pairs in model order; set by
     # the Mixed precision page or a link (``layer_bits=fc1:4,fc2:8``)
     layer_bits: tuple[tuple[str, int], ...] = ()
+    scale: str = "float"  # "pow2": power-of-two scales (fixed point), weights and activations
+    abits: int | None = None  # activation bits; None = activations stay float
+    aobs: str = "minmax"  # the activation observer (range policy)
 
     def to_config(self) -> CompressionConfig:
         """The qcore config; raises ValueError with a user sentence for a bad combination."""
@@ -424,11 +427,16 @@ class Settings:
                 clip_mode=self.clip_mode,
                 rounding=self.rounding,
                 layer_bits=self.layer_bits,
+                scale=self.scale,
             )
         prune = None
         if self.prune > 0:
             prune = PruneConfig(rate=self.prune, structured=self.structured, scope=self.scope)
-        return CompressionConfig(quant=quant, prune=prune, layers=self.layers, fold_bn=self.fold_bn)
+        act = None
+        if self.abits is not None:
+            act = ActQuantConfig(bits=self.abits, observer=self.aobs, scale=self.scale)
+        return CompressionConfig(quant=quant, prune=prune, layers=self.layers,
+                                 fold_bn=self.fold_bn, act=act)
 
     @classmethod
     def from_config(
@@ -441,12 +449,23 @@ class Settings:
             raise ValueError(
                 f"This config uses rounding seed {q.seed}; flat settings always use seed 0."
             )
+        a = config.act
+        if a is not None and (a.symmetric or a.percentile != ActQuantConfig().percentile):
+            raise ValueError(
+                "Flat settings use asymmetric activations and the default percentile; this "
+                "config differs."
+            )
+        if q is not None and a is not None and q.scale != a.scale:
+            raise ValueError("Flat settings use one scale mode for weights and activations.")
         s = cls(
             layers=config.layers,
             fold_bn=config.fold_bn,
             prune=0.0 if p is None else p.rate,
             structured=False if p is None else p.structured,
             scope="layer" if p is None else p.scope,
+            abits=None if a is None else a.bits,
+            aobs="minmax" if a is None else a.observer,
+            scale=(q.scale if q is not None else a.scale if a is not None else "float"),
         )
         if q is None:
             return replace(s, bits=None)
@@ -476,9 +495,11 @@ class Settings:
         for key in ("symmetric", "per_channel", "structured", "fold_bn"):
             if getattr(self, key) != getattr(default, key):
                 q[key] = "true" if getattr(self, key) else "false"
-        for key in ("rounding", "scope"):
+        for key in ("rounding", "scope", "scale", "aobs"):
             if getattr(self, key) != getattr(default, key):
                 q[key] = getattr(self, key)
+        if self.abits is not None:
+            q["abits"] = str(self.abits)
         if self.layers is not None:
             q["layers"] = ",".join(self.layers)
         if self.layer_bits:
@@ -517,6 +538,10 @@ class Settings:
             s = replace(s, clip=d.clip)
         if s.prune == 0:
             s = replace(s, structured=d.structured, scope=d.scope)
+        if s.abits is None:
+            s = replace(s, aobs=d.aobs)
+            if s.bits is None:  # no scale anywhere
+                s = replace(s, scale=d.scale)
         if s.layer_bits and s.layers is not None:  # overrides of float layers change nothing
             s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
         return s
@@ -534,14 +559,26 @@ class Settings:
                 "symmetric" if self.symmetric else "asymmetric",
                 "per-channel" if self.per_channel else "per-tensor",
             ]  # fmt: skip
+        if self.abits is not None:
+            parts.append(f"activations {self.abits} bits ({self.aobs})")
+        if self.scale == "pow2":
+            parts.append("power-of-two scales")
         parts.append(f"prune {self.prune:g}")
         return " · ".join(parts)
+
+    def wa_label(self) -> str:
+        """Weight and activation widths, e.g. ``W4A8`` (``W32`` / ``A32`` for float)."""
+        w = 32 if self.bits is None else self.bits
+        w_text = f"W{w}" + ("*" if self.layer_bits and self.bits is not None else "")
+        return f"{w_text}A{32 if self.abits is None else self.abits}"
 
     def slug(self) -> str:
         """A short file-name tag, e.g. ``4bit-prune0.5``."""
         parts = ["float" if self.bits is None else f"{self.bits}bit"]
         if self.layer_bits and self.bits is not None:
             parts.append("mixed")
+        if self.abits is not None:
+            parts.append(f"a{self.abits}")
         if self.prune > 0:
             parts.append(f"prune{self.prune:g}")
         return "-".join(parts)
@@ -707,7 +744,18 @@ def parse_flat(
             except ValueError:
                 bad(key, raw, "true or false")
 
-    for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES)):
+    raw = flat.get("abits")
+    if raw is not None:
+        try:
+            b = parse_bits(raw)
+            if b is not None and b < 2:
+                raise ValueError
+            values["abits"] = b
+        except ValueError:
+            bad("abits", raw, "a whole number from 2 to 16, or float")
+
+    for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES), ("scale", SCALE_MODES),
+                         ("aobs", ACT_OBSERVERS)):
         raw = flat.get(key)
         if raw is not None:
             if raw in choices:

@@ -315,3 +315,24 @@ def test_settings_to_config_and_bad_combinations() -> None:
     with pytest.raises(ValueError, match="clip"):
         Settings(clip=0.0).to_config()
     assert re.fullmatch(r"4bit-prune0.5", Settings(bits=4, prune=0.5).slug())
+
+
+def test_flat_activation_and_scale_settings_round_trip() -> None:
+    from qcore.config import ActQuantConfig, QuantConfig
+
+    s, warnings = Settings.from_flat({"bits": "4", "abits": "8", "aobs": "entropy",
+                                      "scale": "pow2"})
+    assert warnings == []
+    cfg = s.to_config()
+    assert cfg.quant == QuantConfig(bits=4, scale="pow2")
+    assert cfg.act == ActQuantConfig(bits=8, observer="entropy", scale="pow2")
+    assert s.to_flat() == {"bits": "4", "clip": "1", "clip_mode": "ratio", "prune": "0",
+                           "scale": "pow2", "aobs": "entropy", "abits": "8"}
+    assert Settings.from_flat(s.to_flat())[0] == s
+    assert Settings.from_config(cfg) == s
+    assert s.wa_label() == "W4A8" and Settings().wa_label() == "W8A32"
+    assert Settings(bits=None).to_config().act is None
+    for bad in ({"abits": "1"}, {"abits": "٨"}, {"aobs": "kl"}, {"scale": "log"}):
+        t, warnings = Settings.from_flat(bad)
+        assert t == Settings() and len(warnings) == 1, bad
+    assert Settings(abits=None, aobs="entropy").canonical() == Settings()
