@@ -18,8 +18,10 @@ from torch import nn
 
 from qcore.compress import compress
 from qcore.config import (
+    ACT_OBSERVERS,
     CLIP_MODES,
     SCOPES,
+    ActObserver,
     ClipMode,
     CompressionConfig,
     PruneConfig,
@@ -28,15 +30,16 @@ from qcore.config import (
     check_bits,
 )
 from qcore.data import Dataset
-from qcore.evaluate import agreement, evaluate
+from qcore.evaluate import EVAL_BATCH, agreement, evaluate
 from qcore.refs import Progress
 
 __all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "bits", "clip", "clip_mode", "prune", "symmetric", "per_channel", "scheme", "granularity",
+    "act_bits", "act_observer",
     "accuracy", "loss", "agreement", "size_bytes", "float_size_bytes", "ratio", "sparsity",
-    "mean_sqnr_db", "seconds",
+    "mean_sqnr_db", "sqnr_db", "seconds",
 )  # fmt: skip
 
 def _tuple(name: str, values: object) -> tuple:
@@ -66,6 +69,8 @@ class SweepGrid:
     structured: bool = False  # prune whole output channels instead of single weights
     prune_scope: Scope = "layer"
     fold_bn: bool = True
+    act_bits: tuple[int | None, ...] = (None,)  # activation widths; None = float activations
+    act_observer: ActObserver = "minmax"
     _configs: tuple[CompressionConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,12 @@ class SweepGrid:
             "symmetric", self.symmetric)))
         object.__setattr__(self, "per_channel", tuple(bool(s) for s in _tuple(
             "per_channel", self.per_channel)))
+        act_bits = tuple(None if b is None else check_bits(b, "activation bits")
+                         for b in _tuple("act_bits", self.act_bits))  # fmt: skip
+        object.__setattr__(self, "act_bits", act_bits)
+        if self.act_observer not in ACT_OBSERVERS:
+            raise ValueError(f"act_observer must be one of {', '.join(ACT_OBSERVERS)}; "
+                             f"got {self.act_observer!r}.")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {', '.join(CLIP_MODES)}; "
                              f"got {self.clip_mode!r}.")
@@ -84,11 +95,12 @@ class SweepGrid:
             raise ValueError(f"prune_scope must be one of {', '.join(SCOPES)}; "
                              f"got {self.prune_scope!r}.")
         configs = []
-        for b, rate in product(self.bits, self.prune_rates):
+        for b, rate, ab in product(self.bits, self.prune_rates, self.act_bits):
             # a ValueError with a sentence for a bad rate or clip, before any work is done
             PruneConfig(rate=rate, structured=self.structured, scope=self.prune_scope)
             flat = Settings(bits=b, prune=rate, structured=self.structured,
-                            scope=self.prune_scope, fold_bn=self.fold_bn)
+                            scope=self.prune_scope, fold_bn=self.fold_bn, abits=ab,
+                            aobs=self.act_observer)  # fmt: skip
             if b is None:  # float rows do not vary with clip, scheme or granularity
                 configs.append(flat.to_config())
                 continue
@@ -120,13 +132,16 @@ class SweepGrid:
 
 
 def _describe(cfg: CompressionConfig) -> dict:
-    q, p = cfg.quant, cfg.prune
+    q, p, a = cfg.quant, cfg.prune, cfg.act
     rate = p.rate if p is not None else 0.0
+    act = {"act_bits": None if a is None else a.bits,
+           "act_observer": None if a is None else a.observer}  # fmt: skip
     if q is None:
         return {"bits": None, "clip": math.nan, "clip_mode": None, "prune": rate,
                 "symmetric": None, "per_channel": None, "scheme": "float",
-                "granularity": "none"}
+                "granularity": "none", **act}  # fmt: skip
     return {
+        **act,
         "bits": q.bits,
         "clip": q.clip,
         "clip_mode": q.clip_mode,
@@ -143,8 +158,9 @@ def sweep(
     dataset: Dataset,
     grid: SweepGrid | None = None,
     *,
+    calib: Dataset | None = None,
     progress: Progress | None = None,
-    batch_size: int = 2000,
+    batch_size: int = EVAL_BATCH,
 ) -> pd.DataFrame:
     """Compress and evaluate ``model`` once per configuration of ``grid``.
 
@@ -154,8 +170,10 @@ def sweep(
     "none"), the simulated ``accuracy`` and ``loss``, ``agreement`` with the float model's
     predictions, the packed ``size_bytes`` next to ``float_size_bytes``, their ``ratio``,
     the weight ``sparsity``, the ``mean_sqnr_db`` over layers that changed (inf if none
-    did) and the ``seconds`` the row took. ``df.attrs`` holds the float accuracy and loss.
-    ``progress(done, total, row)`` is called after each row. Deterministic.
+    did), the whole model's ``sqnr_db`` and the ``seconds`` the row took. Rows with
+    activation bits (``act_bits``) calibrate on ``calib``, the calibration split.
+    ``df.attrs`` holds the float accuracy and loss. ``progress(done, total, row)`` is called
+    after each row. Deterministic.
     """
     grid = SweepGrid() if grid is None else grid
     if not isinstance(grid, SweepGrid):
@@ -165,7 +183,7 @@ def sweep(
     rows = []
     for i, cfg in enumerate(configs):
         start = time.perf_counter()
-        c = compress(model, cfg)
+        c = compress(model, cfg, calib=calib)
         m = evaluate(c.model, dataset, batch_size=batch_size)
         row = _describe(cfg)
         row.update(
@@ -177,6 +195,7 @@ def sweep(
             ratio=c.ratio,
             sparsity=c.sparsity,
             mean_sqnr_db=c.mean_sqnr_db,
+            sqnr_db=c.sqnr_db,
             seconds=time.perf_counter() - start,
         )
         rows.append(row)
@@ -184,6 +203,7 @@ def sweep(
             progress(i + 1, len(configs), row)
     df = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     df["bits"] = df["bits"].astype("Int64")  # missing for float rows
+    df["act_bits"] = df["act_bits"].astype("Int64")  # missing for float activations
     df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss)
     return df
 

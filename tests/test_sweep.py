@@ -234,3 +234,18 @@ def test_grid_round_trips_and_builds_configs_through_the_flat_mapping() -> None:
     assert len(grid) == 2 + 2 * 2 * 2 * 2  # float rows do not vary with clip or scheme
     with pytest.raises(ValueError, match="keys"):
         SweepGrid.from_dict({"bits": [2], "evil": 1})
+
+
+def test_sweep_over_activation_widths_calibrates_on_the_calib_split() -> None:
+    import qcore
+
+    model = qcore.load_model("digits-mlp")
+    test, calib = qcore.load_dataset("digits", "test"), qcore.load_dataset("digits", "calib")
+    grid = SweepGrid(bits=[8], act_bits=[None, 3, 8], act_observer="percentile")
+    df = sweep(model, test, grid, calib=calib)
+    assert df["act_bits"].tolist()[1:] == [3, 8] and df["act_bits"].isna().tolist()[0]
+    assert df["act_observer"].tolist()[1:] == ["percentile", "percentile"]
+    float_acts, a3, a8 = df["accuracy"].tolist()
+    assert a3 < a8 and abs(a8 - float_acts) <= 0.01
+    with pytest.raises(ValueError, match="calibration data"):
+        sweep(model, test, grid)
