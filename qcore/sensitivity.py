@@ -22,6 +22,7 @@ conv2, fc1, fc2), mnist-lenet300 5 MiB, mnist-resnet about 300 MiB.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -31,8 +32,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from qcore.activations import ActRange, activation_edges, calibrate
 from qcore.compress import Compressed, compress
-from qcore.config import CompressionConfig, PruneConfig, QuantConfig, check_bits
+from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
 from qcore.fold import has_batchnorm
@@ -157,6 +159,9 @@ def layer_sensitivity(
     naive: bool = False,
     max_cache_bytes: int = 512 * 2**20,
     progress: Progress | None = None,
+    act_bits: Iterable[int] = (),
+    act: ActQuantConfig | None = None,
+    calib: Dataset | None = None,
 ) -> pd.DataFrame:
     """Accuracy when each layer alone is quantized (at each of ``bits``) or pruned.
 
@@ -172,6 +177,10 @@ def layer_sensitivity(
     each row (when the split is cached in several chunks, after each row of each chunk:
     ``total`` counts them all and the full row comes with the last chunk, before that only
     layer, kind and setting).
+
+    ``act_bits`` adds rows of kind "act": each activation edge alone (``layer`` names the
+    edge, e.g. "fc1.input") fake-quantized at each width, everything else float, with
+    ranges calibrated on ``calib`` as the ``act`` template says (observer, scheme).
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune
@@ -181,8 +190,12 @@ def layer_sensitivity(
         raise ValueError("Sensitivity needs deterministic rounding; use rounding='nearest'.")
     bits = _check_bit_list([bits] if isinstance(bits, int) else bits)
     rates = _check_rates([prune_rates] if isinstance(prune_rates, float) else prune_rates)
-    if not bits and not rates:
+    act_list = _check_bit_list([act_bits] if isinstance(act_bits, int) else act_bits)
+    if not bits and not rates and not act_list:
         raise ValueError("Give at least one bit width or pruning rate to analyse.")
+    act = ActQuantConfig() if act is None else act
+    if act_list and calib is None:
+        raise ValueError("Activation rows need calibration data: pass calib= the 'calib' split.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number; got {batch_size!r}.")
     if len(dataset.y) == 0:
@@ -203,22 +216,58 @@ def layer_sensitivity(
             )
         names = [n for n in all_layers if n in names]  # model order
     jobs = _jobs(names, bits, rates, quant, prune, fold_bn)
+    edges = activation_edges(graph, names) if act_list else []
+    n_act = len(edges) * len(act_list)
+
+    def weight_progress(done: int, total: int, row: dict) -> None:
+        progress(done, total + n_act, row)
 
     start = time.perf_counter()
     result = None
-    if not naive:
-        result = _run_cached(model, graph, dataset, jobs, batch_size, max_cache_bytes, progress)
-    if result is None:
+    inner = None if progress is None else weight_progress
+    if not jobs:
+        ref = evaluate(model, dataset, batch_size=batch_size)
+        method, rows = "naive", []
+    elif not naive:
+        result = _run_cached(model, graph, dataset, jobs, batch_size, max_cache_bytes, inner)
+    if jobs and result is None:
         method = "naive"
         ref = evaluate(model, dataset, batch_size=batch_size)
-        rows = _run_naive(model, dataset, jobs, ref, batch_size, progress)
-    else:
+        rows = _run_naive(model, dataset, jobs, ref, batch_size, inner)
+    elif result is not None:
         method = "cached"
         rows, ref = result
+    for i, b in enumerate(act_list):
+        ranges = calibrate(graph, calib, replace(act, bits=b), edges)
+        for j, e in enumerate(edges):
+            m = evaluate(_EdgeOnly(graph, e, ranges[e]), dataset, batch_size=batch_size)
+            rows.append({
+                "layer": e, "index": j, "kind": "act", "setting": float(b),
+                "accuracy": m.accuracy, "loss": m.loss, "drop": ref.accuracy - m.accuracy,
+                "loss_increase": m.loss - ref.loss, "sqnr_db": math.nan,
+                "sparsity": math.nan, "params": math.nan, "layer_size_bytes": math.nan,
+                "layer_float_bytes": math.nan,
+            })  # fmt: skip
+            if progress is not None:
+                total = len(jobs) + n_act
+                progress(total - n_act + i * len(edges) + j + 1, total, rows[-1])
     df = pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
     df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss, method=method,
                     seconds=time.perf_counter() - start)
     return df
+
+
+class _EdgeOnly(nn.Module):
+    """The float graph with one activation edge fake-quantized."""
+
+    def __init__(self, graph: Graph, edge: str, act_range: ActRange):
+        super().__init__()
+        object.__setattr__(self, "_graph", graph)
+        object.__setattr__(self, "_points", {edge: act_range.fake_quantize})
+        nn.Module.train(self, False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._graph.run(x, None, self._points)
 
 
 def _run_naive(model, dataset, jobs, ref, batch_size, progress) -> list[dict]:
@@ -303,15 +352,15 @@ def sensitivity_matrix(
     >>> sensitivity_matrix(t).values.tolist()
     [[0.7, 0.9], [0.5, 0.9]]
     """
-    if kind not in ("quant", "prune"):
-        raise ValueError(f"kind must be 'quant' or 'prune'; got {kind!r}.")
+    if kind not in ("quant", "prune", "act"):
+        raise ValueError(f"kind must be 'quant', 'prune' or 'act'; got {kind!r}.")
     if value not in df.columns:
         raise ValueError(f"No column {value!r}; the table has {', '.join(df.columns)}.")
     part = df[df["kind"] == kind]
     order = part.drop_duplicates("layer").sort_values("index")["layer"].tolist()
     m = part.pivot(index="layer", columns="setting", values=value).reindex(order)
-    if kind == "quant":
+    if kind in ("quant", "act"):
         m.columns = [int(c) for c in m.columns]
-    m.columns.name = "bits" if kind == "quant" else "rate"
+    m.columns.name = "rate" if kind == "prune" else "bits"
     return m
 
