@@ -27,11 +27,12 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from qcore.compress import compress
-from qcore.config import CompressionConfig, QuantConfig, check_bits
+from qcore.config import ActQuantConfig, CompressionConfig, QuantConfig, check_bits
 from qcore.data import Dataset
-from qcore.evaluate import evaluate
+from qcore.evaluate import EVAL_BATCH, evaluate
 from qcore.fold import fold_batchnorm, weight_layers
-from qcore.sensitivity import Progress, layer_sensitivity
+from qcore.refs import Progress
+from qcore.sensitivity import layer_sensitivity
 
 __all__ = ["DEFAULT_CANDIDATE_BITS", "MixedPrecisionResult", "UniformChoice",
            "mixed_precision", "knapsack_bits"]
@@ -128,8 +129,9 @@ def knapsack_bits(
     return dict(zip(names, bits, strict=True))
 
 
-def _evaluate(model, dataset, quant: QuantConfig, fold_bn: bool, batch_size: int):
-    c = compress(model, CompressionConfig(quant=quant, fold_bn=fold_bn))
+def _evaluate(model, dataset, quant: QuantConfig, fold_bn: bool, batch_size: int,
+              act: ActQuantConfig | None, calib: Dataset | None):
+    c = compress(model, CompressionConfig(quant=quant, fold_bn=fold_bn, act=act), calib=calib)
     return c, evaluate(c.model, dataset, batch_size=batch_size)
 
 
@@ -142,8 +144,10 @@ def mixed_precision(
     quant: QuantConfig | None = None,
     search_dataset: Dataset | None = None,
     fold_bn: bool = True,
-    batch_size: int = 2000,
+    batch_size: int = EVAL_BATCH,
     progress: Progress | None = None,
+    act: ActQuantConfig | None = None,
+    calib: Dataset | None = None,
 ) -> MixedPrecisionResult:
     """Per-layer bit widths from ``candidate_bits`` that fit ``budget_bytes`` (packed).
 
@@ -152,7 +156,9 @@ def mixed_precision(
     by default ``dataset``; pass a calibration split to keep the test split unseen. The
     accuracies returned are on ``dataset``. The result is never worse on the search data
     than the best uniform width that fits; on ``dataset`` it may be, and ``beats`` and
-    ``note`` say so honestly. ``progress`` follows the sensitivity analysis.
+    ``note`` say so honestly. ``progress`` follows the sensitivity analysis. With ``act``,
+    every candidate is measured with its activations quantized too (calibrated on
+    ``calib``, by default ``search_dataset``); the per-layer costs stay weight-only.
     """
     quant = QuantConfig() if quant is None else quant
     if not isinstance(quant, QuantConfig):
@@ -167,6 +173,9 @@ def mixed_precision(
         raise ValueError(f"The budget must be a positive number of bytes; got {budget_bytes!r}.")
     budget = int(budget_bytes)
     search = dataset if search_dataset is None else search_dataset
+    calib = search if calib is None else calib
+    if act is None:
+        calib = None
 
     base = fold_batchnorm(model) if fold_bn else model
     names = list(weight_layers(base))
@@ -174,7 +183,8 @@ def mixed_precision(
         raise ValueError("The model has no linear or convolution layers to quantize.")
     # exact per-layer packed sizes, and the uniform totals, from one compress per width
     per_bits = {b: compress(model, CompressionConfig(
-        quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn)) for b in cands}
+        quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn, act=act), calib=calib)
+        for b in cands}
     sizes = {k: {b: per_bits[b].layer(k).size_bytes for b in cands} for k in names}
     c0 = per_bits[cands[0]]
     rest = c0.size_bytes - sum(sizes[k][cands[0]] for k in names)
@@ -207,7 +217,7 @@ def mixed_precision(
         key = tuple(bits[k] for k in names)
         if key not in tried:
             q = replace(quant, bits=cands[-1], layer_bits=bits)
-            c, m = _evaluate(model, search, q, fold_bn, batch_size)
+            c, m = _evaluate(model, search, q, fold_bn, batch_size, act, calib)
             tried[key] = (q, c, m)
     best_key = max(tried, key=lambda k: (tried[k][2].accuracy, -tried[k][2].loss,
                                          -tried[k][1].size_bytes)) if tried else None

@@ -220,3 +220,18 @@ def test_note_names_the_split_of_every_number_on_digits() -> None:
         f"uniform 8 bits), mixed precision reaches {tests[6]:.2%} on the test split")
     assert f"uniform 6 bits ({sizes[6]:,} bytes, smaller) reaches the same {tests[6]:.2%}" in r.note
     assert f"uniform 8 bits ({sizes[8]:,} bytes, larger) reaches {tests[8]:.2%}, more" in r.note
+
+
+def test_mixed_precision_with_quantized_activations() -> None:
+    import qcore
+    from qcore.config import ActQuantConfig
+
+    model = qcore.load_model("digits-mlp")
+    test, calib = qcore.load_dataset("digits", "test"), qcore.load_dataset("digits", "calib")
+    act = ActQuantConfig(bits=4)
+    r = mixed_precision(model, test, 3200, (2, 4, 8), search_dataset=calib, act=act)
+    # the reported accuracy is the chosen bits with 4-bit activations, on the test split
+    cfg = CompressionConfig(quant=r.config, act=act)
+    c = qcore.compress(model, cfg, calib=calib)
+    assert c.size_bytes == r.size_bytes <= 3200
+    assert qcore.evaluate(c.model, test).accuracy == r.accuracy
