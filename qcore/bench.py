@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from qcore.compress import compress
-from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig
 from qcore.data import load_dataset
 from qcore.evaluate import EVAL_BATCH, evaluate
 from qcore.models import list_models, load_model, model_info
@@ -34,6 +34,8 @@ BENCH_CONFIGS: dict[str, CompressionConfig] = {
     "4-bit per-channel": CompressionConfig(quant=QuantConfig(bits=4, per_channel=True)),
     "4-bit + prune 0.5": CompressionConfig(quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.5)),
     "3-bit mse clip": CompressionConfig(quant=QuantConfig(bits=3, clip_mode="mse")),
+    # activations calibrated once (cached), then fake-quantized on every edge each run
+    "W8A8 (min-max)": CompressionConfig(quant=QuantConfig(bits=8), act=ActQuantConfig(bits=8)),
 }
 
 
@@ -54,14 +56,15 @@ def bench_model(name: str, repeats: int = 7) -> dict:
     """Timings (seconds, medians of ``repeats``) and peak memory for one sample model."""
     model = load_model(name)
     data = load_dataset(model_info(name).dataset, "test")
+    calib = load_dataset(model_info(name).dataset, "calib")
     evaluate(model, data)  # warm-up: first calls pay for allocator and kernel set-up
     float_s = _median_seconds(lambda: evaluate(model, data), repeats)
     rows = {}
     for label, cfg in BENCH_CONFIGS.items():
-        compress(model, cfg)  # warm-up (and the one-time BatchNorm fold)
-        comp_s = _median_seconds(lambda cfg=cfg: compress(model, cfg), repeats)
+        compress(model, cfg, calib=calib)  # warm-up (the one-time fold and calibration)
+        comp_s = _median_seconds(lambda cfg=cfg: compress(model, cfg, calib=calib), repeats)
         both_s = _median_seconds(
-            lambda cfg=cfg: evaluate(compress(model, cfg).model, data), repeats
+            lambda cfg=cfg: evaluate(compress(model, cfg, calib=calib).model, data), repeats
         )
         rows[label] = {"compress_s": comp_s, "compress_eval_s": both_s, "ratio": both_s / float_s}
     return {
