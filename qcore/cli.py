@@ -26,7 +26,9 @@ from torch import nn
 
 from qcore.compress import compress
 from qcore.config import (
+    ACT_OBSERVERS,
     CLIP_MODES,
+    SCALE_MODES,
     CompressionConfig,
     PruneConfig,
     QuantConfig,
@@ -199,6 +201,13 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured", action="store_true")
     parser.add_argument("--scope", default="layer")
     parser.add_argument("--no-fold-bn", action="store_true")
+    parser.add_argument("--abits", type=_bits_arg, default=None,
+                        help="activation bits 2..16 (calibrated on the calib split); "
+                             "default float")
+    parser.add_argument("--aobs", default="minmax", choices=ACT_OBSERVERS,
+                        help="activation observer (range policy)")
+    parser.add_argument("--scale", default="float", choices=SCALE_MODES,
+                        help="'pow2' for power-of-two (fixed-point) scales")
 
 
 def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
@@ -215,8 +224,15 @@ def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
         bits=args.bits, clip=args.clip, clip_mode=args.clip_mode, prune=args.prune,
         symmetric=not args.asymmetric, per_channel=args.per_channel, rounding=args.rounding,
         structured=args.structured, scope=args.scope, fold_bn=not args.no_fold_bn,
-        layer_bits=layer_bits,
+        layer_bits=layer_bits, abits=args.abits, aobs=args.aobs, scale=args.scale,
     ).to_config()
+
+
+def _calib(args: argparse.Namespace, cfg: CompressionConfig) -> Dataset | None:
+    """The calibration split, when activations are quantized (never the test split)."""
+    if cfg.act is None:
+        return None
+    return load_dataset(args.dataset or model_info(args.model).dataset, "calib")
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -229,7 +245,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, data = _load(args.model, args.dataset)
     cfg = _config(args, model)
     base = evaluate(model, data)
-    c = compress(model, cfg)
+    c = compress(model, cfg, calib=_calib(args, cfg))
     m = evaluate(c.model, data)
     print(f"float accuracy      {base.accuracy:.4f}")
     print(f"simulated accuracy  {m.accuracy:.4f} ({m.accuracy - base.accuracy:+.4f}), "
@@ -255,7 +271,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
         check_fit(model_info(args.model), dataset_info(args.dataset))
     model = load_model(args.model)
-    c = compress(model, _config(args, model))
+    cfg = _config(args, model)
+    c = compress(model, cfg, calib=_calib(args, cfg))
     n = _write(args.out, lambda out: export_packed(c, out))
     print(f"wrote {args.out}: {n:,} bytes ({c.size_bytes:,} packed + {n - c.size_bytes:,} header)")
     return 0

@@ -187,3 +187,19 @@ def test_value_errors_are_one_line_and_write_nothing(argv, words, tmp_path, caps
     out = tmp_path / "x.out"
     _run_fails([str(out) if a == "OUT" else a for a in argv], capsys, words)
     assert not out.exists()
+
+
+def test_activation_and_fixed_point_options(tmp_path, capsys):
+    argv = ["--model", "digits-mlp", "--bits", "4", "--abits", "6", "--aobs", "percentile",
+            "--scale", "pow2"]
+    assert main(["evaluate", *argv]) == 0
+    out = capsys.readouterr().out
+    cfg = qcore.Settings(bits=4, abits=6, aobs="percentile", scale="pow2").to_config()
+    calib = qcore.load_dataset("digits", "calib")  # activations calibrate on calib, not test
+    c = qcore.compress(qcore.load_model("digits-mlp"), cfg, calib=calib)
+    m = qcore.evaluate(c.model, qcore.load_dataset("digits", "test"))
+    assert f"simulated accuracy  {m.accuracy:.4f}" in out
+    assert main(["export", *argv, "--out", str(tmp_path / "a.qpk")]) == 0
+    assert qcore.load_packed(tmp_path / "a.qpk").config == cfg
+    _run_fails(["evaluate", "--model", "digits-mlp", "--abits", "1"], capsys, "2 bits")
+    _run_fails(["evaluate", "--model", "digits-mlp", "--aobs", "kl"], capsys, "--aobs", "minmax")
