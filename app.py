@@ -7,20 +7,7 @@ from pages.query import show_query_warnings
 from pages.session import init_session
 from pages.sidebar import sidebar_pickers
 
-st.set_page_config(page_title="Quantization Playground", page_icon="🎛️", layout="wide")
-
-# One line per page; the first is the default.
-PAGES = [
-    st.Page("pages/views/playground.py", title="Playground", icon="🎚️", default=True),
-    st.Page("pages/views/tradeoffs.py", title="Trade-offs", icon="📈"),
-    st.Page("pages/views/sensitivity.py", title="Layer sensitivity", icon="🔬"),
-    st.Page("pages/views/mixed.py", title="Mixed precision", icon="🧮"),
-]
-
-init_session()
-
-st.title("Quantization Playground")
-st.markdown(
+INTRO = (
     "A trained network stores each weight as a 32-bit float. **Quantization** stores it as a "
     "small integer code times a scale (fewer bits: a smaller model, coarser weights), "
     "**clipping** chooses the range those codes cover, and **pruning** sets the smallest "
@@ -29,9 +16,31 @@ st.markdown(
     "sizes are the *packed* bytes of the file you can download."
 )
 
-show_query_warnings()
+# Streamlit's bundled Material icons: emoji need a font that many machines lack.
+st.set_page_config(page_title="Quantization Playground", page_icon=":material/tune:",
+                   layout="wide")  # fmt: skip
+
+# One line per page; the first is the default. Each analysis page draws its own heading;
+# the Playground's (the app's name and what it is about) is drawn here, below.
+PLAYGROUND = st.Page("pages/views/playground.py", title="Playground", icon=":material/tune:",
+                     default=True)  # fmt: skip
+PAGES = [
+    PLAYGROUND,
+    st.Page("pages/views/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
+    st.Page("pages/views/sensitivity.py", title="Layer sensitivity",
+            icon=":material/troubleshoot:"),  # fmt: skip
+    st.Page("pages/views/mixed.py", title="Mixed precision",
+            icon=":material/stacked_bar_chart:"),  # fmt: skip
+]
+
+init_session()
 
 with st.sidebar:
     sidebar_pickers()
 
-st.navigation(PAGES).run()
+page = st.navigation(PAGES, position="top")  # the sidebar: see .streamlit/config.toml
+if page is PLAYGROUND:
+    st.title("Quantization Playground")
+    st.markdown(INTRO)
+show_query_warnings()
+page.run()

@@ -21,32 +21,69 @@ BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), FLOAT)  # the bit-width sl
 
 @dataclass(frozen=True)
 class ClipSlider:
-    """The clip slider of one clip mode: its range, step, default and number format."""
+    """The clip slider of one clip mode: its range, step, default, number format, and the
+    label and help that say what the threshold measures in that mode."""
 
     lo: float
     hi: float
     step: float
     default: float
     fmt: str
+    label: str
     help: str
 
 
-_SIGMA_HELP = "Clip at c standard deviations of each tensor's (or channel's) weights."
-_MSE_HELP = "The range with the least squared error is searched; the slider is unused."
-# Per clip mode: the slider's step, number format and help. Its range and default are
-# qcore's (CLIP_RANGES), the same values a link may set.
-_CLIP_LOOK: dict[str, tuple[float, str, str]] = {
-    "ratio": (0.01, "%.2f", "Fraction of the largest |w| the quantizer covers; 1.0 = no clipping."),
-    "absolute": (0.005, "%.3f", "Clip weights to [-c, c] in weight units."),
-    "sigma": (0.1, "%.1f", _SIGMA_HELP),
-    "percentile": (0.1, "%.1f", "Clip at the c-th percentile of |w|."),
-    "mse": (0.01, "%.2f", _MSE_HELP),
+_ABSOLUTE_HELP = (
+    "Clip every weight to [-c, c], in the weights' own units, the same c for every layer. "
+    "A c above a layer's largest |w| clips nothing there and widens its grid beyond its "
+    "weights, so fewer levels land on them: mnist-cnn's largest |w| is about 0.5, and at "
+    "4 bits c = 2.0 leaves it at about 7 % accuracy."
+)
+# Per clip mode: the slider's step, number format, label and help. Its range and default
+# are qcore's (CLIP_RANGES), the same values a link may set.
+_CLIP_LOOK: dict[str, tuple[float, str, str, str]] = {
+    "ratio": (0.01, "%.2f", "Clip: fraction of max|w|",
+              "The quantizer covers this fraction of each tensor's (or channel's) largest "
+              "|w|; larger weights are clipped. 1.00 = no clipping."),
+    "absolute": (0.005, "%.3f", "Clip to ±c (weight units)", _ABSOLUTE_HELP),
+    "sigma": (0.1, "%.1f", "Clip: standard deviations",
+              "Clip at c standard deviations of each tensor's (or channel's) weights."),
+    "percentile": (0.1, "%.1f", "Clip: percentile of |w|",
+                   "Clip at the c-th percentile of |w| in each tensor (or channel): 99.9 "
+                   "clips the largest 0.1 % of the weights."),
+    "mse": (0.01, "%.2f", "Clip threshold (unused under mse)",
+            "Under mse the range with the least squared error is searched for each tensor "
+            "(or channel); this slider is not used."),
+}  # fmt: skip
+CLIP_MODE_LABELS = {  # the clip-mode picker's options, short enough for its column
+    "ratio": "ratio of max|w|",
+    "absolute": "absolute (±c)",
+    "sigma": "sigma (std devs)",
+    "percentile": "percentile of |w|",
+    "mse": "mse (searched)",
 }
 CLIP_SLIDERS: dict[str, ClipSlider] = {
     mode: ClipSlider(lo=r.lo, hi=r.hi, step=_CLIP_LOOK[mode][0], default=r.default,
-                     fmt=_CLIP_LOOK[mode][1], help=_CLIP_LOOK[mode][2])
+                     fmt=_CLIP_LOOK[mode][1], label=_CLIP_LOOK[mode][2],
+                     help=_CLIP_LOOK[mode][3])
     for mode, r in CLIP_RANGES.items()
 }  # fmt: skip
+
+PRUNE_HELP = (
+    "The share of each layer's weights (or, with scope global, of all compressed weights) "
+    "set to exactly zero, smallest |w| first. Structured pruning removes whole output "
+    "channels instead, smallest L2 norm first, until that share of the weights is reached; "
+    "it never removes a layer's last channel."
+)
+ONE_BIT_NOTE = (
+    "At 1 bit each weight becomes ±α (its sign times the mean |w| of its tensor or "
+    "channel): there is no zero point to place and nothing to round, so the range and "
+    "rounding choices change nothing."
+)
+ALL_LAYER_BITS_NOTE = (
+    "Per-layer bit widths set every compressed layer, so this slider is off until they "
+    "are cleared (Clear per-layer bits, below)."
+)
 
 _KEEP = "session"  # widget values survive a visit to another page
 
@@ -60,10 +97,19 @@ def _on_clip_mode_change() -> None:
     st.session_state["clip"] = CLIP_SLIDERS[st.session_state["clip_mode"]].default
 
 
+def _covers_every_layer(layer_bits: Sequence[tuple[str, int]], layers: Sequence[str]) -> bool:
+    """Whether the per-layer bits name every compressed layer (the slider then sets none)."""
+    named = {n for n, _ in layer_bits}
+    return bool(layers) and all(n in named for n in layers)
+
+
 def compression_ui(layer_names: Sequence[str]) -> Settings:
     """Bit width, clip (with its mode), pruning rate and the Advanced options."""
     ss = st.session_state
     ensure_layers(layer_names)
+    is_float, one_bit = ss["bits"] == FLOAT, ss["bits"] == 1
+    # with per-layer bits on every compressed layer, only float32 on the slider matters
+    overridden = not is_float and _covers_every_layer(ss.get("layer_bits", ()), ss["layers"])
     c_bits, c_clip, c_prune = st.columns(3, gap="large")
     with c_bits:
         st.select_slider(
@@ -72,33 +118,37 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
             key="bits",
             format_func=_bits_label,
             persist_state=_KEEP,
-            help="Bits per stored weight. Right end: float32, no quantization.",
+            disabled=overridden,
+            help=ALL_LAYER_BITS_NOTE
+            if overridden
+            else "Bits per stored weight. Right end: float32, no quantization.",
         )
+        if overridden:
+            st.caption("Off: the per-layer bits below set every layer.")
     with c_clip:
-        mode_col, slider_col = st.columns([1, 2])
-        with mode_col:
-            st.selectbox(
-                "Clip mode",
-                list(CLIP_SLIDERS),
-                key="clip_mode",
-                persist_state=_KEEP,
-                on_change=_on_clip_mode_change,
-                disabled=ss["bits"] == FLOAT,
-                help="How the clip threshold is measured.",
-            )
+        st.selectbox(
+            "Clip mode",
+            list(CLIP_SLIDERS),
+            key="clip_mode",
+            format_func=CLIP_MODE_LABELS.__getitem__,
+            persist_state=_KEEP,
+            on_change=_on_clip_mode_change,
+            disabled=is_float,
+            help="What the clip threshold measures: a fraction of the largest |w|, weight "
+            "units, standard deviations or a percentile of |w|; mse searches the range.",
+        )
         r = CLIP_SLIDERS[ss["clip_mode"]]
-        with slider_col:
-            st.slider(
-                "Clip threshold",
-                min_value=r.lo,
-                max_value=r.hi,
-                step=r.step,
-                key="clip",
-                format=r.fmt,
-                help=r.help,
-                persist_state=_KEEP,
-                disabled=ss["clip_mode"] == "mse" or ss["bits"] == FLOAT,
-            )
+        st.slider(
+            r.label,
+            min_value=r.lo,
+            max_value=r.hi,
+            step=r.step,
+            key="clip",
+            format=r.fmt,
+            help=r.help,
+            persist_state=_KEEP,
+            disabled=ss["clip_mode"] == "mse" or is_float,
+        )
     with c_prune:
         st.slider(
             "Pruning rate",
@@ -108,7 +158,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
             key="prune",
             persist_state=_KEEP,
             format="%.2f",
-            help="Fraction of weights set to exactly zero, smallest |w| first.",
+            help=PRUNE_HELP,
         )
 
     with st.expander("Advanced"):
@@ -120,9 +170,10 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="symmetric",
                 horizontal=True,
                 persist_state=_KEEP,
+                disabled=is_float or one_bit,
                 format_func=lambda v: "symmetric" if v else "asymmetric",
                 help="Symmetric: zero point 0, codes ±(2^(b-1)-1). Asymmetric: codes 0..2^b-1 "
-                "with an integer zero point.",
+                "with an integer zero point. Unused at 1 bit.",
             )
             st.radio(
                 "Scales",
@@ -130,6 +181,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="per_channel",
                 horizontal=True,
                 persist_state=_KEEP,
+                disabled=is_float,
                 format_func=lambda v: "per-channel" if v else "per-tensor",
                 help="One scale per tensor, or one per output channel.",
             )
@@ -139,14 +191,19 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="rounding",
                 horizontal=True,
                 persist_state=_KEEP,
-                help="Stochastic rounding is seeded, so results repeat.",
+                disabled=is_float or one_bit,
+                help="Stochastic rounding is seeded, so results repeat. Unused at 1 bit.",
             )
+            if one_bit:
+                st.caption(ONE_BIT_NOTE)
         with b:
             st.toggle(
                 "Structured pruning",
                 key="structured",
                 persist_state=_KEEP,
-                help="Remove whole output channels (smallest L2 norm) instead of single weights.",
+                help="Remove whole output channels (smallest L2 norm first) until the "
+                "pruning rate's share of the weights is reached; never a layer's last "
+                "channel.",
             )
             st.radio(
                 "Pruning scope",
@@ -154,22 +211,23 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="scope",
                 horizontal=True,
                 persist_state=_KEEP,
-                help="layer: the same rate in every layer; global: rank all weights together.",
+                help="layer: the same rate in every layer; global: the rate is a share of "
+                "all compressed weights, ranked together, so layers lose different shares.",
             )
+        with c:
             st.toggle(
                 "Fold BatchNorm",
                 key="fold_bn",
                 persist_state=_KEEP,
                 help="Fold BatchNorm into the preceding layer before compressing (as deployed).",
             )
-        with c:
-            st.multiselect(
-                "Layers to compress",
-                list(layer_names),
-                key="layers",
-                persist_state=_KEEP,
-                help="Layers left out stay float32.",
-            )
+        st.multiselect(
+            "Layers to compress",
+            list(layer_names),
+            key="layers",
+            persist_state=_KEEP,
+            help="Layers left out stay float32.",
+        )
     return settings_from_session(ss, layer_names)
 
 
@@ -180,10 +238,15 @@ def layer_bits_note(settings: Settings) -> None:
     listed = ", ".join(f"{n} {b}" for n, b in settings.layer_bits)
     if settings.bits is None:
         what = "but the bit-width slider is at float32, so no layer is quantized"
+    elif _covers_every_layer(settings.layer_bits, st.session_state["layers"]):
+        what = "they set every compressed layer, so the bit-width slider is off"
     else:
         what = "they override the bit-width slider for these layers"
     text, button = st.columns([5, 1], vertical_alignment="center")
-    text.info(f"Per-layer bit widths are active ({listed} bits); {what}.", icon="🧮")
+    text.info(
+        f"Per-layer bit widths are active ({listed} bits); {what}.",
+        icon=":material/stacked_bar_chart:",
+    )
     button.button(
         "Clear per-layer bits",
         key="clear_layer_bits",
@@ -202,42 +265,48 @@ _PRUNE_RATES = [0.0, 0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95]
 _CLIPS = [1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5]
 
 
+def _bits_chip(v: int | str) -> str:
+    """A bit width as a multiselect chip: the number alone (the label says "bits")."""
+    return "float32" if v == FLOAT else str(v)
+
+
 def sweep_grid_ui() -> tuple[SweepParams, bool]:
     """The Trade-offs grid in a form; the params and whether Run was pressed."""
     with st.form("tradeoffs_form", border=True):
-        a, b, c = st.columns(3, gap="large")
-        a.multiselect(
-            "Bit widths",
+        st.multiselect(  # a row of its own: up to 17 widths stay readable
+            "Bit widths (bits)",
             _SWEEP_BITS,
             key="to_bits",
             persist_state=_KEEP,
-            format_func=_bits_label,
+            format_func=_bits_chip,
             help="float32 rows prune only.",
         )
+        a, b = st.columns(2, gap="large")
         a.multiselect(
             "Pruning rates",
             _PRUNE_RATES,
             key="to_prune",
             persist_state=_KEEP,
             format_func=lambda v: f"{v:g}",
-            help="Fraction of each layer's weights set to zero, smallest |w| first.",
+            help="The share of each layer's weights set to zero, smallest |w| first.",
         )
         b.multiselect(
-            "Clip (ratio of max|w|)",
+            "Clip (fraction of max|w|)",
             _CLIPS,
             key="to_clips",
             persist_state=_KEEP,
             format_func=lambda v: f"{v:g}",
             help="1 = no clipping.",
         )
-        c.multiselect(
+        a, b = st.columns(2, gap="large")
+        a.multiselect(
             "Scheme",
             [True, False],
             key="to_symmetric",
             persist_state=_KEEP,
             format_func=lambda v: "symmetric" if v else "asymmetric",
         )
-        c.multiselect(
+        b.multiselect(
             "Granularity",
             [False, True],
             key="to_per_channel",
@@ -259,22 +328,22 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
 def sensitivity_ui() -> tuple[tuple[int, ...], tuple[float, ...], bool, bool]:
     """Bit widths, pruning rates and per-channel scales in a form; and whether Run was pressed."""
     with st.form("sensitivity_form", border=True):
-        a, b, c = st.columns([3, 3, 2], gap="large", vertical_alignment="bottom")
-        a.multiselect(
-            "Bit widths",
+        st.multiselect(  # a row of its own: up to 16 widths stay readable
+            "Bit widths (bits)",
             _ANALYSIS_BITS,
             key="sens_bits",
             persist_state=_KEEP,
-            format_func=_bits_label,
+            format_func=_bits_chip,
         )
-        b.multiselect(
+        a, b = st.columns([3, 1], gap="large", vertical_alignment="bottom")
+        a.multiselect(
             "Pruning rates",
             [r for r in _PRUNE_RATES if r > 0],
             key="sens_prune",
             persist_state=_KEEP,
             format_func=lambda v: f"{v:g}",
         )
-        c.toggle("Per-channel scales", key="sens_per_channel", persist_state=_KEEP)
+        b.toggle("Per-channel scales", key="sens_per_channel", persist_state=_KEEP)
         run = st.form_submit_button("Run analysis", key="sens_run", type="primary")
     ss = st.session_state
     bits = tuple(sorted(int(v) for v in ss["sens_bits"]))
@@ -286,11 +355,11 @@ def mixed_candidates_ui() -> tuple[tuple[int, ...], bool]:
     """The candidate bit widths and the scale granularity of the mixed-precision search."""
     a, b = st.columns([3, 1], vertical_alignment="bottom")
     a.multiselect(
-        "Candidate bit widths",
+        "Candidate bit widths (bits)",
         list(range(1, 9)),
         key="mp_bits",
         persist_state=_KEEP,
-        format_func=_bits_label,
+        format_func=_bits_chip,
         help="Each layer gets one of these.",
     )
     b.toggle("Per-channel scales", key="mp_per_channel", persist_state=_KEEP)

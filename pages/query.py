@@ -18,6 +18,19 @@ from qcore.config import FLOAT, SETTING_KEYS, parse_flat
 
 DEFAULT_MODEL = "mnist-cnn"  # the model a link without ``model=`` opens
 QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS)
+SHOWN_CHARS = 40  # a link's key or value is quoted at most this long
+SHOWN_ITEMS = 10  # the query warning lists at most this many ignored settings
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as a link quotes it: printable, no backticks (it sits in a code span),
+    at most ``limit`` characters, then "…".
+
+    >>> shown("0.5"), shown("x" * 50, 5), shown("a`b\\n")
+    ('0.5', 'xxxx…', "a'b?")
+    """
+    clean = "".join(c if c.isprintable() else "?" for c in text).replace("`", "'")
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
 def parse_query(
@@ -27,23 +40,23 @@ def parse_query(
     datasets: Sequence[str],
     layer_names: Callable[[str], Sequence[str]],
     default_model: str = DEFAULT_MODEL,
+    check_fit: Callable[[str, str], None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Validate a URL query; return the valid values (session-state form) and warnings.
+    """Validate a URL query; return the valid values (session-state form) and what was
+    ignored.
 
-    Only keys present and valid appear in the result; each bad or unknown one adds a
-    warning sentence, and the caller keeps the default for it. ``layer_names(model)`` is
-    called only when the link names layers.
+    Only keys present and valid appear in the result; each bad one adds an item
+    (``"`key=value` (what it must be)"``, key and value cut short by :func:`shown`), then
+    each unknown one, and the caller keeps the default for it. ``layer_names(model)`` is
+    called only when the link names layers; ``check_fit(model, dataset)`` raises
+    ValueError when a linked dataset cannot run on the model.
     """
     flat = {k: v if isinstance(v, str) else (v[-1] if len(v) else "") for k, v in params.items()}
     values: dict[str, Any] = {}
-    warnings = [
-        f"The link has an unknown setting `{key}`; it was ignored."
-        for key in flat
-        if key not in QUERY_KEYS
-    ]
+    ignored: list[str] = []
 
     def bad(key: str, raw: str, expected: str) -> None:
-        warnings.append(f"The link's `{key}={raw}` is not valid ({expected}); using the default.")
+        ignored.append(f"`{key}={shown(raw)}` ({expected})")
 
     raw = flat.get("model")
     if raw is not None:
@@ -55,27 +68,58 @@ def parse_query(
 
     raw = flat.get("dataset")
     if raw is not None:
-        if raw in datasets:
-            values["dataset"] = raw
-        else:
+        if raw not in datasets:
             bad("dataset", raw, "known datasets: " + ", ".join(datasets))
+        else:
+            try:
+                if check_fit is not None:
+                    check_fit(model, raw)
+                values["dataset"] = raw
+            except ValueError as e:
+                bad("dataset", raw, f"it does not fit {model}: {e}; its own dataset is used")
 
     settings = {k: v for k, v in flat.items() if k in SETTING_KEYS}
     names = layer_names(model) if {"layers", "layer_bits"} & settings.keys() else ()
-    parsed, more = parse_flat(settings, names, model=model, source="link")
-    warnings += more
+    parsed, sentences = parse_flat(settings, names, model=model, source="link")
+    ignored += [_short_sentence(w, settings) for w in sentences]
+    # unknown keys last: a mistyped value of a known setting matters more than junk
+    ignored += [f"`{shown(key)}` (unknown setting)" for key in flat if key not in QUERY_KEYS]
     if "bits" in parsed and parsed["bits"] is None:
         parsed["bits"] = FLOAT  # the bit-width slider's value for float
     if "layers" in parsed:
         parsed["layers"] = list(parsed["layers"])  # the layer picker's value
     values.update(parsed)
-    return values, warnings
+    return values, ignored
+
+
+def _short_sentence(sentence: str, settings: Mapping[str, str]) -> str:
+    """qcore's ``The link's `key=raw` is not valid (expected); using the default.`` as an
+    item with the value cut short; any other sentence cut to a few lines."""
+    for key, raw in settings.items():
+        head, tail = f"The link's `{key}={raw}` is not valid (", "); using the default."
+        if sentence.startswith(head) and sentence.endswith(tail):
+            return f"`{key}={shown(raw)}` ({sentence[len(head) : -len(tail)]})"
+    return shown(sentence, 300)
+
+
+def query_warning(ignored: Sequence[str], limit: int = SHOWN_ITEMS) -> str:
+    """One warning for everything a link set that was ignored: at most ``limit`` items,
+    then how many more."""
+    lines = [f"- {item}" for item in ignored[:limit]]
+    if len(ignored) > limit:
+        lines.append(f"- … and {len(ignored) - limit} more")
+    what = "a setting" if len(ignored) == 1 else "settings"
+    return (
+        f"The link has {what} this app cannot use; the defaults are used instead:\n\n"
+        + "\n".join(lines)
+    )
 
 
 def show_query_warnings() -> None:
-    """Show (once) the warnings about bad values in the link the session opened with."""
-    for w in st.session_state.pop("query_warnings", []):
-        st.warning(w, icon="⚠️")
+    """Show (once) one warning about what the link the session opened with set wrongly."""
+    ignored = st.session_state.pop("query_warnings", [])
+    if ignored:
+        st.warning(query_warning(ignored), icon=":material/link_off:")
 
 
 def sync_query(page_params: Mapping[str, str]) -> None:

@@ -87,7 +87,7 @@ def _default_model(models: Sequence[str]) -> str:
 def init_session() -> None:
     """Fill ``st.session_state`` once per session, from the URL query where it is valid.
 
-    Warnings about bad query values are kept in ``query_warnings`` for the page to show.
+    What the link set wrongly is kept in ``query_warnings`` for the page to show.
     """
     ss = st.session_state
     if "_initialised" in ss:
@@ -106,6 +106,7 @@ def init_session() -> None:
         datasets=qcore.list_datasets(),
         layer_names=_layer_names_or_empty,
         default_model=_default_model(models),
+        check_fit=_check_fit,
     )
     model = values.get("model", _default_model(models))
     ss.update({k: v for k, v in session_defaults([]).items() if k != "layers"})
@@ -115,6 +116,10 @@ def init_session() -> None:
     ss.update({k: list(v) if isinstance(v, list) else v for k, v in ANALYSIS_DEFAULTS.items()})
     ss["query_warnings"] = warnings
     ss["_initialised"] = True
+
+
+def _check_fit(model_name: str, dataset_name: str) -> None:
+    qcore.check_fit(qcore.model_info(model_name), qcore.dataset_info(dataset_name))
 
 
 def _layer_names_or_empty(model_name: str) -> list[str]:
@@ -170,10 +175,12 @@ def last_run(
 
     A press of the page's button (``run``) records ``choice``, unless ``check(choice)``
     raises ValueError, which is shown as an error (the last good run stays). With no run
-    for this model and dataset, ``prompt`` is shown and the page stops; when the run's
-    choice differs from the widgets', ``stale`` says so above the results.
+    for this model and dataset the page stops, after ``prompt`` (unless that error said
+    what to do); when the run's choice differs from the widgets', ``stale`` says so above
+    the results.
     """
     ss = st.session_state
+    refused = False
     if run:
         try:
             if check is not None:
@@ -181,9 +188,11 @@ def last_run(
             ss[key] = (model, data, choice)
         except ValueError as e:
             st.error(str(e))
+            refused = True
     last = ss.get(key)
     if last is None or last[:2] != (model, data):
-        st.info(prompt)
+        if not refused:  # one message at a time: the error already says what to change
+            st.info(prompt)
         st.stop()
     if last[2] != choice:
         st.caption(stale)

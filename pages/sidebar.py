@@ -5,7 +5,6 @@ torchvision dataset, where the server allows it)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import streamlit as st
 
@@ -49,12 +48,31 @@ def _on_dataset_change() -> None:
 
 
 def _model_label(name: str) -> str:
-    i = qcore.model_info(name)
-    return f"{name} · {i.dataset} · {_count(i.params)} params · {i.float_accuracy:.1%}"
+    # short enough for the sidebar's picker; the caption below it tells the rest
+    return f"{name} ({_count(qcore.model_info(name).params)})"
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.0f}k" if n >= 1e4 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def fitting_datasets(model_name: str) -> tuple[list[str], list[str]]:
+    """The datasets whose inputs and classes fit the model, and the others."""
+    info = qcore.model_info(model_name)
+    fits, others = [], []
+    for name in qcore.list_datasets():
+        try:
+            qcore.check_fit(info, qcore.dataset_info(name))
+            fits.append(name)
+        except ValueError:
+            others.append(name)
+    return fits, others
 
 
 def sidebar_pickers() -> None:
@@ -74,14 +92,16 @@ def sidebar_pickers() -> None:
         key=MODEL_PICKER,
         format_func=_model_label,
         on_change=_on_model_change,
-        help="Sample models with the dataset each was trained on, its size and float accuracy.",
+        help="The sample models, with their parameter counts.",
     )
     info = qcore.model_info(ss["model"])
     st.caption(
         f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
         f"float accuracy {info.float_accuracy:.1%} on its test split."
     )
-    datasets = qcore.list_datasets()
+    datasets, others = fitting_datasets(ss["model"])
+    if ss["dataset"] not in datasets:  # never offer a pick that cannot run
+        datasets.append(ss["dataset"])
     st.selectbox(
         "Dataset",
         datasets,
@@ -89,9 +109,15 @@ def sidebar_pickers() -> None:
         key=f"{DATASET_PICKER}:{ss['model']}",
         on_change=_on_dataset_change,
         format_func=lambda n: f"{n} (the model's own)" if n == info.dataset else n,
-        help="Accuracy is measured on this dataset's held-out test split.",
+        help="Accuracy is measured on this dataset's held-out test split. Only datasets "
+        "with the model's input shape and classes are listed.",
     )
     st.caption(qcore.dataset_info(ss["dataset"]).description)
+    if others:
+        st.caption(
+            f"Not listed: {', '.join(others)}; {ss['model']} takes "
+            f"{_shape(info.input_shape)} images in {info.num_classes} classes."
+        )
 
 
 def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
@@ -105,15 +131,19 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
         get_model(ModelRef(model_name))
         get_dataset(DatasetRef(dataset_name))
     except qcore.DatasetNotFound as e:
+        # qcore's message is for a programmer (root=, download=True, the server's folder)
         if data_download_allowed():
-            st.error(str(e))
-            _download_button(e.name, e.folder)
+            st.error(
+                f"The {e.name} dataset is not on this server yet. Download it with the "
+                "button below (once; it is kept for every later visit), or pick another "
+                "dataset in the sidebar."
+            )
+            _download_button(e.name)
         else:
             st.error(
-                f"Dataset {e.name!r} is not on this server (looked in {e.folder}), and "
-                f"downloading it from this page is turned off here. Whoever runs the server "
-                f"can copy the dataset's files (torchvision's layout) into {e.folder}; "
-                "until then, pick another dataset."
+                f"The {e.name} dataset is not on this server, and downloading it from this "
+                "page is turned off here. Pick another dataset in the sidebar, or ask "
+                "whoever runs the server to add it."
             )
         st.stop()
     except ValueError as e:
@@ -122,10 +152,9 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     return ModelRef(model_name), DatasetRef(dataset_name)
 
 
-def _download_button(name: str, folder: Path) -> None:
+def _download_button(name: str) -> None:
     """Offer to fetch a torchvision dataset into the data folder, then show the page."""
-    if not st.button(f"Download {name} into {folder}", key=f"download_{name}",
-                     icon=":material/download:"):  # fmt: skip
+    if not st.button(f"Download {name}", key=f"download_{name}", icon=":material/download:"):
         return
     try:
         with st.spinner(f"Downloading {name}…", show_time=True):

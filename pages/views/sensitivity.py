@@ -8,9 +8,9 @@ from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
 
+st.title("Layer sensitivity")
 model, data = require_model_and_dataset()
 sync_query({})
-st.subheader("Layer sensitivity")
 st.caption(
     "Each layer is quantized (or pruned) on its own while every other layer stays float, and "
     f"the model is evaluated on {data.name}'s test split. A large drop means the layer "

@@ -8,13 +8,14 @@ from pages.query import sync_query
 from pages.session import last_run, playground_settings
 from pages.sidebar import require_model_and_dataset
 
+st.title("Trade-offs")
 model, data = require_model_and_dataset()
 sync_query({})
-st.subheader("Trade-offs: accuracy against packed size")
 st.caption(
-    f"Every combination of the values below is compressed and evaluated on {data.name}'s "
-    "test split. Accuracy is simulated (fake-quant); sizes are packed bytes. The dotted line "
-    "is the Pareto front: no other setting is both smaller and more accurate."
+    "Accuracy against packed size. Every combination of the values below is compressed and "
+    f"evaluated on {data.name}'s test split. Accuracy is simulated (fake-quant); sizes are "
+    "packed bytes. The dotted line is the Pareto front: no other setting is both smaller "
+    "and more accurate."
 )
 
 params, run = controls.sweep_grid_ui()
