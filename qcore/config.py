@@ -61,6 +61,11 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _cut(text: str, limit: int = 40) -> str:
+    """Flat text as given, cut short (a link's value may be kilobytes long)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {_show(value)}.")
@@ -536,6 +541,8 @@ class Settings:
             )
         elif s.clip_mode == "mse":
             s = replace(s, clip=d.clip)
+        if s.bits == 1 and not s.layer_bits:  # sign(w) * alpha: no range, no rounding choice
+            s = replace(s, symmetric=d.symmetric, rounding=d.rounding)
         if s.prune == 0:
             s = replace(s, structured=d.structured, scope=d.scope)
         if s.abits is None:
@@ -604,11 +611,20 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"Expected true or false; got {_show(text)}.")
 
 
+_PLAIN_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def parse_number(text: str) -> float:
-    """A finite number written in ASCII (``"0.5"``, ``"1e-3"``); else ValueError."""
+    """A finite number written plainly in ASCII (``"0.5"``, ``"1e-3"``); else ValueError.
+
+    Only digits, one point and an exponent: no ``9_9.5`` or ``inf`` that ``float`` takes.
+
+    >>> parse_number(" 0.5 "), parse_number("1e-3")
+    (0.5, 0.001)
+    """
     t = text.strip()
     try:
-        if not t.isascii():
+        if not _PLAIN_NUMBER.fullmatch(t):
             raise ValueError
         v = float(t)
         if not math.isfinite(v):
@@ -691,7 +707,7 @@ def parse_flat(
 
     def bad(key: str, raw: str, expected: str) -> None:
         warnings.append(
-            f"The {source}'s `{key}={raw}` is not valid ({expected}); using the default."
+            f"The {source}'s `{key}={_cut(raw)}` is not valid ({expected}); using the default."
         )
 
     for key in flat:

@@ -278,7 +278,8 @@ def mixed_precision(
 
 
 def _split_name(data: Dataset) -> str:
-    return f"the {getattr(data, 'split', '') or 'evaluation'} split"
+    split = getattr(data, "split", "") or "evaluation"
+    return f"the {'calibration' if split == 'calib' else split} split"
 
 
 def _widths(bits: Iterable[int]) -> str:

@@ -336,3 +336,17 @@ def test_flat_activation_and_scale_settings_round_trip() -> None:
         t, warnings = Settings.from_flat(bad)
         assert t == Settings() and len(warnings) == 1, bad
     assert Settings(abits=None, aobs="entropy").canonical() == Settings()
+
+
+def test_numbers_are_plain_ascii_everywhere() -> None:
+    from qcore.config import parse_number
+
+    for bad in ("9_9.5", "inf", "nan", "0.\u0665", "\uff10.5", "1e", "--1", "0x10", ""):
+        with pytest.raises(ValueError):
+            parse_number(bad)
+    s, warnings = Settings.from_flat({"clip": "9_9.5", "prune": "9" * 5000})
+    assert s == Settings() and len(warnings) == 2
+    assert all(len(w) < 200 for w in warnings)  # a long value is quoted cut short
+    # at 1 bit the range and rounding choices change nothing: one cache key
+    assert Settings(bits=1, symmetric=False, rounding="stochastic").canonical() == \
+        Settings(bits=1).canonical()

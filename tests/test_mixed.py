@@ -216,7 +216,7 @@ def test_note_names_the_split_of_every_number_on_digits() -> None:
     assert r.accuracy == tests[6] < tests[8]
     assert r.beats == (2, 3, 4)
     assert r.note.startswith(
-        f"Chosen on the calib split ({searches[8]:.2%} there, against {searches[8]:.2%} for "
+        f"Chosen on the calibration split ({searches[8]:.2%} there, against {searches[8]:.2%} for "
         f"uniform 8 bits), mixed precision reaches {tests[6]:.2%} on the test split")
     assert f"uniform 6 bits ({sizes[6]:,} bytes, smaller) reaches the same {tests[6]:.2%}" in r.note
     assert f"uniform 8 bits ({sizes[8]:,} bytes, larger) reaches {tests[8]:.2%}, more" in r.note
