@@ -263,3 +263,37 @@ def budget_bounds_kb(
     hi = packed_size(model, Settings(bits=8, per_channel=per_channel))
     lo_kb = math.ceil(lo / 100) / 10
     return lo_kb, max(math.floor(hi / 100) / 10, round(lo_kb + 0.1, 1))
+
+
+# --- the Playground's teaching panels: one weight's journey, the clip error curve -------------
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def weight_journey(model: ModelRef, settings: Settings, layer: str, index: int | None = None):
+    """``qcore.teach.weight_journey``: one weight of ``layer`` from float to code and back
+    (``index=None``: the weight of largest magnitude), or None for a layer left in float."""
+    from qcore import teach
+
+    comp = get_compressed(model, settings)
+    if comp.layer(layer).qparams is None:
+        return None
+    return teach.weight_journey(comp, layer, index)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def random_weight_index(model: ModelRef, settings: Settings, layer: str, seed: int) -> int:
+    """``qcore.teach.random_weight_index``: a weight of ``layer`` picked by ``seed``."""
+    from qcore import teach
+
+    return teach.random_weight_index(get_compressed(model, settings), layer, seed)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def clip_error_curve(model: ModelRef, settings: Settings, layer: str, points: int = 60):
+    """``qcore.teach.clip_error_curve`` of ``layer``, or None for a layer left in float."""
+    from qcore import teach
+
+    comp = get_compressed(model, settings)
+    if comp.layer(layer).qparams is None:
+        return None
+    return teach.clip_error_curve(comp, layer, points)

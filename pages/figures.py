@@ -13,11 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 
 FLOAT_COLOR = "#636efa"
 COMPRESSED_COLOR = "#ef553b"
 LEVEL_COLOR = "rgba(90, 90, 90, 0.45)"
 CLIP_COLOR = "#d62728"
+REQUESTED_COLOR = "rgba(148, 103, 189, 0.8)"  # the clip range asked for, when the grid differs
 MAX_LEVEL_LINES = 64  # with more quantization levels than this, their lines are thinner
 
 
@@ -28,8 +30,9 @@ class HistogramLike(Protocol):
     before: np.ndarray
     after: np.ndarray
     levels: np.ndarray | None
-    clip: tuple[float, float] | None
+    clip: tuple[float, float] | None  # the grid's effective range (its end levels)
     zeros_after: int
+    requested: tuple[float, float] | None  # the clip range asked for
 
 
 def format_bytes(n: float) -> str:
@@ -44,6 +47,19 @@ def format_bytes(n: float) -> str:
             decimals = 0 if v >= 100 else 1 if v >= 10 else 2
             return f"{v:.{decimals}f} {unit}"
     return f"{int(n)} B"
+
+
+GRID_RANGE_LABEL = "grid range (what the codes reach)"
+
+
+def level_label(n: int) -> str:
+    """The legend of ``n`` quantization levels; 3 levels (-a, 0, +a) are ternary.
+
+    >>> level_label(3), level_label(2), level_label(255)
+    ('3 quantization levels (ternary)', '2 quantization levels (binary)', '255 quantization levels')
+    """
+    kind = {2: " (binary)", 3: " (ternary)"}.get(n, "")
+    return f"{n} quantization levels{kind}"
 
 
 def weight_histogram_figure(
@@ -85,7 +101,7 @@ def weight_histogram_figure(
                 y=ys,
                 yaxis="y2",
                 mode="lines",
-                name=f"{levels.size} quantization levels",
+                name=level_label(levels.size),
                 line={
                     "color": LEVEL_COLOR,
                     "width": 0.5 if levels.size > MAX_LEVEL_LINES else 1,
@@ -95,8 +111,10 @@ def weight_histogram_figure(
             )
         )
     if hist.clip is not None:
+        # qcore.layer_histogram gives the grid's effective range here: the values the codes
+        # reach (the clip range after rounding the scale and zero point)
         lo, hi = hist.clip
-        for v, label in ((lo, "clip low"), (hi, "clip high")):
+        for v, label in ((lo, "grid low"), (hi, "grid high")):
             fig.add_shape(
                 type="line",
                 x0=v,
@@ -120,8 +138,31 @@ def weight_histogram_figure(
                 x=[None],
                 y=[None],
                 mode="lines",
-                name="clip bounds",
+                name=GRID_RANGE_LABEL,
                 line={"color": CLIP_COLOR, "dash": "dash"},
+            )
+        )
+    asked = getattr(hist, "requested", None)
+    if asked is not None and not np.allclose(asked, hist.clip or (np.nan, np.nan), rtol=1e-6):
+        # the clip range asked for, where rounding (asymmetric zero point) or 1 bit (the grid
+        # is +-alpha inside it) makes the grid differ from it
+        for v in asked:
+            fig.add_shape(
+                type="line",
+                x0=v,
+                x1=v,
+                y0=0,
+                y1=1,
+                yref="paper",
+                line={"color": REQUESTED_COLOR, "width": 1.5, "dash": "dot"},
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="lines",
+                name=f"clip range asked for [{asked[0]:.3g}, {asked[1]:.3g}]",
+                line={"color": REQUESTED_COLOR, "dash": "dot"},
             )
         )
     total = int(after.sum())
@@ -487,6 +528,16 @@ def sensitivity_summary(df: pd.DataFrame) -> str:
     )
 
 
+def bits_colors(bits: Sequence[int], lo: int = 1, hi: int = 8) -> list[str]:
+    """One Viridis colour per bit width (``lo`` dark purple to ``hi`` yellow), as CSS strings.
+
+    >>> bits_colors([1, 8])
+    ['rgb(68, 1, 84)', 'rgb(253, 231, 37)']
+    """
+    at = [min(max((b - lo) / (hi - lo), 0.0), 1.0) for b in bits]
+    return list(sample_colorscale("Viridis", at)) if at else []
+
+
 def bits_bars(
     layer_bits: Mapping[str, int], params: Mapping[str, int], *, title: str | None = None
 ) -> go.Figure:
@@ -498,7 +549,9 @@ def bits_bars(
         go.Bar(
             x=names,
             y=bits,
-            marker={"color": bits, "colorscale": "Viridis", "cmin": 1, "cmax": 8},
+            # colours as strings: plotly.js reads a bar's numbers-as-colours for its text too
+            # and logs "Invalid color specifier" for each (the browser console filled up)
+            marker={"color": bits_colors(bits)},
             text=[f"{b} bits" for b in bits],
             textposition="outside",
             customdata=counts,
@@ -516,5 +569,117 @@ def bits_bars(
         yaxis={"title": "bits per weight", "dtick": 1, "range": [0, max(bits, default=8) + 1.5]},
         margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
         height=340,
+    )
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Teaching: where a layer's squared error comes from.
+
+CLIP_ERROR_COLOR = "rgba(214, 39, 40, 0.45)"  # the part of the error clipping makes
+ROUNDING_ERROR_COLOR = "rgba(99, 110, 250, 0.45)"  # the part rounding makes
+OPTIMUM_COLOR = "#2ca02c"
+
+
+class ErrorCurveLike(Protocol):
+    """What :func:`clip_error_figure` reads (``qcore.teach.ErrorCurve`` has it)."""
+
+    table: pd.DataFrame  # columns c, clip_error, rounding_error, total; one row per threshold
+    current: tuple[float, float]  # (c, total) of the current setting
+    optimum: tuple[float, float]  # (c, total) with the least total error
+    max_abs: float  # max|w|: no clipping from there on (drawn when the curve has it)
+
+
+def clip_error_figure(
+    curve: ErrorCurveLike,
+    *,
+    x_title: str = "clip threshold c",
+    log_y: bool = False,
+    title: str | None = None,
+) -> go.Figure:
+    """Total squared error against the clip threshold, stacked from its clipping part (weights
+    beyond the range, cut to it) and its rounding part (weights inside, rounded to a level),
+    with the current threshold and the least-error one marked."""
+    t = curve.table.sort_values("c")
+    c = t["c"].to_numpy(dtype=float)
+    fig = go.Figure()
+    for col, name, color in (
+        ("clip_error", "clipping error (weights cut to the range)", CLIP_ERROR_COLOR),
+        ("rounding_error", "rounding error (weights inside, rounded)", ROUNDING_ERROR_COLOR),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=c,
+                y=t[col].to_numpy(dtype=float),
+                name=name,
+                mode="lines",
+                stackgroup="error",
+                line={"width": 0.5, "color": color},
+                fillcolor=color,
+                hovertemplate="c = %{x:.4g}: %{y:.4g}<extra>" + name.split(" (")[0] + "</extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=c,
+            y=t["total"].to_numpy(dtype=float),
+            name="total squared error",
+            mode="lines",
+            line={"width": 2, "color": CURRENT_COLOR},
+            hovertemplate="c = %{x:.4g}: total %{y:.4g}<extra></extra>",
+        )
+    )
+    left = min(curve.current[0], curve.optimum[0])
+    same = math.isclose(curve.current[0], curve.optimum[0], rel_tol=1e-6)
+    for (x, y), name, color, symbol in (
+        (curve.current, "now", CLIP_COLOR, "circle"),
+        (curve.optimum, "least error (mse)", OPTIMUM_COLOR, "star"),
+    ):
+        label = f"{name}: c = {x:.3g}"
+        # the left one's label left of its line, the other's right: apart when close
+        side = "left" if x == left and not same else "right"
+        if not (same and symbol == "star"):  # one line, one label when they coincide
+            fig.add_vline(
+                x=x,
+                line={"color": color, "dash": "dash", "width": 1.5},
+                annotation_text=f"now = least error: c = {x:.3g}" if same else label,
+                annotation_position=f"top {side}",
+                annotation_font_color=color,
+                annotation_bgcolor="rgba(255, 255, 255, 0.8)",
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=[x],
+                y=[y],
+                mode="markers",
+                name=label,
+                marker={"size": 14 if symbol == "star" else 11, "color": color,
+                        "symbol": symbol, "line": {"width": 1, "color": "white"}},
+                hovertemplate=f"{label}<br>total squared error %{{y:.4g}}<extra></extra>",
+            )
+        )  # fmt: skip
+    max_abs = getattr(curve, "max_abs", None)
+    if max_abs is not None:  # beyond it nothing is clipped: the clipping part is 0
+        fig.add_vline(
+            x=max_abs,
+            line={"color": LEVEL_COLOR, "dash": "dot", "width": 1},
+            annotation_text="max|w|",
+            annotation_position="top",
+        )
+    total = t["total"].to_numpy(dtype=float)
+    near = total[c >= curve.optimum[0] / 2]  # from half the best c on: the valley and after
+    top = 1.25 * max([*near, curve.current[1], curve.optimum[1]])
+    fig.update_layout(
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title="squared error, summed over the layer" + (" (log)" if log_y else ""),
+        yaxis_type="log" if log_y else "linear",
+        # linear: the valley fills the plot (tiny c clips so much it would squash it; a
+        # double click shows everything)
+        yaxis_range=None if log_y or not math.isfinite(top) or top <= 0 else [0, top],
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=420,
+        hovermode="x unified",
     )
     return fig

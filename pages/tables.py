@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,11 @@ class Result:
     size_bytes: int  # packed
     float_size_bytes: int
     ratio: float
-    sparsity: float
-    mean_sqnr_db: float
+    sparsity: float  # pruned + rounded_zero
+    pruned: float  # fraction of the compressed layers' weights set to zero by pruning
+    rounded_zero: float  # fraction that are zero because rounding made them so
+    sqnr_db: float  # whole model: total signal over total error (inf: nothing changed)
+    mean_sqnr_db: float  # the mean of the per-layer SQNRs (kept for the JSON download)
     agreement: float  # fraction of test predictions equal to the float model's
     predictions: np.ndarray  # int64 [N]
     confusion: np.ndarray  # int64 [C, C]
@@ -54,6 +58,9 @@ def make_result(
         float_size_bytes=comp.float_size_bytes,
         ratio=comp.ratio,
         sparsity=comp.sparsity,
+        pruned=comp.pruned,
+        rounded_zero=comp.rounded_zero,
+        sqnr_db=comp.sqnr_db,
         mean_sqnr_db=comp.mean_sqnr_db,
         agreement=qcore.agreement(m, f),
         predictions=m.predictions,
@@ -66,35 +73,101 @@ def make_result(
 
 
 def layer_table(compressed: qcore.Compressed) -> pd.DataFrame:
-    """One row per compressed weight layer."""
-    rows = [
-        {
-            "layer": s.name,
-            "kind": s.kind,
-            "shape": "×".join(map(str, s.shape)),
-            "params": s.params,
-            "bits": s.bits,
-            "sparsity": s.sparsity,
-            "SQNR (dB)": s.sqnr_db if math.isfinite(s.sqnr_db) else None,
-            "packed bytes": s.size_bytes,
-            "float32 bytes": s.float_bytes,
-            "encoding": s.encoding,
-        }
-        for s in compressed.layers
+    """One row per compressed weight layer (:func:`qcore.report.layer_rows`); the rows of
+    the JSON download."""
+    return pd.DataFrame(report.layer_rows(compressed))
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}".replace("-", "−")
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _range_text(lo: Any, hi: Any, groups: int, unit: str = "") -> str:
+    """``a … b`` (per tensor), ``a … b over N channels`` (per channel), or ``float32``."""
+    if _missing(lo) or _missing(hi):
+        return "float32"
+    text = _num(lo) if lo == hi else f"{_num(lo)} … {_num(hi)}"
+    return text + unit + (f" over {groups} channels" if groups > 1 else "")
+
+
+def layer_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer table as the Playground shows it: text where a number needs words
+    (an unchanged layer's SQNR, a float layer's grid), the rest as numbers."""
+    out = pd.DataFrame({"layer": table["layer"], "kind": table["kind"], "shape": table["shape"],
+                        "params": table["params"], "bits": table["bits"]})  # fmt: skip
+    out["pruned"] = table["pruned"]
+    out["rounded to zero"] = table["rounded to zero"]
+    out["SQNR (dB)"] = [
+        "unchanged" if _missing(v) else f"{v:.1f}" for v in table["SQNR (dB)"]
     ]
-    return pd.DataFrame(rows)
+    g = table["channels"].tolist()
+    out["grid range"] = [
+        _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else f" ({n} channels)")
+        for lo, hi, n in zip(table["grid low"], table["grid high"], g, strict=True)
+    ]
+    out["scale Δ"] = [
+        _range_text(a, b, n) for a, b, n in
+        zip(table["scale min"], table["scale max"], g, strict=True)
+    ]  # fmt: skip
+    out["zero point"] = [
+        ("float32" if bits >= 32 else "none (±α)") if _missing(a)
+        else (_num(a) if a == b else f"{_num(a)} … {_num(b)}")
+        for a, b, bits in
+        zip(table["zero point min"], table["zero point max"], table["bits"], strict=True)
+    ]  # fmt: skip
+    for col in ("packed bytes", "float32 bytes", "encoding"):
+        out[col] = table[col]
+    return out
 
 
 # How the per-layer table's columns are shown, wherever a page draws it.
 LAYER_TABLE_COLUMNS = {
     "params": st.column_config.NumberColumn("params", format="localized"),
     "bits": st.column_config.NumberColumn("bits", help="32 = left in float"),
-    "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
+    "sparsity": st.column_config.NumberColumn(
+        "sparsity", format="percent", help="pruned + rounded to zero"
+    ),
+    "pruned": st.column_config.NumberColumn(
+        "pruned", format="percent", help="Weights set to exactly zero by pruning."
+    ),
+    "rounded to zero": st.column_config.NumberColumn(
+        "rounded to zero",
+        format="percent",
+        help="Weights not pruned that quantization rounded to exactly zero.",
+    ),
     "SQNR (dB)": st.column_config.NumberColumn(
         "SQNR (dB)", format="%.1f", help="empty = unchanged"
     ),
     "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
     "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),
+}
+
+# The Playground's table (:func:`layer_display`): its text columns explained.
+LAYER_DISPLAY_COLUMNS = LAYER_TABLE_COLUMNS | {
+    "SQNR (dB)": st.column_config.TextColumn(
+        "SQNR (dB)",
+        help="This layer's 10·log10(‖w‖² / ‖w − q(w)‖²). unchanged = the layer's weights are "
+        "the float ones (no error: infinite SQNR).",
+    ),
+    "grid range": st.column_config.TextColumn(
+        "grid range",
+        help="The values the codes reach: the clip range after the scale and zero point are "
+        "rounded. Per-channel scales: the lowest and highest bound over the channels.",
+    ),
+    "scale Δ": st.column_config.TextColumn(
+        "scale Δ",
+        help="The step between neighbouring levels (at 1 bit: α, the level's magnitude). "
+        "Per-channel scales: the smallest and largest over the channels.",
+    ),
+    "zero point": st.column_config.TextColumn(
+        "zero point",
+        help="The code that stands for 0 (0 when symmetric; none at 1 bit, whose levels are "
+        "±α). Per-channel scales: the smallest and largest over the channels.",
+    ),
 }
 
 
@@ -142,6 +215,118 @@ def results_json(model_name: str, dataset_name: str, settings: Settings, r: Resu
         float_size_bytes=r.float_size_bytes,
         ratio=r.ratio,
         sparsity=r.sparsity,
+        pruned=r.pruned,
+        rounded_zero=r.rounded_zero,
+        sqnr_db=r.sqnr_db,
         mean_sqnr_db=r.mean_sqnr_db,
         layers=r.layers.to_dict("records"),
     )
+
+
+def wrong_caption(truth: str, float_pred: str, now_pred: str) -> str:
+    """The caption under one newly wrong image, a line each (Markdown line breaks).
+
+    >>> wrong_caption("7", "7", "1")
+    'true **7**  \\nfloat **7**  \\nnow **1**'
+    """
+    return f"true **{truth}**  \nfloat **{float_pred}**  \nnow **{now_pred}**"
+
+
+# --- the teaching panels ----------------------------------------------------------------------
+
+
+def number(v: float | None) -> str:
+    """A number as the journey shows it: 5 significant figures, a true minus sign.
+
+    >>> number(-0.000123456), number(117.826), number(None)
+    ('−0.00012346', '117.83', '—')
+    """
+    if v is None:
+        return "—"
+    return f"{v:.5g}".replace("-", "−")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a literal bar inside a Markdown table cell
+
+
+def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False) -> str:
+    """One weight's way from float to code and back (a ``qcore.teach.Journey``), as a
+    Markdown table of steps: what happens, how, the number. ``largest``: the weight was
+    picked as the layer's largest |w|; ``stochastic``: the codes were rounded at random."""
+    where = f"`{j.layer}[{', '.join(map(str, j.position))}]`"
+    which = "the largest |w|" if largest else f"weight #{j.index:,}"
+    binary = j.bits == 1
+    qmin = j.code - int(j.code_binary, 2)  # the bits store code - qmin
+    zp = int(j.zero_point)
+    rows: list[tuple[str, str, str]] = [("1. the weight", f"{which}, at {where}",
+                                         f"w = **{number(j.weight)}**")]  # fmt: skip
+    if j.pruned:
+        rows.append(("2. pruning", "among the smallest |w|: set to exactly 0 first",
+                     "**pruned** → 0"))  # fmt: skip
+    else:
+        rows.append(("2. pruning", "kept", "—"))
+    inside = j.clip_lo <= j.weight <= j.clip_hi
+    rows.append(("3. clip range", "the range asked for; weights outside are cut to its ends",
+                 f"[{number(j.clip_lo)}, {number(j.clip_hi)}]: w is "
+                 + ("inside" if inside else "**outside: clipped**")))  # fmt: skip
+    rows.append(("4. grid range", "what the codes reach: the lowest and highest level",
+                 f"[{number(j.grid_lo)}, {number(j.grid_hi)}]"))  # fmt: skip
+    if binary:
+        rows.append(("5. level α", "α = mean |w| of the clipped weights: levels −α and +α",
+                     f"α = {number(j.scale)}"))  # fmt: skip
+        if j.pruned:
+            rows.append(("6. code", "its sign (the mask makes it 0 anyway)",
+                         f"**{number(j.code)}**"))  # fmt: skip
+        else:
+            rows.append(("6. code", "1 if w ≥ 0, else 0: only the sign is kept",
+                         f"**{number(j.code)}**"))  # fmt: skip
+        rows.append(("7. stored bits", "1 bit per weight", f"`{j.code_binary}`"))
+        rows.append(("8. dequantized", "(2·code − 1)·α" + (", 0 when pruned" if j.pruned else ""),
+                     f"**{number(j.dequantized)}**"))  # fmt: skip
+    else:
+        rows.append(("5. step Δ, zero point z",
+                     "Δ = grid width / (levels − 1); z = the code that stands for 0",
+                     f"Δ = {number(j.scale)}, z = {zp}"))  # fmt: skip
+        if j.pruned:
+            rows.append(("6. code q", "a pruned weight takes the zero code z",
+                         f"**{number(j.code)}**"))  # fmt: skip
+        else:
+            qmax = -qmin if qmin < 0 else 2**j.bits - 1  # symmetric codes are +-(2^(b-1)-1)
+            rows.append(("6. w / Δ + z", "the weight measured in steps", number(j.scaled)))
+            if stochastic:
+                how, value = "rounded up or down at random", f"**{number(j.code)}**"
+            else:
+                nearest = round(j.scaled)  # half to even, as the quantizer rounds
+                how = "rounded to the nearest whole number"
+                value = f"**{number(j.code)}**"
+                if nearest != j.code:
+                    value = f"{number(nearest)}, clamped to **{number(j.code)}**"
+            rows.append(("7. code q", f"{how}, kept within [{number(qmin)}, {number(qmax)}]",
+                         value))  # fmt: skip
+        rows.append((f"{len(rows) + 1}. stored bits",
+                     f"q − ({number(qmin)}) = {j.code - qmin}, in {j.bits} binary digits",
+                     f"`{j.code_binary}`"))  # fmt: skip
+        rows.append((f"{len(rows) + 1}. dequantized", "(q − z)·Δ",
+                     f"**{number(j.dequantized)}**"))  # fmt: skip
+    unit = "α" if binary else "step Δ"
+    share = f" ({abs(j.error) / j.scale:.2f} of {unit})" if j.scale else ""
+    rows.append((f"{len(rows) + 1}. error", "dequantized − w", f"{number(j.error)}{share}"))
+    lines = ["| step | what happens | value |", "|---|---|---|"]
+    lines += [f"| {_cell(a)} | {_cell(b)} | {_cell(c)} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+CLIP_AXIS_TITLE = "clip magnitude c: the range is [−c, c] (weight units)"
+
+
+def clip_curve_caption(curve: Any) -> str:
+    """A sentence under the error curve: the error now and at the least-error magnitude."""
+    (c_now, e_now), (c_best, e_best) = curve.current, curve.optimum
+    text = (
+        f"Now: c = {number(c_now)}, squared error {number(e_now)}. Least error at "
+        f"c = {number(c_best)} ({number(e_best)}), near what the mse clip mode picks. A "
+        "smaller c clips more weights; a larger one makes the step, and every rounding, "
+        f"coarser. max|w| = {number(curve.max_abs)}: beyond it nothing is clipped."
+    )
+    return f"{text} {curve.note}".strip()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
+from _plotly_utils.basevalidators import ColorValidator
 from conftest import FakeDataset, make_mlp
 
 import qcore
@@ -56,7 +58,9 @@ def test_histogram_draws_every_level_and_both_clip_bounds() -> None:
     assert levels.yaxis == "y2" and tuple(fig.layout.yaxis2.range) == (0, 1)
     clip_x = sorted(s.x0 for s in fig.layout.shapes)
     np.testing.assert_allclose(clip_x, sorted(h.clip))
-    _trace(fig, "clip bounds")
+    _trace(fig, "grid range")  # the range the codes reach, named as such
+    texts = [a.text for a in fig.layout.annotations]
+    assert any(t.startswith("grid low") for t in texts) and not any("clip" in t for t in texts)
     texts = [a.text for a in fig.layout.annotations]
     assert any("exactly zero after" in t and f"{h.zeros_after:,}" in t for t in texts)
 
@@ -254,3 +258,174 @@ def test_format_bytes_keeps_three_significant_figures() -> None:
     assert [format_bytes(n) for n in (0, 840, 1000, 9500, 12_345, 126_640, 1_334_104)] == [
         "0 B", "840 B", "1.00 kB", "9.50 kB", "12.3 kB", "127 kB", "1.33 MB",
     ]
+
+
+def test_three_levels_are_called_ternary_and_two_binary() -> None:
+    w = torch.linspace(-1, 1, 101)
+    for levels, label in (([-0.5, 0.0, 0.5], "3 quantization levels (ternary)"),
+                          ([-0.5, 0.5], "2 quantization levels (binary)"),
+                          ([-1.0, -0.5, 0.0, 0.5, 1.0], "5 quantization levels")):  # fmt: skip
+        h = qcore.weight_histogram(w, w, 10, levels=torch.tensor(levels), clip=(-0.5, 0.5))
+        fig = figures.weight_histogram_figure(h)
+        assert [t.name for t in fig.data if "levels" in (t.name or "")] == [label]
+
+
+# --- the clip error curve ---------------------------------------------------------------------
+
+
+class _Curve:
+    """A hand-made error curve: clipping error falls with c, rounding error grows with c."""
+
+    def __init__(self) -> None:
+        c = np.linspace(0.1, 1.0, 10)
+        clip = (1.0 - c) ** 2 * 10
+        rounding = c**2
+        self.table = pd.DataFrame(
+            {"c": c, "clip_error": clip, "rounding_error": rounding, "total": clip + rounding}
+        ).iloc[::-1]  # unsorted on purpose: the figure sorts by c
+        best = int(np.argmin(clip + rounding))
+        self.current = (1.0, float(clip[-1] + rounding[-1]))
+        self.optimum = (float(c[best]), float((clip + rounding)[best]))
+        self.max_abs = 0.9
+
+
+def test_clip_error_figure_stacks_both_parts_and_marks_now_and_optimum() -> None:
+    curve = _Curve()
+    fig = figures.clip_error_figure(curve, x_title="clip (ratio of max|w|)", title="fc1")
+    t = curve.table.sort_values("c")
+    clip, rounding = _trace(fig, "clipping error"), _trace(fig, "rounding error")
+    assert clip.stackgroup == rounding.stackgroup  # stacked: rounding drawn on top of clipping
+    np.testing.assert_allclose(clip.x, t["c"])
+    np.testing.assert_allclose(clip.y, t["clip_error"])
+    np.testing.assert_allclose(rounding.y, t["rounding_error"])
+    total = _trace(fig, "total squared error")
+    np.testing.assert_allclose(total.y, np.asarray(clip.y) + np.asarray(rounding.y))
+    now = _trace(fig, "now: c = 1")
+    best = _trace(fig, "least error (mse): c = ")
+    assert now.x == (1.0,) and now.y == (pytest.approx(curve.current[1]),)
+    assert best.x == (pytest.approx(curve.optimum[0]),) and best.marker.symbol == "star"
+    assert best.y[0] == pytest.approx(min(t["total"]))
+    assert sorted(s.x0 for s in fig.layout.shapes) == sorted([curve.optimum[0], 1.0, 0.9])
+    texts = [a.text for a in fig.layout.annotations]
+    assert "now: c = 1" in texts and "max|w|" in texts
+    assert any(t.startswith("least error (mse): c = ") for t in texts)
+    top = fig.layout.yaxis.range[1]  # the valley fills the plot; tiny c's huge error is cut
+    assert max(t["total"]) > top > 1.2 * max(t.loc[t["c"] >= curve.optimum[0] / 2, "total"])
+    assert fig.layout.xaxis.title.text == "clip (ratio of max|w|)"
+    assert fig.layout.title.text == "fc1" and fig.layout.yaxis.type == "linear"
+    assert figures.clip_error_figure(curve, log_y=True).layout.yaxis.type == "log"
+
+
+# --- every colour is one plotly.js reads (the browser logged "Invalid color specifier") -----
+
+_HEX = re.compile(r"#(?:[0-9a-f]{3}|[0-9a-f]{6})")
+_NUM = r"\s*-?\d+(?:\.\d+)?%?\s*"
+_FUNC = re.compile(
+    rf"(?:rgb|hsl)\({_NUM},{_NUM},{_NUM}\)|(?:rgba|hsla)\({_NUM},{_NUM},{_NUM},{_NUM}\)"
+)
+_NAMED = set(ColorValidator.named_colors) | {"transparent"}
+
+
+def _is_css_colour(v: object) -> bool:
+    if not isinstance(v, str):
+        return False  # numbers as colours are what plotly.js warned about
+    v = v.strip().lower()
+    return bool(_HEX.fullmatch(v) or _FUNC.fullmatch(v) or v in _NAMED)
+
+
+def _colours(obj: object, path: str = "") -> list[tuple[str, object]]:
+    """Every (path, value) under a key naming a colour, in a figure's JSON."""
+    found: list[tuple[str, object]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f"{path}.{k}"
+            if k.lower().endswith("color") or k == "colorway":
+                values = v.tolist() if isinstance(v, np.ndarray) else v
+                many = isinstance(values, list | tuple)
+                found += [(p, x) for x in (values if many else [values])]
+            elif k == "colorscale" and isinstance(v, list | tuple):
+                found += [(p, pair[1]) for pair in v]
+            else:
+                found += _colours(v, p)
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            found += _colours(v, f"{path}[{i}]")
+    return found
+
+
+def _every_figure() -> dict[str, go.Figure]:
+    _, _, h = _layer_hist(bits=3)
+    sweep = _tiny_sweep()
+    sens = _sensitivity_table()
+    return {
+        "histogram": figures.weight_histogram_figure(h, log_y=True, title="t"),
+        "confusion": figures.confusion_figure(np.eye(2, dtype=int), ["a", "b"]),
+        "confusion change": figures.confusion_figure(
+            np.eye(2, dtype=int), ["a", "b"], reference=np.ones((2, 2), dtype=int)),
+        "tradeoff": figures.tradeoff_figure(
+            sweep, qcore.pareto_front(sweep), current={"size_bytes": 500, "accuracy": 0.5},
+            extra=[{"size_bytes": 300, "accuracy": 0.5, "name": "mixed precision"}],
+            float_accuracy=0.6, budget_bytes=600),
+        "tradeoff by scheme": figures.tradeoff_figure(sweep, None, color_by="scheme"),
+        "sensitivity": figures.sensitivity_heatmap(qcore.sensitivity_matrix(sens, "quant", "drop")),
+        "sqnr bars": figures.sqnr_bars(sens, 2),
+        "prune curves": figures.prune_curves(sens, float_accuracy=0.9),
+        "bits bars": figures.bits_bars({"conv1": 8, "fc1": 3, "fc2": 1}, {"conv1": 320}),
+        "clip error": figures.clip_error_figure(_Curve()),
+    }  # fmt: skip
+
+
+def test_every_colour_in_every_figure_is_a_css_colour_string() -> None:
+    for name, fig in _every_figure().items():
+        colours = _colours(fig.to_plotly_json())
+        assert colours, name
+        bad = [(p, v) for p, v in colours if not _is_css_colour(v)]
+        assert not bad, (name, bad[:5])
+
+
+def test_colour_check_refuses_numbers_and_unknown_forms() -> None:
+    assert all(map(_is_css_colour, ["#abc", "#A0B1C2", "rgb(1, 2, 3)", "rgba(90,90,90,0.45)",
+                                    "gold", "hsl(120, 50%, 50%)"]))  # fmt: skip
+    assert not any(map(_is_css_colour, [3, 8.0, "#12345678", "rgb(1,2)", "notacolour", None]))
+
+
+def test_bits_bars_colour_each_bit_width_by_a_string() -> None:
+    fig = figures.bits_bars({"a": 1, "b": 8, "c": 3}, {})
+    assert list(fig.data[0].marker.color) == figures.bits_colors([1, 8, 3])
+    assert figures.bits_colors([1, 8]) == ["rgb(68, 1, 84)", "rgb(253, 231, 37)"]  # Viridis ends
+
+
+def test_one_bit_pruned_layer_draws_ternary_levels_the_grid_and_the_asked_clip() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    cfg = qcore.CompressionConfig(quant=qcore.QuantConfig(bits=1), prune=qcore.PruneConfig(0.5))
+    c = qcore.compress(model, cfg)
+    h = qcore.layer_histogram(c, "1")
+    fig = figures.weight_histogram_figure(h)
+    names = [t.name for t in fig.data]
+    assert "3 quantization levels (ternary)" in names  # -alpha, 0 (pruned), +alpha
+    lo, hi = c.layer("1").grid_range
+    grid = sorted(s.x0 for s in fig.layout.shapes if s.line.dash == "dash")
+    np.testing.assert_allclose(grid, [float(lo[0]), float(hi[0])])  # the grid: +-alpha
+    asked = sorted(s.x0 for s in fig.layout.shapes if s.line.dash == "dot")
+    np.testing.assert_allclose(asked, sorted(h.requested))  # the clip asked for: +-max|w|
+    assert any(n.startswith("clip range asked for") for n in names)
+    assert float(hi[0]) < max(h.requested)  # alpha sits well inside the clip range
+
+
+def test_no_asked_clip_drawn_where_the_grid_is_the_clip_range() -> None:
+    h = qcore.weight_histogram(torch.zeros(4), torch.zeros(4), 4, clip=(-1.0, 1.0),
+                               requested=(-1.0, 1.0))  # fmt: skip
+    fig = figures.weight_histogram_figure(h)
+    assert not [t for t in fig.data if (t.name or "").startswith("clip range asked")]
+    assert len(fig.layout.shapes) == 2
+
+
+def test_clip_error_figure_with_now_at_the_optimum_draws_one_labelled_line() -> None:
+    curve = _Curve()
+    curve.current = curve.optimum
+    fig = figures.clip_error_figure(curve)
+    lines = [s.x0 for s in fig.layout.shapes if s.line.dash == "dash"]
+    assert lines == [curve.optimum[0]]
+    texts = [a.text for a in fig.layout.annotations]
+    assert f"now = least error: c = {curve.optimum[0]:.3g}" in texts
+    assert _trace(fig, "now: c = ").x == _trace(fig, "least error (mse)").x  # both markers

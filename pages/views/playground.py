@@ -1,19 +1,37 @@
 """Playground: move bit width, clip and pruning and see accuracy, size and weights change."""
 
 import math
+import zlib
+from dataclasses import replace
 
 import streamlit as st
 
 from pages import cache, figures, tables
-from pages.controls import compression_ui, layer_bits_note
+from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
+from qcore import teach
 from qcore.config import Settings
 from qcore.refs import ModelRef
 
+WRONG_PER_ROW = 8  # newly wrong images per row, each with its own caption
+
 
 def _sqnr(v: float) -> str:
-    return "∞ (unchanged)" if math.isinf(v) and v > 0 else f"{v:.1f} dB"
+    return f"{v:.1f} dB" if math.isfinite(v) else "—"
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio >= 1.1 else f"{ratio:.2f}x"
+
+
+def _against_float(size: int, float_size: int) -> str:
+    """The packed size against float32, in words."""
+    if size == float_size:
+        return "same as float32"
+    if size < float_size:
+        return f"{_times(float_size / size)} smaller than float32"
+    return f"{_times(size / float_size)} larger than float32"
 
 
 model, data = require_model_and_dataset()
@@ -27,12 +45,22 @@ try:
     settings.to_config()
     with st.spinner("Compressing and evaluating…", show_time=True):
         r = cache.results(model, data, settings)
+        # pruning can cost more in its sparse index than it saves (see the README): then the
+        # size is compared with the same setting unpruned
+        unpruned = (
+            cache.packed_size(model, replace(settings, prune=0.0).canonical())
+            if settings.prune > 0
+            else None
+        )
 except ValueError as e:
     st.error(str(e))
     st.stop()
 
 # --- headline numbers -------------------------------------------------------------------------
-acc, size, sparsity, sqnr, agree = st.columns([1.2, 1.2, 1, 1, 1])
+# Cards as wide as their text, wrapping to a second row on a narrow screen: columns of a
+# fixed share cut labels and values short ("∞ (un…", "Accuracy (simulat…")
+row = st.container(horizontal=True, wrap=True, gap="small", key="headline")
+acc, size, sparsity, sqnr, agree = (row.container(width="content") for _ in range(5))
 acc.metric(
     "Accuracy (simulated)",
     f"{r.accuracy:.1%}",
@@ -41,28 +69,50 @@ acc.metric(
     help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded but run "
     f"in float arithmetic. The float model gets {r.float_accuracy:.1%}.",
 )
+acc.caption(f"{r.n:,} test images:  \none image is {100 / r.n:.2g} pts")
+vs_float = _against_float(r.size_bytes, r.float_size_bytes)
+if unpruned is not None and r.size_bytes > unpruned:
+    size_delta = f"+{figures.format_bytes(r.size_bytes - unpruned)} vs no pruning"
+    size_help = (
+        f"Pruning costs bytes here: the mask or index that marks the pruned weights takes "
+        f"more than they save (at 1 bit there is no zero code), so this is "
+        f"{r.size_bytes - unpruned:,} bytes more than the same setting without pruning "
+        f"({unpruned:,} bytes). Against float32 it is {vs_float}."
+    )
+else:
+    size_delta, size_help = vs_float, ""
 size.metric(
     "Packed size",
     figures.format_bytes(r.size_bytes),
-    # light pruning can cost more in its sparse index than it saves (see the README)
-    delta=f"{r.ratio:.1f}x smaller" if r.ratio >= 1 else f"{1 / r.ratio:.2f}x larger",
-    delta_color="off",
+    delta=size_delta,
+    delta_color="inverse" if size_delta.endswith("vs no pruning") else "off",  # red: a cost
     delta_arrow="off",
     border=True,
     help=f"{r.size_bytes:,} bytes of packed export (codes, scales, sparse index, float "
-    f"biases) against {r.float_size_bytes:,} bytes as float32.",
+    f"biases) against {r.float_size_bytes:,} bytes as float32. {size_help}".strip(),
 )
 sparsity.metric(
     "Sparsity",
     f"{r.sparsity:.1%}",
     border=True,
-    help="Share of the weights of the compressed layers that are exactly zero.",
+    help="Share of the weights of the compressed layers that are exactly zero: those pruned "
+    "(set to zero on purpose, smallest |w| first) plus those that quantization rounded to "
+    "zero (small weights nearer to 0 than to the first level).",
 )
+# the two kinds of zero, each named (a line each keeps the card narrow)
+sparsity.caption(f"{r.pruned:.1%} pruned  \n{r.rounded_zero:.1%} rounded to zero")
 sqnr.metric(
-    "Mean SQNR",
-    _sqnr(r.mean_sqnr_db),
+    "SQNR (whole model)",
+    _sqnr(r.sqnr_db),
     border=True,
-    help="10·log10(‖w‖² / ‖w − q(w)‖²), averaged over the layers that changed.",
+    help="10·log10(Σ‖w‖² / Σ‖w − q(w)‖²) over all compressed layers together: the total "
+    "signal over the total error, so large layers weigh more. Each layer's own SQNR is in "
+    "the per-layer table."
+    + (
+        " — means no error at all: every weight is the float one (infinite SQNR)."
+        if r.sqnr_db == math.inf
+        else ""
+    ),
 )
 agree.metric(
     "Agreement",
@@ -78,29 +128,152 @@ st.caption(
 )
 
 
-# --- weight histogram (its own controls rerun only this part) ---------------------------------
-def _reset_channel() -> None:
-    st.session_state["hist_channel"] = 0
+# --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------
+def _use_mse() -> None:
+    st.session_state["clip_mode"] = "mse"
+    st.session_state["clip"] = CLIP_SLIDERS["mse"].default
+
+
+if (
+    settings.bits == 2
+    and settings.clip_mode == "ratio"
+    and settings.clip == 1.0
+    and not settings.layer_bits
+):
+    try:
+        one_bit = cache.results(model, data, replace(settings, bits=1).canonical())
+        hint = teach.trap_hint(2, "ratio", 1.0, r.accuracy, one_bit.accuracy)
+        if hint:
+            mse = cache.results(model, data, replace(settings, clip_mode="mse").canonical())
+    except ValueError:
+        hint = None
+    if hint:
+        text, button = st.columns([5, 1], vertical_alignment="center")
+        text.info(
+            f"{hint} Here 2 bits with mse score {mse.accuracy:.1%}.", icon=":material/lightbulb:"
+        )
+        button.button(
+            "Try clip mode mse",
+            key="trap_try_mse",
+            on_click=_use_mse,
+            help="Search the clip range with the least squared error for each tensor.",
+        )
+
+
+# --- one layer up close (its own controls rerun only this part) -------------------------------
+def _layer_key(model: ModelRef, names: list[str]) -> str:
+    # Keyed by the model and its layer list: a picker whose options change under one key
+    # shows the old layer in the browser while the page draws another (issue item 9)
+    digest = zlib.crc32(",".join(names).encode())
+    return f"hist_layer:{model.name}:{digest:08x}"
+
+
+def _remember_layer(model: ModelRef, key: str) -> None:
+    st.session_state[f"hist_layer_last:{model.name}"] = st.session_state[key]
+
+
+def _journey_key(model: ModelRef, layer: str) -> str:
+    return f"journey_index:{model.name}:{layer}"
+
+
+def _random_weight(model: ModelRef, settings: Settings, layer: str) -> None:
+    ss = st.session_state
+    ss["journey_seed"] = ss.get("journey_seed", 0) + 1  # repeatable within a session
+    ss[_journey_key(model, layer)] = cache.random_weight_index(
+        model, settings, layer, ss["journey_seed"]
+    )
+
+
+def _largest_weight(model: ModelRef, layer: str) -> None:
+    st.session_state.pop(_journey_key(model, layer), None)
+
+
+def journey_panel(model: ModelRef, settings: Settings, layer: str) -> None:
+    """One weight of ``layer`` followed from float to code and back, step by step."""
+    st.markdown("#### One weight's journey")
+    index = st.session_state.get(_journey_key(model, layer))  # None: the largest |w|
+    a, b = st.columns(2)
+    a.button(
+        "Largest |w|",
+        key="journey_largest",
+        on_click=_largest_weight,
+        args=(model, layer),
+        help="Follow the weight of largest magnitude in this layer.",
+        width="stretch",
+    )
+    b.button(
+        "Random weight",
+        key="journey_random",
+        on_click=_random_weight,
+        args=(model, settings, layer),
+        icon=":material/casino:",
+        help="Follow another weight of this layer, picked at random.",
+        width="stretch",
+    )
+    j = cache.weight_journey(model, settings, layer, index)
+    if j is None:
+        st.info(
+            f"{layer} is left in float32: each weight is stored as it is, in 32 bits, so "
+            "there is no step, code or rounding error to follow."
+        )
+        return
+    st.markdown(
+        tables.journey_markdown(
+            j, largest=index is None, stochastic=settings.rounding == "stochastic"
+        )
+    )
+
+
+def error_curve_panel(model: ModelRef, settings: Settings, layer: str) -> None:
+    """The layer's squared error against the clip threshold, split into its two causes."""
+    st.markdown("#### Clipping error vs rounding error")
+    try:
+        curve = cache.clip_error_curve(model, settings, layer)
+    except ValueError as e:  # e.g. every weight of the layer pruned
+        st.info(str(e))
+        return
+    if curve is None:
+        st.info(f"{layer} is left in float32: no clip range, no rounding, no error.")
+        return
+    log_y = st.toggle("Log scale", key="curve_log")
+    st.plotly_chart(
+        figures.clip_error_figure(curve, x_title=tables.CLIP_AXIS_TITLE, log_y=log_y),
+        key="clip_error_chart",
+    )
+    st.caption(tables.clip_curve_caption(curve))
 
 
 @st.fragment
-def histogram_section(model: ModelRef, settings: Settings, shapes: dict) -> None:
-    st.subheader("Weights of one layer")
-    if st.session_state.get("hist_layer") not in shapes:
-        st.session_state.pop("hist_layer", None)
+def layer_section(model: ModelRef, settings: Settings, shapes: dict) -> None:
+    ss = st.session_state
+    st.subheader("One layer up close")
+    names = list(shapes)
+    key = _layer_key(model, names)
+    last = ss.get(f"hist_layer_last:{model.name}")
+    if ss.get(key) not in names:
+        ss.pop(key, None)
     pick, chan, log = st.columns([2, 1, 1], vertical_alignment="bottom")
-    layer = pick.selectbox("Layer", list(shapes), key="hist_layer", on_change=_reset_channel)
+    layer = pick.selectbox(
+        "Layer",
+        names,
+        index=names.index(last) if last in names else 0,
+        key=key,
+        on_change=_remember_layer,
+        args=(model, key),
+        help="The histogram, the weight's journey and the error curve show this layer.",
+    )
     channel = None
     if settings.per_channel and settings.bits is not None:
-        if st.session_state.get("hist_channel", 0) >= shapes[layer][0]:
-            st.session_state["hist_channel"] = 0  # the picked layer has fewer channels
+        ckey = f"hist_channel:{model.name}:{layer}"
+        if not 0 <= ss.get(ckey, 0) < shapes[layer][0]:
+            ss.pop(ckey, None)
         channel = chan.number_input(
             "Output channel",
             min_value=0,
             max_value=shapes[layer][0] - 1,
             step=1,
-            key="hist_channel",
-            help="Per-channel scales: levels and clip of this channel.",
+            key=ckey,
+            help="Per-channel scales: levels and grid range of this channel.",
         )
     log_y = log.toggle("Log scale", key="hist_log")
     try:
@@ -113,9 +286,14 @@ def histogram_section(model: ModelRef, settings: Settings, shapes: dict) -> None
         figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
         key="hist_chart",
     )
+    left, right = st.columns(2, gap="large")
+    with left:
+        journey_panel(model, settings, layer)
+    with right:
+        error_curve_panel(model, settings, layer)
 
 
-histogram_section(model, settings, r.shapes)
+layer_section(model, settings, r.shapes)
 
 ds = cache.get_dataset(data)
 
@@ -125,9 +303,10 @@ table_tab, wrong_tab, confusion_tab = st.tabs(
 )
 with table_tab:
     st.dataframe(
-        r.layers,
+        tables.layer_display(r.layers),
         hide_index=True,
-        column_config=tables.LAYER_TABLE_COLUMNS,
+        column_config=tables.LAYER_DISPLAY_COLUMNS,
+        key="layer_table",
     )
 with wrong_tab:
     w = cache.newly_wrong(model, data, settings)
@@ -136,14 +315,16 @@ with wrong_tab:
     else:
         st.caption(
             f"{w.total} test images the float model gets right are wrong now; the first "
-            f"{len(w.truth)} are shown."
+            f"{len(w.truth)} are shown, each with its true class, the float model's answer "
+            "and the compressed model's."
         )
-        st.image(
-            figures.display_images(w.images, ds.mean, ds.std),
-            caption=[
-                f"float: {f} → now: {n}" for f, n in zip(w.float_pred, w.now_pred, strict=True)
-            ],
-        )
+        images = figures.display_images(w.images, ds.mean, ds.std)
+        for start in range(0, len(images), WRONG_PER_ROW):
+            cols = st.columns(WRONG_PER_ROW)
+            shown = range(start, min(start + WRONG_PER_ROW, len(images)))
+            for col, i in zip(cols, shown, strict=False):  # the last row may be short
+                col.image(images[i], width="content")
+                col.caption(tables.wrong_caption(w.truth[i], w.float_pred[i], w.now_pred[i]))
 with confusion_tab:
     diff = st.toggle("Show the change against the float model", key="confusion_diff")
     st.plotly_chart(

@@ -1,0 +1,553 @@
+"""The Playground through AppTest: numbers that never mislead, and the teaching panels.
+
+Every number a test expects is computed here from qcore (never typed in), so a test says
+that the page shows what the core computes, in words that say what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from e2e import CHROMIUM, browser_page, serve_app, wait_idle
+from streamlit.testing.v1 import AppTest
+
+import qcore
+from pages import cache, figures, tables
+from qcore import report, teach
+from qcore.config import Settings
+from qcore.refs import DatasetRef, ModelRef
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+needs_sample = pytest.mark.skipif(
+    "mnist-cnn" not in qcore.list_models(), reason="sample models not trained yet"
+)
+CNN, MNIST = ModelRef("mnist-cnn"), DatasetRef("mnist-5k")
+
+
+def open_app(**query: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update(query)
+    return at.run()
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def the_metric(at: AppTest, label: str):
+    found = [m for m in at.metric if m.label == label]
+    assert len(found) == 1, [m.label for m in at.metric]
+    return found[0]
+
+
+def compressed(model: str = "mnist-cnn", **settings) -> qcore.Compressed:
+    return qcore.compress(qcore.load_model(model), Settings(**settings).canonical().to_config())
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def chart_titled(at: AppTest, prefix: str) -> dict:
+    found = [f for f in charts(at) if (f["layout"].get("title") or {}).get("text", "")
+             .startswith(prefix)]  # fmt: skip
+    assert len(found) == 1, [(f["layout"].get("title") or {}).get("text") for f in charts(at)]
+    return found[0]
+
+
+def chart_with_trace(at: AppTest, prefix: str) -> dict:
+    found = [f for f in charts(at) if any(t.get("name", "").startswith(prefix)
+                                          for t in f["data"])]  # fmt: skip
+    assert len(found) == 1, prefix
+    return found[0]
+
+
+def layer_picker(at: AppTest):
+    found = [s for s in at.selectbox if s.label == "Layer"]
+    assert len(found) == 1
+    return found[0]
+
+
+def markdown_text(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+# --- A: headline numbers ----------------------------------------------------------------------
+
+
+@needs_sample
+def test_headline_shows_the_whole_models_sqnr_and_sparsity_split_in_two() -> None:
+    at = open_app(bits="2", prune="0.5")
+    ok(at)
+    c = compressed(bits=2, prune=0.5)
+    sqnr = the_metric(at, "SQNR (whole model)")
+    assert sqnr.value == f"{c.sqnr_db:.1f} dB"
+    assert "Mean SQNR" not in [m.label for m in at.metric]
+    assert "total signal over the total error" in sqnr.proto.help
+    sparsity = the_metric(at, "Sparsity")
+    assert sparsity.value == f"{c.pruned + c.rounded_zero:.1%}"
+    split = f"{c.pruned:.1%} pruned  \n{c.rounded_zero:.1%} rounded to zero"
+    assert split in [x.value for x in at.caption]
+    assert c.rounded_zero > 0.01  # 2 bits round many small weights to zero: it shows
+
+
+@needs_sample
+def test_rounding_zeros_are_not_called_pruning_at_eight_bits() -> None:
+    at = open_app()
+    ok(at)
+    c = compressed()
+    assert c.pruned == 0 and c.rounded_zero > 0
+    split = f"0.0% pruned  \n{c.rounded_zero:.1%} rounded to zero"
+    assert split in [x.value for x in at.caption]
+
+
+@needs_sample
+def test_float_state_reads_clearly() -> None:
+    at = open_app(bits="float")
+    ok(at)
+    sqnr = the_metric(at, "SQNR (whole model)")
+    assert sqnr.value == "—" and "no error" in sqnr.proto.help
+    assert the_metric(at, "Packed size").delta == "same as float32"
+    table = at.dataframe[0].value
+    assert list(table["SQNR (dB)"]) == ["unchanged"] * 4
+    for col in ("grid range", "scale Δ", "zero point"):
+        assert list(table[col]) == ["float32"] * 4, col
+    assert not table.isna().any().any()  # nothing the grid would show as a grey "None"
+
+
+@needs_sample
+def test_accuracy_says_how_many_test_images_and_what_one_is_worth() -> None:
+    at = open_app()
+    ok(at)
+    n = cache.results(CNN, MNIST, Settings()).n
+    assert n == qcore.load_dataset("mnist-5k", "test").y.numel() == 1000
+    assert "1,000 test images:  \none image is 0.1 pts" in [c.value for c in at.caption]
+
+
+# --- B: pruning that costs bytes --------------------------------------------------------------
+
+
+@needs_sample
+def test_pruning_that_costs_bytes_is_shown_against_no_pruning() -> None:
+    at = open_app(model="digits-mlp", dataset="digits", bits="1", prune="0.1")
+    ok(at)
+    pruned = compressed("digits-mlp", bits=1, prune=0.1).size_bytes
+    unpruned = compressed("digits-mlp", bits=1).size_bytes
+    assert pruned > unpruned  # 1 bit has no zero code: the mask costs more than it saves
+    size = the_metric(at, "Packed size")
+    assert size.value == figures.format_bytes(pruned)
+    assert size.delta == f"+{figures.format_bytes(pruned - unpruned)} vs no pruning"
+    assert f"{pruned - unpruned:,} bytes more" in size.proto.help
+    assert "smaller than float32" in size.proto.help  # the ratio against float is still said
+
+
+@needs_sample
+def test_pruning_that_saves_bytes_keeps_the_ratio_against_float() -> None:
+    at = open_app(bits="4", prune="0.9")
+    ok(at)
+    c = compressed(bits=4, prune=0.9)
+    assert the_metric(at, "Packed size").delta == (
+        f"{c.float_size_bytes / c.size_bytes:.1f}x smaller than float32"
+    )
+
+
+# --- C: the histogram -------------------------------------------------------------------------
+
+
+@needs_sample
+def test_one_bit_with_pruning_draws_three_levels_and_the_grid_range() -> None:
+    at = open_app(bits="1", prune="0.5")
+    ok(at)
+    fig = chart_titled(at, "conv1")
+    names = [t.get("name", "") for t in fig["data"]]
+    assert "3 quantization levels (ternary)" in names, names
+    assert figures.GRID_RANGE_LABEL in names
+    c = compressed(bits=1, prune=0.5)
+    lo, hi = c.layer("conv1").grid_range
+    drawn = sorted(s["x0"] for s in fig["layout"]["shapes"] if s["line"]["dash"] == "dash")
+    assert drawn == pytest.approx(sorted([float(lo[0]), float(hi[0])]))  # -alpha, +alpha
+
+
+@needs_sample
+def test_layer_picker_follows_a_model_change() -> None:
+    at = open_app()
+    layer_picker(at).set_value("fc1").run()
+    ok(at)
+    assert chart_titled(at, "fc1")
+    at.selectbox(key="model_picker").set_value("mnist-dwsep").run()
+    ok(at)
+    picker = layer_picker(at)
+    dwsep = qcore.weight_layers(qcore.load_model("mnist-dwsep"))
+    assert picker.value in dwsep and picker.value == "stem.0"
+    assert picker.options == list(dwsep)
+    assert chart_titled(at, picker.value)  # the chart shows what the picker says
+    assert "mnist-dwsep" in picker.key  # a new model, a new widget (the browser kept fc1)
+    at.selectbox(key="model_picker").set_value("mnist-cnn").run()
+    assert layer_picker(at).value == "fc1"  # back: the layer picked there before
+
+
+# --- D: the per-layer table and the JSON download ---------------------------------------------
+
+
+@needs_sample
+def test_layer_table_shows_grid_scale_zero_point_and_both_zero_counts() -> None:
+    at = open_app(bits="4", symmetric="false", prune="0.3")
+    ok(at)
+    table = at.dataframe[0].value.set_index("layer")
+    c = compressed(bits=4, symmetric=False, prune=0.3)
+    for s in c.layers:
+        row = table.loc[s.name]
+        lo, hi = (float(t[0]) for t in s.grid_range)
+        assert row["grid range"] == f"{lo:.4g} … {hi:.4g}".replace("-", "−")
+        assert row["scale Δ"] == f"{float(s.scales[0]):.4g}"
+        assert row["zero point"] == str(int(s.zero_points[0]))
+        assert row["pruned"] == pytest.approx(s.pruned)
+        assert row["rounded to zero"] == pytest.approx(s.rounded_zero)
+        assert row["SQNR (dB)"] == f"{s.sqnr_db:.1f}"
+
+
+@needs_sample
+def test_layer_table_summarises_per_channel_scales() -> None:
+    at = open_app(bits="4", per_channel="true")
+    ok(at)
+    table = at.dataframe[0].value.set_index("layer")
+    c = compressed(bits=4, per_channel=True)
+    s = c.layer("conv2")
+    n = s.scales.numel()
+    assert n == s.shape[0] > 1
+    text = table.loc["conv2", "scale Δ"]
+    assert text == (f"{float(s.scales.min()):.4g} … {float(s.scales.max()):.4g} "
+                    f"over {n} channels")  # fmt: skip
+    assert table.loc["conv2", "zero point"] == "0"  # symmetric: zero in every channel
+    assert f"({n} channels)" in table.loc["conv2", "grid range"]
+
+
+@needs_sample
+def test_one_bit_layers_have_no_zero_point_and_alpha_as_scale() -> None:
+    at = open_app(bits="1")
+    ok(at)
+    table = at.dataframe[0].value.set_index("layer")
+    c = compressed(bits=1)
+    assert list(table["zero point"]) == ["none (±α)"] * 4  # no code stands for 0 at 1 bit
+    alpha = float(c.layer("fc1").scales[0])
+    assert table.loc["fc1", "scale Δ"] == f"{alpha:.4g}"
+    assert table.loc["fc1", "grid range"] == f"−{alpha:.4g} … {alpha:.4g}"
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(name: str):
+        raise AssertionError(f"{name} in the JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@needs_sample
+@pytest.mark.parametrize(
+    "settings",
+    [Settings(bits=4, prune=0.5), Settings(bits=None), Settings(bits=1, per_channel=True),
+     Settings(bits=3, symmetric=False, layers=("conv2", "fc1"))],
+    ids=["4bit-pruned", "float", "1bit-per-channel", "3bit-asym-two-layers"],
+)  # fmt: skip
+def test_results_json_is_strict_json_with_the_old_keys_and_the_new(settings) -> None:
+    r = cache.results(CNN, MNIST, settings)
+    doc = _strict_json(tables.results_json("mnist-cnn", "mnist-5k", settings, r))
+    old = {"model", "dataset", "split", "settings", "config", "accuracy_simulated",
+           "float_accuracy", "accuracy_change", "agreement_with_float", "loss", "examples",
+           "packed_size_bytes", "float_size_bytes", "compression_ratio", "sparsity",
+           "mean_sqnr_db", "layers"}  # fmt: skip
+    assert old | {"sqnr_db", "pruned", "rounded_to_zero"} == set(doc)
+    c = cache.get_compressed(CNN, settings)
+    assert doc["pruned"] == c.pruned and doc["rounded_to_zero"] == c.rounded_zero
+    assert doc["sqnr_db"] == (c.sqnr_db if math.isfinite(c.sqnr_db) else "inf")
+    old_row = {"layer", "kind", "shape", "params", "bits", "sparsity", "SQNR (dB)",
+               "packed bytes", "float32 bytes", "encoding"}  # fmt: skip
+    new_row = {"pruned", "rounded to zero", "grid low", "grid high", "scale min", "scale max",
+               "zero point min", "zero point max", "channels"}  # fmt: skip
+    for row, s in zip(doc["layers"], c.layers, strict=True):
+        assert set(row) == old_row | new_row
+        if s.qparams is None:
+            assert row["grid low"] is row["scale min"] is row["zero point max"] is None
+        elif s.bits == 1:
+            assert row["zero point min"] is row["zero point max"] is None
+        else:
+            assert row["grid low"] == pytest.approx(float(s.grid_range[0].min()))
+            assert row["grid high"] == pytest.approx(float(s.grid_range[1].max()))
+            assert row["scale max"] == pytest.approx(float(s.scales.max()))
+            assert row["channels"] == s.scales.numel()
+
+
+def test_results_json_writes_no_nan_or_infinity() -> None:
+    text = report.results_json(
+        "m", "d", Settings(bits=2), accuracy=0.1, float_accuracy=0.9, agreement=0.1,
+        loss=float("nan"), examples=10, size_bytes=1, float_size_bytes=4, ratio=math.inf,
+        sparsity=0.0, mean_sqnr_db=math.inf, sqnr_db=-math.inf, pruned=0.0, rounded_zero=0.0,
+        layers=[{"layer": "a", "SQNR (dB)": float("nan"), "grid low": float("-inf")}],
+    )  # fmt: skip
+    doc = _strict_json(text)
+    assert doc["loss"] is None and doc["compression_ratio"] == "inf"
+    assert doc["sqnr_db"] == "-inf" and doc["layers"][0] == {
+        "layer": "a", "SQNR (dB)": None, "grid low": "-inf"}  # fmt: skip
+
+
+# --- E: the teaching panels -------------------------------------------------------------------
+
+
+def _journey_markdown(at: AppTest) -> str:
+    found = [m.value for m in at.markdown if "| step |" in m.value]
+    assert len(found) == 1, markdown_text(at)[:2000]
+    return found[0]
+
+
+@needs_sample
+def test_journey_of_the_largest_weight_shows_every_step() -> None:
+    at = open_app(bits="4")
+    ok(at)
+    j = teach.weight_journey(compressed(bits=4), "conv1")
+    text = _journey_markdown(at)
+    assert "largest |w|" in text.replace("\\|", "|")
+    for value in (j.weight, j.scale, j.scaled, j.dequantized, j.error):
+        assert tables.number(value) in text, value
+    assert f"`{j.code_binary}`" in text and f"**{tables.number(j.code)}**" in text
+
+
+@needs_sample
+def test_journey_follows_the_sliders_and_a_random_weight() -> None:
+    at = open_app(bits="4")
+    before = _journey_markdown(at)
+    at.select_slider(key="bits").set_value(3).run()
+    ok(at)
+    after = _journey_markdown(at)
+    assert after != before
+    j3 = teach.weight_journey(compressed(bits=3), "conv1")
+    assert tables.number(j3.scale) in after and f"`{j3.code_binary}`" in after
+    at.button(key="journey_random").click().run()
+    ok(at)
+    key = "journey_index:mnist-cnn:conv1"
+    index = at.session_state[key]
+    assert index == teach.random_weight_index(compressed(bits=3), "conv1", 1)
+    j = teach.weight_journey(compressed(bits=3), "conv1", index)
+    assert tables.number(j.weight) in _journey_markdown(at)
+    at.button(key="journey_largest").click().run()
+    assert key not in at.session_state
+    assert _journey_markdown(at) == after
+
+
+@needs_sample
+def test_journey_of_a_float_layer_says_so() -> None:
+    at = open_app(bits="float")
+    ok(at)
+    infos = [i.value for i in at.info if "left in float32" in i.value]
+    assert len(infos) == 2  # the journey and the error curve
+    assert not [m for m in at.markdown if "| step |" in m.value]
+
+
+@needs_sample
+def test_clip_error_curve_marks_now_and_the_optimum() -> None:
+    at = open_app(bits="3", clip="0.8")
+    ok(at)
+    fig = chart_with_trace(at, "total squared error")
+    curve = teach.clip_error_curve(compressed(bits=3, clip=0.8), "conv1")
+    names = [t["name"] for t in fig["data"]]
+    now = [t for t in fig["data"] if t["name"].startswith("now: c = ")]
+    best = [t for t in fig["data"] if t["name"].startswith("least error (mse)")]
+    assert len(now) == len(best) == 1, names
+    assert now[0]["x"] == [pytest.approx(curve.current[0])]
+    assert best[0]["x"] == [pytest.approx(curve.optimum[0])]
+    assert any(n.startswith("clipping error") for n in names)
+    assert any(n.startswith("rounding error") for n in names)
+
+
+@needs_sample
+def test_two_bit_trap_points_at_mse_with_numbers_from_the_code() -> None:
+    at = open_app(bits="2")
+    ok(at)
+    s2 = Settings(bits=2)
+    acc2 = cache.results(CNN, MNIST, s2).accuracy
+    acc1 = cache.results(CNN, MNIST, replace(s2, bits=1)).accuracy
+    mse = cache.results(CNN, MNIST, replace(s2, clip_mode="mse").canonical()).accuracy
+    assert acc2 < acc1 < mse
+    hint = [i.value for i in at.info if "mse" in i.value]
+    assert len(hint) == 1
+    for number in (f"{acc2:.1%}", f"{acc1:.1%}", f"{mse:.1%}"):
+        assert number in hint[0], number
+    at.button(key="trap_try_mse").click().run()
+    ok(at)
+    assert at.selectbox(key="clip_mode").value == "mse"
+    assert not [i for i in at.info if "with clip mode mse" in i.value]
+
+
+@needs_sample
+def test_no_trap_hint_where_two_bits_are_not_a_trap() -> None:
+    at = open_app(bits="2", clip_mode="mse")
+    ok(at)
+    assert not [i for i in at.info if "1 bit" in i.value]
+
+
+def _journey(**kw) -> teach.Journey:
+    base = dict(layer="fc", index=5, position=(1, 1), weight=0.9, pruned=False, bits=3,
+                clip_lo=-0.8, clip_hi=0.8, grid_lo=-0.75, grid_hi=0.75, scale=0.25,
+                zero_point=0, scaled=3.6, code=3, code_binary="110", dequantized=0.75,
+                error=-0.15)  # fmt: skip
+    return teach.Journey(**(base | kw))
+
+
+def _rows(text: str) -> dict[str, str]:
+    """The journey table as {step name: 'what happens | value'}."""
+    out = {}
+    for line in text.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("| ").split(" | ")]
+        out[cells[0].split(". ", 1)[1]] = " | ".join(cells[1:])
+    return out
+
+
+def test_journey_table_says_clipped_and_clamped_in_words() -> None:
+    rows = _rows(tables.journey_markdown(_journey(), largest=True))
+    assert "largest \\|w\\|" in rows["the weight"] and "`fc[1, 1]`" in rows["the weight"]
+    assert rows["clip range"].endswith("[−0.8, 0.8]: w is **outside: clipped**")
+    assert rows["step Δ, zero point z"].endswith("Δ = 0.25, z = 0")
+    assert rows["code q"].endswith("4, clamped to **3**")  # round(3.6) = 4 > qmax 3
+    assert "kept within [−3, 3]" in rows["code q"]
+    assert rows["stored bits"] == "q − (−3) = 6, in 3 binary digits | `110`"
+    assert rows["error"] == "dequantized − w | −0.15 (0.60 of step Δ)"
+    inside = _rows(tables.journey_markdown(_journey(weight=0.3, scaled=1.2, code=1)))
+    assert inside["code q"].endswith("| **1**") and "inside" in inside["clip range"]
+    assert "weight #5" in inside["the weight"]
+
+
+def test_journey_table_of_a_pruned_weight_and_of_one_bit() -> None:
+    pruned = _rows(tables.journey_markdown(_journey(pruned=True, code=0, dequantized=0.0)))
+    assert "**pruned** → 0" in pruned["pruning"] and "zero code" in pruned["code q"]
+    assert "w / Δ + z" not in pruned  # a pruned weight is not scaled and rounded
+    one = _rows(tables.journey_markdown(_journey(
+        bits=1, scale=0.4, scaled=math.nan, code=1, code_binary="1", dequantized=0.4,
+        error=-0.5, grid_lo=-0.4, grid_hi=0.4)))  # fmt: skip
+    assert one["level α"].endswith("α = 0.4") and one["code"].endswith("**1**")
+    assert one["dequantized"] == "(2·code − 1)·α | **0.4**"
+    assert "nan" not in " ".join(one.values())
+
+
+# --- F: newly wrong images --------------------------------------------------------------------
+
+
+@needs_sample
+def test_each_newly_wrong_image_has_its_own_caption() -> None:
+    at = open_app(bits="2")
+    ok(at)
+    w = cache.newly_wrong(CNN, MNIST, Settings(bits=2))
+    assert len(w.truth) == cache.MAX_WRONG_SHOWN
+    captions = [c.value for c in at.caption if c.value.startswith("true **")]
+    assert captions == [
+        tables.wrong_caption(t, f, n)
+        for t, f, n in zip(w.truth, w.float_pred, w.now_pred, strict=True)
+    ]
+    assert all(c.count("  \n") == 2 for c in captions)  # three lines each
+    assert len(at.get("image")) == len(captions)
+
+
+# --- in a real headless Chromium: what AppTest cannot see -------------------------------------
+
+_no_browser = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("QP_REQUIRE_BROWSER"),
+    reason=f"Chromium not found at {CHROMIUM}",
+)
+
+
+def browser_test(f):
+    """An end-to-end test: marked ``browser``, skipped without Chromium (unless CI requires
+    it) or without the sample models."""
+    return pytest.mark.browser(_no_browser(needs_sample(f)))
+
+
+# Any metric text the browser cuts short with an ellipsis ("∞ (un…", "SQNR (whole mo…")
+_CUT_SHORT = """() => [...document.querySelectorAll('[data-testid="stMetric"] *')]
+    .filter(e => getComputedStyle(e).textOverflow === 'ellipsis' && e.scrollWidth > e.clientWidth)
+    .map(e => e.innerText)"""
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with serve_app() as url:
+        yield url
+
+
+def _open(page, url: str) -> None:
+    page.goto(url, wait_until="domcontentloaded")
+    for label in ("Accuracy (simulated", "Agreement"):  # the first card and the last
+        page.locator('[data-testid="stMetric"]', has_text=label).wait_for(timeout=90_000)
+    wait_idle(page)
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=60_000)
+
+
+def _layer_picker_text(page) -> str:
+    return page.locator('input[role="combobox"][aria-label="Layer"]').input_value()
+
+
+def _histogram_title(page) -> str:
+    chart = page.locator('[data-testid="stPlotlyChart"]', has_text="weight value").first
+    return chart.locator(".gtitle").first.text_content().strip()
+
+
+@browser_test
+def test_browser_layer_picker_shows_the_layer_drawn_after_a_model_change(app_url) -> None:
+    with browser_page() as page:
+        _open(page, f"{app_url}/?model=mnist-cnn")
+        page.locator('[data-testid="stSelectbox"]', has_text="Layer").first.click()
+        page.get_by_role("option", name="fc1", exact=True).click()
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] .gtitle')]
+                .some(e => e.textContent.trim() === 'fc1')""",
+            timeout=60_000,
+        )
+        assert _layer_picker_text(page) == "fc1"
+        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+        page.get_by_role("option", name="mnist-dwsep", exact=False).click()
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] .gtitle')]
+                .some(e => e.textContent.trim() === 'stem.0')""",
+            timeout=90_000,
+        )
+        wait_idle(page)
+        assert _histogram_title(page) == "stem.0"
+        assert _layer_picker_text(page) == "stem.0"  # it read fc1 before the fix
+
+
+@browser_test
+@pytest.mark.parametrize(
+    "query", ["", "bits=float", "bits=1&prune=0.5", "model=digits-mlp&dataset=digits&bits=2"]
+)
+@pytest.mark.parametrize("width", [1400, 1100])
+def test_browser_no_headline_text_is_cut_short(app_url, query: str, width: int) -> None:
+    with browser_page(viewport=(width, 900)) as page:
+        _open(page, f"{app_url}/?{query}")
+        page.locator('[data-testid="stMetric"]', has_text="SQNR (whole model)").wait_for(
+            timeout=30_000
+        )
+        wait_idle(page)
+        assert page.evaluate(_CUT_SHORT) == []
+        assert len(page.locator('[data-testid="stMetric"]').all()) == 5
+
+
+@browser_test
+def test_browser_mixed_precision_bars_log_no_colour_warnings(app_url) -> None:
+    link = "?model=digits-mlp&dataset=digits"
+    with browser_page() as page:
+        messages: list[str] = []
+        page.on("console", lambda m: messages.append(m.text))
+        _open(page, f"{app_url}/{link}")
+        page.goto(f"{app_url}/mixed{link}", wait_until="domcontentloaded")
+        run = page.get_by_role("button", name="Find per-layer bits")
+        run.wait_for(timeout=60_000)
+        wait_idle(page)
+        run.click()
+        chart = page.locator('[data-testid="stPlotlyChart"]', has_text="Bits per layer")
+        chart.wait_for(timeout=120_000)
+        wait_idle(page)
+        page.wait_for_timeout(1000)
+        assert chart.locator("g.barlayer path").count() > 0
+        assert not [m for m in messages if "Invalid color" in m], messages[:5]
