@@ -95,10 +95,13 @@ def parse_query(
 def _short_sentence(sentence: str, settings: Mapping[str, str]) -> str:
     """qcore's ``The link's `key=raw` is not valid (expected); using the default.`` as an
     item with the value cut short; any other sentence cut to a few lines."""
+    middle, tail = "` is not valid (", "); using the default."
     for key, raw in settings.items():
-        head, tail = f"The link's `{key}={raw}` is not valid (", "); using the default."
-        if sentence.startswith(head) and sentence.endswith(tail):
-            return f"`{key}={shown(raw)}` ({sentence[len(head) : -len(tail)]})"
+        # qcore quotes the value itself cut short, so match around it
+        if (sentence.startswith(f"The link's `{key}=") and sentence.endswith(tail)
+                and middle in sentence):
+            expected = sentence.rsplit(middle, 1)[1][: -len(tail)]
+            return f"`{key}={shown(raw)}` ({expected})"
     return shown(sentence, 300)
 
 

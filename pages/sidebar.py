@@ -38,8 +38,6 @@ def _on_model_change() -> None:
     ss["dataset"] = qcore.model_info(ss["model"]).dataset
     ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
     ss["layer_bits"] = ()  # they name the old model's layers
-    ss.pop("hist_layer", None)
-    ss.pop("hist_channel", None)
 
 
 def _on_dataset_change() -> None:
