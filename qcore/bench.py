@@ -57,16 +57,24 @@ def bench_model(name: str, repeats: int = 7) -> dict:
     model = load_model(name)
     data = load_dataset(model_info(name).dataset, "test")
     calib = load_dataset(model_info(name).dataset, "calib")
-    evaluate(model, data)  # warm-up: first calls pay for allocator and kernel set-up
-    float_s = _median_seconds(lambda: evaluate(model, data), repeats)
+    for _ in range(3):  # warm-up: first calls pay for allocator and kernel set-up
+        evaluate(model, data)
+    float_times: list[float] = []
     rows = {}
     for label, cfg in BENCH_CONFIGS.items():
         compress(model, cfg, calib=calib)  # warm-up (the one-time fold and calibration)
         comp_s = _median_seconds(lambda cfg=cfg: compress(model, cfg, calib=calib), repeats)
-        both_s = _median_seconds(
-            lambda cfg=cfg: evaluate(compress(model, cfg, calib=calib).model, data), repeats
-        )
-        rows[label] = {"compress_s": comp_s, "compress_eval_s": both_s, "ratio": both_s / float_s}
+        # float and compressed runs alternate, so a drift in machine speed hits both alike
+        own_float, both = [], []
+        for _ in range(repeats):
+            own_float.append(_median_seconds(lambda: evaluate(model, data), 1))
+            both.append(_median_seconds(
+                lambda cfg=cfg: evaluate(compress(model, cfg, calib=calib).model, data), 1))
+        float_times += own_float
+        both_s = statistics.median(both)
+        rows[label] = {"compress_s": comp_s, "compress_eval_s": both_s,
+                       "ratio": both_s / statistics.median(own_float)}
+    float_s = statistics.median(float_times)
     return {
         "model": name,
         "n": len(data),
