@@ -9,7 +9,10 @@ on each edge, then the config's observer policy turns each histogram into a rang
 - ``percentile``: |x| clipped at its ``percentile``-th percentile.
 - ``mse``: the range with the least squared error over the histogram.
 - ``entropy``: the threshold t whose 2^b-level quantized histogram of |x| on [0, t] has
-  the least KL divergence from the observed one (TensorRT's calibration).
+  the least KL divergence from the observed one (TensorRT's calibration). The bin of
+  zeros is left out (zero is exact at any threshold; ReLU outputs hold many). On an edge
+  whose histogram has a tall spike away from zero (MNIST's input: the background at one
+  value, strokes saturated at another) it clips hard; min-max or percentile suit it better.
 
 A calibrated range becomes per-tensor qparams, and the activation runs as
 ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
@@ -148,7 +151,9 @@ def _range(edge: str, obs: HistogramObserver, cfg: ActQuantConfig) -> ActRange:
     elif cfg.observer == "entropy":
         signed = bool(mn[0] < 0)
         levels = 2 ** (cfg.bits - 1) if signed or cfg.symmetric else 2**cfg.bits
-        t = entropy_threshold(_abs_histogram(obs), float(obs.radius[0]), levels)
+        hist = _abs_histogram(obs)
+        hist[0] = 0.0  # zeros (every ReLU's many) are exact at any threshold: they decide nothing
+        t = entropy_threshold(hist, float(obs.radius[0]), levels)
         lo, hi = torch.maximum(lo, torch.tensor([-t])), torch.minimum(hi, torch.tensor([t]))
     qp = qparams_from_range(lo, hi, cfg.bits, cfg.symmetric, pow2=cfg.scale == "pow2")
     return ActRange(edge, float(lo[0]), float(hi[0]), float(mn[0]), float(mx[0]), qp, cfg.bits,
