@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -265,6 +265,10 @@ class _EdgeOnly(nn.Module):
         object.__setattr__(self, "_graph", graph)
         object.__setattr__(self, "_points", {edge: act_range.fake_quantize})
         nn.Module.train(self, False)
+
+    def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What :func:`qcore.evaluate.evaluate` runs batch by batch (no tracing of this)."""
+        return self.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._graph.run(x, None, self._points)

@@ -283,3 +283,13 @@ def test_w8a8_agrees_with_torch_ao_int8_kernels(name: str) -> None:
                                                 act=ActQuantConfig(bits=8)), calib=calib)
     ours = qcore.evaluate(c.model, test).accuracy
     assert abs(ours - theirs) <= 0.01, (ours, theirs)
+
+
+def test_a_loaded_activation_file_evaluates_like_the_compressed_model(tmp_path) -> None:
+    import qcore
+
+    model, test, calib = _splits("digits-mlp")
+    c = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=3)), calib=calib)
+    qcore.export_packed(c, tmp_path / "m.qpk")
+    loaded = qcore.load_packed(tmp_path / "m.qpk").model
+    assert qcore.evaluate(loaded, test).accuracy == qcore.evaluate(c.model, test).accuracy
