@@ -14,14 +14,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import streamlit as st
 
 import qcore
 from pages.progress import run_with_progress
-from pages.tables import NewlyWrong, Result, make_newly_wrong, make_result
+from pages.tables import (
+    ActInfo,
+    NewlyWrong,
+    Result,
+    make_act_info,
+    make_newly_wrong,
+    make_result,
+)
 from qcore.config import Settings
 from qcore.refs import DatasetRef, ModelRef
 
@@ -70,16 +77,43 @@ def float_metrics(model: ModelRef, data: DatasetRef) -> qcore.Metrics:
 
 
 @st.cache_resource(max_entries=COMPRESSED_CACHE_ENTRIES, show_spinner=False)
-def get_compressed(model: ModelRef, settings: Settings) -> qcore.Compressed:
-    """The compressed model (its tensors are needed for histograms and export). Read-only."""
-    return qcore.compress(get_model(model), settings.to_config())
+def _compressed(
+    model: ModelRef, settings: Settings, data: DatasetRef | None
+) -> qcore.Compressed:
+    calib = None if data is None else get_calib_dataset(data)
+    return qcore.compress(get_model(model), settings.to_config(), calib=calib)
+
+
+def get_compressed(
+    model: ModelRef, settings: Settings, data: DatasetRef | None = None
+) -> qcore.Compressed:
+    """The compressed model (its tensors are needed for histograms and export). Read-only.
+
+    With quantized activations (``settings.abits``) they are calibrated on the calibration
+    split of ``data`` (never its test split); without, ``data`` is not part of the key, so
+    every dataset shares the one weight-only variant.
+    """
+    if settings.abits is None:
+        return _compressed(model, settings, None)
+    if data is None:
+        raise ValueError(
+            "Quantized activations are calibrated on a dataset's calibration split; "
+            "no dataset was given."
+        )
+    return _compressed(model, settings, data)
+
+
+def _weights_only(settings: Settings) -> Settings:
+    """The same weights with float activations: what sizes need (activations store
+    nothing in the packed file), without a calibration."""
+    return replace(settings, abits=None).canonical() if settings.abits is not None else settings
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def results(model: ModelRef, data: DatasetRef, settings: Settings) -> Result:
     """Compress, evaluate and account; memoised by (model, dataset, settings)."""
     start = time.perf_counter()
-    comp = get_compressed(model, settings)
+    comp = get_compressed(model, settings, data)
     m = qcore.evaluate(comp.model, get_dataset(data))
     seconds = time.perf_counter() - start
     return make_result(comp, m, float_metrics(model, data), seconds)
@@ -87,10 +121,41 @@ def results(model: ModelRef, data: DatasetRef, settings: Settings) -> Result:
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def histogram(
-    model: ModelRef, settings: Settings, layer: str, bins: int = 80, channel: int | None = None
+    model: ModelRef,
+    settings: Settings,
+    layer: str,
+    bins: int = 80,
+    channel: int | None = None,
+    data: DatasetRef | None = None,
 ) -> qcore.Histogram:
     """Binned float and compressed weights of one layer (counts only)."""
-    return qcore.layer_histogram(get_compressed(model, settings), layer, bins, channel)
+    return qcore.layer_histogram(get_compressed(model, settings, data), layer, bins, channel)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def activation_histogram(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, bins: int = 80
+) -> qcore.Histogram | None:
+    """Binned values reaching ``layer``'s input before and after its activation quantizer,
+    on calibration images (counts only); None when that input is not quantized."""
+    comp = get_compressed(model, settings, data)
+    edge = f"{layer}.input"
+    if edge not in comp.activations:
+        return None
+    return qcore.activation_histogram(comp, edge, get_calib_dataset(data), bins)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def activation_info(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str
+) -> ActInfo | None:
+    """The calibrated range of ``layer``'s input as plain numbers; None when it stays float."""
+    comp = get_compressed(model, settings, data)
+    act = comp.activations.get(f"{layer}.input")
+    if act is None:
+        return None
+    calib_images = len(get_calib_dataset(data).y)
+    return make_act_info(act, settings.aobs, calib_images, pow2=settings.scale == "pow2")
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
@@ -108,13 +173,16 @@ def newly_wrong(
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def packed_size(model: ModelRef, settings: Settings) -> int:
-    """Packed bytes of one setting (compress only, no evaluation)."""
-    return get_compressed(model, settings).size_bytes
+    """Packed bytes of one setting (compress only, no evaluation; activations change no
+    byte of the file, so they are left float here and nothing is calibrated)."""
+    return get_compressed(model, _weights_only(settings)).size_bytes
 
 
-def packed_download(model: ModelRef, settings: Settings) -> Callable[[], bytes]:
+def packed_download(
+    model: ModelRef, settings: Settings, data: DatasetRef | None = None
+) -> Callable[[], bytes]:
     """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
-    comp = get_compressed(model, settings)
+    comp = get_compressed(model, settings, data)
     return lambda: qcore.packed_bytes(comp)
 
 
@@ -269,31 +337,45 @@ def budget_bounds_kb(
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def weight_journey(model: ModelRef, settings: Settings, layer: str, index: int | None = None):
+def weight_journey(
+    model: ModelRef,
+    settings: Settings,
+    layer: str,
+    index: int | None = None,
+    data: DatasetRef | None = None,
+):
     """``qcore.teach.weight_journey``: one weight of ``layer`` from float to code and back
     (``index=None``: the weight of largest magnitude), or None for a layer left in float."""
     from qcore import teach
 
-    comp = get_compressed(model, settings)
+    comp = get_compressed(model, settings, data)
     if comp.layer(layer).qparams is None:
         return None
     return teach.weight_journey(comp, layer, index)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def random_weight_index(model: ModelRef, settings: Settings, layer: str, seed: int) -> int:
+def random_weight_index(
+    model: ModelRef, settings: Settings, layer: str, seed: int, data: DatasetRef | None = None
+) -> int:
     """``qcore.teach.random_weight_index``: a weight of ``layer`` picked by ``seed``."""
     from qcore import teach
 
-    return teach.random_weight_index(get_compressed(model, settings), layer, seed)
+    return teach.random_weight_index(get_compressed(model, settings, data), layer, seed)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def clip_error_curve(model: ModelRef, settings: Settings, layer: str, points: int = 60):
+def clip_error_curve(
+    model: ModelRef,
+    settings: Settings,
+    layer: str,
+    points: int = 60,
+    data: DatasetRef | None = None,
+):
     """``qcore.teach.clip_error_curve`` of ``layer``, or None for a layer left in float."""
     from qcore import teach
 
-    comp = get_compressed(model, settings)
+    comp = get_compressed(model, settings, data)
     if comp.layer(layer).qparams is None:
         return None
     return teach.clip_error_curve(comp, layer, points)

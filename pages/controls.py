@@ -14,9 +14,24 @@ import streamlit as st
 
 from pages.cache import SweepParams
 from pages.session import ensure_layers, settings_from_session
-from qcore.config import CLIP_RANGES, FLOAT, Settings
+from pages.tables import ACT_OBSERVER_HELP
+from qcore.config import ACT_OBSERVERS, CLIP_RANGES, FLOAT, SCALE_MODES, Settings
 
 BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), FLOAT)  # the bit-width slider
+ABITS_OPTIONS: tuple[int | str, ...] = (*range(2, 17), FLOAT)  # activations need 2 bits
+ACTIVATIONS_HELP = (
+    "Bits per activation: the values flowing between layers (the network's input and each "
+    "layer's input), each rounded to a code on a range calibrated on the dataset's "
+    "calibration split, never the test split. Right end: float32, activations not quantized."
+)
+OBSERVER_HELP = "How the calibration split sets each activation's range:\n\n" + "\n".join(
+    f"- **{name}**: {ACT_OBSERVER_HELP[name]}" for name in ACT_OBSERVERS
+)
+SCALE_MODE_LABELS = {"float": "float", "pow2": "power of two (fixed point)"}
+SCALE_MODE_HELP = (
+    "Every scale a power of two: a value is round(x·2^p), dequantized by a shift; the file "
+    "stores a one-byte exponent. Applies to weights and activations."
+)
 
 
 @dataclass(frozen=True)
@@ -104,10 +119,12 @@ def _covers_every_layer(layer_bits: Sequence[tuple[str, int]], layers: Sequence[
 
 
 def compression_ui(layer_names: Sequence[str]) -> Settings:
-    """Bit width, clip (with its mode), pruning rate and the Advanced options."""
+    """Bit widths of weights and activations, clip (with its mode), pruning rate and the
+    Advanced options (activation observer and scale mode among them)."""
     ss = st.session_state
     ensure_layers(layer_names)
     is_float, one_bit = ss["bits"] == FLOAT, ss["bits"] == 1
+    act_float = ss.get("abits", FLOAT) == FLOAT
     # with per-layer bits on every compressed layer, only float32 on the slider matters
     overridden = not is_float and _covers_every_layer(ss.get("layer_bits", ()), ss["layers"])
     c_bits, c_clip, c_prune = st.columns(3, gap="large")
@@ -125,6 +142,14 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
         )
         if overridden:
             st.caption("Off: the per-layer bits below set every layer.")
+        st.select_slider(
+            "Activations",
+            options=ABITS_OPTIONS,
+            key="abits",
+            format_func=_bits_label,
+            persist_state=_KEEP,
+            help=ACTIVATIONS_HELP,
+        )
     with c_clip:
         st.selectbox(
             "Clip mode",
@@ -220,6 +245,25 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="fold_bn",
                 persist_state=_KEEP,
                 help="Fold BatchNorm into the preceding layer before compressing (as deployed).",
+            )
+            st.selectbox(
+                "Activation observer",
+                list(ACT_OBSERVERS),
+                key="aobs",
+                persist_state=_KEEP,
+                disabled=act_float,
+                help=OBSERVER_HELP + ("\n\nUnused while activations are float32."
+                                      if act_float else ""),
+            )
+            st.radio(
+                "Scale mode",
+                list(SCALE_MODES),
+                key="scale",
+                horizontal=True,
+                persist_state=_KEEP,
+                disabled=is_float and act_float,
+                format_func=SCALE_MODE_LABELS.__getitem__,
+                help=SCALE_MODE_HELP,
             )
         st.multiselect(
             "Layers to compress",

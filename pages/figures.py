@@ -63,9 +63,19 @@ def level_label(n: int) -> str:
 
 
 def weight_histogram_figure(
-    hist: HistogramLike, *, log_y: bool = False, title: str | None = None
+    hist: HistogramLike,
+    *,
+    log_y: bool = False,
+    title: str | None = None,
+    noun: str = "weights",
+    names: tuple[str, str] = ("float weights", "compressed weights"),
+    requested_label: str = "clip range asked for",
 ) -> go.Figure:
-    """Float and compressed weight counts overlaid on the same bins, with levels and clip."""
+    """Float and compressed weight counts overlaid on the same bins, with levels and clip.
+
+    The same figure draws an activation edge (``qcore.activation_histogram``): ``noun``
+    names what is counted, ``names`` the two bar series and ``requested_label`` the range
+    asked for (the calibrated range there)."""
     edges = np.asarray(hist.edges, dtype=float)
     centers = (edges[:-1] + edges[1:]) / 2
     widths = np.diff(edges)
@@ -73,8 +83,8 @@ def weight_histogram_figure(
     after = np.asarray(hist.after)
     fig = go.Figure()
     for counts, name, color in (
-        (before, "float weights", FLOAT_COLOR),
-        (after, "compressed weights", COMPRESSED_COLOR),
+        (before, names[0], FLOAT_COLOR),
+        (after, names[1], COMPRESSED_COLOR),
     ):
         fig.add_trace(
             go.Bar(
@@ -84,7 +94,7 @@ def weight_histogram_figure(
                 name=name,
                 marker_color=color,
                 opacity=0.55,
-                hovertemplate="%{x:.4g}: %{y:,} weights<extra>" + name + "</extra>",
+                hovertemplate="%{x:.4g}: %{y:,} " + noun + "<extra>" + name + "</extra>",
             )
         )
 
@@ -161,7 +171,7 @@ def weight_histogram_figure(
                 x=[None],
                 y=[None],
                 mode="lines",
-                name=f"clip range asked for [{asked[0]:.3g}, {asked[1]:.3g}]",
+                name=f"{requested_label} [{asked[0]:.3g}, {asked[1]:.3g}]",
                 line={"color": REQUESTED_COLOR, "dash": "dot"},
             )
         )
@@ -175,15 +185,15 @@ def weight_histogram_figure(
         xanchor="right",
         yanchor="top",
         showarrow=False,
-        text=f"{hist.zeros_after:,} weights exactly zero after ({zero_share:.1%})",
+        text=f"{hist.zeros_after:,} {noun} exactly zero after ({zero_share:.1%})",
         bgcolor="rgba(255,255,255,0.7)",
     )
     fig.update_layout(
         title=title,
         barmode="overlay",
         bargap=0,
-        xaxis_title="weight value",
-        yaxis_title="weights per bin" + (" (log)" if log_y else ""),
+        xaxis_title=f"{noun.removesuffix('s')} value",
+        yaxis_title=f"{noun} per bin" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear",
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
         legend={"orientation": "h", "y": -0.2},

@@ -84,8 +84,9 @@ def parse_query(
     ignored += [_short_sentence(w, settings) for w in sentences]
     # unknown keys last: a mistyped value of a known setting matters more than junk
     ignored += [f"`{shown(key)}` (unknown setting)" for key in flat if key not in QUERY_KEYS]
-    if "bits" in parsed and parsed["bits"] is None:
-        parsed["bits"] = FLOAT  # the bit-width slider's value for float
+    for key in ("bits", "abits"):
+        if key in parsed and parsed[key] is None:
+            parsed[key] = FLOAT  # the bit-width sliders' value for float
     if "layers" in parsed:
         parsed["layers"] = list(parsed["layers"])  # the layer picker's value
     values.update(parsed)

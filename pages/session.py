@@ -3,9 +3,9 @@ Playground's settings as widget values, the hand-off between pages, and the last
 each analysis page.
 
 The Playground's widgets keep their values in ``st.session_state`` under the same plain
-keys as the URL query (``bits``, ``clip``, ...; ``bits`` is ``"float"`` for None and
-``layers`` a list), so a link restores the page. The analysis pages' widgets have keys of
-their own (:data:`ANALYSIS_DEFAULTS`).
+keys as the URL query (``bits``, ``clip``, ...; ``bits`` and ``abits`` are ``"float"``
+for None and ``layers`` a list), so a link restores the page. The analysis pages' widgets
+have keys of their own (:data:`ANALYSIS_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def session_defaults(layer_names: Sequence[str]) -> dict[str, Any]:
 
 
 def settings_to_session(s: Settings, layer_names: Sequence[str]) -> dict[str, Any]:
-    """Settings as widget values: bits ``"float"`` for None, layers as a list."""
+    """Settings as widget values: bits and abits ``"float"`` for None, layers as a list."""
     values = asdict(s)
     values["bits"] = FLOAT if s.bits is None else s.bits
+    values["abits"] = FLOAT if s.abits is None else s.abits
     values["layers"] = list(layer_names) if s.layers is None else list(s.layers)
     values["layer_bits"] = tuple(s.layer_bits)
     return values
@@ -60,6 +61,7 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
     picked = set(values.get("layers", layer_names))
     layers = tuple(n for n in layer_names if n in picked)
     bits = values.get("bits", 8)
+    abits = values.get("abits", FLOAT)
     overrides = {str(n): int(b) for n, b in values.get("layer_bits", ())}
     return Settings(
         bits=None if bits == FLOAT else int(bits),
@@ -74,6 +76,9 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
         fold_bn=bool(values.get("fold_bn", True)),
         layers=None if len(layers) == len(layer_names) else layers,
         layer_bits=tuple((n, overrides[n]) for n in layer_names if n in overrides),
+        scale=str(values.get("scale", "float")),
+        abits=None if abits in (FLOAT, None) else int(abits),
+        aobs=str(values.get("aobs", "minmax")),
     )
 
 

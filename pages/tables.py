@@ -317,6 +317,108 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
     return "\n".join(lines)
 
 
+# --- activations: the calibrated range of a layer's input, and one value through it ---------
+
+ACT_OBSERVER_HELP = {  # one line each: how the observer turns calibration data into a range
+    "minmax": "the smallest and largest value seen (0 included): one outlier stretches the "
+    "whole grid",
+    "percentile": "|x| clipped at its 99.99th percentile: the rare outliers are cut off",
+    "mse": "the range with the least squared error over the calibration histogram",
+    "entropy": "the range whose quantized histogram loses the least information (KL "
+    "divergence), as TensorRT calibrates",
+}
+
+
+@dataclass(frozen=True)
+class ActInfo:
+    """The calibrated range of one activation edge, as plain numbers (picklable)."""
+
+    edge: str
+    bits: int
+    observer: str
+    lo: float  # the calibrated range
+    hi: float
+    observed_min: float  # what the calibration split showed (float model)
+    observed_max: float
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    grid_lo: float  # the values the codes reach
+    grid_hi: float
+    calib_images: int  # images of the calibration split it was calibrated on
+    pow2: bool = False  # the scale is a power of two (fixed point)
+
+
+def make_act_info(act: Any, observer: str, calib_images: int, pow2: bool = False) -> ActInfo:
+    """The record of a ``qcore.activations.ActRange``."""
+    lo, hi = act.grid_range
+    return ActInfo(
+        edge=act.edge, bits=act.bits, observer=observer, lo=act.lo, hi=act.hi,
+        observed_min=act.observed_min, observed_max=act.observed_max, scale=act.scale,
+        zero_point=act.zero_point, qmin=int(act.qparams.qmin), qmax=int(act.qparams.qmax),
+        grid_lo=float(lo), grid_hi=float(hi), calib_images=calib_images, pow2=pow2,
+    )  # fmt: skip
+
+
+def act_caption(a: ActInfo, shown_images: int) -> str:
+    """What the activation histogram shows and where its range comes from."""
+    levels = a.qmax - a.qmin + 1
+    bulk = a.hi - a.lo
+    seen = a.observed_max - a.observed_min
+    text = (
+        f"Calibrated on {a.calib_images:,} calibration images (never the test split), "
+        f"observer **{a.observer}** ({ACT_OBSERVER_HELP.get(a.observer, '')}): range "
+        f"[{number(a.lo)}, {number(a.hi)}], observed [{number(a.observed_min)}, "
+        f"{number(a.observed_max)}]. {a.bits} bits: {levels:,} levels, step Δ = "
+        f"{number(a.scale)}, zero point z = {a.zero_point}. The bars count the values "
+        f"reaching `{a.edge}` on the first {shown_images:,} calibration images, before and "
+        "after its quantizer."
+    )
+    if seen > 0 and bulk < 0.999 * seen:
+        text += (
+            f" The range covers {bulk / seen:.0%} of what was observed: values beyond it are "
+            "clipped to its ends, and the levels sit closer together where most values are."
+        )
+    elif a.observer == "minmax":
+        text += (
+            " Under min-max one large outlier sets the range, so most levels can lie where "
+            "almost no value falls; try percentile, mse or entropy."
+        )
+    return text
+
+
+def act_journey_markdown(a: ActInfo, x: float, which: str) -> str:
+    """One activation value ``x`` through its edge's quantizer, by plain arithmetic:
+    code = clamp(round(x / Δ) + z, qmin, qmax), value = (code − z)·Δ."""
+    scaled = x / a.scale + a.zero_point
+    nearest = round(scaled)  # half to even, as the quantizer rounds
+    code = min(max(nearest, a.qmin), a.qmax)
+    value = (code - a.zero_point) * a.scale
+    inside = a.grid_lo <= x <= a.grid_hi
+    rows = [
+        ("1. the value", which, f"x = **{number(x)}**"),
+        ("2. calibrated range", f"the {a.observer} observer's range for `{a.edge}`; the "
+         "codes reach the grid range",
+         f"[{number(a.lo)}, {number(a.hi)}], grid [{number(a.grid_lo)}, "
+         f"{number(a.grid_hi)}]: x is " + ("inside" if inside else "**outside: clipped**")),
+        ("3. step Δ, zero point z", "Δ = range / (levels − 1)"
+         + (", raised to a power of two (fixed point)" if a.pow2 else "")
+         + "; z = the code that stands for 0", f"Δ = {number(a.scale)}, z = {a.zero_point}"),
+        ("4. x / Δ + z", "the value measured in steps", number(scaled)),
+        ("5. code q", f"rounded to the nearest whole number, kept within "
+         f"[{a.qmin}, {a.qmax}]",
+         f"**{code}**" if code == nearest else f"{nearest}, clamped to **{code}**"),
+        ("6. dequantized", "(q − z)·Δ: what the next layer receives", f"**{number(value)}**"),
+        ("7. error", "dequantized − x",
+         number(value - x) + (f" ({abs(value - x) / a.scale:.2f} of step Δ)" if a.scale
+                              else "")),
+    ]  # fmt: skip
+    lines = ["| activation step | what happens | value |", "|---|---|---|"]
+    lines += [f"| {_cell(r)} | {_cell(w)} | {_cell(v)} |" for r, w, v in rows]
+    return "\n".join(lines)
+
+
 CLIP_AXIS_TITLE = "clip magnitude c: the range is [−c, c] (weight units)"
 
 

@@ -1,7 +1,8 @@
 """Slider-to-screen latency in a real headless Chromium.
 
 Serves the app, opens the Playground on the default model, and moves the bit-width slider
-one step at a time with the keyboard. For each step it measures the time from the key
+one step at a time with the keyboard (then again with 8-bit activations on, and then the
+activation slider itself). For each step it measures the time from the key
 press to the moment the new "Packed size" is on screen and Streamlit is idle again. The
 first pass visits settings no session has computed; the second pass revisits them and is
 served from the cache. Prints the medians next to the float forward pass time of qcore.
@@ -25,10 +26,10 @@ from e2e import browser_page, metric_value, serve_app, wait_idle  # noqa: E402
 SIZE = "Packed size"
 
 
-def _step(page, key: str) -> float:
-    """Press ``key`` on the bit-width slider; seconds until the new size is shown and idle."""
+def _step(page, key: str, label: str = "Bit width") -> float:
+    """Press ``key`` on the slider ``label``; seconds until the new size is shown and idle."""
     old = metric_value(page, SIZE)
-    slider = page.locator('input[type="range"][aria-label="Bit width"]')
+    slider = page.locator(f'input[type="range"][aria-label="{label}"]')
     slider.focus()
     start = time.perf_counter()
     page.keyboard.press(key)
@@ -42,6 +43,20 @@ def _step(page, key: str) -> float:
         arg=[SIZE, old],
         timeout=120_000,
     )
+    shown = time.perf_counter() - start
+    wait_idle(page)
+    return shown
+
+
+def _act_step(page, key: str, want: str) -> float:
+    """Press ``key`` on the activation slider; seconds until the headline reads ``want``
+    (e.g. "W8A7 · simulated": the new accuracy is drawn with it) and Streamlit is idle.
+    The packed size does not change with activations, so it cannot be waited for."""
+    slider = page.locator('input[type="range"][aria-label="Activations"]')
+    slider.focus()
+    start = time.perf_counter()
+    page.keyboard.press(key)
+    page.get_by_text(want, exact=True).wait_for(timeout=120_000)
     shown = time.perf_counter() - start
     wait_idle(page)
     return shown
@@ -74,6 +89,18 @@ def main() -> int:
         for _ in range(steps):  # walk back to 8 bits, then over the same path again: cached
             _step(page, "ArrowRight")
         cached = [_step(page, "ArrowLeft") for _ in range(steps)]
+        # activations on (W8A8): the weight slider (calibration cached per activation
+        # config, so these never recalibrate), then the activation slider (each new width
+        # calibrates once)
+        page.goto(f"{url}/?abits=8", wait_until="domcontentloaded")
+        page.get_by_text("W8A8 · simulated", exact=True).wait_for(timeout=120_000)
+        wait_idle(page)
+        w8a8 = [_step(page, "ArrowLeft") for _ in range(steps)]  # W7A8, W6A8, ...
+        for _ in range(steps):
+            _step(page, "ArrowRight")  # back to W8A8
+        act_steps = min(steps, 6)  # A8 -> A7 ... A2
+        acts = [_act_step(page, "ArrowLeft", f"W8A{8 - i} · simulated")
+                for i in range(1, act_steps + 1)]
     forward = float_forward_seconds()
     print("mnist-cnn on mnist-5k (1,000 test images), bit-width slider moved one step at a time")
     print(f"  float forward pass over the test split (qcore.evaluate): {forward * 1000:.0f} ms")
@@ -82,6 +109,12 @@ def main() -> int:
           f"max {max(fresh) * 1000:.0f}, n={len(fresh)})")
     print(f"  revisited setting (cache): median {statistics.median(cached) * 1000:.0f} ms "
           f"(n={len(cached)})")
+    print(f"  activations on (W8A8 start), bit-width slider, new setting: median "
+          f"{statistics.median(w8a8) * 1000:.0f} ms (min {min(w8a8) * 1000:.0f}, "
+          f"max {max(w8a8) * 1000:.0f}, n={len(w8a8)})")
+    print(f"  activation slider (A8 -> A{8 - act_steps}, each width calibrated anew): median "
+          f"{statistics.median(acts) * 1000:.0f} ms (min {min(acts) * 1000:.0f}, "
+          f"max {max(acts) * 1000:.0f}, n={len(acts)})")
     return 0
 
 

@@ -77,6 +77,28 @@ def test_playground_slider_changes_accuracy_and_draws_histogram(app_url, tmp_pat
         assert shot.stat().st_size > 10_000
 
 
+def test_activation_slider_changes_accuracy_and_the_label(app_url):
+    with browser_page() as page:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=ACCURACY).wait_for(timeout=90_000)
+        wait_idle(page)
+        before = metric_value(page, ACCURACY)
+        assert page.get_by_text("W8A32 · simulated", exact=True).count() == 1
+        thumb = _slider(page, "Activations")
+        assert thumb.get_attribute("aria-valuetext") == "float32"
+        thumb.focus()
+        for _ in range(14):  # float32 -> 2 bits: the coarsest activations
+            page.keyboard.press("ArrowLeft")
+        page.get_by_text("W8A2 · simulated", exact=True).wait_for(timeout=120_000)
+        wait_idle(page)
+        after = metric_value(page, ACCURACY)
+        assert thumb.get_attribute("aria-valuetext") == "2 bits"
+        assert after != before
+        assert float(after.rstrip("%")) < float(before.rstrip("%"))
+        assert "abits=2" in page.url
+        assert page.locator('[data-testid="stException"]').count() == 0
+
+
 def test_deep_link_opens_that_configuration(app_url):
     with browser_page() as page:
         page.goto(f"{app_url}/?model=digits-mlp&dataset=digits&bits=6&prune=0.5",

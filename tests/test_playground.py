@@ -450,6 +450,140 @@ def test_each_newly_wrong_image_has_its_own_caption() -> None:
     assert len(at.get("image")) == len(captions)
 
 
+# --- G: activations: the control, the W/A label, the tab, the journey, the link ---------------
+
+
+def calib_compressed(model: str = "mnist-cnn", dataset: str = "mnist-5k",
+                     **settings) -> qcore.Compressed:  # fmt: skip
+    """The compress the page runs with activations on: calibrated on the calib split."""
+    cfg = Settings(**settings).canonical().to_config()
+    return qcore.compress(qcore.load_model(model), cfg, calib=qcore.load_dataset(dataset, "calib"))
+
+
+def _array(v) -> list:
+    """A plotly JSON array: a list, or plotly's typed array ({"dtype", "bdata"})."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist()
+    return list(v)
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption]
+
+
+@needs_sample
+def test_eight_bit_activations_show_what_qcore_computes_with_calibration() -> None:
+    at = open_app()
+    ok(at)
+    assert at.select_slider(key="abits").value == "float"
+    assert "**W8A32** · simulated" in captions(at)
+    assert at.selectbox(key="aobs").disabled
+    float_tab = [i.value for i in at.info if "Set **Activations**" in i.value]
+    assert len(float_tab) == 1  # the Activations tab says how to turn them on
+    at.select_slider(key="abits").set_value(8).run()
+    ok(at)
+    c = calib_compressed(bits=8, abits=8)
+    assert c.activations  # calibrated
+    m = qcore.evaluate(c.model, qcore.load_dataset("mnist-5k", "test"))
+    assert the_metric(at, "Accuracy (simulated)").value == f"{m.accuracy:.1%}"
+    assert "**W8A8** · simulated" in captions(at)
+    assert at.query_params["abits"] == "8"
+    assert not at.selectbox(key="aobs").disabled
+
+
+@needs_sample
+def test_activation_tab_draws_the_calibrated_levels_and_says_where_they_come_from() -> None:
+    at = open_app(abits="8")
+    ok(at)
+    fig = chart_titled(at, "Input of conv1")
+    c = calib_compressed(bits=8, abits=8)
+    calib = qcore.load_dataset("mnist-5k", "calib")
+    h = qcore.activation_histogram(c, "conv1.input", calib, bins=80)
+    assert h.levels is not None and len(h.levels) == 256
+    names = [t.get("name", "") for t in fig["data"]]
+    assert figures.level_label(256) in names and figures.GRID_RANGE_LABEL in names
+    levels = [t for t in fig["data"] if t.get("name") == figures.level_label(256)][0]
+    xs = _array(levels["x"])
+    assert len({x for x in xs if x is not None and math.isfinite(x)}) == 256  # a line each
+    act = c.activations["conv1.input"]
+    text = [t for t in captions(at) if t.startswith("Calibrated on ")]
+    assert len(text) == 1
+    n = len(calib.y)
+    assert f"Calibrated on {n:,} calibration images" in text[0] and "**minmax**" in text[0]
+    for v in (act.lo, act.hi, act.observed_min, act.observed_max):
+        assert tables.number(v) in text[0], v
+    # one activation's journey: the largest input seen, by plain arithmetic from the range
+    journey = [m.value for m in at.markdown if "| activation step |" in m.value]
+    assert len(journey) == 1
+    x = act.observed_max
+    code = min(max(round(x / act.scale + act.zero_point), act.qparams.qmin), act.qparams.qmax)
+    assert f"**{code}**" in journey[0]
+    assert tables.number((code - act.zero_point) * act.scale) in journey[0]
+
+
+@needs_sample
+def test_a_link_restores_the_activation_widgets() -> None:
+    at = open_app(abits="4", aobs="percentile", scale="pow2")
+    ok(at)
+    assert not at.warning
+    assert at.select_slider(key="abits").value == 4
+    assert at.selectbox(key="aobs").value == "percentile"
+    assert at.radio(key="scale").value == "pow2"
+    assert "**W8A4** · simulated" in captions(at)
+    c = calib_compressed(bits=8, abits=4, aobs="percentile", scale="pow2")
+    m = qcore.evaluate(c.model, qcore.load_dataset("mnist-5k", "test"))
+    assert the_metric(at, "Accuracy (simulated)").value == f"{m.accuracy:.1%}"
+    q = at.query_params
+    assert (q["abits"], q["aobs"], q["scale"]) == ("4", "percentile", "pow2")
+
+
+@needs_sample
+def test_one_bit_activations_in_a_link_warn_and_stay_float() -> None:
+    at = open_app(abits="1")
+    ok(at)
+    assert len(at.warning) == 1 and "`abits=1`" in at.warning[0].value
+    assert at.select_slider(key="abits").value == "float"
+    assert "**W8A32** · simulated" in captions(at)
+
+
+def test_activation_settings_round_trip_through_the_link_and_the_session() -> None:
+    from pages.query import parse_query
+    from pages.session import settings_from_session, settings_to_session
+
+    names = ["conv1", "conv2", "fc1", "fc2"]
+
+    def parse(**q: str):
+        return parse_query(q, models=["mnist-cnn"], datasets=["mnist-5k"],
+                           layer_names=lambda _: names)  # fmt: skip
+
+    values, warnings = parse(abits="4", aobs="percentile", scale="pow2")
+    assert warnings == [] and values == {"abits": 4, "aobs": "percentile", "scale": "pow2"}
+    assert parse(abits="float")[0] == {"abits": "float"}  # the slider's float value
+    s = Settings(bits=4, abits=8, aobs="entropy", scale="pow2")
+    assert settings_from_session(settings_to_session(s, names), names) == s
+    assert settings_from_session(parse(**s.to_flat())[0], names) == s
+    assert settings_from_session(settings_to_session(Settings(), names), names) == Settings()
+
+
+def test_activation_journey_clamps_and_dequantizes_by_plain_arithmetic() -> None:
+    a = tables.ActInfo(edge="fc1.input", bits=8, observer="percentile", lo=0.0, hi=25.5,
+                       observed_min=0.0, observed_max=30.0, scale=0.1, zero_point=0, qmin=0,
+                       qmax=255, grid_lo=0.0, grid_hi=25.5, calib_images=500)  # fmt: skip
+    rows = _rows(tables.act_journey_markdown(a, 30.0, "the largest value"))
+    assert rows["code q"].endswith("300, clamped to **255**")
+    assert rows["dequantized"].endswith("**25.5**")
+    assert "outside: clipped" in rows["calibrated range"]
+    assert rows["error"].startswith("dequantized − x | −4.5")
+    inside = _rows(tables.act_journey_markdown(a, 1.04, "a value"))
+    assert inside["code q"].endswith("| **10**") and "inside" in inside["calibrated range"]
+    text = tables.act_caption(a, 256)
+    assert "Calibrated on 500 calibration images" in text and "clipped" in text
+
+
 # --- in a real headless Chromium: what AppTest cannot see -------------------------------------
 
 _no_browser = pytest.mark.skipif(

@@ -11,8 +11,9 @@ from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
 from qcore import teach
+from qcore.analysis import ACT_HISTOGRAM_IMAGES
 from qcore.config import Settings
-from qcore.refs import ModelRef
+from qcore.refs import DatasetRef, ModelRef
 
 WRONG_PER_ROW = 8  # newly wrong images per row, each with its own caption
 
@@ -61,14 +62,24 @@ except ValueError as e:
 # fixed share cut labels and values short ("∞ (un…", "Accuracy (simulat…")
 row = st.container(horizontal=True, wrap=True, gap="small", key="headline")
 acc, size, sparsity, sqnr, agree = (row.container(width="content") for _ in range(5))
+acts_text = (
+    "activations float32"
+    if settings.abits is None
+    else f"activations rounded to {settings.abits}-bit codes on ranges calibrated on the "
+    f"calibration split ({settings.aobs})"
+)
 acc.metric(
     "Accuracy (simulated)",
     f"{r.accuracy:.1%}",
     delta=f"{(r.accuracy - r.float_accuracy) * 100:+.1f} pts vs float",
     border=True,
-    help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded but run "
-    f"in float arithmetic. The float model gets {r.float_accuracy:.1%}.",
+    help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded "
+    f"({acts_text}) but run in float arithmetic. {settings.wa_label()}: weights in "
+    f"{'32' if settings.bits is None else settings.bits} bits, activations in "
+    f"{'32' if settings.abits is None else settings.abits}. The float model gets "
+    f"{r.float_accuracy:.1%}.",
 )
+acc.caption(f"**{settings.wa_label()}** · simulated")
 acc.caption(f"{r.n:,} test images:  \none image is {100 / r.n:.2g} pts")
 vs_float = _against_float(r.size_bytes, r.float_size_bytes)
 if unpruned is not None and r.size_bytes > unpruned:
@@ -176,11 +187,11 @@ def _journey_key(model: ModelRef, layer: str) -> str:
     return f"journey_index:{model.name}:{layer}"
 
 
-def _random_weight(model: ModelRef, settings: Settings, layer: str) -> None:
+def _random_weight(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
     ss = st.session_state
     ss["journey_seed"] = ss.get("journey_seed", 0) + 1  # repeatable within a session
     ss[_journey_key(model, layer)] = cache.random_weight_index(
-        model, settings, layer, ss["journey_seed"]
+        model, settings, layer, ss["journey_seed"], data
     )
 
 
@@ -188,7 +199,7 @@ def _largest_weight(model: ModelRef, layer: str) -> None:
     st.session_state.pop(_journey_key(model, layer), None)
 
 
-def journey_panel(model: ModelRef, settings: Settings, layer: str) -> None:
+def journey_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
     """One weight of ``layer`` followed from float to code and back, step by step."""
     st.markdown("#### One weight's journey")
     index = st.session_state.get(_journey_key(model, layer))  # None: the largest |w|
@@ -205,30 +216,52 @@ def journey_panel(model: ModelRef, settings: Settings, layer: str) -> None:
         "Random weight",
         key="journey_random",
         on_click=_random_weight,
-        args=(model, settings, layer),
+        args=(model, data, settings, layer),
         icon=":material/casino:",
         help="Follow another weight of this layer, picked at random.",
         width="stretch",
     )
-    j = cache.weight_journey(model, settings, layer, index)
+    j = cache.weight_journey(model, settings, layer, index, data)
     if j is None:
         st.info(
             f"{layer} is left in float32: each weight is stored as it is, in 32 bits, so "
             "there is no step, code or rounding error to follow."
         )
-        return
-    st.markdown(
-        tables.journey_markdown(
-            j, largest=index is None, stochastic=settings.rounding == "stochastic"
+    else:
+        st.markdown(
+            tables.journey_markdown(
+                j, largest=index is None, stochastic=settings.rounding == "stochastic"
+            )
         )
+    activation_journey(model, data, settings, layer)
+
+
+def activation_journey(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
+    """The activation side: the largest value reaching ``layer``'s input during calibration,
+    through its calibrated range, scale, zero point and code (plain arithmetic)."""
+    st.markdown("#### One activation's journey")
+    if settings.abits is None:
+        st.caption(
+            "Activations are float32 now: set **Activations** (beside the bit width) to a "
+            "number of bits to follow one of this layer's input values to its code."
+        )
+        return
+    a = cache.activation_info(model, data, settings, layer)
+    if a is None:
+        st.caption(f"{layer} is not compressed, so its input is not quantized.")
+        return
+    which = (
+        f"the largest value reaching `{a.edge}` on the {a.calib_images:,} calibration "
+        "images (float model)"
     )
+    st.markdown(tables.act_journey_markdown(a, a.observed_max, which))
 
 
-def error_curve_panel(model: ModelRef, settings: Settings, layer: str) -> None:
+def error_curve_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
     """The layer's squared error against the clip threshold, split into its two causes."""
     st.markdown("#### Clipping error vs rounding error")
     try:
-        curve = cache.clip_error_curve(model, settings, layer)
+        curve = cache.clip_error_curve(model, settings, layer, data=data)
     except ValueError as e:  # e.g. every weight of the layer pruned
         st.info(str(e))
         return
@@ -243,8 +276,44 @@ def error_curve_panel(model: ModelRef, settings: Settings, layer: str) -> None:
     st.caption(tables.clip_curve_caption(curve))
 
 
+def activation_panel(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, log_y: bool
+) -> None:
+    """The values reaching ``layer``'s input and the levels of its activation quantizer."""
+    if settings.abits is None:
+        st.info(
+            "Activations are float32 now, so nothing is calibrated or rounded between the "
+            "layers. Set **Activations** (beside the bit width) to, say, 8 bits: each "
+            "layer's input is then calibrated on the calibration split, and this tab draws "
+            "its values, its range and its levels.",
+            icon=":material/info:",
+        )
+        return
+    try:
+        h = cache.activation_histogram(model, data, settings, layer)
+        a = cache.activation_info(model, data, settings, layer)
+    except ValueError as e:
+        st.error(str(e))
+        return
+    if h is None or a is None:
+        st.info(f"{layer} is not compressed, so its input is not quantized.")
+        return
+    st.plotly_chart(
+        figures.weight_histogram_figure(
+            h,
+            log_y=log_y,
+            title=f"Input of {layer} ({a.bits}-bit activations, {a.observer})",
+            noun="activations",
+            names=("activations before its quantizer", "quantized activations"),
+            requested_label="calibrated range",
+        ),
+        key="act_hist_chart",
+    )
+    st.caption(tables.act_caption(a, min(a.calib_images, ACT_HISTOGRAM_IMAGES)))
+
+
 @st.fragment
-def layer_section(model: ModelRef, settings: Settings, shapes: dict) -> None:
+def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes: dict) -> None:
     ss = st.session_state
     st.subheader("One layer up close")
     names = list(shapes)
@@ -276,24 +345,28 @@ def layer_section(model: ModelRef, settings: Settings, shapes: dict) -> None:
             help="Per-channel scales: levels and grid range of this channel.",
         )
     log_y = log.toggle("Log scale", key="hist_log")
-    try:
-        h = cache.histogram(model, settings, layer, 80, channel)
-    except ValueError as e:
-        st.error(str(e))
-        return
-    what = "" if channel is None else f", output channel {channel}"
-    st.plotly_chart(
-        figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
-        key="hist_chart",
-    )
+    weights_tab, acts_tab = st.tabs(["Weights", "Activations"])
+    with weights_tab:
+        try:
+            h = cache.histogram(model, settings, layer, 80, channel, data)
+        except ValueError as e:
+            st.error(str(e))
+            return
+        what = "" if channel is None else f", output channel {channel}"
+        st.plotly_chart(
+            figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
+            key="hist_chart",
+        )
+    with acts_tab:
+        activation_panel(model, data, settings, layer, log_y)
     left, right = st.columns(2, gap="large")
     with left:
-        journey_panel(model, settings, layer)
+        journey_panel(model, data, settings, layer)
     with right:
-        error_curve_panel(model, settings, layer)
+        error_curve_panel(model, data, settings, layer)
 
 
-layer_section(model, settings, r.shapes)
+layer_section(model, data, settings, r.shapes)
 
 ds = cache.get_dataset(data)
 
@@ -342,7 +415,7 @@ name = f"{model.name}-{settings.slug()}"
 packed_col, json_col = st.columns(2)
 packed_col.download_button(
     "Download the packed model",
-    data=cache.packed_download(model, settings),
+    data=cache.packed_download(model, settings, data),
     file_name=f"{name}.qpk",
     mime="application/octet-stream",
     on_click="ignore",
