@@ -382,8 +382,9 @@ def act_caption(a: ActInfo, shown_images: int) -> str:
         )
     elif a.observer == "minmax":
         text += (
-            " Under min-max one large outlier sets the range, so most levels can lie where "
-            "almost no value falls; try percentile, mse or entropy."
+            " Under min-max the largest value seen sets the range: if it is a rare outlier "
+            "(a ReLU output with one large value), most levels lie where almost no value "
+            "falls; percentile, mse or entropy clip it."
         )
     return text
 
