@@ -304,8 +304,8 @@ def activation_panel(
             log_y=log_y,
             title=f"Input of {layer} ({a.bits}-bit activations, {a.observer})",
             noun="activations",
-            names=("activations before its quantizer", "quantized activations"),
-            requested_label="calibrated range",
+            names=("before quantizing", "quantized"),
+            requested_label="calibrated",
         ),
         key="act_hist_chart",
     )
