@@ -62,6 +62,12 @@ def level_label(n: int) -> str:
     return f"{n} quantization levels{kind}"
 
 
+def _vline(fig: go.Figure, x: float, color: str, width: float, dash: str) -> None:
+    """A vertical line at ``x`` across the whole plot height."""
+    fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, yref="paper",
+                  line={"color": color, "width": width, "dash": dash})
+
+
 def weight_histogram_figure(
     hist: HistogramLike,
     *,
@@ -125,15 +131,7 @@ def weight_histogram_figure(
         # reach (the clip range after rounding the scale and zero point)
         lo, hi = hist.clip
         for v, label in ((lo, "grid low"), (hi, "grid high")):
-            fig.add_shape(
-                type="line",
-                x0=v,
-                x1=v,
-                y0=0,
-                y1=1,
-                yref="paper",
-                line={"color": CLIP_COLOR, "width": 2, "dash": "dash"},
-            )
+            _vline(fig, v, CLIP_COLOR, 2, "dash")
             fig.add_annotation(
                 x=v,
                 y=1,
@@ -152,20 +150,12 @@ def weight_histogram_figure(
                 line={"color": CLIP_COLOR, "dash": "dash"},
             )
         )
-    asked = getattr(hist, "requested", None)
+    asked = hist.requested
     if asked is not None and not np.allclose(asked, hist.clip or (np.nan, np.nan), rtol=1e-6):
         # the clip range asked for, where rounding (asymmetric zero point) or 1 bit (the grid
         # is +-alpha inside it) makes the grid differ from it
         for v in asked:
-            fig.add_shape(
-                type="line",
-                x0=v,
-                x1=v,
-                y0=0,
-                y1=1,
-                yref="paper",
-                line={"color": REQUESTED_COLOR, "width": 1.5, "dash": "dot"},
-            )
+            _vline(fig, v, REQUESTED_COLOR, 1.5, "dot")
         fig.add_trace(
             go.Scatter(
                 x=[None],
