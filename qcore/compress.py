@@ -357,7 +357,11 @@ def compress(
             qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
             if mask is not None and not qparams.binary:
                 codes = _zero_pruned(codes, mask, qparams)
-        new = _weight_after(w, mask, qparams, codes)
+            # the quantizer already dequantized (pruned weights zero): the same values as
+            # ``_weight_after`` gives from the stored codes, so the stats need no second pass
+            new = res.values
+        else:
+            new = _weight_after(w, mask, None, None)
         if q is None:
             encoded = encode_float(new)
         else:
