@@ -121,3 +121,15 @@ def images() -> torch.Tensor:
 def fake_dataset(images: torch.Tensor) -> FakeDataset:
     y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(7))
     return FakeDataset(images, y, ("a", "b", "c"))
+
+
+class Residual(nn.Module):
+    """linear, relu, a residual addition, linear: input (N, 4); one "add" edge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)) + x)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import Residual
 from torch import nn
 
 from qcore.activations import activation_edges, calibrate, entropy_threshold
@@ -103,15 +104,6 @@ def test_entropy_threshold_hand_case() -> None:
 
 
 def test_edges_are_inputs_and_additions() -> None:
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.relu(self.a(x)) + x)
-
     graph = graph_of(Residual().eval())
     assert activation_edges(graph) == ["input", "a.input", "add", "b.input"]
     assert activation_edges(graph, ["b"]) == ["input", "add", "b.input"]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_bn_model, make_mlp, state_hash
+from conftest import Residual, make_bn_model, make_mlp, state_hash
 from torch import nn
 
 import qcore
@@ -93,15 +93,6 @@ def test_points_observe_and_fake_quantize_edges(images: torch.Tensor) -> None:
 
 
 def test_points_on_additions() -> None:
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 4)
-            self.b = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.relu(self.a(x)) + x)
-
     torch.manual_seed(0)
     model = Residual().eval()
     g = graph_of(model)
