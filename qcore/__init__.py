@@ -32,6 +32,7 @@ from qcore.models import ModelInfo, check_fit, list_models, load_model, model_in
 from qcore.prune import magnitude_mask, prune_tensor
 from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
 from qcore.refs import DatasetRef, ModelRef
+from qcore.robustness import PERTURBATIONS, flip_bits, noisy_weights, perturb_inputs, robustness
 from qcore.sensitivity import layer_sensitivity, sensitivity_matrix
 from qcore.sweep import SweepGrid, pareto_front, sweep
 from qcore.teach import (
@@ -65,6 +66,8 @@ __all__ = [
     # analyses
     "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
     "mixed_precision", "MixedPrecisionResult", "UniformChoice",
+    # robustness: input noise, FGSM / PGD, weight noise, bit flips
+    "robustness", "PERTURBATIONS", "perturb_inputs", "noisy_weights", "flip_bits",
     # teaching: one weight's journey, the clipping trade-off, hints
     "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
     "trap_hint",
