@@ -25,6 +25,7 @@ from qcore.data import (
 )
 from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
+from qcore.finetune import FinetuneConfig, FinetuneResult, finetune
 from qcore.fold import weight_layers
 from qcore.graph import Graph, graph_of
 from qcore.mixed import MixedPrecisionResult, UniformChoice, mixed_precision
@@ -68,6 +69,8 @@ __all__ = [
     "mixed_precision", "MixedPrecisionResult", "UniformChoice",
     # robustness: input noise, FGSM / PGD, weight noise, bit flips
     "robustness", "PERTURBATIONS", "perturb_inputs", "noisy_weights", "flip_bits",
+    # training-aware compression: quantization-aware fine-tuning
+    "FinetuneConfig", "FinetuneResult", "finetune",
     # teaching: one weight's journey, the clipping trade-off, hints
     "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
     "trap_hint",

@@ -8,6 +8,7 @@ Commands:
   bench           time compress + evaluate against a float evaluation
   sweep           evaluate a grid of configurations into a CSV
   sensitivity     per-layer quantization and pruning sensitivity into a CSV
+  finetune        quantization-aware fine-tuning, then write the packed file
   robustness      accuracy under input noise, FGSM / PGD, weight noise or bit flips
 """
 
@@ -50,6 +51,7 @@ from qcore.sweep import SweepGrid, sweep
 
 __all__ = [
     "COMMANDS", "Parser", "ProgressBar", "main", "main_sensitivity", "main_sweep", "whole_number",
+    "main_finetune",
 ]
 
 T = TypeVar("T")
@@ -431,6 +433,123 @@ def _robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore finetune",
+        description="Fine-tune a sample model with its compression in the forward pass "
+        "(quantization-aware training) on the train split, print float, post-training and "
+        "fine-tuned test accuracy, and write the packed file of the fine-tuned model.",
+    )
+    _compression_args(parser)
+    parser.add_argument("--epochs", type=whole_number, default=1)
+    parser.add_argument("--lr", type=_number_arg, default=None,
+                        help="peak learning rate (default: FinetuneConfig's)")
+    parser.add_argument("--batch-size", type=whole_number, default=64)
+    parser.add_argument("--seed", type=whole_number, default=0)
+    parser.add_argument("--distill", action="store_true",
+                        help="learn from the float model's outputs too (distillation)")
+    parser.add_argument("--temperature", type=_number_arg, default=4.0)
+    parser.add_argument("--alpha", type=_number_arg, default=0.5,
+                        help="weight of the distillation term (default: 0.5)")
+    parser.add_argument("--grad-bits", type=whole_number, default=None,
+                        help="quantize gradients to 2..16 bits (stochastic rounding)")
+    parser.add_argument("--gradual", action="store_true",
+                        help="raise the pruning rate gradually (cubic schedule)")
+    parser.add_argument("--learn-scales", action="store_true",
+                        help="learn the quantization steps (LSQ)")
+    parser.add_argument("--out", type=_out_arg, required=True, help="packed file to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from qcore.finetune import FinetuneConfig, finetune
+
+    ft = FinetuneConfig(
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, distill=args.distill,
+        temperature=args.temperature, alpha=args.alpha, grad_bits=args.grad_bits,
+        prune_schedule="gradual" if args.gradual else "oneshot", learn_scales=args.learn_scales,
+        **({} if args.lr is None else {"lr": args.lr}),
+    )  # fmt: skip
+    model, test = _load(args.model, args.dataset)
+    cfg = _config(args, model)
+    name = args.dataset or model_info(args.model).dataset
+    train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
+    progress = None if args.quiet else ProgressBar("fine-tune")
+    result = finetune(model, train, cfg, ft, calib=calib, progress=progress)
+    before = compress(model, cfg, calib=calib)
+    after = compress(result.model, cfg, calib=calib)
+    base = evaluate(model, test).accuracy
+    ptq = evaluate(before.model, test).accuracy
+    tuned = evaluate(after.model, test).accuracy
+    steps = int(result.history["step"].max())
+    print(f"float accuracy         {base:.4f}")
+    print(f"post-training accuracy {ptq:.4f} ({ptq - base:+.4f})")
+    print(f"fine-tuned accuracy    {tuned:.4f} ({tuned - base:+.4f}), {steps} steps in "
+          f"{result.seconds:.1f} s")
+    print(f"packed size            {after.size_bytes:,} B of {after.float_size_bytes:,} B float "
+          f"({after.ratio:.2f}x smaller)")
+    n = _write(args.out, lambda out: export_packed(after, out))
+    print(f"wrote {args.out}: {n:,} bytes")
+    return 0
+
+
+def main_finetune(argv: list[str]) -> int:
+    """``python -m qcore finetune``: quantization-aware fine-tuning into a packed file."""
+    return _run(_finetune_parser(), _finetune, argv)
+
+
+def _robustness_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore robustness",
+        description="Accuracy of the float model (no --bits) or of one compressed "
+        "configuration as a perturbation grows, on the test split: gaussian input noise "
+        "(std in normalised input units), FGSM / PGD (epsilon in pixel units 0..1, white "
+        "box), weight_noise (relative std) or bitflip (fraction of stored bits).",
+    )
+    _compression_args(parser)
+    parser.set_defaults(bits=None)  # without --bits: the float model
+    parser.add_argument("--perturbation", default="fgsm", choices=PERTURBATIONS)
+    parser.add_argument("--strengths", nargs="+", type=_number_arg,
+                        default=[0.0, 0.05, 0.1, 0.2], help="default: 0 0.05 0.1 0.2")
+    parser.add_argument("--seed", type=whole_number, default=0)
+    parser.add_argument("--seeds", type=whole_number, default=3,
+                        help="draws averaged for weight_noise and bitflip (default: 3)")
+    parser.add_argument("--steps", type=whole_number, default=10, help="PGD steps (default: 10)")
+    parser.add_argument("--limit", type=whole_number, default=None,
+                        help="only the first N test images (default: all)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    model, data = _load(args.model, args.dataset)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be 1 or more; got {args.limit}.")
+        data = replace(data, x=data.x[: args.limit], y=data.y[: args.limit],
+                       indices=data.indices[: args.limit])
+    cfg = _config(args, model)
+    plain = cfg.quant is None and cfg.prune is None and cfg.act is None
+    target = model
+    if not plain or args.perturbation == "bitflip":  # bit flips need the stored form
+        target = compress(model, cfg, calib=_calib(args, cfg))
+    label = "float32" if plain else f"{args.bits}-bit" if args.bits else "compressed"
+    progress = None if args.quiet else ProgressBar(args.perturbation)
+    df = robustness(target, data, args.perturbation, args.strengths, seed=args.seed,
+                    seeds=args.seeds, steps=args.steps, progress=progress)
+    df.insert(0, "variant", label)
+    if args.csv:
+        print(df.to_csv(index=False), end="")
+        return 0
+    print(f"{args.model} ({label}) on {data.name} test split, {len(data.y)} images; "
+          f"strength = {df.attrs['unit']}")
+    print(df.drop(columns=["perturbation", "variant"]).to_string(
+        index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def main_sweep(argv: list[str]) -> int:
     """``python -m qcore sweep``: one CSV row per configuration of the grid."""
     return _run(_sweep_parser(), _sweep, argv)
@@ -460,6 +579,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bench": _bench,
     "sweep": main_sweep,
     "sensitivity": main_sensitivity,
+    "finetune": main_finetune,
     "robustness": lambda argv: _run(_robustness_parser(), _robustness, argv),
 }
 
