@@ -19,7 +19,19 @@ Encodings of a weight tensor (n weights, "stored" = the values actually written)
   (what structured pruning leaves); per-channel scales only for the channels kept.
 
 Zeros made by rounding count like pruned zeros: "nonzero" means a code other than the zero
-code. Quantized tensors start with their float32 scales (and int32 zero points when
+code. A k-means codebook tensor (kind ``codebook``, :mod:`qcore.kmeans`) has no zero code:
+its float32 centroids come first, then b-bit centroid indices; only its pruning mask makes
+zeros, so it is dense only when nothing is pruned.
+
+With entropy coding allowed (``entropy="huffman"``), the weight codes and the
+relative-index entries may each be stored as canonical Huffman codes
+(:mod:`qcore.huffman`): a table of code lengths (5 bits per symbol), then the coded
+stream. Each stream keeps whichever form is smaller, table included, and the relative
+index its best width under Huffman coding; the header then says ``code_coding`` /
+``index_coding`` = ``"huffman"`` and the alphabet sizes ``code_symbols`` /
+``index_symbols`` (absent for fixed-width streams, so older files read as before).
+
+Quantized tensors start with their float32 scales (and int32 zero points when
 asymmetric), one per group (after the bitmap for ``channels``). The cheapest encoding is
 used; on a tie the earlier in the order dense, channels, mask, relidx.
 
@@ -39,15 +51,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from qcore import huffman
 from qcore.affine import QParams, code_range
 
 __all__ = [
     "UIntBlock",
+    "HuffmanBlock",
     "Float32Block",
     "Int32Block",
     "Encoded",
     "encode_quantized",
     "encode_float",
+    "encode_codebook",
     "float_values",
     "decode",
     "relative_index",
@@ -64,6 +79,8 @@ MAX_INDEX_WIDTH = 16
 # weight, and far enough below float32's 3.4e38 that a forward pass through it stays finite
 MAX_MAGNITUDE = 1e30
 ENCODINGS = ("dense", "channels", "mask", "relidx")
+KINDS = ("quant", "float", "codebook")
+ENTROPY = (None, "huffman")
 
 
 def float_bytes(numel: int) -> int:
@@ -113,11 +130,37 @@ class UIntBlock:
     def nbytes(self) -> int:
         return _ceil_bytes(self.count * self.width)
 
+    def bits(self) -> int:
+        return self.count * self.width
+
     def encode(self) -> bytes:
         values = self.make().reshape(-1)
         if values.numel() != self.count:  # a bug, never a user's doing
             raise AssertionError(f"block holds {values.numel()} values, said {self.count}")
         return pack_uint(values.numpy(), self.width)
+
+
+@dataclass(frozen=True, eq=False)
+class HuffmanBlock:
+    """``count`` symbols as canonical Huffman codes of ``lengths``, zero-padded to a byte."""
+
+    count: int
+    lengths: np.ndarray = field(repr=False)  # code length of each symbol (0: absent)
+    total_bits: int  # the coded stream's bits, before padding
+    make: Any = field(repr=False)  # () -> integer tensor of the ``count`` symbols
+    role: str = "codes"  # "codes" or "relidx"
+
+    def bits(self) -> int:
+        return self.total_bits
+
+    def nbytes(self) -> int:
+        return _ceil_bytes(self.total_bits)
+
+    def encode(self) -> bytes:
+        values = self.make().reshape(-1)
+        if values.numel() != self.count:  # a bug, never a user's doing
+            raise AssertionError(f"block holds {values.numel()} values, said {self.count}")
+        return huffman.encode(values.numpy(), self.lengths)
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +179,9 @@ class Float32Block:
     def nbytes(self) -> int:
         return FLOAT_BYTES * self.count
 
+    def bits(self) -> int:
+        return 8 * self.nbytes()
+
     def encode(self) -> bytes:
         flat = self.values.detach().reshape(-1)
         if self.select is not None:
@@ -153,6 +199,9 @@ class Int32Block:
     def nbytes(self) -> int:
         return 4 * self.values.numel()
 
+    def bits(self) -> int:
+        return 8 * self.nbytes()
+
     def encode(self) -> bytes:
         return self.values.reshape(-1).numpy().astype("<i4").tobytes()
 
@@ -167,18 +216,21 @@ class Int8Block:
     def nbytes(self) -> int:
         return self.values.numel()
 
+    def bits(self) -> int:
+        return 8 * self.nbytes()
+
     def encode(self) -> bytes:
         return self.values.reshape(-1).numpy().astype("i1").tobytes()
 
 
-Block = UIntBlock | Float32Block | Int32Block | Int8Block
+Block = UIntBlock | HuffmanBlock | Float32Block | Int32Block | Int8Block
 
 
 @dataclass(frozen=True, eq=False)
 class Encoded:
     """One tensor in packed form: its blocks and the header fields that describe them."""
 
-    kind: str  # "quant" or "float"
+    kind: str  # "quant", "float" or "codebook"
     encoding: str  # one of ENCODINGS
     blocks: tuple[Block, ...] = field(repr=False)
     fields: dict[str, Any] = field(default_factory=dict)  # JSON-safe, for the file header
@@ -195,6 +247,10 @@ class Encoded:
     def bytes_of(self, role: str) -> int:
         """Bytes of the blocks with ``role`` ("codes", "values", "scales", "mask", ...)."""
         return sum(b.nbytes() for b in self.blocks if b.role == role)
+
+    def bits_of(self, *roles: str) -> int:
+        """Bits of the blocks with one of ``roles``, before each block's padding to a byte."""
+        return sum(b.bits() for b in self.blocks if b.role in roles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,10 +308,72 @@ def positions_from_stream(stream: torch.Tensor, width: int) -> torch.Tensor:
 # Choosing an encoding
 
 
+def _huffman_blocks(
+    counts: np.ndarray, count: int, make: Any, role: str, prefix: str
+) -> tuple[tuple[Block, ...], dict[str, Any]]:
+    """A stream's code table and Huffman-coded symbols (``counts``: how often each
+    symbol occurs, trailing zeros cut), and the header fields that name them."""
+    lengths = huffman.code_lengths(counts)
+    table = UIntBlock(lengths.size, huffman.LENGTH_BITS, lambda: torch.from_numpy(lengths),
+                      "table")  # fmt: skip
+    stream = HuffmanBlock(count, lengths, huffman.encoded_bits(counts, lengths), make, role)
+    return (table, stream), {f"{prefix}_coding": "huffman", f"{prefix}_symbols": lengths.size}
+
+
+def _coded(
+    count: int, width: int, make: Any, role: str, prefix: str, entropy: str | None
+) -> tuple[tuple[Block, ...], dict[str, Any]]:
+    """``count`` symbols of ``width`` bits: fixed width, or Huffman coded with its table
+    when that is smaller (only with ``entropy="huffman"``)."""
+    fixed = UIntBlock(count, width, make, role)
+    if entropy is None or count == 0:
+        return (fixed,), {}
+    counts = torch.bincount(make().reshape(-1).to(torch.int64)).numpy()
+    coded, fields = _huffman_blocks(counts, count, make, role, prefix)
+    if sum(b.nbytes() for b in coded) < fixed.nbytes():
+        return coded, fields
+    return (fixed,), {}
+
+
+def _relidx(
+    nonzero: torch.Tensor, entropy: str | None
+) -> tuple[tuple[Block, ...], dict[str, Any]]:
+    """The relative index at its cheapest width: fixed width, or (``entropy="huffman"``)
+    Huffman coded at whichever width makes table and stream smallest."""
+    width, rel_bits = relative_index(nonzero)
+    fixed = UIntBlock(rel_bits // width, width, lambda: relative_index_stream(nonzero, width),
+                      "relidx")  # fmt: skip
+    best: tuple[tuple[Block, ...], dict[str, Any]] = ((fixed,), {"index_width": width})
+    if entropy is None or fixed.count == 0:
+        return best
+    best_bytes = fixed.nbytes()
+    gaps = torch.bincount(_gaps(nonzero)).numpy()
+    lengths = np.flatnonzero(gaps)  # the distinct gap lengths, and how often each occurs
+    often = gaps[lengths]
+    longest = int(lengths.max())
+    for r in range(1, MAX_INDEX_WIDTH + 1):
+        escape = 2**r - 1
+        # a gap g is g // escape escape entries and one entry g % escape
+        counts = np.bincount(lengths % escape, weights=often, minlength=escape + 1)
+        counts[escape] += float(np.sum((lengths // escape) * often))
+        counts = np.round(counts).astype(np.int64)
+        counts = counts[: int(np.flatnonzero(counts).max()) + 1]
+        entries = int(counts.sum())
+        blocks, fields = _huffman_blocks(
+            counts, entries, lambda r=r: relative_index_stream(nonzero, r), "relidx", "index"
+        )
+        size = sum(b.nbytes() for b in blocks)
+        if size < best_bytes:
+            best, best_bytes = (blocks, {"index_width": r, **fields}), size
+        if escape > longest:  # wider streams hold the same entries: the same code
+            break
+    return best
+
+
 def _index_candidates(
-    nonzero: torch.Tensor, value_bits: int, dense: bool = True
-) -> list[tuple[str, UIntBlock]]:
-    """(encoding, index block) for the sparse encodings worth pricing."""
+    nonzero: torch.Tensor, value_bits: int, dense: bool = True, entropy: str | None = None
+) -> list[tuple[str, tuple[Block, ...], dict[str, Any]]]:
+    """(encoding, index blocks, header fields) for the sparse encodings worth pricing."""
     n = nonzero.numel()
     k = int(nonzero.sum())
     # a sparse form saves at most value_bits * (n - k) bits and its index costs at least
@@ -264,11 +382,9 @@ def _index_candidates(
     if dense and value_bits * (n - k) < min(n, k):
         return []
     mask_block = UIntBlock(n, 1, lambda: nonzero.to(torch.uint8), "mask")
-    out = [("mask", mask_block)]
-    width, rel_bits = relative_index(nonzero)
-    rel = UIntBlock(rel_bits // width, width, lambda: relative_index_stream(nonzero, width),
-                    "relidx")
-    out.append(("relidx", rel))
+    out = [("mask", (mask_block,), {"index_width": 0})]
+    rel, fields = _relidx(nonzero, entropy)
+    out.append(("relidx", rel, fields))
     return out
 
 
@@ -297,12 +413,14 @@ def encode_quantized(
     symmetric: bool,
     mask: torch.Tensor | None = None,
     pow2: bool = False,
+    entropy: str | None = None,
 ) -> Encoded:
     """The cheapest packed form of a quantized tensor.
 
     ``codes`` has the tensor's shape (pruned weights already at the zero code when
     ``bits >= 2``); ``mask`` (True = kept) is what pruning left, needed at 1 bit where no
-    zero code exists.
+    zero code exists. ``entropy="huffman"`` lets the codes and the relative index be
+    Huffman coded where that is smaller.
     """
     shape = tuple(codes.shape)
     groups = int(qp.scale.numel())
@@ -328,17 +446,19 @@ def encode_quantized(
             blocks.append(Int32Block(zp))
         return blocks
 
-    def code_block(select: torch.Tensor | None, count: int) -> UIntBlock:
+    def code_block(select: torch.Tensor | None, count: int):
         # widened first: int8 codes minus qmin would overflow
         if select is None:
-            return UIntBlock(count, bits, lambda: flat.to(torch.int32) - qp.qmin)
-        return UIntBlock(count, bits, lambda: flat[select].to(torch.int32) - qp.qmin)
+            return _coded(count, bits, lambda: flat.to(torch.int32) - qp.qmin, "codes", "code",
+                          entropy)  # fmt: skip
+        return _coded(count, bits, lambda: flat[select].to(torch.int32) - qp.qmin, "codes",
+                      "code", entropy)  # fmt: skip
 
     candidates = []
     has_dense = nonzero is None or not qp.binary
     if has_dense:
-        candidates.append(Encoded("quant", "dense", (*params(), code_block(None, n)),
-                                  {**base, "kept": n}))  # fmt: skip
+        cb, cf = code_block(None, n)
+        candidates.append(Encoded("quant", "dense", (*params(), *cb), {**base, "kept": n, **cf}))
     if nonzero is not None and not bool(nonzero.all()):
         alive = _dead_channels(nonzero, shape)
         keep = None if alive is None else alive.repeat_interleave(n // shape[0])
@@ -346,18 +466,72 @@ def encode_quantized(
         if keep is not None and (has_dense or torch.equal(keep, nonzero)):
             kept = int(keep.sum())
             sel = alive if per_channel else None
+            cb, cf = code_block(keep, kept)
             candidates.append(Encoded(
                 "quant", "channels",
                 (UIntBlock(shape[0], 1, lambda: alive.to(torch.uint8), "channels"), *params(sel),
-                 code_block(keep, kept)),
-                {**base, "kept": kept},
+                 *cb),
+                {**base, "kept": kept, **cf},
             ))  # fmt: skip
         k = int(nonzero.sum())
-        for enc, index in _index_candidates(nonzero, bits, dense=has_dense):
+        index_candidates = _index_candidates(nonzero, bits, dense=has_dense, entropy=entropy)
+        if index_candidates:
+            cb, cf = code_block(nonzero, k)
+        for enc, index, fields in index_candidates:
             candidates.append(Encoded(
-                "quant", enc, (*params(), code_block(nonzero, k), index),
-                {**base, "kept": k, "index_width": index.width if enc == "relidx" else 0},
+                "quant", enc, (*params(), *cb, *index), {**base, "kept": k, **cf, **fields},
             ))  # fmt: skip
+    return _cheapest(candidates)
+
+
+def encode_codebook(
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    bits: int,
+    *,
+    mask: torch.Tensor | None = None,
+    entropy: str | None = None,
+) -> Encoded:
+    """The cheapest packed form of a shared-weight (k-means) tensor.
+
+    ``codes`` (the tensor's shape) index ``codebook`` (float32, at most 2^bits centroids)
+    where ``mask`` keeps a weight; a pruned weight's code is ignored (it is zero by its
+    mask: the codebook has no zero code).
+    """
+    shape = tuple(codes.shape)
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    nonzero = None if mask is None or bool(mask.all()) else mask.reshape(-1)
+    base = {"bits": bits, "centroids": int(codebook.numel())}
+    book = Float32Block(codebook.reshape(-1), "codebook")
+
+    def code_block(select: torch.Tensor | None, count: int):
+        if select is None:
+            return _coded(count, bits, lambda: flat.to(torch.int32), "codes", "code", entropy)
+        return _coded(count, bits, lambda: flat[select].to(torch.int32), "codes", "code",
+                      entropy)  # fmt: skip
+
+    if nonzero is None:
+        cb, cf = code_block(None, n)
+        return Encoded("codebook", "dense", (book, *cb), {**base, "kept": n, **cf})
+    candidates = []
+    alive = _dead_channels(nonzero, shape)
+    if alive is not None:
+        keep = alive.repeat_interleave(n // shape[0])
+        if torch.equal(keep, nonzero):  # every weight of a kept channel kept
+            kept = int(keep.sum())
+            cb, cf = code_block(keep, kept)
+            candidates.append(Encoded(
+                "codebook", "channels",
+                (UIntBlock(shape[0], 1, lambda: alive.to(torch.uint8), "channels"), book, *cb),
+                {**base, "kept": kept, **cf},
+            ))  # fmt: skip
+    k = int(nonzero.sum())
+    cb, cf = code_block(nonzero, k)
+    for enc, index, fields in _index_candidates(nonzero, bits, dense=False, entropy=entropy):
+        candidates.append(Encoded(
+            "codebook", enc, (book, *cb, *index), {**base, "kept": k, **cf, **fields},
+        ))  # fmt: skip
     return _cheapest(candidates)
 
 
@@ -367,8 +541,9 @@ def float_values(values: torch.Tensor) -> Encoded:
                    {"kept": values.numel()})
 
 
-def encode_float(values: torch.Tensor) -> Encoded:
-    """The cheapest packed form of a float32 tensor: dense, or its nonzeros and an index."""
+def encode_float(values: torch.Tensor, entropy: str | None = None) -> Encoded:
+    """The cheapest packed form of a float32 tensor: dense, or its nonzeros and an index
+    (Huffman coded where smaller with ``entropy="huffman"``)."""
     shape = tuple(values.shape)
     flat = values.detach().reshape(-1)
     n = flat.numel()
@@ -384,10 +559,10 @@ def encode_float(values: torch.Tensor) -> Encoded:
                  Float32Block(flat, select=keep)),
                 {"kept": int(keep.sum())},
             ))  # fmt: skip
-        for enc, index in _index_candidates(nonzero, 32):
+        for enc, index, fields in _index_candidates(nonzero, 32, entropy=entropy):
             candidates.append(Encoded(
-                "float", enc, (Float32Block(flat, select=nonzero), index),
-                {"kept": int(nonzero.sum()), "index_width": index.width if enc == "relidx" else 0},
+                "float", enc, (Float32Block(flat, select=nonzero), *index),
+                {"kept": int(nonzero.sum()), **fields},
             ))  # fmt: skip
     return _cheapest(candidates)
 
@@ -439,7 +614,7 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
     numel = math.prod(shape)
     r = _Reader(blob, name)
     kind, encoding = fields.get("kind"), fields.get("encoding")
-    if kind not in ("quant", "float") or encoding not in ENCODINGS:
+    if kind not in KINDS or encoding not in ENCODINGS:
         raise ValueError(f"Tensor {name!r} has an unknown kind or encoding in the packed file.")
     kept = _int_field(fields, "kept", 0, numel, name)
     channels = shape[0] if len(shape) >= 2 else 0
@@ -452,6 +627,20 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
         if encoding == "channels":
             alive = _channel_bitmap(r, channels)
         vals = r.floats(kept)
+    elif kind == "codebook":
+        bits = _int_field(fields, "bits", 1, 16, name)
+        centroids = _int_field(fields, "centroids", 0, min(2**bits, max(kept, 1)), name)
+        if centroids == 0 and kept:
+            raise ValueError(f"Tensor {name!r} has weights but an empty codebook.")
+        if encoding == "channels":
+            alive = _channel_bitmap(r, channels)
+        book = r.floats(centroids)
+        codes = _read_codes(fields, r, bits, kept, name)
+        if kept and int(codes.max()) >= centroids:
+            raise ValueError(
+                f"Tensor {name!r} has a code beyond its codebook of {centroids} values."
+            )
+        vals = book[codes]
     else:
         bits = _int_field(fields, "bits", 1, 16, name)
         groups = _int_field(fields, "groups", 1, max(numel, 1), name)
@@ -488,7 +677,7 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
         if stored != groups:  # scatter the kept channels' parameters back to every channel
             scale = torch.ones(groups).index_put((alive,), scale)
             zp = torch.zeros(groups, dtype=torch.int64).index_put((alive,), zp)
-        codes = torch.from_numpy(unpack_uint(r.take(_ceil_bytes(bits * kept)), bits, kept)) + qmin
+        codes = _read_codes(fields, r, bits, kept, name) + qmin
     positions = _positions(fields, r, encoding, numel, kept, alive, name)
     if kind == "quant":
         # every stored weight's group: its output channel, or group 0 per tensor
@@ -506,6 +695,41 @@ def decode(fields: dict, blob: bytes, shape: tuple[int, ...], name: str) -> torc
     return out.reshape(shape)
 
 
+def _coding(fields: dict, prefix: str, width: int, name: str) -> int:
+    """0 for a fixed-width stream; the alphabet size of a Huffman-coded one."""
+    coding = fields.get(f"{prefix}_coding")
+    if coding is None:
+        return 0
+    if coding != "huffman":
+        raise ValueError(f"Tensor {name!r} has an unknown {prefix}_coding {_show(coding)}.")
+    return _int_field(fields, f"{prefix}_symbols", 1, 2**width, name)
+
+
+def _huffman_stream(
+    r: _Reader, alphabet: int, count: int, escape: int | None, what: str
+) -> torch.Tensor:
+    """A code table of ``alphabet`` lengths, then symbols until ``count`` of them are not
+    ``escape``; the stream's padding to a byte must be zero bits."""
+    table = r.take(_ceil_bytes(huffman.table_bits(alphabet)))
+    lengths = unpack_uint(table, huffman.LENGTH_BITS, alphabet)
+    huffman.check_lengths(lengths, what)
+    rest = r.buf[r.pos :]
+    symbols, used = huffman.decode(rest, lengths, count, escape, what)
+    tail = np.unpackbits(np.frombuffer(rest[: _ceil_bytes(used)], dtype=np.uint8))[used:]
+    if tail.any():
+        raise ValueError(f"{what} does not end where its header says.")
+    r.take(_ceil_bytes(used))
+    return torch.from_numpy(symbols)
+
+
+def _read_codes(fields: dict, r: _Reader, bits: int, kept: int, name: str) -> torch.Tensor:
+    """The ``kept`` stored codes (int64, from 0), fixed width or Huffman coded."""
+    alphabet = _coding(fields, "code", bits, name)
+    if alphabet:
+        return _huffman_stream(r, alphabet, kept, None, f"The codes of tensor {name!r}")
+    return torch.from_numpy(unpack_uint(r.take(_ceil_bytes(bits * kept)), bits, kept))
+
+
 def _channel_bitmap(r: _Reader, channels: int) -> torch.Tensor:
     bits = np.unpackbits(np.frombuffer(r.take(_ceil_bytes(channels)), dtype=np.uint8))
     return torch.from_numpy(bits[:channels].astype(bool))
@@ -520,6 +744,14 @@ def _positions(fields, r: _Reader, encoding, numel, kept, alive, name) -> torch.
     elif encoding == "mask":
         bits = np.unpackbits(np.frombuffer(r.take(_ceil_bytes(numel)), dtype=np.uint8))[:numel]
         pos = torch.from_numpy(np.nonzero(bits)[0].astype(np.int64))
+    elif _coding(fields, "index", 16, name):
+        width = _int_field(fields, "index_width", 1, MAX_INDEX_WIDTH, name)
+        alphabet = _coding(fields, "index", width, name)
+        what = f"The sparse index of tensor {name!r}"
+        stream = _huffman_stream(r, alphabet, kept, 2**width - 1, what)
+        if r.pos != len(r.buf):
+            raise ValueError(f"{what} does not match its weights.")
+        pos = positions_from_stream(stream, width)
     else:
         width = _int_field(fields, "index_width", 1, MAX_INDEX_WIDTH, name)
         rest = len(r.buf) - r.pos

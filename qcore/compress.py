@@ -5,6 +5,9 @@ The result is one :class:`LayerResult` per compressed layer (mask, qparams, code
 smallest integer dtype, the packed form) and a :class:`CompressedModel` that runs the
 model's shared traced graph (:mod:`qcore.graph`) with the dequantized weights, derived
 from codes and qparams when it runs. ``size_bytes`` is the sum of what the codecs write.
+With ``QuantConfig(codebook="kmeans")`` a layer's kept weights share a k-means codebook
+(:mod:`qcore.kmeans`) instead of a uniform grid: its record holds the codebook and the
+centroid index of each weight, and no qparams.
 """
 
 from __future__ import annotations
@@ -17,11 +20,19 @@ import torch
 from torch import nn
 
 from qcore.activations import ActRange, act_points, activation_edges, calibrate
-from qcore.codecs import Encoded, encode_float, encode_quantized, float_bytes, float_values
+from qcore.codecs import (
+    Encoded,
+    encode_codebook,
+    encode_float,
+    encode_quantized,
+    float_bytes,
+    float_values,
+)
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
 from qcore.fold import state_for_size
 from qcore.graph import Graph, graph_of, param_key
+from qcore.kmeans import kmeans_codebook
 from qcore.prune import global_masks, layer_mask
 from qcore.quant import QParams, dequantize_codes, quantize_prechecked
 
@@ -37,8 +48,10 @@ class LayerResult:
     shape: tuple[int, ...]
     float_weight: torch.Tensor  # the shared (folded) float weight, not a copy
     mask: torch.Tensor | None  # bool, True = kept; None when unpruned
-    qparams: QParams | None  # None when left in float
-    codes: torch.Tensor | None  # int8/int16/int32, the weight's shape; pruned at the zero code
+    qparams: QParams | None  # None when left in float or shared by a k-means codebook
+    # int8/int16/int32, the weight's shape; pruned at the zero code (with a codebook: the
+    # centroid of each weight, 0 where pruned)
+    codes: torch.Tensor | None
     bits: int  # 32 when left in float
     per_channel: bool
     symmetric: bool
@@ -54,6 +67,7 @@ class LayerResult:
     rounded_zero: float = 0.0  # fraction kept by pruning whose compressed value is exactly 0
     weight_energy: float = 0.0  # ||w||^2 (float64), the numerator of sqnr_db
     error_energy: float = 0.0  # ||w - q(w)||^2 (float64), its denominator
+    codebook: torch.Tensor | None = None  # (C,) float32 shared values (k-means), else None
 
     @property
     def scales(self) -> torch.Tensor | None:
@@ -91,12 +105,52 @@ class LayerResult:
 
     @property
     def changed(self) -> bool:
-        return self.qparams is not None or self.mask is not None
+        return self.qparams is not None or self.mask is not None or self.codebook is not None
 
     @property
     def dequantized(self) -> torch.Tensor:
         """The weight the compressed model runs with (derived, not stored)."""
+        if self.codebook is not None:
+            return _shared(self.codebook, self.codes, self.mask)
         return _weight_after(self.float_weight, self.mask, self.qparams, self.codes)
+
+    @property
+    def size_parts(self) -> dict[str, int]:
+        """Where the layer's packed bytes go; the values sum to ``size_bytes``.
+
+        ``code_bytes``: the weight codes (or float32 values of a float layer);
+        ``index_bytes``: where the kept weights are (mask, relative index, channel bitmap);
+        ``codebook_bytes``: the k-means centroids; ``table_bytes``: Huffman code tables;
+        ``scale_bytes``: scales, zero points, exponents; ``bias_bytes``: the float32 bias.
+        """
+        e = self.encoded
+        return {
+            "code_bytes": e.bytes_of("codes") + e.bytes_of("values"),
+            "index_bytes": e.bytes_of("mask") + e.bytes_of("relidx") + e.bytes_of("channels"),
+            "codebook_bytes": e.bytes_of("codebook"),
+            "table_bytes": e.bytes_of("table"),
+            "scale_bytes": e.bytes_of("scales") + e.bytes_of("zero_points")
+            + e.bytes_of("exponents"),
+            "bias_bytes": self.size_bytes - e.nbytes(),
+        }  # fmt: skip
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the weight codes (float32 values of a float layer), before padding."""
+        return self.encoded.bits_of("codes", "values")
+
+    @property
+    def index_bits(self) -> int:
+        """Bits that say where the kept weights are (mask, relative index, channel bitmap)."""
+        return self.encoded.bits_of("mask", "relidx", "channels")
+
+
+def _shared(codebook: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A shared-weight layer: each weight its centroid, pruned weights exactly zero."""
+    if codebook.numel() == 0:  # every weight pruned
+        return torch.zeros(codes.shape)
+    values = codebook[codes.long()]
+    return values if mask is None else torch.where(mask, values, torch.zeros(()))
 
 
 def _weight_after(
@@ -349,9 +403,13 @@ def compress(
     results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
-        qparams = codes = None
+        qparams = codes = codebook = None
         bits, per_channel = 32, False
-        if q is not None:
+        if q is not None and q.codebook == "kmeans":
+            bits = q.bits_for(n)
+            shared = kmeans_codebook(w, bits, mask)
+            codebook, codes, new = shared.codebook, shared.codes, shared.values
+        elif q is not None:
             gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
             res = quantize_prechecked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
             qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
@@ -363,11 +421,13 @@ def compress(
         else:
             new = _weight_after(w, mask, None, None)
         if q is None:
-            encoded = encode_float(new)
+            encoded = encode_float(new, config.entropy)
+        elif codebook is not None:
+            encoded = encode_codebook(codes, codebook, bits, mask=mask, entropy=config.entropy)
         else:
             encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
                                        symmetric=q.symmetric, mask=mask,
-                                       pow2=q.scale == "pow2")
+                                       pow2=q.scale == "pow2", entropy=config.entropy)
         bias = graph.params.get(param_key(n, "bias"))
         bias_numel = 0 if bias is None else bias.numel()
         n_zero = int((new == 0).sum())
@@ -390,7 +450,7 @@ def compress(
             sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
             size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
-            act=activations.get(f"{n}.input"),
+            act=activations.get(f"{n}.input"), codebook=codebook,
         ))  # fmt: skip
 
     layers = tuple(results)

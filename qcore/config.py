@@ -35,6 +35,7 @@ __all__ = [
     "FLOAT", "MAX_PRUNE", "ClipRange", "CLIP_RANGES", "Settings", "SETTING_KEYS",
     "parse_bool", "parse_number", "parse_bits", "parse_layer_bits", "parse_flat",
     "ActObserver", "ACT_OBSERVERS", "ActQuantConfig", "ScaleMode", "SCALE_MODES",
+    "Codebook", "CODEBOOKS", "Entropy", "ENTROPY_CODINGS",
 ]  # fmt: skip
 
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
@@ -42,12 +43,16 @@ Rounding = Literal["nearest", "stochastic"]
 Scope = Literal["layer", "global"]
 ActObserver = Literal["minmax", "percentile", "mse", "entropy"]
 ScaleMode = Literal["float", "pow2"]
+Codebook = Literal["uniform", "kmeans"]
+Entropy = Literal["huffman"]
 
 CLIP_MODES: tuple[str, ...] = ("ratio", "absolute", "sigma", "percentile", "mse")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 SCOPES: tuple[str, ...] = ("layer", "global")
 ACT_OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
 SCALE_MODES: tuple[str, ...] = ("float", "pow2")
+CODEBOOKS: tuple[str, ...] = ("uniform", "kmeans")
+ENTROPY_CODINGS: tuple[str, ...] = ("none", "huffman")  # flat values; "none" is entropy=None
 MIN_BITS, MAX_BITS = 1, 16
 MAX_SEED = 2**32 - 1  # stochastic rounding seeds a torch.Generator with seed * 1_000_003 + i
 
@@ -116,6 +121,12 @@ class QuantConfig:
     ``scale="pow2"`` makes every scale a power of two (fixed point: a weight is stored as
     round(w * 2^p) and dequantized by a shift); the file then stores the exponent in a
     signed byte instead of a float32 scale.
+
+    ``codebook="kmeans"`` shares weights instead (Deep Compression): each layer's kept
+    weights are clustered into at most 2^bits centroids by k-means (:mod:`qcore.kmeans`),
+    stored as a float32 codebook and a ``bits``-bit index per weight. It is per tensor
+    (``per_channel=True`` is refused) and ignores clip, clip_mode, symmetric, rounding and
+    scale: the centroids are fitted to the weights themselves.
     """
 
     bits: int = 8  # 1..16; 1 means sign(w) * mean|w|
@@ -129,9 +140,16 @@ class QuantConfig:
     # layer; a mapping is accepted and stored sorted so that the config stays hashable.
     layer_bits: tuple[tuple[str, int], ...] = field(default=())
     scale: ScaleMode = "float"  # or "pow2": every scale a power of two
+    codebook: Codebook = "uniform"  # or "kmeans": 2^bits shared values per layer
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", check_bits(self.bits))
+        _check_choice("codebook", self.codebook, CODEBOOKS)
+        if self.codebook == "kmeans" and self.per_channel:
+            raise ValueError(
+                "A k-means codebook is shared by the whole layer; turn per-channel scales off "
+                "to use one."
+            )
         _check_choice("scale", self.scale, SCALE_MODES)
         _check_choice("clip_mode", self.clip_mode, CLIP_MODES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
@@ -284,6 +302,8 @@ class CompressionConfig:
     layers: tuple[str, ...] | None = None  # names of weight layers to compress; None = all
     fold_bn: bool = True  # fold BatchNorm into the preceding conv / linear layer first
     act: ActQuantConfig | None = None  # activations stay float unless set (needs calib data)
+    # "huffman": weight codes and relative indices may be Huffman coded (where smaller)
+    entropy: Entropy | None = None
 
     def __post_init__(self) -> None:
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
@@ -292,6 +312,8 @@ class CompressionConfig:
             raise ValueError("prune must be a PruneConfig or None.")
         if self.act is not None and not isinstance(self.act, ActQuantConfig):
             raise ValueError("act must be an ActQuantConfig or None.")
+        if self.entropy is not None and self.entropy != "huffman":
+            raise ValueError(f"entropy must be None or huffman; got {_show(self.entropy)}.")
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ValueError("layers must be a list of layer names, not a single string.")
@@ -312,6 +334,8 @@ class CompressionConfig:
         }
         if self.act is not None:  # absent when off, so files without activations read the same
             d["act"] = self.act.to_dict()
+        if self.entropy is not None:  # absent when off, for the same reason
+            d["entropy"] = self.entropy
         return d
 
     @classmethod
