@@ -379,3 +379,97 @@ def clip_error_curve(
     if comp.layer(layer).qparams is None:
         return None
     return teach.clip_error_curve(comp, layer, points)
+
+
+# --- the Robustness page ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    """One curve's inputs, as primitives: which perturbation, at which strengths, on how
+    many test images (``None`` = all), with how many PGD steps."""
+
+    perturbation: str
+    strengths: tuple[float, ...]
+    limit: int | None = None
+    steps: int = 10
+
+
+def _first_images(data: DatasetRef, limit: int | None):
+    ds = get_dataset(data)
+    if limit is None or limit >= len(ds.y):
+        return ds
+    return replace(ds, x=ds.x[:limit], y=ds.y[:limit], indices=ds.indices[:limit])
+
+
+def _robustness_target(model: ModelRef, settings: Settings, data: DatasetRef, bitflip: bool):
+    """What the perturbation runs on: the float model itself for float settings (bit flips
+    excepted: they need the stored form), else the compressed variant."""
+    plain = settings.bits is None and settings.prune == 0 and settings.abits is None
+    if plain and not bitflip:
+        return get_model(model)
+    comp = get_compressed(model, settings, data)
+    return comp if bitflip else comp.model
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES * 4, show_spinner=False)
+def robustness_table(
+    model: ModelRef, data: DatasetRef, settings: Settings, params: RobustnessParams,
+    _progress=None,
+) -> pd.DataFrame:
+    """``qcore.robustness`` of one setting on the first ``params.limit`` test images."""
+    target = _robustness_target(model, settings, data, params.perturbation == "bitflip")
+    return qcore.robustness(
+        target, _first_images(data, params.limit), params.perturbation, params.strengths,
+        steps=params.steps, progress=_progress,
+    )  # fmt: skip
+
+
+def run_robustness(
+    model: ModelRef, data: DatasetRef, settings: Settings, params: RobustnessParams
+) -> pd.DataFrame:
+    """One robustness curve, from the cache or computed with a progress bar."""
+    settings.to_config()  # a ValueError with a sentence before any thread starts
+    return run_with_progress(
+        robustness_table, model, data, settings, params,
+        text=f"{params.perturbation} on {settings.label()}…",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PerturbedImages:
+    """A few perturbed test images (normalised) and what each model answers on them."""
+
+    images: object  # numpy (K, C, H, W)
+    truth: tuple[str, ...]
+    float_pred: tuple[str, ...]
+    compressed_pred: tuple[str, ...]
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def perturbed_images(
+    model: ModelRef, data: DatasetRef, settings: Settings, perturbation: str, strength: float,
+    count: int = 8, steps: int = 10,
+) -> PerturbedImages:
+    """The first ``count`` test images perturbed against the compressed setting (the
+    attack's target for FGSM / PGD), with the true class and both models' predictions."""
+    import torch
+
+    from qcore.evaluate import runner_of
+
+    ds = get_dataset(data)
+    target = _robustness_target(model, settings, data, False)
+    x = qcore.perturb_inputs(target, ds, perturbation, strength, indices=range(count),
+                             steps=steps)  # fmt: skip
+
+    def names(m) -> tuple[str, ...]:
+        with torch.inference_mode():
+            logits = runner_of(m)(x)
+        ok = torch.isfinite(logits).all(dim=1)
+        return tuple(ds.classes[int(i)] if f else "?" for i, f in
+                     zip(logits.argmax(dim=1), ok, strict=True))  # fmt: skip
+
+    return PerturbedImages(
+        images=x.numpy(), truth=tuple(ds.classes[int(i)] for i in ds.y[:count]),
+        float_pred=names(get_model(model)), compressed_pred=names(target),
+    )  # fmt: skip

@@ -60,6 +60,8 @@ __all__ = [
     "noisy_weights",
     "valid_range",
     "strength_unit",
+    "check_strengths",
+    "parse_strengths",
 ]
 
 INPUT_PERTURBATIONS = ("gaussian", "fgsm", "pgd")
@@ -89,7 +91,8 @@ def _check_perturbation(perturbation: object) -> str:
     return str(perturbation)
 
 
-def _check_strengths(perturbation: str, strengths: Sequence[float]) -> list[float]:
+def check_strengths(perturbation: str, strengths: Sequence[float]) -> list[float]:
+    """The strengths as floats; ValueError with a sentence for one out of range."""
     try:
         values = [float(s) for s in strengths]
     except (TypeError, ValueError):
@@ -103,6 +106,27 @@ def _check_strengths(perturbation: str, strengths: Sequence[float]) -> list[floa
             raise ValueError(
                 f"A {perturbation} strength must be a finite number {what}; got {s:g}."
             )
+    return values
+
+
+def parse_strengths(perturbation: str, text: str, name: str | None = None) -> tuple[float, ...]:
+    """Strengths from text ("0 0.05 0.1" or "0, 0.05"), sorted without repeats, checked as
+    :func:`robustness` checks them; ``name`` names the perturbation in the message.
+
+    >>> parse_strengths("fgsm", "0.1, 0 0.1 0.05")
+    (0.0, 0.05, 0.1)
+    """
+    from qcore.config import parse_number
+
+    name = name or _check_perturbation(perturbation)
+    parts = text.replace(",", " ").split()
+    if not parts:
+        raise ValueError(f"Give at least one strength for {name}.")
+    try:
+        values = tuple(sorted({parse_number(p) for p in parts}))
+    except ValueError as e:
+        raise ValueError(f"{name} strengths: {e}") from None
+    check_strengths(perturbation, values)
     return values
 
 
@@ -239,7 +263,7 @@ def perturb_inputs(
     perturbation = _check_perturbation(perturbation)
     if perturbation not in INPUT_PERTURBATIONS:
         raise ValueError(f"{perturbation} perturbs weights, not inputs.")
-    (strength,) = _check_strengths(perturbation, [strength])
+    (strength,) = check_strengths(perturbation, [strength])
     _check_steps(steps)
     variant = _variant(model)
     bounds = valid_range(dataset)
@@ -302,7 +326,7 @@ def flip_bits(compressed: Compressed, fraction: float, seed: int = 0) -> dict[st
     stores). Nothing of ``compressed`` changes."""
     if not isinstance(compressed, Compressed):
         raise ValueError(_BITFLIP_NEEDS_COMPRESSED)
-    (fraction,) = _check_strengths("bitflip", [fraction])
+    (fraction,) = check_strengths("bitflip", [fraction])
     layers = [(r, *_stored_bits(r)) for r in compressed.layers]
     sizes = [len(kept) * bits for _, kept, bits in layers]
     total = sum(sizes)
@@ -380,7 +404,7 @@ def robustness(
     module docstring for what each perturbation and its strength mean.
     """
     perturbation = _check_perturbation(perturbation)
-    values = _check_strengths(perturbation, strengths)
+    values = check_strengths(perturbation, strengths)
     _check_steps(steps)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed must be a whole number; got {seed!r}.")
