@@ -21,6 +21,12 @@ is the fine-tuned compressed model.
   s_t = s_f (1 - (1 - t / T)^3), T = 3/4 of the steps, recomputing the masks by magnitude
   16 times on the way; the last quarter trains with the final masks. Pruned weights are
   exactly zero and get no gradient.
+- Weight sharing (``codebook="kmeans"``, Deep Compression's centroid fine-tuning): the
+  trained tensors are each layer's centroids, the assignments of weights to centroids
+  fixed; a layer runs with ``centroids[codes]`` (pruned weights zero), so autograd sums
+  the gradients of all weights sharing a centroid into it and the sharing survives
+  training. The returned module holds only those shared values, from which ``compress``
+  re-derives exactly the trained codebook. The masks stay fixed (oneshot only).
 - Distillation: loss = alpha * T^2 * KL(p_teacher || p_student) + (1 - alpha) * CE, with
   p = softmax(logits / T) and the float model as teacher (Hinton et al., 2015).
 - ``grad_bits``: every gradient is quantized to b bits with stochastic rounding before
@@ -59,7 +65,7 @@ from qcore.config import (
 )
 from qcore.data import Dataset
 from qcore.evaluate import evaluate
-from qcore.fold import fold_batchnorm
+from qcore.fold import fold_batchnorm, has_batchnorm, state_for_size
 from qcore.graph import Graph, graph_of, param_key
 from qcore.prune import global_masks, layer_mask
 from qcore.quant import _groups, quantize_prechecked
@@ -72,7 +78,8 @@ from qcore.ste import (
     straight_through,
 )
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "PRUNE_SCHEDULES", "cubic_rate"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "PRUNE_SCHEDULES", "cubic_rate",
+           "shared_weight"]  # fmt: skip
 
 PruneSchedule = Literal["oneshot", "gradual"]
 PRUNE_SCHEDULES: tuple[str, ...] = ("oneshot", "gradual")
@@ -217,6 +224,18 @@ class _Adam:
             p.grad = None
 
 
+def shared_weight(
+    centroids: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A shared-weight layer ``centroids[codes]``, pruned weights exactly zero.
+
+    Differentiable in ``centroids``: dL/dc_k is the sum of dL/dw over the kept weights
+    assigned to centroid k (Deep Compression's shared-weight update).
+    """
+    w = centroids[codes.long()]
+    return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+
+
 class _Student:
     """The trained tensors of the compressed layers and the compressed forward pass."""
 
@@ -245,11 +264,19 @@ class _Student:
                 if r.qparams is not None and not r.qparams.binary:
                     self.steps[r.name] = r.qparams.scale.clone().requires_grad_(True)
                     self.zero_points[r.name] = r.qparams.zero_point.clone()
+        # weight sharing: the centroids are trained, each weight's centroid fixed
+        self.centroids: dict[str, torch.Tensor] = {}
+        self.codes: dict[str, torch.Tensor] = {}
+        for r in base.layers:
+            if r.codebook is not None:
+                self.centroids[r.name] = r.codebook.clone().requires_grad_(True)
+                self.codes[r.name] = r.codes.long()
         self.points: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.set_activations(base.activations)
 
     def trainables(self) -> list[torch.Tensor]:
-        return [*self.weights.values(), *self.biases.values(), *self.steps.values()]
+        free = [w for n, w in self.weights.items() if n not in self.centroids]
+        return [*free, *self.biases.values(), *self.steps.values(), *self.centroids.values()]
 
     def set_activations(self, ranges: Mapping[str, ActRange]) -> None:
         """Straight-through fake-quant points on the calibrated edges."""
@@ -274,6 +301,8 @@ class _Student:
         policy, codes and rounding seed); the gradient passes inside the clip range.
         """
         w, mask, q = self.weights[n], self.masks.get(n), self.config.quant
+        if n in self.centroids:
+            return shared_weight(self.centroids[n], self.codes[n], mask)
         if q is None:
             return w if mask is None else w * mask
         if n in self.steps:  # learned steps (LSQ)
@@ -317,6 +346,8 @@ class _Student:
         q = self.config.quant
         for n in self.names:
             w = self.weights[n].detach().clone()
+            if n in self.centroids:
+                w = shared_weight(self.centroids[n], self.codes[n], self.masks.get(n)).detach()
             if n in self.steps:
                 per_channel = q.per_channel and w.dim() >= 2
                 w2, s, zp = _groups(w, per_channel), self.steps[n].detach(), self.zero_points[n]
@@ -335,11 +366,35 @@ class _Student:
 
 def _float_module(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                   fold_bn: bool) -> nn.Module:
-    """A new module with ``tensors`` swapped in: a copy of the folded model when BatchNorm
-    is folded (the trained weights are the folded ones), else of ``model``. Removed blocks
-    (``config.drop``) stay in it, untouched: ``compress`` removes them again."""
-    src = fold_batchnorm(model) if fold_bn else model
-    out = copy.deepcopy(src)
+    """A new module of ``model``'s own structure with ``tensors`` (state-dict keys of the
+    graph) swapped in.
+
+    With BatchNorm folded, the trained weights are the folded ones: each folded BatchNorm
+    becomes ``nn.Identity`` and its conv / linear layer takes the folded weight and bias,
+    so folding the result again changes nothing. The module keeps its submodules' names,
+    so removed blocks (``config.drop``) stay in it, untouched: ``compress`` removes them again.
+    """
+    out = copy.deepcopy(model)
+    if fold_bn and has_batchnorm(model):
+        folded = state_for_size(fold_batchnorm(model))
+        traced = graph_of(model, fold_bn=False)
+        for node in traced.nodes:
+            if node.op != "call_module":
+                continue
+            bn = traced.module.get_submodule(node.target)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                continue
+            if any(k.startswith(f"{node.target}.") for k in folded):
+                continue  # not folded (its layer's output is used elsewhere too)
+            layer = out.get_submodule(node.args[0].target)
+            if layer.bias is None:  # folding gives every layer a bias
+                layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]),
+                                          requires_grad=layer.weight.requires_grad)
+            out.set_submodule(node.target, nn.Identity())
+        state = state_for_size(out)
+        if set(state) != set(folded):  # a structure the folding changed otherwise
+            out = copy.deepcopy(fold_batchnorm(model))
+        tensors = {**folded, **tensors}
     if hasattr(model, "qcore_spec"):
         out.qcore_spec = copy.deepcopy(model.qcore_spec)
     state = out.state_dict(keep_vars=True)
@@ -392,9 +447,11 @@ def finetune(
     if not isinstance(ft, FinetuneConfig):
         raise ValueError("ft must be a FinetuneConfig.")
     _check_splits(train, calib)
-    if config.quant is not None and getattr(config.quant, "codebook", "uniform") != "uniform":
-        raise ValueError("Fine-tuning a k-means codebook is not supported yet; use uniform "
-                         "quantization (codebook='uniform').")
+    if (config.quant is not None and config.quant.codebook == "kmeans" and config.prunes
+            and ft.prune_schedule == "gradual"):
+        raise ValueError("Centroid fine-tuning keeps the pruning masks and the weights' "
+                         "centroids fixed; use prune_schedule='oneshot' with a k-means "
+                         "codebook.")
     # validates the config against the model (layers, bits, NaN weights, calib for
     # activations) and gives the starting masks, ranges and post-training accuracy
     base = compress(model, config, calib=calib)

@@ -12,6 +12,7 @@ import torch
 from conftest import FakeDataset, make_bn_model, make_mlp, state_hash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import qcore
 from qcore.affine import qparams_from_range
@@ -365,3 +366,60 @@ def test_cli_bad_arguments_are_one_error_line(argv, words, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert all(w in err for w in words)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ removed blocks
+
+
+class BNChain(nn.Module):
+    """conv+BN stem, a residual block with BatchNorm (removable), a shape-changing conv, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding=1))  # fmt: skip
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8 * 3 * 3, 3)
+        self.qcore_spec = {"input_shape": [1, 6, 6]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + self.block(h)
+        return self.head(torch.relu(self.down(h)).flatten(1))
+
+
+def test_folded_result_keeps_the_model_structure(images):
+    """BatchNorm folded: the result is the model's own class, each folded BatchNorm an
+    identity and its layer holding the trained folded weights (with a new bias)."""
+    torch.manual_seed(0)
+    model = BNChain().eval()
+    cfg = CompressionConfig(quant=QuantConfig(bits=3))
+    result = _run(model, _split(32, 9), cfg, FinetuneConfig(batch_size=16))
+    m = result.model
+    assert type(m) is BNChain and isinstance(m.stem[1], nn.Identity)
+    assert isinstance(m.block[1], nn.Identity) and m.stem[0].bias is not None
+    assert model.stem[0].bias is None and isinstance(model.stem[1], nn.BatchNorm2d)
+    assert not qcore.fold.has_batchnorm(m)
+    folded = qcore.fold.state_for_size(qcore.fold.fold_batchnorm(model))
+    assert set(qcore.fold.state_for_size(m)) == set(folded)
+
+
+@pytest.mark.skipif(not hasattr(CompressionConfig(), "drop"), reason="no layer removal yet")
+def test_removed_blocks_are_skipped_and_kept_for_compress(images):
+    torch.manual_seed(0)
+    model = BNChain().eval()
+    cfg = CompressionConfig(quant=QuantConfig(bits=4), drop=("block",))
+    calib = _split(32, 5, "calib")
+    result = _run(model, _split(48, 9), cfg, FinetuneConfig(batch_size=16, distill=True),
+                  calib=calib)
+    # the block's weights were not trained: they are the folded float ones
+    folded = qcore.fold.state_for_size(qcore.fold.fold_batchnorm(model))
+    state = result.model.state_dict()
+    for k in ("block.0.weight", "block.0.bias", "block.3.weight"):
+        assert torch.equal(state[k], folded[k])
+    assert not torch.equal(state["down.weight"], folded["down.weight"])
+    again = qcore.compress(result.model, cfg, calib=calib)
+    assert [r.name for r in again.layers] == ["stem.0", "down", "head"]
+    acc = qcore.evaluate(again.model, calib).accuracy
+    assert result.history["calib_accuracy"].iloc[-1] == acc
