@@ -32,6 +32,7 @@ PAGES = [
     st.Page("pages/views/mixed.py", title="Mixed precision",
             icon=":material/stacked_bar_chart:"),  # fmt: skip
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
+    st.Page("pages/views/finetune.py", title="Fine-tune", icon=":material/model_training:"),
 ]
 
 init_session()

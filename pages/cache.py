@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -43,9 +45,40 @@ MAX_SWEEP_CONFIGS = 120  # a larger grid is refused with a sentence (it would ta
 
 
 @st.cache_resource(show_spinner="Loading the model…")
-def get_model(ref: ModelRef):
-    """The float model (eval mode). Shared by every session: never mutate it."""
+def _sample_model(ref: ModelRef):
     return ref.load()
+
+
+# Models made in a session (fine-tuned), by SHA-256 of their state, for as long as some
+# session holds one (its registry in st.session_state, pages.session). Not a cache_resource:
+# that would keep every fine-tuned model of every past session for the life of the process.
+# Worker threads (pages.progress) find them here too: they cannot read st.session_state.
+_SESSION_MODELS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def get_model(ref: ModelRef):
+    """The float model (eval mode). Shared by every session: never mutate it.
+
+    A sample model is loaded once per process; a model made in a session (``ref.sha256``)
+    is the one that session registered with :func:`hold_session_model`.
+    """
+    if ref.sha256 is None:
+        return _sample_model(ref)
+    model = _SESSION_MODELS.get(ref.sha256)
+    if model is None:
+        raise ValueError(
+            f"{ref.name} was made in a session that no longer holds it (the session ended "
+            "or the server restarted). Pick a sample model in the sidebar."
+        )
+    return model
+
+
+def hold_session_model(ref: ModelRef, model: Any) -> Any:
+    """Make ``model`` what :func:`get_model` returns for ``ref`` while the caller keeps a
+    reference to the returned module (the one already held, when the content is identical)."""
+    if ref.sha256 is None:
+        raise ValueError(f"{ref.name} is a sample model; only session models are held here.")
+    return _SESSION_MODELS.setdefault(ref.sha256, model)
 
 
 @st.cache_resource(show_spinner="Loading the test split…")
@@ -473,3 +506,70 @@ def perturbed_images(
         images=x.numpy(), truth=tuple(ds.classes[int(i)] for i in ds.y[:count]),
         float_pred=names(get_model(model)), compressed_pred=names(target),
     )  # fmt: skip
+
+
+# --- the Fine-tune page: training in the background, results kept in the session -------------
+# A training run takes seconds to minutes and has a Stop button, so it runs as a
+# pages.progress.Job, not in st.cache_*: a stopped run must not be cached as the finished
+# one, and its module belongs to the session that trained it. Finished runs are kept per
+# session by (model ref, dataset ref, settings, fine-tuning config), the newest few only.
+
+FINETUNE_KEPT = 4  # finished fine-tuning runs kept per session (each holds a model)
+_FINETUNE_RUNS = "finetune_runs"  # st.session_state key: {key: FinetuneOutcome}, oldest first
+
+
+@dataclass(frozen=True, eq=False)
+class FinetuneOutcome:
+    """A fine-tuning run and its fine-tuned compressed model, measured on the test split."""
+
+    result: qcore.FinetuneResult  # .model (float, fine-tuned), .history, .stopped, .seconds
+    compressed: qcore.Compressed  # .model compressed with the same settings (the download)
+    accuracy: float  # the fine-tuned compressed model, test split (simulated)
+    float_accuracy: float  # the fine-tuned float model before compression, test split
+    n: int  # test images
+
+
+def train_dataset(data: DatasetRef):
+    """The dataset's train split (fine-tuning's only training data). Shared: never mutate it."""
+    return get_dataset(DatasetRef(data.name, "train"))
+
+
+def finetune_run(
+    model: ModelRef,
+    data: DatasetRef,
+    settings: Settings,
+    ft: qcore.FinetuneConfig,
+    *,
+    progress=None,
+    should_stop=None,
+) -> FinetuneOutcome:
+    """``qcore.finetune`` on the train split (reporting on the calibration split), then the
+    fine-tuned model compressed with ``settings`` and evaluated on the test split. Runs in a
+    worker thread: load the splits first (:func:`train_dataset`, :func:`get_calib_dataset`,
+    :func:`get_dataset`), where their spinners can be drawn."""
+    config = settings.to_config()
+    calib = get_calib_dataset(data)
+    res = qcore.finetune(get_model(model), train_dataset(data), config, ft, calib=calib,
+                         progress=progress, should_stop=should_stop)  # fmt: skip
+    # as get_compressed: a calibration only where activations are quantized
+    comp = qcore.compress(res.model, config, calib=calib if settings.abits is not None else None)
+    test = get_dataset(data)
+    m = qcore.evaluate(comp.model, test)
+    float_m = qcore.evaluate(res.model, test)
+    return FinetuneOutcome(result=res, compressed=comp, accuracy=m.accuracy,
+                           float_accuracy=float_m.accuracy, n=m.n)  # fmt: skip
+
+
+def finished_finetune(key: tuple) -> FinetuneOutcome | None:
+    """The finished run of ``key`` kept in this session, if any."""
+    return st.session_state.get(_FINETUNE_RUNS, {}).get(key)
+
+
+def keep_finetune(key: tuple, outcome: FinetuneOutcome) -> None:
+    """Keep a finished (not stopped) run in this session, dropping the oldest beyond
+    :data:`FINETUNE_KEPT`."""
+    runs = st.session_state.setdefault(_FINETUNE_RUNS, {})
+    runs.pop(key, None)
+    runs[key] = outcome
+    while len(runs) > FINETUNE_KEPT:
+        runs.pop(next(iter(runs)))

@@ -764,3 +764,57 @@ def robustness_summary(curves: Mapping[str, pd.DataFrame], perturbation: str) ->
     if not parts:
         return head + "."
     return head + "; " + "; ".join(parts) + "."
+
+
+# --- the Fine-tune page: training curves ------------------------------------------------------
+LOSS_COLOR = "#636efa"
+TRAIN_ACC_COLOR = "#ef553b"
+CALIB_ACC_COLOR = "#00a36c"
+
+
+def training_curves(
+    history: pd.DataFrame, *, total_steps: int | None = None, title: str | None = None
+) -> go.Figure:
+    """Loss (left) and accuracy (right) against the training step, from a
+    ``qcore.finetune`` history (or the rows streamed so far): the training batches' loss and
+    accuracy each logged step, and the calibration split's accuracy at each epoch's end.
+    ``total_steps`` fixes the x range, so live curves grow into the frame.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss (training batches)", "Accuracy"),
+                        horizontal_spacing=0.1)  # fmt: skip
+    h = history if len(history) else pd.DataFrame(columns=["step", "loss", "train_accuracy"])
+    step = h["step"].to_numpy(dtype=float)
+    fig.add_trace(go.Scatter(x=step, y=h["loss"].to_numpy(dtype=float), mode="lines",
+                             name="loss", line={"color": LOSS_COLOR},
+                             hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"),
+                  row=1, col=1)  # fmt: skip
+    fig.add_trace(go.Scatter(x=step, y=100 * h["train_accuracy"].to_numpy(dtype=float),
+                             mode="lines", name="training batches",
+                             line={"color": TRAIN_ACC_COLOR},
+                             hovertemplate="step %{x}<br>%{y:.1f} %<extra>training batches"
+                                           "</extra>"),
+                  row=1, col=2)  # fmt: skip
+    if "calib_accuracy" in h:
+        ends = h[h["calib_accuracy"].notna()]
+        fig.add_trace(go.Scatter(x=ends["step"].to_numpy(dtype=float),
+                                 y=100 * ends["calib_accuracy"].to_numpy(dtype=float),
+                                 mode="lines+markers", name="calibration split (epoch end)",
+                                 line={"color": CALIB_ACC_COLOR, "dash": "dot"},
+                                 marker={"size": 9, "symbol": "diamond"},
+                                 hovertemplate="step %{x}<br>%{y:.1f} %<extra>calibration "
+                                               "split</extra>"),
+                      row=1, col=2)  # fmt: skip
+    x_range = None if not total_steps else [0, max(int(total_steps), 1)]
+    fig.update_xaxes(title_text="step (batches)", range=x_range)
+    # with distillation the loss mixes the KL term with cross-entropy: "training loss"
+    fig.update_yaxes(title_text="training loss", row=1, col=1, rangemode="tozero")
+    fig.update_yaxes(title_text="accuracy (%)", row=1, col=2)
+    fig.update_layout(
+        title=title,
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 60 if title else 40, "b": 10, "l": 10, "r": 10},
+        height=380,
+    )
+    return fig

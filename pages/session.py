@@ -11,16 +11,16 @@ have keys of their own (:data:`ANALYSIS_DEFAULTS`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 import streamlit as st
 
 import qcore
-from pages.cache import layer_names
+from pages.cache import hold_session_model, layer_names
 from pages.query import DEFAULT_MODEL, parse_query
 from qcore.config import FLOAT, Settings
-from qcore.refs import DatasetRef, ModelRef
+from qcore.refs import DatasetRef, ModelRef, session_model_name, state_sha256
 
 ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
     "to_bits": [2, 3, 4, 6, 8],
@@ -33,6 +33,17 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
     "sens_per_channel": False,
     "mp_bits": [2, 3, 4, 5, 6, 8],
     "mp_per_channel": False,
+    # the Fine-tune page: qcore.FinetuneConfig's defaults
+    "ft_epochs": 1,
+    "ft_lr": 1e-3,
+    "ft_batch": 64,
+    "ft_seed": 0,
+    "ft_distill": False,
+    "ft_temperature": 4.0,
+    "ft_alpha": 0.5,
+    "ft_grad_bits": FLOAT,
+    "ft_schedule": "oneshot",
+    "ft_learn_scales": False,
 }
 
 Choice = TypeVar("Choice")
@@ -139,6 +150,85 @@ def ensure_layers(names: Sequence[str]) -> None:
     ss = st.session_state
     if "layers" not in ss or any(n not in names for n in ss["layers"]):
         ss["layers"] = list(names)
+
+
+# --- models made in this session (fine-tuned) -------------------------------------------------
+# Kept in st.session_state (per user): the module, its ModelRef (named by the SHA-256 of its
+# state, so the shared caches key it by content), its manifest-like info and its origin.
+# Everything that asks for "the current model" goes through model_names / model_info /
+# model_ref below, so a session model works wherever a sample model does.
+
+SESSION_MODELS = "session_models"  # st.session_state key: {name: SessionModel}
+
+
+@dataclass(frozen=True, eq=False)
+class SessionModel:
+    """A model made in this session: the float module and where it came from."""
+
+    ref: ModelRef  # ModelRef("ft-<12 hex>", sha256=...)
+    info: qcore.ModelInfo  # as a sample's manifest entry: dataset, float accuracy, shape, ...
+    origin: str  # e.g. "digits-mlp fine-tuned at 2 bits per-tensor, 1 epoch"
+    module: Any  # float32, eval mode; shared read-only through pages.cache.get_model
+
+
+def session_models() -> dict[str, SessionModel]:
+    """This session's models by name, oldest first."""
+    return st.session_state.setdefault(SESSION_MODELS, {})
+
+
+def model_names() -> list[str]:
+    """The sample models, then this session's models."""
+    return [*qcore.list_models(), *session_models()]
+
+
+def model_info(name: str) -> qcore.ModelInfo:
+    """``qcore.model_info`` for a sample model, the recorded info for a session model."""
+    held = session_models().get(name)
+    return held.info if held is not None else qcore.model_info(name)
+
+
+def model_ref(name: str) -> ModelRef:
+    """The cache key of a model: its name, or its name and SHA-256 for a session model."""
+    held = session_models().get(name)
+    return held.ref if held is not None else ModelRef(name)
+
+
+def register_session_model(
+    module: Any, *, base: str, dataset: str, float_accuracy: float, origin: str, recipe: str
+) -> str:
+    """Add ``module`` (a float model of ``base``'s architecture, eval mode) to this
+    session's models; return its name. The same weights registered twice are one model."""
+    sha = state_sha256(module)
+    ref = ModelRef(session_model_name(sha), sha256=sha)
+    held = session_models()
+    if ref.name not in held:
+        base_info = model_info(base)
+        info = replace(
+            base_info,
+            name=ref.name,
+            dataset=dataset,
+            float_accuracy=float(float_accuracy),
+            file="",  # not a file: it lives in this session
+            sha256=sha,
+            description=f"{origin}.",
+            train_recipe=recipe,
+        )
+        module = hold_session_model(ref, module)
+        held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
+    return ref.name
+
+
+def switch_model(name: str, dataset: str | None = None) -> None:
+    """Make ``name`` the current model (on ``dataset``, else its own); every layer compressed.
+
+    Call it from a widget callback: it resets the sidebar's model picker, which a script may
+    not change once the picker is drawn.
+    """
+    ss = st.session_state
+    ss["model"] = name
+    ss["dataset"] = dataset if dataset is not None else model_info(name).dataset
+    ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
+    ss["layer_bits"] = ()  # they name the old model's layers
 
 
 # --- hand-off between pages -------------------------------------------------------------------

@@ -10,6 +10,7 @@ import streamlit as st
 
 import qcore
 from pages.cache import get_dataset, get_model
+from pages.session import model_info, model_names, model_ref, session_models, switch_model
 from qcore.config import parse_bool
 from qcore.refs import DatasetRef, ModelRef
 
@@ -33,11 +34,7 @@ def data_download_allowed() -> bool:
 
 def _on_model_change() -> None:
     """A new model: its own dataset, and every layer of it compressed."""
-    ss = st.session_state
-    ss["model"] = ss[MODEL_PICKER]
-    ss["dataset"] = qcore.model_info(ss["model"]).dataset
-    ss.pop("layers", None)  # ensure_layers picks all of the new model's layers
-    ss["layer_bits"] = ()  # they name the old model's layers
+    switch_model(st.session_state[MODEL_PICKER])
 
 
 def _on_dataset_change() -> None:
@@ -47,7 +44,9 @@ def _on_dataset_change() -> None:
 
 def _model_label(name: str) -> str:
     # short enough for the sidebar's picker; the caption below it tells the rest
-    return f"{name} ({_count(qcore.model_info(name).params)})"
+    if name in session_models():
+        return f"{name} (this session)"
+    return f"{name} ({_count(model_info(name).params)})"
 
 
 def _count(n: int) -> str:
@@ -62,7 +61,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def fitting_datasets(model_name: str) -> tuple[list[str], list[str]]:
     """The datasets whose inputs and classes fit the model, and the others."""
-    info = qcore.model_info(model_name)
+    info = model_info(model_name)
     fits, others = [], []
     for name in qcore.list_datasets():
         try:
@@ -82,7 +81,9 @@ def sidebar_pickers() -> None:
     # "dataset" when the user picks; the dataset picker's key names the model, so a new
     # model starts it afresh at that model's own dataset.
     ss = st.session_state
-    models = qcore.list_models()
+    models = model_names()
+    if ss["model"] not in models:  # never expected: a session model is kept for the session
+        switch_model(models[0])
     st.selectbox(
         "Model",
         models,
@@ -90,13 +91,20 @@ def sidebar_pickers() -> None:
         key=MODEL_PICKER,
         format_func=_model_label,
         on_change=_on_model_change,
-        help="The sample models, with their parameter counts.",
+        help="The sample models, with their parameter counts, then the models made in this "
+        "session (fine-tuned on the Fine-tune page; a link cannot carry them).",
     )
-    info = qcore.model_info(ss["model"])
-    st.caption(
-        f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
-        f"float accuracy {info.float_accuracy:.1%} on its test split."
-    )
+    info = model_info(ss["model"])
+    if ss["model"] in session_models():
+        st.caption(
+            f"A model of this session: {info.description} {info.params:,} parameters; "
+            f"float accuracy {info.float_accuracy:.1%} on {info.dataset}'s test split."
+        )
+    else:
+        st.caption(
+            f"{info.description} Trained on **{info.dataset}**; {info.params:,} parameters; "
+            f"float accuracy {info.float_accuracy:.1%} on its test split."
+        )
     datasets, others = fitting_datasets(ss["model"])
     if ss["dataset"] not in datasets:  # never offer a pick that cannot run
         datasets.append(ss["dataset"])
@@ -125,8 +133,8 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     try:
         # whether it fits is known without the data, so a dataset that cannot run is never
         # offered for download
-        qcore.check_fit(qcore.model_info(model_name), qcore.dataset_info(dataset_name))
-        get_model(ModelRef(model_name))
+        qcore.check_fit(model_info(model_name), qcore.dataset_info(dataset_name))
+        get_model(model_ref(model_name))
         get_dataset(DatasetRef(dataset_name))
     except qcore.DatasetNotFound as e:
         # qcore's message is for a programmer (root=, download=True, the server's folder)
@@ -147,7 +155,7 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    return ModelRef(model_name), DatasetRef(dataset_name)
+    return model_ref(model_name), DatasetRef(dataset_name)
 
 
 def _download_button(name: str) -> None:

@@ -2,45 +2,106 @@
 
 Caches and background tasks are keyed by these records, never by a loaded module: a ref
 is small, hashable and JSON-safe, and a worker process can rebuild the model or the data
-from it. Today a model ref names a sample model; an uploaded model will be named by the
-SHA-256 of its file's content.
+from it. A model ref names a sample model, or a model made in a session (fine-tuned) by the
+SHA-256 of its state; an uploaded model will be named by its content the same way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ModelRef", "DatasetRef", "Progress"]
+__all__ = ["ModelRef", "DatasetRef", "Progress", "state_sha256", "session_model_name"]
 
 Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model by name (a sample model: ``ModelRef("mnist-cnn")``)."""
+    """A model by name (a sample model: ``ModelRef("mnist-cnn")``), or by content: a model
+    made in a session (fine-tuned) is ``ModelRef("ft-<first 12 hex>", sha256=<64 hex>)``,
+    the SHA-256 of its state (:func:`state_sha256`), so identical weights share every
+    cache entry. Such a model lives with whoever made it; :meth:`load` cannot rebuild it.
+    """
 
     name: str
+    sha256: str | None = None  # None: a sample model, loaded by name
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"A model reference needs a model name; got {self.name!r}.")
+        if self.sha256 is not None and (
+            not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256)
+        ):
+            raise ValueError(
+                f"A model reference's sha256 is 64 lowercase hex digits; got {self.sha256!r}."
+            )
+        if self.sha256 is not None and self.name != session_model_name(self.sha256):
+            raise ValueError(
+                f"A model made in a session is named {session_model_name(self.sha256)!r} "
+                f"after its SHA-256; got {self.name!r}."
+            )
+
+    @property
+    def is_session(self) -> bool:
+        """Whether the model was made in a session (named by content, not a sample)."""
+        return self.sha256 is not None
 
     def load(self) -> Any:
         """The float model, in eval mode (sample models come from ``qcore.load_model``)."""
+        if self.sha256 is not None:
+            raise ValueError(
+                f"{self.name} was made in a session (fine-tuned there); only that session "
+                "holds it, so it cannot be loaded by name."
+            )
         from qcore.models import load_model
 
         return load_model(self.name)
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name}
+        if self.sha256 is None:
+            return {"name": self.name}
+        return {"name": self.name, "sha256": self.sha256}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelRef:
-        if not isinstance(d, dict) or set(d) != {"name"}:
-            raise ValueError(f"A model reference is {{'name': ...}}; got {d!r}.")
-        return cls(d["name"])
+        if not isinstance(d, dict) or set(d) not in ({"name"}, {"name", "sha256"}):
+            raise ValueError(
+                f"A model reference is {{'name': ...}} or {{'name': ..., 'sha256': ...}}; "
+                f"got {d!r}."
+            )
+        return cls(d["name"], d.get("sha256"))
+
+
+SESSION_PREFIX = "ft-"  # the name of a model made in a session: this, then 12 hex digits
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def session_model_name(sha256: str) -> str:
+    """The name of a session model: ``ft-`` and the first 12 hex digits of its SHA-256.
+
+    >>> session_model_name("0123456789ab" + "0" * 52)
+    'ft-0123456789ab'
+    """
+    return SESSION_PREFIX + sha256[:12]
+
+
+def state_sha256(model: Any) -> str:
+    """Hex SHA-256 of a module's state: every tensor of ``state_dict()`` in key order, each
+    as its name, dtype, shape and bytes (float32 on the CPU), so equal weights give equal
+    hashes and any changed value a different one. The module is not changed."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

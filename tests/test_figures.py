@@ -429,3 +429,33 @@ def test_clip_error_figure_with_now_at_the_optimum_draws_one_labelled_line() -> 
     texts = [a.text for a in fig.layout.annotations]
     assert f"now = least error: c = {curve.optimum[0]:.3g}" in texts
     assert _trace(fig, "now: c = ").x == _trace(fig, "least error (mse)").x  # both markers
+
+
+# --- the Fine-tune page's training curves -----------------------------------------------------
+
+
+def test_training_curves_draw_every_step_and_calib_only_at_epoch_ends() -> None:
+    nan = math.nan
+    history = pd.DataFrame({
+        "epoch": [0, 1, 1, 2, 2], "step": [0, 1, 2, 3, 4],
+        "loss": [nan, 2.0, 1.5, 1.2, 1.0],
+        "train_accuracy": [nan, 0.25, 0.5, 0.625, 0.75],
+        "calib_accuracy": [0.4, nan, 0.6, nan, 0.8],
+    })  # fmt: skip
+    fig = figures.training_curves(history, total_steps=4, title="t")
+    loss, train, calib = fig.data
+    assert (loss.name, train.name, calib.name) == (
+        "loss", "training batches", "calibration split (epoch end)")
+    assert list(loss.x) == [0, 1, 2, 3, 4] and np.allclose(loss.y[1:], [2.0, 1.5, 1.2, 1.0])
+    assert np.allclose(train.y[1:], [25.0, 50.0, 62.5, 75.0])  # percent
+    # the calibration split: the start (post-training) and each epoch's end, nothing else
+    assert list(calib.x) == [0, 2, 4] and np.allclose(calib.y, [40.0, 60.0, 80.0])
+    assert loss.xaxis == "x" and train.xaxis == "x2" == calib.xaxis  # loss left, accuracy right
+    assert list(fig.layout.xaxis.range) == [0, 4] == list(fig.layout.xaxis2.range)
+    assert fig.layout.yaxis2.title.text == "accuracy (%)"
+
+
+def test_training_curves_of_no_rows_yet_is_an_empty_frame() -> None:
+    fig = figures.training_curves(pd.DataFrame(), total_steps=20)
+    assert [len(t.x) for t in fig.data] == [0, 0]  # live: drawn before the first step
+    assert list(fig.layout.xaxis.range) == [0, 20]
