@@ -573,3 +573,71 @@ def keep_finetune(key: tuple, outcome: FinetuneOutcome) -> None:
     runs[key] = outcome
     while len(runs) > FINETUNE_KEPT:
         runs.pop(next(iter(runs)))
+
+
+# --- the Deep Compression page ----------------------------------------------------------------
+
+DEEP_MAX_TRAIN = 10_000  # retraining examples at most: a full MNIST would take many minutes
+
+
+def deep_train_split(data: DatasetRef):
+    """The train split the Deep Compression page retrains on: the first
+    :data:`DEEP_MAX_TRAIN` examples of ``data``'s train split (its order is already a
+    seeded shuffle)."""
+    train = DatasetRef(data.name, "train").load()
+    if len(train) <= DEEP_MAX_TRAIN:
+        return train
+    n = DEEP_MAX_TRAIN
+    return replace(train, x=train.x[:n], y=train.y[:n], indices=train.indices[:n])
+
+
+# a cache_resource: the result holds the final compressed model (tensors, the shared graph),
+# read-only, which st.cache_data would pickle on every hit
+@st.cache_resource(max_entries=4, show_spinner=False)
+def deep_result(
+    model: ModelRef,
+    data: DatasetRef,
+    prune_rate: float | None,
+    bits: int | None,
+    epochs: int,
+    _progress=None,
+) -> qcore.DeepCompressionResult:
+    """``qcore.deep_compression``: retrained on the train split, measured on the test split."""
+    return qcore.deep_compression(
+        get_model(model),
+        deep_train_split(data),
+        get_calib_dataset(data),
+        prune_rate=prune_rate,
+        bits=bits,
+        epochs=epochs,
+        test=get_dataset(data),
+        progress=_progress,
+    )
+
+
+def run_deep(
+    model: ModelRef, data: DatasetRef, prune_rate: float | None, bits: int | None, epochs: int
+) -> qcore.DeepCompressionResult:
+    """The Deep Compression result, from the cache or computed with a progress bar."""
+    get_calib_dataset(data)  # loaded here, where its spinner can be drawn
+    return run_with_progress(
+        deep_result, model, data, prune_rate, bits, epochs,
+        text="Pruning, sharing and retraining…",
+    )  # fmt: skip
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def deep_packed_size(
+    model: ModelRef, data: DatasetRef, prune_rate: float | None, bits: int | None, epochs: int
+) -> int:
+    """Bytes of the Deep Compression result's packed file, header included."""
+    comp = deep_result(model, data, prune_rate, bits, epochs).compressed
+    return len(qcore.packed_bytes(comp))
+
+
+def deep_packed_download(
+    model: ModelRef, data: DatasetRef, prune_rate: float | None, bits: int | None, epochs: int
+) -> Callable[[], bytes]:
+    """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
+    comp = deep_result(model, data, prune_rate, bits, epochs).compressed
+    return lambda: qcore.packed_bytes(comp)

@@ -818,3 +818,64 @@ def training_curves(
         height=380,
     )
     return fig
+
+
+# --- the Deep Compression page: bytes stage by stage ------------------------------------------
+DEEP_BAR_COLOR = "#636efa"
+DEEP_SAVED_COLOR = "#00a36c"
+DEEP_ACC_COLOR = "#ef553b"
+
+
+def deep_waterfall(stages: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """The paper's picture: packed bytes from float through each stage, as a waterfall
+    (each stage's bar is what it saved), with the accuracy after each stage on the right
+    axis. ``stages`` is ``qcore.deep_compression(...).stages`` (stage, label, size_bytes,
+    ratio, accuracy)."""
+    sizes = stages["size_bytes"].to_numpy(dtype=float)
+    acc = 100 * stages["accuracy"].to_numpy(dtype=float)
+    labels = [str(s) for s in stages["label"]]
+    ratios = stages["ratio"].to_numpy(dtype=float)
+    x = [*labels, "final"]
+    measure = ["absolute", *["relative"] * (len(sizes) - 1), "total"]
+    y = [sizes[0], *np.diff(sizes), 0.0]
+    text = [format_bytes(sizes[0])]
+    text += [f"−{format_bytes(-d)}" if d < 0 else "±0 B" for d in np.diff(sizes)]
+    text += [f"{format_bytes(sizes[-1])} ({ratios[-1]:.1f}x)"]
+    fig = go.Figure()
+    fig.add_trace(go.Waterfall(
+        x=x, y=y, measure=measure, text=text, textposition="outside", name="packed bytes",
+        increasing={"marker": {"color": DEEP_ACC_COLOR}},
+        decreasing={"marker": {"color": DEEP_SAVED_COLOR}},
+        totals={"marker": {"color": DEEP_BAR_COLOR}},
+        connector={"line": {"color": "rgba(90, 90, 90, 0.5)", "dash": "dot"}},
+        hovertemplate="%{x}<br>%{text}<extra></extra>",
+    ))  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=[*labels, "final"], y=[*acc, acc[-1]], mode="lines+markers+text", yaxis="y2",
+        name="accuracy after the stage", line={"color": DEEP_ACC_COLOR},
+        marker={"size": 9}, text=[f"{a:.1f} %" for a in [*acc, acc[-1]]],
+        textposition="top center",
+        customdata=[format_bytes(s) for s in [*sizes, sizes[-1]]],
+        hovertemplate="%{x}<br>accuracy %{y:.2f} %<br>%{customdata}<extra></extra>",
+    ))  # fmt: skip
+    lo = max(0.0, math.floor(min(acc) - 5))
+    fig.update_layout(
+        title=title,
+        yaxis={"title": "packed bytes", "rangemode": "tozero"},
+        yaxis2={"title": "accuracy (%)", "overlaying": "y", "side": "right",
+                "range": [lo, 100.5], "showgrid": False},
+        legend={"orientation": "h", "y": -0.2},
+        margin={"t": 60 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=440,
+        showlegend=True,
+    )  # fmt: skip
+    return fig
+
+
+def deep_layer_bits(layers: pd.DataFrame) -> pd.DataFrame:
+    """Bits per weight of each layer after each stage: one row per layer, one column per
+    stage (in the pipeline's order), from ``qcore.deep_compression(...).layers``."""
+    order = list(dict.fromkeys(layers["stage"]))
+    table = layers.pivot(index="layer", columns="stage", values="bits_per_weight")
+    rows = list(dict.fromkeys(layers["layer"]))
+    return table.loc[rows, order].reset_index().rename_axis(columns=None)

@@ -23,6 +23,7 @@ from qcore.data import (
     list_datasets,
     load_dataset,
 )
+from qcore.deep import DeepCompressionResult, deep_compression
 from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
 from qcore.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -71,6 +72,8 @@ __all__ = [
     "robustness", "PERTURBATIONS", "perturb_inputs", "noisy_weights", "flip_bits",
     # training-aware compression: quantization-aware fine-tuning
     "FinetuneConfig", "FinetuneResult", "finetune",
+    # Deep Compression: prune + retrain, share weights + retrain centroids, Huffman coding
+    "deep_compression", "DeepCompressionResult",
     # teaching: one weight's journey, the clipping trade-off, hints
     "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
     "trap_hint",

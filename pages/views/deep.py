@@ -1,0 +1,188 @@
+"""Deep Compression: prune + retrain, share weights + retrain centroids, Huffman code; the
+bytes and the accuracy after each stage, next to the paper's published numbers."""
+
+import pandas as pd
+import streamlit as st
+
+import qcore
+from pages import cache, figures
+from pages.query import sync_query
+from pages.session import last_run
+from pages.sidebar import require_model_and_dataset
+
+st.title("Deep Compression")
+model, data = require_model_and_dataset()
+sync_query({})
+st.caption(
+    "Han, Mao and Dally's three stages (ICLR 2016): prune the smallest weights and retrain "
+    "the rest, share each layer's weights through a k-means codebook and retrain its "
+    "centroids, then Huffman code the codes and the sparse index. Retraining runs on "
+    f"{data.name}'s train split (at most {cache.DEEP_MAX_TRAIN:,} images); accuracy is "
+    "measured on its test split after each stage. Sizes are packed bytes, tables and "
+    "codebooks included."
+)
+
+recipe_col, epochs_col = st.columns(2)
+recipe = recipe_col.toggle(
+    "The paper's recipe",
+    value=True,
+    key="dc_recipe",
+    help="Per-layer pruning rates and codebook bits as the paper chose them (LeNet-300-100: "
+    "8 %, 9 % and 26 % of the weights kept, 6 bits; our two-conv CNN gets LeNet-5's); "
+    "other models get a rule after the paper's tables. Off: one rate and one width for "
+    "every layer, from the sliders.",
+)
+epochs = epochs_col.slider(
+    "Retraining epochs after pruning", 1, 10, qcore.deep.DEFAULT_EPOCHS, key="dc_epochs",
+    help="Passes over the train split with the pruning masks fixed. The centroids are then "
+    f"retrained for {qcore.deep.CENTROID_EPOCHS} epoch.",
+)  # fmt: skip
+rate_col, bits_col = st.columns(2)
+prune = rate_col.slider(
+    "Pruning rate (every layer)", 0.0, 0.98, 0.9, 0.01, key="dc_prune", disabled=recipe,
+    help="The share of each layer's weights set to zero, smallest magnitude first.",
+)  # fmt: skip
+bits = bits_col.slider(
+    "Codebook bits (every layer)", 1, 8, 6, key="dc_bits", disabled=recipe,
+    help="Each layer shares at most 2^bits distinct weight values.",
+)  # fmt: skip
+choice = (None, None, epochs) if recipe else (float(prune), int(bits), epochs)
+run = st.button("Run Deep Compression", key="dc_run", type="primary")
+prune_rate, codebook_bits, epochs = last_run(
+    "deep_last", model, data, choice, run=run,
+    prompt=f"Choose the recipe and press **Run Deep Compression** ({model.name} on {data.name}; "
+    "about a minute or two).",
+    stale="The results below are of the last run; press **Run Deep Compression** again.",
+)  # fmt: skip
+try:
+    res = cache.run_deep(model, data, prune_rate, codebook_bits, epochs)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+
+stages = res.stages
+first, final = stages.iloc[0], stages.iloc[-1]
+payload = res.compressed.size_bytes
+file_bytes = cache.deep_packed_size(model, data, prune_rate, codebook_bits, epochs)
+acc_col, size_col, ratio_col = st.columns(3)
+drop = round((final["accuracy"] - first["accuracy"]) * 100, 1)
+acc_col.metric(
+    "Accuracy after all stages (test split)",
+    f"{final['accuracy']:.1%}",
+    delta=f"{drop:+.1f} pts vs float" if drop else "same as float",
+    delta_color="normal" if drop else "off",
+    border=True,
+    help=f"Top-1 on the test split; the float model gets {first['accuracy']:.2%}, the final "
+    f"one {final['accuracy']:.2%}.",
+)
+size_col.metric(
+    "Packed size",
+    figures.format_bytes(payload),
+    delta=f"from {figures.format_bytes(first['size_bytes'])} float32",
+    delta_color="off",
+    delta_arrow="off",
+    border=True,
+    help=f"{payload:,} bytes of payload; the file below adds a {file_bytes - payload:,}-byte "
+    f"header ({file_bytes:,} bytes in all).",
+)
+ratio_col.metric(
+    "Compression",
+    f"{final['ratio']:.1f}x",
+    border=True,
+    help="float32 bytes / packed bytes, the paper's measure.",
+)
+
+st.plotly_chart(
+    figures.deep_waterfall(stages, title=f"{model.name}: packed bytes after each stage"),
+    key="deep_waterfall",
+)
+skipped = [r["label"] for _, r in stages.iterrows() if not r["applied"]]
+if skipped:
+    st.caption(
+        f"Not applied: {', '.join(skipped)} (it would have made the file larger than the "
+        "stage before, so that stage's form is kept)."
+    )
+
+ours = stages[["label", "kept", "size_bytes", "ratio", "accuracy"]].assign(
+    error=1 - stages["accuracy"]
+)
+st.subheader("Stage by stage, beside the paper")
+ours_col, paper_col = st.columns(2)
+ours_col.markdown(f"**Ours**: {model.name} on {data.name} ({res.split} split)")
+ours_col.dataframe(
+    ours[["label", "kept", "size_bytes", "ratio", "error"]].assign(
+        kept=ours["kept"] * 100, error=ours["error"] * 100
+    ),
+    hide_index=True,
+    key="deep_stages_table",
+    column_config={
+        "label": st.column_config.TextColumn("stage"),
+        "kept": st.column_config.NumberColumn("weights kept", format="%.1f %%"),
+        "size_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
+        "ratio": st.column_config.NumberColumn("ratio", format="%.1fx"),
+        "error": st.column_config.NumberColumn("top-1 error", format="%.2f %%"),
+    },
+)  # fmt: skip
+paper = qcore.deep.PAPER["LeNet-300-100"]
+paper_col.markdown(
+    "**The paper's** LeNet-300-100 on all of MNIST (Han et al. 2016, Tables 1 and 2), "
+    "for reference"
+)
+paper_col.dataframe(
+    pd.DataFrame({
+        "stage": [qcore.deep.STAGE_LABELS[s] for s in paper["stage"]],
+        "kept": paper["kept"] * 100,
+        "size_kb": paper["size_kb"],
+        "ratio": paper["ratio"],
+        "error": paper["error"] * 100,
+    }),
+    hide_index=True,
+    key="deep_paper_table",
+    column_config={
+        "kept": st.column_config.NumberColumn("weights kept", format="%.0f %%"),
+        "size_kb": st.column_config.NumberColumn("size (KB)", format="%.0f"),
+        "ratio": st.column_config.NumberColumn("ratio", format="%.0fx"),
+        "error": st.column_config.NumberColumn("top-1 error", format="%.2f %%"),
+    },
+)  # fmt: skip
+st.caption(
+    "Empty cells: the paper does not publish that number. Its model trained on 60,000 "
+    f"digits; {data.name}'s train split has far fewer, so our float accuracy is lower and a "
+    "test image moves accuracy by more."
+)
+
+st.subheader("Bits per weight, layer by layer")
+bits_table = figures.deep_layer_bits(res.layers)
+st.dataframe(
+    bits_table,
+    hide_index=True,
+    key="deep_layers_table",
+    column_config={
+        s: st.column_config.NumberColumn(qcore.deep.STAGE_LABELS[s], format="%.2f")
+        for s in qcore.deep.STAGES
+    },
+)  # fmt: skip
+st.caption(
+    "Each layer's stored weight bytes × 8 / its weights: values or codes, the sparse index, "
+    "the codebook and the Huffman tables (biases are not in these columns; they stay "
+    "float32). Per layer: "
+    + "; ".join(f"{n} pruned {res.prune_rates[n]:.0%}, {res.bits[n]} bits"
+                for n in res.prune_rates)
+    + "."
+)
+
+st.caption(
+    f"The packed file: {file_bytes:,} bytes, the {payload:,}-byte payload shown above and a "
+    f"{file_bytes - payload:,}-byte header (model, config, tensor table)."
+)
+st.download_button(
+    "Download the packed model",
+    data=cache.deep_packed_download(model, data, prune_rate, codebook_bits, epochs),
+    file_name=f"{model.name}-deep-compression.qpk",
+    mime="application/octet-stream",
+    on_click="ignore",
+    key="download_deep",
+    icon=":material/download:",
+    help=f"{file_bytes:,} bytes: the {payload:,}-byte payload above and its header; load it "
+    "with qcore.load_packed.",
+)

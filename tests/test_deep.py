@@ -1,0 +1,254 @@
+"""Deep Compression: the recipe, the pipeline's stages, centroid fine-tuning, the export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import qcore
+from qcore import deep
+from qcore.config import CompressionConfig, PruneConfig, QuantConfig
+from qcore.export import PREFIX_BYTES
+from qcore.finetune import FinetuneConfig, finetune, shared_weight
+from qcore.graph import graph_of, param_key
+from qcore.kmeans import kmeans_codebook
+from qcore.prune import prune_count
+
+needs_sample = pytest.mark.skipif(
+    "digits-mlp" not in qcore.list_models(), reason="sample models not trained yet"
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {s: qcore.load_dataset("digits", s) for s in ("train", "calib", "test")}
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return qcore.load_model("digits-mlp")
+
+
+@pytest.fixture(scope="module")
+def result(mlp, digits):
+    """The default pipeline on digits-mlp, one epoch per retraining (a few seconds)."""
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    res = qcore.deep_compression(mlp, digits["train"], digits["calib"], epochs=1,
+                                 test=digits["test"])  # fmt: skip
+    for k, v in mlp.state_dict().items():  # the model handed in is never changed
+        assert torch.equal(v, before[k]), k
+    return res
+
+
+# --- the recipe -------------------------------------------------------------------------------
+
+
+@needs_sample
+def test_default_recipe_is_the_papers_for_lenet300_and_lenet5() -> None:
+    lenet = qcore.load_model("mnist-lenet300")
+    # Table 2: 8 %, 9 % and 26 % of the weights kept, 6-bit codebooks
+    assert deep.default_prune_rates(lenet) == {"fc1": 0.92, "fc2": 0.91, "fc3": 0.74}
+    assert deep.default_bits(lenet) == {"fc1": 6, "fc2": 6, "fc3": 6}
+    cnn = qcore.load_model("mnist-cnn")
+    # Table 3 (LeNet-5): 66 %, 12 %, 8 %, 19 % kept; 8 bits for convolutions, 5 for fc
+    assert deep.default_prune_rates(cnn) == {"conv1": 0.34, "conv2": 0.88, "fc1": 0.92,
+                                             "fc2": 0.81}  # fmt: skip
+    assert deep.default_bits(cnn) == {"conv1": 8, "conv2": 8, "fc1": 5, "fc2": 5}
+
+
+@needs_sample
+def test_default_rule_for_other_models(mlp) -> None:
+    # digits-mlp: fc1 64x64 (4,096 weights), fc2 10x64 (640): small layers keep more
+    assert deep.default_prune_rates(mlp) == {"fc1": 0.5, "fc2": 0.3}
+    assert deep.default_bits(mlp) == {"fc1": 6, "fc2": 6}
+
+
+def test_paper_numbers_agree_with_themselves() -> None:
+    # Table 1's sizes give its ratios (1070 KB / 27 KB = 39.6, printed 40x; 1720 / 44 = 39.1)
+    for name, table in deep.PAPER.items():
+        sizes, ratios = table["size_kb"], table["ratio"]
+        assert round(sizes.iloc[0] / sizes.iloc[-1]) == ratios.iloc[-1], name
+        assert list(table["stage"]) == list(deep.STAGES)
+        assert table["error"].iloc[-1] < table["error"].iloc[0]  # the paper's error fell
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+@needs_sample
+def test_stages_in_order_and_sizes_never_increase(result) -> None:
+    s = result.stages
+    assert list(s["stage"]) == list(deep.STAGES)
+    sizes = list(s["size_bytes"])
+    assert all(b <= a for a, b in zip(sizes, sizes[1:], strict=False)), sizes
+    assert sizes[0] == 4 * 4810  # float32: 4 bytes per parameter of digits-mlp
+    for _, row in s.iterrows():
+        assert row["ratio"] == pytest.approx(sizes[0] / row["size_bytes"])
+        assert 0.0 <= row["accuracy"] <= 1.0
+    assert s["applied"].all()
+    assert sizes[-1] < sizes[2] < sizes[1] < sizes[0]  # here every stage saves bytes
+    assert result.split == "test"
+    assert result.compressed.size_bytes == sizes[-1]
+    # Huffman coding is lossless: the same accuracy as the shared stage
+    assert s["accuracy"].iloc[3] == s["accuracy"].iloc[2]
+
+
+@needs_sample
+def test_each_layer_keeps_exactly_its_share_and_shares_its_values(result, mlp) -> None:
+    w = {r.name: r.dequantized for r in result.compressed.layers}
+    for name, rate in result.prune_rates.items():
+        n = w[name].numel()
+        # exactly floor(rate * n) weights pruned, at exactly zero
+        assert int((w[name] == 0).sum()) == prune_count(rate, n), name
+        distinct = torch.unique(w[name][w[name] != 0])
+        assert 0 < distinct.numel() <= 2 ** result.bits[name], name
+    kept = result.layers.set_index(["stage", "layer"])["kept"]
+    assert kept[("float", "fc1")] == 1.0
+    assert kept[("huffman", "fc1")] == pytest.approx(1 - prune_count(0.5, 4096) / 4096)
+
+
+@needs_sample
+def test_layers_table_bits_per_weight(result) -> None:
+    t = result.layers
+    assert set(t["stage"]) == set(deep.STAGES)
+    assert len(t) == 2 * len(deep.STAGES)
+    for _, row in t.iterrows():
+        parts = row[["code_bytes", "index_bytes", "codebook_bytes", "table_bytes",
+                     "scale_bytes"]].sum()  # fmt: skip
+        assert row["bits_per_weight"] == pytest.approx(8 * parts / row["weights"])
+        assert parts + row["bias_bytes"] == row["size_bytes"]
+    float_rows = t[t["stage"] == "float"]
+    assert (float_rows["bits_per_weight"] == 32.0).all()
+    fc1 = t[t["layer"] == "fc1"].set_index("stage")["bits_per_weight"]
+    assert fc1["float"] > fc1["pruned"] > fc1["shared"] >= fc1["huffman"]
+
+
+@needs_sample
+def test_export_round_trip_is_bit_exact(result, digits, tmp_path: Path) -> None:
+    c = result.compressed
+    path = tmp_path / "deep.qpk"
+    n = qcore.export_packed(c, path)
+    data = path.read_bytes()
+    header = int.from_bytes(data[8:12], "little")
+    assert n == len(data) == c.size_bytes + PREFIX_BYTES + header  # payload = size shown
+    loaded = qcore.load_packed(path).model
+    x = digits["test"].x
+    with torch.no_grad():
+        assert torch.equal(loaded(x), c.model(x))
+    # the accuracy in the table is that of the file
+    acc = qcore.evaluate(loaded, digits["test"]).accuracy
+    assert acc == result.stages["accuracy"].iloc[-1]
+
+
+@needs_sample
+def test_history_and_progress(mlp, digits) -> None:
+    calls = []
+    res = qcore.deep_compression(
+        mlp, digits["train"], digits["calib"], prune_rate=0.5, bits=4, epochs=1,
+        progress=lambda d, t, row: calls.append((d, t, row.get("stage"))),
+    )  # fmt: skip
+    assert res.split == "calib"  # no test split given: measured on the calibration split
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and calls[-1][0] == calls[-1][1]
+    assert {s for _, _, s in calls} == set(deep.STAGES)
+    assert set(res.history["stage"]) == {"pruned", "shared"}
+    assert res.prune_rates == {"fc1": 0.5, "fc2": 0.5}
+    assert res.bits == {"fc1": 4, "fc2": 4}
+
+
+@needs_sample
+def test_should_stop_ends_training_but_finishes_the_stages(mlp, digits) -> None:
+    res = qcore.deep_compression(mlp, digits["train"], digits["calib"], epochs=1,
+                                 should_stop=lambda: True)  # fmt: skip
+    assert res.stopped
+    assert list(res.stages["stage"]) == list(deep.STAGES)
+    sizes = list(res.stages["size_bytes"])
+    assert all(b <= a for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+@needs_sample
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"prune_rate": 1.0}, "below 1"),
+        ({"prune_rate": -0.1}, "at least 0"),
+        ({"prune_rate": float("nan")}, "prune_rate"),
+        ({"bits": 0}, "bits"),
+        ({"bits": 17}, "bits"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_sentence(mlp, digits, kwargs, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        qcore.deep_compression(mlp, digits["train"], digits["calib"], **kwargs)
+
+
+@needs_sample
+def test_no_split_to_measure_on_is_refused(mlp, digits) -> None:
+    with pytest.raises(ValueError, match="test split"):
+        qcore.deep_compression(mlp, digits["train"], None)
+
+
+# --- centroid fine-tuning (the codebook branch of qcore.finetune) -----------------------------
+
+
+def _tiny_data(n: int = 96):
+    from qcore.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    y = (x.flatten(1)[:, :3].argmax(1)).long()
+    return Dataset(name="tiny", split="train", x=x, y=y, classes=("a", "b", "c"),
+                   description="", mean=(0.0,), std=(1.0,), indices=torch.arange(n))  # fmt: skip
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+
+
+def test_centroid_finetuning_keeps_the_sharing_and_moves_the_centroids() -> None:
+    model = _tiny_model()
+    cfg = CompressionConfig(quant=QuantConfig(bits=2, codebook="kmeans"),
+                            prune=PruneConfig(rate=0.25))  # fmt: skip
+    start = qcore.compress(model, cfg)
+    res = finetune(model, _tiny_data(), cfg, FinetuneConfig(epochs=3, lr=1e-2))
+    graph = graph_of(res.model)
+    after = qcore.compress(res.model, cfg)
+    moved = False
+    for r0, r1 in zip(start.layers, after.layers, strict=True):
+        w = graph.params[param_key(r0.name, "weight")]
+        # pruned weights stay exactly zero, the same ones
+        assert torch.equal(w == 0, r0.dequantized == 0), r0.name
+        # weights that shared a centroid still share one value: the assignments are fixed
+        w0 = r0.dequantized
+        for v in torch.unique(w0[w0 != 0]):
+            assert torch.unique(w[w0 == v]).numel() == 1, r0.name
+        assert torch.unique(w[w != 0]).numel() <= 4
+        # compress re-derives exactly the trained shared weights
+        assert torch.equal(r1.dequantized, w), r0.name
+        moved |= not torch.equal(w, w0)
+    assert moved  # training changed the centroids
+
+
+def test_shared_weight_gradient_is_the_sum_over_its_weights() -> None:
+    # the paper's update: dL/dc_k = sum of dL/dw over the weights assigned to centroid k
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 5, generator=g)
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    cb = kmeans_codebook(w, 2, mask)
+    centroids = cb.codebook.clone().requires_grad_(True)
+    shared = shared_weight(centroids, cb.codes, mask)
+    assert torch.equal(shared.detach(), cb.values)
+    x = torch.randn(7, 5, generator=g)
+    loss = (x @ shared.T).square().sum()
+    loss.backward()
+    # the same gradient computed the other way: per weight, then summed per centroid
+    wv = cb.values.clone().requires_grad_(True)
+    (x @ wv.T).square().sum().backward()
+    per_weight = wv.grad[mask]
+    expected = torch.zeros_like(centroids).index_add_(0, cb.codes[mask].long(), per_weight)
+    assert torch.allclose(centroids.grad, expected, atol=1e-5)
