@@ -423,3 +423,26 @@ def test_removed_blocks_are_skipped_and_kept_for_compress(images):
     assert [r.name for r in again.layers] == ["stem.0", "down", "head"]
     acc = qcore.evaluate(again.model, calib).accuracy
     assert result.history["calib_accuracy"].iloc[-1] == acc
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(bits=2, per_channel=True),
+                                   QuantConfig(bits=3, symmetric=False), QuantConfig(bits=4)])
+def test_learned_steps_are_what_compress_finds_again(quant, images):
+    """LSQ: the result's weights are clipped to the learned ranges, so compress re-chooses
+    the learned grids (to float rounding) when the learned steps clip."""
+    cfg = CompressionConfig(quant=quant)
+    model = make_bn_model()
+    c = qcore.compress(model, cfg)
+    student = _Student(c.graph, c, learn_scales=True)
+    assert set(student.steps) == {r.name for r in c.layers}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in student.weights.values():
+            t.add_(torch.randn(t.shape, generator=g) * 0.05)
+        for t in student.steps.values():
+            t.mul_(0.8)  # learned steps that clip
+        trained = {k: v.detach() for k, v in student.replacements().items()}
+    module = _float_module(model, student.float_tensors(), cfg.fold_bn)
+    again = qcore.compress(module, cfg).replacements()
+    for key, value in again.items():
+        assert torch.allclose(value, trained[key], rtol=0, atol=1e-6), key
