@@ -236,18 +236,6 @@ def shared_weight(
     return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
 
 
-def shared_weight(
-    centroids: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """A shared-weight layer ``centroids[codes]``, pruned weights exactly zero.
-
-    Differentiable in ``centroids``: dL/dc_k is the sum of dL/dw over the kept weights
-    assigned to centroid k (Deep Compression's shared-weight update).
-    """
-    w = centroids[codes.long()]
-    return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
-
-
 class _Student:
     """The trained tensors of the compressed layers and the compressed forward pass."""
 
