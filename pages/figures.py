@@ -879,3 +879,86 @@ def deep_layer_bits(layers: pd.DataFrame) -> pd.DataFrame:
     table = layers.pivot(index="layer", columns="stage", values="bits_per_weight")
     rows = list(dict.fromkeys(layers["layer"]))
     return table.loc[rows, order].reset_index().rename_axis(columns=None)
+
+
+# --- the Robustness page: accuracy against perturbation strength ------------------------------
+ROBUST_COLORS = ("#636efa", "#ef553b", "#00a36c", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+ROBUST_TITLES = {
+    "gaussian": "Gaussian input noise",
+    "fgsm": "FGSM attack (white box)",
+    "pgd": "PGD attack (white box)",
+    "weight_noise": "Multiplicative weight noise",
+    "bitflip": "Random bit flips in the stored weights",
+}
+
+
+def robustness_curves(
+    curves: Mapping[str, pd.DataFrame], perturbation: str, unit: str
+) -> go.Figure:
+    """Accuracy against strength, one line per model variant (label -> ``qcore.robustness``
+    rows); the first (the float model) is a wide pale band. Weight perturbations show the
+    spread over draws as error bars (min to max)."""
+    fig = go.Figure()
+    log_x = perturbation == "bitflip"
+    for i, (label, df) in enumerate(curves.items()):
+        rows = df.sort_values("strength")
+        x = rows["strength"].astype(float).tolist()
+        y = [100 * a for a in rows["accuracy"].astype(float)]
+        err = None
+        if "draws" in rows and (rows["draws"] > 1).any():
+            err = {
+                "type": "data", "symmetric": False,
+                "array": [100 * a - b for a, b in zip(rows["accuracy_max"], y, strict=True)],
+                "arrayminus": [b - 100 * a for a, b in zip(rows["accuracy_min"], y, strict=True)],
+            }  # fmt: skip
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=label, error_y=err,
+            # the first (float) as a wide pale band, so a curve on top of it stays visible
+            line={"color": ROBUST_COLORS[i % len(ROBUST_COLORS)], "width": 8 if i == 0 else 2},
+            opacity=0.45 if i == 0 else 1.0,
+            customdata=[100 * a for a in rows["agreement"].astype(float)],
+            hovertemplate=f"{label}<br>strength %{{x:g}}: accuracy %{{y:.1f}} %"
+                          "<br>agreement with its clean prediction %{customdata:.1f} %"
+                          "<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(
+        title=ROBUST_TITLES.get(perturbation, perturbation),
+        xaxis={"title": unit + (" (log scale; 0 not shown)" if log_x else ""),
+               "type": "log" if log_x else "linear"},
+        yaxis={"title": "accuracy (%, simulated, test split)", "range": [0, 101]},
+        legend={"orientation": "h", "y": -0.3},
+        margin={"t": 50, "b": 10, "l": 10, "r": 10},
+        height=400,
+    )  # fmt: skip
+    return fig
+
+
+def robustness_summary(curves: Mapping[str, pd.DataFrame], perturbation: str) -> str:
+    """What the curves show, in a sentence computed from the rows: each variant's accuracy
+    against the first one's (the float model) at one strength, the largest at which the
+    first still keeps at least half its clean accuracy (else the smallest above 0)."""
+    labels = list(curves)
+    if not labels:
+        raise ValueError("There are no curves to summarise.")
+    base = curves[labels[0]].set_index("strength")["accuracy"]
+    nonzero = [s for s in base.index if s > 0]
+    if not nonzero:
+        return "Only strength 0 was measured: the clean accuracy, nothing perturbed."
+    clean = float(base.get(0.0, base.iloc[0]))
+    kept = [s for s in nonzero if base[s] >= clean / 2]
+    at = max(kept) if kept else min(nonzero)
+    word = "epsilon" if perturbation in ("fgsm", "pgd") else "strength"
+    if perturbation == "bitflip":
+        word = "a flipped fraction of"
+    parts = []
+    for label in labels[1:]:
+        rows = curves[label].set_index("strength")["accuracy"]
+        if at not in rows.index:
+            continue
+        d = 100 * (float(rows[at]) - float(base[at]))
+        verdict = "no change" if abs(d) < 0.05 else f"{d:+.1f} pts"
+        parts.append(f"{label} keeps {100 * float(rows[at]):.1f} % ({verdict})")
+    head = f"At {word} {at:g}, {labels[0]} keeps {100 * float(base[at]):.1f} %"
+    if not parts:
+        return head + "."
+    return head + "; " + "; ".join(parts) + "."

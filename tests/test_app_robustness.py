@@ -47,7 +47,7 @@ def test_run_draws_curves_summary_and_images() -> None:
     at.multiselect(key="rb_perturbations").set_value(["gaussian", "fgsm"]).run()
     at.text_input(key="rb_strengths_gaussian").set_value("0 0.5").run()
     at.text_input(key="rb_strengths_fgsm").set_value("0 0.1").run()
-    at.selectbox(key="rb_limit").set_value(100).run()
+    at.selectbox(key="rb_limit").set_value(100).run()  # of 359
     at.button(key="rb_run").click().run()
     ok(at, "Robustness")
     figs = charts(at)

@@ -30,7 +30,7 @@ NAMES = {
     "weight_noise": "Weight noise",
     "bitflip": "Bit flips",
 }
-IMAGE_LIMITS = (100, 250, 500, 1000, None)  # None: the whole test split
+IMAGE_LIMITS = (100, 250, 500, 1000)  # and the whole test split
 GRID_IMAGES = 8
 MAX_PINS = 4
 FLOAT = Settings(bits=None).canonical()
@@ -59,7 +59,7 @@ st.caption(
     "Does clipping and quantizing make a model sturdier? Each curve is the accuracy on "
     f"{data.name}'s test split (simulated, fake-quant) as a perturbation grows. "
     "**Gaussian**: noise of that standard deviation added to the normalised input "
-    f"(pixel / 255 − mean) / std, std {std}, then clamped to the valid pixel range. "
+    f"(pixel in [0, 1] − mean) / std, std {std}, then clamped to the valid pixel range. "
     "**FGSM / PGD**: white-box attacks computed against each model itself, epsilon in "
     "pixel units (0.1 = a tenth of black-to-white per pixel), inputs kept in the valid "
     "range; PGD starts at a random point and takes several steps. **Weight noise**: every "
@@ -86,12 +86,16 @@ with st.container(border=True):
             help=f"{figures.ROBUST_TITLES[p]}: {strength_unit(p)}. Numbers separated by spaces.",
         )  # fmt: skip
     c1, c2 = st.columns(2)
-    limit = c1.selectbox(
-        "Test images", IMAGE_LIMITS, index=2, key="rb_limit",
-        format_func=lambda n: f"all {len(ds.y):,}" if n is None else f"first {n:,}",
+    limits = [n for n in IMAGE_LIMITS if n < len(ds.y)] + [len(ds.y)]  # the last: all
+    if ss.get("rb_limit") not in limits:  # a new session, or a smaller test split
+        ss["rb_limit"] = limits[min(2, len(limits) - 1)]
+    n_images = c1.selectbox(
+        "Test images", limits, key="rb_limit",
+        format_func=lambda n: f"all {n:,}" if n == len(ds.y) else f"first {n:,}",
         help="Input perturbations run every image through the model once per strength, "
         "PGD once per step: fewer images are faster.",
     )  # fmt: skip
+    limit = None if n_images >= len(ds.y) else int(n_images)
     steps = c2.number_input("PGD steps", 1, 50, 10, key="rb_steps")
 
     current = playground_settings(layer_names)

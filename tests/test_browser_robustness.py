@@ -1,0 +1,50 @@
+"""End to end: the Robustness page in a real headless Chromium (digits-mlp, a small curve)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from e2e import CHROMIUM, browser_page, serve_app, wait_idle
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("QP_REQUIRE_BROWSER"):
+        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
+    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
+                allow_module_level=True)
+
+SCREENSHOT = Path(os.environ.get("QP_ROBUST_SCREENSHOT", "/tmp/robust_page.png"))
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with serve_app() as url:
+        yield url
+
+
+def test_robustness_page_runs_a_curve_and_shows_images(app_url):
+    with browser_page(viewport=(1400, 3000)) as page:
+        page.goto(f"{app_url}/robustness?model=digits-mlp&dataset=digits",
+                  wait_until="domcontentloaded")  # fmt: skip
+        run = page.get_by_role("button", name="Run", exact=True)
+        run.wait_for(timeout=120_000)
+        wait_idle(page)
+        strengths = page.get_by_role("textbox", name="FGSM strengths")
+        strengths.fill("0 0.05 0.1 0.2")
+        strengths.press("Enter")
+        wait_idle(page)
+        run.click()
+        chart = page.locator('[data-testid="stPlotlyChart"]', has_text="FGSM attack")
+        chart.wait_for(timeout=120_000)
+        page.get_by_text("What the perturbed images look like").wait_for(timeout=120_000)
+        wait_idle(page)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert page.locator('[data-testid="stPlotlyChart"]').count() == 2  # gaussian, FGSM
+        summary = page.get_by_text("float32 keeps").first.inner_text()
+        assert summary.startswith("At ") and "%" in summary
+        assert page.locator('[data-testid="stImage"]').count() == 8
+        assert "/robustness" in page.url
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
