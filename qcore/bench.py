@@ -7,6 +7,8 @@ Each model runs in a fresh subprocess so that its peak memory is its own.
 ``--eval`` measures float evaluation of mnist-cnn several ways (batch sizes through the
 graph runtime, the module itself, channels-last, ``torch.compile``); ``--sensitivity``
 times layer sensitivity on mnist-cnn the naive way and with prefix reuse.
+``--deep`` runs Deep Compression (:mod:`qcore.deep`) on mnist-lenet300 (the paper's recipe,
+then with 5-bit codebooks) and mnist-cnn, and prints each stage beside the paper's table.
 """
 
 from __future__ import annotations
@@ -142,6 +144,70 @@ def bench_sensitivity(name: str = "mnist-cnn") -> dict[str, float]:
             "speedup": naive_s / fast_s}  # fmt: skip
 
 
+def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) -> str:
+    """Deep Compression on ``name`` (the default recipe, or ``bits`` for every layer), stage
+    by stage beside the paper's table: the figures of the README's Deep Compression section."""
+    from qcore.deep import (
+        CENTROID_EPOCHS,
+        DEFAULT_EPOCHS,
+        PAPER,
+        STAGE_LABELS,
+        deep_compression,
+        paper_reference,
+    )
+
+    info = model_info(name)
+    split = {s: load_dataset(info.dataset, s) for s in ("train", "calib", "test")}
+    t = time.perf_counter()
+    res = deep_compression(load_model(name), split["train"], split["calib"], bits=bits,
+                           epochs=epochs or DEFAULT_EPOCHS, test=split["test"])  # fmt: skip
+    seconds = time.perf_counter() - t
+    s = res.stages
+    recipe = "default recipe" if bits is None else f"{bits}-bit codebooks everywhere"
+    lines = [f"{name} on {info.dataset} ({len(split['train']):,} training images, "
+             f"{len(split['test']):,} test images), {recipe}; {epochs or DEFAULT_EPOCHS} "
+             f"epochs of retraining after pruning, {CENTROID_EPOCHS} of centroids; "
+             f"{seconds:.0f} s on {torch.get_num_threads()} threads",
+             f"  {'stage':<38} {'kept':>6} {'packed bytes':>13} {'ratio':>7} {'accuracy':>9}"]
+    for _, r in s.iterrows():
+        lines.append(f"  {r['label']:<38} {r['kept']:6.1%} {r['size_bytes']:13,} "
+                     f"{r['ratio']:6.1f}x {r['accuracy']:9.2%}"
+                     + ("" if r["applied"] else "  (not applied: larger)"))
+    drop = (s["accuracy"].iloc[0] - s["accuracy"].iloc[-1]) * 100
+    lines.append(f"  final: {s['ratio'].iloc[-1]:.1f}x, accuracy {abs(drop):.2f} pp "
+                 f"{'lower' if drop > 0 else 'higher' if drop < 0 else 'the same'} "
+                 f"(float {s['accuracy'].iloc[0]:.2%} -> {s['accuracy'].iloc[-1]:.2%})")
+    reference = paper_reference(load_model(name))
+    paper = PAPER[reference]
+    lines.append(f"  the paper's {reference} (Han et al. 2016, Tables 1-3), full MNIST:")
+    for _, r in paper.iterrows():
+        size = "" if r["size_kb"] != r["size_kb"] else f"{r['size_kb']:.0f} KB"
+        ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.0f}x"
+        err = "" if r["error"] != r["error"] else f"error {r['error']:.2%}"
+        lines.append(f"  {STAGE_LABELS[r['stage']]:<38} {r['kept']:6.0%} {size:>13} "
+                     f"{ratio:>7} {err}")
+    lines.append("  bits per weight, layer by layer (weight bytes x 8 / weights):")
+    table = res.layers.pivot(index="layer", columns="stage", values="bits_per_weight")
+    for layer in dict.fromkeys(res.layers["layer"]):
+        cells = "  ".join(f"{table.loc[layer, st]:6.2f}" for st in dict.fromkeys(s["stage"]))
+        lines.append(f"    {layer:<8} pruned {res.prune_rates[layer]:.0%}, "
+                     f"{res.bits[layer]} bits: {cells}")
+    last = res.layers[res.layers["stage"] == "huffman"]
+    lines.append("  after Huffman coding, per kept weight (the paper's Table 2 columns): code "
+                 "bits, index bits")
+    for _, r in last.iterrows():
+        kept = r["kept"] * r["weights"]
+        code, index = r["code_bits"] / kept, r["index_bits"] / kept
+        lines.append(f"    {r['layer']:<8} {code:5.2f} {index:5.2f}")
+    parts = {c: int(last[c].sum()) for c in ("code_bytes", "index_bytes", "codebook_bytes",
+                                               "table_bytes", "scale_bytes", "bias_bytes")}
+    other = res.compressed.size_bytes - sum(parts.values())  # tensors of no weight layer
+    lines.append("  final bytes: " + ", ".join(f"{k.removesuffix('_bytes')} {v:,}"
+                                                for k, v in parts.items())
+                 + f", other float32 {other:,}")
+    return "\n".join(lines)
+
+
 def _format(result: dict) -> str:
     lines = [
         f"{result['model']}: float evaluation on {result['n']} test images "
@@ -170,6 +236,8 @@ def main_bench(argv: list[str]) -> int:
                         help="float evaluation of mnist-cnn several ways, then stop")
     parser.add_argument("--sensitivity", action="store_true",
                         help="layer sensitivity on mnist-cnn, naive and cached, then stop")
+    parser.add_argument("--deep", action="store_true",
+                        help="Deep Compression stage by stage beside the paper, then stop")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("argument --repeats: at least 1 run is needed for a median")
@@ -187,6 +255,12 @@ def main_bench(argv: list[str]) -> int:
         print(f"mnist-cnn layer sensitivity, {r['rows']} rows (every layer at 2..8 bits): "
               f"naive {r['naive_s']:.2f} s, cached {r['cached_s']:.2f} s, "
               f"speed-up {r['speedup']:.2f}x (identical tables)")
+        return 0
+    if args.deep:
+        runs = ([(n, None) for n in args.models] if args.models else
+                [("mnist-lenet300", None), ("mnist-lenet300", 5), ("mnist-cnn", None)])
+        for name, bits in runs:
+            print(bench_deep(name, bits=bits), flush=True)
         return 0
     names = args.models or list_models()
     unknown = [n for n in names if n not in list_models()]

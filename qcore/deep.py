@@ -45,6 +45,7 @@ from qcore.refs import Progress
 
 __all__ = [
     "DeepCompressionResult", "deep_compression", "default_prune_rates", "default_bits",
+    "paper_reference",
     "STAGES", "STAGE_LABELS", "PAPER", "DEFAULT_EPOCHS", "CENTROID_EPOCHS", "PRUNE_LR",
     "CENTROID_LR",
 ]  # fmt: skip
@@ -100,8 +101,9 @@ class DeepCompressionResult:
     # bits_per_weight (weight bytes * 8 / weights, every layer), applied, seconds
     stages: pd.DataFrame
     # layer, stage, weights, kept, bits (codebook bits; 32 = float), bits_per_weight (the
-    # weight's bytes * 8 / weights), code_bytes, index_bytes, codebook_bytes, table_bytes,
-    # scale_bytes, bias_bytes (LayerResult.size_parts: they add up to size_bytes)
+    # weight's bytes * 8 / weights), code_bits, index_bits (exact, before padding),
+    # code_bytes, index_bytes, codebook_bytes, table_bytes, scale_bytes, bias_bytes
+    # (LayerResult.size_parts: they add up to size_bytes)
     layers: pd.DataFrame
     compressed: Compressed  # the last stage applied: export it with qcore.export_packed
     prune_rates: Mapping[str, float]
@@ -130,6 +132,12 @@ def _recipe(model: nn.Module, graph: Graph) -> tuple[dict[str, float], dict[str,
     if recipe is None or set(recipe[0]) != set(graph.layers):
         return None
     return recipe
+
+
+def paper_reference(model: nn.Module) -> str:
+    """The paper's network to compare ``model`` with: "LeNet-5" for the two-conv CNN (the
+    same shape), else "LeNet-300-100"."""
+    return "LeNet-5" if _arch(model) == "cnn" else "LeNet-300-100"
 
 
 def default_prune_rates(model: nn.Module) -> dict[str, float]:
@@ -200,6 +208,8 @@ def _layer_rows(c: Compressed, stage: str) -> list[dict[str, Any]]:
             "kept": 1.0 - r.pruned if r.mask is not None else float((r.dequantized != 0).sum()) / n,
             "bits": r.bits,
             "bits_per_weight": 8.0 * r.encoded.nbytes() / n,
+            "code_bits": r.code_bits,  # the weight codes (float32 values), before padding
+            "index_bits": r.index_bits,  # where the kept weights are
             **parts,
             "size_bytes": r.size_bytes,
         })  # fmt: skip

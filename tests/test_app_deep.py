@@ -38,8 +38,9 @@ def test_page_waits_for_the_button() -> None:
     ok(at, TITLE)
     assert "press" in at.info[0].value.lower()
     assert not at.get("plotly_chart")
-    # the paper's recipe is on: the one-rate sliders are off
-    assert at.slider(key="dc_prune").disabled and at.slider(key="dc_bits").disabled
+    # the paper's recipe is on: the one-rate slider is off, the bits are the paper's
+    assert at.slider(key="dc_prune").disabled
+    assert at.select_slider(key="dc_bits").value == "recipe"
 
 
 @needs_sample
@@ -74,7 +75,7 @@ def test_one_rate_and_one_width_for_every_layer() -> None:
     at = open_deep("digits-mlp")
     at.toggle(key="dc_recipe").set_value(False).run()
     at.slider(key="dc_prune").set_value(0.5)
-    at.slider(key="dc_bits").set_value(3)
+    at.select_slider(key="dc_bits").set_value(3)
     at.slider(key="dc_epochs").set_value(1)
     at.button(key="dc_run").click().run()
     ok(at, TITLE)

@@ -22,36 +22,38 @@ st.caption(
     "codebooks included."
 )
 
-recipe_col, epochs_col = st.columns(2)
-recipe = recipe_col.toggle(
-    "The paper's recipe",
+RECIPE = "recipe"  # the bits picker's first option: the paper's per-layer widths
+rate_col, bits_col, epochs_col = st.columns(3)
+recipe = rate_col.toggle(
+    "The paper's per-layer pruning rates",
     value=True,
     key="dc_recipe",
-    help="Per-layer pruning rates and codebook bits as the paper chose them (LeNet-300-100: "
-    "8 %, 9 % and 26 % of the weights kept, 6 bits; our two-conv CNN gets LeNet-5's); "
-    "other models get a rule after the paper's tables. Off: one rate and one width for "
-    "every layer, from the sliders.",
+    help="LeNet-300-100 (the paper's Table 2) keeps 8 %, 9 % and 26 % of its three layers' "
+    "weights; our two-conv CNN gets LeNet-5's rates (Table 3); other models a rule after "
+    "those tables (small layers keep more). Off: the one rate below for every layer.",
 )
+prune = rate_col.slider(
+    "Pruning rate (every layer)", 0.0, 0.98, 0.9, 0.01, key="dc_prune", disabled=recipe,
+    help="The share of each layer's weights set to zero, smallest magnitude first.",
+)  # fmt: skip
+bits = bits_col.select_slider(
+    "Codebook bits", options=[RECIPE, 2, 3, 4, 5, 6, 7, 8], value=RECIPE, key="dc_bits",
+    format_func=lambda b: "the paper's" if b == RECIPE else f"{b} bits",
+    help="Each layer shares at most 2^bits distinct weight values (a k-means codebook). The "
+    "paper's: 6 bits for LeNet-300-100; 8 for convolutions and 5 for fully connected "
+    "layers in LeNet-5; other models 8 for convolutions, 6 for fully connected layers.",
+)  # fmt: skip
 epochs = epochs_col.slider(
     "Retraining epochs after pruning", 1, 10, qcore.deep.DEFAULT_EPOCHS, key="dc_epochs",
     help="Passes over the train split with the pruning masks fixed. The centroids are then "
     f"retrained for {qcore.deep.CENTROID_EPOCHS} epoch.",
 )  # fmt: skip
-rate_col, bits_col = st.columns(2)
-prune = rate_col.slider(
-    "Pruning rate (every layer)", 0.0, 0.98, 0.9, 0.01, key="dc_prune", disabled=recipe,
-    help="The share of each layer's weights set to zero, smallest magnitude first.",
-)  # fmt: skip
-bits = bits_col.slider(
-    "Codebook bits (every layer)", 1, 8, 6, key="dc_bits", disabled=recipe,
-    help="Each layer shares at most 2^bits distinct weight values.",
-)  # fmt: skip
-choice = (None, None, epochs) if recipe else (float(prune), int(bits), epochs)
+choice = (None if recipe else float(prune), None if bits == RECIPE else int(bits), epochs)
 run = st.button("Run Deep Compression", key="dc_run", type="primary")
 prune_rate, codebook_bits, epochs = last_run(
     "deep_last", model, data, choice, run=run,
     prompt=f"Choose the recipe and press **Run Deep Compression** ({model.name} on {data.name}; "
-    "about a minute or two).",
+    "a minute or two).",
     stale="The results below are of the last run; press **Run Deep Compression** again.",
 )  # fmt: skip
 try:
@@ -123,10 +125,11 @@ ours_col.dataframe(
         "error": st.column_config.NumberColumn("top-1 error", format="%.2f %%"),
     },
 )  # fmt: skip
-paper = qcore.deep.PAPER["LeNet-300-100"]
+paper_name = qcore.deep.paper_reference(cache.get_model(model))
+paper = qcore.deep.PAPER[paper_name]
+tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
 paper_col.markdown(
-    "**The paper's** LeNet-300-100 on all of MNIST (Han et al. 2016, Tables 1 and 2), "
-    "for reference"
+    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {tables}), for reference"
 )
 paper_col.dataframe(
     pd.DataFrame({
