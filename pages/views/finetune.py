@@ -140,7 +140,8 @@ def _open(outcome: cache.FinetuneOutcome, model: ModelRef, data: DatasetRef,
     )  # fmt: skip
     switch_model(name, data.name)
     open_in_playground(settings, layer_names)  # the same layers: the same architecture
-    st.session_state.pop(MODEL_PICKER, None)  # drawn afresh, at the new model
+    # the sidebar's picker shows the new model (its index says so too: see pages.sidebar)
+    st.session_state[MODEL_PICKER] = name
     st.session_state[OPEN] = True  # the page switches at its top: the model is new now
 
 
@@ -161,7 +162,8 @@ def _start() -> None:
         key = (model, data, settings, ft)
         if cache.finished_finetune(key) is None and not (JOB in ss and ss[JOB].running):
             # loaded here, where a spinner can be drawn: the worker only reads them
-            cache.train_dataset(data), cache.get_calib_dataset(data), cache.get_dataset(data)
+            for load in (cache.train_dataset, cache.get_calib_dataset, cache.get_dataset):
+                load(data)
             ss[JOB] = Job(key, cache.finetune_run, model, data, settings, ft)
     except ValueError as e:
         ss[ERROR] = str(e)
@@ -212,8 +214,7 @@ if ERROR in ss:
 job: Job | None = ss.get(JOB)
 if job is not None and job.running:
     total_planned = _planned_steps(job.key[1], job.key[3])
-    holder = st.empty()  # emptied when training ends: the results take its place
-    live = holder.container()
+    live = st.container()
     bar = live.progress(0.0)
     chart = live.empty()
     draws = itertools.count()
@@ -229,7 +230,7 @@ if job is not None and job.running:
         )  # fmt: skip
 
     watch(job, draw)
-    holder.empty()
+    st.rerun()  # the buttons again, drawn as they are now (Train on, Stop off), then the results
 if job is not None and not job.running:
     try:
         finished = job.result()

@@ -1,0 +1,101 @@
+"""End to end: the Fine-tune page in a real headless Chromium (digits-mlp at 2 bits): one
+epoch to the result table and Open in Playground; a longer run's live curves and Stop."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from e2e import CHROMIUM, browser_page, metric_value, serve_app, wait_idle
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("QP_REQUIRE_BROWSER"):
+        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
+    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
+                allow_module_level=True)
+
+SCREENSHOT = Path(os.environ.get("QP_FT_SCREENSHOT", "/tmp/ft_page.png"))
+LIVE_SCREENSHOT = SCREENSHOT.with_name(SCREENSHOT.stem + "_live.png")
+PLAYGROUND_SCREENSHOT = SCREENSHOT.with_name(SCREENSHOT.stem + "_playground.png")
+LINK = "/finetune?model=digits-mlp&dataset=digits&bits=2"
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    with serve_app() as url:
+        yield url
+
+
+def _open_page(page, app_url: str):
+    page.goto(app_url + LINK, wait_until="domcontentloaded")
+    train = page.get_by_role("button", name="Train", exact=True)
+    train.wait_for(timeout=60_000)
+    wait_idle(page)
+    return train
+
+
+def test_one_epoch_shows_the_table_then_opens_in_the_playground(app_url):
+    with browser_page(viewport=(1400, 1800)) as page:
+        train = _open_page(page, app_url)
+        assert page.get_by_text("W2A32", exact=True).count() == 1  # the setting's label
+        train.click()
+        table = page.locator('[data-testid="stDataFrame"]')
+        table.wait_for(timeout=60_000)
+        wait_idle(page)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        acc = metric_value(page, "Accuracy, fine-tuned")
+        assert re.fullmatch(r"\d+\.\d%", acc)
+        chart = page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves")
+        assert chart.locator(".js-plotly-plot").count() == 1
+        assert chart.locator("g.scatterlayer path.js-line").count() >= 2  # loss, accuracy
+        assert page.get_by_role("button", name="Download the fine-tuned packed model").count() == 1
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        page.get_by_role("button", name="Open in Playground").click()
+        sidebar = page.locator("[data-testid=stSidebar]")
+        sidebar.get_by_text("A model of this session", exact=False).wait_for(timeout=60_000)
+        wait_idle(page)
+        assert metric_value(page, "Accuracy (simulated") == acc  # the same model, same setting
+        page.screenshot(path=str(PLAYGROUND_SCREENSHOT), full_page=True)
+        picker = page.get_by_role("combobox", name="Model", exact=True)
+        name = re.fullmatch(r"(ft-[0-9a-f]{12}) \(this session\)", picker.input_value()).group(1)
+        # another widget's change keeps the session model picked (see pages.sidebar)
+        size = metric_value(page, "Packed size")
+        page.locator('input[type="range"][aria-label="Bit width"]').focus()
+        page.keyboard.press("ArrowRight")  # 2 -> 3 bits
+        page.wait_for_url(re.compile(r"bits=3"), timeout=60_000)
+        wait_idle(page)
+        assert metric_value(page, "Packed size") != size
+        assert picker.input_value() == f"{name} (this session)" and f"model={name}" in page.url
+        assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_a_long_run_draws_live_curves_and_stops(app_url):
+    with browser_page(viewport=(1400, 1400)) as page:
+        train = _open_page(page, app_url)
+        epochs = page.get_by_role("spinbutton", name="Epochs")
+        epochs.fill("20")
+        epochs.press("Enter")
+        wait_idle(page)
+        train.click()
+        live = page.locator('[data-testid="stPlotlyChart"]', has_text="Training (live)")
+        live.wait_for(timeout=60_000)
+        page.get_by_text(re.compile(r"Training… step \d+ of 400")).wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)  # the curves grow
+        page.screenshot(path=str(LIVE_SCREENSHOT), full_page=True)
+        page.get_by_role("button", name="Stop", exact=True).click()
+        stopped = page.get_by_text(re.compile(r"Stopped after step \d+"))
+        stopped.wait_for(timeout=60_000)
+        wait_idle(page)
+        step = int(re.search(r"step (\d+)", stopped.inner_text()).group(1))
+        assert 0 < step < 400
+        page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves").wait_for()
+        page.locator('[data-testid="stDataFrame"]').wait_for()  # the stopped model's table
+        wait_idle(page)
+        assert page.get_by_role("button", name="Train", exact=True).is_enabled()
+        assert page.get_by_role("button", name="Stop", exact=True).is_disabled()
+        assert page.locator('[data-testid="stException"]').count() == 0
