@@ -418,7 +418,7 @@ def _robustness(args: argparse.Namespace) -> int:
     target = model
     if not plain or args.perturbation == "bitflip":  # bit flips need the stored form
         target = compress(model, cfg, calib=_calib(args, cfg))
-    label = "float32" if plain else f"{args.bits}-bit" if args.bits else "compressed"
+    label = "float32" if plain else Settings.from_config(cfg, list(weight_layers(model))).label()
     progress = None if args.quiet else ProgressBar(args.perturbation)
     df = robustness(target, data, args.perturbation, args.strengths, seed=args.seed,
                     seeds=args.seeds, steps=args.steps, progress=progress)
@@ -535,7 +535,7 @@ def _robustness(args: argparse.Namespace) -> int:
     target = model
     if not plain or args.perturbation == "bitflip":  # bit flips need the stored form
         target = compress(model, cfg, calib=_calib(args, cfg))
-    label = "float32" if plain else f"{args.bits}-bit" if args.bits else "compressed"
+    label = "float32" if plain else Settings.from_config(cfg, list(weight_layers(model))).label()
     progress = None if args.quiet else ProgressBar(args.perturbation)
     df = robustness(target, data, args.perturbation, args.strengths, seed=args.seed,
                     seeds=args.seeds, steps=args.steps, progress=progress)
