@@ -32,6 +32,10 @@ def test_robustness_page_runs_a_curve_and_shows_images(app_url):
         run = page.get_by_role("button", name="Run", exact=True)
         run.wait_for(timeout=120_000)
         wait_idle(page)
+        # the first visit of a fresh server (pages/robustness.py hands it to app.py)
+        body = page.locator("body").inner_text()
+        assert "Page not found" not in body and "does not seem to exist" not in body
+        assert page.locator("h1").first.inner_text() == "Robustness"
         strengths = page.get_by_role("textbox", name="FGSM strengths")
         strengths.fill("0 0.05 0.1 0.2")
         strengths.press("Enter")
