@@ -15,7 +15,15 @@ import streamlit as st
 from pages.cache import SweepParams
 from pages.session import ensure_layers, settings_from_session
 from pages.tables import ACT_OBSERVER_HELP
-from qcore.config import ACT_OBSERVERS, CLIP_RANGES, FLOAT, SCALE_MODES, Settings
+from qcore.config import (
+    ACT_OBSERVERS,
+    CLIP_RANGES,
+    CODEBOOKS,
+    ENTROPY_CODINGS,
+    FLOAT,
+    SCALE_MODES,
+    Settings,
+)
 
 BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), FLOAT)  # the bit-width slider
 ABITS_OPTIONS: tuple[int | str, ...] = (*range(2, 17), FLOAT)  # activations need 2 bits
@@ -26,6 +34,26 @@ ACTIVATIONS_HELP = (
 )
 OBSERVER_HELP = "How the calibration split sets each activation's range:\n\n" + "\n".join(
     f"- **{name}**: {ACT_OBSERVER_HELP[name]}" for name in ACT_OBSERVERS
+)
+CODEBOOK_LABELS = {"uniform": "uniform", "kmeans": "k-means"}
+CODEBOOK_HELP = (
+    "uniform: each weight is rounded to the nearest level of an evenly spaced grid (a scale "
+    "and an integer code).\n\n"
+    "k-means: the weights of each layer share at most 2^b values, found by clustering the "
+    "weights pruning kept (k-means, started evenly over their range). Each weight stores "
+    "only which shared value it takes (b bits); the shared values are stored once per "
+    "layer as float32 numbers (the codebook, counted in the size). The shared values follow "
+    "the weights, so clip, range, rounding and scale mode do not apply; pruned weights stay "
+    "exactly zero. This is the weight sharing of Deep Compression (Han et al.)."
+)
+ENTROPY_LABELS = {"none": "none", "huffman": "Huffman"}
+ENTROPY_HELP = (
+    "Huffman: codes that occur often get short bit strings and rare ones long, so the file "
+    "spends fewer bits on the common values. Applied to the weights' codes and to the "
+    "sparse index (the gaps between kept weights), each with its code table stored in the "
+    "file (5 bits per symbol) and counted in the size. A layer keeps whichever form is "
+    "smaller, so Huffman coding never makes the file larger. The weights do not change, "
+    "only how they are written, so accuracy stays the same."
 )
 SCALE_MODE_LABELS = {"float": "float", "pow2": "power of two (fixed point)"}
 SCALE_MODE_HELP = (
@@ -124,6 +152,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
     ss = st.session_state
     ensure_layers(layer_names)
     is_float, one_bit = ss["bits"] == FLOAT, ss["bits"] == 1
+    shared = not is_float and ss.get("codebook") == "kmeans"  # k-means: no grid to set
     act_float = ss.get("abits", FLOAT) == FLOAT
     # with per-layer bits on every compressed layer, only float32 on the slider matters
     overridden = not is_float and _covers_every_layer(ss.get("layer_bits", ()), ss["layers"])
@@ -158,7 +187,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
             format_func=CLIP_MODE_LABELS.__getitem__,
             persist_state=_KEEP,
             on_change=_on_clip_mode_change,
-            disabled=is_float,
+            disabled=is_float or shared,
             help="What the clip threshold measures: a fraction of the largest |w|, weight "
             "units, standard deviations or a percentile of |w|; mse searches the range.",
         )
@@ -172,7 +201,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
             format=r.fmt,
             help=r.help,
             persist_state=_KEEP,
-            disabled=ss["clip_mode"] == "mse" or is_float,
+            disabled=ss["clip_mode"] == "mse" or is_float or shared,
         )
     with c_prune:
         st.slider(
@@ -195,7 +224,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="symmetric",
                 horizontal=True,
                 persist_state=_KEEP,
-                disabled=is_float or one_bit,
+                disabled=is_float or one_bit or shared,
                 format_func=lambda v: "symmetric" if v else "asymmetric",
                 help="Symmetric: zero point 0, codes ±(2^(b-1)-1). Asymmetric: codes 0..2^b-1 "
                 "with an integer zero point. Unused at 1 bit.",
@@ -216,11 +245,21 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="rounding",
                 horizontal=True,
                 persist_state=_KEEP,
-                disabled=is_float or one_bit,
+                disabled=is_float or one_bit or shared,
                 help="Stochastic rounding is seeded, so results repeat. Unused at 1 bit.",
             )
-            if one_bit:
+            if one_bit and not shared:
                 st.caption(ONE_BIT_NOTE)
+            st.radio(
+                "Codebook",
+                list(CODEBOOKS),
+                key="codebook",
+                horizontal=True,
+                persist_state=_KEEP,
+                disabled=is_float,
+                format_func=CODEBOOK_LABELS.__getitem__,
+                help=CODEBOOK_HELP,
+            )
         with b:
             st.toggle(
                 "Structured pruning",
@@ -238,6 +277,15 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 persist_state=_KEEP,
                 help="layer: the same rate in every layer; global: the rate is a share of "
                 "all compressed weights, ranked together, so layers lose different shares.",
+            )
+            st.radio(
+                "Entropy coding",
+                list(ENTROPY_CODINGS),
+                key="entropy",
+                horizontal=True,
+                persist_state=_KEEP,
+                format_func=ENTROPY_LABELS.__getitem__,
+                help=ENTROPY_HELP,
             )
         with c:
             st.toggle(
@@ -261,7 +309,7 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
                 key="scale",
                 horizontal=True,
                 persist_state=_KEEP,
-                disabled=is_float and act_float,
+                disabled=(is_float or shared) and act_float,
                 format_func=SCALE_MODE_LABELS.__getitem__,
                 help=SCALE_MODE_HELP,
             )

@@ -90,6 +90,8 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
         scale=str(values.get("scale", "float")),
         abits=None if abits in (FLOAT, None) else int(abits),
         aobs=str(values.get("aobs", "minmax")),
+        codebook=str(values.get("codebook", "uniform")),
+        entropy=str(values.get("entropy", "none")),
     )
 
 

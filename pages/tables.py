@@ -73,9 +73,17 @@ def make_result(
 
 
 def layer_table(compressed: qcore.Compressed) -> pd.DataFrame:
-    """One row per compressed weight layer (:func:`qcore.report.layer_rows`); the rows of
-    the JSON download."""
-    return pd.DataFrame(report.layer_rows(compressed))
+    """One row per compressed weight layer (:func:`qcore.report.layer_rows`) with where its
+    packed bytes go (:attr:`qcore.LayerResult.size_parts`); the rows of the JSON download."""
+    rows = report.layer_rows(compressed)
+    for row, s in zip(rows, compressed.layers, strict=True):
+        parts = s.size_parts
+        row["shared values"] = None if s.codebook is None else int(s.codebook.numel())
+        row["code bits"] = s.code_bits
+        row["index bits"] = s.index_bits
+        row["codebook bytes"] = parts["codebook_bytes"]
+        row["table bytes"] = parts["table_bytes"]
+    return pd.DataFrame(rows)
 
 
 def _num(v: float) -> str:
@@ -105,23 +113,35 @@ def layer_display(table: pd.DataFrame) -> pd.DataFrame:
         "unchanged" if _missing(v) else f"{v:.1f}" for v in table["SQNR (dB)"]
     ]
     g = table["channels"].tolist()
+    # a k-means layer has a codebook of shared values instead of a grid, scale and zero point
+    shared = (table["shared values"].tolist() if "shared values" in table
+              else [None] * len(table))  # fmt: skip
     out["grid range"] = [
-        _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else f" ({n} channels)")
-        for lo, hi, n in zip(table["grid low"], table["grid high"], g, strict=True)
+        f"k-means: {int(k)} shared values" if not _missing(k)
+        else _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else f" ({n} channels)")
+        for lo, hi, n, k in zip(table["grid low"], table["grid high"], g, shared, strict=True)
     ]
     out["scale Δ"] = [
-        _range_text(a, b, n) for a, b, n in
-        zip(table["scale min"], table["scale max"], g, strict=True)
+        "none (codebook)" if not _missing(k) else _range_text(a, b, n) for a, b, n, k in
+        zip(table["scale min"], table["scale max"], g, shared, strict=True)
     ]  # fmt: skip
     out["zero point"] = [
-        ("float32" if bits >= 32 else "none (±α)") if _missing(a)
+        "none (codebook)" if not _missing(k)
+        else ("float32" if bits >= 32 else "none (±α)") if _missing(a)
         else (_num(a) if a == b else f"{_num(a)} … {_num(b)}")
-        for a, b, bits in
-        zip(table["zero point min"], table["zero point max"], table["bits"], strict=True)
+        for a, b, bits, k in zip(table["zero point min"], table["zero point max"],
+                                 table["bits"], shared, strict=True)
     ]  # fmt: skip
+    for col in SIZE_COLUMNS:
+        if col in table:
+            out[col] = table[col]
     for col in ("packed bytes", "float32 bytes", "encoding"):
         out[col] = table[col]
     return out
+
+
+# Where each layer's packed bytes go, as the Playground's table shows them.
+SIZE_COLUMNS = ("code bits", "index bits", "codebook bytes", "table bytes")
 
 
 # How the per-layer table's columns are shown, wherever a page draws it.
@@ -141,6 +161,26 @@ LAYER_TABLE_COLUMNS = {
     ),
     "SQNR (dB)": st.column_config.NumberColumn(
         "SQNR (dB)", format="%.1f", help="empty = unchanged"
+    ),
+    "code bits": st.column_config.NumberColumn(
+        "code bits", format="localized",
+        help="Bits of the stored weights: b bits per kept weight, fewer with Huffman coding "
+        "(32 per value for a layer left in float).",
+    ),
+    "index bits": st.column_config.NumberColumn(
+        "index bits", format="localized",
+        help="Bits that say where the kept weights are: a bit per weight (mask), the gaps "
+        "between kept weights (relative index, Huffman coded if smaller), or a bit per "
+        "channel. 0 when the layer is stored dense.",
+    ),
+    "codebook bytes": st.column_config.NumberColumn(
+        "codebook bytes", format="localized",
+        help="The k-means codebook: 4 bytes (float32) per shared value. 0 on a uniform grid.",
+    ),
+    "table bytes": st.column_config.NumberColumn(
+        "table bytes", format="localized",
+        help="Huffman code tables stored with the layer: 5 bits per symbol, one table for the "
+        "codes and one for the relative index where each is Huffman coded.",
     ),
     "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
     "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),

@@ -31,6 +31,8 @@ from qcore.compress import compress
 from qcore.config import (
     ACT_OBSERVERS,
     CLIP_MODES,
+    CODEBOOKS,
+    ENTROPY_CODINGS,
     SCALE_MODES,
     CompressionConfig,
     PruneConfig,
@@ -213,6 +215,10 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
                         help="activation observer (range policy)")
     parser.add_argument("--scale", default="float", choices=SCALE_MODES,
                         help="'pow2' for power-of-two (fixed-point) scales")
+    parser.add_argument("--codebook", default="uniform", choices=CODEBOOKS,
+                        help="'kmeans' for 2^bits shared weights per layer (k-means codebook)")
+    parser.add_argument("--entropy", default="none", choices=ENTROPY_CODINGS,
+                        help="'huffman' to Huffman code the weight codes and sparse index")
 
 
 def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
@@ -230,6 +236,7 @@ def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
         symmetric=not args.asymmetric, per_channel=args.per_channel, rounding=args.rounding,
         structured=args.structured, scope=args.scope, fold_bn=not args.no_fold_bn,
         layer_bits=layer_bits, abits=args.abits, aobs=args.aobs, scale=args.scale,
+        codebook=args.codebook, entropy=args.entropy,
     ).to_config()
 
 

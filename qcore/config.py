@@ -441,6 +441,8 @@ class Settings:
     scale: str = "float"  # "pow2": power-of-two scales (fixed point), weights and activations
     abits: int | None = None  # activation bits; None = activations stay float
     aobs: str = "minmax"  # the activation observer (range policy)
+    codebook: str = "uniform"  # "kmeans": weights share 2^bits k-means centroids per layer
+    entropy: str = "none"  # "huffman": codes and relative indices Huffman coded where smaller
 
     def to_config(self) -> CompressionConfig:
         """The qcore config; raises ValueError with a user sentence for a bad combination."""
@@ -457,6 +459,7 @@ class Settings:
                 rounding=self.rounding,
                 layer_bits=self.layer_bits,
                 scale=self.scale,
+                codebook=self.codebook,
             )
         prune = None
         if self.prune > 0:
@@ -464,8 +467,10 @@ class Settings:
         act = None
         if self.abits is not None:
             act = ActQuantConfig(bits=self.abits, observer=self.aobs, scale=self.scale)
+        _check_choice("entropy", self.entropy, ENTROPY_CODINGS)
         return CompressionConfig(quant=quant, prune=prune, layers=self.layers,
-                                 fold_bn=self.fold_bn, act=act)
+                                 fold_bn=self.fold_bn, act=act,
+                                 entropy=None if self.entropy == "none" else self.entropy)
 
     @classmethod
     def from_config(
@@ -495,6 +500,7 @@ class Settings:
             abits=None if a is None else a.bits,
             aobs="minmax" if a is None else a.observer,
             scale=(q.scale if q is not None else a.scale if a is not None else "float"),
+            entropy="none" if config.entropy is None else config.entropy,
         )
         if q is None:
             return replace(s, bits=None)
@@ -509,6 +515,7 @@ class Settings:
             per_channel=q.per_channel,
             rounding=q.rounding,
             layer_bits=tuple(pairs),
+            codebook=q.codebook,
         )
 
     def to_flat(self) -> dict[str, str]:
@@ -524,7 +531,7 @@ class Settings:
         for key in ("symmetric", "per_channel", "structured", "fold_bn"):
             if getattr(self, key) != getattr(default, key):
                 q[key] = "true" if getattr(self, key) else "false"
-        for key in ("rounding", "scope", "scale", "aobs"):
+        for key in ("rounding", "scope", "scale", "aobs", "codebook", "entropy"):
             if getattr(self, key) != getattr(default, key):
                 q[key] = getattr(self, key)
         if self.abits is not None:
@@ -562,7 +569,13 @@ class Settings:
                 per_channel=d.per_channel,
                 rounding=d.rounding,
                 layer_bits=d.layer_bits,
+                codebook=d.codebook,
             )
+        elif s.codebook == "kmeans":  # the centroids ignore range, rounding and scale mode
+            s = replace(s, clip=d.clip, clip_mode=d.clip_mode, symmetric=d.symmetric,
+                        rounding=d.rounding)  # fmt: skip
+            if s.abits is None:
+                s = replace(s, scale=d.scale)
         elif s.clip_mode == "mse":
             s = replace(s, clip=d.clip)
         if s.bits == 1 and not s.layer_bits:  # sign(w) * alpha: no range, no rounding choice
@@ -581,6 +594,12 @@ class Settings:
         """A short description, e.g. ``4 bits · clip 1 · symmetric · per-tensor · prune 0.5``."""
         if self.bits is None:
             parts = ["float32"]
+        elif self.codebook == "kmeans":
+            parts = [
+                f"{self.bits} bits" + (" (per-layer: " + ", ".join(
+                    f"{n} {b}" for n, b in self.layer_bits) + ")" if self.layer_bits else ""),
+                "k-means codebook",
+            ]  # fmt: skip
         else:
             mode = "" if self.clip_mode == "ratio" else f" ({self.clip_mode})"
             parts = [
@@ -592,8 +611,10 @@ class Settings:
             ]  # fmt: skip
         if self.abits is not None:
             parts.append(f"activations {self.abits} bits ({self.aobs})")
-        if self.scale == "pow2":
+        if self.scale == "pow2" and (self.codebook != "kmeans" or self.abits is not None):
             parts.append("power-of-two scales")
+        if self.entropy == "huffman":
+            parts.append("Huffman coded")
         parts.append(f"prune {self.prune:g}")
         return " · ".join(parts)
 
@@ -608,6 +629,10 @@ class Settings:
         parts = ["float" if self.bits is None else f"{self.bits}bit"]
         if self.layer_bits and self.bits is not None:
             parts.append("mixed")
+        if self.codebook == "kmeans" and self.bits is not None:
+            parts.append("kmeans")
+        if self.entropy == "huffman":
+            parts.append("huffman")
         if self.abits is not None:
             parts.append(f"a{self.abits}")
         if self.prune > 0:
@@ -795,7 +820,8 @@ def parse_flat(
             bad("abits", raw, "a whole number from 2 to 16, or float")
 
     for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES), ("scale", SCALE_MODES),
-                         ("aobs", ACT_OBSERVERS)):
+                         ("aobs", ACT_OBSERVERS), ("codebook", CODEBOOKS),
+                         ("entropy", ENTROPY_CODINGS)):
         raw = flat.get(key)
         if raw is not None:
             if raw in choices:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = ["Codebook", "kmeans_codebook", "MAX_ITERATIONS"]
@@ -53,29 +54,29 @@ def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids, right=False)
 
 
-def _lloyd(xs: torch.Tensor, k: int) -> torch.Tensor:
+def _lloyd(xs: np.ndarray, k: int) -> np.ndarray:
     """Sorted centroids (float64) of 1-D k-means on sorted ``xs`` (float64), linear
     initialisation.
 
     In one dimension a cluster is a run of the sorted weights, so each pass finds the runs'
     ends by binary search and their sums from a prefix sum: O(k log n) a pass, after one
-    sort.
+    sort (numpy: a pass is a few small array operations, where torch's per-call cost
+    would dominate).
     """
-    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(xs, 0)])
-    ends = torch.tensor([0, xs.numel()])
-    centroids = torch.linspace(float(xs[0]), float(xs[-1]), k, dtype=torch.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(xs)])
+    centroids = np.linspace(xs[0], xs[-1], k)
     bounds = None
     for _ in range(MAX_ITERATIONS):
         mids = (centroids[1:] + centroids[:-1]) / 2
         # a weight equal to a midpoint goes to the lower centroid, as in _nearest
-        new = torch.cat([ends[:1], torch.searchsorted(xs, mids, right=True), ends[1:]])
-        if bounds is not None and torch.equal(new, bounds):
+        new = np.concatenate([[0], np.searchsorted(xs, mids, side="right"), [xs.size]])
+        if bounds is not None and np.array_equal(new, bounds):
             break
         bounds = new
-        counts = bounds[1:] - bounds[:-1]
+        counts = np.diff(bounds)
         sums = prefix[bounds[1:]] - prefix[bounds[:-1]]
-        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-        centroids = torch.sort(moved).values
+        moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        centroids = np.sort(moved)
     return centroids
 
 
@@ -103,7 +104,7 @@ def kmeans_codebook(
         codebook = distinct
         idx = torch.searchsorted(codebook, x)
     else:
-        centroids = _lloyd(xs.double(), k).float()
+        centroids = torch.from_numpy(_lloyd(xs.double().numpy(), k)).float()
         used = centroids[torch.bincount(_nearest(x, centroids), minlength=k) > 0]
         # float32 rounding may make two neighbours equal: keep one
         codebook = used[torch.cat([torch.tensor([True]), used[1:] != used[:-1]])]

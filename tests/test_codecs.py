@@ -289,3 +289,97 @@ def test_rounded_zeros_count_like_pruned_ones() -> None:
     assert enc.encoding == "relidx"
     assert enc.nbytes() < math.ceil(2 * 1000 / 8)
     assert torch.equal(_decoded(enc, (1000,)), res.values)
+
+
+# --------------------------------------------------------------- codebook and Huffman codecs
+
+
+def huffman_codebook_tensor() -> tuple[dict, bytes, torch.Tensor]:
+    """A pruned k-means tensor whose codes and relative index are both Huffman coded."""
+    from qcore.codecs import encode_codebook
+    from qcore.kmeans import kmeans_codebook
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 100, generator=g)
+    mask = w.abs() > 1.5
+    cb = kmeans_codebook(w, 4, mask)
+    enc = encode_codebook(cb.codes, cb.codebook, 4, mask=mask, entropy="huffman")
+    fields = enc.header()
+    assert fields["code_coding"] == fields["index_coding"] == "huffman"
+    assert enc.encoding == "relidx"
+    return fields, enc.encode(), cb.values
+
+
+def set_bits(blob: bytes, at_bit: int, value: int, width: int) -> bytes:
+    """``blob`` with ``width`` bits from bit ``at_bit`` (MSB first) set to ``value``."""
+    bits = [(blob[i // 8] >> (7 - i % 8)) & 1 for i in range(8 * len(blob))]
+    for j in range(width):
+        bits[at_bit + j] = (value >> (width - 1 - j)) & 1
+    return bytes(sum(bits[i + k] << (7 - k) for k in range(8)) for i in range(0, len(bits), 8))
+
+
+def test_codebook_huffman_round_trip_and_sizes() -> None:
+    fields, blob, values = huffman_codebook_tensor()
+    assert torch.equal(decode(fields, blob, (40, 100), "w"), values)
+    # the codebook: float32 per centroid, first in the block
+    c = fields["centroids"]
+    book = torch.frombuffer(bytearray(blob[: 4 * c]), dtype=torch.float32)
+    assert torch.equal(book, torch.unique(values[values != 0]))
+
+
+def test_hostile_codebook_and_huffman_fields() -> None:
+    fields, blob, _ = huffman_codebook_tensor()
+    c, a = fields["centroids"], fields["code_symbols"]
+    table_at = 8 * 4 * c  # the code table's first bit, after the codebook
+    cases = {
+        "code length beyond 16": (fields, set_bits(blob, table_at, 31, 5)),
+        "table not prefix-free": (fields, set_bits(blob, table_at, 1, 5)),
+        "table incomplete": (fields, set_bits(blob, table_at, 16, 5)),
+        "index stream past the end": (fields, blob[:-1]),
+        "index stream with bytes after": (fields, blob + b"\x00"),
+        "codebook larger than 2^bits": ({**fields, "centroids": 17}, blob),
+        "codebook size lie": ({**fields, "centroids": c - 1}, blob),
+        "codebook size lie up": ({**fields, "centroids": c + 1}, blob),
+        "code symbols beyond 2^bits": ({**fields, "code_symbols": 17}, blob),
+        "code symbols lie": ({**fields, "code_symbols": a - 1}, blob),
+        "code symbols zero": ({**fields, "code_symbols": 0}, blob),
+        "unknown code coding": ({**fields, "code_coding": "lzma"}, blob),
+        "index symbols beyond 2^width": (
+            {**fields, "index_symbols": 2 ** fields["index_width"] + 1}, blob),
+        "unknown index coding": ({**fields, "index_coding": "zip"}, blob),
+        "kept lie": ({**fields, "kept": fields["kept"] + 1}, blob),
+        "empty codebook with weights": ({**fields, "centroids": 0}, blob),
+    }  # fmt: skip
+    for case, (f, b) in cases.items():
+        with pytest.raises(ValueError):
+            decode(f, b, (40, 100), "w")
+            pytest.fail(case)
+
+
+def test_codes_beyond_the_codebook_refused() -> None:
+    from qcore.codecs import encode_codebook
+
+    codes = torch.tensor([0, 1, 2, 3])
+    enc = encode_codebook(codes, torch.tensor([0.5, 1.5, 2.5, 3.5]), 2)
+    fields, blob = enc.header(), enc.encode()
+    short = {**fields, "centroids": 3}  # the codebook loses an entry; codes reach it
+    blob3 = blob[:12] + blob[16:]
+    with pytest.raises(ValueError, match="beyond its codebook"):
+        decode(short, blob3, (4,), "w")
+
+
+def test_every_bit_flip_of_a_huffman_tensor_is_refused_or_decodes() -> None:
+    """Flipping any one bit gives a ValueError or a tensor of the right shape, never
+    another exception (a flip in a centroid or a code is a different, valid tensor)."""
+    fields, blob, _ = huffman_codebook_tensor()
+    refused = 0
+    for bit in range(0, 8 * len(blob), 3):  # every third bit: each block is hit many times
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << (7 - bit % 8)
+        try:
+            out = decode(fields, bytes(bad), (40, 100), "w")
+        except ValueError:
+            refused += 1
+        else:
+            assert out.shape == (40, 100) and bool(torch.isfinite(out).all())
+    assert refused > 0

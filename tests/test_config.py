@@ -350,3 +350,88 @@ def test_numbers_are_plain_ascii_everywhere() -> None:
     # at 1 bit the range and rounding choices change nothing: one cache key
     assert Settings(bits=1, symmetric=False, rounding="stochastic").canonical() == \
         Settings(bits=1).canonical()
+
+
+# --------------------------------------------------------------- codebook and entropy coding
+
+
+@st.composite
+def deep_settings(draw) -> Settings:
+    """Flat settings with a codebook and entropy coding drawn too."""
+    from dataclasses import replace
+
+    s = draw(flat_settings())
+    codebook = draw(st.sampled_from(("uniform", "kmeans")))
+    entropy = draw(st.sampled_from(("none", "huffman")))
+    per_channel = s.per_channel and codebook == "uniform"  # k-means is per tensor
+    return replace(s, codebook=codebook, entropy=entropy, per_channel=per_channel)
+
+
+@settings(max_examples=200, deadline=None)
+@given(s=deep_settings())
+def test_codebook_and_entropy_settings_round_trip(s: Settings) -> None:
+    flat = s.to_flat()
+    assert Settings.from_flat(flat, LAYERS) == (s, [])
+    assert ("codebook" in flat) == (s.codebook != "uniform")
+    assert ("entropy" in flat) == (s.entropy != "none")
+    cfg = s.to_config()
+    assert cfg.entropy == (None if s.entropy == "none" else "huffman")
+    if cfg.quant is not None:
+        assert cfg.quant.codebook == s.codebook
+    back = Settings.from_config(cfg, LAYERS)
+    assert back.to_config() == cfg
+    assert CompressionConfig.from_dict(through_json(cfg.to_dict())) == cfg
+    c = s.canonical()
+    assert c.canonical() == c and c.entropy == s.entropy
+    if s.bits is not None and s.codebook == "kmeans":  # what k-means ignores is reset
+        d = Settings()
+        assert (c.clip, c.clip_mode, c.symmetric, c.rounding) == (
+            d.clip, d.clip_mode, d.symmetric, d.rounding)
+        assert c.codebook == "kmeans"
+
+
+def test_codebook_and_entropy_defaults_leave_links_and_labels_as_they_were() -> None:
+    s = Settings(bits=4, prune=0.5)
+    assert s.to_flat() == {"bits": "4", "clip": "1", "clip_mode": "ratio", "prune": "0.5"}
+    assert s.label() == "4 bits · clip 1 · symmetric · per-tensor · prune 0.5"
+    assert s.slug() == "4bit-prune0.5"
+    assert "entropy" not in s.to_config().to_dict()
+    deep = Settings(bits=5, prune=0.9, scope="global", codebook="kmeans", entropy="huffman")
+    assert deep.label() == "5 bits · k-means codebook · Huffman coded · prune 0.9"
+    assert deep.slug() == "5bit-kmeans-huffman-prune0.9"
+    assert deep.to_flat() == {"bits": "5", "clip": "1", "clip_mode": "ratio", "prune": "0.9",
+                              "scope": "global", "codebook": "kmeans", "entropy": "huffman"}
+    cfg = deep.to_config()
+    assert cfg.quant.codebook == "kmeans" and cfg.entropy == "huffman"
+    assert Settings.from_config(cfg) == deep
+
+
+def test_codebook_settings_canonical_and_refusals() -> None:
+    # k-means ignores the range, rounding and scale settings
+    a = Settings(bits=4, codebook="kmeans", clip=0.3, clip_mode="sigma", symmetric=False,
+                 rounding="stochastic", scale="pow2")
+    assert a.canonical() == Settings(bits=4, codebook="kmeans")
+    assert Settings(bits=None, codebook="kmeans").canonical() == Settings(bits=None)
+    with pytest.raises(ValueError, match="turn per-channel scales off"):
+        Settings(bits=4, codebook="kmeans", per_channel=True).to_config()
+    with pytest.raises(ValueError, match="entropy must be one of none, huffman"):
+        Settings(entropy="zip").to_config()
+    for bad in ({"codebook": "lloyd"}, {"entropy": "gzip"}):
+        t, warnings = Settings.from_flat(bad)
+        assert t == Settings() and len(warnings) == 1, bad
+
+
+def test_cli_codebook_and_entropy_flags() -> None:
+    from qcore.cli import _config, _evaluate_parser
+    from qcore.models import build_model
+
+    model = build_model("mlp", (1, 8, 8), 10)
+    args = _evaluate_parser().parse_args(
+        ["--bits", "4", "--codebook", "kmeans", "--entropy", "huffman", "--prune", "0.9",
+         "--scope", "global"])  # fmt: skip
+    cfg = _config(args, model)
+    assert cfg.quant.codebook == "kmeans" and cfg.entropy == "huffman"
+    assert cfg == Settings(bits=4, prune=0.9, scope="global", codebook="kmeans",
+                           entropy="huffman").to_config()  # fmt: skip
+    plain = _config(_evaluate_parser().parse_args(["--bits", "4"]), model)
+    assert plain.quant.codebook == "uniform" and plain.entropy is None

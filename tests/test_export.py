@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,24 @@ CONFIGS = {
     "layer-bits": CompressionConfig(quant=QuantConfig(bits=4, layer_bits={"0": 1, "7": 16})),
     "no-fold": CompressionConfig(quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.3),
                                  fold_bn=False),
+    "kmeans4": CompressionConfig(quant=QuantConfig(bits=4, codebook="kmeans")),
+    "kmeans1-pruned": CompressionConfig(quant=QuantConfig(bits=1, codebook="kmeans"),
+                                        prune=PruneConfig(rate=0.5)),
+    "kmeans5-global-huffman": CompressionConfig(
+        quant=QuantConfig(bits=5, codebook="kmeans"), prune=PruneConfig(rate=0.9, scope="global"),
+        entropy="huffman"),
+    "kmeans3-structured-huffman": CompressionConfig(
+        quant=QuantConfig(bits=3, codebook="kmeans"), prune=PruneConfig(rate=0.5, structured=True),
+        entropy="huffman"),
+    "huffman8": CompressionConfig(quant=QuantConfig(bits=8), entropy="huffman"),
+    "huffman-asym-pc-sparse": CompressionConfig(
+        quant=QuantConfig(bits=6, symmetric=False, per_channel=True),
+        prune=PruneConfig(rate=0.95), entropy="huffman"),
+    "huffman-float-sparse": CompressionConfig(quant=None, prune=PruneConfig(rate=0.97),
+                                              entropy="huffman"),
+    "huffman-layer-bits": CompressionConfig(
+        quant=QuantConfig(bits=4, codebook="kmeans", layer_bits={"0": 2, "7": 16}),
+        prune=PruneConfig(rate=0.6), entropy="huffman"),
 }
 
 
@@ -297,8 +316,11 @@ def random_config(rng, layer_names: list[str]) -> CompressionConfig:
     layers = None
     if rng.random() < 0.2:
         layers = tuple(rng.sample(layer_names, max(1, len(layer_names) // 2)))
+    if quant is not None and rng.random() < 0.3:  # k-means codebooks are per tensor
+        quant = replace(quant, codebook="kmeans", per_channel=False)
     return CompressionConfig(quant=quant, prune=prune, layers=layers,
-                             fold_bn=rng.random() < 0.8)
+                             fold_bn=rng.random() < 0.8,
+                             entropy="huffman" if rng.random() < 0.4 else None)
 
 
 @pytest.mark.parametrize("name", qcore.list_models())
@@ -326,3 +348,34 @@ def test_size_bytes_is_the_payload_on_every_sample_model(name: str, tmp_path: Pa
         assert packed.config == config
         with torch.inference_mode():
             assert torch.equal(packed.model(x), c.model(x)), config
+
+
+@pytest.mark.parametrize("name", ["kmeans5-global-huffman", "huffman-asym-pc-sparse",
+                                  "kmeans3-structured-huffman", "pruned-structured", "float"])
+def test_size_parts_sum_to_each_layer_and_the_file(name: str) -> None:
+    c = compress(make_bn_model(0), CONFIGS[name])
+    for r in c.layers:
+        parts = r.size_parts
+        assert all(v >= 0 for v in parts.values())
+        assert sum(parts.values()) == r.size_bytes, r.name
+        assert parts["code_bytes"] == (r.code_bits + 7) // 8 or r.encoded.kind == "float"
+        assert parts["bias_bytes"] == 4 * (r.params - r.float_weight.numel())
+        if r.codebook is not None:
+            assert parts["codebook_bytes"] == 4 * r.codebook.numel()
+        if r.encoded.header().get("code_coding") is None and r.encoded.header().get(
+                "index_coding") is None:
+            assert parts["table_bytes"] == 0
+    data = packed_bytes(c)
+    assert len(data) - PREFIX_BYTES - header_len(data) == c.size_bytes
+
+
+def test_huffman_never_makes_a_file_larger() -> None:
+    """entropy="huffman" only allows Huffman coding: each tensor keeps the smaller form."""
+    model = make_bn_model(0)
+    for name in ("kmeans4", "pruned-sparse", "bits8", "float-pruned-sparse", "pruned-global"):
+        plain = compress(model, CONFIGS[name])
+        coded = compress(model, replace(CONFIGS[name], entropy="huffman"))
+        assert coded.size_bytes <= plain.size_bytes, name
+        for a, b in zip(plain.layers, coded.layers, strict=True):
+            assert b.size_bytes <= a.size_bytes
+            assert torch.equal(a.dequantized, b.dequantized)  # the same weights

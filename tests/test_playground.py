@@ -584,6 +584,109 @@ def test_activation_journey_clamps_and_dequantizes_by_plain_arithmetic() -> None
     assert "Calibrated on 500 calibration images" in text and "clipped" in text
 
 
+# --- H: codebook (k-means) and entropy coding (Huffman) ---------------------------------------
+
+
+def size_columns_match(table, c: qcore.Compressed) -> None:
+    """The size columns say what qcore's layer records say, and add up to the layer."""
+    table = table.set_index("layer")
+    for s in c.layers:
+        row, parts = table.loc[s.name], s.size_parts
+        assert row["code bits"] == s.code_bits, s.name
+        assert row["index bits"] == s.index_bits, s.name
+        assert row["codebook bytes"] == parts["codebook_bytes"], s.name
+        assert row["table bytes"] == parts["table_bytes"], s.name
+        assert row["packed bytes"] == s.size_bytes == sum(parts.values()), s.name
+
+
+@needs_sample
+def test_a_link_sets_codebook_and_entropy_and_the_size_table_shows_where_bytes_go() -> None:
+    q = dict(bits="4", prune="0.9", scope="global", codebook="kmeans", entropy="huffman")
+    at = open_app(**q)
+    ok(at)
+    assert not at.warning
+    assert at.radio(key="codebook").value == "kmeans"
+    assert at.radio(key="entropy").value == "huffman"
+    c = compressed(bits=4, prune=0.9, scope="global", codebook="kmeans", entropy="huffman")
+    assert the_metric(at, "Packed size").value == figures.format_bytes(c.size_bytes)
+    table = at.dataframe[0].value
+    size_columns_match(table, c)
+    by_layer = table.set_index("layer")
+    for s in c.layers:
+        assert s.codebook is not None and s.codebook.numel() <= 16
+        assert by_layer.loc[s.name, "grid range"] == f"k-means: {s.codebook.numel()} shared values"
+        assert by_layer.loc[s.name, "zero point"] == "none (codebook)"
+        assert by_layer.loc[s.name, "codebook bytes"] == 4 * s.codebook.numel() > 0
+    assert sum(by_layer["table bytes"]) > 0  # some stream is Huffman coded
+    # k-means sets no grid: clip and range widgets are off; the link keeps both settings
+    assert at.slider(key="clip").disabled and at.radio(key="symmetric").disabled
+    for key, value in q.items():
+        assert at.query_params[key] == value, key
+
+
+@needs_sample
+def test_entropy_coding_shrinks_the_file_and_leaves_accuracy_alone() -> None:
+    at = open_app(bits="4", prune="0.8")
+    ok(at)
+    assert at.radio(key="codebook").value == "uniform"
+    assert at.radio(key="entropy").value == "none"
+    assert "codebook" not in at.query_params and "entropy" not in at.query_params
+    before = the_metric(at, "Accuracy (simulated)").value
+    plain = compressed(bits=4, prune=0.8)
+    assert sum(at.dataframe[0].value["table bytes"]) == 0
+    at.radio(key="entropy").set_value("huffman").run()
+    ok(at)
+    coded = compressed(bits=4, prune=0.8, entropy="huffman")
+    assert coded.size_bytes < plain.size_bytes
+    assert the_metric(at, "Packed size").value == figures.format_bytes(coded.size_bytes)
+    assert the_metric(at, "Accuracy (simulated)").value == before  # the same weights
+    size_columns_match(at.dataframe[0].value, coded)
+    assert at.query_params["entropy"] == "huffman"
+    at.radio(key="codebook").set_value("kmeans").run()
+    ok(at)
+    shared = compressed(bits=4, prune=0.8, entropy="huffman", codebook="kmeans")
+    assert the_metric(at, "Packed size").value == figures.format_bytes(shared.size_bytes)
+    size_columns_match(at.dataframe[0].value, shared)
+
+
+@needs_sample
+def test_codebook_and_entropy_help_explain_them_in_plain_words() -> None:
+    at = open_app()
+    ok(at)
+    codebook, entropy = at.radio(key="codebook"), at.radio(key="entropy")
+    assert codebook.label == "Codebook" and entropy.label == "Entropy coding"
+    assert list(codebook.options) == ["uniform", "k-means"]
+    assert list(entropy.options) == ["none", "Huffman"]
+    assert "share at most 2^b values" in codebook.help and "codebook" in codebook.help
+    assert "never makes the file larger" in entropy.help and "table" in entropy.help
+
+
+@needs_sample
+def test_k_means_with_per_channel_scales_says_what_to_do() -> None:
+    at = open_app(bits="4", per_channel="true", codebook="kmeans")
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "A k-means codebook is shared by the whole layer; turn per-channel scales off to use "
+        "one."
+    ]
+    at.radio(key="per_channel").set_value(False).run()
+    ok(at)
+
+
+def test_codebook_and_entropy_round_trip_through_the_link_and_the_session() -> None:
+    from pages.query import parse_query
+    from pages.session import settings_from_session, settings_to_session
+
+    names = ["conv1", "conv2", "fc1", "fc2"]
+    s = Settings(bits=5, prune=0.9, codebook="kmeans", entropy="huffman")
+    values, warnings = parse_query(s.to_flat(), models=["mnist-cnn"], datasets=["mnist-5k"],
+                                   layer_names=lambda _: names)  # fmt: skip
+    assert warnings == []
+    assert values["codebook"] == "kmeans" and values["entropy"] == "huffman"
+    assert settings_from_session(values, names) == s
+    assert settings_from_session(settings_to_session(s, names), names) == s
+
+
 # --- in a real headless Chromium: what AppTest cannot see -------------------------------------
 
 _no_browser = pytest.mark.skipif(
