@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -163,3 +164,48 @@ def test_session_model_refs_round_trip_and_refuse_a_wrong_name() -> None:
     twin = torch.nn.Linear(3, 2)
     twin.load_state_dict(model.state_dict())
     assert cache.hold_session_model(ref, twin) is model
+
+
+# --- pages.progress.Job: the background run behind the live curves and Stop -----------------
+
+
+def _count_until_stopped(limit: int, *, progress, should_stop) -> int:
+    """Report one row per step until stopped or at ``limit``; return the steps done."""
+    done = 0
+    while done < limit and not should_stop():
+        done += 1
+        progress(done, limit, {"step": done, "loss": 1.0 / done})
+        time.sleep(0.002)
+    return done
+
+
+def test_job_streams_rows_in_order_and_stops_between_steps() -> None:
+    from pages.progress import Job, watch
+
+    job = Job("key", _count_until_stopped, 10**6)
+    seen: list[int] = []
+    while len(job.rows) < 5:  # it runs on its own thread
+        time.sleep(0.001)
+    job.stop()
+    watch(job, lambda j: seen.append(len(j.snapshot())), every_s=0.001)
+    steps = job.result()
+    assert job.stopping and not job.running and 5 <= steps < 10**6
+    assert [r["step"] for r in job.rows] == list(range(1, steps + 1))  # every step, in order
+    assert job.done == steps and job.total == 10**6
+    assert seen and seen[-1] == steps == sorted(seen)[-1]  # the last draw saw every row
+
+
+def test_job_finishes_and_hands_back_its_error() -> None:
+    from pages.progress import Job, watch
+
+    job = Job("key", _count_until_stopped, 7)
+    watch(job, lambda j: None, every_s=0.001)
+    assert job.result() == 7 and not job.stopping and len(job.rows) == 7
+
+    def refuse(*, progress, should_stop):
+        raise ValueError("Fine-tune on a train split, not on the 'test' split.")
+
+    bad = Job("key", refuse)
+    watch(bad, lambda j: None, every_s=0.001)
+    with pytest.raises(ValueError, match="train split"):
+        bad.result()

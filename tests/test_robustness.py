@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qcore
 from qcore import cli
@@ -233,3 +236,25 @@ def test_accuracy_is_the_mean_over_draws(c4, data):
     assert row["draws"] == 3
     assert row["accuracy_min"] <= row["accuracy"] <= row["accuracy_max"]
     assert np.isfinite(row["agreement"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    perturbation=st.sampled_from(["gaussian", "fgsm", "pgd"]),
+    strength=st.floats(0.0, 1.0, allow_nan=False),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_strength_and_seed_stays_in_range_and_within_eps(perturbation, strength, seed):
+    model, data = _MLP(), _DIGITS()
+    lo, hi, std = valid_range(data)
+    adv = qcore.perturb_inputs(model, data, perturbation, strength, indices=range(16),
+                               seed=seed, steps=2)  # fmt: skip
+    assert (adv >= lo).all() and (adv <= hi).all()
+    if perturbation != "gaussian":
+        assert float(((adv - data.x[:16]).abs() * std).max()) <= strength + 1e-5
+    if strength == 0:
+        assert torch.equal(adv, data.x[:16])
+
+
+_MLP = functools.cache(lambda: qcore.load_model("digits-mlp"))
+_DIGITS = functools.cache(lambda: qcore.load_dataset("digits", "test"))

@@ -221,7 +221,10 @@ if job is not None and job.running:
 
     def draw(j: Job) -> None:
         total = j.total or total_planned
-        what = "Stopping after this batch…" if j.stopping else "Training…"
+        if j.done >= total:  # the worker now compresses the model and evaluates it
+            what = "Trained; measuring on the test split…"
+        else:
+            what = "Stopping after this batch…" if j.stopping else "Training…"
         bar.progress(min(j.done / max(total, 1), 1.0), text=f"{what} step {j.done} of {total}")
         chart.plotly_chart(
             figures.training_curves(pd.DataFrame(j.snapshot()), total_steps=total,
