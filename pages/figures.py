@@ -782,7 +782,7 @@ def deep_waterfall(stages: pd.DataFrame, *, title: str | None = None) -> go.Figu
         title=title,
         yaxis={"title": "packed bytes", "rangemode": "tozero"},
         yaxis2={"title": "accuracy (%)", "overlaying": "y", "side": "right",
-                "range": [lo, 100.5], "showgrid": False},
+                "range": [lo, 100.5], "showgrid": False, "dtick": 1 if lo >= 90 else None},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 60 if title else 30, "b": 10, "l": 10, "r": 10},
         height=440,
@@ -798,6 +798,29 @@ def deep_layer_bits(layers: pd.DataFrame) -> pd.DataFrame:
     table = layers.pivot(index="layer", columns="stage", values="bits_per_weight")
     rows = list(dict.fromkeys(layers["layer"]))
     return table.loc[rows, order].reset_index().rename_axis(columns=None)
+
+
+def deep_comparison(stages: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
+    """Our stages and the paper's side by side, one row per stage: our weights kept (%),
+    packed bytes, ratio and top-1 error (%), then the paper's as text ("—" where the paper
+    publishes no number). ``paper`` is one of ``qcore.deep.PAPER``."""
+    theirs = paper.set_index("stage")
+
+    def text(stage: str, column: str, fmt: str) -> str:
+        v = theirs[column].get(stage)
+        return "—" if v is None or v != v else fmt.format(v)  # v != v: NaN
+
+    return pd.DataFrame({
+        "stage": list(stages["label"]),
+        "kept": 100 * stages["kept"].to_numpy(dtype=float),
+        "size_bytes": stages["size_bytes"].to_numpy(),
+        "ratio": stages["ratio"].to_numpy(dtype=float),
+        "error": 100 * (1 - stages["accuracy"].to_numpy(dtype=float)),
+        "paper_kept": [text(s, "kept", "{:.0%}") for s in stages["stage"]],
+        "paper_size": [text(s, "size_kb", "{:.0f} KB") for s in stages["stage"]],
+        "paper_ratio": [text(s, "ratio", "{:.0f}x") for s in stages["stage"]],
+        "paper_error": [text(s, "error", "{:.2%}") for s in stages["stage"]],
+    })  # fmt: skip
 
 
 # --- the Robustness page: accuracy against perturbation strength ------------------------------

@@ -110,6 +110,7 @@ class DeepCompressionResult:
     bits: Mapping[str, int]
     history: pd.DataFrame  # both retraining runs (finetune's history and a "stage" column)
     split: str  # where accuracy was measured: "test", or "calib" when no test split is given
+    n: int  # how many images accuracy was measured on
     stopped: bool  # should_stop cut a retraining short
 
     @property
@@ -345,5 +346,6 @@ def deep_compression(
         bits=widths,
         history=pd.concat(hist, ignore_index=True),
         split="test" if test is not None else "calib",
+        n=len(measure_on),
         stopped=run_p.stopped or run_s.stopped,
     )

@@ -90,7 +90,7 @@ def test_stages_in_order_and_sizes_never_increase(result) -> None:
         assert 0.0 <= row["accuracy"] <= 1.0
     assert s["applied"].all()
     assert sizes[-1] < sizes[2] < sizes[1] < sizes[0]  # here every stage saves bytes
-    assert result.split == "test"
+    assert result.split == "test" and result.n == 359  # digits' test split
     assert result.compressed.size_bytes == sizes[-1]
     # Huffman coding is lossless: the same accuracy as the shared stage
     assert s["accuracy"].iloc[3] == s["accuracy"].iloc[2]

@@ -1,7 +1,6 @@
 """Deep Compression: prune + retrain, share weights + retrain centroids, Huffman code; the
 bytes and the accuracy after each stage, next to the paper's published numbers."""
 
-import pandas as pd
 import streamlit as st
 
 import qcore
@@ -52,8 +51,8 @@ choice = (None if recipe else float(prune), None if bits == RECIPE else int(bits
 run = st.button("Run Deep Compression", key="dc_run", type="primary")
 prune_rate, codebook_bits, epochs = last_run(
     "deep_last", model, data, choice, run=run,
-    prompt=f"Choose the recipe and press **Run Deep Compression** ({model.name} on {data.name}; "
-    "a minute or two).",
+    prompt=f"Choose the recipe and press **Run Deep Compression** ({model.name} on {data.name}). "
+    "Retraining takes a minute or more on two CPU cores (LeNet-300-100: about half a minute).",
     stale="The results below are of the last run; press **Run Deep Compression** again.",
 )  # fmt: skip
 try:
@@ -105,53 +104,33 @@ if skipped:
         "stage before, so that stage's form is kept)."
     )
 
-ours = stages[["label", "kept", "size_bytes", "ratio", "accuracy"]].assign(
-    error=1 - stages["accuracy"]
-)
+paper_name = qcore.deep.paper_reference(cache.get_model(model))
+tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
 st.subheader("Stage by stage, beside the paper")
-ours_col, paper_col = st.columns(2)
-ours_col.markdown(f"**Ours**: {model.name} on {data.name} ({res.split} split)")
-ours_col.dataframe(
-    ours[["label", "kept", "size_bytes", "ratio", "error"]].assign(
-        kept=ours["kept"] * 100, error=ours["error"] * 100
-    ),
+st.markdown(
+    f"**Ours**: {model.name} on {data.name} (accuracy on its {res.split} split). "
+    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {tables}), for reference."
+)
+st.dataframe(
+    figures.deep_comparison(stages, qcore.deep.PAPER[paper_name]),
     hide_index=True,
     key="deep_stages_table",
     column_config={
-        "label": st.column_config.TextColumn("stage"),
+        "stage": st.column_config.TextColumn("stage"),
         "kept": st.column_config.NumberColumn("weights kept", format="%.1f %%"),
         "size_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
         "ratio": st.column_config.NumberColumn("ratio", format="%.1fx"),
         "error": st.column_config.NumberColumn("top-1 error", format="%.2f %%"),
-    },
-)  # fmt: skip
-paper_name = qcore.deep.paper_reference(cache.get_model(model))
-paper = qcore.deep.PAPER[paper_name]
-tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
-paper_col.markdown(
-    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {tables}), for reference"
-)
-paper_col.dataframe(
-    pd.DataFrame({
-        "stage": [qcore.deep.STAGE_LABELS[s] for s in paper["stage"]],
-        "kept": paper["kept"] * 100,
-        "size_kb": paper["size_kb"],
-        "ratio": paper["ratio"],
-        "error": paper["error"] * 100,
-    }),
-    hide_index=True,
-    key="deep_paper_table",
-    column_config={
-        "kept": st.column_config.NumberColumn("weights kept", format="%.0f %%"),
-        "size_kb": st.column_config.NumberColumn("size (KB)", format="%.0f"),
-        "ratio": st.column_config.NumberColumn("ratio", format="%.0fx"),
-        "error": st.column_config.NumberColumn("top-1 error", format="%.2f %%"),
+        "paper_kept": st.column_config.TextColumn("paper: kept"),
+        "paper_size": st.column_config.TextColumn("paper: size"),
+        "paper_ratio": st.column_config.TextColumn("paper: ratio"),
+        "paper_error": st.column_config.TextColumn("paper: top-1 error"),
     },
 )  # fmt: skip
 st.caption(
-    "Empty cells: the paper does not publish that number. Its model trained on 60,000 "
-    f"digits; {data.name}'s train split has far fewer, so our float accuracy is lower and a "
-    "test image moves accuracy by more."
+    "—: the paper does not publish that number. Its model trained on 60,000 digits; "
+    f"{data.name}'s train split has far fewer, so our float accuracy is lower, and with "
+    f"{res.n:,} {res.split} images one image moves accuracy by {100 / res.n:.2g} points."
 )
 
 st.subheader("Bits per weight, layer by layer")
