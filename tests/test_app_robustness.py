@@ -114,3 +114,18 @@ def test_summary_compares_at_the_largest_strength_float_keeps_half() -> None:
     fig = figures.robustness_curves(curves, "bitflip", "fraction of stored bits flipped")
     assert fig.layout.xaxis.type == "log"
     assert [list(t.y) for t in fig.data] == [[98.0, 30.0, 20.0], [97.0, 30.0, 10.0]]
+
+
+@needs_sample
+def test_new_strengths_after_a_run_keep_the_image_grid_working() -> None:
+    at = open_page()
+    at.multiselect(key="rb_perturbations").set_value(["gaussian"]).run()
+    at.text_input(key="rb_strengths_gaussian").set_value("0 0.5 1").run()
+    at.selectbox(key="rb_limit").set_value(100).run()
+    at.button(key="rb_run").click().run()
+    assert at.select_slider(key="rb_grid_strength_gaussian").value == 1.0
+    at.text_input(key="rb_strengths_gaussian").set_value("0 0.3").run()
+    at.button(key="rb_run").click().run()
+    ok(at, "Robustness")
+    assert at.select_slider(key="rb_grid_strength_gaussian").value == 0.3
+    assert len(at.get("image")) == 8

@@ -189,12 +189,16 @@ target = variants[1] if len(variants) > 1 else FLOAT
 if inputs:
     st.subheader("What the perturbed images look like")
     g1, g2 = st.columns(2)
-    which = g1.selectbox("Perturbation", [p.perturbation for p in inputs],
-                         format_func=NAMES.__getitem__, key="rb_grid_perturbation")  # fmt: skip
+    names = [p.perturbation for p in inputs]
+    if ss.get("rb_grid_perturbation") not in names:  # the run's choice changed
+        ss["rb_grid_perturbation"] = names[0]
+    which = g1.selectbox("Perturbation", names, format_func=NAMES.__getitem__,
+                         key="rb_grid_perturbation")  # fmt: skip
     prm = next(p for p in inputs if p.perturbation == which)
     levels = [s for s in prm.strengths if s > 0]
-    strength = g2.select_slider("Strength", levels, value=levels[len(levels) // 2],
-                                key=f"rb_grid_strength_{which}")  # fmt: skip
+    if ss.get(f"rb_grid_strength_{which}") not in levels:
+        ss[f"rb_grid_strength_{which}"] = levels[len(levels) // 2]
+    strength = g2.select_slider("Strength", levels, key=f"rb_grid_strength_{which}")
     try:
         grid = cache.perturbed_images(model, data, target, which, strength, GRID_IMAGES,
                                       prm.steps)  # fmt: skip
