@@ -706,15 +706,16 @@ def _coding(fields: dict, prefix: str, width: int, name: str) -> int:
 
 
 def _huffman_stream(
-    r: _Reader, alphabet: int, count: int, escape: int | None, what: str
+    r: _Reader, alphabet: int, count: int, escape: int | None, what: str, limit: int
 ) -> torch.Tensor:
     """A code table of ``alphabet`` lengths, then symbols until ``count`` of them are not
-    ``escape``; the stream's padding to a byte must be zero bits."""
+    ``escape`` (at most ``limit`` in all); the stream's padding to a byte must be zero
+    bits."""
     table = r.take(_ceil_bytes(huffman.table_bits(alphabet)))
     lengths = unpack_uint(table, huffman.LENGTH_BITS, alphabet)
     huffman.check_lengths(lengths, what)
     rest = r.buf[r.pos :]
-    symbols, used = huffman.decode(rest, lengths, count, escape, what)
+    symbols, used = huffman.decode(rest, lengths, count, escape, what, limit)
     tail = np.unpackbits(np.frombuffer(rest[: _ceil_bytes(used)], dtype=np.uint8))[used:]
     if tail.any():
         raise ValueError(f"{what} does not end where its header says.")
@@ -726,7 +727,7 @@ def _read_codes(fields: dict, r: _Reader, bits: int, kept: int, name: str) -> to
     """The ``kept`` stored codes (int64, from 0), fixed width or Huffman coded."""
     alphabet = _coding(fields, "code", bits, name)
     if alphabet:
-        return _huffman_stream(r, alphabet, kept, None, f"The codes of tensor {name!r}")
+        return _huffman_stream(r, alphabet, kept, None, f"The codes of tensor {name!r}", kept)
     return torch.from_numpy(unpack_uint(r.take(_ceil_bytes(bits * kept)), bits, kept))
 
 
@@ -748,7 +749,9 @@ def _positions(fields, r: _Reader, encoding, numel, kept, alive, name) -> torch.
         width = _int_field(fields, "index_width", 1, MAX_INDEX_WIDTH, name)
         alphabet = _coding(fields, "index", width, name)
         what = f"The sparse index of tensor {name!r}"
-        stream = _huffman_stream(r, alphabet, kept, 2**width - 1, what)
+        # at most an entry per kept weight and an escape per 2^width - 1 zeros skipped
+        most = kept + (numel - kept) // (2**width - 1)
+        stream = _huffman_stream(r, alphabet, kept, 2**width - 1, what, most)
         if r.pos != len(r.buf):
             raise ValueError(f"{what} does not match its weights.")
         pos = positions_from_stream(stream, width)

@@ -8,7 +8,11 @@ Layout (format 2)::
 The header holds the format number, the model spec (sample architectures), the
 compression config (``CompressionConfig.to_dict()``), the sizes, and a table of tensors in
 payload order: name, shape, offset, nbytes and the fields of each tensor's codec (see
-:mod:`qcore.codecs`). The payload is the codecs' blocks back to back.
+:mod:`qcore.codecs`). The payload is the codecs' blocks back to back. A k-means tensor
+(kind ``codebook``: its centroids, then their indices) and Huffman-coded streams
+(``code_coding`` / ``index_coding`` = ``"huffman"``, each after its code table) are named
+by those fields only where they are used, so the format stays 2 and older files read as
+before.
 
 Reading treats the file as hostile: the checksum first, then the header's length, depth
 and every field, and the model spec against bounds before anything is built (the

@@ -23,6 +23,7 @@ one-symbol code, a single 1-bit code "0".
 from __future__ import annotations
 
 import heapq
+from array import array
 
 import numpy as np
 
@@ -156,15 +157,19 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
 
 def decode(
     buf: bytes, lengths: np.ndarray, count: int, escape: int | None = None,
-    what: str = "The Huffman-coded stream",
+    what: str = "The Huffman-coded stream", limit: int | None = None,
 ) -> tuple[np.ndarray, int]:
     """(symbols, bits read): symbols from the start of ``buf`` until ``count`` of them
-    differ from ``escape`` (all of them count when ``escape`` is None).
+    differ from ``escape`` (all of them count when ``escape`` is None), at most ``limit``
+    symbols in all (default ``count``).
 
     ``lengths`` must have passed :func:`check_lengths`. Raises ValueError when the data
-    ends first or holds a bit pattern no code starts with.
+    ends first, runs past ``limit`` or holds a bit pattern no code starts with. Memory is
+    bounded: the bits are looked up a chunk at a time, and never more of ``buf`` than
+    ``limit`` codes can fill.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
+    limit = count if limit is None else limit
     if count == 0:
         return np.zeros(0, dtype=np.int64), 0
     codes = canonical_codes(lengths)
@@ -175,26 +180,41 @@ def decode(
         lo = int(codes[s]) << (MAX_CODE_LENGTH - int(lengths[s]))
         hi = lo + (1 << (MAX_CODE_LENGTH - int(lengths[s])))
         sym_of[lo:hi], len_of[lo:hi] = s, lengths[s]
+    buf = buf[: (limit * MAX_CODE_LENGTH + 7) // 8]  # no more than ``limit`` codes can use
     total = 8 * len(buf)
-    bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))
-    bits = np.concatenate([bits, np.zeros(MAX_CODE_LENGTH, dtype=np.uint8)]).astype(np.int32)
-    window = np.zeros(total, dtype=np.int32)  # the 16 bits starting at each bit position
-    for j in range(MAX_CODE_LENGTH):
-        window = (window << 1) | bits[j : j + total]
-    step = memoryview(len_of[window])  # the length of the code starting at each bit
-    sym = sym_of[window]
-    is_escape = memoryview((sym == (-2 if escape is None else escape)).astype(np.uint8))
-    starts = []
+    out = array("q")
+    esc = -2 if escape is None else escape
     pos, found = 0, 0
-    while found < count:  # one code after another: each start depends on the last
+    while found < count:  # a chunk of bit positions at a time
         if pos >= total:
             raise ValueError(f"{what} ends before its last code.")
-        n = step[pos]
-        if n == 0:  # only an incomplete one-symbol code leaves patterns unused
-            raise ValueError(f"{what} holds a bit pattern that is not a code.")
-        starts.append(pos)
-        found += 1 - is_escape[pos]
-        pos += n
+        first, end = pos, min(total, pos + _CHUNK_BITS)
+        step, sym = _lookup(buf, first, end, sym_of, len_of)
+        while found < count and pos < end:  # one code after another: each start depends
+            n = step[pos - first]             # on the last
+            if n == 0:  # only an incomplete one-symbol code leaves patterns unused
+                raise ValueError(f"{what} holds a bit pattern that is not a code.")
+            v = sym[pos - first]
+            out.append(v)
+            found += v != esc
+            pos += n
+            if len(out) > limit:
+                raise ValueError(f"{what} holds more codes than its tensor has room for.")
     if pos > total:
         raise ValueError(f"{what} ends inside its last code.")
-    return sym[np.array(starts, dtype=np.int64)].astype(np.int64), pos
+    return np.frombuffer(out, dtype=np.int64).copy(), pos
+
+
+_CHUNK_BITS = 1 << 18  # bit positions looked up at once (a few MiB of work arrays)
+
+
+def _lookup(buf: bytes, first: int, end: int, sym_of: np.ndarray, len_of: np.ndarray):
+    """(code length, symbol) of the code starting at each bit position in [first, end)."""
+    raw = np.frombuffer(buf[first // 8 : (end + MAX_CODE_LENGTH + 7) // 8], dtype=np.uint8)
+    bits = np.unpackbits(raw)[first % 8 :]
+    n = end - first
+    bits = np.concatenate([bits, np.zeros(MAX_CODE_LENGTH, dtype=np.uint8)])
+    window = np.zeros(n, dtype=np.int32)  # the 16 bits starting at each position
+    for j in range(MAX_CODE_LENGTH):
+        window = (window << 1) | bits[j : j + n]
+    return memoryview(len_of[window]), memoryview(sym_of[window])

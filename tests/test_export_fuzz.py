@@ -74,6 +74,10 @@ CONFIGS = {
     "asym-pc": CompressionConfig(quant=QuantConfig(bits=16, symmetric=False, per_channel=True)),
     "float-pruned": CompressionConfig(quant=None, prune=PruneConfig(rate=0.7)),
     "float-channels": CompressionConfig(quant=None, prune=PruneConfig(rate=0.5, structured=True)),
+    # k-means codebooks with Huffman-coded codes and relative indices (code tables)
+    "kmeans-huffman": CompressionConfig(
+        quant=QuantConfig(bits=5, codebook="kmeans"), prune=PruneConfig(rate=0.9, scope="global"),
+        entropy="huffman"),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +256,12 @@ def set_int32(which, value: int, index: int = 0):
 
 
 def quant(tensors):
-    return next(t for t in tensors if t["kind"] == "quant")
+    """The first quantized tensor: its first float32 is a scale, or a codebook's centroid."""
+    return next(t for t in tensors if t["kind"] in ("quant", "codebook"))
+
+
+def huffman_coded(tensors):
+    return next(t for t in tensors if t.get("index_coding") == "huffman")
 
 
 def quant_dense_asym(tensors):
@@ -465,6 +474,16 @@ def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
                 cases.append((f"relidx bits {b}", "error_or_equal",
                               hdr(lambda h, b=b: relidx(h["tensors"]).update(
                                   bits=b, binary=b == 1))))
+    if config == "kmeans-huffman":  # codebook sizes and code tables that lie
+        for key, values in (("centroids", (0, 1, 31, 32, 33, 2**31)),
+                            ("code_symbols", (0, 1, 31, 32, 33)),
+                            ("index_symbols", (0, 1, 2, 2**16, 2**16 + 1)),
+                            ("index_width", (1, 2, 8, 16)),
+                            ("code_coding", ("zip", None, 1)),
+                            ("index_coding", ("zip", None))):
+            for v in values:
+                cases.append((f"huffman tensor {key}={v!r}", "error_or_equal",
+                              hdr(set_entry(huffman_coded, **{key: v}))))
     every = config in ("dense8", "float-pruned")  # every value here, a few elsewhere
     if not config.startswith("float"):  # scales
         values = (math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 1e-45, 1e-30, 1e30, 2e30, 3e38,

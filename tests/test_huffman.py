@@ -100,6 +100,17 @@ def test_truncated_stream_refused() -> None:
         huffman.decode(data, lengths, 40)
 
 
+def test_escapes_past_the_limit_refused_and_long_streams_decode_in_chunks() -> None:
+    lengths = huffman.code_lengths(np.array([1, 9]))  # symbol 1 (the escape) is "1"
+    data = b"\xff" * 4096  # 32768 escapes, never a terminal entry
+    with pytest.raises(ValueError, match="more codes than"):
+        huffman.decode(data, lengths, 1, escape=1, limit=100)
+    x = np.random.default_rng(0).integers(0, 5, 300_000)  # several lookup chunks of bits
+    lengths = huffman.code_lengths(np.bincount(x))
+    out, used = huffman.decode(huffman.encode(x, lengths), lengths, x.size)
+    assert np.array_equal(out, x) and used == huffman.encoded_bits(np.bincount(x), lengths)
+
+
 @PROPS
 @given(seed=st.integers(0, 10_000), bits=st.integers(1, 9), rate=st.floats(0.0, 0.97),
        per_channel=st.booleans(), symmetric=st.booleans())  # fmt: skip

@@ -199,6 +199,12 @@ def _largest_weight(model: ModelRef, layer: str) -> None:
     st.session_state.pop(_journey_key(model, layer), None)
 
 
+def _shared_layer(settings: Settings, layer: str) -> bool:
+    """Whether ``layer`` shares its weights through a k-means codebook (compressed, kmeans)."""
+    return (settings.codebook == "kmeans" and settings.bits is not None
+            and (settings.layers is None or layer in settings.layers))  # fmt: skip
+
+
 def journey_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
     """One weight of ``layer`` followed from float to code and back, step by step."""
     st.markdown("#### One weight's journey")
@@ -222,7 +228,14 @@ def journey_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: 
         width="stretch",
     )
     j = cache.weight_journey(model, settings, layer, index, data)
-    if j is None:
+    if j is None and _shared_layer(settings, layer):
+        st.info(
+            f"{layer} shares its weights through a k-means codebook: each weight is replaced "
+            "by the nearest of the layer's shared values and stores only which one, so "
+            "there is no scale, zero point or rounding step to follow. The per-layer table "
+            "below gives the number of shared values and the bytes of the codebook."
+        )
+    elif j is None:
         st.info(
             f"{layer} is left in float32: each weight is stored as it is, in 32 bits, so "
             "there is no step, code or rounding error to follow."
@@ -264,6 +277,12 @@ def error_curve_panel(model: ModelRef, data: DatasetRef, settings: Settings, lay
         curve = cache.clip_error_curve(model, settings, layer, data=data)
     except ValueError as e:  # e.g. every weight of the layer pruned
         st.info(str(e))
+        return
+    if curve is None and _shared_layer(settings, layer):
+        st.info(
+            f"{layer} shares its weights through a k-means codebook, which has no clip range: "
+            "its shared values are fitted to the weights themselves."
+        )
         return
     if curve is None:
         st.info(f"{layer} is left in float32: no clip range, no rounding, no error.")
