@@ -7,6 +7,9 @@ Each model runs in a fresh subprocess so that its peak memory is its own.
 ``--eval`` measures float evaluation of mnist-cnn several ways (batch sizes through the
 graph runtime, the module itself, channels-last, ``torch.compile``); ``--sensitivity``
 times layer sensitivity on mnist-cnn the naive way and with prefix reuse.
+``--finetune`` fine-tunes for one epoch (quantization-aware training, distillation,
+gradient quantization, prune and retrain) and prints test accuracy before and after, and
+the time of one epoch for each sample model.
 ``--deep`` runs Deep Compression (:mod:`qcore.deep`) on mnist-lenet300 (the paper's recipe,
 then with 5-bit codebooks) and mnist-cnn, and prints each stage beside the paper's table.
 """
@@ -19,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 
@@ -208,6 +212,44 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
     return "\n".join(lines)
 
 
+def bench_finetune(lr: float | None = None) -> Iterator[dict]:
+    """One-epoch fine-tuning runs: float, post-training and fine-tuned test accuracy.
+
+    Each row: model, label, float / post-training / fine-tuned accuracy and seconds. The
+    last rows time one epoch (2-bit per-channel weights) of every sample model.
+    """
+    from qcore.finetune import FinetuneConfig, finetune
+
+    ft = FinetuneConfig() if lr is None else FinetuneConfig(lr=lr)
+    two = CompressionConfig(quant=QuantConfig(bits=2, per_channel=True))
+    w4a4 = CompressionConfig(quant=QuantConfig(bits=4), act=ActQuantConfig(bits=4))
+    prune90 = CompressionConfig(quant=None, prune=PruneConfig(rate=0.9, scope="global"))
+    runs = [
+        ("mnist-cnn", "2-bit per-channel, cross-entropy", two, ft),
+        ("mnist-cnn", "2-bit per-channel, distillation", two, replace(ft, distill=True)),
+        ("mnist-cnn", "2-bit per-channel, 8-bit gradients", two, replace(ft, grad_bits=8)),
+        ("mnist-cnn", "W4A4 (per-tensor, min-max)", w4a4, ft),
+        ("mnist-lenet300", "90 % global pruning", prune90, ft),
+        ("mnist-lenet300", "90 % global pruning, gradual", prune90,
+         replace(ft, prune_schedule="gradual")),
+    ]
+    runs += [(n, "epoch time (2-bit per-channel)", two, ft) for n in list_models()
+             if n != "mnist-cnn"]
+    for name, label, cfg, f in runs:
+        model, ds = load_model(name), model_info(name).dataset
+        train, calib = load_dataset(ds, "train"), load_dataset(ds, "calib")
+        test = load_dataset(ds, "test")
+        result = finetune(model, train, cfg, f, calib=calib)
+        yield {
+            "model": name, "label": label, "float": evaluate(model, test).accuracy,
+            "post_training": evaluate(compress(model, cfg, calib=calib).model, test).accuracy,
+            "fine_tuned": evaluate(compress(result.model, cfg, calib=calib).model,
+                                   test).accuracy,
+            "seconds": result.seconds, "steps": int(result.history["step"].max()),
+            "grad_sqnr_db": float(result.history["grad_sqnr_db"].median()),
+        }  # fmt: skip
+
+
 def _format(result: dict) -> str:
     lines = [
         f"{result['model']}: float evaluation on {result['n']} test images "
@@ -234,6 +276,10 @@ def main_bench(argv: list[str]) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model in-process
     parser.add_argument("--eval", action="store_true",
                         help="float evaluation of mnist-cnn several ways, then stop")
+    parser.add_argument("--finetune", action="store_true",
+                        help="one-epoch fine-tuning runs and epoch times, then stop")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="with --finetune: the learning rate (default: FinetuneConfig's)")
     parser.add_argument("--sensitivity", action="store_true",
                         help="layer sensitivity on mnist-cnn, naive and cached, then stop")
     parser.add_argument("--deep", action="store_true",
@@ -249,6 +295,18 @@ def main_bench(argv: list[str]) -> int:
               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         for label, seconds in bench_eval(repeats=args.repeats).items():
             print(f"  {label:<40} {seconds * 1000:8.1f} ms")
+        return 0
+    if args.finetune:
+        print(f"one epoch of fine-tuning on each model's train split (FinetuneConfig defaults"
+              f"{'' if args.lr is None else f', lr {args.lr:g}'}), test-split accuracy; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for r in bench_finetune(args.lr):
+            extra = "" if r["grad_sqnr_db"] != r["grad_sqnr_db"] else (
+                f"  gradient SQNR {r['grad_sqnr_db']:.1f} dB (median)")
+            print(f"  {r['model']:<15} {r['label']:<36} float {r['float']:.4f}  post-training "
+                  f"{r['post_training']:.4f}  fine-tuned {r['fine_tuned']:.4f} "
+                  f"({r['fine_tuned'] - r['float']:+.4f})  {r['seconds']:5.1f} s for "
+                  f"{r['steps']} steps{extra}", flush=True)
         return 0
     if args.sensitivity:
         r = bench_sensitivity()
