@@ -178,8 +178,9 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
                      f"{r['ratio']:6.1f}x {r['accuracy']:9.2%}"
                      + ("" if r["applied"] else "  (not applied: larger)"))
     drop = (s["accuracy"].iloc[0] - s["accuracy"].iloc[-1]) * 100
-    lines.append(f"  final: {s['ratio'].iloc[-1]:.1f}x, accuracy {abs(drop):.2f} pp "
-                 f"{'lower' if drop > 0 else 'higher' if drop < 0 else 'the same'} "
+    change = ("unchanged" if drop == 0 else
+              f"{abs(drop):.2f} pp {'lower' if drop > 0 else 'higher'}")  # fmt: skip
+    lines.append(f"  final: {s['ratio'].iloc[-1]:.1f}x, accuracy {change} "
                  f"(float {s['accuracy'].iloc[0]:.2%} -> {s['accuracy'].iloc[-1]:.2%})")
     reference = paper_reference(load_model(name))
     paper = PAPER[reference]

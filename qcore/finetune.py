@@ -230,8 +230,11 @@ def shared_weight(
     """A shared-weight layer ``centroids[codes]``, pruned weights exactly zero.
 
     Differentiable in ``centroids``: dL/dc_k is the sum of dL/dw over the kept weights
-    assigned to centroid k (Deep Compression's shared-weight update).
+    assigned to centroid k (Deep Compression's shared-weight update). A layer with every
+    weight pruned has no centroid at all and is all zeros.
     """
+    if centroids.numel() == 0:
+        return centroids.new_zeros(codes.shape)
     w = centroids[codes.long()]
     return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
 
