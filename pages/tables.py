@@ -43,6 +43,8 @@ class Result:
     layers: pd.DataFrame
     shapes: dict[str, tuple[int, ...]]  # weight shape per compressed layer
     seconds: float  # time to compress and evaluate
+    # where each layer's packed bytes go (:func:`size_table`), beside ``layers``
+    sizes: pd.DataFrame | None = None
 
 
 def make_result(
@@ -69,21 +71,28 @@ def make_result(
         layers=layer_table(comp),
         shapes={s.name: s.shape for s in comp.layers},
         seconds=seconds,
+        sizes=size_table(comp),
     )
 
 
 def layer_table(compressed: qcore.Compressed) -> pd.DataFrame:
-    """One row per compressed weight layer (:func:`qcore.report.layer_rows`) with where its
-    packed bytes go (:attr:`qcore.LayerResult.size_parts`); the rows of the JSON download."""
-    rows = report.layer_rows(compressed)
-    for row, s in zip(rows, compressed.layers, strict=True):
-        parts = s.size_parts
-        row["shared values"] = None if s.codebook is None else int(s.codebook.numel())
-        row["code bits"] = s.code_bits
-        row["index bits"] = s.index_bits
-        row["codebook bytes"] = parts["codebook_bytes"]
-        row["table bytes"] = parts["table_bytes"]
-    return pd.DataFrame(rows)
+    """One row per compressed weight layer (:func:`qcore.report.layer_rows`); the rows of
+    the JSON download."""
+    return pd.DataFrame(report.layer_rows(compressed))
+
+
+def size_table(compressed: qcore.Compressed) -> pd.DataFrame:
+    """One row per compressed weight layer: where its packed bytes go
+    (:attr:`qcore.LayerResult.size_parts`, ``code_bits``, ``index_bits``) and how many
+    shared values a k-means layer has (None on a uniform grid or in float)."""
+    return pd.DataFrame([{
+        "layer": s.name,
+        "shared values": None if s.codebook is None else int(s.codebook.numel()),
+        "code bits": s.code_bits,
+        "index bits": s.index_bits,
+        "codebook bytes": s.size_parts["codebook_bytes"],
+        "table bytes": s.size_parts["table_bytes"],
+    } for s in compressed.layers])  # fmt: skip
 
 
 def _num(v: float) -> str:
@@ -102,9 +111,12 @@ def _range_text(lo: Any, hi: Any, groups: int, unit: str = "") -> str:
     return text + unit + (f" over {groups} channels" if groups > 1 else "")
 
 
-def layer_display(table: pd.DataFrame) -> pd.DataFrame:
+def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
     """The per-layer table as the Playground shows it: text where a number needs words
-    (an unchanged layer's SQNR, a float layer's grid), the rest as numbers."""
+    (an unchanged layer's SQNR, a float layer's grid), the rest as numbers; with ``sizes``
+    (:func:`size_table`, same layers) the size columns before the packed bytes."""
+    if sizes is not None:
+        table = table.merge(sizes, on="layer", how="left", sort=False)
     out = pd.DataFrame({"layer": table["layer"], "kind": table["kind"], "shape": table["shape"],
                         "params": table["params"], "bits": table["bits"]})  # fmt: skip
     out["pruned"] = table["pruned"]

@@ -395,7 +395,7 @@ table_tab, wrong_tab, confusion_tab = st.tabs(
 )
 with table_tab:
     st.dataframe(
-        tables.layer_display(r.layers),
+        tables.layer_display(r.layers, r.sizes),
         hide_index=True,
         column_config=tables.LAYER_DISPLAY_COLUMNS,
         key="layer_table",
