@@ -31,9 +31,9 @@ PAGES = [
             icon=":material/troubleshoot:"),  # fmt: skip
     st.Page("pages/views/mixed.py", title="Mixed precision",
             icon=":material/stacked_bar_chart:"),  # fmt: skip
+    st.Page("pages/views/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/views/deep.py", title="Deep Compression", icon=":material/compress:"),
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
-    st.Page("pages/views/finetune.py", title="Fine-tune", icon=":material/model_training:"),
 ]
 
 init_session()

@@ -100,6 +100,18 @@ def layer_names(model: ModelRef) -> list[str]:
     return list(qcore.weight_layers(get_model(model)))
 
 
+@st.cache_data(show_spinner=False)
+def removable_blocks(model: ModelRef) -> dict[str, str]:
+    """The blocks that layer removal can replace by the identity, each with a description
+    (shape kept, parameters held), in model order."""
+    m = get_model(model)
+    try:
+        blocks = qcore.removable_blocks(m)
+    except ValueError:  # no input shape known: nothing is offered
+        return {}
+    return {name: qcore.blocks.describe(b) for name, b in blocks.items()}
+
+
 # --- the Playground ---------------------------------------------------------------------------
 
 
@@ -414,6 +426,73 @@ def clip_error_curve(
     return teach.clip_error_curve(comp, layer, points)
 
 
+# --- the Fine-tune page: training in the background, results kept in the session -------------
+# A training run takes seconds to minutes and has a Stop button, so it runs as a
+# pages.progress.Job, not in st.cache_*: a stopped run must not be cached as the finished
+# one, and its module belongs to the session that trained it. Finished runs are kept per
+# session by (model ref, dataset ref, settings, fine-tuning config), the newest few only.
+
+FINETUNE_KEPT = 4  # finished fine-tuning runs kept per session (each holds a model)
+_FINETUNE_RUNS = "finetune_runs"  # st.session_state key: {key: FinetuneOutcome}, oldest first
+
+
+@dataclass(frozen=True, eq=False)
+class FinetuneOutcome:
+    """A fine-tuning run and its fine-tuned compressed model, measured on the test split."""
+
+    result: qcore.FinetuneResult  # .model (float, fine-tuned), .history, .stopped, .seconds
+    compressed: qcore.Compressed  # .model compressed with the same settings (the download)
+    accuracy: float  # the fine-tuned compressed model, test split (simulated)
+    float_accuracy: float  # the fine-tuned float model before compression, test split
+    n: int  # test images
+
+
+def train_dataset(data: DatasetRef):
+    """The dataset's train split (fine-tuning's only training data). Shared: never mutate it."""
+    return get_dataset(DatasetRef(data.name, "train"))
+
+
+def finetune_run(
+    model: ModelRef,
+    data: DatasetRef,
+    settings: Settings,
+    ft: qcore.FinetuneConfig,
+    *,
+    progress=None,
+    should_stop=None,
+) -> FinetuneOutcome:
+    """``qcore.finetune`` on the train split (reporting on the calibration split), then the
+    fine-tuned model compressed with ``settings`` and evaluated on the test split. Runs in a
+    worker thread: load the splits first (:func:`train_dataset`, :func:`get_calib_dataset`,
+    :func:`get_dataset`), where their spinners can be drawn."""
+    config = settings.to_config()
+    calib = get_calib_dataset(data)
+    res = qcore.finetune(get_model(model), train_dataset(data), config, ft, calib=calib,
+                         progress=progress, should_stop=should_stop)  # fmt: skip
+    # as get_compressed: a calibration only where activations are quantized
+    comp = qcore.compress(res.model, config, calib=calib if settings.abits is not None else None)
+    test = get_dataset(data)
+    m = qcore.evaluate(comp.model, test)
+    float_m = qcore.evaluate(res.model, test)
+    return FinetuneOutcome(result=res, compressed=comp, accuracy=m.accuracy,
+                           float_accuracy=float_m.accuracy, n=m.n)  # fmt: skip
+
+
+def finished_finetune(key: tuple) -> FinetuneOutcome | None:
+    """The finished run of ``key`` kept in this session, if any."""
+    return st.session_state.get(_FINETUNE_RUNS, {}).get(key)
+
+
+def keep_finetune(key: tuple, outcome: FinetuneOutcome) -> None:
+    """Keep a finished (not stopped) run in this session, dropping the oldest beyond
+    :data:`FINETUNE_KEPT`."""
+    runs = st.session_state.setdefault(_FINETUNE_RUNS, {})
+    runs.pop(key, None)
+    runs[key] = outcome
+    while len(runs) > FINETUNE_KEPT:
+        runs.pop(next(iter(runs)))
+
+
 # --- the Robustness page ----------------------------------------------------------------------
 
 
@@ -506,73 +585,6 @@ def perturbed_images(
         images=x.numpy(), truth=tuple(ds.classes[int(i)] for i in ds.y[:count]),
         float_pred=names(get_model(model)), compressed_pred=names(target),
     )  # fmt: skip
-
-
-# --- the Fine-tune page: training in the background, results kept in the session -------------
-# A training run takes seconds to minutes and has a Stop button, so it runs as a
-# pages.progress.Job, not in st.cache_*: a stopped run must not be cached as the finished
-# one, and its module belongs to the session that trained it. Finished runs are kept per
-# session by (model ref, dataset ref, settings, fine-tuning config), the newest few only.
-
-FINETUNE_KEPT = 4  # finished fine-tuning runs kept per session (each holds a model)
-_FINETUNE_RUNS = "finetune_runs"  # st.session_state key: {key: FinetuneOutcome}, oldest first
-
-
-@dataclass(frozen=True, eq=False)
-class FinetuneOutcome:
-    """A fine-tuning run and its fine-tuned compressed model, measured on the test split."""
-
-    result: qcore.FinetuneResult  # .model (float, fine-tuned), .history, .stopped, .seconds
-    compressed: qcore.Compressed  # .model compressed with the same settings (the download)
-    accuracy: float  # the fine-tuned compressed model, test split (simulated)
-    float_accuracy: float  # the fine-tuned float model before compression, test split
-    n: int  # test images
-
-
-def train_dataset(data: DatasetRef):
-    """The dataset's train split (fine-tuning's only training data). Shared: never mutate it."""
-    return get_dataset(DatasetRef(data.name, "train"))
-
-
-def finetune_run(
-    model: ModelRef,
-    data: DatasetRef,
-    settings: Settings,
-    ft: qcore.FinetuneConfig,
-    *,
-    progress=None,
-    should_stop=None,
-) -> FinetuneOutcome:
-    """``qcore.finetune`` on the train split (reporting on the calibration split), then the
-    fine-tuned model compressed with ``settings`` and evaluated on the test split. Runs in a
-    worker thread: load the splits first (:func:`train_dataset`, :func:`get_calib_dataset`,
-    :func:`get_dataset`), where their spinners can be drawn."""
-    config = settings.to_config()
-    calib = get_calib_dataset(data)
-    res = qcore.finetune(get_model(model), train_dataset(data), config, ft, calib=calib,
-                         progress=progress, should_stop=should_stop)  # fmt: skip
-    # as get_compressed: a calibration only where activations are quantized
-    comp = qcore.compress(res.model, config, calib=calib if settings.abits is not None else None)
-    test = get_dataset(data)
-    m = qcore.evaluate(comp.model, test)
-    float_m = qcore.evaluate(res.model, test)
-    return FinetuneOutcome(result=res, compressed=comp, accuracy=m.accuracy,
-                           float_accuracy=float_m.accuracy, n=m.n)  # fmt: skip
-
-
-def finished_finetune(key: tuple) -> FinetuneOutcome | None:
-    """The finished run of ``key`` kept in this session, if any."""
-    return st.session_state.get(_FINETUNE_RUNS, {}).get(key)
-
-
-def keep_finetune(key: tuple, outcome: FinetuneOutcome) -> None:
-    """Keep a finished (not stopped) run in this session, dropping the oldest beyond
-    :data:`FINETUNE_KEPT`."""
-    runs = st.session_state.setdefault(_FINETUNE_RUNS, {})
-    runs.pop(key, None)
-    runs[key] = outcome
-    while len(runs) > FINETUNE_KEPT:
-        runs.pop(next(iter(runs)))
 
 
 # --- the Deep Compression page ----------------------------------------------------------------

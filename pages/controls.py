@@ -7,7 +7,7 @@ once per session by :func:`pages.session.init_session`, so no widget here passes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import streamlit as st
@@ -34,6 +34,12 @@ ACTIVATIONS_HELP = (
 )
 OBSERVER_HELP = "How the calibration split sets each activation's range:\n\n" + "\n".join(
     f"- **{name}**: {ACT_OBSERVER_HELP[name]}" for name in ACT_OBSERVERS
+)
+DROP_HELP = (
+    "Layer removal: a picked block is skipped, its input passed straight on (the identity), "
+    "so its weights are neither run nor stored. Only blocks whose output has their input's "
+    "shape are listed. Accuracy usually falls a long way at first; the Fine-tune page can "
+    "win much of it back."
 )
 CODEBOOK_LABELS = {"uniform": "uniform", "kmeans": "k-means"}
 CODEBOOK_HELP = (
@@ -146,7 +152,7 @@ def _covers_every_layer(layer_bits: Sequence[tuple[str, int]], layers: Sequence[
     return bool(layers) and all(n in named for n in layers)
 
 
-def compression_ui(layer_names: Sequence[str]) -> Settings:
+def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None = None) -> Settings:
     """Bit widths of weights and activations, clip (with its mode), pruning rate and the
     Advanced options (activation observer and scale mode among them)."""
     ss = st.session_state
@@ -320,7 +326,27 @@ def compression_ui(layer_names: Sequence[str]) -> Settings:
             persist_state=_KEEP,
             help="Layers left out stay float32.",
         )
+        _drop_picker(blocks or {})
     return settings_from_session(ss, layer_names)
+
+
+def _drop_picker(blocks: Mapping[str, str]) -> None:
+    """Layer removal: the blocks whose output has their input's shape, any of which the
+    network can skip (its weights then leave the file)."""
+    ss = st.session_state
+    ss["drop"] = [n for n in ss.get("drop", []) if n in blocks]  # another model's blocks
+    if not blocks:
+        st.caption("Remove blocks: this model has no block that keeps its input's shape, so "
+                   "none can be skipped.")  # fmt: skip
+        return
+    st.multiselect(
+        "Remove blocks (fewer layers)",
+        list(blocks),
+        key="drop",
+        persist_state=_KEEP,
+        format_func=lambda n: blocks.get(n, n),
+        help=DROP_HELP,
+    )
 
 
 def layer_bits_note(settings: Settings) -> None:

@@ -42,6 +42,7 @@ def parse_query(
     layer_names: Callable[[str], Sequence[str]],
     default_model: str = DEFAULT_MODEL,
     check_fit: Callable[[str, str], None] | None = None,
+    block_names: Callable[[str], Sequence[str]] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Validate a URL query; return the valid values (session-state form) and what was
     ignored.
@@ -50,7 +51,8 @@ def parse_query(
     (``"`key=value` (what it must be)"``, key and value cut short by :func:`shown`), then
     each unknown one, and the caller keeps the default for it. ``layer_names(model)`` is
     called only when the link names layers; ``check_fit(model, dataset)`` raises
-    ValueError when a linked dataset cannot run on the model.
+    ValueError when a linked dataset cannot run on the model; ``block_names(model)``, the
+    removable blocks, only when the link removes some.
     """
     flat = {k: v if isinstance(v, str) else (v[-1] if len(v) else "") for k, v in params.items()}
     values: dict[str, Any] = {}
@@ -83,15 +85,17 @@ def parse_query(
 
     settings = {k: v for k, v in flat.items() if k in SETTING_KEYS}
     names = layer_names(model) if {"layers", "layer_bits"} & settings.keys() else ()
-    parsed, sentences = parse_flat(settings, names, model=model, source="link")
+    blocks = block_names(model) if block_names is not None and "drop" in settings else None
+    parsed, sentences = parse_flat(settings, names, model=model, source="link", blocks=blocks)
     ignored += [_short_sentence(w, settings) for w in sentences]
     # unknown keys last: a mistyped value of a known setting matters more than junk
     ignored += [f"`{shown(key)}` (unknown setting)" for key in flat if key not in QUERY_KEYS]
     for key in ("bits", "abits"):
         if key in parsed and parsed[key] is None:
             parsed[key] = FLOAT  # the bit-width sliders' value for float
-    if "layers" in parsed:
-        parsed["layers"] = list(parsed["layers"])  # the layer picker's value
+    for key in ("layers", "drop"):
+        if key in parsed:
+            parsed[key] = list(parsed[key])  # the pickers' value
     values.update(parsed)
     return values, ignored
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import streamlit as st
 
 import qcore
-from pages.cache import hold_session_model, layer_names
+from pages.cache import hold_session_model, layer_names, removable_blocks
 from pages.query import DEFAULT_MODEL, parse_query
 from qcore.config import FLOAT, Settings
 from qcore.refs import DatasetRef, ModelRef, session_model_name, state_sha256
@@ -64,6 +64,7 @@ def settings_to_session(s: Settings, layer_names: Sequence[str]) -> dict[str, An
     values["abits"] = FLOAT if s.abits is None else s.abits
     values["layers"] = list(layer_names) if s.layers is None else list(s.layers)
     values["layer_bits"] = tuple(s.layer_bits)
+    values["drop"] = list(s.drop)
     return values
 
 
@@ -92,6 +93,7 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
         aobs=str(values.get("aobs", "minmax")),
         codebook=str(values.get("codebook", "uniform")),
         entropy=str(values.get("entropy", "none")),
+        drop=tuple(str(n) for n in values.get("drop", ())),
     )
 
 
@@ -123,6 +125,7 @@ def init_session() -> None:
         models=models,
         datasets=qcore.list_datasets(),
         layer_names=_layer_names_or_empty,
+        block_names=_block_names_or_empty,
         default_model=_default_model(models),
         check_fit=_check_fit,
     )
@@ -143,6 +146,13 @@ def _check_fit(model_name: str, dataset_name: str) -> None:
 def _layer_names_or_empty(model_name: str) -> list[str]:
     try:
         return layer_names(ModelRef(model_name))
+    except ValueError:  # the page reports why the model does not load
+        return []
+
+
+def _block_names_or_empty(model_name: str) -> list[str]:
+    try:
+        return list(removable_blocks(ModelRef(model_name)))
     except ValueError:  # the page reports why the model does not load
         return []
 

@@ -13,6 +13,7 @@ The names below are the public API (see DESIGN.md); submodules hold the plumbing
 
 from qcore.affine import QParams, dequantize_codes, quantize_codes
 from qcore.analysis import Histogram, activation_histogram, layer_histogram, weight_histogram
+from qcore.blocks import Block, removable_blocks, without_blocks
 from qcore.compress import Compressed, CompressedModel, LayerResult, compress, sqnr_db
 from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, Settings
 from qcore.data import (
@@ -58,7 +59,7 @@ __all__ = [
     "quantize_with_params", "magnitude_mask", "prune_tensor", "sqnr_db",
     # the runtime and the pipeline
     "Graph", "graph_of", "weight_layers", "compress", "Compressed", "CompressedModel",
-    "LayerResult",
+    "LayerResult", "removable_blocks", "without_blocks", "Block",
     # measuring
     "evaluate", "metrics_from_logits", "Metrics", "agreement", "weight_histogram",
     "activation_histogram",

@@ -7,11 +7,13 @@ Each model runs in a fresh subprocess so that its peak memory is its own.
 ``--eval`` measures float evaluation of mnist-cnn several ways (batch sizes through the
 graph runtime, the module itself, channels-last, ``torch.compile``); ``--sensitivity``
 times layer sensitivity on mnist-cnn the naive way and with prefix reuse.
+``--deep`` runs Deep Compression (:mod:`qcore.deep`) on mnist-lenet300 (the paper's recipe,
+then with 5-bit codebooks) and mnist-cnn, and prints each stage beside the paper's table.
+``--drop`` removes each model's first removable block (:mod:`qcore.blocks`) at 8 bits and
+fine-tunes the accuracy back.
 ``--finetune`` fine-tunes for one epoch (quantization-aware training, distillation,
 gradient quantization, prune and retrain) and prints test accuracy before and after, and
 the time of one epoch for each sample model.
-``--deep`` runs Deep Compression (:mod:`qcore.deep`) on mnist-lenet300 (the paper's recipe,
-then with 5-bit codebooks) and mnist-cnn, and prints each stage beside the paper's table.
 """
 
 from __future__ import annotations
@@ -148,6 +150,44 @@ def bench_sensitivity(name: str = "mnist-cnn") -> dict[str, float]:
             "speedup": naive_s / fast_s}  # fmt: skip
 
 
+def bench_finetune(lr: float | None = None) -> Iterator[dict]:
+    """One-epoch fine-tuning runs: float, post-training and fine-tuned test accuracy.
+
+    Each row: model, label, float / post-training / fine-tuned accuracy and seconds. The
+    last rows time one epoch (2-bit per-channel weights) of every sample model.
+    """
+    from qcore.finetune import FinetuneConfig, finetune
+
+    ft = FinetuneConfig() if lr is None else FinetuneConfig(lr=lr)
+    two = CompressionConfig(quant=QuantConfig(bits=2, per_channel=True))
+    w4a4 = CompressionConfig(quant=QuantConfig(bits=4), act=ActQuantConfig(bits=4))
+    prune90 = CompressionConfig(quant=None, prune=PruneConfig(rate=0.9, scope="global"))
+    runs = [
+        ("mnist-cnn", "2-bit per-channel, cross-entropy", two, ft),
+        ("mnist-cnn", "2-bit per-channel, distillation", two, replace(ft, distill=True)),
+        ("mnist-cnn", "2-bit per-channel, 8-bit gradients", two, replace(ft, grad_bits=8)),
+        ("mnist-cnn", "W4A4 (per-tensor, min-max)", w4a4, ft),
+        ("mnist-lenet300", "90 % global pruning", prune90, ft),
+        ("mnist-lenet300", "90 % global pruning, gradual", prune90,
+         replace(ft, prune_schedule="gradual")),
+    ]
+    runs += [(n, "epoch time (2-bit per-channel)", two, ft) for n in list_models()
+             if n != "mnist-cnn"]
+    for name, label, cfg, f in runs:
+        model, ds = load_model(name), model_info(name).dataset
+        train, calib = load_dataset(ds, "train"), load_dataset(ds, "calib")
+        test = load_dataset(ds, "test")
+        result = finetune(model, train, cfg, f, calib=calib)
+        yield {
+            "model": name, "label": label, "float": evaluate(model, test).accuracy,
+            "post_training": evaluate(compress(model, cfg, calib=calib).model, test).accuracy,
+            "fine_tuned": evaluate(compress(result.model, cfg, calib=calib).model,
+                                   test).accuracy,
+            "seconds": result.seconds, "steps": int(result.history["step"].max()),
+            "grad_sqnr_db": float(result.history["grad_sqnr_db"].median()),
+        }  # fmt: skip
+
+
 def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) -> str:
     """Deep Compression on ``name`` (the default recipe, or ``bits`` for every layer), stage
     by stage beside the paper's table: the figures of the README's Deep Compression section."""
@@ -213,44 +253,6 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
     return "\n".join(lines)
 
 
-def bench_finetune(lr: float | None = None) -> Iterator[dict]:
-    """One-epoch fine-tuning runs: float, post-training and fine-tuned test accuracy.
-
-    Each row: model, label, float / post-training / fine-tuned accuracy and seconds. The
-    last rows time one epoch (2-bit per-channel weights) of every sample model.
-    """
-    from qcore.finetune import FinetuneConfig, finetune
-
-    ft = FinetuneConfig() if lr is None else FinetuneConfig(lr=lr)
-    two = CompressionConfig(quant=QuantConfig(bits=2, per_channel=True))
-    w4a4 = CompressionConfig(quant=QuantConfig(bits=4), act=ActQuantConfig(bits=4))
-    prune90 = CompressionConfig(quant=None, prune=PruneConfig(rate=0.9, scope="global"))
-    runs = [
-        ("mnist-cnn", "2-bit per-channel, cross-entropy", two, ft),
-        ("mnist-cnn", "2-bit per-channel, distillation", two, replace(ft, distill=True)),
-        ("mnist-cnn", "2-bit per-channel, 8-bit gradients", two, replace(ft, grad_bits=8)),
-        ("mnist-cnn", "W4A4 (per-tensor, min-max)", w4a4, ft),
-        ("mnist-lenet300", "90 % global pruning", prune90, ft),
-        ("mnist-lenet300", "90 % global pruning, gradual", prune90,
-         replace(ft, prune_schedule="gradual")),
-    ]
-    runs += [(n, "epoch time (2-bit per-channel)", two, ft) for n in list_models()
-             if n != "mnist-cnn"]
-    for name, label, cfg, f in runs:
-        model, ds = load_model(name), model_info(name).dataset
-        train, calib = load_dataset(ds, "train"), load_dataset(ds, "calib")
-        test = load_dataset(ds, "test")
-        result = finetune(model, train, cfg, f, calib=calib)
-        yield {
-            "model": name, "label": label, "float": evaluate(model, test).accuracy,
-            "post_training": evaluate(compress(model, cfg, calib=calib).model, test).accuracy,
-            "fine_tuned": evaluate(compress(result.model, cfg, calib=calib).model,
-                                   test).accuracy,
-            "seconds": result.seconds, "steps": int(result.history["step"].max()),
-            "grad_sqnr_db": float(result.history["grad_sqnr_db"].median()),
-        }  # fmt: skip
-
-
 def _format(result: dict) -> str:
     lines = [
         f"{result['model']}: float evaluation on {result['n']} test images "
@@ -263,6 +265,35 @@ def _format(result: dict) -> str:
             f"{r['compress_eval_s'] * 1000:7.1f} ms   ratio to float eval {r['ratio']:.2f}"
         )
     return "\n".join(lines)
+
+
+# Layer removal: each sample model's first removable block, fine-tuned back (epochs, lr)
+DROP_RUNS = (("digits-mlp", 10, 1e-2), ("mnist-dwsep", 5, 3e-3), ("mnist-resnet", 5, 1e-3))
+
+
+def bench_drop() -> Iterator[dict]:
+    """Layer removal at 8 bits: the first removable block of each model, its bytes, and test
+    accuracy before and after fine-tuning without it."""
+    from qcore.blocks import removable_blocks
+    from qcore.finetune import FinetuneConfig, finetune
+
+    for name, epochs, lr in DROP_RUNS:
+        model, ds = load_model(name), model_info(name).dataset
+        train, calib = load_dataset(ds, "train"), load_dataset(ds, "calib")
+        test = load_dataset(ds, "test")
+        block = next(iter(removable_blocks(model)))
+        full = CompressionConfig(quant=QuantConfig(bits=8))
+        cfg = replace(full, drop=(block,))
+        c = compress(model, cfg)
+        result = finetune(model, train, cfg, FinetuneConfig(epochs=epochs, lr=lr), calib=calib)
+        yield {
+            "model": name, "block": block, "epochs": epochs, "lr": lr,
+            "full_bytes": compress(model, full).size_bytes, "bytes": c.size_bytes,
+            "full": evaluate(compress(model, full).model, test).accuracy,
+            "removed": evaluate(c.model, test).accuracy,
+            "fine_tuned": evaluate(compress(result.model, cfg).model, test).accuracy,
+            "seconds": result.seconds,
+        }  # fmt: skip
 
 
 def main_bench(argv: list[str]) -> int:
@@ -283,6 +314,8 @@ def main_bench(argv: list[str]) -> int:
                         help="with --finetune: the learning rate (default: FinetuneConfig's)")
     parser.add_argument("--sensitivity", action="store_true",
                         help="layer sensitivity on mnist-cnn, naive and cached, then stop")
+    parser.add_argument("--drop", action="store_true",
+                        help="layer removal at 8 bits, then fine-tuning it back, then stop")
     parser.add_argument("--deep", action="store_true",
                         help="Deep Compression stage by stage beside the paper, then stop")
     args = parser.parse_args(argv)
@@ -314,6 +347,15 @@ def main_bench(argv: list[str]) -> int:
         print(f"mnist-cnn layer sensitivity, {r['rows']} rows (every layer at 2..8 bits): "
               f"naive {r['naive_s']:.2f} s, cached {r['cached_s']:.2f} s, "
               f"speed-up {r['speedup']:.2f}x (identical tables)")
+        return 0
+    if args.drop:
+        print("layer removal at 8 bits: packed bytes and test accuracy with every layer, "
+              "without the block, and fine-tuned without it")
+        for r in bench_drop():
+            print(f"  {r['model']:<13} without {r['block']:<11} {r['full_bytes']:>8,} -> "
+                  f"{r['bytes']:>8,} B  accuracy {r['full']:.4f} -> {r['removed']:.4f} -> "
+                  f"{r['fine_tuned']:.4f} after {r['epochs']} epochs at lr {r['lr']:g} "
+                  f"({r['seconds']:.1f} s)", flush=True)
         return 0
     if args.deep:
         runs = ([(n, None) for n in args.models] if args.models else

@@ -8,8 +8,8 @@ Commands:
   bench           time compress + evaluate against a float evaluation
   sweep           evaluate a grid of configurations into a CSV
   sensitivity     per-layer quantization and pruning sensitivity into a CSV
-  finetune        quantization-aware fine-tuning, then write the packed file
   robustness      accuracy under input noise, FGSM / PGD, weight noise or bit flips
+  finetune        quantization-aware fine-tuning, then write the packed file
 """
 
 from __future__ import annotations
@@ -219,6 +219,8 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
                         help="'kmeans' for 2^bits shared weights per layer (k-means codebook)")
     parser.add_argument("--entropy", default="none", choices=ENTROPY_CODINGS,
                         help="'huffman' to Huffman code the weight codes and sparse index")
+    parser.add_argument("--drop", default="", metavar="BLOCK,...",
+                        help="blocks to remove (run as the identity), e.g. layer1")
 
 
 def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
@@ -237,6 +239,7 @@ def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
         structured=args.structured, scope=args.scope, fold_bn=not args.no_fold_bn,
         layer_bits=layer_bits, abits=args.abits, aobs=args.aobs, scale=args.scale,
         codebook=args.codebook, entropy=args.entropy,
+        drop=tuple(n.strip() for n in args.drop.split(",") if n.strip()),
     ).to_config()
 
 
@@ -389,57 +392,6 @@ def _sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _robustness_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m qcore robustness",
-        description="Accuracy of the float model (no --bits) or of one compressed "
-        "configuration as a perturbation grows, on the test split: gaussian input noise "
-        "(std in normalised input units), FGSM / PGD (epsilon in pixel units 0..1, white "
-        "box), weight_noise (relative std) or bitflip (fraction of stored bits).",
-    )
-    _compression_args(parser)
-    parser.set_defaults(bits=None)  # without --bits: the float model
-    parser.add_argument("--perturbation", default="fgsm", choices=PERTURBATIONS)
-    parser.add_argument("--strengths", nargs="+", type=_number_arg,
-                        default=[0.0, 0.05, 0.1, 0.2], help="default: 0 0.05 0.1 0.2")
-    parser.add_argument("--seed", type=whole_number, default=0)
-    parser.add_argument("--seeds", type=whole_number, default=3,
-                        help="draws averaged for weight_noise and bitflip (default: 3)")
-    parser.add_argument("--steps", type=whole_number, default=10, help="PGD steps (default: 10)")
-    parser.add_argument("--limit", type=whole_number, default=None,
-                        help="only the first N test images (default: all)")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def _robustness(args: argparse.Namespace) -> int:
-    model, data = _load(args.model, args.dataset)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be 1 or more; got {args.limit}.")
-        data = replace(data, x=data.x[: args.limit], y=data.y[: args.limit],
-                       indices=data.indices[: args.limit])
-    cfg = _config(args, model)
-    plain = cfg.quant is None and cfg.prune is None and cfg.act is None
-    target = model
-    if not plain or args.perturbation == "bitflip":  # bit flips need the stored form
-        target = compress(model, cfg, calib=_calib(args, cfg))
-    label = "float32" if plain else Settings.from_config(cfg, list(weight_layers(model))).label()
-    progress = None if args.quiet else ProgressBar(args.perturbation)
-    df = robustness(target, data, args.perturbation, args.strengths, seed=args.seed,
-                    seeds=args.seeds, steps=args.steps, progress=progress)
-    df.insert(0, "variant", label)
-    if args.csv:
-        print(df.to_csv(index=False), end="")
-        return 0
-    print(f"{args.model} ({label}) on {data.name} test split, {len(data.y)} images; "
-          f"strength = {df.attrs['unit']}")
-    print(df.drop(columns=["perturbation", "variant"]).to_string(
-        index=False, float_format=lambda v: f"{v:.4f}"))
-    return 0
-
-
 def _finetune_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m qcore finetune",
@@ -586,8 +538,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bench": _bench,
     "sweep": main_sweep,
     "sensitivity": main_sensitivity,
-    "finetune": main_finetune,
     "robustness": lambda argv: _run(_robustness_parser(), _robustness, argv),
+    "finetune": main_finetune,
 }
 
 

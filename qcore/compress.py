@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qcore.activations import ActRange, act_points, activation_edges, calibrate
+from qcore.blocks import without_blocks
 from qcore.codecs import (
     Encoded,
     encode_codebook,
@@ -30,7 +31,7 @@ from qcore.codecs import (
 )
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
-from qcore.fold import state_for_size
+from qcore.fold import state_for_size, weight_layers
 from qcore.graph import Graph, graph_of, param_key
 from qcore.kmeans import kmeans_codebook
 from qcore.prune import global_masks, layer_mask
@@ -366,11 +367,14 @@ def compress(
             "Quantizing activations needs calibration data: pass calib= the dataset's "
             "'calib' split (never the test split)."
         )
-    graph = graph_of(model, config.fold_bn)
-    all_layers = graph.layers
-    if not all_layers:
+    # removed blocks: the graph of the model with them replaced by the identity, so their
+    # weights are neither run nor stored (named layers inside them are simply gone)
+    base = without_blocks(model, config.drop)
+    graph = graph_of(base, config.fold_bn)
+    all_layers = weight_layers(model)
+    if not graph.layers:
         raise ValueError("The model has no linear or convolution layers to compress.")
-    names = list(all_layers) if config.layers is None else list(config.layers)
+    names = list(graph.layers) if config.layers is None else list(config.layers)
     unknown = [n for n in names if n not in all_layers]
     if unknown:
         raise ValueError(
@@ -385,6 +389,9 @@ def compress(
                 f"Per-layer bits name unknown layer(s) {', '.join(map(repr, extra))}; the "
                 f"model's weight layers are {', '.join(all_layers)}."
             )
+    names = [n for n in names if n in graph.layers]
+    if not names:
+        raise ValueError("Every layer picked to compress lies in a removed block.")
     weights = {n: graph.params[param_key(n, "weight")] for n in names}
     for n, w in weights.items():
         _check_weights(n, w)

@@ -304,8 +304,15 @@ class CompressionConfig:
     act: ActQuantConfig | None = None  # activations stay float unless set (needs calib data)
     # "huffman": weight codes and relative indices may be Huffman coded (where smaller)
     entropy: Entropy | None = None
+    # blocks replaced by the identity (layer removal: see qcore.blocks), e.g. ("layer1",)
+    drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.drop, str) or not all(
+            isinstance(n, str) and n for n in self.drop
+        ):
+            raise ValueError("drop must be a list of block names, such as ['layer1'].")
+        object.__setattr__(self, "drop", tuple(dict.fromkeys(self.drop)))
         if self.quant is not None and not isinstance(self.quant, QuantConfig):
             raise ValueError("quant must be a QuantConfig or None.")
         if self.prune is not None and not isinstance(self.prune, PruneConfig):
@@ -336,6 +343,8 @@ class CompressionConfig:
             d["act"] = self.act.to_dict()
         if self.entropy is not None:  # absent when off, for the same reason
             d["entropy"] = self.entropy
+        if self.drop:  # absent when nothing is removed, for the same reason
+            d["drop"] = list(self.drop)
         return d
 
     @classmethod
@@ -359,6 +368,11 @@ class CompressionConfig:
                     f"A compression config's layers must be a list of layer names or null; "
                     f"got {_show(layers)}."
                 )
+        drop = values.get("drop", ())
+        if not isinstance(drop, list | tuple) or len(drop) > 256:
+            raise ValueError(f"A compression config's drop must be a list of block names; "
+                             f"got {_show(drop)}.")  # fmt: skip
+        values["drop"] = tuple(drop)
         return cls(**values)
 
 
@@ -443,6 +457,7 @@ class Settings:
     aobs: str = "minmax"  # the activation observer (range policy)
     codebook: str = "uniform"  # "kmeans": weights share 2^bits k-means centroids per layer
     entropy: str = "none"  # "huffman": codes and relative indices Huffman coded where smaller
+    drop: tuple[str, ...] = ()  # blocks replaced by the identity (layer removal)
 
     def to_config(self) -> CompressionConfig:
         """The qcore config; raises ValueError with a user sentence for a bad combination."""
@@ -469,7 +484,7 @@ class Settings:
             act = ActQuantConfig(bits=self.abits, observer=self.aobs, scale=self.scale)
         _check_choice("entropy", self.entropy, ENTROPY_CODINGS)
         return CompressionConfig(quant=quant, prune=prune, layers=self.layers,
-                                 fold_bn=self.fold_bn, act=act,
+                                 fold_bn=self.fold_bn, act=act, drop=self.drop,
                                  entropy=None if self.entropy == "none" else self.entropy)
 
     @classmethod
@@ -494,6 +509,7 @@ class Settings:
         s = cls(
             layers=config.layers,
             fold_bn=config.fold_bn,
+            drop=config.drop,
             prune=0.0 if p is None else p.rate,
             structured=False if p is None else p.structured,
             scope="layer" if p is None else p.scope,
@@ -540,6 +556,8 @@ class Settings:
             q["layers"] = ",".join(self.layers)
         if self.layer_bits:
             q["layer_bits"] = ",".join(f"{n}:{b}" for n, b in self.layer_bits)
+        if self.drop:
+            q["drop"] = ",".join(self.drop)
         return q
 
     @classmethod
@@ -550,10 +568,12 @@ class Settings:
         *,
         model: str = "the model",
         source: str = "link",
+        blocks: Sequence[str] | None = None,
     ) -> tuple[Settings, list[str]]:
         """Settings from flat text values, and a warning sentence for each bad or unknown
         one (which keeps its default). See :func:`parse_flat`."""
-        values, warnings = parse_flat(flat, layer_names, model=model, source=source)
+        values, warnings = parse_flat(flat, layer_names, model=model, source=source,
+                                      blocks=blocks)
         return cls(**values), warnings
 
     def canonical(self) -> Settings:
@@ -586,6 +606,8 @@ class Settings:
             s = replace(s, aobs=d.aobs)
             if s.bits is None:  # no scale anywhere
                 s = replace(s, scale=d.scale)
+        if s.drop:  # the order blocks were picked in changes nothing
+            s = replace(s, drop=tuple(sorted(s.drop)))
         if s.layer_bits and s.layers is not None:  # overrides of float layers change nothing
             s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
         return s
@@ -616,6 +638,8 @@ class Settings:
         if self.entropy == "huffman":
             parts.append("Huffman coded")
         parts.append(f"prune {self.prune:g}")
+        if self.drop:
+            parts.append("without " + ", ".join(self.drop))
         return " · ".join(parts)
 
     def wa_label(self) -> str:
@@ -637,6 +661,8 @@ class Settings:
             parts.append(f"a{self.abits}")
         if self.prune > 0:
             parts.append(f"prune{self.prune:g}")
+        if self.drop:
+            parts.append(f"drop{len(self.drop)}")
         return "-".join(parts)
 
 
@@ -736,6 +762,7 @@ def parse_flat(
     *,
     model: str = "the model",
     source: str = "link",
+    blocks: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Validate flat text settings: the valid ones as :class:`Settings` field values, and
     a warning sentence for each bad or unknown one.
@@ -743,6 +770,8 @@ def parse_flat(
     Only keys present and valid appear in the result; the caller keeps the default of the
     others. ``layer_names`` are the model's weight layers, in model order (``layers`` and
     ``layer_bits`` must name them); ``model`` and ``source`` name them in the warnings.
+    ``blocks`` are the model's removable blocks (``drop`` must name them); when None, any
+    dotted name is taken and checked when the model is compressed.
     A linked ``clip_mode`` other than ratio brings that mode's default clip along.
 
     >>> values, warnings = parse_flat({"bits": "3", "clip_mode": "sigma", "colour": "red"})
@@ -846,4 +875,18 @@ def parse_flat(
             example = f"{known[0] if known else 'fc1'}:4"
             layers = ", ".join(known)
             bad("layer_bits", raw, f"pairs such as {example}, bits 1 to 16, layers {layers}")
+
+    raw = flat.get("drop")
+    if raw is not None:
+        picked = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+        if blocks is not None and all(n in blocks for n in picked):
+            values["drop"] = tuple(n for n in blocks if n in picked)
+        elif blocks is None and all(_BLOCK_NAME.fullmatch(n) for n in picked):
+            values["drop"] = tuple(picked)
+        else:
+            can = ", ".join(blocks) if blocks else "none"
+            bad("drop", raw, f"comma-separated removable blocks of {model}: {can}")
     return values, warnings
+
+
+_BLOCK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")

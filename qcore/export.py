@@ -206,6 +206,7 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
     if fold_bn is not config.fold_bn:
         raise ValueError("The packed file's fold_bn does not match its config.")
     table = header["tensors"]
+    gone = tuple(f"{name}." for name in config.drop)  # removed blocks store nothing
     if template is not None:
         model = copy.deepcopy(template).eval()
     elif header.get("spec") is not None:
@@ -214,6 +215,7 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
         arch, shape, classes = check_spec(header["spec"])
         with torch.device("meta"):  # shapes first, allocating nothing
             expected = _shapes(build_model(arch, shape, classes).eval(), fold_bn)
+        expected = {k: v for k, v in expected.items() if not k.startswith(gone)}
         if any(not isinstance(t, dict) or not isinstance(t.get("name"), str)
                or expected.get(t["name"]) != _shape(t)
                for t in table) or len(table) > len(expected) + 64:  # fmt: skip
@@ -223,6 +225,10 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
         model.eval()
     else:
         raise ValueError("The packed file names no known architecture; pass template=model.")
+    if config.drop:
+        from qcore.blocks import without_blocks
+
+        model = without_blocks(model, config.drop)
     if fold_bn:
         model = fold_batchnorm(model)
     expected = {k: tuple(v.shape) for k, v in state_for_size(model).items()}

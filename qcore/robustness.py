@@ -228,14 +228,24 @@ def _perturb_batch(
     bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     gen: torch.Generator,
     steps: int,
+    signs: dict[int, torch.Tensor] | None = None,
+    batch: int = 0,
 ) -> torch.Tensor:
+    """One batch perturbed. ``signs`` keeps FGSM's gradient sign per batch: it does not
+    depend on epsilon, so one backward pass serves every strength of a curve."""
     lo, hi, std = bounds
     if perturbation == "gaussian":
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         return torch.clamp(x + strength * noise, lo, hi)
     eps = strength / std  # pixel units -> normalised units, per channel
     if perturbation == "fgsm":
-        return torch.clamp(x + eps * _input_grad(variant, x, y).sign(), lo, hi)
+        if signs is None or batch not in signs:
+            sign = _input_grad(variant, x, y).sign().to(torch.int8)
+            if signs is not None:
+                signs[batch] = sign
+        else:
+            sign = signs[batch]
+        return torch.clamp(x + eps * sign.to(x.dtype), lo, hi)
     # PGD: random start in the ball, steps of 2.5 * eps / steps, projected each time
     start = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * eps
     adv = torch.clamp(x + start, lo, hi)
@@ -437,6 +447,7 @@ def robustness(
     clean_acc = int((clean == y_all).sum()) / n
 
     rows = []
+    signs: dict[int, torch.Tensor] = {}  # FGSM's gradient signs, shared by the strengths
     for s in values:
         if s == 0:  # the clean model, evaluated as qcore.evaluate does
             for _ in batches:
@@ -446,7 +457,8 @@ def robustness(
             accs, agrees = [], []
             for d in range(draws):
                 pred = _draw(variant, perturbation, s, x_all, y_all, batches, bounds, model,
-                             seed, d, steps, lambda s=s: tick({"strength": s}))  # fmt: skip
+                             seed, d, steps, lambda s=s: tick({"strength": s}),
+                             signs)  # fmt: skip
                 accs.append(int((pred == y_all).sum()) / n)
                 agrees.append(int((pred == clean).sum()) / n)
         rows.append({
@@ -474,6 +486,7 @@ def _draw(
     d: int,
     steps: int,
     tick: Callable[[], None],
+    signs: dict[int, torch.Tensor],
 ) -> torch.Tensor:
     """Predictions of one draw of one strength over every batch."""
     preds = []
@@ -481,7 +494,7 @@ def _draw(
         for b, (lo, hi) in enumerate(batches):
             gen = _batch_generator(seed, _strength_key(s), b)
             x, y = x_all[lo:hi], y_all[lo:hi]
-            adv = _perturb_batch(variant, perturbation, s, x, y, bounds, gen, steps)
+            adv = _perturb_batch(variant, perturbation, s, x, y, bounds, gen, steps, signs, b)
             with torch.inference_mode():
                 preds.append(_predict(variant.run(adv)))
             tick()

@@ -99,7 +99,8 @@ def test_activation_slider_changes_accuracy_and_the_label(app_url):
         assert after != before
         assert float(after.rstrip("%")) < float(before.rstrip("%"))
         assert "abits=2" in page.url
-        assert page.locator('[data-testid="stException"]').count() == 0
+        errors = page.locator('[data-testid="stException"]')
+        assert errors.count() == 0, errors.all_inner_texts()
 
 
 def test_deep_link_opens_that_configuration(app_url):
@@ -223,7 +224,8 @@ def test_a_page_link_is_the_first_visit_after_a_server_start(path, title, button
         # the app's own navigation, not a list of the modules in pages/
         links = page.locator('[data-testid="stTopNavLink"]').all_inner_texts()
         assert [t.split("\n")[-1].strip() for t in links] == [
-            "Playground", "Trade-offs", "Layer sensitivity", "Mixed precision"
+            "Playground", "Trade-offs", "Layer sensitivity", "Mixed precision", "Fine-tune",
+            "Deep Compression", "Robustness",
         ], links
         page.screenshot(path=str(tmp_path / f"first-{path}.png"), full_page=True)
         # and the page still works after that first run

@@ -258,3 +258,12 @@ def test_any_strength_and_seed_stays_in_range_and_within_eps(perturbation, stren
 
 _MLP = functools.cache(lambda: qcore.load_model("digits-mlp"))
 _DIGITS = functools.cache(lambda: qcore.load_dataset("digits", "test"))
+
+
+def test_a_curve_gives_each_strength_what_it_gives_alone(model, data, c4):
+    """FGSM's gradient is computed once per batch for the whole curve: the rows must equal
+    one-strength runs."""
+    for target in (model, c4.model):
+        curve = qcore.robustness(target, data, "fgsm", [0.05, 0.1, 0.3])
+        for s, acc in zip(curve["strength"], curve["accuracy"], strict=True):
+            assert qcore.robustness(target, data, "fgsm", [s])["accuracy"].iloc[0] == acc

@@ -30,6 +30,8 @@ LR_OPTIONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 BATCH_OPTIONS = (16, 32, 64, 128, 256)
 GRAD_BITS_OPTIONS = (FLOAT, 16, 8, 6, 4, 3, 2)
 MAX_EPOCHS_HERE = 20  # the page's limit; qcore's own is higher (the command line)
+# below this many steps a run at lr 1e-3 barely moves (2-bit digits-mlp: 20 steps an epoch)
+FEW_STEPS = 100
 SCHEDULE_HELP = (
     "How the pruning rate is reached. **oneshot**: the Playground's masks from the start. "
     "**gradual**: the rate rises from 0 along Zhu & Gupta's cubic schedule over the first "
@@ -199,6 +201,13 @@ try:
 except ValueError as e:
     st.error(str(e))
     st.stop()
+steps = _planned_steps(data, ft)
+few = steps < FEW_STEPS
+st.caption(
+    f"{steps:,} steps in all ({ft.epochs} × {steps // ft.epochs:,} batches of {ft.batch_size})."
+    + (" That is few for the weights to move far: with so few steps, more epochs or a larger "
+       "learning rate (0.01) train further." if few else "")
+)  # fmt: skip
 ss = st.session_state
 key = (model, data, settings, ft)
 b1, b2, _ = st.columns([1, 1, 4])

@@ -37,8 +37,14 @@ def _against_float(size: int, float_size: int) -> str:
 
 model, data = require_model_and_dataset()
 layer_names = cache.layer_names(model)
-settings = compression_ui(layer_names)
+blocks = cache.removable_blocks(model)
+settings = compression_ui(layer_names, blocks)
 layer_bits_note(settings)
+if settings.drop:
+    st.caption(
+        "Removed: " + "; ".join(blocks.get(n, n) for n in settings.drop) + ". Each runs as the "
+        "identity (its input passed straight on), and its weights are not stored."
+    )
 sync_query(settings.to_flat())
 settings = settings.canonical()  # unused options must not split the cache
 
