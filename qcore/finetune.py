@@ -483,10 +483,10 @@ def finetune(
         if progress is not None:
             progress(done, total, dict(row))
 
-    if calib is not None:
+    if calib is not None:  # the post-training model: compress's own, at the final rate
         add({"epoch": 0, "step": 0, "loss": math.nan, "train_accuracy": math.nan,
              "calib_accuracy": evaluate(base.model, calib).accuracy, "lr": math.nan,
-             "prune_rate": rate_now, "grad_sqnr_db": math.nan,
+             "prune_rate": config.prune.rate if config.prunes else 0.0, "grad_sqnr_db": math.nan,
              "seconds": time.perf_counter() - t0}, 0)  # fmt: skip
 
     step, stopped, snapshot = 0, False, None

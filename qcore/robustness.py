@@ -21,7 +21,11 @@ One row per strength s, on the split given (pass the test split):
   random (exactly round(s * total bits), without repeats; the mean over ``seeds`` draws).
   A quantized layer stores b bits per kept (unpruned) weight: its code, two's complement
   for symmetric codes (a flip may give -2^(b-1), one code below the grid, which the
-  hardware would also read), plain binary for asymmetric and 1-bit codes. A layer left in
+  hardware would also read), plain binary for asymmetric and 1-bit codes. A k-means layer
+  stores b bits per kept weight too, its index into the codebook; an index a flip sends
+  past the codebook's last centroid reads as 0. Bits are counted at their fixed width b,
+  Huffman coding or not (a flip in a Huffman stream would also shift every code after it,
+  which this does not model). A layer left in
   float stores the 32 bits of each float32 word (sign, exponent, mantissa), so
   ``qcore.compress(model, qcore.CompressionConfig(quant=None))`` gives the float model's
   own story. A flip that makes a logit inf or NaN counts that prediction as wrong.
@@ -327,7 +331,7 @@ def _stored_bits(r: LayerResult) -> tuple[torch.Tensor, int]:
         if r.mask is None
         else torch.nonzero(r.mask.reshape(-1)).reshape(-1)
     )
-    return kept, (32 if r.qparams is None else r.bits)
+    return kept, (32 if r.qparams is None and r.codebook is None else r.bits)
 
 
 def flip_bits(compressed: Compressed, fraction: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -358,6 +362,13 @@ def flip_bits(compressed: Compressed, fraction: float, seed: int = 0) -> dict[st
 
 
 def _flipped_weight(r: LayerResult, flips: torch.Tensor, bits: int) -> torch.Tensor:
+    if r.codebook is not None:  # k-means: b-bit indices into the codebook
+        index = r.codes.to(torch.int64) ^ flips
+        book = r.codebook
+        inside = index < book.numel()
+        values = torch.where(inside, book[index.clamp(max=max(book.numel() - 1, 0))],
+                             torch.zeros(())) if book.numel() else torch.zeros(r.shape)
+        return values if r.mask is None else torch.where(r.mask, values, torch.zeros(()))
     if r.qparams is None:  # float32 words: XOR their bit patterns
         w = r.dequantized.contiguous()
         word = w.view(torch.int32)

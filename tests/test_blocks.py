@@ -177,3 +177,40 @@ def test_playground_removes_a_linked_block_and_shows_the_smaller_size() -> None:
     from pages.figures import format_bytes
 
     assert packed_kb(at) == format_bytes(c.size_bytes)
+
+
+@needs_sample
+def test_robustness_command_runs_a_float_setting_without_its_block(capsys) -> None:
+    from qcore import cli
+
+    assert cli.main(["robustness", "--model", "digits-mlp", "--bits", "float", "--drop", "fc1",
+                     "--perturbation", "gaussian", "--strengths", "0", "--quiet",
+                     "--csv"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    m = qcore.load_model("digits-mlp")
+    c = qcore.compress(m, Settings(bits=None, drop=("fc1",)).to_config())
+    acc = qcore.evaluate(c.model, qcore.load_dataset("digits")).accuracy
+    assert f"0.0,{acc}," in out.replace(" ", "") or f"{acc:.4f}" in out
+    assert acc < 0.5 < qcore.evaluate(m, qcore.load_dataset("digits")).accuracy
+
+
+@needs_sample
+def test_fine_tune_page_takes_a_setting_that_only_removes_a_block() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_playground import APP
+
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": "digits-mlp", "dataset": "digits", "bits": "float",
+                            "drop": "fc1"})  # fmt: skip
+    at.run()
+    at = at.switch_page("pages/views/finetune.py").run()
+    at.button(key="ft_train").click().run()
+    for _ in range(600):  # the run is a background job: redraw until it is done
+        if at.dataframe or at.error or at.exception:
+            break
+        at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (df,) = [d.value for d in at.dataframe]
+    rows = {r["model"].split(" (")[0]: r for r in df.to_dict("records")}
+    assert rows["post-training"]["size_bytes"] < rows["float"]["size_bytes"]

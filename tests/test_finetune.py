@@ -301,7 +301,10 @@ def test_pruned_weights_stay_exactly_zero(prune, schedule):
             assert torch.equal(r1.mask, r0.mask)
     assert after.pruned == pytest.approx(start.pruned)
     if schedule == "gradual":
-        rates = result.history["prune_rate"].tolist()
+        h = result.history
+        # the step-0 row is the post-training model, compressed at the final rate
+        assert (h[h.step == 0]["prune_rate"] == prune.rate).all()
+        rates = h[h.step > 0]["prune_rate"].tolist()
         assert rates[0] < rates[-1] == prune.rate
         assert all(a <= b for a, b in zip(rates, rates[1:], strict=False))
 

@@ -166,8 +166,27 @@ def test_bitflip_of_float_words_and_nan_counts_as_wrong(model, data):
     assert diff == round(0.001 * total)
     logits = torch.tensor([[0.0, 2.0], [float("nan"), 1.0], [float("inf"), 0.0]])
     assert _predict(logits).tolist() == [1, -1, -1]
-    df = qcore.robustness(fc, data, "bitflip", [0.01], seeds=2)
-    assert 0.0 <= df["accuracy"].iloc[0] <= 1.0
+    df = qcore.robustness(fc, data, "bitflip", [0.0, 0.01], seeds=2)
+    # one float32 bit in a hundred flipped hits exponents: the float model falls apart
+    assert df["accuracy"].iloc[1] < df["accuracy"].iloc[0] - 0.5
+
+
+def test_bitflip_of_a_kmeans_layer_flips_its_b_bit_indices(model, data):
+    comp = qcore.compress(model, qcore.Settings(bits=2, codebook="kmeans").to_config())
+    assert all(r.codebook.numel() == 4 and r.bits == 2 for r in comp.layers)
+    total = sum(r.codes.numel() * 2 for r in comp.layers)  # 2 bits per weight, not 32
+    flipped = qcore.flip_bits(comp, 0.01, seed=3)
+    diff = 0
+    for r in comp.layers:
+        new = flipped.get(f"{r.name}.weight", r.dequantized)
+        # each weight is still one of the layer's 4 centroids: which one is its new index
+        hits = new.reshape(-1, 1) == r.codebook.reshape(1, -1)
+        assert bool((hits.sum(dim=1) == 1).all())
+        index = hits.to(torch.int64).argmax(dim=1)
+        diff += _popcount(index ^ r.codes.reshape(-1).to(torch.int64))
+    assert diff == round(0.01 * total)
+    df = qcore.robustness(comp, data, "bitflip", [0.0, 0.01], seeds=2)
+    assert df["accuracy"].iloc[1] > df["accuracy"].iloc[0] - 0.1  # a flip moves one centroid
 
 
 def test_pruned_weights_keep_no_bits(model):

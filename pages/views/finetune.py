@@ -98,11 +98,12 @@ def _finetune_config(values) -> qcore.FinetuneConfig:
 def _check_choice(settings: Settings, ft: qcore.FinetuneConfig) -> None:
     """Raise ValueError with a sentence for a setting that fine-tuning cannot use."""
     settings.to_config()  # the Playground's own checks
-    if settings.bits is None and settings.prune == 0 and settings.abits is None:
+    if (settings.bits is None and settings.prune == 0 and settings.abits is None
+            and not settings.drop):
         raise ValueError(
             "The Playground's setting leaves the model in float32 (no bits, no pruning, float "
-            "activations), so there is nothing for training to recover. Pick a bit width or a "
-            "pruning rate on the Playground first."
+            "activations, no block removed), so there is nothing for training to recover. "
+            "Pick a bit width, a pruning rate or a block to remove on the Playground first."
         )
     if ft.prune_schedule == "gradual" and settings.prune == 0:
         raise ValueError(
