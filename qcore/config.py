@@ -580,6 +580,9 @@ class Settings:
         """The same compression with unused options reset, so equal results share a cache key."""
         d = Settings()
         s = self
+        # first, as the 1-bit rule below reads it: overrides of float layers change nothing
+        if s.layer_bits and s.layers is not None:
+            s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
         if s.bits is None:
             s = replace(
                 s,
@@ -608,8 +611,6 @@ class Settings:
                 s = replace(s, scale=d.scale)
         if s.drop:  # the order blocks were picked in changes nothing
             s = replace(s, drop=tuple(sorted(s.drop)))
-        if s.layer_bits and s.layers is not None:  # overrides of float layers change nothing
-            s = replace(s, layer_bits=tuple(p for p in s.layer_bits if p[0] in s.layers))
         return s
 
     def label(self) -> str:

@@ -435,3 +435,12 @@ def test_cli_codebook_and_entropy_flags() -> None:
                            entropy="huffman").to_config()  # fmt: skip
     plain = _config(_evaluate_parser().parse_args(["--bits", "4"]), model)
     assert plain.quant.codebook == "uniform" and plain.entropy is None
+
+
+def test_canonical_is_idempotent_when_overrides_name_only_float_layers() -> None:
+    # found by hypothesis: the 1-bit rule ran before the overrides of uncompressed layers
+    # were dropped, so a second canonical() reset the range again
+    s = Settings(bits=1, symmetric=False, layers=("conv1",), layer_bits=(("conv2", 1),))
+    c = s.canonical()
+    assert c.layer_bits == () and c.symmetric is True
+    assert c.canonical() == c
