@@ -314,16 +314,22 @@ def deep_compression(
     start = _with_tensors(model, graph, masked)
     cfg_p = CompressionConfig(quant=None, prune=prune)
     hist = []
-    run_p = finetune(start, train, cfg_p, ft_p, calib=calib, progress=relay(done, "pruned"),
-                     should_stop=should_stop)  # fmt: skip
-    hist.append(run_p.history.assign(stage="pruned"))
-    add("pruned", compress(run_p.model, cfg_p), None, started)
-    pruned_model = run_p.model if rows[-1]["applied"] else model
+    stopped = False
+    if prune is None:  # nothing pruned (rate 0): nothing to retrain, the model goes on as is
+        add("pruned", compress(model, cfg_p), None, started)
+        pruned_model = model
+    else:
+        run_p = finetune(start, train, cfg_p, ft_p, calib=calib,
+                         progress=relay(done, "pruned"), should_stop=should_stop)  # fmt: skip
+        hist.append(run_p.history.assign(stage="pruned"))
+        add("pruned", compress(run_p.model, cfg_p), None, started)
+        pruned_model = run_p.model if rows[-1]["applied"] else model
+        stopped = run_p.stopped
 
     # 3. k-means weight sharing + centroid retraining (the masks kept)
     started = time.perf_counter()
     q = QuantConfig(bits=max(widths.values()), codebook="kmeans", layer_bits=widths)
-    cfg_s = CompressionConfig(quant=q, prune=prune if pruned_model is run_p.model else None)
+    cfg_s = CompressionConfig(quant=q, prune=prune if pruned_model is not model else None)
     run_s = finetune(pruned_model, train, cfg_s, ft_c, calib=calib,
                      progress=relay(done, "shared"), should_stop=should_stop)  # fmt: skip
     hist.append(run_s.history.assign(stage="shared"))
@@ -347,5 +353,5 @@ def deep_compression(
         history=pd.concat(hist, ignore_index=True),
         split="test" if test is not None else "calib",
         n=len(measure_on),
-        stopped=run_p.stopped or run_s.stopped,
+        stopped=stopped or run_s.stopped,
     )

@@ -259,3 +259,15 @@ def test_shared_weight_gradient_is_the_sum_over_its_weights(seed, bits, rows, co
     (x @ wv.T).square().sum().backward()
     expected = torch.zeros_like(centroids).index_add_(0, cb.codes[mask].long(), wv.grad[mask])
     assert torch.allclose(centroids.grad, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_sample
+def test_no_pruning_means_no_retraining_stage(mlp, digits) -> None:
+    res = qcore.deep_compression(mlp, digits["train"], digits["calib"], prune_rate=0.0,
+                                 bits=4, epochs=1, test=digits["test"])  # fmt: skip
+    pruned = res.stages.set_index("stage").loc["pruned"]
+    float_row = res.stages.set_index("stage").loc["float"]
+    # the float model goes on untouched: same bytes, same accuracy, nothing trained
+    assert pruned["size_bytes"] == float_row["size_bytes"]
+    assert pruned["accuracy"] == float_row["accuracy"] and pruned["kept"] == 1.0
+    assert set(res.history["stage"]) == {"shared"}
