@@ -22,7 +22,6 @@ The paper's numbers for LeNet-300-100 and LeNet-5 (its Tables 1 to 3) are in
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -30,15 +29,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
 from qcore.compress import Compressed, compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import evaluate
-from qcore.finetune import FinetuneConfig, finetune
-from qcore.fold import has_batchnorm
+from qcore.finetune import FinetuneConfig, finetune, float_module
 from qcore.graph import Graph, graph_of, param_key
 from qcore.prune import magnitude_mask
 from qcore.refs import Progress
@@ -175,19 +172,6 @@ def default_bits(model: nn.Module) -> dict[str, int]:
     return {n: 8 if graph.params[param_key(n, "weight")].dim() > 2 else 6 for n in graph.layers}
 
 
-def _with_tensors(model: nn.Module, graph: Graph, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A new float module with ``tensors`` (folded keys) swapped in: the folded module when
-    the model has BatchNorm, else a copy of ``model``. ``model`` is not changed."""
-    out = copy.deepcopy(graph.module if has_batchnorm(model) else model)
-    if hasattr(model, "qcore_spec"):
-        out.qcore_spec = copy.deepcopy(model.qcore_spec)
-    state = out.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for k, v in tensors.items():
-            state[k].copy_(v)
-    return out.eval()
-
-
 def _check_rate(rate: object) -> float:
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
         raise ValueError(f"prune_rate must be a number from 0 to 0.99; got {rate!r}.")
@@ -311,7 +295,7 @@ def deep_compression(
     prune = PruneConfig(rate=zeros / count, scope="global") if 0 < zeros < count else None
     if zeros == count:
         raise ValueError("These pruning rates remove every weight; lower them.")
-    start = _with_tensors(model, graph, masked)
+    start = float_module(model, masked, fold_bn=True)  # the graph above folds BatchNorm
     cfg_p = CompressionConfig(quant=None, prune=prune)
     hist = []
     stopped = False

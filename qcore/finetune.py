@@ -367,7 +367,7 @@ class _Student:
         return out
 
 
-def _float_module(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+def float_module(model: nn.Module, tensors: Mapping[str, torch.Tensor],
                   fold_bn: bool) -> nn.Module:
     """A new module of ``model``'s own structure with ``tensors`` (state-dict keys of the
     graph) swapped in.
@@ -542,7 +542,7 @@ def finetune(
                    "calib_accuracy": math.nan, "lr": lr, "prune_rate": rate_now,
                    "grad_sqnr_db": grad_db, "seconds": 0.0}  # fmt: skip
             if b == per_epoch - 1:  # end of the epoch: the compressed model as it now is
-                snapshot = _float_module(model, student.float_tensors(), config.fold_bn)
+                snapshot = float_module(model, student.float_tensors(), config.fold_bn)
                 now = compress(snapshot, config, calib=calib)
                 if calib is not None:
                     row["calib_accuracy"] = evaluate(now.model, calib).accuracy
@@ -557,7 +557,7 @@ def finetune(
         if gradual and config.prunes:  # the final rate, so that compress finds these masks
             weights = {k: v.detach() for k, v in student.weights.items()}
             student.set_masks(_masks(weights, config.prune))
-        snapshot = _float_module(model, student.float_tensors(), config.fold_bn)
+        snapshot = float_module(model, student.float_tensors(), config.fold_bn)
     history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
     return FinetuneResult(model=snapshot, history=history, config=config, ft=ft,
                           stopped=stopped, seconds=time.perf_counter() - t0)

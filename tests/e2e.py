@@ -16,6 +16,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("QP_CHROMIUM", "/usr/bin/chromium")
+
+
+def require_chromium() -> None:
+    """At the top of a browser test module: skip it where Chromium is missing, except in CI
+    (``QP_REQUIRE_BROWSER``), where a missing browser is a failure."""
+    import pytest
+
+    if Path(CHROMIUM).exists():
+        return
+    if os.environ.get("QP_REQUIRE_BROWSER"):
+        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
+    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
+                allow_module_level=True)
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",

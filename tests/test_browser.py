@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
-from e2e import CHROMIUM, browser_page, metric_value, serve_app, wait_idle
+from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
 
 pytestmark = pytest.mark.browser
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("QP_REQUIRE_BROWSER"):
-        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
-    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
-                allow_module_level=True)
+require_chromium()
 
 ACCURACY = "Accuracy (simulated"
 

@@ -3,23 +3,17 @@ server's first visit to the downloaded file."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
-from e2e import CHROMIUM, browser_page, serve_app, wait_idle
+from e2e import browser_page, require_chromium, serve_app, wait_idle
 
 import qcore
 from qcore.export import PREFIX_BYTES
 
 pytestmark = pytest.mark.browser
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("QP_REQUIRE_BROWSER"):
-        raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
-    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
-                allow_module_level=True)
+require_chromium()
 
 
 def test_deep_compression_runs_and_downloads_the_size_shown(tmp_path):

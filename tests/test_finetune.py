@@ -21,10 +21,10 @@ from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantCo
 from qcore.finetune import (
     FinetuneConfig,
     FinetuneResult,
-    _float_module,
     _Student,
     cubic_rate,
     finetune,
+    float_module,
 )
 from qcore.graph import param_key
 from qcore.ste import fake_quantize_ste, inside_clip, quantize_gradient
@@ -204,7 +204,7 @@ def test_compress_of_the_result_reproduces_the_trained_weights(config, images):
             t.add_(torch.randn(t.shape, generator=g) * 0.05)
         student.apply_masks()
         trained = {k: v.detach() for k, v in student.replacements().items()}
-    module = _float_module(model, student.float_tensors(), config.fold_bn)
+    module = float_module(model, student.float_tensors(), config.fold_bn)
     again = qcore.compress(module, config, calib=calib)
     got = again.replacements()
     for r in again.layers:
@@ -445,7 +445,7 @@ def test_learned_steps_are_what_compress_finds_again(quant, images):
         for t in student.steps.values():
             t.mul_(0.8)  # learned steps that clip
         trained = {k: v.detach() for k, v in student.replacements().items()}
-    module = _float_module(model, student.float_tensors(), cfg.fold_bn)
+    module = float_module(model, student.float_tensors(), cfg.fold_bn)
     again = qcore.compress(module, cfg).replacements()
     for key, value in again.items():
         assert torch.allclose(value, trained[key], rtol=0, atol=1e-6), key
