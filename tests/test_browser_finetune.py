@@ -3,12 +3,15 @@ epoch to the result table and Open in Playground; a longer run's live curves and
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import pytest
 from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
+
+import qcore
 
 pytestmark = pytest.mark.browser
 
@@ -18,6 +21,10 @@ SCREENSHOT = Path(os.environ.get("QP_FT_SCREENSHOT", "/tmp/ft_page.png"))
 LIVE_SCREENSHOT = SCREENSHOT.with_name(SCREENSHOT.stem + "_live.png")
 PLAYGROUND_SCREENSHOT = SCREENSHOT.with_name(SCREENSHOT.stem + "_playground.png")
 LINK = "/finetune?model=digits-mlp&dataset=digits&bits=2"
+# a run long enough on any machine that Stop comes before its end: 20 epochs of mnist-cnn
+# (55 batches of 64 an epoch); digits-mlp's 400 steps can end before Stop is pressed
+LONG_LINK = "/finetune?model=mnist-cnn&bits=2"
+LONG_STEPS = 20 * math.ceil(len(qcore.load_dataset("mnist-5k", "train").y) / 64)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +33,8 @@ def app_url():
         yield url
 
 
-def _open_page(page, app_url: str):
-    page.goto(app_url + LINK, wait_until="domcontentloaded")
+def _open_page(page, app_url: str, link: str = LINK):
+    page.goto(app_url + link, wait_until="domcontentloaded")
     train = page.get_by_role("button", name="Train", exact=True)
     train.wait_for(timeout=60_000)
     wait_idle(page)
@@ -72,7 +79,7 @@ def test_one_epoch_shows_the_table_then_opens_in_the_playground(app_url):
 
 def test_a_long_run_draws_live_curves_and_stops(app_url):
     with browser_page(viewport=(1400, 1400)) as page:
-        train = _open_page(page, app_url)
+        train = _open_page(page, app_url, LONG_LINK)
         epochs = page.get_by_role("spinbutton", name="Epochs")
         epochs.fill("20")
         epochs.press("Enter")
@@ -80,7 +87,8 @@ def test_a_long_run_draws_live_curves_and_stops(app_url):
         train.click()
         live = page.locator('[data-testid="stPlotlyChart"]', has_text="Training (live)")
         live.wait_for(timeout=60_000)
-        page.get_by_text(re.compile(r"Training… step \d+ of 400")).wait_for(timeout=30_000)
+        page.get_by_text(re.compile(rf"Training… step \d+ of {LONG_STEPS}")).wait_for(
+            timeout=30_000)
         page.wait_for_timeout(1500)  # the curves grow
         page.screenshot(path=str(LIVE_SCREENSHOT), full_page=True)
         page.get_by_role("button", name="Stop", exact=True).click()
@@ -88,7 +96,7 @@ def test_a_long_run_draws_live_curves_and_stops(app_url):
         stopped.wait_for(timeout=60_000)
         wait_idle(page)
         step = int(re.search(r"step (\d+)", stopped.inner_text()).group(1))
-        assert 0 < step < 400
+        assert 0 < step < LONG_STEPS
         page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves").wait_for()
         page.locator('[data-testid="stDataFrame"]').wait_for()  # the stopped model's table
         wait_idle(page)
