@@ -52,8 +52,7 @@ run = st.button("Run Deep Compression", key="dc_run", type="primary")
 prune_rate, codebook_bits, epochs = last_run(
     "deep_last", model, data, choice, run=run,
     prompt=f"Choose the recipe and press **Run Deep Compression** ({model.name} on {data.name}). "
-    f"Retraining makes {epochs} + {qcore.deep.CENTROID_EPOCHS} passes over the train split: "
-    "on a laptop's few CPU cores that can take a minute or more.",
+    f"Retraining makes {epochs} + {qcore.deep.CENTROID_EPOCHS} passes over the train split.",
     stale="The results below are of the last run; press **Run Deep Compression** again.",
 )  # fmt: skip
 try:
