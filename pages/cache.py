@@ -517,9 +517,7 @@ def _first_images(data: DatasetRef, limit: int | None):
 def _robustness_target(model: ModelRef, settings: Settings, data: DatasetRef, bitflip: bool):
     """What the perturbation runs on: the float model itself for float settings (bit flips
     excepted: they need the stored form), else the compressed variant."""
-    plain = (settings.bits is None and settings.prune == 0 and settings.abits is None
-             and not settings.drop)  # fmt: skip
-    if plain and not bitflip:
+    if settings.to_config().keeps_float and not bitflip:
         return get_model(model)
     comp = get_compressed(model, settings, data)
     return comp if bitflip else comp.model

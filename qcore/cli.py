@@ -490,7 +490,7 @@ def _robustness(args: argparse.Namespace) -> int:
         data = replace(data, x=data.x[: args.limit], y=data.y[: args.limit],
                        indices=data.indices[: args.limit])
     cfg = _config(args, model)
-    plain = cfg.quant is None and cfg.prune is None and cfg.act is None and not cfg.drop
+    plain = cfg.keeps_float
     target = model
     if not plain or args.perturbation == "bitflip":  # bit flips need the stored form
         target = compress(model, cfg, calib=_calib(args, cfg))

@@ -331,6 +331,12 @@ class CompressionConfig:
     def prunes(self) -> bool:
         return self.prune is not None and self.prune.rate > 0.0
 
+    @property
+    def keeps_float(self) -> bool:
+        """Whether the model runs as it is: no quantized weights or activations, no pruning,
+        no block removed (folding BatchNorm alone changes no output)."""
+        return self.quant is None and not self.prunes and self.act is None and not self.drop
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe values: nested dicts for quant and prune (or None), layers a list."""
         d = {

@@ -444,3 +444,11 @@ def test_canonical_is_idempotent_when_overrides_name_only_float_layers() -> None
     c = s.canonical()
     assert c.layer_bits == () and c.symmetric is True
     assert c.canonical() == c
+
+
+def test_keeps_float_only_when_nothing_changes_the_model() -> None:
+    assert Settings(bits=None).to_config().keeps_float
+    assert Settings(bits=None, fold_bn=False).to_config().keeps_float
+    for s in (Settings(bits=8), Settings(bits=None, prune=0.5), Settings(bits=None, abits=8),
+              Settings(bits=None, drop=("layer1",))):
+        assert not s.to_config().keeps_float, s

@@ -97,9 +97,7 @@ def _finetune_config(values) -> qcore.FinetuneConfig:
 
 def _check_choice(settings: Settings, ft: qcore.FinetuneConfig) -> None:
     """Raise ValueError with a sentence for a setting that fine-tuning cannot use."""
-    settings.to_config()  # the Playground's own checks
-    if (settings.bits is None and settings.prune == 0 and settings.abits is None
-            and not settings.drop):
+    if settings.to_config().keeps_float:  # after the Playground's own checks
         raise ValueError(
             "The Playground's setting leaves the model in float32 (no bits, no pruning, float "
             "activations, no block removed), so there is nothing for training to recover. "
