@@ -176,12 +176,6 @@ def _shallow(module: nn.Module) -> nn.Module:
     return out
 
 
-def saved_params(model: nn.Module, names: Iterable[str]) -> int:
-    """Parameters and buffers the named blocks hold (what removing them takes away)."""
-    blocks = removable_blocks(model, nested=True)
-    return sum(blocks[n].params for n in names if n in blocks) if names else 0
-
-
 def describe(block: Block) -> str:
     """``layer1 (16x28x28, 4,672 parameters)``"""
     return f"{block.name} ({'x'.join(map(str, block.shape))}, {block.params:,} parameters)"
