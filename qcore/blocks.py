@@ -30,7 +30,10 @@ __all__ = ["Block", "removable_blocks", "without_blocks"]
 _DROPPED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
-_BLOCKS: weakref.WeakKeyDictionary[nn.Module, dict[str, Block]] = weakref.WeakKeyDictionary()
+# model -> {input shape: its removable blocks}
+_BLOCKS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], dict[str, Block]]] = (
+    weakref.WeakKeyDictionary()
+)
 _LOCK = threading.Lock()
 
 
@@ -65,20 +68,19 @@ def removable_blocks(
         raise ValueError("The model's input shape is unknown; pass input_shape=(C, H, W).")
     shape = tuple(shape)
     with _LOCK:
-        found = _BLOCKS.get(model)
-    if found is None or found[""] != shape:
-        found = _find(model, shape)
+        blocks = _BLOCKS.get(model, {}).get(shape)
+    if blocks is None:
+        blocks = _find(model, shape)
         with _LOCK:
-            _BLOCKS[model] = found
-    blocks = {k: v for k, v in found.items() if k}
+            _BLOCKS.setdefault(model, {})[shape] = blocks
     if nested:
-        return blocks
+        return dict(blocks)  # a copy: the cached table stays as found
     return {k: v for k, v in blocks.items()
             if not any(k.startswith(f"{o}.") for o in blocks)}  # fmt: skip
 
 
-def _find(model: nn.Module, shape: tuple[int, ...]) -> dict:
-    """Every removable block (any depth), under "" the shape it was found with."""
+def _find(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Block]:
+    """Every removable block (any depth), for inputs of one sample's ``shape``."""
     from qcore.graph import graph_of
 
     graph = graph_of(model, fold_bn=False)
@@ -92,7 +94,7 @@ def _find(model: nn.Module, shape: tuple[int, ...]) -> dict:
         x = torch.zeros((1, *shape))
         _, values = graph.run(x, keep=nodes + [graph.input])
     sizes = {name: p.numel() for name, p in state_for_size(model).items()}
-    out: dict = {"": shape}
+    out: dict[str, Block] = {}
     for path in sorted(members, key=lambda p: min(graph.order[n] for n in members[p])):
         inside = members[path]
         module = model.get_submodule(path)
