@@ -7,6 +7,7 @@ import re
 
 import pytest
 from e2e import browser_page, require_chromium, serve_app, wait_idle
+from playwright.sync_api import expect
 
 import qcore
 from qcore.export import PREFIX_BYTES
@@ -30,7 +31,7 @@ def test_deep_compression_runs_and_downloads_the_size_shown(tmp_path):
                              has_text="packed bytes after each stage")  # fmt: skip
         chart.wait_for(timeout=120_000)
         wait_idle(page)
-        assert chart.locator(".js-plotly-plot").count() == 1
+        expect(chart.locator(".js-plotly-plot")).to_have_count(1, timeout=60_000)
         assert page.locator('[data-testid="stException"]').count() == 0
         assert page.locator('[data-testid="stAlert"]', has_text="Error").count() == 0
         caption = page.locator('[data-testid="stCaptionContainer"]',

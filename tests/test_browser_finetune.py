@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
+from playwright.sync_api import expect
 
 import qcore
 
@@ -53,9 +54,11 @@ def test_one_epoch_shows_the_table_then_opens_in_the_playground(app_url):
         acc = metric_value(page, "Accuracy, fine-tuned")
         assert re.fullmatch(r"\d+\.\d%", acc)
         chart = page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves")
-        assert chart.locator(".js-plotly-plot").count() == 1
+        expect(chart.locator(".js-plotly-plot")).to_have_count(1, timeout=60_000)
         assert chart.locator("g.scatterlayer path.js-line").count() >= 2  # loss, accuracy
-        assert page.get_by_role("button", name="Download the fine-tuned packed model").count() == 1
+        expect(
+            page.get_by_role("button", name="Download the fine-tuned packed model")
+        ).to_have_count(1, timeout=60_000)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
         page.get_by_role("button", name="Open in Playground").click()
@@ -88,7 +91,8 @@ def test_a_long_run_draws_live_curves_and_stops(app_url):
         live = page.locator('[data-testid="stPlotlyChart"]', has_text="Training (live)")
         live.wait_for(timeout=60_000)
         page.get_by_text(re.compile(rf"Training… step \d+ of {LONG_STEPS}")).wait_for(
-            timeout=30_000)
+            timeout=30_000
+        )
         page.wait_for_timeout(1500)  # the curves grow
         page.screenshot(path=str(LIVE_SCREENSHOT), full_page=True)
         page.get_by_role("button", name="Stop", exact=True).click()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from e2e import browser_page, require_chromium, serve_app, wait_idle
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
@@ -40,6 +41,9 @@ def test_robustness_page_runs_a_curve_and_shows_images(app_url):
         chart = page.locator('[data-testid="stPlotlyChart"]', has_text="FGSM attack")
         chart.wait_for(timeout=120_000)
         page.get_by_text("What the perturbed images look like").wait_for(timeout=120_000)
+        # the grid is drawn after its subheader, by the same run: wait for all of it, since the
+        # status widget can be gone for a moment between the subheader and the images
+        expect(page.locator('[data-testid="stImage"]')).to_have_count(8, timeout=120_000)
         wait_idle(page)
         assert page.locator('[data-testid="stException"]').count() == 0
         assert page.locator('[data-testid="stPlotlyChart"]').count() == 2  # gaussian, FGSM
