@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,11 @@ from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantCo
 from qcore.data import load_dataset
 from qcore.evaluate import EVAL_BATCH, evaluate
 from qcore.models import list_models, load_model, model_info
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qcore.deep import DeepCompressionResult
 
 __all__ = ["BENCH_CONFIGS", "bench_model", "bench_eval", "bench_sensitivity", "main_bench"]
 
@@ -191,14 +197,7 @@ def bench_finetune(lr: float | None = None) -> Iterator[dict]:
 def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) -> str:
     """Deep Compression on ``name`` (the default recipe, or ``bits`` for every layer), stage
     by stage beside the paper's table: the figures of the README's Deep Compression section."""
-    from qcore.deep import (
-        CENTROID_EPOCHS,
-        DEFAULT_EPOCHS,
-        PAPER,
-        STAGE_LABELS,
-        deep_compression,
-        paper_reference,
-    )
+    from qcore.deep import CENTROID_EPOCHS, DEFAULT_EPOCHS, deep_compression
 
     info = model_info(name)
     split = {s: load_dataset(info.dataset, s) for s in ("train", "calib", "test")}
@@ -206,13 +205,22 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
     res = deep_compression(load_model(name), split["train"], split["calib"], bits=bits,
                            epochs=epochs or DEFAULT_EPOCHS, test=split["test"])  # fmt: skip
     seconds = time.perf_counter() - t
-    s = res.stages
     recipe = "default recipe" if bits is None else f"{bits}-bit codebooks everywhere"
     lines = [f"{name} on {info.dataset} ({len(split['train']):,} training images, "
              f"{len(split['test']):,} test images), {recipe}; {epochs or DEFAULT_EPOCHS} "
              f"epochs of retraining after pruning, {CENTROID_EPOCHS} of centroids; "
              f"{seconds:.0f} s on {torch.get_num_threads()} threads",
-             f"  {'stage':<38} {'kept':>6} {'packed bytes':>13} {'ratio':>7} {'accuracy':>9}"]
+             *deep_lines(res, load_model(name))]
+    return "\n".join(lines)
+
+
+def deep_lines(res: DeepCompressionResult, model: nn.Module) -> list[str]:
+    """A Deep Compression result as text: the stages, the paper's table for the reference
+    architecture, bits per weight layer by layer, and where the final bytes go."""
+    from qcore.deep import PAPER, STAGE_LABELS, paper_reference
+
+    s = res.stages
+    lines = [f"  {'stage':<38} {'kept':>6} {'packed bytes':>13} {'ratio':>7} {'accuracy':>9}"]
     for _, r in s.iterrows():
         lines.append(f"  {r['label']:<38} {r['kept']:6.1%} {r['size_bytes']:13,} "
                      f"{r['ratio']:6.1f}x {r['accuracy']:9.2%}"
@@ -222,7 +230,7 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
               f"{abs(drop):.2f} pp {'lower' if drop > 0 else 'higher'}")  # fmt: skip
     lines.append(f"  final: {s['ratio'].iloc[-1]:.1f}x, accuracy {change} "
                  f"(float {s['accuracy'].iloc[0]:.2%} -> {s['accuracy'].iloc[-1]:.2%})")
-    reference = paper_reference(load_model(name))
+    reference = paper_reference(model)
     paper = PAPER[reference]
     lines.append(f"  the paper's {reference} (Han et al. 2016, Tables 1-3), full MNIST:")
     for _, r in paper.iterrows():
@@ -241,7 +249,7 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
     lines.append("  after Huffman coding, per kept weight (the paper's Table 2 columns): code "
                  "bits, index bits")
     for _, r in last.iterrows():
-        kept = r["kept"] * r["weights"]
+        kept = max(r["kept"] * r["weights"], 1)  # a layer pruned away has no kept weight
         code, index = r["code_bits"] / kept, r["index_bits"] / kept
         lines.append(f"    {r['layer']:<8} {code:5.2f} {index:5.2f}")
     parts = {c: int(last[c].sum()) for c in ("code_bytes", "index_bytes", "codebook_bytes",
@@ -250,7 +258,7 @@ def bench_deep(name: str, epochs: int | None = None, bits: int | None = None) ->
     lines.append("  final bytes: " + ", ".join(f"{k.removesuffix('_bytes')} {v:,}"
                                                 for k, v in parts.items())
                  + f", other float32 {other:,}")
-    return "\n".join(lines)
+    return lines
 
 
 def _format(result: dict) -> str:

@@ -10,6 +10,7 @@ Commands:
   sensitivity     per-layer quantization and pruning sensitivity into a CSV
   robustness      accuracy under input noise, FGSM / PGD, weight noise or bit flips
   finetune        quantization-aware fine-tuning, then write the packed file
+  deep            Deep Compression (prune, share weights, Huffman), then write the file
 """
 
 from __future__ import annotations
@@ -449,13 +450,61 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"packed size            {after.size_bytes:,} B of {after.float_size_bytes:,} B float "
           f"({after.ratio:.2f}x smaller)")
     n = _write(args.out, lambda out: export_packed(after, out))
-    print(f"wrote {args.out}: {n:,} bytes")
+    print(f"wrote {args.out}: {n:,} bytes ({after.size_bytes:,} packed + "
+          f"{n - after.size_bytes:,} header)")
     return 0
 
 
 def main_finetune(argv: list[str]) -> int:
     """``python -m qcore finetune``: quantization-aware fine-tuning into a packed file."""
     return _run(_finetune_parser(), _finetune, argv)
+
+
+def _deep_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore deep",
+        description="Deep Compression (Han et al. 2016) on a sample model: prune and "
+        "retrain, share weights through k-means codebooks and retrain the centroids, then "
+        "Huffman code; print each stage's packed bytes and test accuracy beside the paper's "
+        "table, and write the final packed file. Without --prune-rate and --bits, the "
+        "paper's per-layer recipe (LeNet-300-100, LeNet-5) or the rule after it.",
+    )
+    parser.add_argument("--model", required=True, help="a sample model (see: list)")
+    parser.add_argument("--dataset", default=None, help="default: the model's own")
+    parser.add_argument("--prune-rate", type=_number_arg, default=None,
+                        help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
+    parser.add_argument("--bits", type=whole_number, default=None,
+                        help="one codebook width for every layer, 1 to 16 (default: recipe)")
+    parser.add_argument("--epochs", type=whole_number, default=None,
+                        help="retraining epochs after pruning (default: 2)")
+    parser.add_argument("--centroid-epochs", type=whole_number, default=None,
+                        help="centroid retraining epochs (default: 1)")
+    parser.add_argument("--seed", type=whole_number, default=0)
+    parser.add_argument("--out", type=_out_arg, required=True, help="packed file to write")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _deep(args: argparse.Namespace) -> int:
+    from qcore.bench import deep_lines
+    from qcore.deep import CENTROID_EPOCHS, DEFAULT_EPOCHS, deep_compression
+
+    model, test = _load(args.model, args.dataset)
+    name = args.dataset or model_info(args.model).dataset
+    train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
+    epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
+    centroid_epochs = CENTROID_EPOCHS if args.centroid_epochs is None else args.centroid_epochs
+    progress = None if args.quiet else ProgressBar("deep compression")
+    res = deep_compression(model, train, calib, prune_rate=args.prune_rate, bits=args.bits,
+                           epochs=epochs, centroid_epochs=centroid_epochs, seed=args.seed,
+                           progress=progress, test=test)  # fmt: skip
+    print(f"{args.model} on {name}: {len(train.y):,} training images, {len(test.y):,} test "
+          f"images; {epochs} epochs of retraining after pruning, {centroid_epochs} of centroids")
+    print("\n".join(deep_lines(res, model)))
+    c = res.compressed
+    n = _write(args.out, lambda out: export_packed(c, out))
+    print(f"wrote {args.out}: {n:,} bytes ({c.size_bytes:,} packed + {n - c.size_bytes:,} header)")
+    return 0
 
 
 def _robustness_parser() -> argparse.ArgumentParser:
@@ -540,6 +589,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "sensitivity": main_sensitivity,
     "robustness": lambda argv: _run(_robustness_parser(), _robustness, argv),
     "finetune": main_finetune,
+    "deep": lambda argv: _run(_deep_parser(), _deep, argv),
 }
 
 

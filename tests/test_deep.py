@@ -271,3 +271,47 @@ def test_no_pruning_means_no_retraining_stage(mlp, digits) -> None:
     assert pruned["size_bytes"] == float_row["size_bytes"]
     assert pruned["accuracy"] == float_row["accuracy"] and pruned["kept"] == 1.0
     assert set(res.history["stage"]) == {"shared"}
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_deep_prints_the_stages_and_writes_the_final_file(result, tmp_path: Path,
+                                                              capsys) -> None:  # fmt: skip
+    from qcore.cli import main
+
+    out = tmp_path / "deep.qpk"
+    assert main(["deep", "--model", "digits-mlp", "--epochs", "1", "--quiet",
+                 "--out", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    api = result  # the same call, through the API
+    ours = text.split("the paper's")[0]  # our stages; the paper's table follows
+    rows = {ln.split("  ")[1].strip(): ln for ln in ours.splitlines() if ln.startswith("  ")
+            and any(ln.strip().startswith(lb) for lb in deep.STAGE_LABELS.values())}  # fmt: skip
+    assert set(rows) == set(api.stages["label"])
+    for _, r in api.stages.iterrows():  # the same numbers as the API, stage by stage
+        assert f"{r['size_bytes']:,}" in rows[r["label"]]
+        assert f"{r['accuracy']:.2%}" in rows[r["label"]]
+    size = api.compressed.size_bytes
+    assert out.read_bytes() == qcore.export.packed_bytes(api.compressed)  # byte for byte
+    assert f"({size:,} packed + " in text
+    test = qcore.load_dataset("digits", "test")
+    loaded = qcore.evaluate(qcore.load_packed(out).model, test).accuracy
+    assert loaded == pytest.approx(float(api.stages["accuracy"].iloc[-1]), abs=1e-9)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--prune-rate", "1"], ["prune_rate"]),
+    (["--bits", "0"], ["bits"]),
+    (["--epochs", "0"], ["epochs"]),
+    (["--model", "nope"], ["nope"]),
+])  # fmt: skip
+def test_cli_deep_bad_arguments_are_one_error_line(argv, words, tmp_path: Path, capsys) -> None:
+    from qcore.cli import main
+
+    out = tmp_path / "x.qpk"
+    assert main(["deep", "--model", "digits-mlp", *argv, "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+    assert not out.exists()
