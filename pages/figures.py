@@ -33,6 +33,7 @@ class HistogramLike(Protocol):
     clip: tuple[float, float] | None  # the grid's effective range (its end levels)
     zeros_after: int
     requested: tuple[float, float] | None  # the clip range asked for
+    shared: bool  # the levels are a k-means codebook's shared values
 
 
 def format_bytes(n: float) -> str:
@@ -52,12 +53,16 @@ def format_bytes(n: float) -> str:
 GRID_RANGE_LABEL = "grid range (what the codes reach)"
 
 
-def level_label(n: int) -> str:
-    """The legend of ``n`` quantization levels; 3 levels (-a, 0, +a) are ternary.
+def level_label(n: int, shared: bool = False) -> str:
+    """The legend of ``n`` quantization levels; 3 levels (-a, 0, +a) are ternary; a k-means
+    layer's levels are its ``shared`` values.
 
-    >>> level_label(3), level_label(2), level_label(255)
-    ('3 quantization levels (ternary)', '2 quantization levels (binary)', '255 quantization levels')
+    >>> level_label(3), level_label(2), level_label(255), level_label(17, shared=True)
+    ('3 quantization levels (ternary)', '2 quantization levels (binary)', \
+'255 quantization levels', '17 shared values (k-means)')
     """
+    if shared:
+        return f"{n} shared values (k-means)"
     kind = {2: " (binary)", 3: " (ternary)"}.get(n, "")
     return f"{n} quantization levels{kind}"
 
@@ -117,7 +122,7 @@ def weight_histogram_figure(
                 y=ys,
                 yaxis="y2",
                 mode="lines",
-                name=level_label(levels.size),
+                name=level_label(levels.size, hist.shared),
                 line={
                     "color": LEVEL_COLOR,
                     "width": 0.5 if levels.size > MAX_LEVEL_LINES else 1,

@@ -89,6 +89,25 @@ def test_histogram_of_a_compressed_layer_draws_255_levels_as_one_trace() -> None
     assert np.isnan(xs[2::3]).all() and len(xs) == 3 * 255
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_histogram_of_a_kmeans_layer_draws_its_shared_values(rate: float) -> None:
+    model = make_mlp()
+    cfg = qcore.CompressionConfig(quant=qcore.QuantConfig(bits=3, codebook="kmeans"),
+                                  prune=qcore.PruneConfig(rate=rate))  # fmt: skip
+    c = qcore.compress(model, cfg)
+    res = c.layer("1")
+    h = qcore.layer_histogram(c, "1")
+    # every value a weight takes after sharing, zero included when pruning removed some
+    values = torch.unique(res.dequantized).double().numpy()
+    np.testing.assert_array_equal(np.asarray(h.levels), values)
+    assert h.shared and h.clip is None and h.requested is None  # a codebook has no grid
+    assert len(values) == res.codebook.numel() + (rate > 0) <= 2**3 + 1
+    fig = figures.weight_histogram_figure(h)
+    trace = _trace(fig, f"{len(values)} shared values (k-means)")
+    np.testing.assert_array_equal(np.asarray(trace.x, dtype=float)[0::3], values)
+    assert not [t for t in fig.data if "quantization levels" in (t.name or "")]
+
+
 def test_confusion_figure_shows_matrix_and_change() -> None:
     m = np.array([[5, 1], [2, 7]])
     ref = np.array([[6, 0], [1, 8]])
