@@ -319,12 +319,17 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
                 format_func=SCALE_MODE_LABELS.__getitem__,
                 help=SCALE_MODE_HELP,
             )
+        dropped = [b for b in ss.get("drop", []) if b in (blocks or {})]
         st.multiselect(
             "Layers to compress",
             list(layer_names),
             key="layers",
             persist_state=_KEEP,
-            help="Layers left out stay float32.",
+            format_func=lambda n: (f"{n} (removed with its block)"
+                                   if any(n == b or n.startswith(b + ".") for b in dropped)
+                                   else n),
+            help="Layers left out stay float32. A layer inside a removed block (below) "
+            "leaves the network whether it is listed here or not.",
         )
         _drop_picker(blocks or {})
     return settings_from_session(ss, layer_names)
