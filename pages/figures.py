@@ -33,7 +33,7 @@ class HistogramLike(Protocol):
     clip: tuple[float, float] | None  # the grid's effective range (its end levels)
     zeros_after: int
     requested: tuple[float, float] | None  # the clip range asked for
-    shared: bool  # the levels are a k-means codebook's shared values
+    shared: int | None  # a k-means layer: how many levels are shared values
 
 
 def format_bytes(n: float) -> str:
@@ -53,16 +53,17 @@ def format_bytes(n: float) -> str:
 GRID_RANGE_LABEL = "grid range (what the codes reach)"
 
 
-def level_label(n: int, shared: bool = False) -> str:
+def level_label(n: int, shared: int | None = None) -> str:
     """The legend of ``n`` quantization levels; 3 levels (-a, 0, +a) are ternary; a k-means
-    layer's levels are its ``shared`` values.
+    layer's levels are its ``shared`` values, and 0 where pruned if there is one more.
 
-    >>> level_label(3), level_label(2), level_label(255), level_label(17, shared=True)
-    ('3 quantization levels (ternary)', '2 quantization levels (binary)', \
-'255 quantization levels', '17 shared values (k-means)')
+    >>> level_label(3), level_label(2), level_label(255)
+    ('3 quantization levels (ternary)', '2 quantization levels (binary)', '255 quantization levels')
+    >>> level_label(8, shared=8), level_label(9, shared=8)
+    ('8 shared values (k-means)', '8 shared values (k-means) and 0 (pruned)')
     """
-    if shared:
-        return f"{n} shared values (k-means)"
+    if shared is not None:
+        return f"{shared} shared values (k-means)" + (" and 0 (pruned)" if n > shared else "")
     kind = {2: " (binary)", 3: " (ternary)"}.get(n, "")
     return f"{n} quantization levels{kind}"
 

@@ -29,7 +29,9 @@ class Histogram:
     zeros_after: int  # weights exactly zero after compression
     requested: tuple[float, float] | None = None  # the clip range asked for (before rounding
     # the zero point; at 1 bit the range weights are clipped to before alpha is taken)
-    shared: bool = False  # the levels are a k-means codebook's shared values, not a grid
+    # a k-means layer: how many of the levels are its codebook's shared values (the rest is
+    # 0, where pruning removed weights); None on a uniform grid
+    shared: int | None = None
 
     @property
     def centers(self) -> np.ndarray:
@@ -44,7 +46,7 @@ def weight_histogram(
     levels: torch.Tensor | None = None,
     clip: tuple[float, float] | None = None,
     requested: tuple[float, float] | None = None,
-    shared: bool = False,
+    shared: int | None = None,
 ) -> Histogram:
     """Histogram of ``before`` and ``after`` on the same ``bins`` bins over both ranges."""
     if bins < 1:
@@ -73,10 +75,11 @@ def weight_histogram(
     )
 
 
-def shared_levels(res: LayerResult, channel: int | None = None) -> torch.Tensor:
+def shared_levels(res: LayerResult, channel: int | None = None) -> tuple[torch.Tensor, int]:
     """Every value a k-means layer's weights can take, sorted: its codebook's shared values,
-    and 0 when pruning removed a weight (a pruned weight is zero by its mask, not a code).
-    With ``channel``, only the values that channel's weights take."""
+    and 0 when pruning removed a weight (a pruned weight is zero by its mask, not a code);
+    and how many of them are shared values. With ``channel``, only the values that channel's
+    weights take."""
     assert res.codebook is not None
     values = res.codebook.detach().float()
     mask = res.mask
@@ -84,9 +87,10 @@ def shared_levels(res: LayerResult, channel: int | None = None) -> torch.Tensor:
         codes = res.codes[channel] if mask is None else res.codes[channel][mask[channel]]
         values = values[torch.unique(codes.long())]
         mask = None if mask is None else mask[channel]
+    n = int(torch.unique(values).numel())
     if mask is not None and not bool(mask.all()):
         values = torch.cat([values, torch.zeros(1)])
-    return torch.unique(values)  # sorted, and each value once
+    return torch.unique(values), n  # sorted, and each value once
 
 
 def quant_levels(res: LayerResult, channel: int = 0) -> torch.Tensor:
@@ -129,8 +133,8 @@ def layer_histogram(
     levels = clip = requested = None
     mask = res.mask
     if res.codebook is not None:  # k-means: the shared values; no grid, so no clip range
-        levels = shared_levels(res, channel)
-        return weight_histogram(before, after, bins, levels=levels, shared=True)
+        levels, n = shared_levels(res, channel)
+        return weight_histogram(before, after, bins, levels=levels, shared=n)
     if res.qparams is not None and (not res.per_channel or channel is not None):
         g = channel if (res.per_channel and channel is not None) else 0
         group_mask = mask if mask is None or not res.per_channel else mask[g]

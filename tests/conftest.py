@@ -62,7 +62,9 @@ def make_bn_model(seed: int = 0) -> nn.Module:
 def make_mlp(seed: int = 0) -> nn.Module:
     """A model without BatchNorm: flatten, linear, relu, linear; input (N, 1, 6, 6)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
 
 
 class TwiceUsed(nn.Module):

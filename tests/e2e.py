@@ -27,12 +27,8 @@ def require_chromium() -> None:
         return
     if os.environ.get("QP_REQUIRE_BROWSER"):
         raise RuntimeError(f"Chromium is required here but missing at {CHROMIUM}.")
-    pytest.skip(
-        f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
-        allow_module_level=True,
-    )
-
-
+    pytest.skip(f"Chromium not found at {CHROMIUM} (make test installs it where it can).",
+                allow_module_level=True)
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -55,24 +51,10 @@ def serve_app(timeout: float = 90.0) -> Iterator[str]:
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.port", str(port), "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -36,7 +36,8 @@ def test_minmax_matches_torch_ao_observer_and_fake_quant() -> None:
     graph = graph_of(one_layer())
     ranges = calibrate(graph, Split(x), ActQuantConfig(bits=8, observer="minmax"), ["0.input"])
     r = ranges["0.input"]
-    obs = torch.ao.quantization.MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    obs = torch.ao.quantization.MinMaxObserver(dtype=torch.quint8,
+                                               qscheme=torch.per_tensor_affine)
     for i in range(0, 600, 256):  # batch by batch, as calibration runs
         obs(x[i : i + 256])
     scale, zp = obs.calculate_qparams()
@@ -68,9 +69,8 @@ def test_percentile_ignores_one_outlier_and_minmax_does_not() -> None:
     x[0, 0] = 100.0
     graph = graph_of(one_layer())
     mm = calibrate(graph, Split(x), ActQuantConfig(bits=8), ["0.input"])["0.input"]
-    pc = calibrate(
-        graph, Split(x), ActQuantConfig(bits=8, observer="percentile", percentile=99.9), ["0.input"]
-    )["0.input"]
+    pc = calibrate(graph, Split(x), ActQuantConfig(bits=8, observer="percentile",
+                                                   percentile=99.9), ["0.input"])["0.input"]
     assert mm.hi == 100.0 and pc.hi < 1.1
     err = {k: float((r.fake_quantize(x[1:]) - x[1:]).square().mean()) for k, r in
            (("minmax", mm), ("percentile", pc))}  # fmt: skip
@@ -144,23 +144,18 @@ def test_compress_needs_calibration_data_and_refuses_the_test_split() -> None:
         qcore.compress(model, cfg, calib=test)
 
 
-@pytest.mark.parametrize(
-    "name", ["digits-mlp", "mnist-lenet300", "mnist-cnn", "mnist-dwsep", "mnist-resnet"]
-)
+@pytest.mark.parametrize("name", ["digits-mlp", "mnist-lenet300", "mnist-cnn", "mnist-dwsep",
+                                  "mnist-resnet"])
 def test_w16a16_matches_float_and_w8a8_stays_within_a_point(name: str) -> None:
     import qcore
     from qcore.config import QuantConfig
 
     model, test, calib = _splits(name)
     ref = qcore.evaluate(model, test).accuracy
-    c16 = qcore.compress(
-        model,
-        CompressionConfig(quant=QuantConfig(bits=16), act=ActQuantConfig(bits=16)),
-        calib=calib,
-    )
-    c8 = qcore.compress(
-        model, CompressionConfig(quant=QuantConfig(bits=8), act=ActQuantConfig(bits=8)), calib=calib
-    )
+    c16 = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=16),
+                                                  act=ActQuantConfig(bits=16)), calib=calib)
+    c8 = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=8),
+                                                 act=ActQuantConfig(bits=8)), calib=calib)
     assert abs(qcore.evaluate(c16.model, test).accuracy - ref) <= 0.001
     assert abs(qcore.evaluate(c8.model, test).accuracy - ref) <= 0.01
     # every weight layer's input is quantized, and the record says how
@@ -194,13 +189,11 @@ def test_weight_sliders_do_not_recalibrate(monkeypatch: pytest.MonkeyPatch) -> N
     qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=8), act=act), calib=calib)
     calls = []
     real = activations.HistogramObserver.update
-    monkeypatch.setattr(
-        activations.HistogramObserver,
-        "update",
-        lambda self, *a, **k: (calls.append(1), real(self, *a, **k)),
-    )
+    monkeypatch.setattr(activations.HistogramObserver, "update",
+                        lambda self, *a, **k: (calls.append(1), real(self, *a, **k)))
     for bits in (2, 4, 8):
-        qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=bits), act=act), calib=calib)
+        qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=bits), act=act),
+                       calib=calib)
     assert calls == []
 
 
@@ -209,13 +202,9 @@ def test_export_carries_the_activation_ranges(tmp_path) -> None:
     from qcore.config import QuantConfig
 
     model, test, calib = _splits("mnist-resnet")  # additions (residuals) are edges too
-    c = qcore.compress(
-        model,
-        CompressionConfig(
-            quant=QuantConfig(bits=6, scale="pow2"), act=ActQuantConfig(bits=4, scale="pow2")
-        ),
-        calib=calib,
-    )
+    c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=6, scale="pow2"),
+                                                act=ActQuantConfig(bits=4, scale="pow2")),
+                       calib=calib)
     assert any(e.startswith("add") for e in c.activations)
     qcore.export_packed(c, tmp_path / "m.qpk")
     packed = qcore.load_packed(tmp_path / "m.qpk")
@@ -246,9 +235,8 @@ def test_activation_histogram_bins_what_reaches_the_edge() -> None:
         qcore.activation_histogram(c, "nope", calib)
 
 
-@pytest.mark.parametrize(
-    "name", ["digits-mlp", "mnist-lenet300", "mnist-cnn", "mnist-dwsep", "mnist-resnet"]
-)
+@pytest.mark.parametrize("name", ["digits-mlp", "mnist-lenet300", "mnist-cnn", "mnist-dwsep",
+                                  "mnist-resnet"])
 def test_w8a8_agrees_with_torch_ao_int8_kernels(name: str) -> None:
     """External oracle: torch.ao's FX-mode int8 model (real int8 kernels, min-max
     activations, per-channel weights) calibrated on the same split; within 1 point."""
@@ -270,26 +258,21 @@ def test_w8a8_agrees_with_torch_ao_int8_kernels(name: str) -> None:
     torch.backends.quantized.engine = "fbgemm"
     qconfig = QConfig(
         activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True),
-        weight=PerChannelMinMaxObserver.with_args(
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric
-        ),
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                  qscheme=torch.per_channel_symmetric),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(
-            copy.deepcopy(model), QConfigMapping().set_global(qconfig), (calib.x[:2],)
-        )
+        prepared = prepare_fx(copy.deepcopy(model), QConfigMapping().set_global(qconfig),
+                              (calib.x[:2],))
         with torch.inference_mode():
             for i in range(0, len(calib.x), 256):
                 prepared(calib.x[i : i + 256])
         int8 = convert_fx(prepared)
     with torch.inference_mode():
         theirs = float((int8(test.x).argmax(1) == test.y).double().mean())
-    c = qcore.compress(
-        model,
-        CompressionConfig(quant=QuantConfig(bits=8, per_channel=True), act=ActQuantConfig(bits=8)),
-        calib=calib,
-    )
+    c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=8, per_channel=True),
+                                                act=ActQuantConfig(bits=8)), calib=calib)
     ours = qcore.evaluate(c.model, test).accuracy
     assert abs(ours - theirs) <= 0.01, (ours, theirs)
 

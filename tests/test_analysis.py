@@ -111,9 +111,8 @@ def test_a_channel_pruned_away_draws_no_grid() -> None:
     """Structured pruning can empty a channel: it has no scale of its own, so no levels."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 4)).eval()
-    cfg = CompressionConfig(
-        quant=QuantConfig(bits=4, per_channel=True), prune=PruneConfig(rate=0.5, structured=True)
-    )
+    cfg = CompressionConfig(quant=QuantConfig(bits=4, per_channel=True),
+                            prune=PruneConfig(rate=0.5, structured=True))
     c = compress(model, cfg)
     alive = c.layer("0").mask.any(dim=1)
     dead, live = int(torch.nonzero(~alive)[0]), int(torch.nonzero(alive)[0])
@@ -135,34 +134,24 @@ def test_asymmetric_grid_drawn_where_its_levels_are() -> None:
     grid off the requested range; the drawn bounds are the grid's end levels."""
     # range [-0.25, 2.75]: scale 3 / 3 = 1, zero point round(0.25) = 0, so the grid is
     # 0, 1, 2, 3: the level 3 lies beyond the requested 2.75 (and 2.75 rounds up to it)
-    c = compress(
-        _grid_model([-0.25, 0.5, 2.75]),
-        CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)),
-    )
+    c = compress(_grid_model([-0.25, 0.5, 2.75]),
+                 CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)))
     h = layer_histogram(c, "0", bins=10)
     assert h.requested == (-0.25, 2.75)
     assert h.clip == (0.0, 3.0)
     assert h.levels.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert c.layer("0").dequantized.tolist() == [[0.0, 0.0, 3.0]]
     # range [-0.75, 2.25]: scale 1, zero point round(0.75) = 1, grid -1, 0, 1, 2
-    c = compress(
-        _grid_model([-0.75, 2.25, 1.0]),
-        CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)),
-    )
+    c = compress(_grid_model([-0.75, 2.25, 1.0]),
+                 CompressionConfig(quant=QuantConfig(bits=2, symmetric=False)))
     h = layer_histogram(c, "0", bins=10)
     assert h.requested == (-0.75, 2.25) and h.clip == (-1.0, 2.0)
     assert h.levels.tolist() == [-1.0, 0.0, 1.0, 2.0]
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    bits=st.integers(2, 4),
-    n=st.integers(2, 200),
-    shift=st.floats(-1.0, 1.0),
-    clip=st.floats(0.05, 1.0),
-    per_channel=st.booleans(),
-    seed=st.integers(0, 10_000),
-)
+@given(bits=st.integers(2, 4), n=st.integers(2, 200), shift=st.floats(-1.0, 1.0),
+       clip=st.floats(0.05, 1.0), per_channel=st.booleans(), seed=st.integers(0, 10_000))
 def test_property_every_level_within_the_drawn_bounds(bits, n, shift, clip, per_channel, seed):
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(n, 3, bias=False)).eval()
@@ -171,7 +160,7 @@ def test_property_every_level_within_the_drawn_bounds(bits, n, shift, clip, per_
     q = QuantConfig(bits=bits, symmetric=False, clip=clip, per_channel=per_channel)
     c = compress(model, CompressionConfig(quant=q))
     after = c.layer("0").dequantized
-    for channel in range(3) if per_channel else [None]:
+    for channel in (range(3) if per_channel else [None]):
         h = layer_histogram(c, "0", bins=10, channel=channel)
         lo, hi = h.clip
         assert lo <= h.levels.min() and h.levels.max() <= hi

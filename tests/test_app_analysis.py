@@ -174,7 +174,8 @@ def test_mixed_precision_fits_the_budget_and_opens_in_the_playground() -> None:
     assert set(chosen) == {"fc1", "fc2"} and set(chosen.values()) <= {2, 4, 8}
     scatter = figs["Mixed precision against uniform bit widths (test split)"]
     assert "mixed precision" in [t["name"] for t in scatter["data"]]
-    res = cache.mixed_result(ModelRef("digits-mlp"), DatasetRef("digits"), 3200, (2, 4, 8), False)
+    res = cache.mixed_result(ModelRef("digits-mlp"), DatasetRef("digits"), 3200, (2, 4, 8),
+                             False)
     assert res.size_bytes <= 3200 and res.layer_bits == chosen
 
     at.button(key="mp_open").click().run()
@@ -222,13 +223,8 @@ def test_mixed_precision_compares_with_every_uniform_width_that_fits(monkeypatch
     ok(at, TITLES["mixed"])
     # each background step has its own progress text; none says "Sweeping"
     assert any("calibration split" in t for t in texts) and not any("Sweep" in t for t in texts)
-    res = cache.mixed_result(
-        ModelRef("mnist-cnn"),
-        DatasetRef("mnist-5k"),
-        at.session_state["mixed_last"][2][0],
-        (2, 3, 4, 5, 6, 8),
-        False,
-    )
+    res = cache.mixed_result(ModelRef("mnist-cnn"), DatasetRef("mnist-5k"),
+                             at.session_state["mixed_last"][2][0], (2, 3, 4, 5, 6, 8), False)
     table = _uniform_table(at)
     uniform_rows = table[table["choice"].str.startswith("uniform")]
     assert list(uniform_rows["choice"]) == [f"uniform {u.bits} bits" for u in res.uniform]
@@ -241,12 +237,8 @@ def test_mixed_precision_compares_with_every_uniform_width_that_fits(monkeypatch
     assert mixed_row["search"] / 100 == pytest.approx(res.search_accuracy, abs=1e-12)
     # the chart's uniform points are the table's test accuracies
     scatter = charts(at)["Mixed precision against uniform bit widths (test split)"]
-    points = {
-        (round(x * 1e3), y)
-        for t in scatter["data"]
-        if t.get("mode") == "markers" and t["name"] != "mixed precision"
-        for x, y in zip(t["x"], t["y"], strict=True)
-    }
+    points = {(round(x * 1e3), y) for t in scatter["data"] if t.get("mode") == "markers"
+              and t["name"] != "mixed precision" for x, y in zip(t["x"], t["y"], strict=True)}
     rows = {(int(b), round(a / 100, 9)) for b, a in zip(
         uniform_rows["size_bytes"], uniform_rows["test"], strict=True)}  # fmt: skip
     assert rows <= {(x, round(y, 9)) for x, y in points}
@@ -334,10 +326,9 @@ def test_layer_bits_in_canonical_settings_and_session_order() -> None:
     assert Settings(bits=None, layer_bits=(("fc1", 4),)).canonical() == Settings(bits=None)
     partial = Settings(layers=("fc2",), layer_bits=(("fc1", 4), ("fc2", 3)))
     assert partial.canonical().layer_bits == (("fc2", 3),)  # fc1 stays float anyway
-    assert (
-        partial.canonical().to_config()
-        == Settings(layers=("fc2",), layer_bits=(("fc2", 3),)).to_config()
-    )
+    assert partial.canonical().to_config() == Settings(
+        layers=("fc2",), layer_bits=(("fc2", 3),)
+    ).to_config()
     # session values in any order become model order, so one compression has one cache key
     s = settings_from_session({"layer_bits": [["fc2", 3], ["fc1", 4]]}, LAYERS["digits-mlp"])
     assert s.layer_bits == (("fc1", 4), ("fc2", 3))

@@ -84,7 +84,9 @@ def test_bad_strengths_and_pins_are_sentences() -> None:
     assert at.error and "unknown setting `colour`" in at.error[0].value
     at.text_input(key="rb_pin_text").set_value("?bits=2&clip=0.5").run()
     at.button(key="rb_pin").click().run()
-    assert [s.label() for s in at.session_state["rb_pins"]] == [Settings(bits=2, clip=0.5).label()]
+    assert [s.label() for s in at.session_state["rb_pins"]] == [
+        Settings(bits=2, clip=0.5).label()
+    ]
 
 
 def test_parse_strengths() -> None:

@@ -99,10 +99,8 @@ def test_activation_slider_changes_accuracy_and_the_label(app_url):
 
 def test_deep_link_opens_that_configuration(app_url):
     with browser_page() as page:
-        page.goto(
-            f"{app_url}/?model=digits-mlp&dataset=digits&bits=6&prune=0.5",
-            wait_until="domcontentloaded",
-        )
+        page.goto(f"{app_url}/?model=digits-mlp&dataset=digits&bits=6&prune=0.5",
+                  wait_until="domcontentloaded")
         page.locator('[data-testid="stMetric"]', has_text="Sparsity").wait_for(timeout=90_000)
         wait_idle(page)
         # pruning makes half the weights zero; 6-bit rounding may zero a few more
@@ -220,13 +218,8 @@ def test_a_page_link_is_the_first_visit_after_a_server_start(path, title, button
         # the app's own navigation, not a list of the modules in pages/
         links = page.locator('[data-testid="stTopNavLink"]').all_inner_texts()
         assert [t.split("\n")[-1].strip() for t in links] == [
-            "Playground",
-            "Trade-offs",
-            "Layer sensitivity",
-            "Mixed precision",
-            "Fine-tune",
-            "Deep Compression",
-            "Robustness",
+            "Playground", "Trade-offs", "Layer sensitivity", "Mixed precision", "Fine-tune",
+            "Deep Compression", "Robustness",
         ], links
         page.screenshot(path=str(tmp_path / f"first-{path}.png"), full_page=True)
         # and the page still works after that first run

@@ -56,9 +56,8 @@ def test_one_epoch_shows_the_table_then_opens_in_the_playground(app_url):
         chart = page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves")
         expect(chart.locator(".js-plotly-plot")).to_have_count(1, timeout=60_000)
         assert chart.locator("g.scatterlayer path.js-line").count() >= 2  # loss, accuracy
-        expect(
-            page.get_by_role("button", name="Download the fine-tuned packed model")
-        ).to_have_count(1, timeout=60_000)
+        expect(page.get_by_role("button", name="Download the fine-tuned packed model")
+               ).to_have_count(1, timeout=60_000)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
         page.get_by_role("button", name="Open in Playground").click()
@@ -91,8 +90,7 @@ def test_a_long_run_draws_live_curves_and_stops(app_url):
         live = page.locator('[data-testid="stPlotlyChart"]', has_text="Training (live)")
         live.wait_for(timeout=60_000)
         page.get_by_text(re.compile(rf"Training… step \d+ of {LONG_STEPS}")).wait_for(
-            timeout=30_000
-        )
+            timeout=30_000)
         page.wait_for_timeout(1500)  # the curves grow
         page.screenshot(path=str(LIVE_SCREENSHOT), full_page=True)
         page.get_by_role("button", name="Stop", exact=True).click()

@@ -75,14 +75,8 @@ def test_unknown_command_prints_help():
 
 def test_module_entry_point_runs():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", "qcore", "list"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = subprocess.run([sys.executable, "-m", "qcore", "list"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
     assert "mnist-cnn" in out.stdout
 
 
@@ -90,12 +84,7 @@ def test_bench_prints_timings_for_a_model():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-m", "qcore", "bench", "--models", "digits-mlp", "--repeats", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300,
     )
     assert "digits-mlp: float evaluation on 359 test images" in out.stdout
     for label in BENCH_CONFIGS:
@@ -136,9 +125,8 @@ def test_out_path_checked_before_any_work(command, tmp_path, capsys, monkeypatch
 def test_unwritable_folder_is_refused(tmp_path, capsys, monkeypatch):
     # tests run as root, which may write anywhere: pretend the folder is read-only
     monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != tmp_path)
-    _run_fails(
-        ["sweep", "--model", "digits-mlp", "--out", str(tmp_path / "x.csv")], capsys, "not writable"
-    )
+    _run_fails(["sweep", "--model", "digits-mlp", "--out", str(tmp_path / "x.csv")], capsys,
+               "not writable")
 
 
 def test_write_failure_after_the_check_is_one_sentence(tmp_path, capsys, monkeypatch):
@@ -146,11 +134,8 @@ def test_write_failure_after_the_check_is_one_sentence(tmp_path, capsys, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli, "export_packed", full_disk)
-    _run_fails(
-        ["export", "--model", "digits-mlp", "--out", str(tmp_path / "m.qpk")],
-        capsys,
-        "No space left on device",
-    )
+    _run_fails(["export", "--model", "digits-mlp", "--out", str(tmp_path / "m.qpk")], capsys,
+               "No space left on device")
 
 
 @pytest.mark.parametrize(
@@ -169,12 +154,8 @@ def test_write_failure_after_the_check_is_one_sentence(tmp_path, capsys, monkeyp
 def test_non_ascii_digits_are_refused(argv, option, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda name: pytest.fail("loaded a model"))
     command, *rest = argv
-    _run_fails(
-        [command, "--model" + ("s" if command == "bench" else ""), "digits-mlp", *rest],
-        capsys,
-        f"{option}",
-        "got",
-    )
+    _run_fails([command, "--model" + ("s" if command == "bench" else ""), "digits-mlp", *rest],
+               capsys, f"{option}", "got")
 
 
 def test_per_layer_bits(capsys):
@@ -185,17 +166,10 @@ def test_per_layer_bits(capsys):
     assert f"packed size         {c.size_bytes:,} B" in out
     _run_fails(["evaluate", "--model", "digits-mlp", "--layer-bits", "nope:3"], capsys, "nope")
     _run_fails(["evaluate", "--model", "digits-mlp", "--layer-bits", "fc1:17"], capsys, "16")
-    _run_fails(
-        ["evaluate", "--model", "digits-mlp", "--layer-bits", "fc1:\u0664"],
-        capsys,
-        "--layer-bits",
-        "got",
-    )
-    _run_fails(
-        ["evaluate", "--model", "digits-mlp", "--bits", "float", "--layer-bits", "fc1:3"],
-        capsys,
-        "--layer-bits",
-    )
+    _run_fails(["evaluate", "--model", "digits-mlp", "--layer-bits", "fc1:\u0664"], capsys,
+               "--layer-bits", "got")
+    _run_fails(["evaluate", "--model", "digits-mlp", "--bits", "float", "--layer-bits", "fc1:3"],
+               capsys, "--layer-bits")
 
 
 @pytest.mark.parametrize(
@@ -216,18 +190,8 @@ def test_value_errors_are_one_line_and_write_nothing(argv, words, tmp_path, caps
 
 
 def test_activation_and_fixed_point_options(tmp_path, capsys):
-    argv = [
-        "--model",
-        "digits-mlp",
-        "--bits",
-        "4",
-        "--abits",
-        "6",
-        "--aobs",
-        "percentile",
-        "--scale",
-        "pow2",
-    ]
+    argv = ["--model", "digits-mlp", "--bits", "4", "--abits", "6", "--aobs", "percentile",
+            "--scale", "pow2"]
     assert main(["evaluate", *argv]) == 0
     out = capsys.readouterr().out
     cfg = qcore.Settings(bits=4, abits=6, aobs="percentile", scale="pow2").to_config()

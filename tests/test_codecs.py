@@ -53,27 +53,12 @@ def packed_weight_size(n, bits, *, groups, symmetric, mask=None, quantized=True)
     if not quantized:
         return Size(encode_float(torch.where(mask, 1.5, 0.0)))
     qmin, qmax = code_range(bits, symmetric)
-    qp = QParams(
-        torch.ones(groups),
-        torch.zeros(groups, dtype=torch.int64),
-        qmin,
-        qmax,
-        -torch.ones(groups),
-        torch.ones(groups),
-        binary=bits == 1,
-    )
+    qp = QParams(torch.ones(groups), torch.zeros(groups, dtype=torch.int64), qmin, qmax,
+                 -torch.ones(groups), torch.ones(groups), binary=bits == 1)
     codes = mask.to(torch.int16)  # code 1 where kept, the zero code 0 elsewhere
     shape = (groups, n // groups)
-    return Size(
-        encode_quantized(
-            codes.reshape(shape),
-            qp,
-            bits,
-            per_channel=groups > 1,
-            symmetric=symmetric,
-            mask=mask.reshape(shape),
-        )
-    )
+    return Size(encode_quantized(codes.reshape(shape), qp, bits, per_channel=groups > 1,
+                                 symmetric=symmetric, mask=mask.reshape(shape)))
 
 
 @pytest.mark.parametrize(
@@ -137,11 +122,7 @@ def test_escape_rule_hand_case() -> None:
         assert positions_from_stream(relative_index_stream(mask, r), r).tolist() == [3, 11]
     s = packed_weight_size(12, 8, groups=1, symmetric=True, mask=mask)
     assert (s.encoding, s.index_width, s.code_bytes, s.index_bytes, s.total) == (
-        "relidx",
-        4,
-        2,
-        1,
-        7,
+        "relidx", 4, 2, 1, 7
     )
 
 
@@ -245,15 +226,13 @@ def test_property_quantized_codec_round_trip(
     mask = None
     if rate:
         mask = layer_mask(w, PruneConfig(rate=rate, structured=structured))
-    res = quantize_with_params(
-        w, QuantConfig(bits=bits, symmetric=symmetric, per_channel=per_channel), mask=mask
-    )
+    res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric,
+                                              per_channel=per_channel), mask=mask)
     codes = res.codes
     if mask is not None and not res.qparams.binary:
         codes = _zero_pruned(codes, mask, res.qparams)
-    enc = encode_quantized(
-        codes, res.qparams, bits, per_channel=res.per_channel, symmetric=symmetric, mask=mask
-    )
+    enc = encode_quantized(codes, res.qparams, bits, per_channel=res.per_channel,
+                           symmetric=symmetric, mask=mask)
     gr = res.qparams.scale.numel()
     expected = dequantize_codes(codes.reshape(gr, -1), res.qparams).reshape(w.shape)
     if mask is not None and res.qparams.binary:
@@ -291,9 +270,8 @@ def test_light_pruning_stays_dense_and_costs_nothing() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)).eval()
     plain = compress(model, CompressionConfig(quant=QuantConfig(bits=8)))
-    light = compress(
-        model, CompressionConfig(quant=QuantConfig(bits=8), prune=PruneConfig(rate=0.01))
-    )
+    light = compress(model, CompressionConfig(quant=QuantConfig(bits=8),
+                                              prune=PruneConfig(rate=0.01)))
     assert light.size_bytes <= plain.size_bytes
     assert [s.encoding for s in light.layers] == ["dense", "dense"]
 

@@ -186,9 +186,8 @@ def test_layer_stats(bn_model: nn.Module) -> None:
         assert s.sparsity >= math.floor(0.5 * w.numel()) / w.numel()
         assert s.sparsity == pytest.approx(0.5, abs=0.1)
         q = c.replacements()[f"{s.name}.weight"]
-        direct = 10 * math.log10(
-            float((w.double() ** 2).sum()) / float(((w.double() - q.double()) ** 2).sum())
-        )
+        direct = 10 * math.log10(float((w.double() ** 2).sum())
+                                 / float(((w.double() - q.double()) ** 2).sum()))
         assert math.isfinite(s.sqnr_db) and s.sqnr_db == pytest.approx(direct, rel=1e-9)
         assert s.size_bytes == s.encoded.nbytes() + 4 * layer.bias.numel()
         assert s.float_bytes == 4 * s.params
@@ -203,19 +202,15 @@ def test_layer_stats(bn_model: nn.Module) -> None:
 
 
 def test_sizes_add_up(bn_model: nn.Module) -> None:
-    c = compress(
-        bn_model,
-        cfg(QuantConfig(bits=4, symmetric=False), PruneConfig(rate=0.3), layers=["0", "7"]),
-    )
+    c = compress(bn_model, cfg(QuantConfig(bits=4, symmetric=False), PruneConfig(rate=0.3),
+                               layers=["0", "7"]))
     folded = fold_batchnorm(bn_model)
-    rest = sum(v.numel() for k, v in folded.state_dict().items() if not k.startswith(("0.", "7.")))
+    rest = sum(v.numel() for k, v in folded.state_dict().items()
+               if not k.startswith(("0.", "7.")))
     assert c.size_bytes == sum(s.size_bytes for s in c.layers) + 4 * rest
     n_params = sum(p.numel() for p in bn_model.parameters())
-    n_stats = sum(
-        m.running_mean.numel() + m.running_var.numel()
-        for m in bn_model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    )
+    n_stats = sum(m.running_mean.numel() + m.running_var.numel() for m in bn_model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm))
     assert c.float_size_bytes == 4 * (n_params + n_stats)
     assert c.ratio == c.float_size_bytes / c.size_bytes
 
@@ -271,11 +266,9 @@ def test_structured_pruning_zeroes_bias(bn_model: nn.Module, images: torch.Tenso
         assert torch.all(b[dead] == 0) and torch.all(b[~dead] != 0)
     # a removed channel outputs exactly zero
     with torch.no_grad():
-        act = torch.func.functional_call(
-            c.graph.module.get_submodule("0"),
-            {"weight": c.replacements()["0.weight"], "bias": c.replacements()["0.bias"]},
-            (images,),
-        )
+        act = torch.func.functional_call(c.graph.module.get_submodule("0"), {
+            "weight": c.replacements()["0.weight"], "bias": c.replacements()["0.bias"]},
+            (images,))
     dead = (c.replacements()["0.weight"].reshape(4, -1) == 0).all(dim=1)
     assert torch.all(act[:, dead] == 0)
 
@@ -421,8 +414,7 @@ def test_whole_model_sqnr_hand_computed() -> None:
     assert c.mean_sqnr_db == pytest.approx((10 * math.log10(25) + 10 * math.log10(5)) / 2)
     assert compress(model, cfg(None)).sqnr_db == math.inf
     assert compress(model, cfg(QuantConfig(bits=2), layers=["1"])).sqnr_db == pytest.approx(
-        10 * math.log10(5)
-    )
+        10 * math.log10(5))
 
 
 def test_whole_model_sqnr_is_far_below_the_mean_with_one_bad_layer() -> None:
@@ -439,9 +431,8 @@ def test_whole_model_sqnr_is_far_below_the_mean_with_one_bad_layer() -> None:
     assert c.mean_sqnr_db == pytest.approx(31.94, abs=0.01)
     assert c.sqnr_db == pytest.approx(1.91, abs=0.01)
     sig = sum(float((s.float_weight.double() ** 2).sum()) for s in c.layers)
-    err = sum(
-        float(((s.float_weight.double() - s.dequantized.double()) ** 2).sum()) for s in c.layers
-    )
+    err = sum(float(((s.float_weight.double() - s.dequantized.double()) ** 2).sum())
+              for s in c.layers)
     assert c.sqnr_db == pytest.approx(10 * math.log10(sig / err), rel=1e-12)
 
 

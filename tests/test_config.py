@@ -320,22 +320,14 @@ def test_settings_to_config_and_bad_combinations() -> None:
 def test_flat_activation_and_scale_settings_round_trip() -> None:
     from qcore.config import ActQuantConfig, QuantConfig
 
-    s, warnings = Settings.from_flat(
-        {"bits": "4", "abits": "8", "aobs": "entropy", "scale": "pow2"}
-    )
+    s, warnings = Settings.from_flat({"bits": "4", "abits": "8", "aobs": "entropy",
+                                      "scale": "pow2"})
     assert warnings == []
     cfg = s.to_config()
     assert cfg.quant == QuantConfig(bits=4, scale="pow2")
     assert cfg.act == ActQuantConfig(bits=8, observer="entropy", scale="pow2")
-    assert s.to_flat() == {
-        "bits": "4",
-        "clip": "1",
-        "clip_mode": "ratio",
-        "prune": "0",
-        "scale": "pow2",
-        "aobs": "entropy",
-        "abits": "8",
-    }
+    assert s.to_flat() == {"bits": "4", "clip": "1", "clip_mode": "ratio", "prune": "0",
+                           "scale": "pow2", "aobs": "entropy", "abits": "8"}
     assert Settings.from_flat(s.to_flat())[0] == s
     assert Settings.from_config(cfg) == s
     assert s.wa_label() == "W4A8" and Settings().wa_label() == "W8A32"
@@ -356,10 +348,8 @@ def test_numbers_are_plain_ascii_everywhere() -> None:
     assert s == Settings() and len(warnings) == 2
     assert all(len(w) < 200 for w in warnings)  # a long value is quoted cut short
     # at 1 bit the range and rounding choices change nothing: one cache key
-    assert (
-        Settings(bits=1, symmetric=False, rounding="stochastic").canonical()
-        == Settings(bits=1).canonical()
-    )
+    assert Settings(bits=1, symmetric=False, rounding="stochastic").canonical() == \
+        Settings(bits=1).canonical()
 
 
 # --------------------------------------------------------------- codebook and entropy coding
@@ -396,11 +386,7 @@ def test_codebook_and_entropy_settings_round_trip(s: Settings) -> None:
     if s.bits is not None and s.codebook == "kmeans":  # what k-means ignores is reset
         d = Settings()
         assert (c.clip, c.clip_mode, c.symmetric, c.rounding) == (
-            d.clip,
-            d.clip_mode,
-            d.symmetric,
-            d.rounding,
-        )
+            d.clip, d.clip_mode, d.symmetric, d.rounding)
         assert c.codebook == "kmeans"
 
 
@@ -413,15 +399,8 @@ def test_codebook_and_entropy_defaults_leave_links_and_labels_as_they_were() -> 
     deep = Settings(bits=5, prune=0.9, scope="global", codebook="kmeans", entropy="huffman")
     assert deep.label() == "5 bits · k-means codebook · Huffman coded · prune 0.9"
     assert deep.slug() == "5bit-kmeans-huffman-prune0.9"
-    assert deep.to_flat() == {
-        "bits": "5",
-        "clip": "1",
-        "clip_mode": "ratio",
-        "prune": "0.9",
-        "scope": "global",
-        "codebook": "kmeans",
-        "entropy": "huffman",
-    }
+    assert deep.to_flat() == {"bits": "5", "clip": "1", "clip_mode": "ratio", "prune": "0.9",
+                              "scope": "global", "codebook": "kmeans", "entropy": "huffman"}
     cfg = deep.to_config()
     assert cfg.quant.codebook == "kmeans" and cfg.entropy == "huffman"
     assert Settings.from_config(cfg) == deep
@@ -429,15 +408,8 @@ def test_codebook_and_entropy_defaults_leave_links_and_labels_as_they_were() -> 
 
 def test_codebook_settings_canonical_and_refusals() -> None:
     # k-means ignores the range, rounding and scale settings
-    a = Settings(
-        bits=4,
-        codebook="kmeans",
-        clip=0.3,
-        clip_mode="sigma",
-        symmetric=False,
-        rounding="stochastic",
-        scale="pow2",
-    )
+    a = Settings(bits=4, codebook="kmeans", clip=0.3, clip_mode="sigma", symmetric=False,
+                 rounding="stochastic", scale="pow2")
     assert a.canonical() == Settings(bits=4, codebook="kmeans")
     assert Settings(bits=None, codebook="kmeans").canonical() == Settings(bits=None)
     with pytest.raises(ValueError, match="turn per-channel scales off"):
@@ -477,10 +449,6 @@ def test_canonical_is_idempotent_when_overrides_name_only_float_layers() -> None
 def test_keeps_float_only_when_nothing_changes_the_model() -> None:
     assert Settings(bits=None).to_config().keeps_float
     assert Settings(bits=None, fold_bn=False).to_config().keeps_float
-    for s in (
-        Settings(bits=8),
-        Settings(bits=None, prune=0.5),
-        Settings(bits=None, abits=8),
-        Settings(bits=None, drop=("layer1",)),
-    ):
+    for s in (Settings(bits=8), Settings(bits=None, prune=0.5), Settings(bits=None, abits=8),
+              Settings(bits=None, drop=("layer1",))):
         assert not s.to_config().keeps_float, s

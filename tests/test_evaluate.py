@@ -41,12 +41,8 @@ def test_hand_computed_accuracy_loss_confusion() -> None:
     assert m.accuracy == 0.5  # examples 0 and 2 right
     # cross-entropy: -log softmax(logits)[y] per example
     e2, e3, e1 = math.exp(2), math.exp(3), math.e
-    losses = [
-        -math.log(e2 / (e2 + 2)),
-        -math.log(1 / (e1 + 2)),
-        -math.log(e3 / (e3 + 2)),
-        -math.log(1 / (e1 + 2)),
-    ]
+    losses = [-math.log(e2 / (e2 + 2)), -math.log(1 / (e1 + 2)), -math.log(e3 / (e3 + 2)),
+              -math.log(1 / (e1 + 2))]
     assert m.loss == pytest.approx(sum(losses) / 4, rel=1e-6)
     assert m.predictions.tolist() == [0, 1, 2, 0]
     assert m.confusion.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
@@ -65,10 +61,8 @@ def test_confusion_and_agreement_on_model(bn_model: nn.Module, fake_dataset) -> 
     m = evaluate(bn_model, fake_dataset, batch_size=5)
     assert m.confusion.shape == (3, 3) and m.confusion.sum() == fake_dataset.y.numel()
     assert np.trace(m.confusion) / m.n == m.accuracy
-    assert (
-        m.confusion.sum(axis=1).tolist()
-        == np.bincount(fake_dataset.y.numpy(), minlength=3).tolist()
-    )
+    assert m.confusion.sum(axis=1).tolist() == np.bincount(fake_dataset.y.numpy(),
+                                                           minlength=3).tolist()
     assert agreement(m, m) == 1.0
     assert agreement(m, evaluate(bn_model, fake_dataset)) == 1.0
     with torch.no_grad():

@@ -26,7 +26,9 @@ CONFIGS = {
     "bits1-pc-pruned": CompressionConfig(
         quant=QuantConfig(bits=1, per_channel=True), prune=PruneConfig(rate=0.6)
     ),
-    "mse-asym16": CompressionConfig(quant=QuantConfig(bits=16, symmetric=False, clip_mode="mse")),
+    "mse-asym16": CompressionConfig(
+        quant=QuantConfig(bits=16, symmetric=False, clip_mode="mse")
+    ),
     "pruned-unstructured": CompressionConfig(
         quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.5)
     ),
@@ -49,37 +51,26 @@ CONFIGS = {
     "stochastic": CompressionConfig(quant=QuantConfig(bits=3, rounding="stochastic", seed=9)),
     "subset": CompressionConfig(quant=QuantConfig(bits=2), layers=("3", "10")),
     "layer-bits": CompressionConfig(quant=QuantConfig(bits=4, layer_bits={"0": 1, "7": 16})),
-    "no-fold": CompressionConfig(
-        quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.3), fold_bn=False
-    ),
+    "no-fold": CompressionConfig(quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.3),
+                                 fold_bn=False),
     "kmeans4": CompressionConfig(quant=QuantConfig(bits=4, codebook="kmeans")),
-    "kmeans1-pruned": CompressionConfig(
-        quant=QuantConfig(bits=1, codebook="kmeans"), prune=PruneConfig(rate=0.5)
-    ),
+    "kmeans1-pruned": CompressionConfig(quant=QuantConfig(bits=1, codebook="kmeans"),
+                                        prune=PruneConfig(rate=0.5)),
     "kmeans5-global-huffman": CompressionConfig(
-        quant=QuantConfig(bits=5, codebook="kmeans"),
-        prune=PruneConfig(rate=0.9, scope="global"),
-        entropy="huffman",
-    ),
+        quant=QuantConfig(bits=5, codebook="kmeans"), prune=PruneConfig(rate=0.9, scope="global"),
+        entropy="huffman"),
     "kmeans3-structured-huffman": CompressionConfig(
-        quant=QuantConfig(bits=3, codebook="kmeans"),
-        prune=PruneConfig(rate=0.5, structured=True),
-        entropy="huffman",
-    ),
+        quant=QuantConfig(bits=3, codebook="kmeans"), prune=PruneConfig(rate=0.5, structured=True),
+        entropy="huffman"),
     "huffman8": CompressionConfig(quant=QuantConfig(bits=8), entropy="huffman"),
     "huffman-asym-pc-sparse": CompressionConfig(
         quant=QuantConfig(bits=6, symmetric=False, per_channel=True),
-        prune=PruneConfig(rate=0.95),
-        entropy="huffman",
-    ),
-    "huffman-float-sparse": CompressionConfig(
-        quant=None, prune=PruneConfig(rate=0.97), entropy="huffman"
-    ),
+        prune=PruneConfig(rate=0.95), entropy="huffman"),
+    "huffman-float-sparse": CompressionConfig(quant=None, prune=PruneConfig(rate=0.97),
+                                              entropy="huffman"),
     "huffman-layer-bits": CompressionConfig(
         quant=QuantConfig(bits=4, codebook="kmeans", layer_bits={"0": 2, "7": 16}),
-        prune=PruneConfig(rate=0.6),
-        entropy="huffman",
-    ),
+        prune=PruneConfig(rate=0.6), entropy="huffman"),
 }
 
 
@@ -118,10 +109,8 @@ def test_round_trip_exact(name: str, tmp_path: Path, images: torch.Tensor) -> No
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_round_trip_every_bit_width(bits: int, tmp_path: Path, images: torch.Tensor) -> None:
     for sym in (True, False):
-        config = CompressionConfig(
-            quant=QuantConfig(bits=bits, symmetric=sym, per_channel=sym),
-            prune=PruneConfig(rate=0.2 if sym else 0.0),
-        )
+        config = CompressionConfig(quant=QuantConfig(bits=bits, symmetric=sym, per_channel=sym),
+                                   prune=PruneConfig(rate=0.2 if sym else 0.0))
         round_trip(make_mlp(bits), config, tmp_path / f"m{bits}{sym}.qpk", images)
 
 
@@ -184,13 +173,8 @@ def rewrite(data: bytes, edit) -> bytes:
     edit(header)
     head = json.dumps(header).encode()
     payload = data[PREFIX_BYTES + n :]
-    return (
-        MAGIC
-        + struct.pack("<I", len(head))
-        + hashlib.sha256(head + payload).digest()
-        + head
-        + payload
-    )
+    return (MAGIC + struct.pack("<I", len(head)) + hashlib.sha256(head + payload).digest()
+            + head + payload)
 
 
 def tensor(header: dict, name: str) -> dict:
@@ -205,7 +189,6 @@ def load_bytes(path: Path, data: bytes, model: nn.Module) -> nn.Module:
 def edit_field(name: str, key: str, value):
     def edit(h: dict) -> None:
         tensor(h, name)[key] = value
-
     return edit
 
 
@@ -238,7 +221,7 @@ HOSTILE = {
     "deep nesting": lambda d: sealed(b"[" * 200_000 + b"]" * 200_000, b""),
     "bit flip in payload": lambda d: d[:-40] + bytes([d[-40] ^ 4]) + d[-39:],
     "bit flip in header": lambda d: d[:60] + bytes([d[60] ^ 1]) + d[61:],
-    "older format": lambda d: MAGIC[:-1] + b"1" + d[len(MAGIC) :],
+    "older format": lambda d: MAGIC[:-1] + b"1" + d[len(MAGIC):],
     "json list": lambda d: rewrite(d, lambda h: h.clear()),
     "wrong version": lambda d: rewrite(d, lambda h: h.update(format=3)),
     "nan scale": lambda d: nan_scale(d),
@@ -304,9 +287,8 @@ def test_bits_lie_on_dense_tensor(tmp_path: Path) -> None:
     data = (tmp_path / "m.qpk").read_bytes()
     for bits in (4, 7):  # fewer bits would leave bytes unread: the header lies
         with pytest.raises(ValueError, match="does not match its header"):
-            load_bytes(
-                tmp_path / "bad.qpk", rewrite(data, edit_field("1.weight", "bits", bits)), model
-            )
+            load_bytes(tmp_path / "bad.qpk", rewrite(data, edit_field("1.weight", "bits", bits)),
+                       model)
 
 
 # ---------------------------------------------------------------- size on screen == file
@@ -336,13 +318,9 @@ def random_config(rng, layer_names: list[str]) -> CompressionConfig:
         layers = tuple(rng.sample(layer_names, max(1, len(layer_names) // 2)))
     if quant is not None and rng.random() < 0.3:  # k-means codebooks are per tensor
         quant = replace(quant, codebook="kmeans", per_channel=False)
-    return CompressionConfig(
-        quant=quant,
-        prune=prune,
-        layers=layers,
-        fold_bn=rng.random() < 0.8,
-        entropy="huffman" if rng.random() < 0.4 else None,
-    )
+    return CompressionConfig(quant=quant, prune=prune, layers=layers,
+                             fold_bn=rng.random() < 0.8,
+                             entropy="huffman" if rng.random() < 0.4 else None)
 
 
 @pytest.mark.parametrize("name", qcore.list_models())
@@ -362,10 +340,8 @@ def test_size_bytes_is_the_payload_on_every_sample_model(name: str, tmp_path: Pa
         head = header_len(data)
         assert len(data) - PREFIX_BYTES - head == c.size_bytes, config
         assert c.size_bytes == sum(r.size_bytes for r in c.layers) + sum(
-            e.nbytes()
-            for k, _, e in c.packed_tensors()
-            if k.rsplit(".", 1)[0] not in {r.name for r in c.layers}
-        )
+            e.nbytes() for k, _, e in c.packed_tensors()
+            if k.rsplit(".", 1)[0] not in {r.name for r in c.layers})
         path = tmp_path / f"{i}.qpk"
         path.write_bytes(data)
         packed = load_packed(path)  # rebuilt from the file's model spec
@@ -374,16 +350,8 @@ def test_size_bytes_is_the_payload_on_every_sample_model(name: str, tmp_path: Pa
             assert torch.equal(packed.model(x), c.model(x)), config
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "kmeans5-global-huffman",
-        "huffman-asym-pc-sparse",
-        "kmeans3-structured-huffman",
-        "pruned-structured",
-        "float",
-    ],
-)
+@pytest.mark.parametrize("name", ["kmeans5-global-huffman", "huffman-asym-pc-sparse",
+                                  "kmeans3-structured-huffman", "pruned-structured", "float"])
 def test_size_parts_sum_to_each_layer_and_the_file(name: str) -> None:
     c = compress(make_bn_model(0), CONFIGS[name])
     for r in c.layers:
@@ -394,10 +362,8 @@ def test_size_parts_sum_to_each_layer_and_the_file(name: str) -> None:
         assert parts["bias_bytes"] == 4 * (r.params - r.float_weight.numel())
         if r.codebook is not None:
             assert parts["codebook_bytes"] == 4 * r.codebook.numel()
-        if (
-            r.encoded.header().get("code_coding") is None
-            and r.encoded.header().get("index_coding") is None
-        ):
+        if r.encoded.header().get("code_coding") is None and r.encoded.header().get(
+                "index_coding") is None:
             assert parts["table_bytes"] == 0
     data = packed_bytes(c)
     assert len(data) - PREFIX_BYTES - header_len(data) == c.size_bytes

@@ -76,10 +76,8 @@ CONFIGS = {
     "float-channels": CompressionConfig(quant=None, prune=PruneConfig(rate=0.5, structured=True)),
     # k-means codebooks with Huffman-coded codes and relative indices (code tables)
     "kmeans-huffman": CompressionConfig(
-        quant=QuantConfig(bits=5, codebook="kmeans"),
-        prune=PruneConfig(rate=0.9, scope="global"),
-        entropy="huffman",
-    ),
+        quant=QuantConfig(bits=5, codebook="kmeans"), prune=PruneConfig(rate=0.9, scope="global"),
+        entropy="huffman"),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +244,6 @@ def set_float(which, value: float):
         entry = which(header["tensors"])
         at = first_value_at(entry)
         buf[at : at + 4] = struct.pack("<f", value)
-
     return edit
 
 
@@ -255,7 +252,6 @@ def set_int32(which, value: int, index: int = 0):
         entry = which(header["tensors"])
         at = first_value_at(entry) + 4 * entry["groups"] + 4 * index  # after the scales
         buf[at : at + 4] = struct.pack("<i", value)
-
     return edit
 
 
@@ -301,7 +297,6 @@ def pad_payload(extra: int, owner) -> Callable[[bytes], bytes]:
     """``extra`` zero bytes after the block of the tensor ``owner`` picks, counted in its
     nbytes (the tensors after it moved along), or at the payload's end and nobody's; the
     checksum made right."""
-
     def make(data: bytes) -> bytes:
         head, payload = split(data)
         header = json.loads(head)
@@ -316,19 +311,16 @@ def pad_payload(extra: int, owner) -> Callable[[bytes], bytes]:
         else:
             payload += bytes(extra)
         return seal(dump(header), payload)
-
     return make
 
 
 def shift_offset(delta: int):
     """A dense float tensor read ``delta`` bytes later: it overlaps its neighbour."""
-
     def edit(header: dict) -> None:
         for t in header["tensors"][:-1]:
             if t["kind"] == "float" and t["encoding"] == "dense":
                 t["offset"] += delta
                 return
-
     return edit
 
 
@@ -340,67 +332,44 @@ def swap_offsets(header: dict) -> None:
 def set_spec(**values):
     def edit(header: dict) -> None:
         header["spec"].update(values)
-
     return edit
 
 
 def set_entry(which, **values):
     def edit(header: dict) -> None:
         which(header["tensors"]).update(values)
-
     return edit
 
 
 def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
     """(what, expect, make(data) -> bytes): the known hostile files, per original."""
     cases: list[tuple[str, str, Callable]] = []
-    hdr = lambda f: lambda d: edit_header(d, f)  # noqa: E731
-    pay = lambda f: lambda d: edit_payload(d, f)  # noqa: E731
+    hdr = lambda f: (lambda d: edit_header(d, f))  # noqa: E731
+    pay = lambda f: (lambda d: edit_payload(d, f))  # noqa: E731
     if config == "dense8":  # the spec and the whole file: once per model
         cases += [
             ("spec num_classes=10**9", "error", hdr(set_spec(num_classes=10**9))),
-            (
-                "spec num_classes=Infinity",
-                "error",
-                lambda d: raw_spec_field(d, "num_classes", "Infinity"),
-            ),
-            (
-                "spec num_classes=-Infinity",
-                "error",
-                lambda d: raw_spec_field(d, "num_classes", "-Infinity"),
-            ),
+            ("spec num_classes=Infinity", "error", lambda d: raw_spec_field(d, "num_classes",
+                                                                             "Infinity")),
+            ("spec num_classes=-Infinity", "error",
+             lambda d: raw_spec_field(d, "num_classes", "-Infinity")),
             ("spec num_classes=NaN", "error", lambda d: raw_spec_field(d, "num_classes", "NaN")),
-            (
-                "spec num_classes=1e999",
-                "error",
-                lambda d: raw_spec_field(d, "num_classes", "1e999"),
-            ),
+            ("spec num_classes=1e999", "error", lambda d: raw_spec_field(d, "num_classes",
+                                                                          "1e999")),
             ("spec num_classes=10.0", "error", hdr(set_spec(num_classes=10.0))),
             ("spec num_classes=true", "error", hdr(set_spec(num_classes=True))),
-            (
-                "spec num_classes of 4000 digits",
-                "error",
-                lambda d: raw_spec_field(d, "num_classes", "9" * 4000),
-            ),
-            (
-                "spec num_classes of 5000 digits",
-                "error",
-                lambda d: raw_spec_field(d, "num_classes", "9" * 5000),
-            ),
+            ("spec num_classes of 4000 digits", "error",
+             lambda d: raw_spec_field(d, "num_classes", "9" * 4000)),
+            ("spec num_classes of 5000 digits", "error",
+             lambda d: raw_spec_field(d, "num_classes", "9" * 5000)),
             ("spec input_shape=[1,3000,3000]", "error", hdr(set_spec(input_shape=[1, 3000, 3000]))),
-            (
-                "spec input_shape=[1,10**9,10**9]",
-                "error",
-                hdr(set_spec(input_shape=[1, 10**9, 10**9])),
-            ),
+            ("spec input_shape=[1,10**9,10**9]", "error",
+             hdr(set_spec(input_shape=[1, 10**9, 10**9]))),
             ("spec input_shape=[0,28,28]", "error", hdr(set_spec(input_shape=[0, 28, 28]))),
             ("spec input_shape=[1,28]", "error", hdr(set_spec(input_shape=[1, 28]))),
             ("spec input_shape=[1,8,8,1]", "error", hdr(set_spec(input_shape=[1, 8, 8, 1]))),
-            (
-                "spec input_shape=[1,Infinity,8]",
-                "error",
-                lambda d: raw_spec_field(d, "input_shape", "[1,Infinity,8]"),
-            ),
+            ("spec input_shape=[1,Infinity,8]", "error",
+             lambda d: raw_spec_field(d, "input_shape", "[1,Infinity,8]")),
             ("spec input_shape='28'", "error", hdr(set_spec(input_shape="28"))),
             ("spec arch unknown", "error", hdr(set_spec(arch="transformer"))),
             ("spec arch a list", "error", hdr(set_spec(arch=["cnn"]))),
@@ -409,99 +378,46 @@ def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
             ("spec num_classes 11", "error", hdr(set_spec(num_classes=11))),
             ("spec name a list", "error", hdr(set_spec(name=["x"]))),
             ("spec name 100k chars", "error", hdr(set_spec(name="x" * 100_000))),
-            (
-                "spec name nested 200000 deep",
-                "error",
-                lambda d: raw_spec_field(d, "name", nested(200_000)),
-            ),
-            (
-                "spec arch nested 900 deep",
-                "error",
-                lambda d: raw_spec_field(d, "arch", nested(900)),
-            ),
-            (
-                "spec arch nested 990 deep",
-                "error",
-                lambda d: raw_spec_field(d, "arch", nested(990)),
-            ),
+            ("spec name nested 200000 deep", "error",
+             lambda d: raw_spec_field(d, "name", nested(200_000))),
+            ("spec arch nested 900 deep", "error",
+             lambda d: raw_spec_field(d, "arch", nested(900))),
+            ("spec arch nested 990 deep", "error",
+             lambda d: raw_spec_field(d, "arch", nested(990))),
             ("spec missing", "error", hdr(lambda h: h.pop("spec"))),
             ("spec a list", "error", hdr(lambda h: h.update(spec=[1, 2]))),
             ("spec an int", "error", hdr(lambda h: h.update(spec=7))),
-            (
-                "header 200000 nested brackets",
-                "error",
-                lambda d: seal(nested(200_000).encode(), split(d)[1]),
-            ),
-            (
-                "header 200000 nested braces",
-                "error",
-                lambda d: seal(b'{"a":' * 200_000 + b"1" + b"}" * 200_000, split(d)[1]),
-            ),
-            (
-                "header a 5000-digit number",
-                "error",
-                lambda d: seal(split(d)[0][:-1] + b',"x":' + b"7" * 5000 + b"}", split(d)[1]),
-            ),
-            (
-                "header Infinity token",
-                "error_or_equal",
-                lambda d: seal(split(d)[0][:-1] + b',"x":Infinity}', split(d)[1]),
-            ),
-            (
-                "header size 1 MiB + 1",
-                "error",
-                lambda d: seal(split(d)[0][:-1] + b',"x":"' + b"a" * MIB + b'"}', split(d)[1]),
-            ),
-            (
-                "header just under 1 MiB",
-                "error_or_equal",
-                lambda d: seal(
-                    split(d)[0][:-1] + b',"x":"' + b"a" * (MIB - len(split(d)[0]) - 8) + b'"}',
-                    split(d)[1],
-                ),
-            ),
-            (
-                "tensor table of 50000 dicts",
-                "error",
-                hdr(lambda h: h["tensors"].extend({} for _ in range(50_000))),
-            ),
-            (
-                "tensor table of 300000 ints",
-                "error",
-                hdr(lambda h: h["tensors"].extend(range(300_000))),
-            ),
-            (
-                "tensor name a list",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(name=[h["tensors"][0]["name"]])),
-            ),
+            ("header 200000 nested brackets", "error",
+             lambda d: seal(nested(200_000).encode(), split(d)[1])),
+            ("header 200000 nested braces", "error",
+             lambda d: seal(b'{"a":' * 200_000 + b"1" + b"}" * 200_000, split(d)[1])),
+            ("header a 5000-digit number", "error",
+             lambda d: seal(split(d)[0][:-1] + b',"x":' + b"7" * 5000 + b"}", split(d)[1])),
+            ("header Infinity token", "error_or_equal",
+             lambda d: seal(split(d)[0][:-1] + b',"x":Infinity}', split(d)[1])),
+            ("header size 1 MiB + 1", "error",
+             lambda d: seal(split(d)[0][:-1] + b',"x":"' + b"a" * MIB + b'"}', split(d)[1])),
+            ("header just under 1 MiB", "error_or_equal",
+             lambda d: seal(split(d)[0][:-1] + b',"x":"' + b"a" * (MIB - len(split(d)[0]) - 8)
+                            + b'"}', split(d)[1])),
+            ("tensor table of 50000 dicts", "error",
+             hdr(lambda h: h["tensors"].extend({} for _ in range(50_000)))),
+            ("tensor table of 300000 ints", "error",
+             hdr(lambda h: h["tensors"].extend(range(300_000)))),
+            ("tensor name a list", "error",
+             hdr(lambda h: h["tensors"][0].update(name=[h["tensors"][0]["name"]]))),
             ("tensor name a dict", "error", hdr(lambda h: h["tensors"][-1].update(name={}))),
-            (
-                "tensor shape of 90000 large dims",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(shape=[2**31] * 90_000)),
-            ),
-            (
-                "tensor shape of 400000 twos",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(shape=[2] * 400_000)),
-            ),
-            (
-                "tensor shape [2**40, 2**40]",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(shape=[2**40, 2**40])),
-            ),
-            (
-                "tensor offset 10**400",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(offset=10**400)),
-            ),
+            ("tensor shape of 90000 large dims", "error",
+             hdr(lambda h: h["tensors"][0].update(shape=[2**31] * 90_000))),
+            ("tensor shape of 400000 twos", "error",
+             hdr(lambda h: h["tensors"][0].update(shape=[2] * 400_000))),
+            ("tensor shape [2**40, 2**40]", "error",
+             hdr(lambda h: h["tensors"][0].update(shape=[2**40, 2**40]))),
+            ("tensor offset 10**400", "error",
+             hdr(lambda h: h["tensors"][0].update(offset=10**400))),
             ("tensor offset 1e308", "error", hdr(lambda h: h["tensors"][0].update(offset=1e308))),
-            (
-                "tensor offset Infinity",
-                "error",
-                hdr(lambda h: h["tensors"][0].update(offset=math.inf)),
-            ),
+            ("tensor offset Infinity", "error",
+             hdr(lambda h: h["tensors"][0].update(offset=math.inf))),
             ("tensor nbytes NaN", "error", hdr(lambda h: h["tensors"][0].update(nbytes=math.nan))),
             ("tensor kept -1", "error", hdr(lambda h: h["tensors"][0].update(kept=-1))),
             ("tensors duplicated", "error", hdr(lambda h: h["tensors"].extend(h["tensors"]))),
@@ -511,40 +427,25 @@ def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
             ("offset overlaps its neighbour by -4", "error_or_equal", hdr(shift_offset(-4))),
             ("offsets of two tensors swapped", "error_or_equal", hdr(swap_offsets)),
             ("payload padded, bytes nobody owns", "error", pad_payload(64, None)),
-            (
-                "config quant bits 3 (a lie)",
-                "error_or_equal",
-                hdr(lambda h: h["config"]["quant"].update(bits=3)),
-            ),
-            (
-                "config clip Infinity",
-                "error",
-                hdr(lambda h: h["config"]["quant"].update(clip=math.inf)),
-            ),
+            ("config quant bits 3 (a lie)", "error_or_equal",
+             hdr(lambda h: h["config"]["quant"].update(bits=3))),
+            ("config clip Infinity", "error", hdr(lambda h: h["config"]["quant"].update(
+                clip=math.inf))),
             ("config clip NaN", "error", hdr(lambda h: h["config"]["quant"].update(clip=math.nan))),
-            (
-                "config seed 10**30",
-                "error",
-                hdr(lambda h: h["config"]["quant"].update(seed=10**30)),
-            ),
+            ("config seed 10**30", "error", hdr(lambda h: h["config"]["quant"].update(
+                seed=10**30))),
             ("config unknown key", "error", hdr(lambda h: h["config"].update(evil=1))),
             ("config a list", "error", hdr(lambda h: h.update(config=[1]))),
             ("config missing", "error", hdr(lambda h: h.pop("config"))),
             ("fold_bn lie", "error", hdr(lambda h: h.update(fold_bn=False))),
             ("format 1 in header", "error", hdr(lambda h: h.update(format=1))),
             ("format '2'", "error", hdr(lambda h: h.update(format="2"))),
-            (
-                "size fields lie",
-                "error_or_equal",
-                hdr(lambda h: h.update(size_bytes=-1, float_size_bytes=10**100)),
-            ),
+            ("size fields lie", "error_or_equal",
+             hdr(lambda h: h.update(size_bytes=-1, float_size_bytes=10**100))),
             ("older magic", "error", lambda d: MAGIC[:-1] + b"1" + d[len(MAGIC) :]),
             ("unknown magic version", "error", lambda d: MAGIC[:-1] + b"9" + d[len(MAGIC) :]),
-            (
-                "header length 0xFFFFFFFF",
-                "error",
-                lambda d: MAGIC + struct.pack("<I", 0xFFFFFFFF) + d[len(MAGIC) + 4 :],
-            ),
+            ("header length 0xFFFFFFFF", "error",
+             lambda d: MAGIC + struct.pack("<I", 0xFFFFFFFF) + d[len(MAGIC) + 4 :]),
             ("header length 0", "error", lambda d: seal(b"", split(d)[0] + split(d)[1])),
             ("empty file", "error", lambda d: b""),
             ("a PNG", "error", lambda d: b"\x89PNG\r\n\x1a\n" + bytes(100)),
@@ -553,66 +454,36 @@ def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
         ]
     if config != "dense8" and config != "asym-pc":  # sparse tensors: padded, lies
         cases += [
-            (
-                "payload padded 4 MiB, given to a sparse tensor",
-                "error_or_finite",
-                pad_payload(4 * MIB, sparse),
-            ),
+            ("payload padded 4 MiB, given to a sparse tensor", "error_or_finite",
+             pad_payload(4 * MIB, sparse)),
             ("sparse kept 0", "error_or_equal", hdr(set_entry(sparse, kept=0))),
         ]
         for enc in ("dense", "channels", "mask", "relidx"):
-            cases.append(
-                (
-                    f"sparse encoding -> {enc}",
-                    "error_or_equal",
-                    hdr(set_entry(sparse, encoding=enc, index_width=4)),
-                )
-            )
+            cases.append((f"sparse encoding -> {enc}", "error_or_equal",
+                          hdr(set_entry(sparse, encoding=enc, index_width=4))))
     if config in ("bits2", "float-pruned"):  # relidx: every width, every bit count
-        cases.append(
-            (
-                "payload padded 4 MiB, given to a relidx tensor",
-                "error_or_finite",
-                pad_payload(4 * MIB, relidx),
-            )
-        )
-        cases.append(
-            (
-                "payload padded 1 byte, given to a relidx tensor",
-                "error_or_equal",
-                pad_payload(1, relidx),
-            )
-        )
+        cases.append(("payload padded 4 MiB, given to a relidx tensor", "error_or_finite",
+                      pad_payload(4 * MIB, relidx)))
+        cases.append(("payload padded 1 byte, given to a relidx tensor", "error_or_equal",
+                      pad_payload(1, relidx)))
         for w in range(1, 17):
-            cases.append(
-                (f"relidx index_width {w}", "error_or_equal", hdr(set_entry(relidx, index_width=w)))
-            )
+            cases.append((f"relidx index_width {w}", "error_or_equal",
+                          hdr(set_entry(relidx, index_width=w))))
         if config == "bits2":
             for b in (1, 3, 4, 8, 16):
-                cases.append(
-                    (
-                        f"relidx bits {b}",
-                        "error_or_equal",
-                        hdr(lambda h, b=b: relidx(h["tensors"]).update(bits=b, binary=b == 1)),
-                    )
-                )
+                cases.append((f"relidx bits {b}", "error_or_equal",
+                              hdr(lambda h, b=b: relidx(h["tensors"]).update(
+                                  bits=b, binary=b == 1))))
     if config == "kmeans-huffman":  # codebook sizes and code tables that lie
-        for key, values in (
-            ("centroids", (0, 1, 31, 32, 33, 2**31)),
-            ("code_symbols", (0, 1, 31, 32, 33)),
-            ("index_symbols", (0, 1, 2, 2**16, 2**16 + 1)),
-            ("index_width", (1, 2, 8, 16)),
-            ("code_coding", ("zip", None, 1)),
-            ("index_coding", ("zip", None)),
-        ):
+        for key, values in (("centroids", (0, 1, 31, 32, 33, 2**31)),
+                            ("code_symbols", (0, 1, 31, 32, 33)),
+                            ("index_symbols", (0, 1, 2, 2**16, 2**16 + 1)),
+                            ("index_width", (1, 2, 8, 16)),
+                            ("code_coding", ("zip", None, 1)),
+                            ("index_coding", ("zip", None))):
             for v in values:
-                cases.append(
-                    (
-                        f"huffman tensor {key}={v!r}",
-                        "error_or_equal",
-                        hdr(set_entry(huffman_coded, **{key: v})),
-                    )
-                )
+                cases.append((f"huffman tensor {key}={v!r}", "error_or_equal",
+                              hdr(set_entry(huffman_coded, **{key: v}))))
     every = config in ("dense8", "float-pruned")  # every value here, a few elsewhere
     if not config.startswith("float"):  # scales
         values = (math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 1e-45, 1e-30, 1e30, 2e30, 3e38,
@@ -621,9 +492,8 @@ def explicit_cases(config: str) -> list[tuple[str, str, Callable]]:
             cases.append((f"scale {v!r}", "error_or_finite", pay(set_float(quant, v))))
     if config == "asym-pc":  # zero points
         for v in (-(2**31), 2**31 - 1, -1, 0, 2**16 - 1, 2**16):  # 16-bit codes: 0..65535
-            cases.append(
-                (f"zero point {v}", "error_or_finite", pay(set_int32(quant_dense_asym, v)))
-            )
+            cases.append((f"zero point {v}", "error_or_finite",
+                          pay(set_int32(quant_dense_asym, v))))
     values = (math.nan, math.inf, -math.inf, 3.4028234e38, -3.4028234e38, 1e30, 2e30,
               1e-45) if every else (math.inf, -3.4028234e38)  # fmt: skip
     for v in values:
@@ -640,15 +510,8 @@ def field_values(entry: dict, key: str, payload_len: int, names: list[str]) -> l
                1e308, math.inf, math.nan, "x", "8", [], [1], {}]  # fmt: skip
     shape = entry["shape"]
     specific = {
-        "shape": [
-            shape[::-1],
-            [math.prod(shape)],
-            [shape[0] + 1, *shape[1:]],
-            [shape[0] - 1, *shape[1:]],
-            [*shape, 1],
-            shape[:-1],
-            [2**31, 2**31],
-        ],
+        "shape": [shape[::-1], [math.prod(shape)], [shape[0] + 1, *shape[1:]],
+                  [shape[0] - 1, *shape[1:]], [*shape, 1], shape[:-1], [2**31, 2**31]],
         "offset": [entry["offset"] + d for d in (-4, -1, 1, 4)] + [payload_len],
         "nbytes": [entry["nbytes"] + d for d in (-4, -1, 1, 4)] + [payload_len],
         "bits": [entry.get("bits", 8) + d for d in (-1, 1)] + [1, 16],
@@ -658,9 +521,7 @@ def field_values(entry: dict, key: str, payload_len: int, names: list[str]) -> l
         "index_width": list(range(1, 17)),
         "kind": ["quant", "float", "pickle"],
         "name": names,
-        "symmetric": [True, False],
-        "binary": [True, False],
-        "per_channel": [True, False],
+        "symmetric": [True, False], "binary": [True, False], "per_channel": [True, False],
     }[key]
     return specific * 2 + generic  # field-specific values twice as likely
 
@@ -669,19 +530,8 @@ TENSOR_KEYS = ("shape", "offset", "nbytes", "bits", "kept", "groups", "encoding"
                "index_width", "kind", "name", "symmetric", "binary", "per_channel")  # fmt: skip
 SPEC_EDITS = {
     "arch": ["mlp", "lenet300", "cnn", "dwsep", "resnet", "MLP", "", None, 3],
-    "input_shape": [
-        [1, 28, 28],
-        [1, 8, 8],
-        [1, 29, 29],
-        [1, 4, 16],
-        [4, 4, 4],
-        [3, 32, 32],
-        [1, 64, 64],
-        [1, 65, 65],
-        [5, 8, 8],
-        [1, 1, 1],
-        [1, 8, 8.0],
-    ],
+    "input_shape": [[1, 28, 28], [1, 8, 8], [1, 29, 29], [1, 4, 16], [4, 4, 4], [3, 32, 32],
+                    [1, 64, 64], [1, 65, 65], [5, 8, 8], [1, 1, 1], [1, 8, 8.0]],
     "num_classes": [1, 2, 9, 10, 11, 100, 1000, 1001, 10.5, "10", None],
     "name": ["", "evil", None, 3, ["x"]],
     "extra": [1, None, {"a": [1]}],
@@ -756,9 +606,8 @@ def build_corpus(root: Path) -> dict:
             c = qcore.compress(model, config)
             path = root / f"orig-{model_name}-{config_name}.qpk"
             qcore.export_packed(c, path)
-            x = torch.randn(
-                4, *model.qcore_spec["input_shape"], generator=torch.Generator().manual_seed(0)
-            )
+            x = torch.randn(4, *model.qcore_spec["input_shape"],
+                            generator=torch.Generator().manual_seed(0))
             with torch.no_grad():  # the original itself loads, from its spec, exactly
                 assert torch.equal(qcore.load_packed(path).model(x), c.model(x)), oid
             data = path.read_bytes()
@@ -773,11 +622,9 @@ def build_corpus(root: Path) -> dict:
             }
             n = len(head)
             # bit flips, checksum left as it is: magic, length, digest, header, payload
-            spots = [
-                ("magic", rng.randrange(8 * len(MAGIC))),
-                ("length", 8 * len(MAGIC) + rng.randrange(32)),
-                ("digest", 8 * (len(MAGIC) + 4) + rng.randrange(256)),
-            ]
+            spots = [("magic", rng.randrange(8 * len(MAGIC))),
+                     ("length", 8 * len(MAGIC) + rng.randrange(32)),
+                     ("digest", 8 * (len(MAGIC) + 4) + rng.randrange(256))]
             spots += [("header", 8 * PREFIX_BYTES + rng.randrange(8 * n)) for _ in range(2)]
             spots += [("payload", 8 * (PREFIX_BYTES + n) + rng.randrange(8 * len(payload)))
                       for _ in range(2)]  # fmt: skip
@@ -787,61 +634,30 @@ def build_corpus(root: Path) -> dict:
             # truncations: at the prefix's edges, in the header, in the payload
             cuts = {rng.randrange(len(data)) for _ in range(3)}
             if config_name == "dense8":
-                cuts |= {
-                    0,
-                    1,
-                    7,
-                    8,
-                    11,
-                    12,
-                    PREFIX_BYTES - 1,
-                    PREFIX_BYTES,
-                    PREFIX_BYTES + n - 1,
-                    PREFIX_BYTES + n,
-                    len(data) - 1,
-                }
+                cuts |= {0, 1, 7, 8, 11, 12, PREFIX_BYTES - 1, PREFIX_BYTES, PREFIX_BYTES + n - 1,
+                         PREFIX_BYTES + n, len(data) - 1}
             for cut in sorted(cuts):
                 add(oid, "truncate", f"to {cut} bytes", "error", data[:cut])
             for cut in sorted(rng.sample(range(len(payload)), 1)):  # and sealed again
-                add(
-                    oid,
-                    "truncate-sealed",
-                    f"payload to {cut} bytes",
-                    "error",
-                    seal(head, payload[:cut]),
-                )
+                add(oid, "truncate-sealed", f"payload to {cut} bytes", "error",
+                    seal(head, payload[:cut]))
             # payload bit flips, checksum made right: a different file, which may be valid
             for _ in range(6):
                 bit = rng.randrange(8 * len(payload))
-                add(
-                    oid,
-                    "payload-flip-sealed",
-                    f"payload bit {bit}",
-                    "error_or_finite",
-                    seal(head, flip(payload, bit)),
-                )
+                add(oid, "payload-flip-sealed", f"payload bit {bit}", "error_or_finite",
+                    seal(head, flip(payload, bit)))
             # exponent bits of the first scale / value, checksum made right
             entry = quant(header["tensors"]) if c.config.quant else float_tensor(header["tensors"])
             at = first_value_at(entry)
             for bit in (1, 2, 3):  # little-endian: byte 3 holds the sign and exponent
                 b = 8 * (at + 3) + bit
-                add(
-                    oid,
-                    "payload-flip-sealed",
-                    f"exponent bit {bit} of {entry['name']}",
-                    "error_or_finite",
-                    seal(head, flip(payload, b)),
-                )
+                add(oid, "payload-flip-sealed", f"exponent bit {bit} of {entry['name']}",
+                    "error_or_finite", seal(head, flip(payload, b)))
             # header bit flips, checksum made right
             for _ in range(2):
                 bit = rng.randrange(8 * n)
-                add(
-                    oid,
-                    "header-flip-sealed",
-                    f"header bit {bit}",
-                    "error_or_equal",
-                    seal(flip(head, bit), payload),
-                )
+                add(oid, "header-flip-sealed", f"header bit {bit}", "error_or_equal",
+                    seal(flip(head, bit), payload))
             # header field edits, checksum made right
             for _ in range(12):
                 edited = json.loads(head)
@@ -881,9 +697,8 @@ def verdict(case: dict, rec: dict) -> str | None:
         return "loaded, should be refused"
     if case["expect"] == "error_or_equal" and not rec["equal"]:
         return "loaded with outputs different from the original's"
-    if case["expect"] == "error_or_finite" and not (
-        rec["finite"] and math.isfinite(rec["largest_weight"])
-    ):
+    if case["expect"] == "error_or_finite" and not (rec["finite"]
+                                                    and math.isfinite(rec["largest_weight"])):
         return f"loaded with non-finite outputs (largest weight {rec['largest_weight']:.3g})"
     return None
 
@@ -896,15 +711,8 @@ def test_hostile_corpus(tmp_path: Path) -> None:
     cases = job["cases"]
     # the originals cover every codec
     seen = set().union(*(o["encodings"] for o in job["originals"].values()))
-    for enc in (
-        "quant/dense",
-        "quant/channels",
-        "quant/mask",
-        "quant/relidx",
-        "float/dense",
-        "float/channels",
-        "float/relidx",
-    ):
+    for enc in ("quant/dense", "quant/channels", "quant/mask", "quant/relidx", "float/dense",
+                "float/channels", "float/relidx"):
         assert enc in seen, (enc, seen)
     assert len(cases) >= 300
 
@@ -941,12 +749,10 @@ def test_hostile_corpus(tmp_path: Path) -> None:
         if rec["seconds"] > MAX_SECONDS:
             why = f"took {rec['seconds']:.1f} s"
         if why:
-            failures.append(
-                f"{case['file']} {case['orig']} {case['family']} [{case['what'][:80]}]: {why}"
-            )
+            failures.append(f"{case['file']} {case['orig']} {case['family']} "
+                            f"[{case['what'][:80]}]: {why}")
     report = f"{len(cases)} files: {dict(sorted(counts.items()))}\npeak growth (MiB): " + ", ".join(
-        f"{k} {v / MIB:.1f}" for k, v in peak.items()
-    )
+        f"{k} {v / MIB:.1f}" for k, v in peak.items())
     (tmp_path / "report.txt").write_text(report + "\n" + "\n".join(failures) + "\n")
     if failures:
         pytest.fail(report + "\n" + "\n".join(failures), pytrace=False)

@@ -143,7 +143,6 @@ def test_display_images_colour_and_clipping() -> None:
 
 # --- trade-offs, layer sensitivity and mixed precision ----------------------------------------
 
-
 def _tiny_sweep() -> pd.DataFrame:
     g = torch.Generator().manual_seed(123)
     ds = FakeDataset(torch.randn(16, 1, 6, 6, generator=g),
@@ -276,13 +275,7 @@ def test_format_bytes_keeps_three_significant_figures() -> None:
     from pages.figures import format_bytes
 
     assert [format_bytes(n) for n in (0, 840, 1000, 9500, 12_345, 126_640, 1_334_104)] == [
-        "0 B",
-        "840 B",
-        "1.00 kB",
-        "9.50 kB",
-        "12.3 kB",
-        "127 kB",
-        "1.33 MB",
+        "0 B", "840 B", "1.00 kB", "9.50 kB", "12.3 kB", "127 kB", "1.33 MB",
     ]
 
 
@@ -471,10 +464,7 @@ def test_training_curves_draw_every_step_and_calib_only_at_epoch_ends() -> None:
     fig = figures.training_curves(history, total_steps=4, title="t")
     loss, train, calib = fig.data
     assert (loss.name, train.name, calib.name) == (
-        "loss",
-        "training batches",
-        "calibration split (epoch end)",
-    )
+        "loss", "training batches", "calibration split (epoch end)")
     assert list(loss.x) == [0, 1, 2, 3, 4] and np.allclose(loss.y[1:], [2.0, 1.5, 1.2, 1.0])
     assert np.allclose(train.y[1:], [25.0, 50.0, 62.5, 75.0])  # percent
     # the calibration split: the start (post-training) and each epoch's end, nothing else

@@ -256,14 +256,8 @@ def test_one_seed_gives_identical_histories():
 def test_history_columns_and_progress_rows():
     model, train = make_mlp(), _split(40, 4)
     seen = []
-    result = _run(
-        model,
-        train,
-        TWO_BIT,
-        FinetuneConfig(epochs=2, batch_size=16, grad_bits=4),
-        calib=_split(16, 3, "calib"),
-        progress=lambda d, t, row: seen.append((d, t, row)),
-    )
+    result = _run(model, train, TWO_BIT, FinetuneConfig(epochs=2, batch_size=16, grad_bits=4),
+                  calib=_split(16, 3, "calib"), progress=lambda d, t, row: seen.append((d, t, row)))
     h = result.history
     assert list(h.columns[:5]) == ["epoch", "step", "loss", "train_accuracy", "calib_accuracy"]
     assert len(h) == 1 + 2 * 3  # the starting row, then 3 steps per epoch
@@ -283,7 +277,8 @@ def test_should_stop_ends_within_one_batch():
         polls.append(1)
         return len(polls) > 3
 
-    result = _run(model, train, TWO_BIT, FinetuneConfig(epochs=3, batch_size=8), should_stop=stop)
+    result = _run(model, train, TWO_BIT, FinetuneConfig(epochs=3, batch_size=8),
+                  should_stop=stop)
     assert result.stopped
     assert result.history["step"].max() == 3  # the 4th poll said stop: no 4th step
     qcore.compress(result.model, TWO_BIT)  # the model is usable
@@ -295,9 +290,8 @@ def test_should_stop_ends_within_one_batch():
 def test_pruned_weights_stay_exactly_zero(prune, schedule):
     model = make_bn_model()
     cfg = CompressionConfig(quant=QuantConfig(bits=4), prune=prune)
-    result = _run(
-        model, _split(48, 6), cfg, FinetuneConfig(batch_size=8, epochs=2, prune_schedule=schedule)
-    )
+    result = _run(model, _split(48, 6), cfg, FinetuneConfig(batch_size=8, epochs=2,
+                                                           prune_schedule=schedule))
     start = qcore.compress(model, cfg)
     after = qcore.compress(result.model, cfg)
     for r0, r1 in zip(start.layers, after.layers, strict=True):
@@ -420,9 +414,8 @@ def test_removed_blocks_are_skipped_and_kept_for_compress(images):
     model = BNChain().eval()
     cfg = CompressionConfig(quant=QuantConfig(bits=4), drop=("block",))
     calib = _split(32, 5, "calib")
-    result = _run(
-        model, _split(48, 9), cfg, FinetuneConfig(batch_size=16, distill=True), calib=calib
-    )
+    result = _run(model, _split(48, 9), cfg, FinetuneConfig(batch_size=16, distill=True),
+                  calib=calib)
     # the block's weights were not trained: they are the folded float ones
     folded = qcore.fold.state_for_size(qcore.fold.fold_batchnorm(model))
     state = result.model.state_dict()
@@ -435,14 +428,8 @@ def test_removed_blocks_are_skipped_and_kept_for_compress(images):
     assert result.history["calib_accuracy"].iloc[-1] == acc
 
 
-@pytest.mark.parametrize(
-    "quant",
-    [
-        QuantConfig(bits=2, per_channel=True),
-        QuantConfig(bits=3, symmetric=False),
-        QuantConfig(bits=4),
-    ],
-)
+@pytest.mark.parametrize("quant", [QuantConfig(bits=2, per_channel=True),
+                                   QuantConfig(bits=3, symmetric=False), QuantConfig(bits=4)])
 def test_learned_steps_are_what_compress_finds_again(quant, images):
     """LSQ: the result's weights are clipped to the learned ranges, so compress re-chooses
     the learned grids (to float rounding) when the learned steps clip."""

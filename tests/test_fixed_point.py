@@ -21,12 +21,8 @@ def is_pow2(t: torch.Tensor) -> bool:
 
 
 @settings(deadline=None, max_examples=60)
-@given(
-    bits=st.integers(1, 16),
-    symmetric=st.booleans(),
-    per_channel=st.booleans(),
-    seed=st.integers(0, 1000),
-)
+@given(bits=st.integers(1, 16), symmetric=st.booleans(), per_channel=st.booleans(),
+       seed=st.integers(0, 1000))
 def test_weight_scales_are_powers_of_two_and_cover_the_range(bits, symmetric, per_channel, seed):
     w = torch.randn(6, 20, generator=torch.Generator().manual_seed(seed)) * 0.3
     cfg = QuantConfig(bits=bits, symmetric=symmetric, per_channel=per_channel, scale="pow2")
@@ -35,9 +31,8 @@ def test_weight_scales_are_powers_of_two_and_cover_the_range(bits, symmetric, pe
     if bits > 1:  # raising the scale keeps the weights inside the grid: symmetric exactly,
         # asymmetric within one step (the integer zero point shifts the grid, as it does
         # for float scales too)
-        ref = quantize_with_params(
-            w, QuantConfig(bits=bits, symmetric=symmetric, per_channel=per_channel)
-        )
+        ref = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric,
+                                                  per_channel=per_channel))
         assert torch.all(res.qparams.scale >= ref.qparams.scale)
         assert torch.all(res.qparams.scale < 2 * ref.qparams.scale)
         qp = res.qparams
@@ -63,15 +58,12 @@ def test_fixed_point_is_round_w_times_two_to_the_p() -> None:
 def test_exponents_take_a_byte_and_round_trip(per_channel: bool) -> None:
     w = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
     for symmetric in (True, False):
-        res = quantize_with_params(
-            w, QuantConfig(bits=5, symmetric=symmetric, per_channel=per_channel, scale="pow2")
-        )
-        enc = encode_quantized(
-            res.codes, res.qparams, 5, per_channel=res.per_channel, symmetric=symmetric, pow2=True
-        )
-        plain = encode_quantized(
-            res.codes, res.qparams, 5, per_channel=res.per_channel, symmetric=symmetric
-        )
+        res = quantize_with_params(w, QuantConfig(bits=5, symmetric=symmetric,
+                                                  per_channel=per_channel, scale="pow2"))
+        enc = encode_quantized(res.codes, res.qparams, 5, per_channel=res.per_channel,
+                               symmetric=symmetric, pow2=True)
+        plain = encode_quantized(res.codes, res.qparams, 5, per_channel=res.per_channel,
+                                 symmetric=symmetric)
         groups = res.qparams.scale.numel()
         assert enc.bytes_of("exponents") == groups and enc.bytes_of("scales") == 0
         assert plain.nbytes() - enc.nbytes() == 3 * groups  # 1 byte instead of 4 per scale

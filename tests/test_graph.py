@@ -81,7 +81,6 @@ def test_points_observe_and_fake_quantize_edges(images: torch.Tensor) -> None:
         def point(t: torch.Tensor) -> torch.Tensor:
             seen[name] = tuple(t.shape)
             return t
-
         return point
 
     with torch.inference_mode():

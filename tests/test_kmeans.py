@@ -18,9 +18,9 @@ from qcore.kmeans import MAX_ITERATIONS, kmeans_codebook
 
 PROPS = settings(deadline=None, max_examples=60)
 
-weights = st.lists(st.floats(-4.0, 4.0, allow_nan=False, width=32), min_size=1, max_size=300).map(
-    lambda xs: torch.tensor(xs, dtype=torch.float32)
-)
+weights = st.lists(
+    st.floats(-4.0, 4.0, allow_nan=False, width=32), min_size=1, max_size=300
+).map(lambda xs: torch.tensor(xs, dtype=torch.float32))
 
 
 def oracle_lloyd(x: list[float], k: int) -> list[float]:

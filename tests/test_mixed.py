@@ -26,11 +26,8 @@ def test_knapsack_matches_brute_force() -> None:
         costs = {k: {b: round(rng.uniform(0, 1), 3) for b in bits} for k in layers}
         budget = rng.randint(0, sum(max(s.values()) for s in sizes.values()))
         got = knapsack_bits(sizes, costs, budget)
-        fits = [
-            c
-            for c in itertools.product(bits, repeat=len(layers))
-            if sum(sizes[k][b] for k, b in zip(layers, c, strict=True)) <= budget
-        ]
+        fits = [c for c in itertools.product(bits, repeat=len(layers))
+                if sum(sizes[k][b] for k, b in zip(layers, c, strict=True)) <= budget]
         if not fits:
             assert got is None
             continue
@@ -42,38 +39,22 @@ def test_knapsack_matches_brute_force() -> None:
 
 def _setup() -> tuple[nn.Module, Dataset]:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)
-    ).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 24), nn.ReLU(), nn.Linear(24, 16),
+                          nn.ReLU(), nn.Linear(16, 4)).eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 1, 6, 6, generator=g)
     with torch.no_grad():
         y = model(x).argmax(dim=1)
-    data = Dataset(
-        name="synthetic",
-        split="test",
-        x=x,
-        y=y,
-        classes=("a", "b", "c", "d"),
-        description="synthetic",
-        mean=(0.0,),
-        std=(1.0,),
-        indices=torch.arange(64),
-    )
+    data = Dataset(name="synthetic", split="test", x=x, y=y, classes=("a", "b", "c", "d"),
+                   description="synthetic", mean=(0.0,), std=(1.0,), indices=torch.arange(64))
     return model, data
 
 
 def _uniform_sizes(model: nn.Module, bits, quant: QuantConfig | None = None) -> dict[int, int]:
     quant = quant or QuantConfig()
-    return {
-        b: compress(
-            model,
-            CompressionConfig(
-                quant=QuantConfig(bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel)
-            ),
-        ).size_bytes
-        for b in bits
-    }
+    return {b: compress(model, CompressionConfig(quant=QuantConfig(
+        bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel))).size_bytes
+        for b in bits}
 
 
 def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
@@ -81,9 +62,8 @@ def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
     assert r.budget_bytes == budget
     # the reported size is the packed size of the per-layer bits returned, and it fits
     scheme = quant or QuantConfig()
-    chosen = QuantConfig(
-        bits=8, symmetric=scheme.symmetric, per_channel=scheme.per_channel, layer_bits=r.layer_bits
-    )
+    chosen = QuantConfig(bits=8, symmetric=scheme.symmetric, per_channel=scheme.per_channel,
+                         layer_bits=r.layer_bits)
     assert compress(model, CompressionConfig(quant=chosen)).size_bytes == r.size_bytes <= budget
     # the reported numbers are what compress + evaluate give for the returned assignment
     c = compress(model, CompressionConfig(quant=r.config))
@@ -96,11 +76,8 @@ def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
     accs = {}
     for b, s in sizes.items():
         if s <= budget:
-            q = (
-                QuantConfig(bits=b)
-                if quant is None
-                else QuantConfig(bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel)
-            )
+            q = QuantConfig(bits=b) if quant is None else QuantConfig(
+                bits=b, symmetric=quant.symmetric, per_channel=quant.per_channel)
             accs[b] = evaluate(compress(model, CompressionConfig(quant=q)).model, data).accuracy
     assert r.uniform_accuracy == max(accs.values())
     assert r.uniform_size_bytes == sizes[r.uniform_bits] <= budget
@@ -109,9 +86,8 @@ def _check(model, data, budget, bits, quant=None) -> MixedPrecisionResult:
     return r
 
 
-def _check_uniform_choices(
-    r: MixedPrecisionResult, sizes: dict[int, int], accs: dict, search_accuracies: dict
-) -> None:
+def _check_uniform_choices(r: MixedPrecisionResult, sizes: dict[int, int], accs: dict,
+                           search_accuracies: dict) -> None:
     """Every candidate width is listed, ascending, with its size and accuracies; ``beats``
     and the note claim a win only over widths whose test accuracy is strictly lower."""
     assert [u.bits for u in r.uniform] == sorted(sizes)
@@ -123,9 +99,8 @@ def _check_uniform_choices(
             assert u.search_accuracy == search_accuracies[u.bits]
     assert r.beats == tuple(b for b in sorted(accs) if accs[b] < r.accuracy)
     claimed = re.search(r"beats uniform ([\d, and]+) bits", r.note)
-    assert (
-        tuple(int(b) for b in re.findall(r"\d+", claimed.group(1))) if claimed else ()
-    ) == r.beats
+    assert (tuple(int(b) for b in re.findall(r"\d+", claimed.group(1))) if claimed
+            else ()) == r.beats
     itself = set(r.layer_bits.values())  # a uniform answer is not compared with itself
     for b, acc in accs.items():
         if acc >= r.accuracy and itself != {b}:  # as good on test: named, with its size
@@ -171,17 +146,8 @@ def test_bad_arguments(kwargs: dict, words: str) -> None:
 
 def test_search_split_apart_from_the_reported_one() -> None:
     model, data = _setup()
-    half = Dataset(
-        name="s",
-        split="calib",
-        x=data.x[:32],
-        y=data.y[:32],
-        classes=data.classes,
-        description="",
-        mean=(0.0,),
-        std=(1.0,),
-        indices=torch.arange(32),
-    )
+    half = Dataset(name="s", split="calib", x=data.x[:32], y=data.y[:32], classes=data.classes,
+                   description="", mean=(0.0,), std=(1.0,), indices=torch.arange(32))
     budget = sum(_uniform_sizes(model, (3, 4)).values()) // 2
     r = mixed_precision(model, data, budget, (2, 3, 4, 8), search_dataset=half)
     c = compress(model, CompressionConfig(quant=r.config))
@@ -215,18 +181,15 @@ def test_no_win_claimed_over_a_uniform_width_as_good_on_test() -> None:
     r = _check(model, data, sizes[8] * 2, bits)
     assert r.accuracy == 1.0 and r.beats == (2, 4)
     assert [(u.bits, u.fits, u.test_accuracy) for u in r.uniform] == [
-        (2, True, 0.796875),
-        (3, True, 1.0),
-        (4, True, 0.984375),
-        (8, True, 1.0),
-    ]
+        (2, True, 0.796875), (3, True, 1.0), (4, True, 0.984375), (8, True, 1.0)]
     assert "beats uniform 2 and 4 bits" in r.note
     assert f"uniform 3 bits ({sizes[3]:,} bytes, smaller) reaches the same 100.00%" in r.note
     assert "beats uniform 3" not in r.note and "beats uniform 8" not in r.note
     assert "Chosen and measured on the test split" in r.note
     # a budget only 2 bits fits: the other widths are listed, not fitting, untested
     r = _check(model, data, sizes[2], bits)
-    assert [(u.bits, u.fits) for u in r.uniform] == [(2, True), (3, False), (4, False), (8, False)]
+    assert [(u.bits, u.fits) for u in r.uniform] == [(2, True), (3, False), (4, False),
+                                                      (8, False)]
     assert r.uniform[1].test_accuracy is None and r.uniform[1].search_accuracy == 1.0
 
 
@@ -244,26 +207,17 @@ def test_note_names_the_split_of_every_number_on_digits() -> None:
     bits = (2, 3, 4, 6, 8)
     sizes = _uniform_sizes(model, bits)
     r = mixed_precision(model, test, sizes[8], bits, search_dataset=calib)
-    tests = {
-        b: evaluate(
-            compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model, test
-        ).accuracy
-        for b in bits
-    }
-    searches = {
-        b: evaluate(
-            compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model, calib
-        ).accuracy
-        for b in bits
-    }
+    tests = {b: evaluate(compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model,
+                         test).accuracy for b in bits}
+    searches = {b: evaluate(compress(model, CompressionConfig(quant=QuantConfig(bits=b))).model,
+                            calib).accuracy for b in bits}
     _check_uniform_choices(r, sizes, tests, searches)
     assert r.layer_bits == {"fc1": 6, "fc2": 8} and r.search_accuracy == searches[8]
     assert r.accuracy == tests[6] < tests[8]
     assert r.beats == (2, 3, 4)
     assert r.note.startswith(
         f"Chosen on the calibration split ({searches[8]:.2%} there, against {searches[8]:.2%} for "
-        f"uniform 8 bits), mixed precision reaches {tests[6]:.2%} on the test split"
-    )
+        f"uniform 8 bits), mixed precision reaches {tests[6]:.2%} on the test split")
     assert f"uniform 6 bits ({sizes[6]:,} bytes, smaller) reaches the same {tests[6]:.2%}" in r.note
     assert f"uniform 8 bits ({sizes[8]:,} bytes, larger) reaches {tests[8]:.2%}, more" in r.note
 

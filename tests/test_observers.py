@@ -245,7 +245,6 @@ def test_mse_policy_on_a_histogram_is_close_to_the_exact_search(symmetric: bool)
     for part in x2.split(500, dim=1):  # calibration in batches
         exact.update(part)
         hist.update(part)
-
     def err(rng):
         qp = qparams_from_range(rng[0], rng[1], 4, symmetric)
         return ((fake_quantize(x2, qp) - x2) ** 2).sum(dim=1)

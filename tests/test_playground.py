@@ -666,7 +666,8 @@ def test_k_means_with_per_channel_scales_says_what_to_do() -> None:
     at = open_app(bits="4", per_channel="true", codebook="kmeans")
     assert not at.exception
     assert [e.value for e in at.error] == [
-        "A k-means codebook is shared by the whole layer; turn per-channel scales off to use one."
+        "A k-means codebook is shared by the whole layer; turn per-channel scales off to use "
+        "one."
     ]
     at.radio(key="per_channel").set_value(False).run()
     ok(at)

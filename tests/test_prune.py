@@ -28,22 +28,9 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("rate", "n", "k"),
-    [
-        (0.29, 100, 29),
-        (0.57, 100, 57),
-        (0.58, 100, 58),
-        (0.1, 10, 1),
-        (0.3, 10, 3),
-        (0.7, 10, 7),
-        (0.5, 3, 1),
-        (0.99, 10, 9),
-        (0.0, 50, 0),
-        (0.999, 1000, 999),
-        (0.33, 3, 0),
-        (0.9, 1, 0),
-        (0.35, 20, 7),
-        (0.15, 20, 3),
-    ],
+    [(0.29, 100, 29), (0.57, 100, 57), (0.58, 100, 58), (0.1, 10, 1), (0.3, 10, 3),
+     (0.7, 10, 7), (0.5, 3, 1), (0.99, 10, 9), (0.0, 50, 0), (0.999, 1000, 999),
+     (0.33, 3, 0), (0.9, 1, 0), (0.35, 20, 7), (0.15, 20, 3)],
 )
 def test_prune_count_is_floor(rate: float, n: int, k: int) -> None:
     assert prune_count(rate, n) == k
@@ -156,7 +143,8 @@ def test_global_structured_ranks_channels_by_rms() -> None:
     # a: 2 channels of 4 weights, b: 2 channels of 1 weight
     a = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.1, 0.1, 0.1, 0.1]])  # rms 1, 0.1
     b = torch.tensor([[1.5], [0.5]])  # rms 1.5, 0.5 (a[0] has the larger L2 norm, 2)
-    masks = global_masks({"a": a, "b": b}, PruneConfig(rate=0.5, structured=True, scope="global"))
+    masks = global_masks({"a": a, "b": b}, PruneConfig(rate=0.5, structured=True,
+                                                       scope="global"))
     assert masks["a"].tolist() == [[True] * 4, [False] * 4]
     assert masks["b"].tolist() == [[True], [False]]
 
@@ -220,12 +208,15 @@ def test_global_structured_hand_counts() -> None:
     # floor(0.1 * 35) = 3: c1 (10 weights) overshoots by 7 < 10
     assert kept(0.1) == {"a": [True] * 3, "b": [True] * 3, "c": [True, False]}
     # floor(0.4 * 35) = 14: c1 (10), b2 (11), a2 (15)
-    assert kept(0.4) == {"a": [True, True, False], "b": [True, True, False], "c": [True, False]}
+    assert kept(0.4) == {"a": [True, True, False], "b": [True, True, False],
+                         "c": [True, False]}
     # floor(0.5 * 35) = 17: + a1 (19)
-    assert kept(0.5) == {"a": [True, False, False], "b": [True, True, False], "c": [True, False]}
+    assert kept(0.5) == {"a": [True, False, False], "b": [True, True, False],
+                         "c": [True, False]}
     # floor(0.99 * 35) = 34: everything but each layer's last channel (20 weights), short
     # of the target because a layer always keeps a channel
-    assert kept(0.99) == {"a": [True, False, False], "b": [True, False, False], "c": [True, False]}
+    assert kept(0.99) == {"a": [True, False, False], "b": [True, False, False],
+                          "c": [True, False]}
 
 
 @PROPS
@@ -254,10 +245,8 @@ def test_structured_never_removes_a_layers_last_channel() -> None:
     w = torch.tensor([[0.1, 0.1], [5.0, 5.0], [1.0, 1.0]])
     out = prune_tensor(w, PruneConfig(rate=0.9999999999, structured=True))
     assert out.tolist() == [[0.0, 0.0], [5.0, 5.0], [0.0, 0.0]]
-    masks = global_masks(
-        {"w": w, "v": torch.ones(4, 2)},
-        PruneConfig(rate=0.9999999999, structured=True, scope="global"),
-    )
+    masks = global_masks({"w": w, "v": torch.ones(4, 2)},
+                         PruneConfig(rate=0.9999999999, structured=True, scope="global"))
     assert _kept_rows(masks["w"]) == [False, True, False]
     assert _kept_rows(masks["v"]) == [False, False, False, True]  # last of equals kept
 
@@ -273,10 +262,8 @@ def test_mnist_cnn_global_structured_half_of_the_weights() -> None:
         model = qcore.load_model("mnist-cnn")
     except ValueError as exc:
         pytest.skip(f"sample model not available: {exc}")
-    c = compress(
-        model,
-        CompressionConfig(quant=None, prune=PruneConfig(0.5, structured=True, scope="global")),
-    )
+    c = compress(model, CompressionConfig(quant=None, prune=PruneConfig(
+        0.5, structured=True, scope="global")))
     total = sum(math.prod(s.shape) for s in c.layers)
     removed = sum(int((~s.mask).sum()) for s in c.layers)
     largest_fan_in = max(math.prod(s.shape[1:]) for s in c.layers)  # fc1: 3136

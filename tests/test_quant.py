@@ -148,7 +148,9 @@ def test_matches_torch_fake_quantize_per_tensor(bits: int, symmetric: bool) -> N
     assert (qp.qmin, qp.qmax) == (qmin, qmax)
     if symmetric:
         assert qp.zero_point.tolist() == [0]
-    ref = torch.fake_quantize_per_tensor_affine(w, float(qp.scale), int(qp.zero_point), qmin, qmax)
+    ref = torch.fake_quantize_per_tensor_affine(
+        w, float(qp.scale), int(qp.zero_point), qmin, qmax
+    )
     assert torch.equal(res.values, ref)
 
 
@@ -184,9 +186,8 @@ def test_codes_use_the_smallest_dtype_that_fits(bits: int, symmetric: bool) -> N
         assert dtype == torch.int8
     # far outside the range, codes land on its ends and dequantize without overflow
     w = torch.tensor([[-1e30, -1.0, 0.0, 0.5, 1.0, 1e30]])
-    res = quantize_with_params(
-        w, QuantConfig(bits=bits, symmetric=symmetric, clip=1.0, clip_mode="absolute")
-    )
+    res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric, clip=1.0,
+                                              clip_mode="absolute"))
     qp = res.qparams
     assert res.codes.dtype == dtype and quantize_codes(w, qp).dtype == dtype
     assert res.codes.min().item() == qmin and res.codes.max().item() == qmax
@@ -367,9 +368,8 @@ def test_clip_absolute_range() -> None:
 def test_clip_absolute_far_outside_range_keeps_sign() -> None:
     w = torch.tensor([1e30, -1e30, 0.0005, 0.0])
     for sym in (True, False):
-        out = quantize_tensor(
-            w, QuantConfig(bits=4, symmetric=sym, clip=1e-3, clip_mode="absolute")
-        )
+        out = quantize_tensor(w, QuantConfig(bits=4, symmetric=sym, clip=1e-3,
+                                             clip_mode="absolute"))
         assert out[0] > 0 and out[1] < 0 and out[3] == 0
 
 
@@ -387,12 +387,8 @@ def test_clip_percentile_100_equals_ratio_1() -> None:
     w = randn(5, 7, seed=8)
     for sym in (True, False):
         for pc in (True, False):
-            a = quantize_tensor(
-                w,
-                QuantConfig(
-                    bits=4, symmetric=sym, per_channel=pc, clip=100.0, clip_mode="percentile"
-                ),
-            )
+            a = quantize_tensor(w, QuantConfig(bits=4, symmetric=sym, per_channel=pc,
+                                               clip=100.0, clip_mode="percentile"))
             b = quantize_tensor(w, QuantConfig(bits=4, symmetric=sym, per_channel=pc))
             assert torch.equal(a, b)
 
@@ -425,10 +421,8 @@ def test_clip_mse_beats_ratio_grid(bits: int, symmetric: bool, per_channel: bool
 
 def test_clip_mse_one_bit_is_mean_abs() -> None:
     w = randn(30, seed=9)
-    assert torch.equal(
-        quantize_tensor(w, QuantConfig(bits=1, clip_mode="mse")),
-        quantize_tensor(w, QuantConfig(bits=1)),
-    )
+    assert torch.equal(quantize_tensor(w, QuantConfig(bits=1, clip_mode="mse")),
+                       quantize_tensor(w, QuantConfig(bits=1)))
 
 
 def test_clip_range_and_choose_qparams_direct() -> None:
@@ -444,13 +438,8 @@ def test_clip_range_and_choose_qparams_direct() -> None:
 
 
 def test_all_zero_tensor_stays_zero() -> None:
-    for cfg in (
-        QuantConfig(bits=4),
-        QuantConfig(bits=4, symmetric=False),
-        QuantConfig(bits=1),
-        QuantConfig(bits=4, clip_mode="mse"),
-        QuantConfig(bits=4, clip_mode="sigma"),
-    ):
+    for cfg in (QuantConfig(bits=4), QuantConfig(bits=4, symmetric=False), QuantConfig(bits=1),
+                QuantConfig(bits=4, clip_mode="mse"), QuantConfig(bits=4, clip_mode="sigma")):
         assert torch.equal(quantize_tensor(torch.zeros(3, 4), cfg), torch.zeros(3, 4))
 
 
@@ -503,9 +492,9 @@ def test_stochastic_is_unbiased() -> None:
     # and averaged over seeds, on an arbitrary tensor
     w = randn(64, seed=14)
     cfg = dict(bits=3)
-    mean = torch.stack(
-        [quantize_tensor(w, QuantConfig(rounding="stochastic", seed=s, **cfg)) for s in range(400)]
-    ).mean(dim=0)
+    mean = torch.stack([
+        quantize_tensor(w, QuantConfig(rounding="stochastic", seed=s, **cfg)) for s in range(400)
+    ]).mean(dim=0)
     step = float(w.abs().max()) / 3
     assert float((mean - w).abs().max()) < 0.25 * step
 
@@ -515,13 +504,9 @@ def test_stochastic_is_unbiased() -> None:
 
 @pytest.mark.parametrize(
     "cfg",
-    [
-        QuantConfig(bits=4),
-        QuantConfig(bits=4, clip_mode="mse", per_channel=True),
-        QuantConfig(bits=1),
-        QuantConfig(bits=4, rounding="stochastic"),
-        QuantConfig(bits=5, symmetric=False, clip=90.0, clip_mode="percentile"),
-    ],
+    [QuantConfig(bits=4), QuantConfig(bits=4, clip_mode="mse", per_channel=True),
+     QuantConfig(bits=1), QuantConfig(bits=4, rounding="stochastic"),
+     QuantConfig(bits=5, symmetric=False, clip=90.0, clip_mode="percentile")],
 )
 def test_input_never_modified(cfg: QuantConfig) -> None:
     w = randn(4, 6, seed=15).requires_grad_(True)

@@ -16,9 +16,8 @@ from qcore.data import Dataset
 from qcore.sensitivity import SENSITIVITY_COLUMNS, layer_sensitivity, sensitivity_matrix
 
 
-def make_dataset(
-    model: nn.Module, n: int = 48, shape=(1, 6, 6), classes: int = 3, seed: int = 0
-) -> Dataset:
+def make_dataset(model: nn.Module, n: int = 48, shape=(1, 6, 6), classes: int = 3,
+                 seed: int = 0) -> Dataset:
     """Random inputs labelled mostly by the float model, so quantization shows up."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)
@@ -26,17 +25,9 @@ def make_dataset(
         y = model(x).argmax(dim=1)
     flip = torch.rand(n, generator=g) < 0.2
     y = torch.where(flip, torch.randint(0, classes, (n,), generator=g), y).clone()
-    return Dataset(
-        name="synthetic",
-        split="test",
-        x=x,
-        y=y,
-        classes=tuple(str(i) for i in range(classes)),
-        description="synthetic",
-        mean=(0.0,),
-        std=(1.0,),
-        indices=torch.arange(n),
-    )
+    return Dataset(name="synthetic", split="test", x=x, y=y,
+                   classes=tuple(str(i) for i in range(classes)), description="synthetic",
+                   mean=(0.0,), std=(1.0,), indices=torch.arange(n))
 
 
 class ConvBN(nn.Module):
@@ -125,13 +116,9 @@ def test_cached_equals_naive(name: str) -> None:
 def test_cached_equals_naive_other_schemes_and_small_batches() -> None:
     model = _model(Branchy, seed=3)
     data = make_dataset(model, n=37)
-    kw = dict(
-        bits=(2, 5),
-        prune_rates=(0.5,),
-        batch_size=8,
-        quant=QuantConfig(symmetric=False, per_channel=True, clip=3.0, clip_mode="sigma"),
-        prune=PruneConfig(structured=True),
-    )
+    kw = dict(bits=(2, 5), prune_rates=(0.5,), batch_size=8,
+              quant=QuantConfig(symmetric=False, per_channel=True, clip=3.0, clip_mode="sigma"),
+              prune=PruneConfig(structured=True))
     naive = layer_sensitivity(model, data, naive=True, **kw)
     for cap in (1, 10**9):  # one batch per chunk (5 chunks), or all in one
         fast = layer_sensitivity(model, data, max_cache_bytes=cap, **kw)
@@ -154,14 +141,8 @@ def test_rows_progress_and_no_mutation() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = make_dataset(model)
     calls = []
-    df = layer_sensitivity(
-        model,
-        data,
-        bits=(2, 8),
-        prune_rates=(0.5,),
-        layers=["fc", "conv1"],
-        progress=lambda d, t, r: calls.append((d, t, r["layer"])),
-    )
+    df = layer_sensitivity(model, data, bits=(2, 8), prune_rates=(0.5,), layers=["fc", "conv1"],
+                           progress=lambda d, t, r: calls.append((d, t, r["layer"])))
     assert [c[:2] for c in calls] == [(i, 6) for i in range(1, 7)]
     assert df["layer"].tolist() == ["conv1"] * 3 + ["fc"] * 3  # model order
     assert df["kind"].tolist() == ["quant", "quant", "prune"] * 2
@@ -201,17 +182,9 @@ def _sample(name: str, n: int):
         full = qcore.load_dataset(qcore.model_info(name).dataset, "test")
     except ValueError as exc:
         pytest.skip(f"sample model {name} not available: {exc}")
-    data = Dataset(
-        name=full.name,
-        split="test",
-        x=full.x[:n].clone(),
-        y=full.y[:n].clone(),
-        classes=full.classes,
-        description=full.description,
-        mean=full.mean,
-        std=full.std,
-        indices=full.indices[:n].clone(),
-    )
+    data = Dataset(name=full.name, split="test", x=full.x[:n].clone(), y=full.y[:n].clone(),
+                   classes=full.classes, description=full.description, mean=full.mean,
+                   std=full.std, indices=full.indices[:n].clone())
     return model, data
 
 
@@ -231,9 +204,8 @@ def test_cached_equals_naive_on_sample_models(name: str, n: int, bits, rates) ->
 def test_cli_writes_the_csv(tmp_path, capsys) -> None:
     _sample("digits-mlp", 1)
     out = tmp_path / "sens.csv"
-    rc = main_sensitivity(
-        ["--model", "digits-mlp", "--bits", "2", "8", "--prune", "0.5", "--out", str(out)]
-    )
+    rc = main_sensitivity(["--model", "digits-mlp", "--bits", "2", "8", "--prune", "0.5",
+                           "--out", str(out)])
     assert rc == 0
     df = pd.read_csv(out)
     assert list(df.columns) == list(SENSITIVITY_COLUMNS)

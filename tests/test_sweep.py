@@ -26,17 +26,8 @@ def _setup() -> tuple[nn.Module, Dataset]:
     with torch.no_grad():
         y = model(x).argmax(dim=1)
     y[::5] = torch.randint(0, 4, (8,), generator=g)
-    data = Dataset(
-        name="synthetic",
-        split="test",
-        x=x,
-        y=y,
-        classes=("a", "b", "c", "d"),
-        description="synthetic",
-        mean=(0.0,),
-        std=(1.0,),
-        indices=torch.arange(40),
-    )
+    data = Dataset(name="synthetic", split="test", x=x, y=y, classes=("a", "b", "c", "d"),
+                   description="synthetic", mean=(0.0,), std=(1.0,), indices=torch.arange(40))
     return model, data
 
 
@@ -70,13 +61,9 @@ def test_pareto_matches_brute_force() -> None:
     rng = random.Random(0)
     for _ in range(50):
         n = rng.randint(1, 25)
-        d = pd.DataFrame(
-            {
-                "size_bytes": [rng.randint(0, 6) for _ in range(n)],
-                "accuracy": [rng.randint(0, 6) / 6 for _ in range(n)],
-            },
-            index=[rng.randint(0, 3) for _ in range(n)],
-        )  # repeated labels too
+        d = pd.DataFrame({"size_bytes": [rng.randint(0, 6) for _ in range(n)],
+                          "accuracy": [rng.randint(0, 6) / 6 for _ in range(n)]},
+                         index=[rng.randint(0, 3) for _ in range(n)])  # repeated labels too
         pts = list(zip(d["size_bytes"], d["accuracy"], strict=True))
 
         def dominated(p, pts=pts):
@@ -91,26 +78,15 @@ def test_pareto_matches_brute_force() -> None:
 
 
 def test_grid_from_lists() -> None:
-    g = SweepGrid(
-        bits=[8, 2, None, 2],
-        prune_rates=[0, 0.5],
-        symmetric=[True, False],
-        per_channel=[False, True],
-    )
+    g = SweepGrid(bits=[8, 2, None, 2], prune_rates=[0, 0.5], symmetric=[True, False],
+                  per_channel=[False, True])
     assert g.bits == (8, 2, None) and g.prune_rates == (0, 0.5)
     # 2 bit widths x 2 rates x 2 schemes x 2 granularities, plus one float row per rate
     assert len(g) == 2 * 2 * 2 * 2 + 2
-    assert g == SweepGrid(
-        bits=(8, 2, None), prune_rates=(0, 0.5), symmetric=(True, False), per_channel=(False, True)
-    )
-    assert hash(g) == hash(
-        SweepGrid(
-            bits=(8, 2, None),
-            prune_rates=(0, 0.5),
-            symmetric=(True, False),
-            per_channel=(False, True),
-        )
-    )
+    assert g == SweepGrid(bits=(8, 2, None), prune_rates=(0, 0.5), symmetric=(True, False),
+                          per_channel=(False, True))
+    assert hash(g) == hash(SweepGrid(bits=(8, 2, None), prune_rates=(0, 0.5),
+                                     symmetric=(True, False), per_channel=(False, True)))
     assert len(SweepGrid()) == 5
 
 
@@ -135,9 +111,8 @@ def test_grid_rejects_bad_values(kwargs: dict, words: str) -> None:
 
 def test_sweep_rows_match_compress_and_evaluate() -> None:
     model, data = _setup()
-    grid = SweepGrid(
-        bits=[None, 2, 4], prune_rates=[0.0, 0.5], clips=[1.0, 0.8], symmetric=[True, False]
-    )
+    grid = SweepGrid(bits=[None, 2, 4], prune_rates=[0.0, 0.5], clips=[1.0, 0.8],
+                     symmetric=[True, False])
     calls = []
     df = sweep(model, data, grid, progress=lambda d, t, r: calls.append((d, t, r["bits"])))
     assert list(df.columns) == list(SWEEP_COLUMNS)
@@ -188,9 +163,8 @@ def test_sweep_does_not_change_the_model() -> None:
 def test_configs_are_plain_compression_configs() -> None:
     g = SweepGrid(bits=[4], prune_rates=[0.25], structured=True)
     (cfg,) = g.configs()
-    assert cfg == CompressionConfig(
-        quant=QuantConfig(bits=4), prune=PruneConfig(rate=0.25, structured=True)
-    )
+    assert cfg == CompressionConfig(quant=QuantConfig(bits=4),
+                                    prune=PruneConfig(rate=0.25, structured=True))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -208,23 +182,8 @@ def _need(name: str) -> None:
 def test_cli_writes_the_csv(tmp_path, capsys) -> None:
     _need("digits-mlp")
     out = tmp_path / "sweep.csv"
-    rc = main_sweep(
-        [
-            "--model",
-            "digits-mlp",
-            "--bits",
-            "2",
-            "8",
-            "float",
-            "--prune",
-            "0",
-            "0.5",
-            "--asymmetric",
-            "--per-channel",
-            "--out",
-            str(out),
-        ]
-    )
+    rc = main_sweep(["--model", "digits-mlp", "--bits", "2", "8", "float", "--prune", "0", "0.5",
+                     "--asymmetric", "--per-channel", "--out", str(out)])
     assert rc == 0
     df = pd.read_csv(out)
     assert list(df.columns) == list(SWEEP_COLUMNS)
@@ -266,20 +225,12 @@ def test_grid_round_trips_and_builds_configs_through_the_flat_mapping() -> None:
 
     from qcore.config import Settings
 
-    grid = SweepGrid(
-        bits=[None, 2, 4],
-        prune_rates=[0.0, 0.5],
-        clips=[1.0, 0.8],
-        symmetric=[True, False],
-        structured=True,
-        prune_scope="global",
-    )
+    grid = SweepGrid(bits=[None, 2, 4], prune_rates=[0.0, 0.5], clips=[1.0, 0.8],
+                     symmetric=[True, False], structured=True, prune_scope="global")
     back = SweepGrid.from_dict(json.loads(json.dumps(grid.to_dict())))
     assert back == grid and back.configs() == grid.configs()
-    assert (
-        grid.configs()[0]
-        == Settings(bits=None, prune=0.0, structured=True, scope="global").to_config()
-    )
+    assert grid.configs()[0] == Settings(bits=None, prune=0.0, structured=True,
+                                         scope="global").to_config()
     assert len(grid) == 2 + 2 * 2 * 2 * 2  # float rows do not vary with clip or scheme
     with pytest.raises(ValueError, match="keys"):
         SweepGrid.from_dict({"bits": [2], "evil": 1})

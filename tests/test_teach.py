@@ -32,9 +32,8 @@ def linear(weights: list[list[float]]) -> nn.Module:
     return nn.Sequential(lin).eval()
 
 
-def squeeze(
-    quant: QuantConfig | None, prune: PruneConfig | None = None, model: nn.Module | None = None
-) -> Compressed:
+def squeeze(quant: QuantConfig | None, prune: PruneConfig | None = None,
+            model: nn.Module | None = None) -> Compressed:
     model = model or linear([[-1.0, -0.2, 0.0, 0.26, 1.0]])
     return compress(model, CompressionConfig(quant=quant, prune=prune))
 
@@ -68,9 +67,11 @@ def test_journey_asymmetric_hand_case() -> None:
     assert (j.index, j.weight, j.clip_lo, j.clip_hi) == (1, 2.25, -0.75, 2.25)
     assert (j.grid_lo, j.grid_hi, j.scale, j.zero_point) == (-1.0, 2.0, 1.0, 1)
     # 2.25 + 1 = 3.25; round(2.25) + 1 = 3 = qmax; stored as 3 - 0 = "11"; back: (3 - 1) * 1
-    assert (j.scaled, j.code, j.code_binary, j.dequantized, j.error) == (3.25, 3, "11", 2.0, -0.25)
+    assert (j.scaled, j.code, j.code_binary, j.dequantized, j.error) == (
+        3.25, 3, "11", 2.0, -0.25)
     j = weight_journey(c, "0", 0)  # -0.75 + 1 = 0.25: code round(-0.75) + 1 = 0, back -1
-    assert (j.scaled, j.code, j.code_binary, j.dequantized, j.error) == (0.25, 0, "00", -1.0, -0.25)
+    assert (j.scaled, j.code, j.code_binary, j.dequantized, j.error) == (
+        0.25, 0, "00", -1.0, -0.25)
 
 
 def test_journey_one_bit_and_pruned() -> None:
@@ -90,28 +91,16 @@ def test_journey_one_bit_and_pruned() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    bits=st.integers(1, 8),
-    symmetric=st.booleans(),
-    per_channel=st.booleans(),
-    rounding=st.sampled_from(["nearest", "stochastic"]),
-    rate=st.sampled_from([0.0, 0.3]),
-    structured=st.booleans(),
-    seed=st.integers(0, 1000),
-)
+@given(bits=st.integers(1, 8), symmetric=st.booleans(), per_channel=st.booleans(),
+       rounding=st.sampled_from(["nearest", "stochastic"]), rate=st.sampled_from([0.0, 0.3]),
+       structured=st.booleans(), seed=st.integers(0, 1000))
 def test_property_journey_lands_on_the_compressed_weight(
     bits, symmetric, per_channel, rounding, rate, structured, seed
 ) -> None:
     """Two ways agree: the journey's dequantized value is the compressed model's weight, its
     code the stored one, and the code is the formula applied to ``scaled``."""
-    q = QuantConfig(
-        bits=bits,
-        symmetric=symmetric,
-        per_channel=per_channel,
-        rounding=rounding,
-        clip=0.8,
-        seed=seed,
-    )
+    q = QuantConfig(bits=bits, symmetric=symmetric, per_channel=per_channel, rounding=rounding,
+                    clip=0.8, seed=seed)
     prune = PruneConfig(rate=rate, structured=structured) if rate else None
     c = compress(make_bn_model(seed % 3), CompressionConfig(quant=q, prune=prune))
     res = c.layer("3")
@@ -127,9 +116,8 @@ def test_property_journey_lands_on_the_compressed_weight(
             x = j.scaled - j.zero_point
             assert j.code == min(hi, max(lo, round(x) + j.zero_point))  # Python rounds half even
         if bits > 1 and not j.pruned:
-            assert j.dequantized == float(
-                torch.tensor(float(j.code - j.zero_point)) * torch.tensor(j.scale)
-            )
+            assert j.dequantized == float(torch.tensor(float(j.code - j.zero_point))
+                                          * torch.tensor(j.scale))
 
 
 def test_journey_refuses_float_layers_and_bad_indices() -> None:
@@ -178,15 +166,13 @@ def test_curve_splits_the_error_exactly(bits: int, symmetric: bool, rate: float)
     assert t["c"].iloc[-1] == pytest.approx(1.25 * curve.max_abs)
     for row in t.itertuples():
         # directly: quantize the kept weights over [-c, c] (the absolute clip mode)
-        q = quantize_tensor(
-            kept, QuantConfig(bits=bits, symmetric=symmetric, clip_mode="absolute", clip=row.c)
-        )
+        q = quantize_tensor(kept, QuantConfig(bits=bits, symmetric=symmetric,
+                                              clip_mode="absolute", clip=row.c))
         direct = float(((kept.double() - q.double()) ** 2).sum())
         assert row.total == pytest.approx(direct, rel=1e-12)
         beyond = kept.abs() > row.c
         assert row.clip_error == pytest.approx(
-            float(((kept.double() - q.double())[beyond] ** 2).sum()), rel=1e-12
-        )
+            float(((kept.double() - q.double())[beyond] ** 2).sum()), rel=1e-12)
         if row.c >= curve.max_abs:
             assert row.clip_error == 0.0
         else:
@@ -201,16 +187,14 @@ def test_curve_current_and_optimum() -> None:
     w, after = res.float_weight.reshape(-1)[kept], res.dequantized.reshape(-1)[kept]
     # per tensor, symmetric, nearest: the curve's value at the layer's clip is its real error
     assert curve.current[0] == float(res.qparams.hi[0]) == pytest.approx(0.6 * curve.max_abs)
-    assert curve.current[1] == pytest.approx(
-        float(((w.double() - after.double()) ** 2).sum()), rel=1e-12
-    )
+    assert curve.current[1] == pytest.approx(float(((w.double() - after.double()) ** 2).sum()),
+                                             rel=1e-12)
     best = curve.table["total"].idxmin()
     assert curve.optimum == (curve.table["c"][best], curve.table["total"][best])
     assert curve.optimum[1] <= curve.current[1]
     assert not curve.per_channel and curve.note == "" and (curve.bits, curve.symmetric) == (3, True)
-    pc = clip_error_curve(
-        squeeze(QuantConfig(bits=3, per_channel=True), None, gaussian_model()), "0"
-    )
+    pc = clip_error_curve(squeeze(QuantConfig(bits=3, per_channel=True), None,
+                                  gaussian_model()), "0")
     assert pc.per_channel and "one scale for the whole tensor" in pc.note
     with pytest.raises(ValueError, match="left in float"):
         clip_error_curve(squeeze(None, PruneConfig(rate=0.5)), "0")
