@@ -100,10 +100,13 @@ def test_histogram_of_a_kmeans_layer_draws_its_shared_values(rate: float) -> Non
     # every value a weight takes after sharing, zero included when pruning removed some
     values = torch.unique(res.dequantized).double().numpy()
     np.testing.assert_array_equal(np.asarray(h.levels), values)
-    assert h.shared and h.clip is None and h.requested is None  # a codebook has no grid
-    assert len(values) == res.codebook.numel() + (rate > 0) <= 2**3 + 1
+    assert h.clip is None and h.requested is None  # a codebook has no grid
+    assert h.shared == res.codebook.numel() <= 2**3
+    assert len(values) == h.shared + (rate > 0)
     fig = figures.weight_histogram_figure(h)
-    trace = _trace(fig, f"{len(values)} shared values (k-means)")
+    pruned = " and 0 (pruned)" if rate > 0 else ""
+    trace = _trace(fig, f"{h.shared} shared values (k-means){pruned}")
+    assert trace.name == f"{h.shared} shared values (k-means){pruned}"
     np.testing.assert_array_equal(np.asarray(trace.x, dtype=float)[0::3], values)
     assert not [t for t in fig.data if "quantization levels" in (t.name or "")]
 
