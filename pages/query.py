@@ -15,7 +15,7 @@ from typing import Any
 import streamlit as st
 
 from qcore.config import FLOAT, SETTING_KEYS, parse_flat
-from qcore.refs import SESSION_PREFIX
+from qcore.refs import SESSION_PREFIXES
 
 DEFAULT_MODEL = "mnist-cnn"  # the model a link without ``model=`` opens
 QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS)
@@ -65,7 +65,7 @@ def parse_query(
     if raw is not None:
         if raw in models:
             values["model"] = raw
-        elif raw.startswith(SESSION_PREFIX):  # fine-tuned in a session, which alone holds it
+        elif raw.startswith(SESSION_PREFIXES):  # fine-tuned or uploaded: its session alone has it
             bad("model", raw, "a model made in another session: a link cannot carry it")
         else:
             bad("model", raw, "known models: " + ", ".join(models))

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ModelRef", "DatasetRef", "Progress", "state_sha256", "session_model_name"]
+__all__ = [
+    "ModelRef", "DatasetRef", "Progress", "state_sha256", "session_model_name",
+    "SESSION_PREFIX", "UPLOAD_PREFIX", "SESSION_PREFIXES",
+]  # fmt: skip
 
 Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
 
@@ -21,9 +24,10 @@ Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
 @dataclass(frozen=True)
 class ModelRef:
     """A model by name (a sample model: ``ModelRef("mnist-cnn")``), or by content: a model
-    made in a session (fine-tuned) is ``ModelRef("ft-<first 12 hex>", sha256=<64 hex>)``,
-    the SHA-256 of its state (:func:`state_sha256`), so identical weights share every
-    cache entry. Such a model lives with whoever made it; :meth:`load` cannot rebuild it.
+    made in a session is ``ModelRef("ft-<first 12 hex>", sha256=<64 hex>)`` when fine-tuned
+    there and ``ModelRef("up-<first 12 hex>", sha256=...)`` when uploaded, named by the
+    SHA-256 of its state (:func:`state_sha256`), so identical weights share every cache
+    entry. Such a model lives with whoever made it; :meth:`load` cannot rebuild it.
     """
 
     name: str
@@ -38,10 +42,13 @@ class ModelRef:
             raise ValueError(
                 f"A model reference's sha256 is 64 lowercase hex digits; got {self.sha256!r}."
             )
-        if self.sha256 is not None and self.name != session_model_name(self.sha256):
+        if self.sha256 is not None and self.name not in (
+            session_model_name(self.sha256, p) for p in SESSION_PREFIXES
+        ):
             raise ValueError(
                 f"A model made in a session is named {session_model_name(self.sha256)!r} "
-                f"after its SHA-256; got {self.name!r}."
+                f"(fine-tuned) or {session_model_name(self.sha256, UPLOAD_PREFIX)!r} "
+                f"(uploaded) after its SHA-256; got {self.name!r}."
             )
 
     @property
@@ -53,8 +60,8 @@ class ModelRef:
         """The float model, in eval mode (sample models come from ``qcore.load_model``)."""
         if self.sha256 is not None:
             raise ValueError(
-                f"{self.name} was made in a session (fine-tuned there); only that session "
-                "holds it, so it cannot be loaded by name."
+                f"{self.name} was made in a session (fine-tuned or uploaded there); only "
+                "that session holds it, so it cannot be loaded by name."
             )
         from qcore.models import load_model
 
@@ -75,17 +82,24 @@ class ModelRef:
         return cls(d["name"], d.get("sha256"))
 
 
-SESSION_PREFIX = "ft-"  # the name of a model made in a session: this, then 12 hex digits
+SESSION_PREFIX = "ft-"  # a model fine-tuned in a session: this, then 12 hex digits
+UPLOAD_PREFIX = "up-"  # a model whose weights were uploaded: this, then 12 hex digits
+SESSION_PREFIXES = (SESSION_PREFIX, UPLOAD_PREFIX)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def session_model_name(sha256: str) -> str:
-    """The name of a session model: ``ft-`` and the first 12 hex digits of its SHA-256.
+def session_model_name(sha256: str, prefix: str = SESSION_PREFIX) -> str:
+    """The name of a session model: ``ft-`` (fine-tuned) or ``up-`` (uploaded) and the
+    first 12 hex digits of its SHA-256.
 
     >>> session_model_name("0123456789ab" + "0" * 52)
     'ft-0123456789ab'
+    >>> session_model_name("0123456789ab" + "0" * 52, UPLOAD_PREFIX)
+    'up-0123456789ab'
     """
-    return SESSION_PREFIX + sha256[:12]
+    if prefix not in SESSION_PREFIXES:
+        raise ValueError(f"A session model's prefix is one of {SESSION_PREFIXES}; got {prefix!r}.")
+    return prefix + sha256[:12]
 
 
 def state_sha256(model: Any) -> str:
