@@ -230,6 +230,34 @@ def register_session_model(
     return ref.name
 
 
+def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:
+    """Add a model whose weights were uploaded (a :class:`qcore.upload.UploadedModel`) to
+    this session's models; return its name (``up-`` and 12 hex digits of its SHA-256). The
+    same weights uploaded twice are one model."""
+    ref = ModelRef(uploaded.name, sha256=uploaded.sha256)
+    held = session_models()
+    if ref.name not in held:
+        source = f"{uploaded.filename}" if uploaded.filename else "an uploaded file"
+        origin = (f"weights uploaded from {source}, the {uploaded.arch} architecture "
+                  f"on {uploaded.dataset}")  # fmt: skip
+        info = qcore.ModelInfo(
+            name=ref.name,
+            arch=uploaded.arch,
+            dataset=uploaded.dataset,
+            params=uploaded.params,
+            float_accuracy=float(float_accuracy),
+            input_shape=tuple(uploaded.module.qcore_spec["input_shape"]),
+            num_classes=int(uploaded.module.qcore_spec["num_classes"]),
+            file="",  # not a file on the server: it lives in this session
+            sha256=uploaded.sha256,
+            description=origin[0].upper() + origin[1:] + ".",
+            train_recipe="uploaded",
+        )
+        module = hold_session_model(ref, uploaded.module)
+        held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
+    return ref.name
+
+
 def switch_model(name: str, dataset: str | None = None) -> None:
     """Make ``name`` the current model (on ``dataset``, else its own); every layer compressed.
 

@@ -1,6 +1,6 @@
-"""The shared sidebar: the model and dataset pickers, and the check every page starts with
-that the picked model and dataset load and fit (with a download offer for a missing
-torchvision dataset, where the server allows it)."""
+"""The shared sidebar: the model and dataset pickers, the upload of a user's own weights,
+and the check every page starts with that the picked model and dataset load and fit (with
+a download offer for a missing torchvision dataset, where the server allows it)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import streamlit as st
 
 import qcore
 from pages.cache import get_dataset, get_model
-from pages.session import model_info, model_names, model_ref, session_models, switch_model
+from pages.session import (
+    model_info,
+    model_names,
+    model_ref,
+    register_uploaded_model,
+    session_models,
+    switch_model,
+)
 from qcore.config import parse_bool
 from qcore.refs import DatasetRef, ModelRef
+from qcore.upload import MAX_UPLOAD_BYTES, WEIGHT_SUFFIXES, architectures, load_weights
 
 MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # Whether a viewer may download a missing torchvision dataset into the server's data folder.
@@ -92,7 +100,8 @@ def sidebar_pickers() -> None:
         format_func=_model_label,
         on_change=_on_model_change,
         help="The sample models, with their parameter counts, then the models made in this "
-        "session (fine-tuned on the Fine-tune page; a link cannot carry them).",
+        "session (fine-tuned on the Fine-tune page, or uploaded below; a link cannot carry "
+        "them).",
     )
     info = model_info(ss["model"])
     if ss["model"] in session_models():
@@ -124,6 +133,82 @@ def sidebar_pickers() -> None:
             f"Not listed: {', '.join(others)}; {ss['model']} takes "
             f"{_shape(info.input_shape)} images in {info.num_classes} classes."
         )
+
+
+UPLOAD_ERROR = "upload_error"  # st.session_state: the last upload's refusal, shown once
+UPLOADER = "upload_weights"  # the file uploader's key
+
+
+def _arch_label(arch: str) -> str:
+    samples = [i.name for i in qcore.models.read_manifest() if i.arch == arch]
+    return f"{arch} (as {', '.join(samples)})" if samples else arch
+
+
+def _on_upload() -> None:
+    """Read the uploaded weights into a model of this session and switch to it; a refusal
+    is kept for the panel to show."""
+    ss = st.session_state
+    ss.pop(UPLOAD_ERROR, None)
+    file = ss.get(UPLOADER)
+    if file is None:  # the file was removed from the uploader
+        return
+    arch, dataset = ss["upload_arch"], ss["upload_dataset"]
+    try:
+        if file.size > MAX_UPLOAD_BYTES:  # before reading it into memory
+            raise ValueError(
+                f"{file.name!r} is {file.size:,} bytes; weights files are capped at "
+                f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
+            )
+        uploaded = load_weights(file.getvalue(), arch, dataset, filename=file.name)
+        accuracy = qcore.evaluate(uploaded.module, get_dataset(DatasetRef(dataset))).accuracy
+    except ValueError as e:  # a refusal, or the dataset's files missing on this server
+        ss[UPLOAD_ERROR] = str(e)
+        return
+    name = register_uploaded_model(uploaded, accuracy)
+    switch_model(name, dataset)
+    ss[MODEL_PICKER] = name  # a callback may set the picker: it is drawn after this
+
+
+def upload_panel() -> None:
+    """Bring your own model: weights for one of the sample architectures, trained on any of
+    the datasets (which sets the input shape and classes). Held in this session only."""
+    ss = st.session_state
+    with st.expander("Upload your own weights", icon=":material/upload_file:",
+                     expanded=UPLOAD_ERROR in ss):  # fmt: skip
+        st.caption(
+            "Weights you trained for one of the sample architectures: a state dict saved as "
+            "safetensors or with torch.save. Nothing in the file is run; the model stays in "
+            "this session only."
+        )
+        archs, datasets = architectures(), qcore.list_datasets()
+        current = model_info(ss["model"])  # the pickers start at the current model's
+        st.selectbox(
+            "Architecture",
+            list(archs),
+            index=list(archs).index(current.arch) if current.arch in archs else 0,
+            key="upload_arch",
+            format_func=_arch_label,
+            help="Build it for training with `qcore.models.build_model(arch, (C, H, W), "
+            "classes)` and save `model.state_dict()`.\n\n"
+            + "\n\n".join(f"**{a}**: {d}" for a, d in archs.items()),
+        )
+        st.selectbox(
+            "Trained on",
+            datasets,
+            index=datasets.index(current.dataset) if current.dataset in datasets else 0,
+            key="upload_dataset",
+            help="Sets the input shape and the number of classes; the float accuracy is "
+            "measured on this dataset's test split.",
+        )
+        st.file_uploader(
+            "Weights file",
+            type=[s.lstrip(".") for s in WEIGHT_SUFFIXES],
+            key=UPLOADER,
+            on_change=_on_upload,
+            help=f"At most {MAX_UPLOAD_BYTES // 2**20} MB.",
+        )
+        if UPLOAD_ERROR in ss:
+            st.error(ss.pop(UPLOAD_ERROR))
 
 
 def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:

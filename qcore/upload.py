@@ -49,6 +49,9 @@ MAX_ZIP_ENTRIES = 10_000  # a state dict of our architectures has well under 200
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints keep the weights
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+# what PyTorch's restricted unpickler says when it refuses an object (a class, a function),
+# as opposed to a damaged pickle ("Unsupported operand", "String is too long", ...)
+_REFUSED_OBJECT = ("GLOBAL", "Can only build", "Can only create new object", "allowlisted")
 _LISTED = 5  # names listed in a refusal before "and N more"
 
 
@@ -121,8 +124,8 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
     label = f"{filename!r}" if filename else "The file"
     if len(data) > MAX_UPLOAD_BYTES:
         raise ValueError(
-            f"{label} is {len(data) / 2**20:,.1f} MiB; weights files are capped at "
-            f"{MAX_UPLOAD_BYTES // 2**20} MiB."
+            f"{label} is {len(data):,} bytes; weights files are capped at "
+            f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
         )
     if not data:
         raise ValueError(f"{label} is empty.")
@@ -139,7 +142,7 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler refusing, or a damaged archive
             text = " ".join(str(e).split())
-            if "weights_only" in text or "Unsupported global" in text:
+            if any(m in text for m in _REFUSED_OBJECT):  # not a damaged file: an object
                 raise ValueError(
                     f"{label} holds more than weights (a pickled object such as a whole "
                     "model), which is never loaded here since unpickling can run code; "

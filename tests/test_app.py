@@ -46,12 +46,13 @@ def size_bytes(text: str) -> float:
 
 def ok(at: AppTest, title: str = "Quantization Playground") -> None:
     """No traceback, no error, and the app shell (the page's one heading, the sidebar
-    pickers) drawn in this run."""
+    pickers, the upload panel's pickers) drawn in this run."""
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert [t.value for t in at.title] == [title]
     keys = [s.key for s in at.sidebar.selectbox]
-    assert keys == ["model_picker", f"dataset_picker:{at.session_state['model']}"]
+    assert keys == ["model_picker", f"dataset_picker:{at.session_state['model']}",
+                    "upload_arch", "upload_dataset"]  # fmt: skip
 
 
 # --- AppTest ----------------------------------------------------------------------------------
