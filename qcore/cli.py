@@ -151,12 +151,33 @@ def _write(out: Path, write: Callable[[Path], T]) -> T:
         raise ValueError(f"Could not write {str(out)!r}: {exc.strerror or exc}.") from exc
 
 
-def _load(name: str, dataset: str | None, split: str = "test") -> tuple[nn.Module, Dataset]:
-    """The model and the split, after checking from the manifests that they fit."""
+def _load(name: str, dataset: str | None, split: str = "test",
+          weights: Path | None = None) -> tuple[nn.Module, Dataset]:  # fmt: skip
+    """The model and the split, after checking from the manifests that they fit; with
+    ``weights``, the user's own weights file for ``name``'s architecture on that dataset."""
     info = model_info(name)
     dataset = dataset or info.dataset
+    if weights is not None:
+        return _own_model(weights, info.arch, dataset), load_dataset(dataset, split)
     check_fit(info, dataset_info(dataset))
     return load_model(name), load_dataset(dataset, split)
+
+
+def _own_model(path: Path, arch: str, dataset: str) -> nn.Module:
+    """A weights file (safetensors or torch.save) read by :mod:`qcore.upload`'s checks."""
+    from qcore.upload import MAX_UPLOAD_BYTES, load_weights
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_UPLOAD_BYTES:  # before reading it into memory
+            raise ValueError(
+                f"{str(path)!r} is {size:,} bytes; weights files are capped at "
+                f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
+    return load_weights(data, arch, dataset, filename=path.name).module
 
 
 class ProgressBar:
@@ -196,6 +217,9 @@ def _list(args: argparse.Namespace) -> int:
 def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="your own trained weights (safetensors or torch.save state dict) "
+                        "for --model's architecture on --dataset's inputs and classes")
     parser.add_argument("--bits", type=_bits_arg, default=8,
                         help="1..16, or 'float' for no quantization")
     parser.add_argument("--layer-bits", default="", metavar="LAYER:BITS,...",
@@ -258,7 +282,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    model, data = _load(args.model, args.dataset)
+    model, data = _load(args.model, args.dataset, weights=args.weights)
     cfg = _config(args, model)
     base = evaluate(model, data)
     c = compress(model, cfg, calib=_calib(args, cfg))
@@ -284,9 +308,13 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
-        check_fit(model_info(args.model), dataset_info(args.dataset))
-    model = load_model(args.model)
+    if args.weights is not None:
+        model = _own_model(args.weights, model_info(args.model).arch,
+                           args.dataset or model_info(args.model).dataset)  # fmt: skip
+    else:
+        if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
+            check_fit(model_info(args.model), dataset_info(args.dataset))
+        model = load_model(args.model)
     cfg = _config(args, model)
     c = compress(model, cfg, calib=_calib(args, cfg))
     n = _write(args.out, lambda out: export_packed(c, out))
@@ -317,6 +345,9 @@ def _train_samples(args: argparse.Namespace) -> int:
 def _analysis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="sample model name, e.g. mnist-cnn")
     parser.add_argument("--dataset", help="dataset name (default: the model's own)")
+    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="your own trained weights (safetensors or torch.save state dict) "
+                        "for --model's architecture on --dataset's inputs and classes")
     parser.add_argument("--split", default="test", choices=("test", "calib", "train"),
                         help="split to evaluate on (default: test)")
     parser.add_argument("--clip-mode", default="ratio", choices=CLIP_MODES,
@@ -353,7 +384,7 @@ def _sweep(args: argparse.Namespace) -> int:
         symmetric=(not args.asymmetric,), per_channel=(args.per_channel,),
         structured=args.structured,
     )
-    model, dataset = _load(args.model, args.dataset, args.split)
+    model, dataset = _load(args.model, args.dataset, args.split, weights=args.weights)
     progress = None if args.quiet else ProgressBar("sweep")
     df = sweep(model, dataset, grid, progress=progress)
     _write(args.out, lambda out: df.to_csv(out, index=False))
@@ -383,7 +414,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     quant = QuantConfig(symmetric=not args.asymmetric, per_channel=args.per_channel,
                         clip=args.clip, clip_mode=args.clip_mode)
     prune = PruneConfig(structured=args.structured)
-    model, dataset = _load(args.model, args.dataset, args.split)
+    model, dataset = _load(args.model, args.dataset, args.split, weights=args.weights)
     progress = None if args.quiet else ProgressBar("sensitivity")
     df = layer_sensitivity(model, dataset, bits=args.bits, prune_rates=args.prune,
                            quant=quant, prune=prune, naive=args.naive, progress=progress)
@@ -431,7 +462,7 @@ def _finetune(args: argparse.Namespace) -> int:
         prune_schedule="gradual" if args.gradual else "oneshot", learn_scales=args.learn_scales,
         **({} if args.lr is None else {"lr": args.lr}),
     )  # fmt: skip
-    model, test = _load(args.model, args.dataset)
+    model, test = _load(args.model, args.dataset, weights=args.weights)
     cfg = _config(args, model)
     name = args.dataset or model_info(args.model).dataset
     train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
@@ -471,6 +502,9 @@ def _deep_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="a sample model (see: list)")
     parser.add_argument("--dataset", default=None, help="default: the model's own")
+    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="your own trained weights (safetensors or torch.save state dict) "
+                        "for --model's architecture on --dataset's inputs and classes")
     parser.add_argument("--prune-rate", type=_number_arg, default=None,
                         help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
     parser.add_argument("--bits", type=whole_number, default=None,
@@ -489,7 +523,7 @@ def _deep(args: argparse.Namespace) -> int:
     from qcore.bench import deep_lines
     from qcore.deep import CENTROID_EPOCHS, DEFAULT_EPOCHS, deep_compression
 
-    model, test = _load(args.model, args.dataset)
+    model, test = _load(args.model, args.dataset, weights=args.weights)
     name = args.dataset or model_info(args.model).dataset
     train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
     epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
@@ -532,7 +566,7 @@ def _robustness_parser() -> argparse.ArgumentParser:
 
 
 def _robustness(args: argparse.Namespace) -> int:
-    model, data = _load(args.model, args.dataset)
+    model, data = _load(args.model, args.dataset, weights=args.weights)
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be 1 or more; got {args.limit}.")

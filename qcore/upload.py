@@ -210,6 +210,7 @@ def load_weights(
     info = dataset if isinstance(dataset, DatasetInfo) else dataset_info(dataset)
     state = read_state_dict(data, filename)
     label = f"{filename!r}" if filename else "The file"
+    where = f"{filename!r}" if filename else "the file"  # inside a sentence
     model = build_model(arch, info.input_shape, info.num_classes)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -229,26 +230,27 @@ def load_weights(
              if tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
     if wrong:
         raise ValueError(
-            f"{label}'s tensors do not fit {arch!r} on {info.name} ({_shape(info.input_shape)} "
-            f"inputs, {info.num_classes} classes): {_some(wrong)}. Pick the dataset the "
-            "weights were trained on (its input size and number of classes)."
+            f"The tensors of {where} do not fit {arch!r} on {info.name} "
+            f"({_shape(info.input_shape)} inputs, {info.num_classes} classes): "
+            f"{_some(wrong)}. Pick the dataset the weights were trained on (its input size "
+            "and number of classes)."
         )
     clean: dict[str, torch.Tensor] = {}
     for k, v in expected.items():
         t = state[k]
         if t.is_sparse or t.is_quantized or t.is_complex() or t.layout != torch.strided:
-            raise ValueError(f"{label}'s tensor {k} is not a plain dense real tensor.")
+            raise ValueError(f"Tensor {k} of {where} is not a plain dense real tensor.")
         if v.is_floating_point():
             if not t.is_floating_point():
                 raise ValueError(
-                    f"{label}'s tensor {k} holds {t.dtype}, not floating-point values."
+                    f"Tensor {k} of {where} holds {t.dtype}, not floating-point values."
                 )
             t = t.detach().to(torch.float32)
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{label}'s tensor {k} holds NaN or infinite values.")
+                raise ValueError(f"Tensor {k} of {where} holds NaN or infinite values.")
         else:  # BatchNorm's num_batches_tracked: an integer count
             if t.is_floating_point() or t.dtype == torch.bool:
-                raise ValueError(f"{label}'s tensor {k} holds {t.dtype}, not an integer count.")
+                raise ValueError(f"Tensor {k} of {where} holds {t.dtype}, not an integer count.")
             t = t.detach().to(v.dtype)
         clean[k] = t.clone()  # our own memory, whatever buffer the file's tensors shared
     model.load_state_dict(clean, strict=True)

@@ -355,7 +355,7 @@ def test_missing_and_extra_tensors_are_named_and_counted() -> None:
 def test_wrong_shapes_name_the_tensor_and_both_shapes() -> None:
     mnist = torch_bytes(make_model("mlp", "mnist-5k").state_dict())
     msg = refused(mnist, "mlp", "digits")
-    assert "tensors do not fit 'mlp' on digits (1x8x8 inputs, 10 classes)" in msg
+    assert "tensors of the file do not fit 'mlp' on digits (1x8x8 inputs, 10 classes)" in msg
     assert "fc1.weight is 64x784, not 64x64" in msg
     assert "Pick the dataset the weights were trained on" in msg
     msg = refused(torch_bytes(make_model("cnn", "mnist-5k").state_dict()), "cnn", "cifar10")
@@ -371,30 +371,30 @@ def test_wrong_shapes_name_the_tensor_and_both_shapes() -> None:
 def test_bad_values_are_refused() -> None:
     sd = mlp_state()
     msg = refused(torch_bytes(dict(sd, **{"fc1.weight": torch.ones(64, 64, dtype=torch.int64)})))
-    assert msg == "The file's tensor fc1.weight holds torch.int64, not floating-point values."
+    assert msg == "Tensor fc1.weight of the file holds torch.int64, not floating-point values."
     msg = refused(st_save(dict(sd, **{"fc1.bias": torch.ones(64, dtype=torch.bool)})))
-    assert "fc1.bias holds torch.bool, not floating-point values" in msg
+    assert "fc1.bias of the file holds torch.bool, not floating-point values" in msg
     for bad in (float("nan"), float("inf"), float("-inf")):
         w = sd["fc2.weight"].clone()
         w[3, 7] = bad
         bad_sd = dict(sd, **{"fc2.weight": w})
         for data in (torch_bytes(bad_sd), st_save(bad_sd)):
-            assert refused(data) == "The file's tensor fc2.weight holds NaN or infinite values."
+            assert refused(data) == "Tensor fc2.weight of the file holds NaN or infinite values."
     # an inf that appears only when float64 is brought down to float32
     big = sd["fc2.bias"].to(torch.float64)
     big[0] = 1e300
     msg = refused(st_save(dict(sd, **{"fc2.bias": big})))
-    assert "fc2.bias holds NaN or infinite values" in msg
+    assert "fc2.bias of the file holds NaN or infinite values" in msg
     # BatchNorm's count must stay an integer
     rsd = make_model("resnet", "digits").state_dict()
     key = next(k for k in rsd if k.endswith("num_batches_tracked"))
     msg = refused(torch_bytes(dict(rsd, **{key: torch.tensor(1.0)})), "resnet")
-    assert f"{key} holds torch.float32, not an integer count" in msg
+    assert f"{key} of the file holds torch.float32, not an integer count" in msg
     # complex and sparse tensors are not plain weights
     c = dict(sd, **{"fc2.bias": torch.zeros(10, dtype=torch.complex64)})
-    assert "fc2.bias is not a plain dense real tensor" in refused(torch_bytes(c))
+    assert "fc2.bias of the file is not a plain dense real tensor" in refused(torch_bytes(c))
     s = dict(sd, **{"fc2.weight": sd["fc2.weight"].to_sparse()})
-    assert "fc2.weight is not a plain dense real tensor" in refused(torch_bytes(s))
+    assert "fc2.weight of the file is not a plain dense real tensor" in refused(torch_bytes(s))
 
 
 def test_non_tensor_entries_are_refused() -> None:
@@ -511,3 +511,54 @@ def test_loading_leaves_the_source_alone_and_gives_fresh_modules(fmt: str) -> No
     # the loaded tensors own their memory: none is a view of another
     ptrs = [t.untyped_storage().data_ptr() for t in a.module.state_dict().values()]
     assert len(set(ptrs)) == len(ptrs)
+
+
+# --- 6. the command line: --weights ----------------------------------------------------------
+
+
+def test_cli_evaluates_and_exports_own_weights(tmp_path, capsys) -> None:
+    from qcore.cli import main
+
+    model = make_model("mlp", "digits", seed=3)  # weights no sample model has
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(st_save(model.state_dict()))
+    test = qcore.load_dataset("digits", "test")
+    float_acc = qcore.evaluate(model, test).accuracy
+    args = ["--model", "digits-mlp", "--weights", str(path), "--bits", "4"]
+    assert main(["evaluate", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"float accuracy      {float_acc:.4f}"
+    qpk = tmp_path / "mine.qpk"
+    assert main(["export", *args, "--out", str(qpk)]) == 0
+    capsys.readouterr()
+    own = load_weights(path.read_bytes(), "mlp", "digits", filename=path.name)
+    c = qcore.compress(own.module, qcore.Settings(bits=4).to_config())
+    assert qpk.read_bytes() == qcore.packed_bytes(c)  # the API's file of them, byte for byte
+    assert qcore.read_header(qpk)["spec"]["name"] == own.name
+    x = test.x[:64]
+    assert torch.equal(qcore.load_packed(qpk).model(x), c.model(x))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--dataset", "mnist-5k"],
+     ["do not fit 'mlp' on mnist-5k", "fc1.weight is 64x64, not 64x784"]),
+    (["--model", "mnist-cnn"], ["does not hold the weights of architecture 'cnn'"]),
+])  # fmt: skip
+def test_cli_refuses_weights_that_do_not_fit(extra, words, tmp_path, capsys) -> None:
+    from qcore.cli import main
+
+    path = tmp_path / "mine.pt"
+    torch.save(make_model("mlp", "digits").state_dict(), path)
+    assert main(["evaluate", "--model", "digits-mlp", "--weights", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(w in err for w in words), err
+
+
+def test_cli_missing_weights_file_is_one_sentence(tmp_path, capsys) -> None:
+    from qcore.cli import main
+
+    missing = tmp_path / "nope.pt"
+    assert main(["evaluate", "--model", "digits-mlp", "--weights", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: Could not read {str(missing)!r}: No such file or directory.\n"
