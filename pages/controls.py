@@ -319,18 +319,22 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
                 format_func=SCALE_MODE_LABELS.__getitem__,
                 help=SCALE_MODE_HELP,
             )
-        dropped = [b for b in ss.get("drop", []) if b in (blocks or {})]
         st.multiselect(
             "Layers to compress",
             list(layer_names),
             key="layers",
             persist_state=_KEEP,
-            format_func=lambda n: (f"{n} (removed with its block)"
-                                   if any(n == b or n.startswith(b + ".") for b in dropped)
-                                   else n),
             help="Layers left out stay float32. A layer inside a removed block (below) "
             "leaves the network whether it is listed here or not.",
         )
+        # said in a caption, not in the options' labels: a multiselect whose labels change
+        # between runs can lose its selection in the browser
+        dropped = [b for b in ss.get("drop", []) if b in (blocks or {})]
+        gone = [n for n in layer_names
+                if any(n == b or n.startswith(b + ".") for b in dropped)]  # fmt: skip
+        if gone:
+            st.caption(f"Removed with their block: {', '.join(gone)}. They leave the network "
+                       "whether they are listed above or not.")  # fmt: skip
         _drop_picker(blocks or {})
     return settings_from_session(ss, layer_names)
 

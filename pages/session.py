@@ -10,6 +10,7 @@ have keys of their own (:data:`ANALYSIS_DEFAULTS`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
@@ -233,28 +234,31 @@ def register_session_model(
 def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:
     """Add a model whose weights were uploaded (a :class:`qcore.upload.UploadedModel`) to
     this session's models; return its name (``up-`` and 12 hex digits of its SHA-256). The
-    same weights uploaded twice are one model."""
+    same weights uploaded twice are one model; uploaded again as trained on another
+    dataset, the model's record (its own dataset, float accuracy, file) is the new one."""
     ref = ModelRef(uploaded.name, sha256=uploaded.sha256)
     held = session_models()
-    if ref.name not in held:
-        source = f"{uploaded.filename}" if uploaded.filename else "an uploaded file"
-        origin = (f"weights uploaded from {source}, the {uploaded.arch} architecture "
-                  f"on {uploaded.dataset}")  # fmt: skip
-        info = qcore.ModelInfo(
-            name=ref.name,
-            arch=uploaded.arch,
-            dataset=uploaded.dataset,
-            params=uploaded.params,
-            float_accuracy=float(float_accuracy),
-            input_shape=tuple(uploaded.module.qcore_spec["input_shape"]),
-            num_classes=int(uploaded.module.qcore_spec["num_classes"]),
-            file="",  # not a file on the server: it lives in this session
-            sha256=uploaded.sha256,
-            description=origin[0].upper() + origin[1:] + ".",
-            train_recipe="uploaded",
-        )
-        module = hold_session_model(ref, uploaded.module)
-        held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
+    if ref.name in held and held[ref.name].info.dataset == uploaded.dataset:
+        return ref.name
+    # the file's name goes into markdown captions: only plain characters of it
+    source = re.sub(r"[^\w.\- ]", "_", uploaded.filename)[:80] or "an uploaded file"
+    origin = (f"weights uploaded from {source}, the {uploaded.arch} architecture on "
+              f"{uploaded.dataset}")  # fmt: skip
+    info = qcore.ModelInfo(
+        name=ref.name,
+        arch=uploaded.arch,
+        dataset=uploaded.dataset,
+        params=uploaded.params,
+        float_accuracy=float(float_accuracy),
+        input_shape=tuple(uploaded.module.qcore_spec["input_shape"]),
+        num_classes=int(uploaded.module.qcore_spec["num_classes"]),
+        file="",  # not a file on the server: it lives in this session
+        sha256=uploaded.sha256,
+        description=origin[0].upper() + origin[1:] + ".",
+        train_recipe="uploaded",
+    )
+    module = hold_session_model(ref, uploaded.module)
+    held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
     return ref.name
 
 

@@ -20,7 +20,13 @@ from pages.session import (
 )
 from qcore.config import parse_bool
 from qcore.refs import DatasetRef, ModelRef
-from qcore.upload import MAX_UPLOAD_BYTES, WEIGHT_SUFFIXES, architectures, load_weights
+from qcore.upload import (
+    MAX_UPLOAD_BYTES,
+    WEIGHT_SUFFIXES,
+    architectures,
+    check_size,
+    load_weights,
+)
 
 MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # Whether a viewer may download a missing torchvision dataset into the server's data folder.
@@ -146,22 +152,30 @@ def _arch_label(arch: str) -> str:
 
 def _on_upload() -> None:
     """Read the uploaded weights into a model of this session and switch to it; a refusal
-    is kept for the panel to show."""
+    is kept for the panel to show. Runs again when the architecture or the dataset is
+    changed, so a refusal that says to pick another one can be answered by picking it."""
     ss = st.session_state
     ss.pop(UPLOAD_ERROR, None)
     file = ss.get(UPLOADER)
-    if file is None:  # the file was removed from the uploader
+    if file is None:  # no file yet, or it was removed from the uploader
         return
     arch, dataset = ss["upload_arch"], ss["upload_dataset"]
     try:
-        if file.size > MAX_UPLOAD_BYTES:  # before reading it into memory
-            raise ValueError(
-                f"{file.name!r} is {file.size:,} bytes; weights files are capped at "
-                f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
-            )
+        check_size(file.size, repr(file.name))  # before reading it into memory
         uploaded = load_weights(file.getvalue(), arch, dataset, filename=file.name)
-        accuracy = qcore.evaluate(uploaded.module, get_dataset(DatasetRef(dataset))).accuracy
-    except ValueError as e:  # a refusal, or the dataset's files missing on this server
+        held = session_models().get(uploaded.name)
+        if held is not None and held.info.dataset == dataset:  # measured already
+            accuracy = held.info.float_accuracy
+        else:
+            accuracy = qcore.evaluate(uploaded.module, get_dataset(DatasetRef(dataset))).accuracy
+    except qcore.DatasetNotFound as e:  # qcore's message is for a programmer
+        ss[UPLOAD_ERROR] = (
+            f"The weights fit, but the {e.name} dataset is not on this server, so their "
+            "accuracy cannot be measured. Pick it as the Dataset above first (it can be "
+            "downloaded there where the server allows), or pick another dataset."
+        )
+        return
+    except ValueError as e:  # a refusal
         ss[UPLOAD_ERROR] = str(e)
         return
     name = register_uploaded_model(uploaded, accuracy)
@@ -188,6 +202,7 @@ def upload_panel() -> None:
             index=list(archs).index(current.arch) if current.arch in archs else 0,
             key="upload_arch",
             format_func=_arch_label,
+            on_change=_on_upload,
             help="Build it for training with `qcore.models.build_model(arch, (C, H, W), "
             "classes)` and save `model.state_dict()`.\n\n"
             + "\n\n".join(f"**{a}**: {d}" for a, d in archs.items()),
@@ -197,6 +212,7 @@ def upload_panel() -> None:
             datasets,
             index=datasets.index(current.dataset) if current.dataset in datasets else 0,
             key="upload_dataset",
+            on_change=_on_upload,
             help="Sets the input shape and the number of classes; the float accuracy is "
             "measured on this dataset's test split.",
         )

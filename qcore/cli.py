@@ -165,15 +165,10 @@ def _load(name: str, dataset: str | None, split: str = "test",
 
 def _own_model(path: Path, arch: str, dataset: str) -> nn.Module:
     """A weights file (safetensors or torch.save) read by :mod:`qcore.upload`'s checks."""
-    from qcore.upload import MAX_UPLOAD_BYTES, load_weights
+    from qcore.upload import check_size, load_weights
 
     try:
-        size = path.stat().st_size
-        if size > MAX_UPLOAD_BYTES:  # before reading it into memory
-            raise ValueError(
-                f"{str(path)!r} is {size:,} bytes; weights files are capped at "
-                f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
-            )
+        check_size(path.stat().st_size, repr(str(path)))  # before reading it into memory
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
@@ -214,12 +209,16 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compression_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mnist-cnn")
-    parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
+def _weights_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
                         help="your own trained weights (safetensors or torch.save state dict) "
                         "for --model's architecture on --dataset's inputs and classes")
+
+
+def _compression_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="mnist-cnn")
+    parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
+    _weights_arg(parser)
     parser.add_argument("--bits", type=_bits_arg, default=8,
                         help="1..16, or 'float' for no quantization")
     parser.add_argument("--layer-bits", default="", metavar="LAYER:BITS,...",
@@ -345,9 +344,7 @@ def _train_samples(args: argparse.Namespace) -> int:
 def _analysis_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="sample model name, e.g. mnist-cnn")
     parser.add_argument("--dataset", help="dataset name (default: the model's own)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
-                        help="your own trained weights (safetensors or torch.save state dict) "
-                        "for --model's architecture on --dataset's inputs and classes")
+    _weights_arg(parser)
     parser.add_argument("--split", default="test", choices=("test", "calib", "train"),
                         help="split to evaluate on (default: test)")
     parser.add_argument("--clip-mode", default="ratio", choices=CLIP_MODES,
@@ -502,9 +499,7 @@ def _deep_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="a sample model (see: list)")
     parser.add_argument("--dataset", default=None, help="default: the model's own")
-    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
-                        help="your own trained weights (safetensors or torch.save state dict) "
-                        "for --model's architecture on --dataset's inputs and classes")
+    _weights_arg(parser)
     parser.add_argument("--prune-rate", type=_number_arg, default=None,
                         help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
     parser.add_argument("--bits", type=whole_number, default=None,
@@ -532,7 +527,9 @@ def _deep(args: argparse.Namespace) -> int:
     res = deep_compression(model, train, calib, prune_rate=args.prune_rate, bits=args.bits,
                            epochs=epochs, centroid_epochs=centroid_epochs, seed=args.seed,
                            progress=progress, test=test)  # fmt: skip
-    print(f"{args.model} on {name}: {len(train.y):,} training images, {len(test.y):,} test "
+    who = (args.model if args.weights is None
+           else f"{args.weights.name} ({args.model}'s architecture)")  # fmt: skip
+    print(f"{who} on {name}: {len(train.y):,} training images, {len(test.y):,} test "
           f"images; {epochs} epochs of retraining after pruning, {centroid_epochs} of centroids")
     print("\n".join(deep_lines(res, model)))
     c = res.compressed

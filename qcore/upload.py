@@ -28,6 +28,7 @@ model in every cache.
 from __future__ import annotations
 
 import io
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -41,18 +42,34 @@ from qcore.refs import UPLOAD_PREFIX, session_model_name, state_sha256
 
 __all__ = [
     "MAX_UPLOAD_BYTES", "WEIGHT_SUFFIXES", "UploadedModel", "read_state_dict", "load_weights",
-    "architectures",
+    "architectures", "check_size",
 ]  # fmt: skip
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # the server's upload cap (.streamlit/config.toml), again
 MAX_ZIP_ENTRIES = 10_000  # a state dict of our architectures has well under 200 tensors
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints keep the weights
-_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+_SAFETENSORS_MAX_HEADER = 1024 * 1024  # a state dict of ours has a header of a few kB
+# bounds on the pickle inside a torch.save file, checked before torch unpickles it: a state
+# dict of these architectures nests its objects a few levels deep and counts a few
+# thousand objects once memo references are expanded. Deeper nesting or larger expansion
+# (a tuple nested a million deep, or one doubled through memo references) would make
+# Python hash it recursively: a crash or hours of one core.
+MAX_PICKLE_DEPTH = 32
+MAX_PICKLE_OBJECTS = 1_000_000
 # what PyTorch's restricted unpickler says when it refuses an object (a class, a function),
 # as opposed to a damaged pickle ("Unsupported operand", "String is too long", ...)
 _REFUSED_OBJECT = ("GLOBAL", "Can only build", "Can only create new object", "allowlisted")
 _LISTED = 5  # names listed in a refusal before "and N more"
+
+
+def check_size(n: int, label: str = "The file") -> None:
+    """Refuse a weights file of ``n`` bytes over :data:`MAX_UPLOAD_BYTES`, before it is read."""
+    if n > MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{label} is {n:,} bytes; weights files are capped at {MAX_UPLOAD_BYTES:,} "
+            f"bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
+        )
 
 
 def architectures() -> dict[str, str]:
@@ -70,16 +87,18 @@ def _is_safetensors(data: bytes) -> bool:
     if len(data) < 10:
         return False
     n = int.from_bytes(data[:8], "little")
-    return 2 <= n <= min(len(data) - 8, _SAFETENSORS_MAX_HEADER) and data[8:9] == b"{"
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _check_zip(data: bytes) -> None:
-    """Refuse an archive whose table asks for more than the cap (before torch reads it)."""
+def _check_zip(data: bytes, label: str = "The file") -> bytes:
+    """Refuse an archive whose table asks for more than the cap (before torch reads it);
+    return its pickle (``<archive>/data.pkl``) for :func:`_check_pickle`."""
+    damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ValueError(f"The file is a damaged zip archive ({e}); save it again.") from e
+    except damaged as e:
+        raise ValueError(f"{label} is a damaged zip archive ({e}); save it again.") from e
     if len(infos) > MAX_ZIP_ENTRIES:
         raise ValueError(
             f"The archive has {len(infos):,} entries; a state dict of these architectures "
@@ -97,6 +116,102 @@ def _check_zip(data: bytes) -> None:
             "This is a TorchScript archive (torch.jit.save), which runs code when loaded; "
             "save the weights instead: torch.save(model.state_dict(), path)."
         )
+    pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise ValueError(
+            f"The archive holds {len(pickles)} pickles (data.pkl), not one: it is not a "
+            "file torch.save wrote."
+        )
+    try:  # at most 2 x the cap, by the check above
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            return z.read(pickles[0])
+    except damaged as e:
+        raise ValueError(f"{label} is a damaged zip archive ({e}); save it again.") from e
+
+
+# opcodes that add to the container below them on the stack instead of making a new object
+_FILLS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_pickle(pkl: bytes, where: str = "the file") -> None:
+    """Walk the pickle's opcodes (iteratively, without building anything) and refuse one
+    that nests objects deeper than :data:`MAX_PICKLE_DEPTH` or expands, memo references
+    followed, to more than :data:`MAX_PICKLE_OBJECTS` objects."""
+    stack: list[tuple[int, int] | None] = []  # (depth, expanded objects); None = a mark
+    memo: dict[int, tuple[int, int]] = {}
+    objects = 0
+    try:
+        for op, arg, _ in pickletools.genops(pkl):
+            name = op.name
+            if name in _MEMO_PUT:
+                if not stack or stack[-1] is None:
+                    raise ValueError("memo of nothing")
+                memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1]
+                continue
+            if name in _MEMO_GET:
+                if arg not in memo:
+                    raise ValueError("memo key missing")
+                stack.append(memo[arg])
+            elif name == "MARK":
+                stack.append(None)
+            elif name in ("POP", "POP_MARK", "DUP", "STOP", "PROTO", "FRAME"):
+                if name == "POP" and stack:
+                    stack.pop()
+                elif name == "POP_MARK":
+                    while stack and stack.pop() is not None:
+                        pass
+                elif name == "DUP" and stack:
+                    stack.append(stack[-1])
+            else:
+                before = op.stack_before
+                items: list[tuple[int, int]] = []  # popped, top first
+                if pickletools.markobject in before:
+                    while stack and stack[-1] is not None:
+                        items.append(stack.pop())  # type: ignore[arg-type]
+                    if not stack:
+                        raise ValueError("no mark")
+                    stack.pop()
+                    below = before.index(pickletools.markobject)  # objects under the mark
+                else:
+                    below = len(before)
+                for _ in range(below):
+                    if not stack or stack[-1] is None:
+                        raise ValueError("stack underflow")
+                    items.append(stack.pop())  # type: ignore[arg-type]
+                if name in _FILLS:  # the container is the deepest of the popped objects
+                    if not items:
+                        raise ValueError("nothing to fill")
+                    container, added = items[-1], items[:-1]
+                    depth = max([container[0]] + [d + 1 for d, _ in added])
+                    size = container[1] + sum(n for _, n in added)
+                    stack.append((depth, size))
+                else:
+                    depth = max((d for d, _ in items), default=-1) + 1
+                    size = 1 + sum(n for _, n in items)
+                    stack.extend([(depth, size)] * len(op.stack_after))
+                    objects += 1
+                if depth > MAX_PICKLE_DEPTH or size > MAX_PICKLE_OBJECTS:
+                    raise _TooBig(depth > MAX_PICKLE_DEPTH)
+            if len(stack) > MAX_PICKLE_OBJECTS or objects > MAX_PICKLE_OBJECTS:
+                raise _TooBig(False)
+    except _TooBig as e:
+        raise ValueError(
+            f"The pickle in {where} "
+            + ("nests objects deeper" if e.deep else "expands to more objects")
+            + " than any state dict (a crafted file, which could stall or crash the server "
+            "when read); save the weights with torch.save(model.state_dict(), path)."
+        ) from None
+    except ValueError as e:
+        raise ValueError(
+            f"The pickle in {where} is damaged ({e}); save the weights again."
+        ) from None
+
+
+class _TooBig(Exception):
+    def __init__(self, deep: bool) -> None:
+        self.deep = deep
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
@@ -108,8 +223,10 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
         )
     for key in NESTED_KEYS:
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and inner and all(
-            isinstance(v, torch.Tensor) for v in inner.values()
+        if (
+            isinstance(inner, Mapping)
+            and inner
+            and all(isinstance(v, torch.Tensor) for v in inner.values())
         ):
             return inner
     return obj
@@ -122,22 +239,25 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
         raise ValueError(f"Weights must be given as bytes; got {type(data).__name__}.")
     data = bytes(data)
     label = f"{filename!r}" if filename else "The file"
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ValueError(
-            f"{label} is {len(data):,} bytes; weights files are capped at "
-            f"{MAX_UPLOAD_BYTES:,} bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
-        )
+    where = f"{filename!r}" if filename else "the file"  # inside a sentence
+    check_size(len(data), label)
     if not data:
         raise ValueError(f"{label} is empty.")
     if _is_safetensors(data):
         from safetensors.torch import load as load_safetensors
 
+        header = int.from_bytes(data[:8], "little")
+        if header > _SAFETENSORS_MAX_HEADER:  # each tensor listed costs memory to parse
+            raise ValueError(
+                f"The safetensors header of {where} is {header:,} bytes; a state dict of these "
+                f"architectures needs a few kB (at most {_SAFETENSORS_MAX_HEADER:,} read)."
+            )
         try:
             state: Mapping[str, Any] = load_safetensors(data)
         except Exception as e:  # the library's SafetensorsError and friends
             raise ValueError(f"{label} is not a readable safetensors file ({e}).") from e
     elif data[:4] == b"PK\x03\x04":
-        _check_zip(data)
+        _check_pickle(_check_zip(data, label), where)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler refusing, or a damaged archive
@@ -148,8 +268,10 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
                     "model), which is never loaded here since unpickling can run code; "
                     "save the weights with torch.save(model.state_dict(), path)."
                 ) from e
+            reason = text.split("WeightsUnpickler error:")[-1].strip()  # past torch's advice
             raise ValueError(
-                f"{label} could not be read as a torch.save file ({text[:200]})."
+                f"{label} could not be read as a torch.save file ({reason[:200]}); it is "
+                "damaged or was not written by torch.save."
             ) from e
         state = _unwrap(obj)
     elif data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
@@ -162,19 +284,48 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
             f"{label} is neither a safetensors file nor a torch.save file; upload the "
             f"weights as one of: {', '.join(WEIGHT_SUFFIXES)}."
         )
-    out: dict[str, torch.Tensor] = {}
-    strange = [str(k) for k, v in state.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor)]  # fmt: skip
+    strange = []  # at most a few, each shown short: a crafted key can be huge
+    for k, v in state.items():
+        if not isinstance(k, str) or type(v) not in (torch.Tensor, nn.Parameter):
+            strange.append(_short(k))
+            if len(strange) > _LISTED:
+                break
     if strange:
         raise ValueError(
-            f"{label} holds entries that are not named tensors ({_some(strange)}); a state "
-            "dict maps parameter names to tensors."
+            f"{label} holds entries that are not named tensors ({', '.join(strange[:_LISTED])}"
+            f"{', ...' if len(strange) > _LISTED else ''}); a state dict maps parameter names "
+            "to tensors."
         )
+    out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
-        out[key.removeprefix("module.")] = t
+        # before anything reads a shape: meta, nested, sparse and quantized tensors have
+        # none that can be trusted (or none at all)
+        if (t.device.type != "cpu" or t.is_nested or t.layout != torch.strided
+                or t.is_quantized or t.is_complex()):  # fmt: skip
+            raise ValueError(
+                f"Tensor {key[:60]} of {where} is not a plain dense "
+                "real tensor in memory; save the weights of a model on the CPU."
+            )
+        name = key.removeprefix("module.")
+        if name in out:
+            raise ValueError(
+                f"{label} holds {name[:60]} twice (with and without the 'module.' prefix)."
+            )
+        out[name] = t
     if not out:
         raise ValueError(f"{label} holds no tensors.")
     return out
+
+
+def _short(key: Any) -> str:
+    """A key as shown in a sentence: its repr, cut to 60 characters."""
+    import reprlib
+
+    if isinstance(key, str):
+        return repr(key[:60])
+    short = reprlib.Repr()  # bounded however deep or long the key is
+    short.maxlevel, short.maxstring, short.maxother, short.maxtuple = 2, 60, 60, 4
+    return short.repr(key)
 
 
 class UploadedModel:

@@ -172,11 +172,8 @@ def test_playground_removes_a_linked_block_and_shows_the_smaller_size() -> None:
     ok(at)
     assert packed_kb(at) != full
     assert any("Removed: layer1" in c.value for c in at.caption)
-    layers = next(w for w in at.multiselect if w.label == "Layers to compress")
-    assert [o for o in layers.options if "removed" in o] == [
-        "layer1.conv1 (removed with its block)",
-        "layer1.conv2 (removed with its block)",
-    ]
+    assert any(c.value.startswith("Removed with their block: layer1.conv1, layer1.conv2.")
+               for c in at.caption)  # fmt: skip
     c = qcore.compress(qcore.load_model("mnist-resnet"),
                        Settings(bits=8, drop=("layer1",)).to_config())  # fmt: skip
     from pages.figures import format_bytes

@@ -55,6 +55,7 @@ def test_one_epoch_shows_the_table_then_opens_in_the_playground(app_url):
         assert re.fullmatch(r"\d+\.\d%", acc)
         chart = page.locator('[data-testid="stPlotlyChart"]', has_text="Training curves")
         expect(chart.locator(".js-plotly-plot")).to_have_count(1, timeout=60_000)
+        chart.locator("g.scatterlayer path.js-line").nth(1).wait_for(timeout=60_000)
         assert chart.locator("g.scatterlayer path.js-line").count() >= 2  # loss, accuracy
         expect(page.get_by_role("button", name="Download the fine-tuned packed model")
                ).to_have_count(1, timeout=60_000)

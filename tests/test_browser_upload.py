@@ -1,11 +1,14 @@
 """End to end: uploading one's own weights in the sidebar of a real headless Chromium.
 
-A refused file shows its sentence and changes nothing; accepted weights become a model of
-this session, picked at once, whose float accuracy is the one qcore measures."""
+A refused file shows its sentence and changes nothing; picking what the sentence asks for
+reads the file again; accepted weights become a model of this session, picked at once,
+whose float accuracy is the one qcore measures."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ pytestmark = pytest.mark.browser
 
 require_chromium()
 
+SCREENSHOT = Path(os.environ.get("QP_UPLOAD_SCREENSHOT", "/tmp/upload_page.png"))
+
 
 def _weights(tmp_path):
     """mnist-cnn's weights with a changed output bias (a model no sample is), and the same
@@ -29,6 +34,12 @@ def _weights(tmp_path):
     torch.save(sd, good)
     torch.save({k: v for k, v in sd.items() if k != "fc2.bias"}, bad)
     return good, bad
+
+
+def _pick(page, selectbox, option: str) -> None:
+    """Choose ``option`` in a Streamlit selectbox."""
+    selectbox.click()
+    page.get_by_role("option", name=option, exact=True).click()
 
 
 @pytest.mark.skipif("mnist-cnn" not in qcore.list_models(), reason="sample models not trained")
@@ -55,7 +66,18 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         assert metric_value(page, "Accuracy") == before  # nothing changed
         assert picked.first.input_value() == "mnist-cnn (334k)"
 
+        # the right file, said to be trained on digits: its shapes do not fit, and the
+        # sentence asks for the dataset it was trained on
+        _pick(page, sidebar.locator('[data-testid="stSelectbox"]').nth(3), "digits")
+        expect(picked.nth(3)).to_have_value("digits", timeout=60_000)
+        wait_idle(page)
         sidebar.locator('input[type="file"]').first.set_input_files(str(good))
+        expect(alert).to_contain_text("fc1.weight is 100x3136, not 100x256", timeout=60_000)
+        expect(alert).to_contain_text("Pick the dataset the weights were trained on")
+        wait_idle(page)
+        assert picked.first.input_value() == "mnist-cnn (334k)"
+        # picking it is enough: the file in the uploader is read again
+        _pick(page, sidebar.locator('[data-testid="stSelectbox"]').nth(3), "mnist-5k")
         expect(picked.first).to_have_value(f"{expected.name} (this session)", timeout=60_000)
         wait_idle(page)
         text = sidebar.inner_text()
@@ -64,4 +86,4 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         expect(alert).to_have_count(0, timeout=60_000)  # the refusal is gone
         assert re.fullmatch(r"\d+\.\d%", metric_value(page, "Accuracy"))
         assert page.locator('[data-testid="stException"]').count() == 0
-        page.screenshot(path="/tmp/upload_page.png", full_page=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)

@@ -303,15 +303,62 @@ def test_a_damaged_zip_is_refused() -> None:
     assert "damaged zip archive" in msg and "save it again" in msg
 
 
+def _with_pickle(pkl: bytes) -> bytes:
+    """A torch.save file of mlp_state() whose data.pkl is ``pkl`` (the zip's CRCs valid)."""
+    with zipfile.ZipFile(io.BytesIO(torch_bytes(mlp_state()))) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    return _zip({**entries, name: pkl}, zipfile.ZIP_STORED)
+
+
+def _data_pkl() -> bytes:
+    with zipfile.ZipFile(io.BytesIO(torch_bytes(mlp_state()))) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+
 def test_a_damaged_pickle_inside_the_zip_is_not_called_more_than_weights() -> None:
     data = torch_bytes(mlp_state())
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    pkl = _data_pkl()
     at = data.index(pkl) + len(pkl) - 1  # the pickle's final STOP opcode, stored as is
-    bad = data[:at] + b"!" + data[at + 1 :]  # "!" is no pickle opcode
+    bad = data[:at] + b"!" + data[at + 1 :]  # "!" is no pickle opcode; the CRC now fails
     msg = refused(bad)  # only tensors, but damaged: not "a pickled object such as a model"
     assert "more than weights" not in msg and "whole model" not in msg
-    assert "could not be read as a torch.save file" in msg
+    assert "damaged zip archive" in msg
+    # the same damage with the zip's checksums made right: the pickle itself is refused
+    msg = refused(_with_pickle(pkl[:-1] + b"!"))
+    assert "more than weights" not in msg and "whole model" not in msg
+    assert msg.startswith("The pickle in the file is damaged (") and msg.endswith(
+        "save the weights again."
+    )
+
+
+@pytest.mark.parametrize("pkl, what", [
+    # a key nested a million tuples deep: hashing it recursively would crash the process
+    (b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"K\x01s.", "nests objects deeper"),
+    # a key nested a thousand deep: str() of it raises RecursionError
+    (b"\x80\x02}" + b")" + b"\x85" * 1_000 + b"K\x01s.", "nests objects deeper"),
+    # T(i+1) = (T(i), T(i)) through memo references: 1 kB on disk, 2^40 objects expanded
+    (b"\x80\x02})q\x000" + b"h\x00h\x00\x86q\x000" * 40 + b"h\x00K\x01s.",
+     "expands to more objects"),
+])  # fmt: skip
+def test_crafted_pickles_are_refused_before_torch_reads_them(pkl: bytes, what: str) -> None:
+    msg = refused(_with_pickle(pkl))
+    assert msg.startswith(f"The pickle in the file {what} than any state dict"), msg
+    assert len(msg) < 300
+
+
+def test_every_sample_architectures_pickle_passes_the_scan() -> None:
+    # the bounds leave room: the largest state dict here (resnet, with a checkpoint and an
+    # optimizer state around it) is far below them
+    for arch in ARCHS:
+        model = make_model(arch, "mnist-5k")
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.randn(2, 1, 28, 28)).sum().backward()
+        opt.step()
+        data = torch_bytes({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        assert load_weights(data, arch, "mnist-5k").params == sum(
+            p.numel() for p in model.parameters()
+        )
 
 
 def test_a_file_over_the_cap_is_refused(monkeypatch) -> None:
@@ -400,12 +447,12 @@ def test_bad_values_are_refused() -> None:
 def test_non_tensor_entries_are_refused() -> None:
     sd = mlp_state()
     msg = refused(torch_bytes(dict(sd, note="trained on my laptop", epochs=3)))
-    assert "holds entries that are not named tensors (note, epochs)" in msg
+    assert "holds entries that are not named tensors ('note', 'epochs')" in msg
     assert "maps parameter names to tensors" in msg
     assert "not named tensors (0)" in refused(torch_bytes({0: torch.zeros(2)}))
     # a checkpoint whose state dict holds a non-tensor is not unwrapped
     msg = refused(torch_bytes({"state_dict": dict(sd, step=1)}))
-    assert "not named tensors (state_dict)" in msg
+    assert "not named tensors ('state_dict')" in msg
 
 
 def test_unknown_architecture_and_dataset() -> None:
@@ -562,3 +609,38 @@ def test_cli_missing_weights_file_is_one_sentence(tmp_path, capsys) -> None:
     assert main(["evaluate", "--model", "digits-mlp", "--weights", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: Could not read {str(missing)!r}: No such file or directory.\n"
+
+
+# --- 7. what a review found: kinds of tensor, duplicates, headers, long keys -----------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["meta", "nested"])
+def test_tensors_without_trustworthy_shapes_are_refused(kind: str) -> None:
+    sd = mlp_state()
+    w = sd["fc1.weight"]
+    sd["fc1.weight"] = (torch.empty(w.shape, device="meta") if kind == "meta"
+                        else torch.nested.nested_tensor([w[0], w[1]]))  # fmt: skip
+    msg = refused(torch_bytes(sd))
+    assert msg == ("Tensor fc1.weight of the file is not a plain dense real tensor in memory; "
+                   "save the weights of a model on the CPU.")  # fmt: skip
+
+
+def test_a_name_twice_through_the_module_prefix_is_refused() -> None:
+    sd = mlp_state()
+    sd["module.fc1.weight"] = sd["fc1.weight"] + 1
+    msg = refused(torch_bytes(sd))
+    assert msg == "The file holds fc1.weight twice (with and without the 'module.' prefix)."
+
+
+def test_a_huge_safetensors_header_is_refused_before_parsing() -> None:
+    header = b'{"__metadata__":{"pad":"' + b"x" * (2 * 2**20) + b'"}}'
+    data = len(header).to_bytes(8, "little") + header
+    msg = refused(data)
+    assert msg.startswith(f"The safetensors header of the file is {len(header):,} bytes")
+
+
+def test_long_and_many_strange_keys_stay_a_short_sentence() -> None:
+    state = {("k" * 10_000, i): torch.zeros(1) for i in range(50)}
+    msg = refused(torch_bytes(state))
+    assert "not named tensors" in msg and msg.count("...") >= 1 and len(msg) < 600
