@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from e2e import CHROMIUM, browser_page, serve_app, wait_idle
+from playwright.sync_api import expect
 from streamlit.testing.v1 import AppTest
 
 import qcore
@@ -734,7 +735,10 @@ def _open(page, url: str) -> None:
 
 
 def _layer_picker_text(page) -> str:
-    return page.locator('input[role="combobox"][aria-label="Layer"]').input_value()
+    picker = page.locator('input[role="combobox"][aria-label="Layer"]')
+    # a rerun may show the last run's picker beside the new one for a moment
+    expect(picker).to_have_count(1, timeout=30_000)
+    return picker.input_value()
 
 
 def _histogram_title(page) -> str:
