@@ -98,9 +98,12 @@ def browser_page(viewport=(1400, 1000)):
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit has finished the current run (its status widget is gone)."""
+    """Wait until Streamlit has finished the current run: its status widget is gone and no
+    element of the last run is still shown as stale (``data-stale="true"``) beside the new."""
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
+        """() => !document.querySelector('[data-testid="stStatusWidget"]')
+                 && !document.querySelector('[data-stale="true"]')""",
+        timeout=timeout_ms,
     )
 
 
