@@ -268,7 +268,14 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
                     "model), which is never loaded here since unpickling can run code; "
                     "save the weights with torch.save(model.state_dict(), path)."
                 ) from e
-            reason = text.split("WeightsUnpickler error:")[-1].strip()  # past torch's advice
+            reason = text.split("WeightsUnpickler error:")[-1]  # past torch's advice
+            reason = reason.split(" Check the documentation")[0].strip()
+            if reason.startswith("Unsupported operand"):  # e.g. FRAME, from protocol 4
+                raise ValueError(
+                    f"{label} uses a pickle instruction PyTorch's safe loader does not read "
+                    f"({reason}); save it with torch.save's default pickle protocol, or as "
+                    "safetensors."
+                ) from e
             raise ValueError(
                 f"{label} could not be read as a torch.save file ({reason[:200]}); it is "
                 "damaged or was not written by torch.save."

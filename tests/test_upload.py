@@ -644,3 +644,12 @@ def test_long_and_many_strange_keys_stay_a_short_sentence() -> None:
     state = {("k" * 10_000, i): torch.zeros(1) for i in range(50)}
     msg = refused(torch_bytes(state))
     assert "not named tensors" in msg and msg.count("...") >= 1 and len(msg) < 600
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pickle_protocol_torch_cannot_read_safely_is_named() -> None:
+    data = torch_bytes(mlp_state(), pickle_protocol=4)  # FRAME: not in torch's safe loader
+    msg = refused(data)
+    assert msg == ("The file uses a pickle instruction PyTorch's safe loader does not read "
+                   "(Unsupported operand 149); save it with torch.save's default pickle "
+                   "protocol, or as safetensors.")  # fmt: skip
