@@ -5,7 +5,7 @@ import streamlit as st
 
 from pages.query import show_query_warnings
 from pages.session import init_session
-from pages.sidebar import sidebar_pickers, upload_panel
+from pages.sidebar import data_panel, sidebar_pickers, upload_panel
 
 INTRO = (
     "A trained network stores each weight as a 32-bit float. **Quantization** stores it as a "
@@ -40,6 +40,7 @@ init_session()
 
 with st.sidebar:
     sidebar_pickers()
+    data_panel()
     upload_panel()
 
 page = st.navigation(PAGES, position="top")  # the sidebar: see .streamlit/config.toml

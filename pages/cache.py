@@ -81,17 +81,43 @@ def hold_session_model(ref: ModelRef, model: Any) -> Any:
     return _SESSION_MODELS.setdefault(ref.sha256, model)
 
 
-@st.cache_resource(show_spinner="Loading the test split…")
-def get_dataset(ref: DatasetRef):
-    """The dataset split (the test split, unless the ref says otherwise). Shared by every
-    session: never mutate it."""
+@st.cache_resource(show_spinner="Loading the dataset…")
+def _known_dataset(ref: DatasetRef):
     return ref.load()
 
 
-@st.cache_resource(show_spinner="Loading the calibration split…")
+# Datasets uploaded in a session (qcore.upload.UploadedDataset, all three splits), by the
+# SHA-256 of the file, for as long as some session holds one: as _SESSION_MODELS above.
+_SESSION_DATA: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def hold_session_dataset(uploaded: Any) -> Any:
+    """Make ``uploaded`` what :func:`get_dataset` returns splits of for its refs while the
+    caller keeps a reference to the returned object (the one already held, if identical)."""
+    return _SESSION_DATA.setdefault(uploaded.sha256, uploaded)
+
+
+def get_dataset(ref: DatasetRef):
+    """The dataset split (the test split, unless the ref says otherwise). Shared by every
+    session: never mutate it. An uploaded dataset's splits come from the session that
+    holds it (:func:`hold_session_dataset`)."""
+    if ref.sha256 is None:
+        return _known_dataset(ref)
+    held = _SESSION_DATA.get(ref.sha256)
+    if held is None:
+        raise ValueError(
+            f"{ref.name} was uploaded in a session that no longer holds it (the session "
+            "ended or the server restarted). Pick another dataset in the sidebar."
+        )
+    return held.splits[ref.split]
+
+
+get_dataset.clear = _known_dataset.clear  # type: ignore[attr-defined]
+
+
 def get_calib_dataset(ref: DatasetRef):
     """The dataset's calibration split (never the test split). Shared: never mutate it."""
-    return DatasetRef(ref.name, "calib").load()
+    return get_dataset(replace(ref, split="calib"))
 
 
 @st.cache_data(show_spinner=False)
@@ -449,7 +475,7 @@ class FinetuneOutcome:
 
 def train_dataset(data: DatasetRef):
     """The dataset's train split (fine-tuning's only training data). Shared: never mutate it."""
-    return get_dataset(DatasetRef(data.name, "train"))
+    return get_dataset(replace(data, split="train"))
 
 
 def finetune_run(
@@ -595,7 +621,7 @@ def deep_train_split(data: DatasetRef):
     """The train split the Deep Compression page retrains on: the first
     :data:`DEEP_MAX_TRAIN` examples of ``data``'s train split (its order is already a
     seeded shuffle)."""
-    train = DatasetRef(data.name, "train").load()
+    train = get_dataset(replace(data, split="train"))
     if len(train) <= DEEP_MAX_TRAIN:
         return train
     n = DEEP_MAX_TRAIN

@@ -15,7 +15,7 @@ from typing import Any
 import streamlit as st
 
 from qcore.config import FLOAT, SETTING_KEYS, parse_flat
-from qcore.refs import SESSION_PREFIXES
+from qcore.refs import DATA_PREFIX, SESSION_PREFIXES
 
 DEFAULT_MODEL = "mnist-cnn"  # the model a link without ``model=`` opens
 QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS)
@@ -73,7 +73,9 @@ def parse_query(
 
     raw = flat.get("dataset")
     if raw is not None:
-        if raw not in datasets:
+        if raw not in datasets and raw.startswith(DATA_PREFIX):  # uploaded in a session
+            bad("dataset", raw, "a dataset uploaded in another session: a link cannot carry it")
+        elif raw not in datasets:
             bad("dataset", raw, "known datasets: " + ", ".join(datasets))
         else:
             try:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import streamlit as st
 
 import qcore
-from pages.cache import hold_session_model, layer_names, removable_blocks
+from pages.cache import hold_session_dataset, hold_session_model, layer_names, removable_blocks
 from pages.query import DEFAULT_MODEL, parse_query
 from qcore.config import FLOAT, Settings
 from qcore.refs import DatasetRef, ModelRef, session_model_name, state_sha256
@@ -260,6 +260,40 @@ def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:
     module = hold_session_model(ref, uploaded.module)
     held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
     return ref.name
+
+
+SESSION_DATA = "session_datasets"  # st.session_state key: {name: UploadedDataset}
+
+
+def session_datasets() -> dict[str, Any]:
+    """This session's uploaded datasets (:class:`qcore.upload.UploadedDataset`) by name."""
+    return st.session_state.setdefault(SESSION_DATA, {})
+
+
+def dataset_names() -> list[str]:
+    """The known datasets, then this session's uploaded ones."""
+    return [*qcore.list_datasets(), *session_datasets()]
+
+
+def dataset_info(name: str) -> qcore.DatasetInfo:
+    """``qcore.dataset_info`` for a known dataset, the upload's record for an uploaded one."""
+    held = session_datasets().get(name)
+    return held.info if held is not None else qcore.dataset_info(name)
+
+
+def dataset_ref(name: str, split: str = "test") -> DatasetRef:
+    """The cache key of a dataset split: its name, and the file's SHA-256 if uploaded."""
+    held = session_datasets().get(name)
+    return DatasetRef(name, split, sha256=None if held is None else held.sha256)
+
+
+def register_uploaded_dataset(uploaded: Any) -> str:
+    """Add an uploaded dataset (a :class:`qcore.upload.UploadedDataset`) to this session's
+    datasets; return its name. The same file uploaded twice is one dataset."""
+    held = session_datasets()
+    if uploaded.name not in held:
+        held[uploaded.name] = hold_session_dataset(uploaded)
+    return uploaded.name
 
 
 def switch_model(name: str, dataset: str | None = None) -> None:

@@ -11,9 +11,13 @@ import streamlit as st
 import qcore
 from pages.cache import get_dataset, get_model
 from pages.session import (
+    dataset_info,
+    dataset_names,
+    dataset_ref,
     model_info,
     model_names,
     model_ref,
+    register_uploaded_dataset,
     register_uploaded_model,
     session_models,
     switch_model,
@@ -25,6 +29,7 @@ from qcore.upload import (
     WEIGHT_SUFFIXES,
     architectures,
     check_size,
+    load_npz,
     load_weights,
 )
 
@@ -77,9 +82,9 @@ def fitting_datasets(model_name: str) -> tuple[list[str], list[str]]:
     """The datasets whose inputs and classes fit the model, and the others."""
     info = model_info(model_name)
     fits, others = [], []
-    for name in qcore.list_datasets():
+    for name in dataset_names():
         try:
-            qcore.check_fit(info, qcore.dataset_info(name))
+            qcore.check_fit(info, dataset_info(name))
             fits.append(name)
         except ValueError:
             others.append(name)
@@ -133,7 +138,7 @@ def sidebar_pickers() -> None:
         help="Accuracy is measured on this dataset's held-out test split. Only datasets "
         "with the model's input shape and classes are listed.",
     )
-    st.caption(qcore.dataset_info(ss["dataset"]).description)
+    st.caption(dataset_info(ss["dataset"]).description)
     if others:
         st.caption(
             f"Not listed: {', '.join(others)}; {ss['model']} takes "
@@ -162,12 +167,14 @@ def _on_upload() -> None:
     arch, dataset = ss["upload_arch"], ss["upload_dataset"]
     try:
         check_size(file.size, repr(file.name))  # before reading it into memory
-        uploaded = load_weights(file.getvalue(), arch, dataset, filename=file.name)
+        uploaded = load_weights(file.getvalue(), arch, dataset_info(dataset),
+                                filename=file.name)  # fmt: skip
         held = session_models().get(uploaded.name)
         if held is not None and held.info.dataset == dataset:  # measured already
             accuracy = held.info.float_accuracy
         else:
-            accuracy = qcore.evaluate(uploaded.module, get_dataset(DatasetRef(dataset))).accuracy
+            test = get_dataset(dataset_ref(dataset))
+            accuracy = qcore.evaluate(uploaded.module, test).accuracy
     except qcore.DatasetNotFound as e:  # qcore's message is for a programmer
         ss[UPLOAD_ERROR] = (
             f"The weights fit, but the {e.name} dataset is not on this server, so their "
@@ -183,6 +190,68 @@ def _on_upload() -> None:
     ss[MODEL_PICKER] = name  # a callback may set the picker: it is drawn after this
 
 
+DATA_UPLOADER = "upload_data"  # the .npz uploader's key
+DATA_ERROR = "upload_data_error"  # st.session_state: the last data upload's refusal
+DATA_NOTE = "upload_data_note"  # st.session_state: what became of the accepted data
+
+
+def _on_data_upload() -> None:
+    """Read an uploaded .npz into a dataset of this session. When the current model takes
+    its images, the dataset becomes the current one; either way it becomes the dataset that
+    uploaded weights are said to be trained on."""
+    ss = st.session_state
+    ss.pop(DATA_ERROR, None)
+    ss.pop(DATA_NOTE, None)
+    file = ss.get(DATA_UPLOADER)
+    if file is None:
+        return
+    try:
+        check_size(file.size, repr(file.name))  # before reading it into memory
+        uploaded = load_npz(file.getvalue(), filename=file.name)
+    except ValueError as e:
+        ss[DATA_ERROR] = str(e)
+        return
+    name = register_uploaded_dataset(uploaded)
+    ss["upload_dataset"] = name  # weights trained on it are the likely next upload
+    info = uploaded.info
+    what = (f"{name}: {info.splits[0][1]:,} train, {info.splits[1][1]:,} calib and "
+            f"{info.splits[2][1]:,} test images of {_shape(info.input_shape)}, "
+            f"{info.num_classes} classes")  # fmt: skip
+    try:
+        qcore.check_fit(model_info(ss["model"]), info)
+    except ValueError:
+        ss[DATA_NOTE] = (f"Added {what}. The current model takes other images: upload "
+                         "weights trained on it below, or pick a model that fits.")  # fmt: skip
+        return
+    ss["dataset"] = name
+    ss[f"{DATASET_PICKER}:{ss['model']}"] = name  # a callback may set it: drawn after this
+    ss[DATA_NOTE] = f"Added {what}; it is the current dataset."
+
+
+def data_panel() -> None:
+    """Bring your own data: images and labels in a .npz file, split and normalised like the
+    embedded sets. Held in this session only."""
+    ss = st.session_state
+    with st.expander("Upload your own data", icon=":material/dataset:",
+                     expanded=DATA_ERROR in ss or DATA_NOTE in ss):  # fmt: skip
+        st.caption(
+            "Images and labels saved with `numpy.savez(path, x=images, y=labels)`: x is "
+            "(N, H, W), (N, C, H, W) or (N, H, W, C), uint8 or floats in [0, 1]; y holds "
+            "class numbers 0..K-1. Split 70/10/20 % into train, calib and test, by class."
+        )
+        st.file_uploader(
+            "Data file",
+            type=["npz"],
+            key=DATA_UPLOADER,
+            on_change=_on_data_upload,
+            help=f"At most {MAX_UPLOAD_BYTES // 2**20} MB.",
+        )
+        if DATA_ERROR in ss:
+            st.error(ss.pop(DATA_ERROR))
+        elif DATA_NOTE in ss:
+            st.success(ss.pop(DATA_NOTE))
+
+
 def upload_panel() -> None:
     """Bring your own model: weights for one of the sample architectures, trained on any of
     the datasets (which sets the input shape and classes). Held in this session only."""
@@ -194,7 +263,7 @@ def upload_panel() -> None:
             "safetensors or with torch.save. Nothing in the file is run; the model stays in "
             "this session only."
         )
-        archs, datasets = architectures(), qcore.list_datasets()
+        archs, datasets = architectures(), dataset_names()
         current = model_info(ss["model"])  # the pickers start at the current model's
         st.selectbox(
             "Architecture",
@@ -234,9 +303,9 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     try:
         # whether it fits is known without the data, so a dataset that cannot run is never
         # offered for download
-        qcore.check_fit(model_info(model_name), qcore.dataset_info(dataset_name))
+        qcore.check_fit(model_info(model_name), dataset_info(dataset_name))
         get_model(model_ref(model_name))
-        get_dataset(DatasetRef(dataset_name))
+        get_dataset(dataset_ref(dataset_name))
     except qcore.DatasetNotFound as e:
         # qcore's message is for a programmer (root=, download=True, the server's folder)
         if data_download_allowed():
@@ -256,7 +325,7 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    return model_ref(model_name), DatasetRef(dataset_name)
+    return model_ref(model_name), dataset_ref(dataset_name)
 
 
 def _download_button(name: str) -> None:

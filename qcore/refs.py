@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = [
     "ModelRef", "DatasetRef", "Progress", "state_sha256", "session_model_name",
-    "SESSION_PREFIX", "UPLOAD_PREFIX", "SESSION_PREFIXES",
+    "SESSION_PREFIX", "UPLOAD_PREFIX", "SESSION_PREFIXES", "DATA_PREFIX",
 ]  # fmt: skip
 
 Progress = Callable[[int, int, dict], None]  # progress(done, total, row)
@@ -85,6 +85,7 @@ class ModelRef:
 SESSION_PREFIX = "ft-"  # a model fine-tuned in a session: this, then 12 hex digits
 UPLOAD_PREFIX = "up-"  # a model whose weights were uploaded: this, then 12 hex digits
 SESSION_PREFIXES = (SESSION_PREFIX, UPLOAD_PREFIX)
+DATA_PREFIX = "ud-"  # an uploaded dataset: this, then 12 hex digits of the file's SHA-256
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -120,28 +121,55 @@ def state_sha256(model: Any) -> str:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A dataset split by name (``DatasetRef("mnist-5k", "test")``)."""
+    """A dataset split by name (``DatasetRef("mnist-5k", "test")``), or an uploaded dataset
+    by content: ``DatasetRef("ud-<first 12 hex>", "test", sha256=<64 hex>)``, the SHA-256
+    of the uploaded file. Such a dataset lives with the session that uploaded it."""
 
     name: str
     split: str = "test"
+    sha256: str | None = None  # None: a known dataset, loaded by name
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"A dataset reference needs a dataset name; got {self.name!r}.")
         if self.split not in ("train", "calib", "test"):
             raise ValueError(f"split must be train, calib or test; got {self.split!r}.")
+        if self.sha256 is not None and (
+            not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256)
+        ):
+            raise ValueError(
+                f"A dataset reference's sha256 is 64 lowercase hex digits; got {self.sha256!r}."
+            )
+        if self.sha256 is not None and self.name != DATA_PREFIX + self.sha256[:12]:
+            raise ValueError(
+                f"An uploaded dataset is named {DATA_PREFIX + self.sha256[:12]!r} after its "
+                f"SHA-256; got {self.name!r}."
+            )
+
+    @property
+    def is_session(self) -> bool:
+        """Whether the dataset was uploaded in a session (named by content)."""
+        return self.sha256 is not None
 
     def load(self) -> Any:
         """The split as a qcore Dataset."""
+        if self.sha256 is not None:
+            raise ValueError(
+                f"{self.name} was uploaded in a session; only that session holds it, so it "
+                "cannot be loaded by name."
+            )
         from qcore.data import load_dataset
 
         return load_dataset(self.name, self.split)
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "split": self.split}
+        d = {"name": self.name, "split": self.split}
+        return d if self.sha256 is None else {**d, "sha256": self.sha256}
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetRef:
-        if not isinstance(d, dict) or not set(d) <= {"name", "split"} or "name" not in d:
-            raise ValueError(f"A dataset reference is {{'name': ..., 'split': ...}}; got {d!r}.")
+        if not isinstance(d, dict) or not set(d) <= {"name", "split", "sha256"} or "name" not in d:
+            raise ValueError(
+                f"A dataset reference is {{'name': ..., 'split': ..., 'sha256': ...}}; got {d!r}."
+            )
         return cls(**d)

@@ -38,11 +38,11 @@ from torch import nn
 
 from qcore.data import DatasetInfo, dataset_info
 from qcore.models import ARCHS, build_model, count_params
-from qcore.refs import UPLOAD_PREFIX, session_model_name, state_sha256
+from qcore.refs import DATA_PREFIX, UPLOAD_PREFIX, session_model_name, state_sha256
 
 __all__ = [
     "MAX_UPLOAD_BYTES", "WEIGHT_SUFFIXES", "UploadedModel", "read_state_dict", "load_weights",
-    "architectures", "check_size",
+    "architectures", "check_size", "UploadedDataset", "load_npz",
 ]  # fmt: skip
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # the server's upload cap (.streamlit/config.toml), again
@@ -425,3 +425,164 @@ def load_weights(
 def _shape(shape: Any) -> str:
     dims = tuple(shape.shape) if isinstance(shape, torch.Tensor) else tuple(shape)
     return "x".join(str(d) for d in dims) if dims else "a scalar"
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data: images and labels in a NumPy .npz file.
+
+MAX_DATA_IMAGES = 200_000
+MAX_DATA_VALUES = 60_000_000  # pixels in all images: 60,000 28x28 images are 47 million
+MIN_DATA_IMAGES = 20  # fewer cannot be split into train, calib and test
+MAX_DATA_CLASSES = 1000
+MAX_IMAGE_SIDE = 256
+
+
+class UploadedDataset:
+    """An uploaded dataset: its three splits (:class:`~qcore.data.Dataset`), the record
+    that describes it (:class:`~qcore.data.DatasetInfo`), its name and SHA-256."""
+
+    __slots__ = ("name", "sha256", "info", "splits", "filename", "__weakref__")
+
+    def __init__(self, name: str, sha256: str, info: DatasetInfo,
+                 splits: dict[str, Any], filename: str) -> None:  # fmt: skip
+        self.name, self.sha256, self.info = name, sha256, info
+        self.splits, self.filename = splits, filename
+
+    def __repr__(self) -> str:
+        return f"UploadedDataset({self.name!r}, {self.info.input_shape}, {self.info.num_classes})"
+
+
+def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
+    """Images and labels from a NumPy ``.npz`` file (``numpy.savez(path, x=images, y=labels)``,
+    optionally ``classes=names``), split like the embedded sets (seeded and stratified by
+    class: 20 % test, 10 % calib, the rest train) and normalised with the train split's mean
+    and standard deviation per channel.
+
+    ``x`` is (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3: uint8 pixels (0..255)
+    or floats in [0, 1]. ``y`` holds N whole numbers 0..K-1 (K from 2 to 1,000). Read with
+    ``allow_pickle=False``: object arrays, which would need unpickling, are refused. The name
+    is ``ud-`` and the first 12 hex digits of the file's SHA-256.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from qcore.data import Dataset, _stratified_splits
+
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"Data must be given as bytes; got {type(data).__name__}.")
+    data = bytes(data)
+    label = f"{filename!r}" if filename else "The file"
+    check_size(len(data), label)
+    if data[:4] != b"PK\x03\x04":
+        raise ValueError(
+            f"{label} is not a NumPy .npz file; save the images and labels with "
+            "numpy.savez(path, x=images, y=labels)."
+        )
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{label} is a damaged .npz (zip) archive ({e}).") from e
+    total = sum(i.file_size for i in infos)
+    if len(infos) > 16 or total > 4 * MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"{label} holds {len(infos)} arrays unpacking to {total / 2**20:,.0f} MiB; a "
+            f"dataset file holds x, y and perhaps classes, at most "
+            f"{4 * MAX_UPLOAD_BYTES // 2**20} MiB unpacked."
+        )
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            names = set(npz.files)
+            if not {"x", "y"} <= names:
+                raise ValueError(
+                    f"{label} holds arrays {sorted(names)}; it needs x (the images) and y "
+                    "(the labels): numpy.savez(path, x=images, y=labels)."
+                )
+            x, y = npz["x"], npz["y"]
+            classes = npz["classes"] if "classes" in names else None
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise ValueError(
+                f"{label} holds object arrays, which need unpickling and are never loaded "
+                "here; save plain numeric arrays."
+            ) from e
+        if str(e).startswith(label):
+            raise
+        raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
+
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)  # channels last -> channels first
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{label}'s images x have shape {tuple(x.shape)}; give (N, H, W), (N, C, H, W) "
+            "or (N, H, W, C) with 1 or 3 channels."
+        )
+    n, c, h, w = (int(d) for d in x.shape)
+    if not MIN_DATA_IMAGES <= n <= MAX_DATA_IMAGES or x.size > MAX_DATA_VALUES:
+        raise ValueError(
+            f"{label} holds {n:,} images of {c}x{h}x{w}; give {MIN_DATA_IMAGES} to "
+            f"{MAX_DATA_IMAGES:,} images of at most {MAX_DATA_VALUES:,} values in all."
+        )
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise ValueError(f"{label}'s images are {h}x{w}; sides up to {MAX_IMAGE_SIDE} are read.")
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        raise ValueError(
+            f"{label}'s labels y are {y.dtype} of shape {tuple(y.shape)}; give {n:,} whole "
+            "numbers, one per image."
+        )
+    if x.dtype == np.uint8:
+        pixels = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32) / 255.0
+    elif x.dtype.kind == "f":
+        pixels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not bool(torch.isfinite(pixels).all()) or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(
+                f"{label}'s float images must hold values in [0, 1] (or give uint8 pixels "
+                "0..255); they hold values outside it."
+            )
+    else:
+        raise ValueError(f"{label}'s images are {x.dtype}; give uint8 pixels or floats in [0, 1].")
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    k = int(labels.max()) + 1 if n else 0
+    if int(labels.min()) < 0 or not 2 <= k <= MAX_DATA_CLASSES:
+        raise ValueError(
+            f"{label}'s labels run from {int(labels.min())} to {int(labels.max())}; give "
+            f"classes numbered 0..K-1 with K from 2 to {MAX_DATA_CLASSES}."
+        )
+    if classes is not None:
+        if classes.shape != (k,) or classes.dtype.kind not in "UiSu":
+            raise ValueError(
+                f"{label}'s classes hold {classes.shape} {classes.dtype}; give {k} names, "
+                "one per label."
+            )
+        names_ = tuple(str(v)[:40] for v in classes.tolist())
+    else:
+        names_ = tuple(str(i) for i in range(k))
+    splits_idx = _stratified_splits(labels)
+    if any(len(v) == 0 for v in splits_idx.values()):
+        raise ValueError(
+            f"{label} has too few images per class for a train, calib and test split; give "
+            "at least 10 of each class."
+        )
+    train = pixels[splits_idx["train"]]
+    mean = tuple(float(v) for v in train.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-6) for v in train.std(dim=(0, 2, 3)))
+    sha = hashlib.sha256(data).hexdigest()
+    name = DATA_PREFIX + sha[:12]
+    source = "".join(ch if ch.isalnum() or ch in "._- " else "_" for ch in filename)[:80]
+    description = (f"Uploaded from {source or 'a file'}: {n:,} images, {c}x{h}x{w}, "
+                   f"{k} classes.")  # fmt: skip
+    info = DatasetInfo(name, (c, h, w), k, description, "uploaded",
+                       tuple((s, int(len(v))) for s, v in splits_idx.items()))  # fmt: skip
+    m, sd = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    splits = {
+        s: Dataset(name=name, split=s, x=((pixels[idx] - m) / sd).contiguous(),
+                   y=labels[idx].clone(), classes=names_, description=description,
+                   mean=mean, std=std, indices=idx.clone())  # fmt: skip
+        for s, idx in splits_idx.items()
+    }
+    return UploadedDataset(name, sha, info, splits, filename)

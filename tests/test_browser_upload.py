@@ -16,7 +16,7 @@ from e2e import browser_page, metric_value, require_chromium, serve_app, wait_id
 from playwright.sync_api import expect
 
 import qcore
-from qcore.upload import load_weights
+from qcore.upload import load_npz, load_weights
 
 pytestmark = pytest.mark.browser
 
@@ -87,3 +87,44 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         assert re.fullmatch(r"\d+\.\d%", metric_value(page, "Accuracy"))
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+@pytest.mark.skipif("digits-mlp" not in qcore.list_models(), reason="sample models not trained")
+def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(tmp_path):
+    """scikit-learn's digits as an .npz: the same splits and normalisation as the embedded
+    digits, so digits-mlp scores the same on it."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    good, bad = tmp_path / "my_digits.npz", tmp_path / "no_labels.npz"
+    np.savez(good, x=(digits.images / 16.0).astype(np.float32), y=digits.target)
+    np.savez(bad, x=digits.images.astype(np.float32))
+    expected = load_npz(good.read_bytes(), filename=good.name)
+    settings = qcore.Settings(bits=8).to_config()
+    compressed = qcore.compress(qcore.load_model("digits-mlp"), settings)
+    accuracy = qcore.evaluate(compressed.model, expected.splits["test"]).accuracy
+    with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
+        page.goto(f"{url}/?model=digits-mlp&dataset=digits&bits=8", wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]').first.wait_for(timeout=90_000)
+        wait_idle(page)
+        sidebar = page.locator('[data-testid="stSidebar"]')
+        sidebar.get_by_text("Upload your own data").click()
+        uploader = sidebar.locator('[data-testid="stFileUploader"]', has_text="Data file")
+        uploader.locator('input[type="file"]').first.set_input_files(str(bad))
+        alert = sidebar.locator('[data-testid="stAlert"]')
+        expect(alert).to_contain_text("it needs x (the images) and y (the labels)",
+                                      timeout=60_000)  # fmt: skip
+        wait_idle(page)
+        picked = sidebar.locator('[data-testid="stSelectbox"] input')
+        assert picked.nth(1).input_value() == "digits (the model's own)"
+
+        uploader.locator('input[type="file"]').first.set_input_files(str(good))
+        expect(picked.nth(1)).to_have_value(expected.name, timeout=60_000)
+        expect(alert).to_contain_text(f"Added {expected.name}: 1,259 train, 179 calib and "
+                                      "359 test images of 1x8x8, 10 classes")  # fmt: skip
+        wait_idle(page)
+        assert metric_value(page, "Accuracy") == f"{accuracy:.1%}"
+        assert "Uploaded from my_digits.npz: 1,797 images, 1x8x8, 10 classes." in (
+            sidebar.inner_text())
+        assert page.locator('[data-testid="stException"]').count() == 0

@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -653,3 +655,108 @@ def test_a_pickle_protocol_torch_cannot_read_safely_is_named() -> None:
     assert msg == ("The file uses a pickle instruction PyTorch's safe loader does not read "
                    "(Unsupported operand 149); save it with torch.save's default pickle "
                    "protocol, or as safetensors.")  # fmt: skip
+
+
+# --- 8. your own data: .npz ------------------------------------------------------------------
+
+
+def npz_bytes(**arrays) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_digits_as_npz_are_the_embedded_digits_exactly() -> None:
+    import hashlib
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    data = npz_bytes(x=(d.images / 16.0).astype(np.float32), y=d.target)
+    up = upload.load_npz(data, filename="d.npz")
+    assert up.name == "ud-" + hashlib.sha256(data).hexdigest()[:12] and up.sha256.startswith(
+        up.name[3:])
+    assert qcore.DatasetRef(up.name, "calib", sha256=up.sha256).is_session
+    assert up.info.input_shape == (1, 8, 8) and up.info.num_classes == 10
+    assert up.info.source == "uploaded"
+    for split in ("train", "calib", "test"):
+        ours, embedded = up.splits[split], qcore.load_dataset("digits", split)
+        assert torch.equal(ours.indices, embedded.indices)
+        assert torch.equal(ours.y, embedded.y)
+        assert torch.allclose(ours.x, embedded.x, atol=1e-5)
+        assert dict(up.info.splits)[split] == len(embedded)
+
+
+def test_channels_last_uint8_with_class_names() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(60, 6, 5, 3), dtype=np.uint8)
+    y = np.arange(60) % 3
+    up = upload.load_npz(npz_bytes(x=x, y=y, classes=np.array(["cat", "dog", "eel"])))
+    assert up.info.input_shape == (3, 6, 5)
+    train = up.splits["train"]
+    assert train.classes == ("cat", "dog", "eel")
+    pixels = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    raw = pixels[train.indices]
+    mean = raw.mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(train.mean), mean, atol=1e-6)
+    std = raw.std(dim=(0, 2, 3))
+    expected = (raw - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    assert torch.allclose(train.x, expected, atol=1e-5)
+    # every image is in exactly one split
+    seen = torch.cat([up.splits[s].indices for s in ("train", "calib", "test")])
+    assert sorted(seen.tolist()) == list(range(60))
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(x=np.zeros((30, 8, 8))), "it needs x (the images) and y (the labels)"),
+    (dict(x=np.zeros((30, 2, 8, 8, 1)), y=np.zeros(30, int)), "give (N, H, W), (N, C, H, W)"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.zeros(29, int)), "give 30 whole numbers"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.full(30, 0.5)), "give 30 whole numbers"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.zeros(30, int)), "with K from 2 to 1000"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 2 - 1), "run from -1 to 0"),
+    (dict(x=np.full((30, 8, 8), 2.0), y=np.arange(30) % 2), "values in [0, 1]"),
+    (dict(x=np.full((30, 8, 8), np.nan), y=np.arange(30) % 2), "values in [0, 1]"),
+    (dict(x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), "give 20 to 200,000 images"),
+    (dict(x=np.zeros((30, 8, 8), np.int32), y=np.arange(30) % 2), "give uint8 pixels or floats"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 2, classes=np.array(["a"])),
+     "give 2 names, one per label"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 15), "too few images per class"),
+    (dict(x=np.array([object()] * 30, dtype=object), y=np.zeros(30, int)), "object arrays"),
+])  # fmt: skip
+def test_bad_data_files_are_refused_with_a_sentence(arrays, words) -> None:
+    with pytest.raises(ValueError) as e:
+        upload.load_npz(npz_bytes(**arrays))
+    assert words in str(e.value), str(e.value)
+
+
+def test_files_that_are_no_npz_are_refused() -> None:
+    for data, words in [(b"", "not a NumPy .npz file"), (b"PK\x03\x04junk", "damaged"),
+                        (torch_bytes(mlp_state()), "it needs x (the images)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(words)):
+            upload.load_npz(data)
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.data())
+def test_fuzzed_npz_files_load_or_raise_value_error(data) -> None:
+    import numpy as np
+
+    good = npz_bytes(x=np.linspace(0, 1, 30 * 16, dtype=np.float32).reshape(30, 4, 4),
+                     y=np.arange(30) % 3)  # fmt: skip
+    b = bytearray(good)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] ^= 1 << data.draw(st.integers(0, 7))
+    cut = data.draw(st.integers(1, len(b)))
+    try:
+        up = upload.load_npz(bytes(b[:cut]))
+    except ValueError as e:
+        assert 0 < len(str(e)) < 600
+        return
+    for split in up.splits.values():
+        assert split.x.dtype == torch.float32 and bool(torch.isfinite(split.x).all())

@@ -13,6 +13,7 @@ from pages import cache, figures
 from pages.progress import Job, watch
 from pages.query import sync_query
 from pages.session import (
+    dataset_ref,
     model_ref,
     open_in_playground,
     playground_settings,
@@ -156,7 +157,7 @@ def _start() -> None:
     are drawn with Stop on in the same run; it reads the widgets' values as they are now."""
     ss = st.session_state
     try:
-        model, data = model_ref(ss["model"]), DatasetRef(ss["dataset"])
+        model, data = model_ref(ss["model"]), dataset_ref(ss["dataset"])
         settings = playground_settings(cache.layer_names(model))
         ft = _finetune_config(ss)
         _check_choice(settings, ft)
