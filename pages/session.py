@@ -263,6 +263,7 @@ def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:
 
 
 SESSION_DATA = "session_datasets"  # st.session_state key: {name: UploadedDataset}
+MAX_SESSION_DATASETS = 3  # uploads kept per session: each holds its images as float32
 
 
 def session_datasets() -> dict[str, Any]:
@@ -292,6 +293,11 @@ def register_uploaded_dataset(uploaded: Any) -> str:
     datasets; return its name. The same file uploaded twice is one dataset."""
     held = session_datasets()
     if uploaded.name not in held:
+        in_use = {st.session_state.get("dataset")} | {
+            m.info.dataset for m in session_models().values()}  # fmt: skip
+        spare = [n for n in held if n not in in_use]
+        while len(held) >= MAX_SESSION_DATASETS and spare:  # bounded memory per session
+            del held[spare.pop(0)]  # the oldest no page or model of this session uses
         held[uploaded.name] = hold_session_dataset(uploaded)
     return uploaded.name
 

@@ -193,6 +193,7 @@ def _on_upload() -> None:
 DATA_UPLOADER = "upload_data"  # the .npz uploader's key
 DATA_ERROR = "upload_data_error"  # st.session_state: the last data upload's refusal
 DATA_NOTE = "upload_data_note"  # st.session_state: what became of the accepted data
+LAST_DATA = "upload_last_data"  # st.session_state: the dataset uploaded last
 
 
 def _on_data_upload() -> None:
@@ -212,7 +213,9 @@ def _on_data_upload() -> None:
         ss[DATA_ERROR] = str(e)
         return
     name = register_uploaded_dataset(uploaded)
-    ss["upload_dataset"] = name  # weights trained on it are the likely next upload
+    # weights trained on it are the likely next upload
+    ss[LAST_DATA] = name
+    ss["upload_dataset"] = name
     info = uploaded.info
     what = (f"{name}: {info.splits[0][1]:,} train, {info.splits[1][1]:,} calib and "
             f"{info.splits[2][1]:,} test images of {_shape(info.input_shape)}, "
@@ -276,10 +279,11 @@ def upload_panel() -> None:
             "classes)` and save `model.state_dict()`.\n\n"
             + "\n\n".join(f"**{a}**: {d}" for a, d in archs.items()),
         )
+        trained_on = ss.get(LAST_DATA) if ss.get(LAST_DATA) in datasets else current.dataset
         st.selectbox(
             "Trained on",
             datasets,
-            index=datasets.index(current.dataset) if current.dataset in datasets else 0,
+            index=datasets.index(trained_on) if trained_on in datasets else 0,
             key="upload_dataset",
             on_change=_on_upload,
             help="Sets the input shape and the number of classes; the float accuracy is "

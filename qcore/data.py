@@ -212,9 +212,13 @@ def _stratified_splits(y: torch.Tensor, test: float = 0.2, calib: float = 0.1) -
     """Per class: the first round(test*n) of a seeded permutation go to test, then calib."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SEED))
     yp = y[perm]
-    onehot = torch.nn.functional.one_hot(yp, int(y.max()) + 1)  # (N, K)
-    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # position of each row within its class
-    counts = onehot.sum(0)  # (K,)
+    counts = torch.bincount(yp, minlength=int(y.max()) + 1)  # (K,)
+    # position of each row within its class, in O(N) memory: a stable sort keeps the
+    # permutation's order inside each class
+    order = torch.argsort(yp, stable=True)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(yp)
+    rank[order] = torch.arange(len(yp)) - starts[yp[order]]
     n_test = torch.round(counts * test).long()[yp]
     n_calib = torch.round(counts * calib).long()[yp]
     is_test = rank < n_test

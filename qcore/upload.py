@@ -28,6 +28,7 @@ model in every cache.
 from __future__ import annotations
 
 import io
+import math
 import pickletools
 import zipfile
 from collections.abc import Mapping
@@ -63,11 +64,11 @@ _REFUSED_OBJECT = ("GLOBAL", "Can only build", "Can only create new object", "al
 _LISTED = 5  # names listed in a refusal before "and N more"
 
 
-def check_size(n: int, label: str = "The file") -> None:
-    """Refuse a weights file of ``n`` bytes over :data:`MAX_UPLOAD_BYTES`, before it is read."""
+def check_size(n: int, label: str = "The file", what: str = "weights files") -> None:
+    """Refuse an upload of ``n`` bytes over :data:`MAX_UPLOAD_BYTES`, before it is read."""
     if n > MAX_UPLOAD_BYTES:
         raise ValueError(
-            f"{label} is {n:,} bytes; weights files are capped at {MAX_UPLOAD_BYTES:,} "
+            f"{label} is {n:,} bytes; {what} are capped at {MAX_UPLOAD_BYTES:,} "
             f"bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
         )
 
@@ -437,6 +438,11 @@ MAX_DATA_CLASSES = 1000
 MAX_IMAGE_SIDE = 256
 
 
+def _plain(text: str) -> str:
+    """``text`` with anything but letters, digits and ``. _ -`` and spaces as ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "._- " else "_" for ch in text)
+
+
 class UploadedDataset:
     """An uploaded dataset: its three splits (:class:`~qcore.data.Dataset`), the record
     that describes it (:class:`~qcore.data.DatasetInfo`), its name and SHA-256."""
@@ -466,6 +472,7 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
     import hashlib
 
     import numpy as np
+    import numpy.lib.format  # noqa: F401  (np.lib.format)
 
     from qcore.data import Dataset, _stratified_splits
 
@@ -473,16 +480,17 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
         raise ValueError(f"Data must be given as bytes; got {type(data).__name__}.")
     data = bytes(data)
     label = f"{filename!r}" if filename else "The file"
-    check_size(len(data), label)
+    check_size(len(data), label, "data files")
     if data[:4] != b"PK\x03\x04":
         raise ValueError(
             f"{label} is not a NumPy .npz file; save the images and labels with "
             "numpy.savez(path, x=images, y=labels)."
         )
+    damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, KeyError)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    except damaged as e:
         raise ValueError(f"{label} is a damaged .npz (zip) archive ({e}).") from e
     total = sum(i.file_size for i in infos)
     if len(infos) > 16 or total > 4 * MAX_UPLOAD_BYTES:
@@ -491,27 +499,44 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
             f"dataset file holds x, y and perhaps classes, at most "
             f"{4 * MAX_UPLOAD_BYTES // 2**20} MiB unpacked."
         )
+    members = {i.filename.removesuffix(".npy"): i for i in infos}
+    if not {"x", "y"} <= set(members):
+        raise ValueError(
+            f"{label} holds arrays {sorted(members)}; it needs x (the images) and y (the "
+            "labels): numpy.savez(path, x=images, y=labels)."
+        )
+    wanted = [k for k in ("x", "y", "classes") if k in members]
+    arrays: dict[str, Any] = {}
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            names = set(npz.files)
-            if not {"x", "y"} <= names:
-                raise ValueError(
-                    f"{label} holds arrays {sorted(names)}; it needs x (the images) and y "
-                    "(the labels): numpy.savez(path, x=images, y=labels)."
-                )
-            x, y = npz["x"], npz["y"]
-            classes = npz["classes"] if "classes" in names else None
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for key in wanted:
+                info = members[key]
+                with z.open(info) as f:  # the header first: numpy allocates what it declares
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)  # fmt: skip
+                    shape, _, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError("object arrays")
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise ValueError(
+                        f"array {key} declares {declared:,} bytes but holds {info.file_size:,}"
+                    )
+                with z.open(info) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
     except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+        if "object arrays" in str(e) or "Object arrays cannot be loaded" in str(e):
             raise ValueError(
                 f"{label} holds object arrays, which need unpickling and are never loaded "
                 "here; save plain numeric arrays."
             ) from e
-        if str(e).startswith(label):
-            raise
         raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except (*damaged, MemoryError) as e:
         raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
+    x, y, classes = arrays["x"], arrays["y"], arrays.get("classes")
+    if not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in (x, y)):
+        raise ValueError(f"{label}'s x and y must be arrays with one row per image.")
 
     if x.ndim == 3:
         x = x[:, None]
@@ -554,26 +579,30 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
             f"classes numbered 0..K-1 with K from 2 to {MAX_DATA_CLASSES}."
         )
     if classes is not None:
-        if classes.shape != (k,) or classes.dtype.kind not in "UiSu":
+        if classes.shape != (k,) or classes.dtype.kind not in "USiu":
             raise ValueError(
                 f"{label}'s classes hold {classes.shape} {classes.dtype}; give {k} names, "
                 "one per label."
             )
-        names_ = tuple(str(v)[:40] for v in classes.tolist())
+        # names are shown in markdown captions: plain characters only
+        names_ = tuple(
+            _plain(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))[:40]
+            for v in classes.tolist()
+        )
     else:
         names_ = tuple(str(i) for i in range(k))
     splits_idx = _stratified_splits(labels)
     if any(len(v) == 0 for v in splits_idx.values()):
         raise ValueError(
-            f"{label} has too few images per class for a train, calib and test split; give "
-            "at least 10 of each class."
+            f"{label} has too few images of each class for a train, calib and test split "
+            "(20 % of each class goes to test, 10 % to calib); give at least 10 of each class."
         )
     train = pixels[splits_idx["train"]]
     mean = tuple(float(v) for v in train.mean(dim=(0, 2, 3)))
     std = tuple(max(float(v), 1e-6) for v in train.std(dim=(0, 2, 3)))
     sha = hashlib.sha256(data).hexdigest()
     name = DATA_PREFIX + sha[:12]
-    source = "".join(ch if ch.isalnum() or ch in "._- " else "_" for ch in filename)[:80]
+    source = _plain(filename)[:80]
     description = (f"Uploaded from {source or 'a file'}: {n:,} images, {c}x{h}x{w}, "
                    f"{k} classes.")  # fmt: skip
     info = DatasetInfo(name, (c, h, w), k, description, "uploaded",

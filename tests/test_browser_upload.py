@@ -36,6 +36,17 @@ def _weights(tmp_path):
     return good, bad
 
 
+def _keeps_its_pickers_after_a_slider_move(page, picked) -> None:
+    """Another widget's change must not put a sidebar picker back to its first option."""
+    values = [picked.nth(i).input_value() for i in range(picked.count())]
+    thumb = page.locator('[data-testid="stSlider"]', has_text="Bit width").get_by_role("slider")
+    thumb.focus()
+    page.keyboard.press("ArrowLeft")  # 8 -> 7 bits
+    expect(page.get_by_text("W7A32 · simulated", exact=True)).to_have_count(1, timeout=60_000)
+    wait_idle(page)
+    assert [picked.nth(i).input_value() for i in range(picked.count())] == values
+
+
 def _pick(page, selectbox, option: str) -> None:
     """Choose ``option`` in a Streamlit selectbox."""
     selectbox.click()
@@ -53,13 +64,15 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         wait_idle(page)
         sidebar = page.locator('[data-testid="stSidebar"]')
         sidebar.get_by_text("Upload your own weights").click()
+        weights_input = sidebar.locator('[data-testid="stFileUploader"]', has_text="Weights file"
+                                        ).locator('input[type="file"]').first  # fmt: skip
         # the pickers start at the current model's architecture and dataset
         picked = sidebar.locator('[data-testid="stSelectbox"] input')
         expect(picked.nth(2)).to_have_value("cnn (as mnist-cnn)")  # architecture
         expect(picked.nth(3)).to_have_value("mnist-5k")  # trained on
         before = metric_value(page, "Accuracy")
 
-        sidebar.locator('input[type="file"]').first.set_input_files(str(bad))
+        weights_input.set_input_files(str(bad))
         alert = sidebar.locator('[data-testid="stAlert"]')
         expect(alert).to_contain_text("lacks 1 of the 8 tensors (fc2.bias)", timeout=60_000)
         wait_idle(page)
@@ -71,7 +84,7 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         _pick(page, sidebar.locator('[data-testid="stSelectbox"]').nth(3), "digits")
         expect(picked.nth(3)).to_have_value("digits", timeout=60_000)
         wait_idle(page)
-        sidebar.locator('input[type="file"]').first.set_input_files(str(good))
+        weights_input.set_input_files(str(good))
         expect(alert).to_contain_text("fc1.weight is 100x3136, not 100x256", timeout=60_000)
         expect(alert).to_contain_text("Pick the dataset the weights were trained on")
         wait_idle(page)
@@ -85,6 +98,7 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
         assert f"float accuracy {accuracy:.1%}" in text
         expect(alert).to_have_count(0, timeout=60_000)  # the refusal is gone
         assert re.fullmatch(r"\d+\.\d%", metric_value(page, "Accuracy"))
+        _keeps_its_pickers_after_a_slider_move(page, picked)
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -127,4 +141,5 @@ def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(tmp_path):
         assert metric_value(page, "Accuracy") == f"{accuracy:.1%}"
         assert "Uploaded from my_digits.npz: 1,797 images, 1x8x8, 10 classes." in (
             sidebar.inner_text())
+        _keeps_its_pickers_after_a_slider_move(page, picked)
         assert page.locator('[data-testid="stException"]').count() == 0

@@ -678,7 +678,8 @@ def test_digits_as_npz_are_the_embedded_digits_exactly() -> None:
     data = npz_bytes(x=(d.images / 16.0).astype(np.float32), y=d.target)
     up = upload.load_npz(data, filename="d.npz")
     assert up.name == "ud-" + hashlib.sha256(data).hexdigest()[:12] and up.sha256.startswith(
-        up.name[3:])
+        up.name[3:]
+    )
     assert qcore.DatasetRef(up.name, "calib", sha256=up.sha256).is_session
     assert up.info.input_shape == (1, 8, 8) and up.info.num_classes == 10
     assert up.info.source == "uploaded"
@@ -725,7 +726,7 @@ def test_channels_last_uint8_with_class_names() -> None:
     (dict(x=np.zeros((30, 8, 8), np.int32), y=np.arange(30) % 2), "give uint8 pixels or floats"),
     (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 2, classes=np.array(["a"])),
      "give 2 names, one per label"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 15), "too few images per class"),
+    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 15), "too few images of each class"),
     (dict(x=np.array([object()] * 30, dtype=object), y=np.zeros(30, int)), "object arrays"),
 ])  # fmt: skip
 def test_bad_data_files_are_refused_with_a_sentence(arrays, words) -> None:
@@ -760,3 +761,36 @@ def test_fuzzed_npz_files_load_or_raise_value_error(data) -> None:
         return
     for split in up.splits.values():
         assert split.x.dtype == torch.float32 and bool(torch.isfinite(split.x).all())
+
+
+def _npz_with(member: str, body: bytes) -> bytes:
+    """A valid small .npz whose ``member`` is replaced by ``body``."""
+    good = npz_bytes(x=np.zeros((30, 4, 4), np.float32), y=np.arange(30) % 3)
+    with zipfile.ZipFile(io.BytesIO(good)) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    return _zip({**entries, member: body}, zipfile.ZIP_STORED)
+
+
+def test_crafted_npz_members_are_refused_with_a_sentence() -> None:
+    # a member that is no .npy at all (numpy would hand back raw bytes)
+    with pytest.raises(ValueError, match="could not be read as a .npz file"):
+        upload.load_npz(_npz_with("x.npy", b"hello"))
+    # a header declaring a terabyte over no data: refused before numpy allocates it
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 37,)}
+    )
+    with pytest.raises(ValueError, match="declares 1,099,511,627,776 bytes but holds"):
+        upload.load_npz(_npz_with("x.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:]))
+    # an encrypted member (the flag bit set): zipfile raises RuntimeError
+    data = bytearray(_npz_with("x.npy", b"\x00" * 10))
+    at = data.index(b"PK\x03\x04")
+    data[at + 6] |= 1
+    with pytest.raises(ValueError):
+        upload.load_npz(bytes(data))
+
+
+def test_class_names_are_decoded_and_plain() -> None:
+    x, y = np.zeros((30, 4, 4), np.float32), np.arange(30) % 2
+    up = upload.load_npz(npz_bytes(x=x, y=y, classes=np.array([b"cat", b"**dog**"])))
+    assert up.splits["test"].classes == ("cat", "__dog__")
