@@ -18,6 +18,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import _randomise_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
@@ -43,16 +44,10 @@ def make_model(arch: str, dataset: str, seed: int = 0) -> nn.Module:
     info = qcore.dataset_info(dataset)
     torch.manual_seed(seed)
     model = build_model(arch, info.input_shape, info.num_classes)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.num_batches_tracked.fill_(7)
+    _randomise_bn(model, seed + 1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_batches_tracked.fill_(7)
     return model.eval()
 
 
