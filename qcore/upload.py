@@ -91,10 +91,28 @@ def _is_safetensors(data: bytes) -> bool:
     return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
+def _zip_entries(data: bytes) -> int | None:
+    """The entry count an archive's end record states (None when there is no end record),
+    read before zipfile parses the whole central directory."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))  # 22 bytes + a comment
+    if at < 0 or at + 22 > len(data):
+        return None
+    return int.from_bytes(data[at + 10 : at + 12], "little")  # 0xFFFF: a ZIP64 archive
+
+
+def _too_many_entries(data: bytes, limit: int, why: str) -> None:
+    n = _zip_entries(data)
+    if n is not None and n > limit:
+        more = " or more" if n == 0xFFFF else ""  # the field's largest value: ZIP64 has more
+        raise ValueError(f"The archive has {n:,}{more} entries; {why}.")
+
+
 def _check_zip(data: bytes, label: str = "The file") -> bytes:
     """Refuse an archive whose table asks for more than the cap (before torch reads it);
     return its pickle (``<archive>/data.pkl``) for :func:`_check_pickle`."""
     damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError)
+    _too_many_entries(data, MAX_ZIP_ENTRIES, "a state dict of these architectures has a few "
+                      "hundred at most")  # fmt: skip
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
@@ -487,6 +505,7 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
             "numpy.savez(path, x=images, y=labels)."
         )
     damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, KeyError)
+    _too_many_entries(data, 16, "a dataset file holds x, y and perhaps classes")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
@@ -609,9 +628,17 @@ def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
                        tuple((s, int(len(v))) for s, v in splits_idx.items()))  # fmt: skip
     m, sd = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     splits = {
-        s: Dataset(name=name, split=s, x=((pixels[idx] - m) / sd).contiguous(),
-                   y=labels[idx].clone(), classes=names_, description=description,
-                   mean=mean, std=std, indices=idx.clone())  # fmt: skip
+        s: Dataset(
+            name=name,
+            split=s,
+            x=((pixels[idx] - m) / sd).contiguous(),
+            y=labels[idx].clone(),
+            classes=names_,
+            description=description,
+            mean=mean,
+            std=std,
+            indices=idx.clone(),
+        )  # fmt: skip
         for s, idx in splits_idx.items()
     }
     return UploadedDataset(name, sha, info, splits, filename)
