@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from torch import nn
 
@@ -43,7 +43,7 @@ from qcore.config import (
     parse_layer_bits,
     parse_number,
 )
-from qcore.data import Dataset, dataset_info, list_datasets, load_dataset
+from qcore.data import Dataset, DatasetInfo, dataset_info, list_datasets, load_dataset
 from qcore.evaluate import agreement, evaluate
 from qcore.export import export_packed
 from qcore.fold import weight_layers
@@ -151,19 +151,50 @@ def _write(out: Path, write: Callable[[Path], T]) -> T:
         raise ValueError(f"Could not write {str(out)!r}: {exc.strerror or exc}.") from exc
 
 
-def _load(name: str, dataset: str | None, split: str = "test",
-          weights: Path | None = None) -> tuple[nn.Module, Dataset]:  # fmt: skip
-    """The model and the split, after checking from the manifests that they fit; with
-    ``weights``, the user's own weights file for ``name``'s architecture on that dataset."""
-    info = model_info(name)
-    dataset = dataset or info.dataset
-    if weights is not None:
-        return _own_model(weights, info.arch, dataset), load_dataset(dataset, split)
-    check_fit(info, dataset_info(dataset))
-    return load_model(name), load_dataset(dataset, split)
+def _load(args: argparse.Namespace, split: str = "test") -> tuple[nn.Module, Dataset]:
+    """The model and the split, after checking from the records that they fit: ``--model``
+    (or ``--weights`` for its architecture) on ``--dataset`` (or the ``--data`` file)."""
+    info = model_info(args.model)
+    target = _data_info(args)
+    if args.weights is not None:
+        return _own_model(args.weights, info.arch, target), _split(args, split)
+    check_fit(info, target)
+    return load_model(args.model), _split(args, split)
 
 
-def _own_model(path: Path, arch: str, dataset: str) -> nn.Module:
+def _data_info(args: argparse.Namespace) -> DatasetInfo:
+    """What ``--data`` or ``--dataset`` (default: the model's own) holds, without its data."""
+    if getattr(args, "data", None) is not None:
+        if args.dataset:
+            raise ValueError("Give --dataset or --data, not both.")
+        return _own_data(args.data).info
+    return dataset_info(args.dataset or model_info(args.model).dataset)
+
+
+def _split(args: argparse.Namespace, split: str) -> Dataset:
+    if getattr(args, "data", None) is not None:
+        return _own_data(args.data).splits[split]
+    return load_dataset(args.dataset or model_info(args.model).dataset, split)
+
+
+_OWN_DATA: dict[Path, Any] = {}  # --data files read in this process, by path
+
+
+def _own_data(path: Path) -> Any:
+    """A .npz file of images and labels, read by :func:`qcore.upload.load_npz`."""
+    from qcore.upload import check_size, load_npz
+
+    if path not in _OWN_DATA:
+        try:
+            check_size(path.stat().st_size, repr(str(path)), "data files")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
+        _OWN_DATA[path] = load_npz(data, filename=path.name)
+    return _OWN_DATA[path]
+
+
+def _own_model(path: Path, arch: str, dataset: str | DatasetInfo) -> nn.Module:
     """A weights file (safetensors or torch.save) read by :mod:`qcore.upload`'s checks."""
     from qcore.upload import check_size, load_weights
 
@@ -213,6 +244,9 @@ def _weights_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
                         help="your own trained weights (safetensors or torch.save state dict) "
                         "for --model's architecture on --dataset's inputs and classes")
+    parser.add_argument("--data", type=Path, default=None, metavar="FILE",
+                        help="your own images and labels (.npz with x and y) instead of "
+                        "--dataset, split 70/10/20 into train, calib and test")
 
 
 def _compression_args(parser: argparse.ArgumentParser) -> None:
@@ -271,7 +305,7 @@ def _calib(args: argparse.Namespace, cfg: CompressionConfig) -> Dataset | None:
     """The calibration split, when activations are quantized (never the test split)."""
     if cfg.act is None:
         return None
-    return load_dataset(args.dataset or model_info(args.model).dataset, "calib")
+    return _split(args, "calib")
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -281,7 +315,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    model, data = _load(args.model, args.dataset, weights=args.weights)
+    model, data = _load(args)
     cfg = _config(args, model)
     base = evaluate(model, data)
     c = compress(model, cfg, calib=_calib(args, cfg))
@@ -308,11 +342,10 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> int:
     if args.weights is not None:
-        model = _own_model(args.weights, model_info(args.model).arch,
-                           args.dataset or model_info(args.model).dataset)  # fmt: skip
+        model = _own_model(args.weights, model_info(args.model).arch, _data_info(args))
     else:
-        if args.dataset:  # nothing is evaluated, but a dataset named must fit the model
-            check_fit(model_info(args.model), dataset_info(args.dataset))
+        if args.dataset or args.data:  # nothing is evaluated, but the data must fit the model
+            check_fit(model_info(args.model), _data_info(args))
         model = load_model(args.model)
     cfg = _config(args, model)
     c = compress(model, cfg, calib=_calib(args, cfg))
@@ -381,7 +414,7 @@ def _sweep(args: argparse.Namespace) -> int:
         symmetric=(not args.asymmetric,), per_channel=(args.per_channel,),
         structured=args.structured,
     )
-    model, dataset = _load(args.model, args.dataset, args.split, weights=args.weights)
+    model, dataset = _load(args, args.split)
     progress = None if args.quiet else ProgressBar("sweep")
     df = sweep(model, dataset, grid, progress=progress)
     _write(args.out, lambda out: df.to_csv(out, index=False))
@@ -411,7 +444,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     quant = QuantConfig(symmetric=not args.asymmetric, per_channel=args.per_channel,
                         clip=args.clip, clip_mode=args.clip_mode)
     prune = PruneConfig(structured=args.structured)
-    model, dataset = _load(args.model, args.dataset, args.split, weights=args.weights)
+    model, dataset = _load(args, args.split)
     progress = None if args.quiet else ProgressBar("sensitivity")
     df = layer_sensitivity(model, dataset, bits=args.bits, prune_rates=args.prune,
                            quant=quant, prune=prune, naive=args.naive, progress=progress)
@@ -459,10 +492,9 @@ def _finetune(args: argparse.Namespace) -> int:
         prune_schedule="gradual" if args.gradual else "oneshot", learn_scales=args.learn_scales,
         **({} if args.lr is None else {"lr": args.lr}),
     )  # fmt: skip
-    model, test = _load(args.model, args.dataset, weights=args.weights)
+    model, test = _load(args)
     cfg = _config(args, model)
-    name = args.dataset or model_info(args.model).dataset
-    train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
+    train, calib = _split(args, "train"), _split(args, "calib")
     progress = None if args.quiet else ProgressBar("fine-tune")
     result = finetune(model, train, cfg, ft, calib=calib, progress=progress)
     before = compress(model, cfg, calib=calib)
@@ -518,9 +550,9 @@ def _deep(args: argparse.Namespace) -> int:
     from qcore.bench import deep_lines
     from qcore.deep import CENTROID_EPOCHS, DEFAULT_EPOCHS, deep_compression
 
-    model, test = _load(args.model, args.dataset, weights=args.weights)
-    name = args.dataset or model_info(args.model).dataset
-    train, calib = load_dataset(name, "train"), load_dataset(name, "calib")
+    model, test = _load(args)
+    name = test.name
+    train, calib = _split(args, "train"), _split(args, "calib")
     epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
     centroid_epochs = CENTROID_EPOCHS if args.centroid_epochs is None else args.centroid_epochs
     progress = None if args.quiet else ProgressBar("deep compression")
@@ -563,7 +595,7 @@ def _robustness_parser() -> argparse.ArgumentParser:
 
 
 def _robustness(args: argparse.Namespace) -> int:
-    model, data = _load(args.model, args.dataset, weights=args.weights)
+    model, data = _load(args)
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"--limit must be 1 or more; got {args.limit}.")

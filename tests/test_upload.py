@@ -799,3 +799,38 @@ def test_an_archive_of_many_entries_is_refused_from_its_end_record() -> None:
                              "architectures has a few hundred at most.")  # fmt: skip
     with pytest.raises(ValueError, match="The archive has 65,535 or more entries; a dataset"):
         upload.load_npz(data)
+
+
+def test_cli_data_file_is_read_like_the_known_dataset(tmp_path, capsys) -> None:
+    from sklearn.datasets import load_digits
+
+    from qcore.cli import main
+
+    d = load_digits()
+    path = tmp_path / "digits.npz"
+    np.savez(path, x=(d.images / 16.0).astype(np.float32), y=d.target)
+    assert main(["evaluate", "--model", "digits-mlp", "--data", str(path), "--bits", "4"]) == 0
+    own = capsys.readouterr().out
+    assert main(["evaluate", "--model", "digits-mlp", "--dataset", "digits", "--bits", "4"]) == 0
+    assert own == capsys.readouterr().out  # the same splits, the same numbers
+
+
+def test_cli_own_weights_on_own_data(tmp_path, capsys) -> None:
+    from qcore.cli import main
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (60, 6, 6)).astype(np.float32)
+    data = tmp_path / "toy.npz"
+    np.savez(data, x=x, y=np.arange(60) % 3)
+    up = upload.load_npz(data.read_bytes(), filename=data.name)
+    model = build_model("mlp", up.info.input_shape, up.info.num_classes)
+    weights = tmp_path / "toy.pt"
+    torch.save(model.state_dict(), weights)
+    argv = ["evaluate", "--model", "digits-mlp", "--weights", str(weights), "--data", str(data)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"float accuracy      {qcore.evaluate(model, up.splits['test']).accuracy:.4f}"
+    assert main([*argv, "--dataset", "digits"]) == 2
+    assert capsys.readouterr().err == "error: Give --dataset or --data, not both.\n"
+    assert main(["evaluate", "--model", "digits-mlp", "--data", str(data)]) == 2
+    assert "expects 1x8x8 inputs and 10 classes" in capsys.readouterr().err
