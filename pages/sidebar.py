@@ -1,6 +1,6 @@
-"""The shared sidebar: the model and dataset pickers, the upload of a user's own weights,
-and the check every page starts with that the picked model and dataset load and fit (with
-a download offer for a missing torchvision dataset, where the server allows it)."""
+"""The shared sidebar: the model and dataset pickers, the upload of a user's own data and
+weights, and the check every page starts with that the picked model and dataset load and
+fit (with a download offer for a missing torchvision dataset, where the server allows it)."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def _on_data_upload() -> None:
     if file is None:
         return
     try:
-        check_size(file.size, repr(file.name))  # before reading it into memory
+        check_size(file.size, repr(file.name), "data files")  # before reading it
         uploaded = load_npz(file.getvalue(), filename=file.name)
     except ValueError as e:
         ss[DATA_ERROR] = str(e)
@@ -279,6 +279,8 @@ def upload_panel() -> None:
             "classes)` and save `model.state_dict()`.\n\n"
             + "\n\n".join(f"**{a}**: {d}" for a, d in archs.items()),
         )
+        if ss.get("upload_dataset") not in datasets:  # an upload this session let go
+            ss.pop("upload_dataset", None)
         trained_on = ss.get(LAST_DATA) if ss.get(LAST_DATA) in datasets else current.dataset
         st.selectbox(
             "Trained on",
