@@ -64,13 +64,19 @@ def get_model(ref: ModelRef):
     """
     if ref.sha256 is None:
         return _sample_model(ref)
-    model = _SESSION_MODELS.get(ref.sha256)
-    if model is None:
+    return _held(_SESSION_MODELS, ref, "made", "Pick a sample model in the sidebar.")
+
+
+def _held(registry: weakref.WeakValueDictionary[str, Any], ref: ModelRef | DatasetRef,
+          how: str, instead: str) -> Any:  # fmt: skip
+    """What a session registered under ``ref``'s SHA-256; a sentence if none holds it now."""
+    held = registry.get(ref.sha256)  # type: ignore[arg-type]
+    if held is None:
         raise ValueError(
-            f"{ref.name} was made in a session that no longer holds it (the session ended "
-            "or the server restarted). Pick a sample model in the sidebar."
+            f"{ref.name} was {how} in a session that no longer holds it (the session ended "
+            f"or the server restarted). {instead}"
         )
-    return model
+    return held
 
 
 def hold_session_model(ref: ModelRef, model: Any) -> Any:
@@ -103,12 +109,7 @@ def get_dataset(ref: DatasetRef):
     holds it (:func:`hold_session_dataset`)."""
     if ref.sha256 is None:
         return _known_dataset(ref)
-    held = _SESSION_DATA.get(ref.sha256)
-    if held is None:
-        raise ValueError(
-            f"{ref.name} was uploaded in a session that no longer holds it (the session "
-            "ended or the server restarted). Pick another dataset in the sidebar."
-        )
+    held = _held(_SESSION_DATA, ref, "uploaded", "Pick another dataset in the sidebar.")
     return held.splits[ref.split]
 
 

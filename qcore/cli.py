@@ -182,28 +182,30 @@ _OWN_DATA: dict[Path, Any] = {}  # --data files read in this process, by path
 
 def _own_data(path: Path) -> Any:
     """A .npz file of images and labels, read by :func:`qcore.upload.load_npz`."""
-    from qcore.upload import check_size, load_npz
+    from qcore.upload import load_npz
 
     if path not in _OWN_DATA:
-        try:
-            check_size(path.stat().st_size, repr(str(path)), "data files")
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
-        _OWN_DATA[path] = load_npz(data, filename=path.name)
+        _OWN_DATA[path] = load_npz(_read_upload(path, "data files"), filename=path.name)
     return _OWN_DATA[path]
 
 
 def _own_model(path: Path, arch: str, dataset: str | DatasetInfo) -> nn.Module:
     """A weights file (safetensors or torch.save) read by :mod:`qcore.upload`'s checks."""
-    from qcore.upload import check_size, load_weights
+    from qcore.upload import load_weights
+
+    data = _read_upload(path, "weights files")
+    return load_weights(data, arch, dataset, filename=path.name).module
+
+
+def _read_upload(path: Path, what: str) -> bytes:
+    """The bytes of a user's file, its size checked against the upload cap before reading."""
+    from qcore.upload import check_size
 
     try:
-        check_size(path.stat().st_size, repr(str(path)))  # before reading it into memory
-        data = path.read_bytes()
+        check_size(path.stat().st_size, repr(str(path)), what)
+        return path.read_bytes()
     except OSError as exc:
         raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
-    return load_weights(data, arch, dataset, filename=path.name).module
 
 
 class ProgressBar:

@@ -36,6 +36,17 @@ def _weights(tmp_path):
     return good, bad
 
 
+def _open_panel(page, link: str, panel: str):
+    """Open ``link``, wait for the Playground's numbers, open the sidebar's ``panel``;
+    return the sidebar."""
+    page.goto(link, wait_until="domcontentloaded")
+    page.locator('[data-testid="stMetric"]').first.wait_for(timeout=90_000)
+    wait_idle(page)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.get_by_text(panel).click()
+    return sidebar
+
+
 def _keeps_its_pickers_after_a_slider_move(page, picked) -> None:
     """Another widget's change must not put a sidebar picker back to its first option."""
     values = [picked.nth(i).input_value() for i in range(picked.count())]
@@ -59,11 +70,7 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
     expected = load_weights(good.read_bytes(), "cnn", "mnist-5k", filename=good.name)
     accuracy = qcore.evaluate(expected.module, qcore.load_dataset("mnist-5k")).accuracy
     with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
-        page.goto(f"{url}/?model=mnist-cnn", wait_until="domcontentloaded")
-        page.locator('[data-testid="stMetric"]').first.wait_for(timeout=90_000)
-        wait_idle(page)
-        sidebar = page.locator('[data-testid="stSidebar"]')
-        sidebar.get_by_text("Upload your own weights").click()
+        sidebar = _open_panel(page, f"{url}/?model=mnist-cnn", "Upload your own weights")
         weights_input = sidebar.locator('[data-testid="stFileUploader"]', has_text="Weights file"
                                         ).locator('input[type="file"]').first  # fmt: skip
         # the pickers start at the current model's architecture and dataset
@@ -119,11 +126,8 @@ def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(tmp_path):
     compressed = qcore.compress(qcore.load_model("digits-mlp"), settings)
     accuracy = qcore.evaluate(compressed.model, expected.splits["test"]).accuracy
     with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
-        page.goto(f"{url}/?model=digits-mlp&dataset=digits&bits=8", wait_until="domcontentloaded")
-        page.locator('[data-testid="stMetric"]').first.wait_for(timeout=90_000)
-        wait_idle(page)
-        sidebar = page.locator('[data-testid="stSidebar"]')
-        sidebar.get_by_text("Upload your own data").click()
+        sidebar = _open_panel(page, f"{url}/?model=digits-mlp&dataset=digits&bits=8",
+                              "Upload your own data")  # fmt: skip
         uploader = sidebar.locator('[data-testid="stFileUploader"]', has_text="Data file")
         uploader.locator('input[type="file"]').first.set_input_files(str(bad))
         alert = sidebar.locator('[data-testid="stAlert"]')
