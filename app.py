@@ -3,6 +3,7 @@ and routes to the pages (``streamlit run app.py``)."""
 
 import streamlit as st
 
+from pages import timing
 from pages.query import show_query_warnings
 from pages.session import init_session
 from pages.sidebar import data_panel, sidebar_pickers, upload_panel
@@ -36,6 +37,7 @@ PAGES = [
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
 ]
 
+timing.start_run()  # off unless QP_TIMINGS is set (scripts/bench_browser.py)
 init_session()
 
 with st.sidebar:
@@ -48,4 +50,7 @@ if page is PLAYGROUND:
     st.title("Quantization Playground")
     st.markdown(INTRO)
 show_query_warnings()
-page.run()
+try:
+    page.run()
+finally:
+    timing.end_run(page.title)

@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
+from pages import timing
 from pages.progress import run_with_progress
 from pages.tables import (
     ActInfo,
@@ -145,7 +146,8 @@ def removable_blocks(model: ModelRef) -> dict[str, str]:
 @st.cache_data(show_spinner=False)
 def float_metrics(model: ModelRef, data: DatasetRef) -> qcore.Metrics:
     """Evaluation of the float model; computed once per (model, dataset)."""
-    return qcore.evaluate(get_model(model), get_dataset(data))
+    with timing.phase("evaluate"):
+        return qcore.evaluate(get_model(model), get_dataset(data))
 
 
 @st.cache_resource(max_entries=COMPRESSED_CACHE_ENTRIES, show_spinner=False)
@@ -153,7 +155,8 @@ def _compressed(
     model: ModelRef, settings: Settings, data: DatasetRef | None
 ) -> qcore.Compressed:
     calib = None if data is None else get_calib_dataset(data)
-    return qcore.compress(get_model(model), settings.to_config(), calib=calib)
+    with timing.phase("compress"):
+        return qcore.compress(get_model(model), settings.to_config(), calib=calib)
 
 
 def get_compressed(
@@ -186,7 +189,8 @@ def results(model: ModelRef, data: DatasetRef, settings: Settings) -> Result:
     """Compress, evaluate and account; memoised by (model, dataset, settings)."""
     start = time.perf_counter()
     comp = get_compressed(model, settings, data)
-    m = qcore.evaluate(comp.model, get_dataset(data))
+    with timing.phase("evaluate"):
+        m = qcore.evaluate(comp.model, get_dataset(data))
     seconds = time.perf_counter() - start
     return make_result(comp, m, float_metrics(model, data), seconds)
 
@@ -593,7 +597,7 @@ def perturbed_images(
     attack's target for FGSM / PGD), with the true class and both models' predictions."""
     import torch
 
-    from qcore.evaluate import runner_of
+    from qcore.evaluate import predict_logits
 
     ds = get_dataset(data)
     target = _robustness_target(model, settings, data, False)
@@ -601,8 +605,7 @@ def perturbed_images(
                              steps=steps)  # fmt: skip
 
     def names(m) -> tuple[str, ...]:
-        with torch.inference_mode():
-            logits = runner_of(m)(x)
+        logits = predict_logits(m, x)
         ok = torch.isfinite(logits).all(dim=1)
         return tuple(ds.classes[int(i)] if f else "?" for i, f in
                      zip(logits.argmax(dim=1), ok, strict=True))  # fmt: skip

@@ -14,7 +14,7 @@ The names below are the public API (see DESIGN.md); submodules hold the plumbing
 from qcore.affine import QParams, dequantize_codes, quantize_codes
 from qcore.analysis import Histogram, activation_histogram, layer_histogram, weight_histogram
 from qcore.blocks import Block, removable_blocks, without_blocks
-from qcore.compress import Compressed, CompressedModel, LayerResult, compress, sqnr_db
+from qcore.compress import Compressed, LayerResult, compress, sqnr_db
 from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, Settings
 from qcore.data import (
     Dataset,
@@ -29,7 +29,7 @@ from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
 from qcore.finetune import FinetuneConfig, FinetuneResult, finetune
 from qcore.fold import weight_layers
-from qcore.graph import Graph, graph_of
+from qcore.graph import Graph, Variant, graph_of
 from qcore.mixed import MixedPrecisionResult, UniformChoice, mixed_precision
 from qcore.models import ModelInfo, check_fit, list_models, load_model, model_info
 from qcore.prune import magnitude_mask, prune_tensor
@@ -58,7 +58,7 @@ __all__ = [
     "QParams", "choose_qparams", "quantize_codes", "dequantize_codes", "quantize_tensor",
     "quantize_with_params", "magnitude_mask", "prune_tensor", "sqnr_db",
     # the runtime and the pipeline
-    "Graph", "graph_of", "weight_layers", "compress", "Compressed", "CompressedModel",
+    "Graph", "Variant", "graph_of", "weight_layers", "compress", "Compressed",
     "LayerResult", "removable_blocks", "without_blocks", "Block",
     # measuring
     "evaluate", "metrics_from_logits", "Metrics", "agreement", "weight_histogram",

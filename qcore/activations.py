@@ -5,14 +5,8 @@ of every weight layer and the output of every addition (residuals). Calibration 
 float graph over the calibration split batch by batch with a :class:`HistogramObserver`
 on each edge, then the config's observer policy turns each histogram into a range:
 
-- ``minmax``: [min(x, 0), max(x, 0)], as ``torch.ao.quantization.MinMaxObserver``.
-- ``percentile``: |x| clipped at its ``percentile``-th percentile.
-- ``mse``: the range with the least squared error over the histogram.
-- ``entropy``: the threshold t whose 2^b-level quantized histogram of |x| on [0, t] has
-  the least KL divergence from the observed one (TensorRT's calibration). The bin of
-  zeros is left out (zero is exact at any threshold; ReLU outputs hold many). On an edge
-  whose histogram has a tall spike away from zero (MNIST's input: the background at one
-  value, strokes saturated at another) it clips hard; min-max or percentile suit it better.
+``minmax``, ``percentile`` (at ``ActQuantConfig.percentile``), ``mse`` or ``entropy``:
+entries of the one range-policy table in :mod:`qcore.ranges`, which the weights use too.
 
 A calibrated range becomes per-tensor qparams, and the activation runs as
 ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
@@ -27,14 +21,13 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from qcore.affine import QParams, fake_quantize, qparams_from_range
 from qcore.config import ActQuantConfig
 from qcore.graph import Graph
 from qcore.observers import HistogramObserver
-from qcore.ranges import mse_range
+from qcore.ranges import choose_range, entropy_threshold
 
 __all__ = ["ActRange", "activation_edges", "calibrate", "act_points", "entropy_threshold"]
 
@@ -141,69 +134,11 @@ def calibrate(
 
 def _range(edge: str, obs: HistogramObserver, cfg: ActQuantConfig) -> ActRange:
     mn, mx = (t.float() for t in obs.extremes())
-    lo, hi = torch.minimum(mn, torch.zeros(1)), torch.maximum(mx, torch.zeros(1))
-    if cfg.observer == "percentile":
-        c = obs.abs_quantile(cfg.percentile / 100.0).float()
-        lo, hi = torch.maximum(lo, -c), torch.minimum(hi, c)
-    elif cfg.observer == "mse":
-        lo, hi = mse_range(obs, 1.0, cfg.bits, cfg.symmetric)
-        lo, hi = lo.float(), hi.float()
-    elif cfg.observer == "entropy":
-        signed = bool(mn[0] < 0)
-        levels = 2 ** (cfg.bits - 1) if signed or cfg.symmetric else 2**cfg.bits
-        hist = _abs_histogram(obs)
-        hist[0] = 0.0  # zeros (every ReLU's many) are exact at any threshold: they decide nothing
-        t = entropy_threshold(hist, float(obs.radius[0]), levels)
-        lo, hi = torch.maximum(lo, torch.tensor([-t])), torch.minimum(hi, torch.tensor([t]))
+    c = cfg.percentile if cfg.observer == "percentile" else 1.0
+    lo, hi = (t.float() for t in choose_range(obs, cfg.observer, c, cfg.bits, cfg.symmetric))
     qp = qparams_from_range(lo, hi, cfg.bits, cfg.symmetric, pow2=cfg.scale == "pow2")
     return ActRange(edge, float(lo[0]), float(hi[0]), float(mn[0]), float(mx[0]), qp, cfg.bits,
                     cfg.symmetric)  # fmt: skip
-
-
-def _abs_histogram(obs: HistogramObserver) -> np.ndarray:
-    """Counts of |x| on [0, radius] (half as many bins): the two halves folded together."""
-    counts = obs.counts[0].double().numpy()
-    half = counts.size // 2
-    return counts[half:] + counts[:half][::-1]
-
-
-def entropy_threshold(hist: np.ndarray, top: float, levels: int) -> float:
-    """The clip threshold on |x| with the least KL divergence after quantizing to ``levels``.
-
-    ``hist`` counts |x| in equal bins over [0, top]. For each candidate threshold (a bin
-    edge i >= levels) the reference distribution p is the histogram cut at i with the
-    outliers added to its last bin; q merges the cut histogram (without them) into
-    ``levels`` equal groups and spreads each group's count evenly over p's nonzero bins.
-    The threshold of the least KL(p || q) is returned (the whole range when the histogram
-    has too few bins).
-
-    >>> h = np.round(1000 * np.exp(-np.arange(64) / 3)); h[63] = 1   # a tail, one outlier
-    >>> float(entropy_threshold(h, 64.0, 4))   # clips the tail: 4 levels go to the mass
-    12.0
-    """
-    n = hist.size
-    if n <= levels or hist.sum() == 0:
-        return top
-    width = top / n
-    best_i, best_kl = n, np.inf
-    step = max(1, (n - levels) // 256)  # at most ~256 candidates
-    for i in range(levels, n + 1, step):
-        sliced = hist[:i]
-        p = sliced.copy()
-        p[-1] += hist[i:].sum()  # the reference keeps the clipped mass in its last bin
-        nonzero = p > 0
-        group = np.arange(i) * levels // i  # which of the ``levels`` groups each bin is in
-        sums = np.bincount(group, weights=sliced, minlength=levels)  # q: without the clip
-        filled = np.bincount(group, weights=nonzero, minlength=levels)
-        q = np.where(nonzero, sums[group] / np.maximum(filled[group], 1), 0.0)
-        if q.sum() == 0:  # everything below this threshold is empty: nothing to compare
-            continue
-        pn, qn = p[nonzero] / p.sum(), q[nonzero] / q.sum()
-        qn = np.maximum(qn, 1e-12)  # a clipped-in bin q left empty: a large, finite penalty
-        kl = float(np.sum(pn * np.log(pn / qn)))
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i * width
 
 
 def act_points(ranges: dict[str, ActRange]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

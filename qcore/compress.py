@@ -2,9 +2,9 @@
 
 ``compress`` never changes the model it is given and never copies its tensors per call.
 The result is one :class:`LayerResult` per compressed layer (mask, qparams, codes in the
-smallest integer dtype, the packed form) and a :class:`CompressedModel` that runs the
-model's shared traced graph (:mod:`qcore.graph`) with the dequantized weights, derived
-from codes and qparams when it runs. ``size_bytes`` is the sum of what the codecs write.
+smallest integer dtype, the packed form) and a :class:`qcore.graph.Variant` that runs the
+model's shared traced graph with the dequantized weights, derived from codes and qparams
+when it runs. ``size_bytes`` is the sum of what the codecs write.
 With ``QuantConfig(codebook="kmeans")`` a layer's kept weights share a k-means codebook
 (:mod:`qcore.kmeans`) instead of a uniform grid: its record holds the codebook and the
 centroid index of each weight, and no qparams.
@@ -13,7 +13,7 @@ centroid index of each weight, and no qparams.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +32,12 @@ from qcore.codecs import (
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
 from qcore.fold import state_for_size, weight_layers
-from qcore.graph import Graph, graph_of, param_key
+from qcore.graph import Graph, Variant, graph_of, param_key
 from qcore.kmeans import kmeans_codebook
 from qcore.prune import global_masks, layer_mask
 from qcore.quant import QParams, dequantize_codes, quantize_prechecked
 
-__all__ = ["CompressedModel", "LayerResult", "Compressed", "compress", "sqnr_db"]
+__all__ = ["LayerResult", "Compressed", "compress", "replacements_of", "sqnr_db"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,67 +167,23 @@ def _weight_after(
     return values
 
 
-class CompressedModel(nn.Module):
-    """The shared traced graph run with a variant's weights; no tensor of the model copied.
-
-    The dequantized weights are derived from the layer records when it runs, so a cached
-    variant holds codes and masks, not a second float copy. It runs in eval mode only:
-    the graph computes BatchNorm with running statistics and never writes them.
-    """
-
-    def __init__(
-        self,
-        graph: Graph,
-        layers: tuple[LayerResult, ...],
-        activations: Mapping[str, ActRange] | None = None,
-    ):
-        super().__init__()
-        object.__setattr__(self, "_graph", graph)  # held by reference, not registered
-        self._layers = layers
-        self._points = act_points(dict(activations or {}))  # fake-quantized edges
-        nn.Module.train(self, False)
-
-    @property
-    def graph(self) -> Graph:
-        return self._graph
-
-    @property
-    def points(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """The fake-quantized activation edges (empty when activations stay float)."""
-        return dict(self._points)
-
-    def replacements(self) -> dict[str, torch.Tensor]:
-        """The tensors that differ from the float model, by state-dict key (made anew)."""
-        out = {}
-        for r in self._layers:
-            if r.changed:
-                out[param_key(r.name, "weight")] = r.dequantized
-            if r.bias is not None:
-                out[param_key(r.name, "bias")] = r.bias
-        return out
-
-    def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A function x -> logits with the weights derived once (for many batches)."""
-        tensors, points = self.replacements(), self._points
-        return lambda x: self._graph.run(x, tensors, points)
-
-    def train(self, mode: bool = True) -> CompressedModel:
-        if mode:
-            raise RuntimeError(
-                "A compressed model shares its tensors with the float model and runs in eval "
-                "mode only; fine-tune through the graph runtime instead."
-            )
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._graph.run(x, self.replacements(), self._points)
+def replacements_of(layers: tuple[LayerResult, ...]) -> dict[str, torch.Tensor]:
+    """The tensors that differ from the float model, by state-dict key (derived anew from
+    the layer records: codes and qparams, masks, codebooks, changed biases)."""
+    out = {}
+    for r in layers:
+        if r.changed:
+            out[param_key(r.name, "weight")] = r.dequantized
+        if r.bias is not None:
+            out[param_key(r.name, "bias")] = r.bias
+    return out
 
 
 @dataclass(frozen=True, eq=False)
 class Compressed:
     """A compressed model and its accounting. ``size_bytes`` is what the export writes."""
 
-    model: CompressedModel
+    model: Variant  # the shared graph run with the compressed weights and activation points
     config: CompressionConfig
     layers: tuple[LayerResult, ...]
     size_bytes: int
@@ -287,7 +243,7 @@ class Compressed:
 
     def replacements(self) -> dict[str, torch.Tensor]:
         """The tensors that differ from the (folded) float model, by state-dict key."""
-        return self.model.replacements()
+        return replacements_of(self.layers)
 
     def packed_tensors(self) -> list[tuple[str, tuple[int, ...], Encoded]]:
         """What the export writes, in order: (state-dict key, shape, packed form)."""
@@ -350,27 +306,8 @@ def _zero_pruned(codes: torch.Tensor, mask: torch.Tensor, qp: QParams) -> torch.
     return torch.where(mask.reshape(g, -1), codes.reshape(g, -1), zero).reshape(codes.shape)
 
 
-def compress(
-    model: nn.Module, config: CompressionConfig | None = None, calib: Dataset | None = None
-) -> Compressed:
-    """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md).
-
-    With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
-    split, never the test split) and fake-quantized on every edge of
-    :func:`qcore.activations.activation_edges`.
-    """
-    config = CompressionConfig() if config is None else config
-    if not isinstance(config, CompressionConfig):
-        raise ValueError("config must be a CompressionConfig.")
-    if config.act is not None and calib is None:
-        raise ValueError(
-            "Quantizing activations needs calibration data: pass calib= the dataset's "
-            "'calib' split (never the test split)."
-        )
-    # removed blocks: the graph of the model with them replaced by the identity, so their
-    # weights are neither run nor stored (named layers inside them are simply gone)
-    base = without_blocks(model, config.drop)
-    graph = graph_of(base, config.fold_bn)
+def _layer_names(model: nn.Module, graph: Graph, config: CompressionConfig) -> list[str]:
+    """The weight layers ``config`` compresses that the graph still runs (checked)."""
     all_layers = weight_layers(model)
     if not graph.layers:
         raise ValueError("The model has no linear or convolution layers to compress.")
@@ -392,6 +329,92 @@ def compress(
     names = [n for n in names if n in graph.layers]
     if not names:
         raise ValueError("Every layer picked to compress lies in a removed block.")
+    return names
+
+
+def _compress_layer(
+    i: int,
+    n: str,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: CompressionConfig,
+    bias: torch.Tensor | None,
+    act: ActRange | None,
+) -> LayerResult:
+    """One weight layer (the ``i``-th compressed) quantized, encoded and accounted."""
+    q = config.quant
+    qparams = codes = codebook = None
+    bits, per_channel = 32, False
+    if q is not None and q.codebook == "kmeans":
+        bits = q.bits_for(n)
+        shared = kmeans_codebook(w, bits, mask)
+        codebook, codes, new = shared.codebook, shared.codes, shared.values
+    elif q is not None:
+        gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
+        res = quantize_prechecked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
+        qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
+        if mask is not None and not qparams.binary:
+            codes = _zero_pruned(codes, mask, qparams)
+        # the quantizer already dequantized (pruned weights zero): the same values as
+        # ``_weight_after`` gives from the stored codes, so the stats need no second pass
+        new = res.values
+    else:
+        new = _weight_after(w, mask, None, None)
+    if q is None:
+        encoded = encode_float(new, config.entropy)
+    elif codebook is not None:
+        encoded = encode_codebook(codes, codebook, bits, mask=mask, entropy=config.entropy)
+    else:
+        encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
+                                   symmetric=q.symmetric, mask=mask,
+                                   pow2=q.scale == "pow2", entropy=config.entropy)
+    bias_numel = 0 if bias is None else bias.numel()
+    n_zero = int((new == 0).sum())
+    n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
+    sig, err = _energies(w, new)
+    new_bias = None
+    if bias is not None and mask is not None and config.prune.structured:
+        # a removed output channel is gone, bias included
+        alive = mask.reshape(mask.shape[0], -1).any(dim=1)
+        new_bias = torch.where(alive, bias, torch.zeros(()))
+    return LayerResult(
+        name=n, kind="conv" if w.dim() > 2 else "linear", shape=tuple(w.shape),
+        float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
+        per_channel=per_channel, symmetric=True if q is None else q.symmetric,
+        bias=new_bias, encoded=encoded, params=w.numel() + bias_numel,
+        # the sum of the two parts, so sparsity == pruned + rounded_zero exactly (it can
+        # differ from n_zero / n by one ulp)
+        sparsity=n_pruned / w.numel() + (n_zero - n_pruned) / w.numel(),
+        pruned=n_pruned / w.numel(), rounded_zero=(n_zero - n_pruned) / w.numel(),
+        sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
+        size_bytes=encoded.nbytes() + float_bytes(bias_numel),
+        float_bytes=float_bytes(w.numel() + bias_numel),
+        act=act, codebook=codebook,
+    )  # fmt: skip
+
+
+def compress(
+    model: nn.Module, config: CompressionConfig | None = None, calib: Dataset | None = None
+) -> Compressed:
+    """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md).
+
+    With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
+    split, never the test split) and fake-quantized on every edge of
+    :func:`qcore.activations.activation_edges`.
+    """
+    config = CompressionConfig() if config is None else config
+    if not isinstance(config, CompressionConfig):
+        raise ValueError("config must be a CompressionConfig.")
+    if config.act is not None and calib is None:
+        raise ValueError(
+            "Quantizing activations needs calibration data: pass calib= the dataset's "
+            "'calib' split (never the test split)."
+        )
+    # removed blocks: the graph of the model with them replaced by the identity, so their
+    # weights are neither run nor stored (named layers inside them are simply gone)
+    base = without_blocks(model, config.drop)
+    graph = graph_of(base, config.fold_bn)
+    names = _layer_names(model, graph, config)
     weights = {n: graph.params[param_key(n, "weight")] for n in names}
     for n, w in weights.items():
         _check_weights(n, w)
@@ -407,68 +430,19 @@ def compress(
     activations = {}
     if config.act is not None:  # cached per (graph, data, config): weights do not matter
         activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
-    results = []
-    for i, n in enumerate(names):
-        w, mask = weights[n], masks.get(n)
-        qparams = codes = codebook = None
-        bits, per_channel = 32, False
-        if q is not None and q.codebook == "kmeans":
-            bits = q.bits_for(n)
-            shared = kmeans_codebook(w, bits, mask)
-            codebook, codes, new = shared.codebook, shared.codes, shared.values
-        elif q is not None:
-            gen = torch.Generator().manual_seed(q.seed * 1_000_003 + i)
-            res = quantize_prechecked(w, q, bits=q.bits_for(n), mask=mask, generator=gen)
-            qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
-            if mask is not None and not qparams.binary:
-                codes = _zero_pruned(codes, mask, qparams)
-            # the quantizer already dequantized (pruned weights zero): the same values as
-            # ``_weight_after`` gives from the stored codes, so the stats need no second pass
-            new = res.values
-        else:
-            new = _weight_after(w, mask, None, None)
-        if q is None:
-            encoded = encode_float(new, config.entropy)
-        elif codebook is not None:
-            encoded = encode_codebook(codes, codebook, bits, mask=mask, entropy=config.entropy)
-        else:
-            encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
-                                       symmetric=q.symmetric, mask=mask,
-                                       pow2=q.scale == "pow2", entropy=config.entropy)
-        bias = graph.params.get(param_key(n, "bias"))
-        bias_numel = 0 if bias is None else bias.numel()
-        n_zero = int((new == 0).sum())
-        n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
-        sig, err = _energies(w, new)
-        new_bias = None
-        if bias is not None and mask is not None and config.prune.structured:
-            # a removed output channel is gone, bias included
-            alive = mask.reshape(mask.shape[0], -1).any(dim=1)
-            new_bias = torch.where(alive, bias, torch.zeros(()))
-        results.append(LayerResult(
-            name=n, kind="conv" if w.dim() > 2 else "linear", shape=tuple(w.shape),
-            float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
-            per_channel=per_channel, symmetric=True if q is None else q.symmetric,
-            bias=new_bias, encoded=encoded, params=w.numel() + bias_numel,
-            # the sum of the two parts, so sparsity == pruned + rounded_zero exactly (it can
-            # differ from n_zero / n by one ulp)
-            sparsity=n_pruned / w.numel() + (n_zero - n_pruned) / w.numel(),
-            pruned=n_pruned / w.numel(), rounded_zero=(n_zero - n_pruned) / w.numel(),
-            sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
-            size_bytes=encoded.nbytes() + float_bytes(bias_numel),
-            float_bytes=float_bytes(w.numel() + bias_numel),
-            act=activations.get(f"{n}.input"), codebook=codebook,
-        ))  # fmt: skip
-
-    layers = tuple(results)
+    layers = tuple(
+        _compress_layer(i, n, weights[n], masks.get(n), config,
+                        graph.params.get(param_key(n, "bias")), activations.get(f"{n}.input"))
+        for i, n in enumerate(names)
+    )  # fmt: skip
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(
-        model=CompressedModel(graph, layers, activations),
+        # weights derived from the records when it runs: no second float copy is cached
+        model=Variant(graph, lambda: replacements_of(layers), act_points(activations)),
         config=config,
         layers=layers,
         size_bytes=size_bytes,
         float_size_bytes=float_size,
         activations=activations,
     )
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,9 +11,9 @@ from torch.nn import functional as F
 
 from qcore.data import Dataset
 from qcore.fold import assert_eval
-from qcore.graph import graph_of
+from qcore.graph import Variant
 
-__all__ = ["Metrics", "evaluate", "agreement", "predict_logits", "metrics_from_logits", "runner_of"]
+__all__ = ["Metrics", "evaluate", "agreement", "predict_logits", "metrics_from_logits"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,27 +37,16 @@ class Metrics:
 EVAL_BATCH = 256  # fits the CPU cache better than one large batch (see qcore bench)
 
 
-def runner_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """How to run ``model`` on a batch: through its shared traced graph when it has one.
-
-    A compressed model derives its weights once for all batches; a plain module runs as
-    its traced graph (the same logits, see tests), or as itself when torch.fx cannot trace it.
-    """
-    runner = getattr(model, "runner", None)
-    if callable(runner):
-        return runner()
-    try:
-        return graph_of(model, fold_bn=False).run
-    except ValueError:  # not traceable: the module itself
-        return model
-
-
 def predict_logits(
     model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH
 ) -> torch.Tensor:
-    """Logits for ``x`` in batches, under inference mode."""
+    """Logits for ``x`` in batches, under inference mode.
+
+    ``model`` runs as a :class:`qcore.graph.Variant`: a variant as it is, a plain module as
+    its own traced graph (the same logits; ValueError naming the line torch.fx cannot trace).
+    """
     assert_eval(model, "evaluating")
-    run = runner_of(model)
+    run = Variant.of(model).runner()
     outs = []
     with torch.inference_mode():
         for i in range(0, x.shape[0], batch_size):

@@ -38,7 +38,8 @@ from torch import nn
 
 from qcore.codecs import _show, decode
 from qcore.config import CompressionConfig
-from qcore.fold import fold_batchnorm, state_for_size
+from qcore.fold import state_for_size
+from qcore.graph import Graph, Variant, fold_batchnorm, graph_of
 
 if TYPE_CHECKING:  # compress imports nothing from here; the import is for the hints only
     from qcore.compress import Compressed
@@ -181,7 +182,8 @@ def check_spec(spec: Any) -> tuple[str, tuple[int, int, int], int]:
 class Packed:
     """A loaded packed file: the rebuilt module and the config it was compressed with."""
 
-    model: nn.Module  # float32, eval mode, outputs equal to the compressed model's
+    model: Variant  # the rebuilt float32 model's graph (+ its activation points): outputs
+    # equal to the compressed model's
     config: CompressionConfig
     header: dict
 
@@ -275,38 +277,21 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
     for p in model.parameters():
         p.requires_grad_(False)
     model = model.eval()
+    graph = graph_of(model, fold_bn=False)
+    points = {}
     if config.act is not None or "activations" in header:
-        model = _with_activations(model, header, config)
-    return Packed(model=model, config=config, header=header)
+        points = _activation_points(graph, header, config)
+    return Packed(model=Variant(graph, points=points), config=config, header=header)
 
 
-class _Activated(nn.Module):
-    """The rebuilt module run with its calibrated activation fake-quant points."""
-
-    def __init__(self, module: nn.Module, graph, points: dict):
-        super().__init__()
-        self.module = module
-        object.__setattr__(self, "_graph", graph)
-        object.__setattr__(self, "_points", points)
-        nn.Module.train(self, False)
-
-    def runner(self):  # what evaluate runs batch by batch, instead of tracing this wrapper
-        return self.forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._graph.run(x, None, self._points)
-
-
-def _with_activations(model: nn.Module, header: dict, config: CompressionConfig) -> nn.Module:
-    """``model`` with the file's activation ranges applied where they were calibrated."""
+def _activation_points(graph: Graph, header: dict, config: CompressionConfig) -> dict:
+    """The fake-quant points of the file's activation ranges, where they were calibrated."""
     from qcore.activations import ActRange, act_points
     from qcore.affine import QParams, code_range
-    from qcore.graph import graph_of
 
     table = header.get("activations")
     if config.act is None or not isinstance(table, list) or not table:
         raise ValueError("The packed file's activation ranges do not match its config.")
-    graph = graph_of(model, fold_bn=False)
     known = set(graph.point_names())
     ranges = {}
     for entry in table:
@@ -325,7 +310,7 @@ def _with_activations(model: nn.Module, header: dict, config: CompressionConfig)
         qp = QParams(torch.tensor([scale], dtype=torch.float32), torch.tensor([zp]), qmin, qmax,
                      torch.tensor([lo]), torch.tensor([hi]))
         ranges[entry["edge"]] = ActRange(entry["edge"], lo, hi, lo, hi, qp, bits, sym)
-    return _Activated(model, graph, act_points(ranges))
+    return act_points(ranges)
 
 
 def _shape(entry: dict) -> tuple[int, ...] | None:

@@ -65,8 +65,8 @@ from qcore.config import (
 )
 from qcore.data import Dataset
 from qcore.evaluate import evaluate
-from qcore.fold import fold_batchnorm, has_batchnorm, state_for_size
-from qcore.graph import Graph, graph_of, param_key
+from qcore.fold import has_batchnorm, state_for_size
+from qcore.graph import Graph, Variant, fold_batchnorm, graph_of, param_key
 from qcore.prune import global_masks, layer_mask
 from qcore.quant import _groups, quantize_prechecked
 from qcore.refs import Progress
@@ -239,8 +239,13 @@ def shared_weight(
     return w if mask is None else torch.where(mask, w, torch.zeros((), dtype=w.dtype))
 
 
-class _Student:
-    """The trained tensors of the compressed layers and the compressed forward pass."""
+class _TrainState:
+    """The trained tensors of the compressed layers; :meth:`variant` runs them.
+
+    The forward pass is a :class:`qcore.graph.Variant` whose replacement tensors are
+    recomputed from the trained ones at every call (pruned, fake-quantized with the
+    straight-through estimator), so gradients reach them.
+    """
 
     def __init__(self, graph: Graph, base: Compressed, learn_scales: bool):
         self.graph = graph
@@ -338,8 +343,9 @@ class _Student:
                 out[param_key(n, "bias")] = self._bias(n)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph.run(x, self.replacements(), self.points)
+    def variant(self) -> Variant:
+        """The compressed forward pass over the current trained tensors."""
+        return Variant(self.graph, self.replacements, self.points)
 
     @torch.no_grad()
     def float_tensors(self) -> dict[str, torch.Tensor]:
@@ -461,7 +467,7 @@ def finetune(
     graph = base.graph  # without the removed blocks, if any
     teacher_graph = graph_of(model, config.fold_bn)  # the whole float model
     gradual = config.prunes and ft.prune_schedule == "gradual"
-    student = _Student(graph, base, ft.learn_scales)
+    student = _TrainState(graph, base, ft.learn_scales)
     if gradual:
         student.set_masks({})
 
@@ -510,7 +516,7 @@ def finetune(
                                              p))  # fmt: skip
             idx = order[b * ft.batch_size : (b + 1) * ft.batch_size]
             x, y = train.x[idx], train.y[idx]
-            logits = student.forward(x)
+            logits = student.variant()(x)
             loss = F.cross_entropy(logits, y)
             if ft.distill:
                 with torch.no_grad():

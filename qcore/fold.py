@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import copy
-import threading
-import weakref
 
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 __all__ = [
-    "WEIGHT_LAYER_TYPES", "weight_layers", "has_batchnorm", "fold_batchnorm", "assert_eval",
+    "WEIGHT_LAYER_TYPES", "weight_layers", "has_batchnorm", "fold_copy", "assert_eval",
     "state_for_size",
 ]  # fmt: skip
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-# model -> (folded copy, the model's tensor versions when it was folded)
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, tuple]] = (
-    weakref.WeakKeyDictionary()
-)
-_LOCK = threading.Lock()
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -33,35 +25,28 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_copy(model: nn.Module) -> nn.Module:
     """A new module where each BatchNorm after a conv or linear layer is folded into it.
 
     y = gamma * (W x + b - mean) / sqrt(var + eps) + beta becomes W' x + b' with
     W' = W * gamma / sqrt(var + eps) and b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    The given model is not changed; the folded copy is made once per model and reused,
-    so compressing a model again costs no copy. Layer names stay as they were.
+    The given model is not changed; layer names stay as they were. This traces the model
+    (torch.fx), so call it through :func:`qcore.graph.fold_batchnorm`, which holds the
+    tracing lock and caches the copy per model.
     """
-    if not has_batchnorm(model):
-        return model
-    # a model changed in place since it was folded (training, load_state_dict) folds again
-    version = tuple((id(t), t._version) for t in model.state_dict(keep_vars=True).values())
-    with _LOCK:
-        folded, seen = _FOLDED.get(model, (None, None))
-        if folded is None or seen != version:
-            work = copy.deepcopy(model).eval()
-            try:
-                folded = fuse(work, inplace=True)
-            except Exception as exc:  # tracing fails on data-dependent control flow
-                raise ValueError(
-                    f"BatchNorm could not be folded because the model cannot be traced ({exc}); "
-                    "turn BatchNorm folding off."
-                ) from exc
-            for p in folded.parameters():
-                p.requires_grad_(False)
-            if hasattr(model, "qcore_spec"):
-                folded.qcore_spec = model.qcore_spec
-            _FOLDED[model] = (folded, version)
-        return folded
+    work = copy.deepcopy(model).eval()
+    try:
+        folded = fuse(work, inplace=True)
+    except Exception as exc:  # tracing fails on data-dependent control flow
+        raise ValueError(
+            f"BatchNorm could not be folded because the model cannot be traced ({exc}); "
+            "turn BatchNorm folding off."
+        ) from exc
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    if hasattr(model, "qcore_spec"):
+        folded.qcore_spec = model.qcore_spec
+    return folded
 
 
 def assert_eval(model: nn.Module, doing: str = "compressing") -> None:

@@ -17,6 +17,16 @@ value. :meth:`Graph.point_names` lists them.
 Prefix reuse: :meth:`Graph.plan` says which nodes depend on a set of changed tensors;
 :meth:`Graph.run` can keep the values such a suffix reads, and :meth:`Graph.run_suffix`
 recomputes only the suffix from them (layer sensitivity runs on this).
+
+:class:`Variant` is the one ``nn.Module`` for "this graph with these tensors and these
+points": what ``compress(...).model`` and ``load_packed(...).model`` are, and what
+evaluation, robustness, sensitivity, export and fine-tuning run.
+
+Tracing and running: torch.fx replaces process-wide state (``nn.Module.__call__``) while it
+traces, so a model run in another thread at that moment would be traced by mistake. Every
+trace (:func:`graph_of`, :func:`fold_batchnorm`) holds :func:`tracing`, an exclusive lock,
+and every model run holds :func:`running`, its shared side: runs go on side by side, a
+trace waits for the runs under way (one batch each) and runs wait for the trace.
 """
 
 from __future__ import annotations
@@ -34,9 +44,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from qcore.fold import assert_eval, fold_batchnorm, state_for_size, weight_layers
+from qcore.fold import assert_eval, fold_copy, has_batchnorm, state_for_size, weight_layers
 
-__all__ = ["Graph", "Plan", "graph_of", "param_key", "Points"]
+__all__ = [
+    "Graph", "Plan", "Variant", "graph_of", "fold_batchnorm", "param_key", "Points", "running",
+    "tracing",
+]  # fmt: skip
 
 Points = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -44,7 +57,98 @@ Points = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[Graph, tuple]]] = (
     weakref.WeakKeyDictionary()
 )
+# model -> (folded copy, the model's tensor versions when it was folded)
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, tuple]] = (
+    weakref.WeakKeyDictionary()
+)
 _LOCK = threading.Lock()
+
+class _TraceLock:
+    """Many model runs at once, or one trace alone (a readers-writer lock).
+
+    A waiting trace goes first: runs that start after it wait, so a stream of batches
+    cannot starve it. Both sides are re-entrant within a thread; a thread that is running
+    a model must not start a trace (it would wait for itself), and none does: tracing
+    happens in :func:`graph_of` and :func:`fold_batchnorm`, never inside a run.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs = 0
+        self._tracer: int | None = None  # thread ident of the trace under way
+        self._waiting = 0  # traces waiting for the runs to finish
+        self._local = threading.local()
+
+    def _depth(self, side: str) -> int:
+        return getattr(self._local, side, 0)
+
+    def acquire_run(self) -> None:
+        me = threading.get_ident()
+        if self._depth("run") or self._tracer == me:  # nested, or run inside own trace
+            self._local.run = self._depth("run") + 1
+            return
+        with self._cond:
+            while self._tracer is not None or self._waiting:
+                self._cond.wait()
+            self._runs += 1
+        self._local.run = 1
+
+    def release_run(self) -> None:
+        self._local.run = self._depth("run") - 1
+        if self._local.run or self._tracer == threading.get_ident():
+            return
+        with self._cond:
+            self._runs -= 1
+            if self._runs == 0:
+                self._cond.notify_all()
+
+    def acquire_trace(self) -> None:
+        me = threading.get_ident()
+        if self._tracer == me:
+            self._local.trace = self._depth("trace") + 1
+            return
+        if self._depth("run"):
+            raise RuntimeError("A model cannot be traced from inside a model run.")
+        with self._cond:
+            self._waiting += 1
+            while self._tracer is not None or self._runs:
+                self._cond.wait()
+            self._waiting -= 1
+            self._tracer = me
+        self._local.trace = 1
+
+    def release_trace(self) -> None:
+        self._local.trace = self._depth("trace") - 1
+        if self._local.trace:
+            return
+        with self._cond:
+            self._tracer = None
+            self._cond.notify_all()
+
+
+_TRACE_LOCK = _TraceLock()
+
+
+class _Side:
+    def __init__(self, acquire: Callable[[], None], release: Callable[[], None]):
+        self._acquire, self._release = acquire, release
+
+    def __enter__(self) -> None:
+        self._acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+
+def tracing() -> _Side:
+    """Hold while torch.fx traces: no model runs in any thread meanwhile."""
+    return _Side(_TRACE_LOCK.acquire_trace, _TRACE_LOCK.release_trace)
+
+
+def running() -> _Side:
+    """Hold while a model runs: no trace patches ``nn.Module.__call__`` meanwhile."""
+    return _Side(_TRACE_LOCK.acquire_run, _TRACE_LOCK.release_run)
+
 
 # call_function / call_method targets whose output is an addition point
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
@@ -64,18 +168,47 @@ def _version(model: nn.Module) -> tuple:
 
 
 def graph_of(model: nn.Module, fold_bn: bool = True) -> Graph:
-    """The shared traced graph of ``model`` (made once, rebuilt if the model changed in place)."""
+    """The shared traced graph of ``model`` (made once, rebuilt if the model changed in place).
+
+    Safe to call from many threads: the first caller traces under :func:`tracing`, the
+    others wait for it and get the same graph.
+    """
     assert_eval(model)
     version = _version(model)
     with _LOCK:
-        per_model = _GRAPHS.setdefault(model, {})
-        graph, seen = per_model.get(fold_bn, (None, None))
-        if graph is not None and seen == version:
-            return graph
-    graph = Graph(fold_batchnorm(model) if fold_bn else model)
-    with _LOCK:
-        _GRAPHS.setdefault(model, {})[fold_bn] = (graph, version)
+        graph, seen = _GRAPHS.get(model, {}).get(fold_bn, (None, None))
+    if graph is not None and seen == version:
+        return graph
+    with tracing():
+        with _LOCK:  # another thread may have traced it while this one waited
+            graph, seen = _GRAPHS.get(model, {}).get(fold_bn, (None, None))
+        if graph is None or seen != version:
+            graph = Graph(fold_batchnorm(model) if fold_bn else model)
+            with _LOCK:
+                _GRAPHS.setdefault(model, {})[fold_bn] = (graph, version)
     return graph
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with BatchNorm folded into the layer before it (:func:`qcore.fold.fold_copy`),
+    made once per model and reused, so compressing a model again costs no copy; folded
+    again when the model changed in place (training, ``load_state_dict``). ``model``
+    itself when it has no BatchNorm. Never mutate the result: it is shared."""
+    if not has_batchnorm(model):
+        return model
+    version = _version(model)
+    with _LOCK:
+        folded, seen = _FOLDED.get(model, (None, None))
+    if folded is not None and seen == version:
+        return folded
+    with tracing():
+        with _LOCK:
+            folded, seen = _FOLDED.get(model, (None, None))
+        if folded is None or seen != version:
+            folded = fold_copy(model)
+            with _LOCK:
+                _FOLDED[model] = (folded, version)
+    return folded
 
 
 def _trace_error(exc: Exception) -> ValueError:
@@ -108,7 +241,8 @@ class Graph:
 
     def __init__(self, module: nn.Module):
         try:
-            gm = module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
+            with tracing():
+                gm = module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
         except Exception as exc:  # data-dependent control flow, unsupported calls, ...
             raise _trace_error(exc) from exc
         self.module = gm  # its submodules are the very modules the model runs
@@ -219,6 +353,13 @@ class Graph:
         keep = set(keep)
         env: dict[fx.Node, Any] = {}
         kept: dict[fx.Node, Any] = {}
+        with running():
+            self._run_nodes(x, env, kept, keep, P, points)
+        out = env[self.output]
+        return (out, kept) if keep else out
+
+    def _run_nodes(self, x, env: dict, kept: dict, keep: set, P: Mapping,
+                   points: Points | None) -> None:
         for i, n in enumerate(self.nodes):
             if n.op == "placeholder":
                 env[n] = points["input"](x) if points and "input" in points else x
@@ -229,8 +370,6 @@ class Graph:
             for a in n.all_input_nodes:  # free what no later node reads
                 if self._last_use.get(a) == i and a not in keep:
                     del env[a]
-        out = env[self.output]
-        return (out, kept) if keep else out
 
     def plan(self, keys: Iterable[str]) -> Plan:
         """The nodes that depend on the tensors ``keys`` and what else they read."""
@@ -262,9 +401,118 @@ class Graph:
             return cache[self.output]
         P = self.tensors(replacements)
         env = {n: cache[n] for n in plan.reads}
-        for n in plan.suffix:
-            env[n] = self._eval(n, env, P, None)
+        with running():
+            for n in plan.suffix:
+                env[n] = self._eval(n, env, P, None)
         return env[self.output]
+
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class Variant(nn.Module):
+    """A shared :class:`Graph` run with replacement tensors and activation points.
+
+    ``tensors`` is a mapping from state-dict key to the tensor that replaces the float one,
+    or a function returning such a mapping, called once per forward (so a cached variant
+    can keep codes and masks and derive its weights only when it runs, and a fine-tuned one
+    recomputes them from its trained tensors with gradients). ``points`` maps an edge name
+    to a function applied where the value flows (:meth:`Graph.point_names`).
+
+    Nothing of the graph is registered or copied: a variant costs its replacements only and
+    never changes the shared model. It computes BatchNorm with running statistics, so it
+    runs in eval mode only; gradients still flow through replacement tensors that need them.
+
+    >>> from torch import nn
+    >>> g = graph_of(nn.Sequential(nn.Linear(2, 1, bias=False)).eval())
+    >>> v = Variant(g, {"0.weight": torch.tensor([[1.0, 2.0]])})
+    >>> v(torch.tensor([[3.0, 4.0]])).item()
+    11.0
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        tensors: Tensors | Callable[[], Tensors] | None = None,
+        points: Points | None = None,
+    ):
+        super().__init__()
+        if not isinstance(graph, Graph):
+            raise ValueError("A Variant is made from a qcore Graph (see qcore.graph_of).")
+        object.__setattr__(self, "_graph", graph)  # held by reference, not registered
+        object.__setattr__(self, "_tensors", tensors if tensors is not None else {})
+        self._points = dict(points or {})
+        nn.Module.train(self, False)
+
+    @classmethod
+    def of(cls, model: Any) -> Variant:
+        """``model`` as a variant: a Variant itself, a ``Compressed``'s model, or a plain
+        eval-mode module run as its own traced graph (BatchNorm not folded, so its logits
+        are the module's own). Raises ValueError for a model torch.fx cannot trace."""
+        if isinstance(model, Variant):
+            return model
+        inner = getattr(model, "model", None)
+        if isinstance(inner, Variant):  # a qcore.Compressed
+            return inner
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"Expected a torch nn.Module or a qcore.Compressed; got {type(model).__name__}."
+            )
+        return cls(graph_of(model, fold_bn=False))
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def points(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The edges with a point on them (empty when activations stay float)."""
+        return dict(self._points)
+
+    def replacements(self) -> dict[str, torch.Tensor]:
+        """The tensors that differ from the graph's float ones, by state-dict key."""
+        t = self._tensors
+        return dict(t() if callable(t) else t)
+
+    def tensors(self) -> Tensors:
+        """Every tensor the variant runs with (float ones where nothing replaces them)."""
+        return self._graph.tensors(self.replacements())
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """Every tensor the variant runs with, detached, by state-dict key of the (folded)
+        model: what ``load_state_dict`` on a module of that structure would take."""
+        return {k: v.detach() for k, v in self.tensors().items()}
+
+    def weight(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as this variant runs it."""
+        return self.replacements().get(key, self._graph.params[key])
+
+    def with_points(self, points: Points | None) -> Variant:
+        """The same tensors with other points (``None``: none)."""
+        return Variant(self._graph, self._tensors, points)
+
+    def with_tensors(self, tensors: Tensors | Callable[[], Tensors] | None) -> Variant:
+        """The same points with other replacement tensors."""
+        return Variant(self._graph, tensors, self._points)
+
+    def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function x -> output with the replacements derived once (for many batches)."""
+        tensors, points, graph = self.replacements(), self._points, self._graph
+        return lambda x: graph.run(x, tensors, points)
+
+    def train(self, mode: bool = True) -> Variant:
+        if mode:
+            raise RuntimeError(
+                "A qcore Variant shares its graph with the float model and runs in eval mode "
+                "only; gradients flow through its replacement tensors without train mode."
+            )
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._graph.run(x, self.replacements(), self._points)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.replacements())} replaced tensors, {len(self._points)} points"
 
 
 def _is_add(n: fx.Node) -> bool:

@@ -30,7 +30,8 @@ from qcore.compress import compress
 from qcore.config import ActQuantConfig, CompressionConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, evaluate
-from qcore.fold import fold_batchnorm, weight_layers
+from qcore.fold import weight_layers
+from qcore.graph import fold_batchnorm
 from qcore.refs import Progress
 from qcore.sensitivity import layer_sensitivity
 

@@ -11,6 +11,17 @@ quantizers. The policies:
 - ``percentile``: the ``c``-th percentile (0..100] of |x|.
 - ``mse``: the fraction of the observed range whose quantizer has the least squared error
   on the observer's samples (the values themselves, or histogram bins weighted by count).
+- ``minmax``: the observed range as it is (``c`` unused), as
+  ``torch.ao.quantization.MinMaxObserver``.
+- ``entropy``: the threshold t on |x| whose 2^b-level quantized histogram has the least
+  KL divergence from the observed one (TensorRT's calibration); needs a histogram
+  observer. The bin of zeros is left out (zero is exact at any threshold; ReLU outputs
+  hold many). On an edge whose histogram has a tall spike away from zero (MNIST's input:
+  the background at one value, strokes saturated at another) it clips hard; min-max or
+  percentile suit it better.
+
+Weights use ``ratio`` .. ``mse`` (``QuantConfig.clip_mode``); activations use ``minmax``,
+``percentile``, ``mse`` and ``entropy`` (``ActQuantConfig.observer``): one table for both.
 
 >>> import torch
 >>> from qcore.observers import TensorObserver
@@ -26,10 +37,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from qcore.affine import fake_quantize, qparams_from_range
-from qcore.observers import Observer
+from qcore.observers import HistogramObserver, Observer
 
 __all__ = [
     "POLICIES",
@@ -40,6 +52,9 @@ __all__ = [
     "sigma_range",
     "percentile_range",
     "mse_range",
+    "minmax_range",
+    "entropy_range",
+    "entropy_threshold",
 ]
 
 Policy = Callable[[Observer, float, int, bool], tuple[torch.Tensor, torch.Tensor]]
@@ -144,12 +159,84 @@ def _mse_ratio(
     return best_r
 
 
+def minmax_range(
+    obs: Observer, c: float, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed range, widened to hold 0; ``c`` is unused."""
+    lo, hi, _ = _extent(obs)
+    return lo, hi
+
+
+def entropy_range(
+    obs: Observer, c: float, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed range cut at the KL-optimal threshold of |x| (one group); ``c`` unused."""
+    if not isinstance(obs, HistogramObserver):
+        raise ValueError("The entropy range policy needs a histogram of the values.")
+    lo, hi, _ = _extent(obs)
+    mn, _ = obs.extremes()
+    signed = bool(mn[0] < 0)
+    levels = 2 ** (bits - 1) if signed or symmetric else 2**bits
+    hist = _abs_histogram(obs)
+    hist[0] = 0.0  # zeros (every ReLU's many) are exact at any threshold: they decide nothing
+    t = entropy_threshold(hist, float(obs.radius[0]), levels)
+    return torch.maximum(lo, torch.tensor([-t])), torch.minimum(hi, torch.tensor([t]))
+
+
+def _abs_histogram(obs: HistogramObserver) -> np.ndarray:
+    """Counts of |x| on [0, radius] (half as many bins): the two halves folded together."""
+    counts = obs.counts[0].double().numpy()
+    half = counts.size // 2
+    return counts[half:] + counts[:half][::-1]
+
+
+def entropy_threshold(hist: np.ndarray, top: float, levels: int) -> float:
+    """The clip threshold on |x| with the least KL divergence after quantizing to ``levels``.
+
+    ``hist`` counts |x| in equal bins over [0, top]. For each candidate threshold (a bin
+    edge i >= levels) the reference distribution p is the histogram cut at i with the
+    outliers added to its last bin; q merges the cut histogram (without them) into
+    ``levels`` equal groups and spreads each group's count evenly over p's nonzero bins.
+    The threshold of the least KL(p || q) is returned (the whole range when the histogram
+    has too few bins).
+
+    >>> h = np.round(1000 * np.exp(-np.arange(64) / 3)); h[63] = 1   # a tail, one outlier
+    >>> float(entropy_threshold(h, 64.0, 4))   # clips the tail: 4 levels go to the mass
+    12.0
+    """
+    n = hist.size
+    if n <= levels or hist.sum() == 0:
+        return top
+    width = top / n
+    best_i, best_kl = n, np.inf
+    step = max(1, (n - levels) // 256)  # at most ~256 candidates
+    for i in range(levels, n + 1, step):
+        sliced = hist[:i]
+        p = sliced.copy()
+        p[-1] += hist[i:].sum()  # the reference keeps the clipped mass in its last bin
+        nonzero = p > 0
+        group = np.arange(i) * levels // i  # which of the ``levels`` groups each bin is in
+        sums = np.bincount(group, weights=sliced, minlength=levels)  # q: without the clip
+        filled = np.bincount(group, weights=nonzero, minlength=levels)
+        q = np.where(nonzero, sums[group] / np.maximum(filled[group], 1), 0.0)
+        if q.sum() == 0:  # everything below this threshold is empty: nothing to compare
+            continue
+        pn, qn = p[nonzero] / p.sum(), q[nonzero] / q.sum()
+        qn = np.maximum(qn, 1e-12)  # a clipped-in bin q left empty: a large, finite penalty
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i * width
+
+
 POLICIES: dict[str, Policy] = {
     "ratio": ratio_range,
     "absolute": absolute_range,
     "sigma": sigma_range,
     "percentile": percentile_range,
     "mse": mse_range,
+    "minmax": minmax_range,
+    "entropy": entropy_range,
 }
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -47,11 +46,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qcore.compress import Compressed, CompressedModel, LayerResult, _weight_after
+from qcore.compress import Compressed, LayerResult, _weight_after
 from qcore.data import Dataset
-from qcore.evaluate import EVAL_BATCH, runner_of
+from qcore.evaluate import EVAL_BATCH
 from qcore.fold import assert_eval
-from qcore.graph import Graph, graph_of, param_key
+from qcore.graph import Variant, param_key
 from qcore.refs import Progress
 
 __all__ = [
@@ -138,34 +137,6 @@ def parse_strengths(perturbation: str, text: str, name: str | None = None) -> tu
 # The model as something to run: graph, replacement tensors, points
 
 
-@dataclass(frozen=True, eq=False)
-class _Variant:
-    """How to run the model tested: its graph with replacements and points, or a module."""
-
-    graph: Graph | None
-    tensors: dict[str, torch.Tensor]  # replacements (the variant's weights)
-    points: dict[str, Callable[[torch.Tensor], torch.Tensor]]
-    module: nn.Module | None = None  # an untraceable module runs as itself
-
-    def run(self, x: torch.Tensor, tensors: dict | None = None, ste: bool = False) -> torch.Tensor:
-        if self.graph is None:
-            return self.module(x)
-        points = self.points
-        if ste and points:  # forward the rounded value, pass the gradient straight through
-            points = {k: _straight_through(p) for k, p in points.items()}
-        return self.graph.run(x, self.tensors if tensors is None else tensors, points)
-
-    def weight_keys(self) -> list[str]:
-        if self.graph is None:
-            raise ValueError(
-                "Weight perturbations need a model torch.fx can trace; this one cannot be."
-            )
-        return [param_key(n, "weight") for n in self.graph.layers]
-
-    def weight(self, key: str) -> torch.Tensor:
-        return self.tensors.get(key, self.graph.params[key])
-
-
 def _straight_through(point: Callable[[torch.Tensor], torch.Tensor]):
     def ste(t: torch.Tensor) -> torch.Tensor:
         return t + (point(t) - t).detach()
@@ -173,20 +144,25 @@ def _straight_through(point: Callable[[torch.Tensor], torch.Tensor]):
     return ste
 
 
-def _variant(model: nn.Module | Compressed) -> _Variant:
-    if isinstance(model, Compressed):
-        model = model.model
-    if isinstance(model, CompressedModel):
-        return _Variant(model.graph, model.replacements(), model.points)
-    if not isinstance(model, nn.Module):
+def _variant(model: nn.Module | Compressed) -> Variant:
+    """The model tested, as a variant whose replacement tensors are derived once."""
+    if not isinstance(model, nn.Module | Compressed):
         raise ValueError(
             f"model must be a torch nn.Module or a qcore.Compressed; got {type(model).__name__}."
         )
-    assert_eval(model, "testing robustness")
-    try:
-        return _Variant(graph_of(model, fold_bn=False), {}, {})
-    except ValueError:  # not traceable: run the module itself (input perturbations only)
-        return _Variant(None, {}, {}, module=model)
+    if not isinstance(model, Variant | Compressed):
+        assert_eval(model, "testing robustness")
+    v = Variant.of(model)  # a ValueError naming the line torch.fx cannot trace
+    return v.with_tensors(v.replacements())
+
+
+def _weight_keys(variant: Variant) -> list[str]:
+    return [param_key(n, "weight") for n in variant.graph.layers]
+
+
+def _with_ste(variant: Variant) -> Variant:
+    """Forward the rounded activations, pass the gradient straight through them."""
+    return variant.with_points({k: _straight_through(p) for k, p in variant.points.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,16 +191,16 @@ def _batch_generator(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(key % (2**63))
 
 
-def _input_grad(variant: _Variant, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _input_grad(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(variant.run(x, ste=True), y)
+        loss = F.cross_entropy(_with_ste(variant)(x), y)
         (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
 def _perturb_batch(
-    variant: _Variant,
+    variant: Variant,
     perturbation: str,
     strength: float,
     x: torch.Tensor,
@@ -316,9 +292,9 @@ def noisy_weights(
     return _noisy(variant, strength, torch.Generator().manual_seed(seed))
 
 
-def _noisy(variant: _Variant, strength: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _noisy(variant: Variant, strength: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     out = {}
-    for key in variant.weight_keys():
+    for key in _weight_keys(variant):
         w = variant.weight(key)
         out[key] = w * (1.0 + strength * torch.randn(w.shape, generator=gen, dtype=w.dtype))
     return out
@@ -433,9 +409,7 @@ def robustness(
         raise ValueError(f"seeds must be a whole number from 1 to {MAX_SEEDS}; got {seeds!r}.")
     if perturbation == "bitflip" and not isinstance(model, Compressed):
         raise ValueError(_BITFLIP_NEEDS_COMPRESSED)
-    variant = _variant(model)
-    if perturbation in WEIGHT_PERTURBATIONS:
-        variant.weight_keys()  # a clear sentence for an untraceable model
+    variant = _variant(model)  # a clear sentence for an untraceable model
     bounds = valid_range(dataset) if perturbation in INPUT_PERTURBATIONS else None
     x_all, y_all = dataset.x, dataset.y
     n = int(len(y_all))
@@ -452,7 +426,7 @@ def robustness(
         if progress is not None:
             progress(done, total, row)
 
-    clean_run = runner_of(model.model if isinstance(model, Compressed) else model)
+    clean_run = variant.runner()
     with torch.inference_mode():
         clean = torch.cat([_predict(clean_run(x_all[a:b])) for a, b in batches])
     clean_acc = int((clean == y_all).sum()) / n
@@ -485,7 +459,7 @@ def robustness(
 
 
 def _draw(
-    variant: _Variant,
+    variant: Variant,
     perturbation: str,
     s: float,
     x_all: torch.Tensor,
@@ -507,7 +481,7 @@ def _draw(
             x, y = x_all[lo:hi], y_all[lo:hi]
             adv = _perturb_batch(variant, perturbation, s, x, y, bounds, gen, steps, signs, b)
             with torch.inference_mode():
-                preds.append(_predict(variant.run(adv)))
+                preds.append(_predict(variant(adv)))
             tick()
         return torch.cat(preds)
     draw_seed = (seed * 1_000_003 + _strength_key(s)) * 1_000_003 + d
@@ -515,9 +489,9 @@ def _draw(
         changed = _noisy(variant, s, torch.Generator().manual_seed(draw_seed % (2**63)))
     else:
         changed = flip_bits(model, s, draw_seed % (2**63))
-    tensors = {**variant.tensors, **changed}
+    run = variant.with_tensors({**variant.replacements(), **changed}).runner()
     with torch.inference_mode():
         for lo, hi in batches:
-            preds.append(_predict(variant.run(x_all[lo:hi], tensors)))
+            preds.append(_predict(run(x_all[lo:hi])))
             tick()
     return torch.cat(preds)

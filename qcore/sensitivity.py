@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,13 +32,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qcore.activations import ActRange, activation_edges, calibrate
+from qcore.activations import activation_edges, calibrate
 from qcore.compress import Compressed, compress
 from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
 from qcore.fold import has_batchnorm
-from qcore.graph import Graph, Plan, graph_of
+from qcore.graph import Graph, Plan, Variant, graph_of
 from qcore.refs import Progress
 
 __all__ = [
@@ -240,7 +240,8 @@ def layer_sensitivity(
     for i, b in enumerate(act_list):
         ranges = calibrate(graph, calib, replace(act, bits=b), edges)
         for j, e in enumerate(edges):
-            m = evaluate(_EdgeOnly(graph, e, ranges[e]), dataset, batch_size=batch_size)
+            m = evaluate(Variant(graph, points={e: ranges[e].fake_quantize}), dataset,
+                         batch_size=batch_size)
             rows.append({
                 "layer": e, "index": j, "kind": "act", "setting": float(b),
                 "accuracy": m.accuracy, "loss": m.loss, "drop": ref.accuracy - m.accuracy,
@@ -255,23 +256,6 @@ def layer_sensitivity(
     df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss, method=method,
                     seconds=time.perf_counter() - start)
     return df
-
-
-class _EdgeOnly(nn.Module):
-    """The float graph with one activation edge fake-quantized."""
-
-    def __init__(self, graph: Graph, edge: str, act_range: ActRange):
-        super().__init__()
-        object.__setattr__(self, "_graph", graph)
-        object.__setattr__(self, "_points", {edge: act_range.fake_quantize})
-        nn.Module.train(self, False)
-
-    def runner(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """What :func:`qcore.evaluate.evaluate` runs batch by batch (no tracing of this)."""
-        return self.forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._graph.run(x, None, self._points)
 
 
 def _run_naive(model, dataset, jobs, ref, batch_size, progress) -> list[dict]:

@@ -5,7 +5,17 @@ one step at a time with the keyboard (then again with 8-bit activations on, and 
 activation slider itself). For each step it measures the time from the key
 press to the moment the new "Packed size" is on screen and Streamlit is idle again. The
 first pass visits settings no session has computed; the second pass revisits them and is
-served from the cache. Prints the medians next to the float forward pass time of qcore.
+served from the cache. Prints the medians next to the float forward pass time of qcore,
+their ratios to it, and where the time of a step goes:
+
+- server script: the page's whole script run (``QP_TIMINGS``, pages/timing.py); headline:
+  from its start to the moment the numbers are handed to the browser; and inside it
+  compress, evaluate, the layer section (histograms, journey, error curve), the detail
+  tabs (table, images, confusion matrix) and the downloads;
+- sent: bytes the server sent the browser over the websocket during the step;
+- browser after last message: from the last message of the step to the moment the new
+  size is on screen and Streamlit is idle (drawing);
+- a second browser opening the Playground on the warm server: time until its numbers show.
 
     .venv/bin/python scripts/bench_browser.py [--steps 6]
 """
@@ -13,8 +23,10 @@ served from the cache. Prints the medians next to the float forward pass time of
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,14 +36,63 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from e2e import browser_page, metric_value, serve_app, wait_idle  # noqa: E402
 
 SIZE = "Packed size"
+PHASES = ("script", "headline", "compress", "evaluate", "layer section", "details tabs",
+          "downloads")
 
 
-def _step(page, key: str, label: str = "Bit width") -> float:
+class Recorder:
+    """Websocket messages the browser receives and the server's QP_TIMING lines, per step."""
+
+    def __init__(self, page, log_path: Path):
+        self.frames: list[tuple[float, int]] = []
+        self.log_path = log_path
+        self.log_offset = 0
+        self.steps: list[dict] = []
+        page.on("websocket", self._socket)
+
+    def _socket(self, ws) -> None:
+        def got(payload) -> None:
+            self.frames.append((time.perf_counter(), len(payload)))
+
+        ws.on("framereceived", got)
+
+    def _server_lines(self) -> list[dict]:
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            text = f.read()
+            self.log_offset = f.tell()
+        out = []
+        for line in text.decode(errors="replace").splitlines():
+            if line.startswith("QP_TIMING "):
+                out.append(json.loads(line[len("QP_TIMING "):]))
+        return out
+
+    def begin(self) -> float:
+        self._server_lines()  # skip what came before
+        self.frames.clear()
+        return time.perf_counter()
+
+    def end(self, start: float, shown: float, idle: float, kind: str) -> None:
+        time.sleep(0.05)  # let the last log line land
+        runs = self._server_lines()
+        frames = [f for f in self.frames if f[0] >= start]
+        last = max((t for t, _ in frames), default=start)
+        step = {"kind": kind, "shown": shown, "sent": sum(n for _, n in frames),
+                "browser": max(0.0, idle - (last - start)), "runs": len(runs)}
+        for k in PHASES:
+            step[k] = sum(r.get(k, 0.0) for r in runs)
+        self.steps.append(step)
+
+
+REC: Recorder | None = None
+
+
+def _step(page, key: str, label: str = "Bit width", kind: str = "") -> float:
     """Press ``key`` on the slider ``label``; seconds until the new size is shown and idle."""
     old = metric_value(page, SIZE)
     slider = page.locator(f'input[type="range"][aria-label="{label}"]')
     slider.focus()
-    start = time.perf_counter()
+    start = REC.begin() if REC else time.perf_counter()
     page.keyboard.press(key)
     page.wait_for_function(
         """([label, old]) => {
@@ -45,6 +106,8 @@ def _step(page, key: str, label: str = "Bit width") -> float:
     )
     shown = time.perf_counter() - start
     wait_idle(page)
+    if REC and kind:
+        REC.end(start, shown, time.perf_counter() - start, kind)
     return shown
 
 
@@ -54,12 +117,40 @@ def _act_step(page, key: str, want: str) -> float:
     The packed size does not change with activations, so it cannot be waited for."""
     slider = page.locator('input[type="range"][aria-label="Activations"]')
     slider.focus()
-    start = time.perf_counter()
+    start = REC.begin() if REC else time.perf_counter()
     page.keyboard.press(key)
     page.get_by_text(want, exact=True).wait_for(timeout=120_000)
     shown = time.perf_counter() - start
     wait_idle(page)
+    if REC:
+        REC.end(start, shown, time.perf_counter() - start, "act")
     return shown
+
+
+def _open_seconds(browser, url: str) -> float:
+    """A new browser page opening the Playground: seconds until its packed size shows."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        start = time.perf_counter()
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=SIZE).wait_for(timeout=120_000)
+        return time.perf_counter() - start
+    finally:
+        page.close()
+
+
+def _breakdown(steps: list[dict], kind: str, title: str) -> str:
+    rows = [s for s in steps if s["kind"] == kind]
+    if not rows:
+        return ""
+
+    def med(k: str) -> float:
+        return statistics.median(r[k] for r in rows)
+
+    server = ", ".join(f"{k} {med(k) * 1000:.0f}" for k in PHASES[1:])
+    return (f"  {title}: key to screen {med('shown') * 1000:.0f} ms = server script "
+            f"{med('script') * 1000:.0f} ms ({server}) + sent {med('sent') / 1024:.0f} kB + "
+            f"browser after last message {med('browser') * 1000:.0f} ms (medians, n={len(rows)})")
 
 
 def float_forward_seconds(repeats: int = 5) -> float:
@@ -81,21 +172,27 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="slider steps per pass (<= 7)")
     args = parser.parse_args()
     steps = max(1, min(args.steps, 7))
-    with serve_app() as url, browser_page() as page:
+    global REC
+    log_path = Path(tempfile.mkdtemp()) / "server.log"
+    with serve_app(env={"QP_TIMINGS": "1"}, log_path=log_path) as url, browser_page() as page:
+        REC = Recorder(page, log_path)
+        t = time.perf_counter()
         page.goto(url, wait_until="domcontentloaded")
         page.locator('[data-testid="stMetric"]', has_text=SIZE).wait_for(timeout=120_000)
+        first_load = time.perf_counter() - t
         wait_idle(page)
-        fresh = [_step(page, "ArrowLeft") for _ in range(steps)]  # 8 -> 8-steps bits, uncached
+        second_open = _open_seconds(page.context.browser, url)
+        fresh = [_step(page, "ArrowLeft", kind="new") for _ in range(steps)]  # 8 -> 8-steps
         for _ in range(steps):  # walk back to 8 bits, then over the same path again: cached
             _step(page, "ArrowRight")
-        cached = [_step(page, "ArrowLeft") for _ in range(steps)]
+        cached = [_step(page, "ArrowLeft", kind="cached") for _ in range(steps)]
         # activations on (W8A8): the weight slider (calibration cached per activation
         # config, so these never recalibrate), then the activation slider (each new width
         # calibrates once)
         page.goto(f"{url}/?abits=8", wait_until="domcontentloaded")
         page.get_by_text("W8A8 · simulated", exact=True).wait_for(timeout=120_000)
         wait_idle(page)
-        w8a8 = [_step(page, "ArrowLeft") for _ in range(steps)]  # W7A8, W6A8, ...
+        w8a8 = [_step(page, "ArrowLeft", kind="w8a8") for _ in range(steps)]  # W7A8, ...
         for _ in range(steps):
             _step(page, "ArrowRight")  # back to W8A8
         act_steps = min(steps, 6)  # A8 -> A7 ... A2
@@ -115,6 +212,20 @@ def main() -> int:
     print(f"  activation slider (A8 -> A{8 - act_steps}, each width calibrated anew): median "
           f"{statistics.median(acts) * 1000:.0f} ms (min {min(acts) * 1000:.0f}, "
           f"max {max(acts) * 1000:.0f}, n={len(acts)})")
+    print(f"  first load after the server start: {first_load:.1f} s; a second browser opening "
+          f"the Playground on the warm server: {second_open:.1f} s (target <= 3 s)")
+    fwd = forward
+    print("ratios to the float forward pass (targets: new <= 1.3, revisited <= 0.6, "
+          "activation slider <= 2):")
+    print(f"  new setting {statistics.median(fresh) / fwd:.2f}x, revisited "
+          f"{statistics.median(cached) / fwd:.2f}x, activation slider "
+          f"{statistics.median(acts) / fwd:.2f}x")
+    print("where the time goes (ms; server phases from QP_TIMINGS, pages/timing.py):")
+    for kind, title in (("new", "new setting"), ("cached", "revisited setting"),
+                        ("w8a8", "W8A8, bit-width slider"), ("act", "activation slider")):
+        line = _breakdown(REC.steps, kind, title)
+        if line:
+            print(line)
     return 0
 
 

@@ -46,15 +46,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(timeout: float = 90.0) -> Iterator[str]:
-    """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards."""
+def serve_app(timeout: float = 90.0, env: dict | None = None,
+              log_path: Path | None = None) -> Iterator[str]:
+    """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards.
+
+    ``env`` adds environment variables; ``log_path`` keeps the server's output in that file
+    (read it while the server runs) instead of a temporary one."""
     port = free_port()
-    log = tempfile.TemporaryFile()
+    log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -12,7 +12,7 @@ from torch import nn
 from qcore.analysis import MAX_LEVELS_DRAWN, layer_histogram, weight_histogram
 from qcore.compress import compress
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig
-from qcore.fold import fold_batchnorm
+from qcore.graph import fold_batchnorm
 from qcore.quant import clip_range
 
 

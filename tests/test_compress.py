@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import struct
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from torch import nn
 
 from qcore.compress import compress, sqnr_db
 from qcore.config import CompressionConfig, PruneConfig, QuantConfig
-from qcore.fold import fold_batchnorm, weight_layers
+from qcore.export import MAGIC, PREFIX_BYTES, export_packed
+from qcore.fold import fold_copy, weight_layers
+from qcore.graph import fold_batchnorm
 from qcore.quant import quantize_with_params
 
 Q4 = QuantConfig(bits=4)
@@ -91,7 +94,8 @@ def test_compress_never_changes_model(config: CompressionConfig, images: torch.T
     with torch.no_grad():
         c.model(images)
     assert state_hash(model) == before
-    assert state_hash(c.graph.module) == state_hash(c.graph.module)  # stable
+    # the shared graph holds the float (folded) tensors, not the compressed ones
+    assert state_hash(c.graph.module) == state_hash(fold_copy(model))
     base_before = state_hash(c.graph.module)
     compress(model, config).model(images)
     assert state_hash(c.graph.module) == base_before
@@ -201,7 +205,7 @@ def test_layer_stats(bn_model: nn.Module) -> None:
     assert 0.4 < c.sparsity < 0.6 and math.isfinite(c.mean_sqnr_db)
 
 
-def test_sizes_add_up(bn_model: nn.Module) -> None:
+def test_sizes_add_up(bn_model: nn.Module, tmp_path) -> None:
     c = compress(bn_model, cfg(QuantConfig(bits=4, symmetric=False), PruneConfig(rate=0.3),
                                layers=["0", "7"]))
     folded = fold_batchnorm(bn_model)
@@ -212,7 +216,12 @@ def test_sizes_add_up(bn_model: nn.Module) -> None:
     n_stats = sum(m.running_mean.numel() + m.running_var.numel() for m in bn_model.modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
     assert c.float_size_bytes == 4 * (n_params + n_stats)
-    assert c.ratio == c.float_size_bytes / c.size_bytes
+    # the packed size is the file's payload: the file less its header
+    path = tmp_path / "m.qpk"
+    export_packed(c, path)
+    data = path.read_bytes()
+    (head,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
+    assert len(data) - PREFIX_BYTES - head == c.size_bytes
 
 
 def test_dense_size_hand_computed(mlp: nn.Module) -> None:
@@ -220,7 +229,7 @@ def test_dense_size_hand_computed(mlp: nn.Module) -> None:
     # 36*16 and 16*3 weights at 4 bits, one float scale each, biases at 4 bytes
     assert c.size_bytes == (36 * 16 * 4 // 8 + 4 + 16 * 4) + (16 * 3 * 4 // 8 + 4 + 3 * 4)
     assert c.float_size_bytes == 4 * (36 * 16 + 16 + 16 * 3 + 3)
-    assert c.ratio == pytest.approx(c.float_size_bytes / c.size_bytes)
+    assert c.ratio == pytest.approx(2572 / 396)  # the two sums above, by hand
 
 
 def test_no_quant_no_prune_is_float(mlp: nn.Module, images: torch.Tensor) -> None:

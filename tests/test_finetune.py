@@ -21,7 +21,7 @@ from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantCo
 from qcore.finetune import (
     FinetuneConfig,
     FinetuneResult,
-    _Student,
+    _TrainState,
     cubic_rate,
     finetune,
     float_module,
@@ -184,9 +184,9 @@ def test_step0_forward_equals_compress(config, images):
     model = make_bn_model()
     calib = _split(32, 5, "calib")
     c = qcore.compress(model, config, calib=calib)
-    student = _Student(c.graph, c, learn_scales=False)
+    student = _TrainState(c.graph, c, learn_scales=False)
     with torch.no_grad():
-        assert torch.equal(student.forward(images), c.model(images))
+        assert torch.equal(student.variant()(images), c.model(images))
 
 
 @pytest.mark.parametrize("config", STEP0_CONFIGS[:7] + STEP0_CONFIGS[8:],
@@ -197,7 +197,7 @@ def test_compress_of_the_result_reproduces_the_trained_weights(config, images):
     model = make_bn_model()
     calib = _split(32, 5, "calib")
     c = qcore.compress(model, config, calib=calib)
-    student = _Student(c.graph, c, learn_scales=False)
+    student = _TrainState(c.graph, c, learn_scales=False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for t in (*student.weights.values(), *student.biases.values()):
@@ -236,7 +236,7 @@ def test_shared_model_is_never_touched():
     assert all(t.grad is None and not t.requires_grad for t in graph.params.values())
     assert result.model is not model and not result.model.training
     # and the result moved away from the starting weights
-    assert state_hash(result.model) != state_hash(qcore.fold.fold_batchnorm(model))
+    assert state_hash(result.model) != state_hash(qcore.graph.fold_batchnorm(model))
 
 
 def test_one_seed_gives_identical_histories():
@@ -404,7 +404,7 @@ def test_folded_result_keeps_the_model_structure(images):
     assert isinstance(m.block[1], nn.Identity) and m.stem[0].bias is not None
     assert model.stem[0].bias is None and isinstance(model.stem[1], nn.BatchNorm2d)
     assert not qcore.fold.has_batchnorm(m)
-    folded = qcore.fold.state_for_size(qcore.fold.fold_batchnorm(model))
+    folded = qcore.fold.state_for_size(qcore.graph.fold_batchnorm(model))
     assert set(qcore.fold.state_for_size(m)) == set(folded)
 
 
@@ -417,7 +417,7 @@ def test_removed_blocks_are_skipped_and_kept_for_compress(images):
     result = _run(model, _split(48, 9), cfg, FinetuneConfig(batch_size=16, distill=True),
                   calib=calib)
     # the block's weights were not trained: they are the folded float ones
-    folded = qcore.fold.state_for_size(qcore.fold.fold_batchnorm(model))
+    folded = qcore.fold.state_for_size(qcore.graph.fold_batchnorm(model))
     state = result.model.state_dict()
     for k in ("block.0.weight", "block.0.bias", "block.3.weight"):
         assert torch.equal(state[k], folded[k])
@@ -436,7 +436,7 @@ def test_learned_steps_are_what_compress_finds_again(quant, images):
     cfg = CompressionConfig(quant=quant)
     model = make_bn_model()
     c = qcore.compress(model, cfg)
-    student = _Student(c.graph, c, learn_scales=True)
+    student = _TrainState(c.graph, c, learn_scales=True)
     assert set(student.steps) == {r.name for r in c.layers}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

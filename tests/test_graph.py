@@ -23,7 +23,7 @@ def test_graph_equals_float_model_on_every_sample_model(name: str) -> None:
     x = qcore.load_dataset(qcore.model_info(name).dataset).x[:200]
     with torch.inference_mode():
         assert torch.equal(graph_of(model, fold_bn=False).run(x), model(x))
-        folded = qcore.fold.fold_batchnorm(model)
+        folded = qcore.graph.fold_batchnorm(model)
         assert torch.equal(graph_of(model, fold_bn=True).run(x), folded(x))
 
 

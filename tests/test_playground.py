@@ -36,6 +36,15 @@ def open_app(**query: str) -> AppTest:
     return at.run()
 
 
+def show(at: AppTest, view: str, key: str = "layer_view") -> AppTest:
+    """Open one tab of a lazily drawn tab row (only the open tab is computed and sent)."""
+    at.session_state[key] = view
+    return at.run()
+
+
+JOURNEY, CURVE, ACTS = "One weight's journey", "Clipping error", "Activations"
+
+
 def ok(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -307,7 +316,7 @@ def _journey_markdown(at: AppTest) -> str:
 
 @needs_sample
 def test_journey_of_the_largest_weight_shows_every_step() -> None:
-    at = open_app(bits="4")
+    at = show(open_app(bits="4"), JOURNEY)
     ok(at)
     j = teach.weight_journey(compressed(bits=4), "conv1")
     text = _journey_markdown(at)
@@ -319,7 +328,7 @@ def test_journey_of_the_largest_weight_shows_every_step() -> None:
 
 @needs_sample
 def test_journey_follows_the_sliders_and_a_random_weight() -> None:
-    at = open_app(bits="4")
+    at = show(open_app(bits="4"), JOURNEY)
     before = _journey_markdown(at)
     at.select_slider(key="bits").set_value(3).run()
     ok(at)
@@ -341,16 +350,20 @@ def test_journey_follows_the_sliders_and_a_random_weight() -> None:
 
 @needs_sample
 def test_journey_of_a_float_layer_says_so() -> None:
-    at = open_app(bits="float")
+    at = show(open_app(bits="float"), JOURNEY)
     ok(at)
     infos = [i.value for i in at.info if "left in float32" in i.value]
-    assert len(infos) == 2  # the journey and the error curve
+    assert len(infos) == 1  # the journey
     assert not [m for m in at.markdown if "| step |" in m.value]
+    show(at, CURVE)
+    ok(at)
+    infos = [i.value for i in at.info if "left in float32" in i.value]
+    assert len(infos) == 1 and "no clip range" in infos[0]  # the error curve
 
 
 @needs_sample
 def test_clip_error_curve_marks_now_and_the_optimum() -> None:
-    at = open_app(bits="3", clip="0.8")
+    at = show(open_app(bits="3", clip="0.8"), CURVE)
     ok(at)
     fig = chart_with_trace(at, "total squared error")
     curve = teach.clip_error_curve(compressed(bits=3, clip=0.8), "conv1")
@@ -440,6 +453,9 @@ def test_journey_table_of_a_pruned_weight_and_of_one_bit() -> None:
 def test_each_newly_wrong_image_has_its_own_caption() -> None:
     at = open_app(bits="2")
     ok(at)
+    assert not at.get("image")  # drawn only when its tab is open
+    show(at, "Newly wrong images", key="details_view")
+    ok(at)
     w = cache.newly_wrong(CNN, MNIST, Settings(bits=2))
     assert len(w.truth) == cache.MAX_WRONG_SHOWN
     captions = [c.value for c in at.caption if c.value.startswith("true **")]
@@ -483,6 +499,7 @@ def test_eight_bit_activations_show_what_qcore_computes_with_calibration() -> No
     assert at.select_slider(key="abits").value == "float"
     assert "**W8A32** · simulated" in captions(at)
     assert at.selectbox(key="aobs").disabled
+    show(at, ACTS)
     float_tab = [i.value for i in at.info if "Set **Activations**" in i.value]
     assert len(float_tab) == 1  # the Activations tab says how to turn them on
     at.select_slider(key="abits").set_value(8).run()
@@ -498,7 +515,7 @@ def test_eight_bit_activations_show_what_qcore_computes_with_calibration() -> No
 
 @needs_sample
 def test_activation_tab_draws_the_calibrated_levels_and_says_where_they_come_from() -> None:
-    at = open_app(abits="8")
+    at = show(open_app(abits="8"), ACTS)
     ok(at)
     fig = chart_titled(at, "Input of conv1")
     c = calib_compressed(bits=8, abits=8)
@@ -518,6 +535,8 @@ def test_activation_tab_draws_the_calibrated_levels_and_says_where_they_come_fro
     for v in (act.lo, act.hi, act.observed_min, act.observed_max):
         assert tables.number(v) in text[0], v
     # one activation's journey: the largest input seen, by plain arithmetic from the range
+    show(at, JOURNEY)
+    ok(at)
     journey = [m.value for m in at.markdown if "| activation step |" in m.value]
     assert len(journey) == 1
     x = act.observed_max

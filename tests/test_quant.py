@@ -141,29 +141,44 @@ def test_mask_range_over_kept_weights_and_pruned_stay_zero() -> None:
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_torch_fake_quantize_per_tensor(bits: int, symmetric: bool) -> None:
+    """Oracle: the scale and zero point of torch.ao's MinMaxObserver, then torch's fake-quant."""
     w = randn(7, 5, 3, seed=bits, scale=0.3)
     res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric))
     qp = res.qparams
     qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     assert (qp.qmin, qp.qmax) == (qmin, qmax)
-    if symmetric:
-        assert qp.zero_point.tolist() == [0]
-    ref = torch.fake_quantize_per_tensor_affine(
-        w, float(qp.scale), int(qp.zero_point), qmin, qmax
+    obs = torch.ao.quantization.MinMaxObserver(
+        dtype=torch.qint8 if symmetric else torch.quint8,
+        qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+        quant_min=qmin, quant_max=qmax,
     )
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    assert torch.equal(qp.scale, scale) and qp.zero_point.tolist() == zp.tolist()
+    ref = torch.fake_quantize_per_tensor_affine(w, float(scale), int(zp), qmin, qmax)
     assert torch.equal(res.values, ref)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matches_torch_fake_quantize_per_channel(bits: int, symmetric: bool) -> None:
+    """Oracle: torch.ao's PerChannelMinMaxObserver's scales and zero points, then torch's
+    per-channel fake-quant."""
     w = randn(6, 4, 3, 3, seed=10 + bits) * torch.linspace(0.05, 2.0, 6)[:, None, None, None]
     res = quantize_with_params(w, QuantConfig(bits=bits, symmetric=symmetric, per_channel=True))
     qp = res.qparams
     assert qp.scale.shape == (6,)
-    ref = torch.fake_quantize_per_channel_affine(
-        w, qp.scale, qp.zero_point.to(torch.int32), 0, qp.qmin, qp.qmax
+    obs = torch.ao.quantization.PerChannelMinMaxObserver(
+        ch_axis=0,
+        dtype=torch.qint8 if symmetric else torch.quint8,
+        qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine,
+        quant_min=qp.qmin, quant_max=qp.qmax,
     )
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    assert torch.equal(qp.scale, scale) and qp.zero_point.tolist() == zp.tolist()
+    ref = torch.fake_quantize_per_channel_affine(w, scale, zp.to(torch.int32), 0, qp.qmin,
+                                                 qp.qmax)  # fmt: skip
     assert torch.equal(res.values, ref)
 
 

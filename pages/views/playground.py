@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import cache, figures, tables
+from pages import cache, figures, tables, timing
 from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
@@ -143,6 +143,7 @@ st.caption(
     f"{figures.format_bytes(r.float_size_bytes)} as float32. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
+timing.mark("headline")
 
 
 # --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------
@@ -370,91 +371,122 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
             help="Per-channel scales: levels and grid range of this channel.",
         )
     log_y = log.toggle("Log scale", key="hist_log")
-    weights_tab, acts_tab = st.tabs(["Weights", "Activations"])
-    with weights_tab:
-        try:
-            h = cache.histogram(model, settings, layer, 80, channel, data)
-        except ValueError as e:
-            st.error(str(e))
-            return
-        what = "" if channel is None else f", output channel {channel}"
-        st.plotly_chart(
-            figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
-            key="hist_chart",
-        )
-    with acts_tab:
-        activation_panel(model, data, settings, layer, log_y)
-    left, right = st.columns(2, gap="large")
-    with left:
-        journey_panel(model, data, settings, layer)
-    with right:
-        error_curve_panel(model, data, settings, layer)
-
-
-layer_section(model, data, settings, r.shapes)
-
-ds = cache.get_dataset(data)
-
-# --- details ----------------------------------------------------------------------------------
-table_tab, wrong_tab, confusion_tab = st.tabs(
-    ["Per-layer table", "Newly wrong images", "Confusion matrix"]
-)
-with table_tab:
-    st.dataframe(
-        tables.layer_display(r.layers, r.sizes),
-        hide_index=True,
-        column_config=tables.LAYER_DISPLAY_COLUMNS,
-        key="layer_table",
+    # only the open view is computed and sent: a slider move redraws one chart, not four
+    weights_tab, acts_tab, journey_tab, curve_tab = st.tabs(
+        ["Weights", "Activations", "One weight's journey", "Clipping error"],
+        key="layer_view", on_change="rerun",
     )
-with wrong_tab:
+    if weights_tab.open:
+        with weights_tab:
+            try:
+                h = cache.histogram(model, settings, layer, 80, channel, data)
+            except ValueError as e:
+                st.error(str(e))
+                return
+            what = "" if channel is None else f", output channel {channel}"
+            st.plotly_chart(
+                figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
+                key="hist_chart",
+            )
+    if acts_tab.open:
+        with acts_tab:
+            activation_panel(model, data, settings, layer, log_y)
+    if journey_tab.open:
+        with journey_tab:
+            journey_panel(model, data, settings, layer)
+    if curve_tab.open:
+        with curve_tab:
+            error_curve_panel(model, data, settings, layer)
+
+
+with timing.phase("layer section"):
+    layer_section(model, data, settings, r.shapes)
+
+
+
+@st.fragment
+def details_section(model: ModelRef, data: DatasetRef, settings: Settings, r) -> None:
+    """The per-layer table, the newly wrong images and the confusion matrix: only the open
+    tab is computed and sent (switching tabs reruns this part alone)."""
+    table_tab, wrong_tab, confusion_tab = st.tabs(
+        ["Per-layer table", "Newly wrong images", "Confusion matrix"],
+        key="details_view", on_change="rerun",
+    )
+    if table_tab.open:
+        with table_tab:
+            st.dataframe(
+                tables.layer_display(r.layers, r.sizes),
+                hide_index=True,
+                column_config=tables.LAYER_DISPLAY_COLUMNS,
+                key="layer_table",
+            )
+    if wrong_tab.open:
+        with wrong_tab:
+            wrong_images(model, data, settings)
+    if confusion_tab.open:
+        with confusion_tab:
+            ds = cache.get_dataset(data)
+            diff = st.toggle("Show the change against the float model", key="confusion_diff")
+            st.plotly_chart(
+                figures.confusion_figure(
+                    r.confusion,
+                    ds.classes,
+                    reference=r.float_confusion if diff else None,
+                    title="Compressed model − float model" if diff
+                    else "Compressed model (test split)",
+                ),
+                key="confusion_chart",
+            )
+
+
+def wrong_images(model: ModelRef, data: DatasetRef, settings: Settings) -> None:
     w = cache.newly_wrong(model, data, settings)
     if w.total == 0:
         st.info("No test image that the float model gets right is wrong now.")
-    else:
-        st.caption(
-            f"{w.total} test images the float model gets right are wrong now; the first "
-            f"{len(w.truth)} are shown, each with its true class, the float model's answer "
-            "and the compressed model's."
-        )
-        images = figures.display_images(w.images, ds.mean, ds.std)
-        for start in range(0, len(images), WRONG_PER_ROW):
-            cols = st.columns(WRONG_PER_ROW)
-            shown = range(start, min(start + WRONG_PER_ROW, len(images)))
-            for col, i in zip(cols, shown, strict=False):  # the last row may be short
-                col.image(images[i], width="content")
-                col.caption(tables.wrong_caption(w.truth[i], w.float_pred[i], w.now_pred[i]))
-with confusion_tab:
-    diff = st.toggle("Show the change against the float model", key="confusion_diff")
-    st.plotly_chart(
-        figures.confusion_figure(
-            r.confusion,
-            ds.classes,
-            reference=r.float_confusion if diff else None,
-            title="Compressed model − float model" if diff else "Compressed model (test split)",
-        ),
-        key="confusion_chart",
+        return
+    st.caption(
+        f"{w.total} test images the float model gets right are wrong now; the first "
+        f"{len(w.truth)} are shown, each with its true class, the float model's answer "
+        "and the compressed model's."
+    )
+    ds = cache.get_dataset(data)
+    images = figures.display_images(w.images, ds.mean, ds.std)
+    for start in range(0, len(images), WRONG_PER_ROW):
+        cols = st.columns(WRONG_PER_ROW)
+        shown = range(start, min(start + WRONG_PER_ROW, len(images)))
+        for col, i in zip(cols, shown, strict=False):  # the last row may be short
+            col.image(images[i], width="content")
+            col.caption(tables.wrong_caption(w.truth[i], w.float_pred[i], w.now_pred[i]))
+
+
+with timing.phase("details tabs"):
+    details_section(model, data, settings, r)
+
+# --- downloads (built when clicked) ------------------------------------------------------------
+def downloads(model: ModelRef, data: DatasetRef, settings: Settings, r) -> None:
+    name = f"{model.name}-{settings.slug()}"
+    packed_col, json_col = st.columns(2)
+    packed_col.download_button(
+        "Download the packed model",
+        data=cache.packed_download(model, settings, data),
+        file_name=f"{name}.qpk",
+        mime="application/octet-stream",
+        on_click="ignore",
+        key="download_packed",
+        icon=":material/download:",
+        help=f"Exactly {r.size_bytes:,} bytes of payload plus a small JSON header; "
+        "load it with qcore.load_packed.",
+    )
+    json_col.download_button(
+        "Download the results (JSON)",
+        data=lambda: tables.results_json(model.name, data.name, settings, r),
+        file_name=f"{name}-results.json",
+        mime="application/json",
+        on_click="ignore",
+        key="download_json",
+        icon=":material/data_object:",
     )
 
-# --- downloads --------------------------------------------------------------------------------
-name = f"{model.name}-{settings.slug()}"
-packed_col, json_col = st.columns(2)
-packed_col.download_button(
-    "Download the packed model",
-    data=cache.packed_download(model, settings, data),
-    file_name=f"{name}.qpk",
-    mime="application/octet-stream",
-    on_click="ignore",
-    key="download_packed",
-    icon=":material/download:",
-    help=f"Exactly {r.size_bytes:,} bytes of payload plus a small JSON header; "
-    "load it with qcore.load_packed.",
-)
-json_col.download_button(
-    "Download the results (JSON)",
-    data=tables.results_json(model.name, data.name, settings, r),
-    file_name=f"{name}-results.json",
-    mime="application/json",
-    on_click="ignore",
-    key="download_json",
-    icon=":material/data_object:",
-)
+
+with timing.phase("downloads"):
+    downloads(model, data, settings, r)
