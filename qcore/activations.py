@@ -12,6 +12,8 @@ A calibrated range becomes per-tensor qparams, and the activation runs as
 ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
 Calibration depends only on the float model, the calibration data and the activation
 config, so it is cached per (graph, data, config): moving a weight slider never recalibrates.
+The statistics under it (extremes for min-max, histograms for the others) do not depend on
+the bit width, so they are cached too: a new activation width needs no calibration pass.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from qcore.affine import QParams, fake_quantize, qparams_from_range
 from qcore.config import ActQuantConfig
 from qcore.graph import Graph
-from qcore.observers import HistogramObserver
+from qcore.observers import ExtremesObserver, HistogramObserver, Observer
 from qcore.ranges import choose_range, entropy_threshold
 
 __all__ = ["ActRange", "activation_edges", "calibrate", "act_points", "entropy_threshold"]
@@ -38,6 +40,10 @@ _CALIBRATED: weakref.WeakKeyDictionary[Graph, dict[tuple, dict[str, ActRange]]] 
     weakref.WeakKeyDictionary()
 )
 _LOCK = threading.Lock()
+# graph -> {(data key, edges, kind, batch): observers}: the statistics ranges are made from
+_STATISTICS: weakref.WeakKeyDictionary[Graph, dict[tuple, dict[str, Observer]]] = (
+    weakref.WeakKeyDictionary()
+)
 MAX_CALIBRATIONS_PER_GRAPH = 16
 
 
@@ -111,7 +117,26 @@ def calibrate(
         cached = _CALIBRATED.get(graph, {}).get(key)
     if cached is not None:
         return cached
-    observers = {e: HistogramObserver(bins=CALIB_BINS) for e in edges}
+    observers = _observe(graph, data, edges, cfg.observer == "minmax", batch_size)
+    ranges = {e: _range(e, obs, cfg) for e, obs in observers.items()}
+    _remember(_CALIBRATED, graph, key, ranges)
+    return ranges
+
+
+def _observe(graph: Graph, data, edges: Sequence[str], extremes_only: bool,
+             batch_size: int) -> dict[str, Observer]:  # fmt: skip
+    """The statistics of each edge over ``data`` (cached per graph): they do not depend on
+    the bit width, so moving the activation slider derives new ranges without a pass.
+    Min-max needs only the extremes; the other policies a histogram."""
+    key = (_data_key(data), tuple(edges), extremes_only, batch_size)
+    with _LOCK:
+        cached = _STATISTICS.get(graph, {}).get(key)
+    if cached is not None:
+        return cached
+    observers: dict[str, Observer] = {
+        e: ExtremesObserver() if extremes_only else HistogramObserver(bins=CALIB_BINS)
+        for e in edges
+    }
 
     def observe(edge: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def point(t: torch.Tensor) -> torch.Tensor:
@@ -123,16 +148,19 @@ def calibrate(
     with torch.inference_mode():
         for i in range(0, data.x.shape[0], batch_size):
             graph.run(data.x[i : i + batch_size], points=points)
-    ranges = {e: _range(e, obs, cfg) for e, obs in observers.items()}
+    _remember(_STATISTICS, graph, key, observers)  # read-only from here on
+    return observers
+
+
+def _remember(cache: weakref.WeakKeyDictionary, graph: Graph, key: tuple, value) -> None:
     with _LOCK:
-        per_graph = _CALIBRATED.setdefault(graph, {})
+        per_graph = cache.setdefault(graph, {})
         if len(per_graph) >= MAX_CALIBRATIONS_PER_GRAPH:
             per_graph.pop(next(iter(per_graph)))
-        per_graph[key] = ranges
-    return ranges
+        per_graph[key] = value
 
 
-def _range(edge: str, obs: HistogramObserver, cfg: ActQuantConfig) -> ActRange:
+def _range(edge: str, obs: Observer, cfg: ActQuantConfig) -> ActRange:
     mn, mx = (t.float() for t in obs.extremes())
     c = cfg.percentile if cfg.observer == "percentile" else 1.0
     lo, hi = (t.float() for t in choose_range(obs, cfg.observer, c, cfg.bits, cfg.symmetric))

@@ -292,13 +292,6 @@ def sqnr_db(w: torch.Tensor, q: torch.Tensor) -> float:
     return _db(*_energies(w, q))
 
 
-def _check_weights(name: str, w: torch.Tensor) -> None:
-    if not torch.isfinite(w).all():
-        raise ValueError(
-            f"Layer {name!r} has NaN or infinite weights; the model cannot be compressed."
-        )
-
-
 def _zero_pruned(codes: torch.Tensor, mask: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Codes with every pruned weight at its group's zero code (so it dequantizes to 0)."""
     g = qp.zero_point.numel()
@@ -340,8 +333,10 @@ def _compress_layer(
     config: CompressionConfig,
     bias: torch.Tensor | None,
     act: ActRange | None,
+    energy: float,
 ) -> LayerResult:
-    """One weight layer (the ``i``-th compressed) quantized, encoded and accounted."""
+    """One weight layer (the ``i``-th compressed) quantized, encoded and accounted;
+    ``energy`` is ||w||^2 of its float weight (cached per graph)."""
     q = config.quant
     qparams = codes = codebook = None
     bits, per_channel = 32, False
@@ -371,7 +366,7 @@ def _compress_layer(
     bias_numel = 0 if bias is None else bias.numel()
     n_zero = int((new == 0).sum())
     n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
-    sig, err = _energies(w, new)
+    sig, err = energy, float(((w.double() - new.double()) ** 2).sum())  # as _energies
     new_bias = None
     if bias is not None and mask is not None and config.prune.structured:
         # a removed output channel is gone, bias included
@@ -416,8 +411,11 @@ def compress(
     graph = graph_of(base, config.fold_bn)
     names = _layer_names(model, graph, config)
     weights = {n: graph.params[param_key(n, "weight")] for n in names}
-    for n, w in weights.items():
-        _check_weights(n, w)
+    for n in names:
+        if not graph.float_stats(param_key(n, "weight"))[0]:
+            raise ValueError(
+                f"Layer {n!r} has NaN or infinite weights; the model cannot be compressed."
+            )
 
     masks: dict[str, torch.Tensor] = {}
     if config.prunes:
@@ -432,7 +430,8 @@ def compress(
         activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
     layers = tuple(
         _compress_layer(i, n, weights[n], masks.get(n), config,
-                        graph.params.get(param_key(n, "bias")), activations.get(f"{n}.input"))
+                        graph.params.get(param_key(n, "bias")), activations.get(f"{n}.input"),
+                        graph.float_stats(param_key(n, "weight"))[1])
         for i, n in enumerate(names)
     )  # fmt: skip
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))

@@ -201,6 +201,53 @@ def _layer_rows(c: Compressed, stage: str) -> list[dict[str, Any]]:
     return rows
 
 
+class _Stages:
+    """The stage table as it grows: one row per stage, never larger than the stage before."""
+
+    def __init__(self, measure_on: Dataset, done_at: dict[str, int],
+                 report: Callable[[int, dict[str, Any]], None]):  # fmt: skip
+        self.measure_on, self.done_at, self.report = measure_on, done_at, report
+        self.rows: list[dict[str, Any]] = []
+        self.layer_rows: list[dict[str, Any]] = []
+        self.last: tuple[Compressed, float] | None = None
+        self.done = 0
+
+    def add(self, stage: str, c: Compressed, acc: float | None, started: float) -> None:
+        applied = self.last is None or c.size_bytes <= self.last[0].size_bytes
+        if not applied:  # never larger than the stage before: keep that one
+            c, acc = self.last
+        acc = evaluate(c.model, self.measure_on).accuracy if acc is None else acc
+        weights = sum(math.prod(r.shape) for r in c.layers)
+        weight_bytes = sum(r.encoded.nbytes() for r in c.layers)
+        kept = sum(math.prod(r.shape) * (1.0 - r.pruned) for r in c.layers) / weights
+        self.rows.append({"stage": stage, "label": STAGE_LABELS[stage],
+                          "size_bytes": c.size_bytes, "ratio": c.ratio, "accuracy": acc,
+                          "kept": kept, "bits_per_weight": 8.0 * weight_bytes / weights,
+                          "applied": applied,
+                          "seconds": time.perf_counter() - started})  # fmt: skip
+        self.layer_rows.extend(_layer_rows(c, stage))
+        self.last = (c, acc)
+        self.done = self.done_at[stage]
+        self.report(self.done, {"stage": stage, "size_bytes": c.size_bytes, "accuracy": acc})
+
+
+def _pruned_start(model: nn.Module, graph: Graph,
+                  rates: dict[str, float]) -> tuple[nn.Module, PruneConfig | None]:  # fmt: skip
+    """The model with each layer's smallest weights zeroed at its rate, and the one global
+    rate that prunes exactly those zeros (finetune and compress take one rate for the
+    whole model, so the per-layer masks are applied first and the zeros then pruned
+    globally). ``None`` when nothing is pruned."""
+    keys = {n: param_key(n, "weight") for n in graph.layers}
+    masked = {keys[n]: graph.params[keys[n]] * magnitude_mask(graph.params[keys[n]], rates[n])
+              for n in graph.layers}  # fmt: skip
+    zeros = sum(int((w == 0).sum()) for w in masked.values())
+    count = sum(w.numel() for w in masked.values())
+    if zeros == count:
+        raise ValueError("These pruning rates remove every weight; lower them.")
+    prune = PruneConfig(rate=zeros / count, scope="global") if 0 < zeros < count else None
+    return float_module(model, masked, fold_bn=True), prune  # the graph folds BatchNorm
+
+
 def deep_compression(
     model: nn.Module,
     train: Dataset,
@@ -245,9 +292,8 @@ def deep_compression(
     batches = math.ceil(len(train) / ft_p.batch_size)
     steps_p, steps_c = epochs * batches, centroid_epochs * batches
     total = steps_p + steps_c + len(STAGES)
-    done = 0
 
-    def report(row: dict[str, Any]) -> None:
+    def report(done: int, row: dict[str, Any]) -> None:
         if progress is not None:
             progress(done, total, row)
 
@@ -257,45 +303,17 @@ def deep_compression(
                 progress(offset + d, total, {**row, "stage": stage})
         return fn
 
-    rows, layer_rows = [], []
-    last: tuple[Compressed, float] | None = None
-
-    def add(stage: str, c: Compressed, acc: float | None, started: float) -> None:
-        nonlocal done, last
-        applied = last is None or c.size_bytes <= last[0].size_bytes
-        if not applied:  # never larger than the stage before: keep that one
-            c, acc = last
-        acc = evaluate(c.model, measure_on).accuracy if acc is None else acc
-        weights = sum(math.prod(r.shape) for r in c.layers)
-        weight_bytes = sum(r.encoded.nbytes() for r in c.layers)
-        kept = sum(math.prod(r.shape) * (1.0 - r.pruned) for r in c.layers) / weights
-        rows.append({"stage": stage, "label": STAGE_LABELS[stage], "size_bytes": c.size_bytes,
-                     "ratio": c.ratio, "accuracy": acc, "kept": kept,
-                     "bits_per_weight": 8.0 * weight_bytes / weights, "applied": applied,
-                     "seconds": time.perf_counter() - started})  # fmt: skip
-        layer_rows.extend(_layer_rows(c, stage))
-        last = (c, acc)
-        done = {"float": 1, "pruned": steps_p + 2, "shared": steps_p + steps_c + 3,
-                "huffman": total}[stage]
-        report({"stage": stage, "size_bytes": c.size_bytes, "accuracy": acc})
+    rec = _Stages(measure_on, {"float": 1, "pruned": steps_p + 2,
+                               "shared": steps_p + steps_c + 3, "huffman": total}, report)
+    add = rec.add
 
     # 1. float
     started = time.perf_counter()
     add("float", compress(model, CompressionConfig(quant=None)), None, started)
 
-    # 2. prune (per layer) + retrain with the masks fixed. finetune and compress take one
-    # rate for the whole model, so the per-layer masks are applied first and the zeros
-    # then pruned globally: exactly the weights that are zero, all of them, are pruned.
+    # 2. prune (per layer) + retrain with the masks fixed
     started = time.perf_counter()
-    keys = {n: param_key(n, "weight") for n in names}
-    masked = {keys[n]: graph.params[keys[n]] * magnitude_mask(graph.params[keys[n]], rates[n])
-              for n in names}  # fmt: skip
-    zeros = sum(int((w == 0).sum()) for w in masked.values())
-    count = sum(w.numel() for w in masked.values())
-    prune = PruneConfig(rate=zeros / count, scope="global") if 0 < zeros < count else None
-    if zeros == count:
-        raise ValueError("These pruning rates remove every weight; lower them.")
-    start = float_module(model, masked, fold_bn=True)  # the graph above folds BatchNorm
+    start, prune = _pruned_start(model, graph, rates)
     cfg_p = CompressionConfig(quant=None, prune=prune)
     hist = []
     stopped = False
@@ -304,10 +322,10 @@ def deep_compression(
         pruned_model = model
     else:
         run_p = finetune(start, train, cfg_p, ft_p, calib=calib,
-                         progress=relay(done, "pruned"), should_stop=should_stop)  # fmt: skip
+                         progress=relay(rec.done, "pruned"), should_stop=should_stop)  # fmt: skip
         hist.append(run_p.history.assign(stage="pruned"))
         add("pruned", compress(run_p.model, cfg_p), None, started)
-        pruned_model = run_p.model if rows[-1]["applied"] else model
+        pruned_model = run_p.model if rec.rows[-1]["applied"] else model
         stopped = run_p.stopped
 
     # 3. k-means weight sharing + centroid retraining (the masks kept)
@@ -315,23 +333,23 @@ def deep_compression(
     q = QuantConfig(bits=max(widths.values()), codebook="kmeans", layer_bits=widths)
     cfg_s = CompressionConfig(quant=q, prune=prune if pruned_model is not model else None)
     run_s = finetune(pruned_model, train, cfg_s, ft_c, calib=calib,
-                     progress=relay(done, "shared"), should_stop=should_stop)  # fmt: skip
+                     progress=relay(rec.done, "shared"), should_stop=should_stop)  # fmt: skip
     hist.append(run_s.history.assign(stage="shared"))
     shared_model = run_s.model
     add("shared", compress(shared_model, cfg_s), None, started)
 
     # 4. Huffman coding of codes and index: lossless, the same weights
     started = time.perf_counter()
-    shared_acc = rows[-1]["accuracy"]
+    shared_acc = rec.rows[-1]["accuracy"]
     huff = compress(shared_model, replace(cfg_s, entropy="huffman"))
-    add("huffman", huff, shared_acc if rows[-1]["applied"] else None, started)
+    add("huffman", huff, shared_acc if rec.rows[-1]["applied"] else None, started)
 
-    stages = pd.DataFrame(rows)
+    stages = pd.DataFrame(rec.rows)
     stages.attrs["seconds"] = time.perf_counter() - t0
     return DeepCompressionResult(
         stages=stages,
-        layers=pd.DataFrame(layer_rows),
-        compressed=last[0],
+        layers=pd.DataFrame(rec.layer_rows),
+        compressed=rec.last[0],
         prune_rates=rates,
         bits=widths,
         history=pd.concat(hist, ignore_index=True),

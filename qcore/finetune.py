@@ -431,6 +431,92 @@ def _sqnr_db(sig: float, err: float) -> float:
     return -math.inf if sig == 0.0 else 10.0 * math.log10(sig / err)
 
 
+def _check_arguments(config: CompressionConfig, ft: FinetuneConfig, train: Dataset,
+                     calib: Dataset | None) -> None:  # fmt: skip
+    if not isinstance(config, CompressionConfig):
+        raise ValueError("config must be a CompressionConfig.")
+    if not isinstance(ft, FinetuneConfig):
+        raise ValueError("ft must be a FinetuneConfig.")
+    _check_splits(train, calib)
+    if (config.quant is not None and config.quant.codebook == "kmeans" and config.prunes
+            and ft.prune_schedule == "gradual"):
+        raise ValueError("Centroid fine-tuning keeps the pruning masks and the weights' "
+                         "centroids fixed; use prune_schedule='oneshot' with a k-means "
+                         "codebook.")
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, ft: FinetuneConfig,
+          teacher_graph: Graph) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy, or with distillation alpha * T^2 * KL(teacher || student) + (1 - alpha)
+    * CE, the teacher being the float model's graph on the same batch."""
+    loss = F.cross_entropy(logits, y)
+    if not ft.distill:
+        return loss
+    with torch.no_grad():
+        teacher = teacher_graph.run(x)
+    temp = ft.temperature
+    kl = F.kl_div(F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher / temp, dim=1),
+                  reduction="batchmean", log_target=True)  # fmt: skip
+    return ft.alpha * temp * temp * kl + (1.0 - ft.alpha) * loss
+
+
+def _quantize_gradients(params: list[torch.Tensor], bits: int, gen: torch.Generator) -> float:
+    """Every gradient replaced by its ``bits``-bit stochastic rounding; their SQNR in dB."""
+    sig = err = 0.0
+    for t in params:
+        if t.grad is None:
+            continue
+        g = t.grad
+        qg, _ = quantize_gradient(g, bits, gen)
+        sig += float((g.double() ** 2).sum())
+        err += float(((g.double() - qg.double()) ** 2).sum())
+        t.grad = qg
+    return _sqnr_db(sig, err)
+
+
+def _gradual_step(student: _TrainState, prune: PruneConfig, step: int, prune_end: int,
+                  interval: int, rate_now: float) -> float:  # fmt: skip
+    """The cubic schedule's rate at ``step`` (updated every ``interval`` steps); new masks
+    when it moved. Returns the rate in force."""
+    at = min(prune_end, (step // interval) * interval)
+    if step >= prune_end:
+        at = prune_end
+    rate = cubic_rate(prune.rate, at, prune_end)
+    if rate != rate_now:
+        p = PruneConfig(rate=rate, structured=prune.structured, scope=prune.scope)
+        student.set_masks(_masks({k: v.detach() for k, v in student.weights.items()}, p))
+    return rate
+
+
+def _train_step(student: _TrainState, opt: _Adam, x: torch.Tensor, y: torch.Tensor,
+                ft: FinetuneConfig, teacher_graph: Graph, grad_gen: torch.Generator,
+                lr: float) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
+    """One optimiser step on a batch: (logits, loss, gradient SQNR in dB or nan)."""
+    logits = student.variant()(x)
+    loss = _loss(logits, y, x, ft, teacher_graph)
+    opt.zero_grad()
+    loss.backward()
+    grad_db = math.nan
+    if ft.grad_bits is not None:
+        grad_db = _quantize_gradients(opt.params, ft.grad_bits, grad_gen)
+    opt.step(lr)
+    student.apply_masks()  # Adam moves nothing without a gradient; kept exact anyway
+    return logits, loss, grad_db
+
+
+def _end_of_epoch(model: nn.Module, student: _TrainState, config: CompressionConfig,
+                  calib: Dataset | None, row: dict, recalibrate: bool) -> nn.Module:  # fmt: skip
+    """The float module of the trained tensors, compressed as ``config`` says: its calib
+    accuracy goes into ``row``, and (activations on) its ranges into the student."""
+    snapshot = float_module(model, student.float_tensors(), config.fold_bn)
+    now = compress(snapshot, config, calib=calib)
+    if calib is not None:
+        row["calib_accuracy"] = evaluate(now.model, calib).accuracy
+    if config.act is not None and recalibrate:  # recalibrated ranges
+        student.set_activations(now.activations)
+    return snapshot
+
+
 def finetune(
     model: nn.Module,
     train: Dataset,
@@ -451,16 +537,7 @@ def finetune(
     """
     t0 = time.perf_counter()
     ft = FinetuneConfig() if ft is None else ft
-    if not isinstance(config, CompressionConfig):
-        raise ValueError("config must be a CompressionConfig.")
-    if not isinstance(ft, FinetuneConfig):
-        raise ValueError("ft must be a FinetuneConfig.")
-    _check_splits(train, calib)
-    if (config.quant is not None and config.quant.codebook == "kmeans" and config.prunes
-            and ft.prune_schedule == "gradual"):
-        raise ValueError("Centroid fine-tuning keeps the pruning masks and the weights' "
-                         "centroids fixed; use prune_schedule='oneshot' with a k-means "
-                         "codebook.")
+    _check_arguments(config, ft, train, calib)
     # validates the config against the model (layers, bits, NaN weights, calib for
     # activations) and gives the starting masks, ranges and post-training accuracy
     base = compress(model, config, calib=calib)
@@ -504,65 +581,28 @@ def finetune(
                 break
             step += 1
             if gradual:
-                at = min(prune_end, (step // interval) * interval)
-                if step >= prune_end:
-                    at = prune_end
-                rate = cubic_rate(config.prune.rate, at, prune_end)
-                if rate != rate_now:
-                    rate_now = rate
-                    p = PruneConfig(rate=rate, structured=config.prune.structured,
-                                    scope=config.prune.scope)
-                    student.set_masks(_masks({k: v.detach() for k, v in student.weights.items()},
-                                             p))  # fmt: skip
+                rate_now = _gradual_step(student, config.prune, step, prune_end, interval,
+                                         rate_now)  # fmt: skip
             idx = order[b * ft.batch_size : (b + 1) * ft.batch_size]
             x, y = train.x[idx], train.y[idx]
-            logits = student.variant()(x)
-            loss = F.cross_entropy(logits, y)
-            if ft.distill:
-                with torch.no_grad():
-                    teacher = teacher_graph.run(x)
-                temp = ft.temperature
-                kl = F.kl_div(F.log_softmax(logits / temp, dim=1),
-                              F.log_softmax(teacher / temp, dim=1),
-                              reduction="batchmean", log_target=True)  # fmt: skip
-                loss = ft.alpha * temp * temp * kl + (1.0 - ft.alpha) * loss
-            opt.zero_grad()
-            loss.backward()
-            grad_db = math.nan
-            if ft.grad_bits is not None:
-                sig = err = 0.0
-                for t in params:
-                    if t.grad is None:
-                        continue
-                    g = t.grad
-                    qg, _ = quantize_gradient(g, ft.grad_bits, grad_gen)
-                    sig += float((g.double() ** 2).sum())
-                    err += float(((g.double() - qg.double()) ** 2).sum())
-                    t.grad = qg
-                grad_db = _sqnr_db(sig, err)
             lr = ft.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / total))  # cosine decay
-            opt.step(lr)
-            student.apply_masks()  # Adam moves nothing without a gradient; kept exact anyway
+            logits, loss, grad_db = _train_step(student, opt, x, y, ft, teacher_graph, grad_gen,
+                                                lr)  # fmt: skip
             row = {"epoch": epoch, "step": step, "loss": float(loss.detach()),
                    "train_accuracy": float((logits.detach().argmax(1) == y).float().mean()),
                    "calib_accuracy": math.nan, "lr": lr, "prune_rate": rate_now,
                    "grad_sqnr_db": grad_db, "seconds": 0.0}  # fmt: skip
             if b == per_epoch - 1:  # end of the epoch: the compressed model as it now is
-                snapshot = float_module(model, student.float_tensors(), config.fold_bn)
-                now = compress(snapshot, config, calib=calib)
-                if calib is not None:
-                    row["calib_accuracy"] = evaluate(now.model, calib).accuracy
-                if config.act is not None and epoch < ft.epochs:  # recalibrated ranges
-                    student.set_activations(now.activations)
+                snapshot = _end_of_epoch(model, student, config, calib, row, epoch < ft.epochs)
             row["seconds"] = time.perf_counter() - t0
             add(row, step)
         if stopped:
             break
 
     if stopped or snapshot is None:
-        if gradual and config.prunes:  # the final rate, so that compress finds these masks
-            weights = {k: v.detach() for k, v in student.weights.items()}
-            student.set_masks(_masks(weights, config.prune))
+        if gradual:  # the final rate, so that compress finds these masks
+            student.set_masks(_masks({k: v.detach() for k, v in student.weights.items()},
+                                     config.prune))  # fmt: skip
         snapshot = float_module(model, student.float_tensors(), config.fold_bn)
     history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
     return FinetuneResult(model=snapshot, history=history, config=config, ft=ft,

@@ -260,6 +260,8 @@ class Graph:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self._steps = {n: self._step(n) for n in self.nodes}
         self._reads_keys = {n: self._keys_of(n) for n in self.nodes}
+        self._stats: dict[str, tuple[bool, float]] = {}  # float_stats, filled on first use
+        self._stats_lock = threading.Lock()
         last: dict[fx.Node, int] = {}
         for n in self.nodes:
             for a in n.all_input_nodes:
@@ -317,6 +319,18 @@ class Graph:
         if unknown:
             raise ValueError(f"No tensor named {', '.join(map(repr, unknown))} in the model.")
         return {**self.params, **replacements}
+
+    def float_stats(self, key: str) -> tuple[bool, float]:
+        """(every value finite, ||t||^2 in float64) of the shared float tensor ``key``:
+        computed once per graph, since the shared tensors never change."""
+        with self._stats_lock:
+            hit = self._stats.get(key)
+        if hit is None:
+            t = self.params[key]
+            hit = (bool(torch.isfinite(t).all()), float((t.double() ** 2).sum()))
+            with self._stats_lock:
+                self._stats[key] = hit
+        return hit
 
     def point_names(self) -> list[str]:
         """Edges where an observer or fake-quant point can sit, in graph order."""

@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+import pandas as pd
 from torch import nn
 
 from qcore.compress import compress
@@ -136,6 +137,41 @@ def _evaluate(model, dataset, quant: QuantConfig, fold_bn: bool, batch_size: int
     return c, evaluate(c.model, dataset, batch_size=batch_size)
 
 
+def _check_arguments(quant: QuantConfig | None, candidate_bits: Iterable[int] | int,
+                     budget_bytes: object) -> tuple[QuantConfig, list[int], int]:  # fmt: skip
+    """The scheme template, the sorted candidate widths and the budget in bytes (checked)."""
+    quant = QuantConfig() if quant is None else quant
+    if not isinstance(quant, QuantConfig):
+        raise ValueError("quant must be a QuantConfig (or None for the default scheme).")
+    if isinstance(candidate_bits, int):
+        candidate_bits = (candidate_bits,)
+    cands = sorted({check_bits(b, "candidate bits") for b in candidate_bits})
+    if not cands:
+        raise ValueError("Give at least one candidate bit width, e.g. 2 4 8.")
+    if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float)
+            or not math.isfinite(budget_bytes) or budget_bytes <= 0):
+        raise ValueError(f"The budget must be a positive number of bytes; got {budget_bytes!r}.")
+    return quant, cands, int(budget_bytes)
+
+
+def _assignments(sens: pd.DataFrame, names: list[str], sizes: dict[str, dict[int, int]],
+                 budget: int) -> list[dict[str, int]]:  # fmt: skip
+    """The knapsack's per-layer bits within ``budget`` (bytes of the weight layers), once
+    minimising the summed accuracy drops (ties by loss) and once the summed loss increases
+    (ties by drop), from the one-layer-at-a-time sensitivity table."""
+    drop: dict[str, dict[int, float]] = {k: {} for k in names}
+    dloss: dict[str, dict[int, float]] = {k: {} for k in names}
+    for r in sens.itertuples(index=False):
+        drop[r.layer][int(r.setting)] = float(r.drop)
+        dloss[r.layer][int(r.setting)] = float(r.loss_increase)
+    out = []
+    for costs, ties in ((drop, dloss), (dloss, drop)):
+        bits = knapsack_bits(sizes, costs, budget, ties)
+        if bits is not None:  # None cannot happen once the smallest size fits: a guard
+            out.append(bits)
+    return out
+
+
 def mixed_precision(
     model: nn.Module,
     dataset: Dataset,
@@ -161,18 +197,7 @@ def mixed_precision(
     every candidate is measured with its activations quantized too (calibrated on
     ``calib``, by default ``search_dataset``); the per-layer costs stay weight-only.
     """
-    quant = QuantConfig() if quant is None else quant
-    if not isinstance(quant, QuantConfig):
-        raise ValueError("quant must be a QuantConfig (or None for the default scheme).")
-    if isinstance(candidate_bits, int):
-        candidate_bits = (candidate_bits,)
-    cands = sorted({check_bits(b, "candidate bits") for b in candidate_bits})
-    if not cands:
-        raise ValueError("Give at least one candidate bit width, e.g. 2 4 8.")
-    if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int | float)
-            or not math.isfinite(budget_bytes) or budget_bytes <= 0):
-        raise ValueError(f"The budget must be a positive number of bytes; got {budget_bytes!r}.")
-    budget = int(budget_bytes)
+    quant, cands, budget = _check_arguments(quant, candidate_bits, budget_bytes)
     search = dataset if search_dataset is None else search_dataset
     calib = search if calib is None else calib
     if act is None:
@@ -205,16 +230,8 @@ def mixed_precision(
 
     sens = layer_sensitivity(model, search, bits=cands, prune_rates=(), quant=quant,
                              fold_bn=fold_bn, batch_size=batch_size, progress=progress)
-    drop = {k: {} for k in names}
-    dloss = {k: {} for k in names}
-    for r in sens.itertuples(index=False):
-        drop[r.layer][int(r.setting)] = float(r.drop)
-        dloss[r.layer][int(r.setting)] = float(r.loss_increase)
     tried = {}
-    for costs, ties in ((drop, dloss), (dloss, drop)):
-        bits = knapsack_bits(sizes, costs, budget - rest, ties)
-        if bits is None:  # cannot happen once the smallest size fits; kept as a guard
-            continue
+    for bits in _assignments(sens, names, sizes, budget - rest):
         key = tuple(bits[k] for k in names)
         if key not in tried:
             q = replace(quant, bits=cands[-1], layer_bits=bits)

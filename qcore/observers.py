@@ -33,7 +33,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Moments", "Observer", "MinMaxObserver", "HistogramObserver", "TensorObserver"]
+__all__ = [
+    "Moments", "Observer", "ExtremesObserver", "MinMaxObserver", "HistogramObserver",
+    "TensorObserver",
+]  # fmt: skip
 
 
 class Moments(NamedTuple):
@@ -77,6 +80,14 @@ class Observer:
 
     def _check(self, x2: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
         """``kept`` as a bool mask after checking the shapes; fixes the group count."""
+        self._check_shape(x2)
+        if kept is None:
+            return torch.ones_like(x2, dtype=torch.bool)
+        if kept.shape != x2.shape:
+            raise ValueError(f"The kept mask has shape {kept.shape}, the batch {x2.shape}.")
+        return kept.bool()
+
+    def _check_shape(self, x2: torch.Tensor) -> None:
         if x2.dim() != 2 or not torch.is_floating_point(x2):
             raise ValueError(f"An observer takes float batches of shape (G, K); got {x2.shape}.")
         if self.groups is None:
@@ -85,16 +96,39 @@ class Observer:
             raise ValueError(
                 f"This observer has {self.groups} groups but the batch has {x2.shape[0]} rows."
             )
-        if kept is None:
-            return torch.ones_like(x2, dtype=torch.bool)
-        if kept.shape != x2.shape:
-            raise ValueError(f"The kept mask has shape {kept.shape}, the batch {x2.shape}.")
-        return kept.bool()
 
 
 def _check_finite(x2: torch.Tensor) -> None:
     if not torch.isfinite(x2).all():
         raise ValueError("The observed values contain NaN or infinite values.")
+
+
+class ExtremesObserver(Observer):
+    """Running min and max per group, nothing else: the cheapest pass, all a min-max range
+    needs (activation calibration runs it over every edge of every batch)."""
+
+    def __init__(self) -> None:
+        self.min = self.max = torch.zeros(0)  # (G,) float32
+
+    def update(self, x2: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        if kept is not None:
+            raise ValueError("An ExtremesObserver counts every value; it takes no kept mask.")
+        self._check_shape(x2)
+        if not x2.shape[1]:
+            return
+        lo, hi = x2.detach().amin(dim=1).float(), x2.detach().amax(dim=1).float()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # NaN propagates
+            raise ValueError("The observed values contain NaN or infinite values.")
+        if not self.min.numel():
+            self.min, self.max = lo, hi
+        else:
+            self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
+
+    def extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.groups or 0
+        if not self.min.numel():
+            return torch.full((g,), math.inf), torch.full((g,), -math.inf)
+        return self.min, self.max
 
 
 class MinMaxObserver(Observer):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -145,6 +145,65 @@ def _value_bytes(values: Iterable[Any]) -> int:
 # The public function.
 
 
+def _check_arguments(quant, prune, bits, prune_rates, act_bits, calib, batch_size,
+                     dataset) -> tuple[list[int], list[float], list[int]]:  # fmt: skip
+    """The bit widths, rates and activation widths to analyse (checked)."""
+    if not isinstance(quant, QuantConfig) or not isinstance(prune, PruneConfig):
+        raise ValueError("quant must be a QuantConfig and prune a PruneConfig (or None).")
+    if quant.rounding == "stochastic":
+        raise ValueError("Sensitivity needs deterministic rounding; use rounding='nearest'.")
+    bits = _check_bit_list([bits] if isinstance(bits, int) else bits)
+    rates = _check_rates([prune_rates] if isinstance(prune_rates, float) else prune_rates)
+    act_list = _check_bit_list([act_bits] if isinstance(act_bits, int) else act_bits)
+    if not bits and not rates and not act_list:
+        raise ValueError("Give at least one bit width or pruning rate to analyse.")
+    if act_list and calib is None:
+        raise ValueError("Activation rows need calibration data: pass calib= the 'calib' split.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number; got {batch_size!r}.")
+    if len(dataset.y) == 0:
+        raise ValueError("The dataset is empty; pick a split with examples in it.")
+    return bits, rates, act_list
+
+
+def _layer_names(graph: Graph, layers: Iterable[str] | str | None) -> list[str]:
+    """The layers to analyse, in model order (checked against the graph's weight layers)."""
+    all_layers = list(graph.layers)
+    if not all_layers:
+        raise ValueError("The model has no linear or convolution layers to analyse.")
+    if layers is None:
+        return all_layers
+    names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ValueError(
+            f"Unknown layer(s) {', '.join(map(repr, unknown))}; the model's weight layers "
+            f"are {', '.join(all_layers)}."
+        )
+    return [n for n in all_layers if n in names]  # model order
+
+
+def _act_rows(graph: Graph, dataset: Dataset, calib: Dataset, act: ActQuantConfig,
+              act_list: list[int], edges: list[str], ref: Metrics, batch_size: int,
+              rows: list[dict], tick: Callable[[int, dict], Any]) -> None:  # fmt: skip
+    """Rows of kind "act": each edge alone fake-quantized at each width, the rest float."""
+    done = 0
+    for b in act_list:
+        ranges = calibrate(graph, calib, replace(act, bits=b), edges)
+        for j, e in enumerate(edges):
+            m = evaluate(Variant(graph, points={e: ranges[e].fake_quantize}), dataset,
+                         batch_size=batch_size)
+            rows.append({
+                "layer": e, "index": j, "kind": "act", "setting": float(b),
+                "accuracy": m.accuracy, "loss": m.loss, "drop": ref.accuracy - m.accuracy,
+                "loss_increase": m.loss - ref.loss, "sqnr_db": math.nan,
+                "sparsity": math.nan, "params": math.nan, "layer_size_bytes": math.nan,
+                "layer_float_bytes": math.nan,
+            })  # fmt: skip
+            done += 1
+            tick(done, rows[-1])
+
+
 def layer_sensitivity(
     model: nn.Module,
     dataset: Dataset,
@@ -184,37 +243,11 @@ def layer_sensitivity(
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune
-    if not isinstance(quant, QuantConfig) or not isinstance(prune, PruneConfig):
-        raise ValueError("quant must be a QuantConfig and prune a PruneConfig (or None).")
-    if quant.rounding == "stochastic":
-        raise ValueError("Sensitivity needs deterministic rounding; use rounding='nearest'.")
-    bits = _check_bit_list([bits] if isinstance(bits, int) else bits)
-    rates = _check_rates([prune_rates] if isinstance(prune_rates, float) else prune_rates)
-    act_list = _check_bit_list([act_bits] if isinstance(act_bits, int) else act_bits)
-    if not bits and not rates and not act_list:
-        raise ValueError("Give at least one bit width or pruning rate to analyse.")
     act = ActQuantConfig() if act is None else act
-    if act_list and calib is None:
-        raise ValueError("Activation rows need calibration data: pass calib= the 'calib' split.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive whole number; got {batch_size!r}.")
-    if len(dataset.y) == 0:
-        raise ValueError("The dataset is empty; pick a split with examples in it.")
+    bits, rates, act_list = _check_arguments(quant, prune, bits, prune_rates, act_bits, calib,
+                                             batch_size, dataset)  # fmt: skip
     graph = graph_of(model, fold_bn)  # a ValueError naming the operation if untraceable
-    all_layers = list(graph.layers)
-    if not all_layers:
-        raise ValueError("The model has no linear or convolution layers to analyse.")
-    if layers is None:
-        names = all_layers
-    else:
-        names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
-        unknown = [n for n in names if n not in all_layers]
-        if unknown:
-            raise ValueError(
-                f"Unknown layer(s) {', '.join(map(repr, unknown))}; the model's weight layers "
-                f"are {', '.join(all_layers)}."
-            )
-        names = [n for n in all_layers if n in names]  # model order
+    names = _layer_names(graph, layers)
     jobs = _jobs(names, bits, rates, quant, prune, fold_bn)
     edges = activation_edges(graph, names) if act_list else []
     n_act = len(edges) * len(act_list)
@@ -237,21 +270,13 @@ def layer_sensitivity(
     elif result is not None:
         method = "cached"
         rows, ref = result
-    for i, b in enumerate(act_list):
-        ranges = calibrate(graph, calib, replace(act, bits=b), edges)
-        for j, e in enumerate(edges):
-            m = evaluate(Variant(graph, points={e: ranges[e].fake_quantize}), dataset,
-                         batch_size=batch_size)
-            rows.append({
-                "layer": e, "index": j, "kind": "act", "setting": float(b),
-                "accuracy": m.accuracy, "loss": m.loss, "drop": ref.accuracy - m.accuracy,
-                "loss_increase": m.loss - ref.loss, "sqnr_db": math.nan,
-                "sparsity": math.nan, "params": math.nan, "layer_size_bytes": math.nan,
-                "layer_float_bytes": math.nan,
-            })  # fmt: skip
-            if progress is not None:
-                total = len(jobs) + n_act
-                progress(total - n_act + i * len(edges) + j + 1, total, rows[-1])
+    def act_progress(done: int, row: dict) -> None:
+        if progress is not None:
+            progress(len(jobs) + done, len(jobs) + n_act, row)
+
+    if act_list:
+        _act_rows(graph, dataset, calib, act, act_list, edges, ref, batch_size, rows,
+                  act_progress)  # fmt: skip
     df = pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
     df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss, method=method,
                     seconds=time.perf_counter() - start)

@@ -285,3 +285,48 @@ def test_a_loaded_activation_file_evaluates_like_the_compressed_model(tmp_path) 
     qcore.export_packed(c, tmp_path / "m.qpk")
     loaded = qcore.load_packed(tmp_path / "m.qpk").model
     assert qcore.evaluate(loaded, test).accuracy == qcore.evaluate(c.model, test).accuracy
+
+
+def test_extremes_observer_equals_the_min_max_observer_and_refuses_nan() -> None:
+    from qcore.observers import ExtremesObserver, MinMaxObserver
+
+    g = torch.Generator().manual_seed(3)
+    a, b = ExtremesObserver(), MinMaxObserver()
+    for _ in range(4):
+        x = torch.randn(2, 50, generator=g) * 3
+        a.update(x)
+        b.update(x)
+    assert all(torch.equal(u, v) for u, v in zip(a.extremes(), b.extremes(), strict=True))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        a.update(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="2 groups"):
+        a.update(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])
+def test_a_new_activation_width_reuses_the_statistics_without_a_pass(observer: str) -> None:
+    """The statistics do not depend on the bit width: a new width derives its ranges from
+    the cached ones, and they equal a calibration from scratch."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 8, generator=g)
+    model = one_layer(4)
+    graph = graph_of(model)
+    runs = []
+    original = graph.run
+
+    def counting_run(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    graph.run = counting_run  # an instance attribute: this graph only
+    try:
+        r8 = calibrate(graph, Split(x), ActQuantConfig(bits=8, observer=observer), ["0.input"])
+        passes = len(runs)
+        r4 = calibrate(graph, Split(x), ActQuantConfig(bits=4, observer=observer), ["0.input"])
+        assert len(runs) == passes > 0  # no second pass over the data
+    finally:
+        del graph.run
+    fresh = calibrate(graph_of(one_layer(4)), Split(x), ActQuantConfig(bits=4, observer=observer),
+                      ["0.input"])  # fmt: skip
+    assert (r4["0.input"].lo, r4["0.input"].hi) == (fresh["0.input"].lo, fresh["0.input"].hi)
+    assert r8["0.input"].scale != r4["0.input"].scale

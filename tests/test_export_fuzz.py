@@ -751,7 +751,7 @@ def test_hostile_corpus(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
     proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(job_path),
                            str(results_path)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+                          text=True, timeout=900)  # fmt: skip
     lines = results_path.read_text().splitlines() if results_path.exists() else []
     if proc.returncode != 0:
         stuck = cases[len(lines)] if len(lines) < len(cases) else None

@@ -164,3 +164,46 @@ def test_evaluate_runs_on_the_graph_with_the_same_numbers() -> None:
         logits = model(data.x)
     assert m.accuracy == int((logits.argmax(1) == data.y).sum()) / len(data.y)
     assert round(m.accuracy, 4) == qcore.model_info("digits-mlp").float_accuracy
+
+
+def test_variant_is_the_one_module_qcore_defines_outside_models() -> None:
+    import importlib
+    import inspect
+    import pkgutil
+
+    found = set()
+    for info in pkgutil.iter_modules(qcore.__path__):
+        mod = importlib.import_module(f"qcore.{info.name}")
+        for _, obj in inspect.getmembers(mod, inspect.isclass):
+            if issubclass(obj, nn.Module) and obj.__module__.startswith("qcore.") \
+                    and obj.__module__ != "qcore.models":  # fmt: skip
+                found.add(f"{obj.__module__}.{obj.__qualname__}")
+    assert found == {"qcore.graph.Variant"}
+
+
+def test_compress_and_load_packed_give_variants_with_the_same_outputs(tmp_path) -> None:
+    model = make_bn_model(3)
+    cfg = qcore.CompressionConfig(quant=qcore.QuantConfig(bits=4))
+    c = qcore.compress(model, cfg)
+    qcore.export_packed(c, tmp_path / "m.qpk")
+    loaded = qcore.load_packed(tmp_path / "m.qpk", template=model).model
+    assert isinstance(c.model, qcore.Variant) and isinstance(loaded, qcore.Variant)
+    assert qcore.Variant.of(c) is c.model and qcore.Variant.of(loaded) is loaded
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(c.model(x), loaded(x))
+    # the variant's replacements are the dequantized codes; nothing of the model changed
+    for r in c.layers:
+        assert torch.equal(c.model.weight(f"{r.name}.weight"), r.dequantized)
+    with pytest.raises(RuntimeError, match="eval mode only"):
+        c.model.train()
+
+
+def test_gradients_flow_through_variant_tensors_not_the_shared_ones() -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    g = qcore.graph_of(model)
+    w = torch.zeros(2, 3, requires_grad=True)
+    v = qcore.Variant(g, lambda: {"0.weight": w * 2})
+    v(torch.ones(4, 3)).sum().backward()
+    assert torch.equal(w.grad, torch.full((2, 3), 8.0))
+    assert all(not t.requires_grad for t in g.params.values())

@@ -160,8 +160,11 @@ def test_observer_errors_are_sentences() -> None:
     for mode in ("percentile", "mse"):
         with pytest.raises(ValueError, match=f"{mode} range needs a HistogramObserver"):
             choose_range(obs, mode, 50.0, 4, True)
-    with pytest.raises(ValueError, match="policy must be one of ratio"):
+    # one policy table for weights and activations: entropy is an entry, and needs a histogram
+    with pytest.raises(ValueError, match="entropy range policy needs a histogram"):
         choose_range(obs, "entropy", 1.0, 4, True)
+    with pytest.raises(ValueError, match="policy must be one of ratio"):
+        choose_range(obs, "bogus", 1.0, 4, True)
 
 
 # ---------------------------------------------------------------- policies on weights

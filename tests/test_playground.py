@@ -695,12 +695,16 @@ def test_k_means_with_per_channel_scales_says_what_to_do() -> None:
 
 @needs_sample
 def test_teaching_panels_say_a_k_means_layer_has_no_grid() -> None:
-    at = open_app(bits="4", codebook="kmeans")
+    at = show(open_app(bits="4", codebook="kmeans"), JOURNEY)
     ok(at)
     infos = [i.value for i in at.info]
     layer = layer_picker(at).value
     assert any(v.startswith(f"{layer} shares its weights through a k-means codebook: each")
                for v in infos), infos  # fmt: skip
+    assert not any("left in float32" in v for v in infos), infos
+    show(at, CURVE)
+    ok(at)
+    infos = [i.value for i in at.info]
     assert any("has no clip range" in v for v in infos), infos
     assert not any("left in float32" in v for v in infos), infos
 
