@@ -92,7 +92,7 @@ def _known_dataset(ref: DatasetRef):
     return ref.load()
 
 
-# Datasets uploaded in a session (qcore.upload.UploadedDataset, all three splits), by the
+# Datasets uploaded in a session (qcore.userdata.UploadedDataset, all three splits), by the
 # SHA-256 of the file, for as long as some session holds one: as _SESSION_MODELS above.
 _SESSION_DATA: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 

@@ -267,7 +267,7 @@ MAX_SESSION_DATASETS = 3  # uploads kept per session: each holds its images as f
 
 
 def session_datasets() -> dict[str, Any]:
-    """This session's uploaded datasets (:class:`qcore.upload.UploadedDataset`) by name."""
+    """This session's uploaded datasets (:class:`qcore.userdata.UploadedDataset`) by name."""
     return st.session_state.setdefault(SESSION_DATA, {})
 
 
@@ -289,7 +289,7 @@ def dataset_ref(name: str, split: str = "test") -> DatasetRef:
 
 
 def register_uploaded_dataset(uploaded: Any) -> str:
-    """Add an uploaded dataset (a :class:`qcore.upload.UploadedDataset`) to this session's
+    """Add an uploaded dataset (a :class:`qcore.userdata.UploadedDataset`) to this session's
     datasets; return its name. The same file uploaded twice is one dataset."""
     held = session_datasets()
     if uploaded.name not in held:

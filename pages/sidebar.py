@@ -29,9 +29,9 @@ from qcore.upload import (
     WEIGHT_SUFFIXES,
     architectures,
     check_size,
-    load_npz,
     load_weights,
 )
+from qcore.userdata import load_npz
 
 MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # Whether a viewer may download a missing torchvision dataset into the server's data folder.

@@ -129,7 +129,7 @@ def calibrate(
     points = {e: observe(e) for e in edges}
     with torch.inference_mode():
         for i in range(0, data.x.shape[0], batch_size):
-            graph.run(data.x[i : i + batch_size], points=points)
+            graph.run(data.inputs(slice(i, i + batch_size)), points=points)
     ranges = {e: _range(e, obs, cfg) for e, obs in observers.items()}
     with _LOCK:
         per_graph = _CALIBRATED.setdefault(graph, {})

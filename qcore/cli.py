@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from torch import nn
 
+from qcore.args import Parser, bits_arg, number_arg, whole_number
 from qcore.compress import compress
 from qcore.config import (
     ACT_OBSERVERS,
@@ -39,9 +39,7 @@ from qcore.config import (
     PruneConfig,
     QuantConfig,
     Settings,
-    parse_bits,
     parse_layer_bits,
-    parse_number,
 )
 from qcore.data import Dataset, DatasetInfo, dataset_info, list_datasets, load_dataset
 from qcore.evaluate import agreement, evaluate
@@ -58,42 +56,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "٤" and "²"-like digits
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument types: whole numbers and numbers in ASCII digits only, read as in a link.
-
-
-def whole_number(text: str) -> int:
-    """An argparse type: a whole number written in ASCII digits (``int`` also takes ``"٤"``).
-
-    >>> whole_number("12")
-    12
-    >>> whole_number("٤")
-    Traceback (most recent call last):
-    argparse.ArgumentTypeError: expected a whole number in the digits 0-9; got '٤'
-    """
-    if _WHOLE.fullmatch(text) is None:
-        raise argparse.ArgumentTypeError(f"expected a whole number in the digits 0-9; got {text!r}")
-    return int(text)
-
-
-def _flat(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
-    """An argparse type from one of the flat-settings parsers the URL uses too."""
-
-    def parse_arg(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse_arg.__name__ = name
-    return parse_arg
-
-
-_bits_arg = _flat(parse_bits, "bits")  # 1..16 in ASCII digits, or None for "float"
-_number_arg = _flat(parse_number, "number")  # finite, in ASCII
 
 
 def _out_arg(text: str) -> Path:
@@ -117,13 +79,6 @@ def _out_arg(text: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Running a command: every mistake a user can make ends as one line on stderr and exit 2.
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ``error: ...`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def _fail(message: str) -> int:
@@ -181,8 +136,8 @@ _OWN_DATA: dict[Path, Any] = {}  # --data files read in this process, by path
 
 
 def _own_data(path: Path) -> Any:
-    """A .npz file of images and labels, read by :func:`qcore.upload.load_npz`."""
-    from qcore.upload import load_npz
+    """A .npz file of images and labels, read by :func:`qcore.userdata.load_npz`."""
+    from qcore.userdata import load_npz
 
     if path not in _OWN_DATA:
         _OWN_DATA[path] = load_npz(_read_upload(path, "data files"), filename=path.name)
@@ -255,20 +210,20 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
     _weights_arg(parser)
-    parser.add_argument("--bits", type=_bits_arg, default=8,
+    parser.add_argument("--bits", type=bits_arg, default=8,
                         help="1..16, or 'float' for no quantization")
     parser.add_argument("--layer-bits", default="", metavar="LAYER:BITS,...",
                         help="bit widths for single layers, e.g. fc1:4,fc2:8")
-    parser.add_argument("--clip", type=_number_arg, default=1.0)
+    parser.add_argument("--clip", type=number_arg, default=1.0)
     parser.add_argument("--clip-mode", default="ratio")
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--per-channel", action="store_true")
     parser.add_argument("--rounding", default="nearest")
-    parser.add_argument("--prune", type=_number_arg, default=0.0)
+    parser.add_argument("--prune", type=number_arg, default=0.0)
     parser.add_argument("--structured", action="store_true")
     parser.add_argument("--scope", default="layer")
     parser.add_argument("--no-fold-bn", action="store_true")
-    parser.add_argument("--abits", type=_bits_arg, default=None,
+    parser.add_argument("--abits", type=bits_arg, default=None,
                         help="activation bits 2..16 (calibrated on the calib split); "
                              "default float")
     parser.add_argument("--aobs", default="minmax", choices=ACT_OBSERVERS,
@@ -400,11 +355,11 @@ def _sweep_parser() -> argparse.ArgumentParser:
         description="Compress a sample model at every combination of the settings given "
         "and write accuracy, loss, packed size, ratio, sparsity and SQNR per combination.",
     )
-    parser.add_argument("--bits", nargs="+", type=_bits_arg, default=[2, 3, 4, 6, 8],
+    parser.add_argument("--bits", nargs="+", type=bits_arg, default=[2, 3, 4, 6, 8],
                         help="bit widths; 'float' adds unquantized rows (default: 2 3 4 6 8)")
-    parser.add_argument("--prune", nargs="+", type=_number_arg, default=[0.0],
+    parser.add_argument("--prune", nargs="+", type=number_arg, default=[0.0],
                         help="pruning rates in [0, 1) (default: 0)")
-    parser.add_argument("--clip", nargs="+", type=_number_arg, default=[1.0],
+    parser.add_argument("--clip", nargs="+", type=number_arg, default=[1.0],
                         help="clip values, read as --clip-mode says (default: 1.0)")
     _analysis_args(parser)
     return parser
@@ -432,9 +387,9 @@ def _sensitivity_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bits", nargs="*", type=whole_number, default=list(DEFAULT_BITS),
                         help="bit widths (default: 2 to 8)")
-    parser.add_argument("--prune", nargs="*", type=_number_arg, default=list(DEFAULT_PRUNE_RATES),
+    parser.add_argument("--prune", nargs="*", type=number_arg, default=list(DEFAULT_PRUNE_RATES),
                         help="pruning rates in [0, 1) (default: 0.25 0.5 0.75 0.9)")
-    parser.add_argument("--clip", type=_number_arg, default=1.0,
+    parser.add_argument("--clip", type=number_arg, default=1.0,
                         help="clip value, read as --clip-mode says (default: 1.0)")
     parser.add_argument("--naive", action="store_true",
                         help="recompute the whole model per row (slower, same numbers)")
@@ -465,14 +420,14 @@ def _finetune_parser() -> argparse.ArgumentParser:
     )
     _compression_args(parser)
     parser.add_argument("--epochs", type=whole_number, default=1)
-    parser.add_argument("--lr", type=_number_arg, default=None,
+    parser.add_argument("--lr", type=number_arg, default=None,
                         help="peak learning rate (default: FinetuneConfig's)")
     parser.add_argument("--batch-size", type=whole_number, default=64)
     parser.add_argument("--seed", type=whole_number, default=0)
     parser.add_argument("--distill", action="store_true",
                         help="learn from the float model's outputs too (distillation)")
-    parser.add_argument("--temperature", type=_number_arg, default=4.0)
-    parser.add_argument("--alpha", type=_number_arg, default=0.5,
+    parser.add_argument("--temperature", type=number_arg, default=4.0)
+    parser.add_argument("--alpha", type=number_arg, default=0.5,
                         help="weight of the distillation term (default: 0.5)")
     parser.add_argument("--grad-bits", type=whole_number, default=None,
                         help="quantize gradients to 2..16 bits (stochastic rounding)")
@@ -534,7 +489,7 @@ def _deep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a sample model (see: list)")
     parser.add_argument("--dataset", default=None, help="default: the model's own")
     _weights_arg(parser)
-    parser.add_argument("--prune-rate", type=_number_arg, default=None,
+    parser.add_argument("--prune-rate", type=number_arg, default=None,
                         help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
     parser.add_argument("--bits", type=whole_number, default=None,
                         help="one codebook width for every layer, 1 to 16 (default: recipe)")
@@ -583,7 +538,7 @@ def _robustness_parser() -> argparse.ArgumentParser:
     _compression_args(parser)
     parser.set_defaults(bits=None)  # without --bits: the float model
     parser.add_argument("--perturbation", default="fgsm", choices=PERTURBATIONS)
-    parser.add_argument("--strengths", nargs="+", type=_number_arg,
+    parser.add_argument("--strengths", nargs="+", type=number_arg,
                         default=[0.0, 0.05, 0.1, 0.2], help="default: 0 0.05 0.1 0.2")
     parser.add_argument("--seed", type=whole_number, default=0)
     parser.add_argument("--seeds", type=whole_number, default=3,

@@ -49,11 +49,16 @@ CIFAR_CLASSES = (
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """One split of a dataset, normalised as ``x = (pixel / max - mean) / std`` per channel."""
+    """One split of a dataset, normalised as ``x = (pixel / max - mean) / std`` per channel.
+
+    ``x`` holds the normalised float32 inputs, or (an uploaded dataset's) the uint8 pixels
+    themselves, a quarter of the memory: :meth:`inputs` normalises those batch by batch.
+    Read inputs through :meth:`inputs`, never ``x`` directly.
+    """
 
     name: str
     split: str  # "train" | "calib" | "test"
-    x: torch.Tensor  # float32 (N, C, H, W), normalised
+    x: torch.Tensor  # float32 (N, C, H, W), normalised; or uint8 (N, C, H, W) pixels 0..255
     y: torch.Tensor  # int64 (N,)
     classes: tuple[str, ...]
     description: str
@@ -74,6 +79,22 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def inputs(self, rows: slice | torch.Tensor | np.ndarray = slice(None)) -> torch.Tensor:
+        """The normalised float32 inputs of ``rows`` (all by default), (n, C, H, W): ``x[rows]``
+        (a view for a slice: never write to it), or uint8 pixels made
+        ``(pixel / 255 - mean) / std`` for just those rows."""
+        x = self.x[rows]
+        if x.dtype != torch.uint8:
+            return x
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (x.to(torch.float32) / 255.0 - mean) / std
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this split's tensors hold (inputs, labels, indices)."""
+        return sum(t.element_size() * t.nelement() for t in (self.x, self.y, self.indices))
 
 
 @dataclass(frozen=True)

@@ -509,7 +509,7 @@ def finetune(
                     student.set_masks(_masks({k: v.detach() for k, v in student.weights.items()},
                                              p))  # fmt: skip
             idx = order[b * ft.batch_size : (b + 1) * ft.batch_size]
-            x, y = train.x[idx], train.y[idx]
+            x, y = train.inputs(idx), train.y[idx]
             logits = student.forward(x)
             loss = F.cross_entropy(logits, y)
             if ft.distill:
