@@ -11,9 +11,10 @@ import re
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-from qcore.config import parse_bits, parse_number
+from qcore.config import MAX_PRUNE, MAX_SEED, parse_bits, parse_number
 
-__all__ = ["Parser", "whole_number", "bits_arg", "number_arg"]
+__all__ = ["Parser", "whole_number", "natural", "positive", "seed_arg", "rate_arg", "bits_arg",
+           "number_arg"]  # fmt: skip
 
 T = TypeVar("T")
 _WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "٤" and "²"-like digits
@@ -35,6 +36,41 @@ def whole_number(text: str) -> int:
     if _WHOLE.fullmatch(text) is None:
         raise argparse.ArgumentTypeError(f"expected a whole number in the digits 0-9; got {text!r}")
     return int(text)
+
+
+def natural(text: str) -> int:
+    """An argparse type: a whole number from 0 (a count, an epoch number)."""
+    n = whole_number(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0; got {text!r}")
+    return n
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number from 1 (a batch size, a number of draws)."""
+    n = whole_number(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1; got {text!r}")
+    return n
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a random seed, 0 to 2^32 - 1 (as the configs take it)."""
+    n = whole_number(text)
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to {MAX_SEED}; got {text!r}")
+    return n
+
+
+def rate_arg(text: str) -> float:
+    """An argparse type: a pruning rate from 0 to :data:`~qcore.config.MAX_PRUNE`, as a link
+    takes it."""
+    v = number_arg(text)
+    if not 0.0 <= v <= MAX_PRUNE:
+        raise argparse.ArgumentTypeError(
+            f"expected a pruning rate from 0 to {MAX_PRUNE:g}; got {text!r}"
+        )
+    return v
 
 
 def _flat(parse: Callable[[str], T], name: str) -> Callable[[str], T]:

@@ -374,8 +374,8 @@ def main_bench(argv: list[str]) -> int:
     names = args.models or list_models()
     unknown = [n for n in names if n not in list_models()]
     if unknown:
-        print(f"Unknown model(s): {', '.join(unknown)}; known: {', '.join(list_models())}.",
-              file=sys.stderr)
+        print(f"error: unknown model(s) {', '.join(map(repr, unknown))}; the sample models "
+              f"are {', '.join(list_models())}.", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
           f"{args.repeats} runs; each model in its own process")
