@@ -54,7 +54,14 @@ from qcore.config import (
     Settings,
     parse_layer_bits,
 )
-from qcore.data import Dataset, DatasetInfo, dataset_info, list_datasets, load_dataset
+from qcore.data import (
+    Dataset,
+    DatasetInfo,
+    DatasetNotFound,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+)
 from qcore.evaluate import agreement, evaluate
 from qcore.export import export_packed
 from qcore.fold import weight_layers
@@ -123,6 +130,8 @@ def _run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], i
         return int(exc.code or 0)
     try:
         return body(args)
+    except DatasetNotFound as exc:  # on the user's own machine: say where it looked
+        return _fail(f"{exc} (It looked in {str(exc.folder)!r}.)")
     except ValueError as exc:  # a user mistake: one sentence, no traceback
         return _fail(str(exc))
 

@@ -25,7 +25,7 @@ import torch
 
 from qcore.data import Dataset, DatasetInfo, _stratified_splits
 from qcore.refs import DATA_PREFIX
-from qcore.upload import MAX_UPLOAD_BYTES, check_size, check_zip_table
+from qcore.upload import check_size, check_zip_table
 
 __all__ = ["UploadedDataset", "load_npz", "MAX_DATA_IMAGES", "MAX_DATA_VALUES"]
 
@@ -35,7 +35,7 @@ MIN_DATA_IMAGES = 20  # fewer cannot be split into train, calib and test
 MAX_DATA_CLASSES = 1000
 MAX_IMAGE_SIDE = 256
 MAX_DATA_ARRAYS = 16  # x, y and perhaps classes; a few more are tolerated and ignored
-MAX_DATA_UNPACKED = 4 * MAX_UPLOAD_BYTES
+MAX_DATA_UNPACKED = 200 * 2**20  # a data file's arrays together, unpacked
 _DAMAGED = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, KeyError)
 
 

@@ -373,7 +373,7 @@ def _stand_in_mnist(tmp_path: Path, monkeypatch) -> list:
 @needs_sample
 def test_missing_torchvision_dataset_offers_a_download(tmp_path, monkeypatch) -> None:
     """MNIST not on disk: an error naming the folder and a button that fetches it."""
-    monkeypatch.delenv(DOWNLOAD_ENV, raising=False)  # the default: downloads allowed
+    monkeypatch.setenv(DOWNLOAD_ENV, "1")  # as `make app` sets it (unset: no downloads)
     fetched = _stand_in_mnist(tmp_path, monkeypatch)
     try:
         at = open_app(model="mnist-cnn", dataset="mnist")
@@ -423,7 +423,7 @@ def test_hosted_app_offers_no_dataset_download(tmp_path, monkeypatch, value: str
 
 @pytest.mark.parametrize(
     ("value", "allowed"),
-    [(None, True), ("", True), ("1", True), ("true", True), ("On", True), ("0", False),
+    [(None, False), ("", False), ("1", True), ("true", True), ("On", True), ("0", False),
      ("false", False), ("no", False), ("OFF", False), ("maybe", False)],
 )  # fmt: skip
 def test_download_setting_reads_the_environment(monkeypatch, value, allowed: bool) -> None:

@@ -269,7 +269,7 @@ def _zip(entries: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes
 
 
 def test_a_zip_that_unpacks_past_the_cap_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr(upload, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(upload, "MAX_UNPACKED_BYTES", 1000)
     data = _zip({"archive/data.pkl": b"\0" * 3000})  # 3,000 bytes, packed to far fewer
     assert len(data) < 1000
     msg = refused(data)
@@ -409,9 +409,12 @@ def test_a_file_over_the_cap_is_refused(monkeypatch) -> None:
 
 
 def test_the_real_cap_message() -> None:
-    msg = refused(b"\0" * (50 * 2**20 + 1))  # one byte over: the sentence says by how much
-    assert msg == ("The file is 52,428,801 bytes; weights files are capped at 52,428,800 "
-                   "bytes (50 MiB).")  # fmt: skip
+    # one byte over: the sentence says by how much. The cap is the browser's: 50 of its
+    # megabytes (10^6 bytes) are 50,000,000 bytes (it was 50 MiB here, and the browser
+    # refused files between the two)
+    msg = refused(b"\0" * (50_000_000 + 1))
+    assert msg == ("The file is 50,000,001 bytes; weights files are capped at 50,000,000 "
+                   "bytes (50 MB).")  # fmt: skip
 
 
 # --- 3. refusals: files that do not fit the architecture -------------------------------------
@@ -691,3 +694,18 @@ def test_a_pickle_protocol_torch_cannot_read_safely_is_named() -> None:
     assert msg == ("The file uses a pickle instruction PyTorch's safe loader does not read "
                    "(Unsupported operand 149); save it with torch.save's default pickle "
                    "protocol, or as safetensors.")  # fmt: skip
+
+
+def test_one_upload_cap_for_the_browser_the_server_and_qcore() -> None:
+    import tomllib
+
+    from qcore.upload import MAX_UPLOAD_BYTES, MAX_UPLOAD_MB
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".streamlit", "config.toml"), "rb") as f:
+        config = tomllib.load(f)
+    # the browser counts a megabyte as 10^6 bytes; Streamlit's server as 2^20, a looser cap
+    assert config["server"]["maxUploadSize"] == MAX_UPLOAD_MB == 50
+    assert MAX_UPLOAD_BYTES == MAX_UPLOAD_MB * 10**6 == 50_000_000
+    sidebar = open(os.path.join(root, "pages", "sidebar.py")).read()
+    assert sidebar.count("max_upload_size=MAX_UPLOAD_MB") == 2  # both uploaders say so
