@@ -42,6 +42,7 @@ MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # laptop) sets it to 1.
 DOWNLOAD_ENV = "QP_ALLOW_DATA_DOWNLOAD"
 LET_GO_NOTE = "uploads_let_go"  # st.session_state: this session's uploads the server let go
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=\bwww)(?=\.))|(?<=@)")  # where a link starts
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:=^])")
 
 
@@ -58,11 +59,15 @@ def data_download_allowed() -> bool:
 def escape_markdown(text: str) -> str:
     r"""``text`` shown as it is by st.error and friends, which render markdown: a file name
     such as ``**x** [a](https://...) $$y$$.pt`` must not become bold text, a live link, a
-    fetched image or KaTeX.
+    fetched image or KaTeX. Bare addresses get an invisible word joiner, which keeps the
+    browser from making them links.
 
     >>> escape_markdown("**a** [b](c) $$d$$")
     '\\*\\*a\\*\\* \\[b\\]\\(c\\) \\$\\$d\\$\\$'
     """
+    # backslashes stop markdown, not the links that GitHub-flavoured markdown makes of bare
+    # addresses after parsing (https://..., www...., a@b.c): an invisible word joiner does
+    text = _AUTOLINK.sub("\u2060", text)
     return _MARKDOWN.sub(r"\\\1", text)
 
 

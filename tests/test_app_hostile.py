@@ -25,7 +25,8 @@ _SPECIAL = re.compile(r"(?<!\\)[*_\[\]()$!`<>]")  # markdown's own characters, u
 
 
 def _unescaped(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
+    """What a reader sees: backslash escapes resolved, invisible word joiners gone."""
+    return re.sub(r"\\(.)", r"\1", text).replace("\u2060", "")
 
 
 # --- 4. downloads and server paths -------------------------------------------------------------
@@ -118,6 +119,9 @@ def test_a_file_name_is_shown_as_typed(uploader, suffix, read) -> None:
     assert _SPECIAL.search(error.value) is None
     assert "**bold**" not in error.value and "](https://" not in error.value
     assert "$$" not in error.value
+    # a bare address is no link either: GitHub-flavoured markdown links "https://..." after
+    # parsing, whatever the backslashes; a word joiner after the colon stops it
+    assert "https://" not in error.value and "https\\:\u2060//evil" in error.value
 
 
 # --- 8. a link whose settings are valid alone but not together ---------------------------------
