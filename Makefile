@@ -14,8 +14,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
+# On a laptop a viewer may download a missing torchvision dataset; a hosted server leaves
+# QP_ALLOW_DATA_DOWNLOAD unset (off), so that no viewer makes it fetch and write.
 app: $(STAMP)
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+	QP_ALLOW_DATA_DOWNLOAD=$${QP_ALLOW_DATA_DOWNLOAD:-1} $(VENV)/bin/streamlit run app.py --server.port $(PORT)
 
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh

@@ -1,6 +1,8 @@
 """Quantization Playground: the entry point. It sets the page up, draws the shared sidebar
 and routes to the pages (``streamlit run app.py``)."""
 
+from pathlib import Path
+
 import streamlit as st
 
 from pages import timing
@@ -17,8 +19,10 @@ INTRO = (
     "sizes are the *packed* bytes of the file you can download."
 )
 
-# Streamlit's bundled Material icons: emoji need a font that many machines lack.
-st.set_page_config(page_title="Quantization Playground", page_icon=":material/tune:",
+# The favicon is a file served by this app: a Material icon here would make every
+# visitor's browser fetch it from fonts.gstatic.com (the pages' icons below are bundled).
+FAVICON = str(Path(__file__).resolve().parent / "pages" / "favicon.png")
+st.set_page_config(page_title="Quantization Playground", page_icon=FAVICON,
                    layout="wide")  # fmt: skip
 
 # One line per page; the first is the default. Each analysis page draws its own heading;

@@ -12,8 +12,11 @@ background with a progress bar (``pages.progress``).
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,12 +43,17 @@ COMPRESSED_CACHE_ENTRIES = 8  # compressed models (they hold weight tensors)
 ANALYSIS_CACHE_ENTRIES = 16  # sweeps, sensitivity tables and mixed-precision results
 MAX_WRONG_SHOWN = 16
 MAX_SWEEP_CONFIGS = 120  # a larger grid is refused with a sentence (it would take minutes)
+LOADED_CACHE_ENTRIES = 32  # sample models and known dataset splits (a handful of each)
+# Memory for uploads (weights and data) of every session together, in MiB: past it, the
+# upload used least recently is let go (its sessions read a sentence). QP_UPLOAD_BUDGET_MB.
+UPLOAD_BUDGET_ENV = "QP_UPLOAD_BUDGET_MB"
+DEFAULT_UPLOAD_BUDGET_MB = 1024
 
 
 # --- loaders (read-only, shared by every session) ---------------------------------------------
 
 
-@st.cache_resource(show_spinner="Loading the model…")
+@st.cache_resource(max_entries=LOADED_CACHE_ENTRIES, show_spinner="Loading the model…")
 def _sample_model(ref: ModelRef):
     return ref.load()
 
@@ -65,6 +73,9 @@ def get_model(ref: ModelRef):
     """
     if ref.sha256 is None:
         return _sample_model(ref)
+    upload = _UPLOADS.get(ref.sha256)
+    if upload is not None:
+        return upload
     return _held(_SESSION_MODELS, ref, "made", "Pick a sample model in the sidebar.")
 
 
@@ -73,6 +84,12 @@ def _held(registry: weakref.WeakValueDictionary[str, Any], ref: ModelRef | Datas
     """What a session registered under ``ref``'s SHA-256; a sentence if none holds it now."""
     held = registry.get(ref.sha256)  # type: ignore[arg-type]
     if held is None:
+        if ref.sha256 in _UPLOADS.let_go:
+            raise ValueError(
+                f"{ref.name} was let go to make room for newer uploads: this server keeps "
+                f"{upload_budget() // 2**20:,} MiB of uploads for all its users together, "
+                f"the least recently used going first. Upload the file again. {instead}"
+            )
         raise ValueError(
             f"{ref.name} was {how} in a session that no longer holds it (the session ended "
             f"or the server restarted). {instead}"
@@ -88,20 +105,90 @@ def hold_session_model(ref: ModelRef, model: Any) -> Any:
     return _SESSION_MODELS.setdefault(ref.sha256, model)
 
 
-@st.cache_resource(show_spinner="Loading the dataset…")
+@st.cache_resource(max_entries=LOADED_CACHE_ENTRIES, show_spinner="Loading the dataset…")
 def _known_dataset(ref: DatasetRef):
     return ref.load()
 
 
-# Datasets uploaded in a session (qcore.upload.UploadedDataset, all three splits), by the
-# SHA-256 of the file, for as long as some session holds one: as _SESSION_MODELS above.
-_SESSION_DATA: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+def upload_budget() -> int:
+    """Bytes every session's uploads may hold together (``QP_UPLOAD_BUDGET_MB``, in MiB)."""
+    raw = os.environ.get(UPLOAD_BUDGET_ENV, "").strip()
+    mib = int(raw) if raw.isascii() and raw.isdigit() and int(raw) > 0 else DEFAULT_UPLOAD_BUDGET_MB
+    return mib * 2**20
+
+
+class _Uploads:
+    """Uploads of every session (a module or an UploadedDataset) by SHA-256, within one
+    memory budget: the least recently used is let go first. Sessions keep only records
+    (name, hash, shape), so letting go here frees the memory once no run still uses it."""
+
+    def __init__(self) -> None:
+        self._held: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # oldest use first
+        self.let_go: OrderedDict[str, None] = OrderedDict()  # hashes let go (the last 1,000)
+        self._lock = threading.Lock()
+
+    def get(self, sha: str | None) -> Any:
+        """The upload, marked as just used; None if it is not held."""
+        with self._lock:
+            entry = self._held.get(sha) if sha else None
+            if entry is None:
+                return None
+            self._held.move_to_end(sha)  # type: ignore[arg-type]
+            return entry[0]
+
+    def hold(self, sha: str, obj: Any, nbytes: int, name: str) -> Any:
+        """Hold ``obj`` (the one held already for the same content); let the least recently
+        used others go until everything fits the budget."""
+        budget = upload_budget()
+        if nbytes > budget:
+            raise ValueError(
+                f"{name} takes {nbytes / 2**20:,.0f} MiB in memory; this server keeps at most "
+                f"{budget // 2**20:,} MiB of uploads for all its users. Upload a smaller file."
+            )
+        with self._lock:
+            if sha in self._held:
+                self._held.move_to_end(sha)
+                return self._held[sha][0]
+            self._held[sha] = (obj, nbytes)
+            self.let_go.pop(sha, None)
+            total = sum(n for _, n in self._held.values())
+            for old in list(self._held)[:-1]:
+                if total <= budget:
+                    break
+                total -= self._held.pop(old)[1]
+                self.let_go[old] = None
+            while len(self.let_go) > 1000:
+                self.let_go.popitem(last=False)
+            return obj
+
+    def __contains__(self, sha: object) -> bool:
+        return sha in self._held
+
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return sum(n for _, n in self._held.values())
+
+
+_UPLOADS = _Uploads()
 
 
 def hold_session_dataset(uploaded: Any) -> Any:
-    """Make ``uploaded`` what :func:`get_dataset` returns splits of for its refs while the
-    caller keeps a reference to the returned object (the one already held, if identical)."""
-    return _SESSION_DATA.setdefault(uploaded.sha256, uploaded)
+    """Make ``uploaded`` what :func:`get_dataset` returns splits of for its refs, within
+    the uploads' memory budget; return it (the one already held, if identical). Keep only
+    its record (name, hash, info) in a session, so that letting it go frees its memory."""
+    return _UPLOADS.hold(uploaded.sha256, uploaded, uploaded.nbytes, uploaded.name)
+
+
+def hold_uploaded_model(ref: ModelRef, module: Any) -> Any:
+    """Make ``module`` (uploaded weights) what :func:`get_model` returns for ``ref``, within
+    the uploads' memory budget (its tensors' bytes)."""
+    nbytes = sum(t.element_size() * t.nelement() for t in module.state_dict().values())
+    return _UPLOADS.hold(ref.sha256, module, nbytes, ref.name)  # type: ignore[arg-type]
+
+
+def upload_held(sha: str) -> bool:
+    """Whether the upload with this SHA-256 is still held (not let go for the budget)."""
+    return sha in _UPLOADS
 
 
 def get_dataset(ref: DatasetRef):
@@ -110,7 +197,9 @@ def get_dataset(ref: DatasetRef):
     holds it (:func:`hold_session_dataset`)."""
     if ref.sha256 is None:
         return _known_dataset(ref)
-    held = _held(_SESSION_DATA, ref, "uploaded", "Pick another dataset in the sidebar.")
+    held = _UPLOADS.get(ref.sha256)
+    if held is None:
+        _held({}, ref, "uploaded", "Pick another dataset in the sidebar.")  # type: ignore[arg-type]
     return held.splits[ref.split]
 
 
@@ -122,13 +211,13 @@ def get_calib_dataset(ref: DatasetRef):
     return get_dataset(replace(ref, split="calib"))
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def layer_names(model: ModelRef) -> list[str]:
     """The model's weight layers (linear and convolution), in definition order."""
     return list(qcore.weight_layers(get_model(model)))
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def removable_blocks(model: ModelRef) -> dict[str, str]:
     """The blocks that layer removal can replace by the identity, each with a description
     (shape kept, parameters held), in model order."""
@@ -143,7 +232,7 @@ def removable_blocks(model: ModelRef) -> dict[str, str]:
 # --- the Playground ---------------------------------------------------------------------------
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def float_metrics(model: ModelRef, data: DatasetRef) -> qcore.Metrics:
     """Evaluation of the float model; computed once per (model, dataset)."""
     with timing.phase("evaluate"):

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 import streamlit as st
 
 import qcore
-from pages.cache import hold_session_dataset, hold_session_model, layer_names, removable_blocks
+from pages.cache import (
+    hold_session_dataset,
+    hold_session_model,
+    hold_uploaded_model,
+    layer_names,
+    removable_blocks,
+    upload_held,
+)
 from pages.query import DEFAULT_MODEL, parse_query
 from qcore.config import FLOAT, Settings
 from qcore.refs import DatasetRef, ModelRef, session_model_name, state_sha256
@@ -257,18 +264,45 @@ def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:
         description=origin[0].upper() + origin[1:] + ".",
         train_recipe="uploaded",
     )
-    module = hold_session_model(ref, uploaded.module)
-    held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
+    # held within the process-wide budget for uploads (pages.cache), not by the session:
+    # letting it go there must free its memory
+    hold_uploaded_model(ref, uploaded.module)
+    held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=None)
     return ref.name
 
 
-SESSION_DATA = "session_datasets"  # st.session_state key: {name: UploadedDataset}
-MAX_SESSION_DATASETS = 3  # uploads kept per session: each holds its images as float32
+SESSION_DATA = "session_datasets"  # st.session_state key: {name: UploadRecord}
+MAX_SESSION_DATASETS = 3  # uploads kept per session (all sessions' within one budget)
 
 
-def session_datasets() -> dict[str, Any]:
-    """This session's uploaded datasets (:class:`qcore.upload.UploadedDataset`) by name."""
+@dataclass(frozen=True)
+class UploadRecord:
+    """What a session keeps of an uploaded dataset: its name, hash and record. The images
+    are held by pages.cache within the uploads' memory budget."""
+
+    name: str  # "ud-" and 12 hex digits
+    sha256: str
+    info: qcore.DatasetInfo
+    filename: str
+
+
+def session_datasets() -> dict[str, UploadRecord]:
+    """This session's uploaded datasets by name."""
     return st.session_state.setdefault(SESSION_DATA, {})
+
+
+def forget_let_go() -> list[str]:
+    """Drop this session's uploads (datasets, uploaded models) that the server let go to
+    keep every session's uploads within its memory budget; return their names."""
+    gone = [n for n, r in session_datasets().items() if not upload_held(r.sha256)]
+    for name in gone:
+        del session_datasets()[name]
+    models = session_models()
+    lost = [n for n, m in models.items()
+            if m.info.train_recipe == "uploaded" and not upload_held(m.ref.sha256)]  # fmt: skip
+    for name in lost:
+        del models[name]
+    return gone + lost
 
 
 def dataset_names() -> list[str]:
@@ -289,7 +323,7 @@ def dataset_ref(name: str, split: str = "test") -> DatasetRef:
 
 
 def register_uploaded_dataset(uploaded: Any) -> str:
-    """Add an uploaded dataset (a :class:`qcore.upload.UploadedDataset`) to this session's
+    """Add an uploaded dataset (a :class:`qcore.userdata.UploadedDataset`) to this session's
     datasets; return its name. The same file uploaded twice is one dataset."""
     held = session_datasets()
     if uploaded.name not in held:
@@ -298,7 +332,9 @@ def register_uploaded_dataset(uploaded: Any) -> str:
         spare = [n for n in held if n not in in_use]
         while len(held) >= MAX_SESSION_DATASETS and spare:  # bounded memory per session
             del held[spare.pop(0)]  # the oldest no page or model of this session uses
-        held[uploaded.name] = hold_session_dataset(uploaded)
+        hold_session_dataset(uploaded)
+        held[uploaded.name] = UploadRecord(uploaded.name, uploaded.sha256, uploaded.info,
+                                           uploaded.filename)  # fmt: skip
     return uploaded.name
 
 

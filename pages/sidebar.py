@@ -5,6 +5,7 @@ fit (with a download offer for a missing torchvision dataset, where the server a
 from __future__ import annotations
 
 import os
+import re
 
 import streamlit as st
 
@@ -14,6 +15,7 @@ from pages.session import (
     dataset_info,
     dataset_names,
     dataset_ref,
+    forget_let_go,
     model_info,
     model_names,
     model_ref,
@@ -26,29 +28,68 @@ from qcore.config import parse_bool
 from qcore.refs import DatasetRef, ModelRef
 from qcore.upload import (
     MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_MB,
     WEIGHT_SUFFIXES,
     architectures,
     check_size,
-    load_npz,
     load_weights,
 )
+from qcore.userdata import load_npz
 
 MODEL_PICKER, DATASET_PICKER = "model_picker", "dataset_picker"
 # Whether a viewer may download a missing torchvision dataset into the server's data folder.
-# On by default (a local `make app`); a hosted app sets it to 0 so that no viewer writes there.
+# Off unless set: a hosted server lets no viewer make it fetch and write; `make app` (a
+# laptop) sets it to 1.
 DOWNLOAD_ENV = "QP_ALLOW_DATA_DOWNLOAD"
+LET_GO_NOTE = "uploads_let_go"  # st.session_state: this session's uploads the server let go
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=\bwww)(?=\.))|(?<=@)")  # where a link starts
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:=^])")
 
 
 def data_download_allowed() -> bool:
-    """``QP_ALLOW_DATA_DOWNLOAD``: unset or true/1/yes/on allows it; false/0/no/off and any
-    value it cannot read turn it off (a typo must not open the data folder to viewers)."""
+    """``QP_ALLOW_DATA_DOWNLOAD``: true/1/yes/on allows it; unset, false/0/no/off and any
+    value it cannot read leave it off (a typo must not open the data folder to viewers)."""
     raw = os.environ.get(DOWNLOAD_ENV, "").strip()
-    if not raw:
-        return True
     try:
-        return parse_bool(raw)
+        return bool(raw) and parse_bool(raw)
     except ValueError:
         return False
+
+
+def escape_markdown(text: str) -> str:
+    r"""``text`` shown as it is by st.error and friends, which render markdown: a file name
+    such as ``**x** [a](https://...) $$y$$.pt`` must not become bold text, a live link, a
+    fetched image or KaTeX. Bare addresses get an invisible word joiner, which keeps the
+    browser from making them links.
+
+    >>> escape_markdown("**a** [b](c) $$d$$")
+    '\\*\\*a\\*\\* \\[b\\]\\(c\\) \\$\\$d\\$\\$'
+    """
+    # backslashes stop markdown, not the links that GitHub-flavoured markdown makes of bare
+    # addresses after parsing (https://..., www...., a@b.c): an invisible word joiner does
+    text = _AUTOLINK.sub("\u2060", text)
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+def _forget_let_go() -> None:
+    """Drop this session's uploads that the server let go (its uploads' memory budget), say
+    so once, and leave a current model or dataset among them for one that is held."""
+    gone = forget_let_go()
+    if not gone:
+        return
+    ss = st.session_state
+    ss[LET_GO_NOTE] = (
+        f"{', '.join(gone)} {'was' if len(gone) == 1 else 'were'} let go to make room for "
+        "newer uploads (this server keeps a fixed amount of uploads for all its users, the "
+        "least recently used going first). Upload the file again to use it."
+    )
+    if ss["model"] in gone:
+        ss.pop(MODEL_PICKER, None)
+        switch_model(model_names()[0])
+    if ss["dataset"] in gone:
+        ss.pop(f"{DATASET_PICKER}:{ss['model']}", None)
+        own = model_info(ss["model"]).dataset
+        ss["dataset"] = own if own in dataset_names() else qcore.list_datasets()[0]
 
 
 def _on_model_change() -> None:
@@ -100,6 +141,9 @@ def sidebar_pickers() -> None:
     # "dataset" when the user picks; the dataset picker's key names the model, so a new
     # model starts it afresh at that model's own dataset.
     ss = st.session_state
+    _forget_let_go()
+    if LET_GO_NOTE in ss:
+        st.warning(escape_markdown(ss.pop(LET_GO_NOTE)), icon=":material/delete_sweep:")
     models = model_names()
     if ss["model"] not in models:  # never expected: a session model is kept for the session
         switch_model(models[0])
@@ -175,6 +219,7 @@ def _on_upload() -> None:
         else:
             test = get_dataset(dataset_ref(dataset))
             accuracy = qcore.evaluate(uploaded.module, test).accuracy
+        name = register_uploaded_model(uploaded, accuracy)  # may be over the uploads' budget
     except qcore.DatasetNotFound as e:  # qcore's message is for a programmer
         ss[UPLOAD_ERROR] = (
             f"The weights fit, but the {e.name} dataset is not on this server, so their "
@@ -185,7 +230,6 @@ def _on_upload() -> None:
     except ValueError as e:  # a refusal
         ss[UPLOAD_ERROR] = str(e)
         return
-    name = register_uploaded_model(uploaded, accuracy)
     switch_model(name, dataset)
     ss[MODEL_PICKER] = name  # a callback may set the picker: it is drawn after this
 
@@ -209,10 +253,10 @@ def _on_data_upload() -> None:
     try:
         check_size(file.size, repr(file.name), "data files")  # before reading it
         uploaded = load_npz(file.getvalue(), filename=file.name)
+        name = register_uploaded_dataset(uploaded)  # may be over the uploads' budget
     except ValueError as e:
         ss[DATA_ERROR] = str(e)
         return
-    name = register_uploaded_dataset(uploaded)
     # weights trained on it are the likely next upload
     ss[LAST_DATA] = name
     ss["upload_dataset"] = name
@@ -247,12 +291,13 @@ def data_panel() -> None:
             type=["npz"],
             key=DATA_UPLOADER,
             on_change=_on_data_upload,
-            help=f"At most {MAX_UPLOAD_BYTES // 2**20} MB.",
+            max_upload_size=MAX_UPLOAD_MB,  # the browser's cap is qcore's
+            help=f"At most {MAX_UPLOAD_BYTES:,} bytes.",
         )
-        if DATA_ERROR in ss:
-            st.error(ss.pop(DATA_ERROR))
+        if DATA_ERROR in ss:  # the file's name is in it: shown as typed, never as markdown
+            st.error(escape_markdown(ss.pop(DATA_ERROR)))
         elif DATA_NOTE in ss:
-            st.success(ss.pop(DATA_NOTE))
+            st.success(escape_markdown(ss.pop(DATA_NOTE)))
 
 
 def upload_panel() -> None:
@@ -296,10 +341,11 @@ def upload_panel() -> None:
             type=[s.lstrip(".") for s in WEIGHT_SUFFIXES],
             key=UPLOADER,
             on_change=_on_upload,
-            help=f"At most {MAX_UPLOAD_BYTES // 2**20} MB.",
+            max_upload_size=MAX_UPLOAD_MB,  # the browser's cap is qcore's
+            help=f"At most {MAX_UPLOAD_BYTES:,} bytes.",
         )
-        if UPLOAD_ERROR in ss:
-            st.error(ss.pop(UPLOAD_ERROR))
+        if UPLOAD_ERROR in ss:  # the file's name is in it: shown as typed, never as markdown
+            st.error(escape_markdown(ss.pop(UPLOAD_ERROR)))
 
 
 def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
@@ -329,7 +375,7 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
             )
         st.stop()
     except ValueError as e:
-        st.error(str(e))
+        st.error(escape_markdown(str(e)))
         st.stop()
     return model_ref(model_name), dataset_ref(dataset_name)
 
@@ -341,7 +387,10 @@ def _download_button(name: str) -> None:
     try:
         with st.spinner(f"Downloading {name}…", show_time=True):
             qcore.load_dataset(name, "test", download=True)
-    except ValueError as e:
-        st.error(str(e))
+    except ValueError:  # qcore's sentence may name the folder or the network's error
+        st.error(
+            f"Downloading {name} failed; the server may have no internet connection. Pick "
+            "another dataset in the sidebar, or ask whoever runs the server to add it."
+        )
         return
     st.rerun()

@@ -244,7 +244,7 @@ def make_newly_wrong(
     shown = idx[:limit]
     names: Sequence[str] = ds.classes
     return NewlyWrong(
-        images=ds.x[shown].numpy(),
+        images=ds.inputs(shown).numpy(),
         float_pred=[names[i] for i in before[shown]],
         now_pred=[names[i] for i in now[shown]],
         truth=[names[i] for i in y[shown]],

@@ -147,7 +147,7 @@ def _observe(graph: Graph, data, edges: Sequence[str], extremes_only: bool,
     points = {e: observe(e) for e in edges}
     with torch.inference_mode():
         for i in range(0, data.x.shape[0], batch_size):
-            graph.run(data.x[i : i + batch_size], points=points)
+            graph.run(data.inputs(slice(i, i + batch_size)), points=points)
     _remember(_STATISTICS, graph, key, observers)  # read-only from here on
     return observers
 

@@ -173,7 +173,7 @@ def activation_histogram(
         return out
 
     points[edge] = record
-    x = calib.x[:ACT_HISTOGRAM_IMAGES]
+    x = calib.inputs(slice(0, ACT_HISTOGRAM_IMAGES))
     with torch.inference_mode():
         compressed.graph.run(x, compressed.replacements(), points)
     before = torch.cat([b for b, _ in seen])

@@ -307,7 +307,7 @@ def bench_drop() -> Iterator[dict]:
 def main_bench(argv: list[str]) -> int:
     import argparse
 
-    from qcore.cli import Parser, whole_number
+    from qcore.args import Parser, number_arg, whole_number
 
     parser = Parser(prog="python -m qcore bench", description=__doc__)
     parser.add_argument("--models", nargs="*", default=None, help="default: every sample model")
@@ -318,7 +318,7 @@ def main_bench(argv: list[str]) -> int:
                         help="float evaluation of mnist-cnn several ways, then stop")
     parser.add_argument("--finetune", action="store_true",
                         help="one-epoch fine-tuning runs and epoch times, then stop")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=number_arg, default=None,
                         help="with --finetune: the learning rate (default: FinetuneConfig's)")
     parser.add_argument("--sensitivity", action="store_true",
                         help="layer sensitivity on mnist-cnn, naive and cached, then stop")
@@ -374,8 +374,8 @@ def main_bench(argv: list[str]) -> int:
     names = args.models or list_models()
     unknown = [n for n in names if n not in list_models()]
     if unknown:
-        print(f"Unknown model(s): {', '.join(unknown)}; known: {', '.join(list_models())}.",
-              file=sys.stderr)
+        print(f"error: unknown model(s) {', '.join(map(repr, unknown))}; the sample models "
+              f"are {', '.join(list_models())}.", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of "
           f"{args.repeats} runs; each model in its own process")

@@ -18,32 +18,50 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
+import stat
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from torch import nn
 
+from qcore.args import (
+    Parser,
+    bits_arg,
+    natural,
+    number_arg,
+    positive,
+    rate_arg,
+    seed_arg,
+    whole_number,
+)
 from qcore.compress import compress
 from qcore.config import (
     ACT_OBSERVERS,
     CLIP_MODES,
     CODEBOOKS,
     ENTROPY_CODINGS,
+    MAX_PRUNE,
+    ROUNDINGS,
     SCALE_MODES,
+    SCOPES,
     CompressionConfig,
     PruneConfig,
     QuantConfig,
     Settings,
-    parse_bits,
     parse_layer_bits,
-    parse_number,
 )
-from qcore.data import Dataset, DatasetInfo, dataset_info, list_datasets, load_dataset
+from qcore.data import (
+    Dataset,
+    DatasetInfo,
+    DatasetNotFound,
+    dataset_info,
+    list_datasets,
+    load_dataset,
+)
 from qcore.evaluate import agreement, evaluate
 from qcore.export import export_packed
 from qcore.fold import weight_layers
@@ -58,42 +76,22 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_WHOLE = re.compile(r"-?[0-9]+")  # ASCII only: int() also takes "٤" and "²"-like digits
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument types: whole numbers and numbers in ASCII digits only, read as in a link.
-
-
-def whole_number(text: str) -> int:
-    """An argparse type: a whole number written in ASCII digits (``int`` also takes ``"٤"``).
-
-    >>> whole_number("12")
-    12
-    >>> whole_number("٤")
-    Traceback (most recent call last):
-    argparse.ArgumentTypeError: expected a whole number in the digits 0-9; got '٤'
-    """
-    if _WHOLE.fullmatch(text) is None:
-        raise argparse.ArgumentTypeError(f"expected a whole number in the digits 0-9; got {text!r}")
-    return int(text)
-
-
-def _flat(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
-    """An argparse type from one of the flat-settings parsers the URL uses too."""
-
-    def parse_arg(text: str) -> T:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse_arg.__name__ = name
-    return parse_arg
-
-
-_bits_arg = _flat(parse_bits, "bits")  # 1..16 in ASCII digits, or None for "float"
-_number_arg = _flat(parse_number, "number")  # finite, in ASCII
+def _out_dir_arg(text: str) -> Path:
+    """An output folder, checked before any work: named, a folder (or one that can be made
+    inside an existing folder), writable."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty; give a folder")
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder")
+    folder = out if out.exists() else out.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {str(folder)!r} is not writable")
+    return out
 
 
 def _out_arg(text: str) -> Path:
@@ -119,13 +117,6 @@ def _out_arg(text: str) -> Path:
 # Running a command: every mistake a user can make ends as one line on stderr and exit 2.
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one ``error: ...`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
 def _fail(message: str) -> int:
     print("error: " + " ".join(message.split()), file=sys.stderr)
     return 2
@@ -139,6 +130,8 @@ def _run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], i
         return int(exc.code or 0)
     try:
         return body(args)
+    except DatasetNotFound as exc:  # on the user's own machine: say where it looked
+        return _fail(f"{exc} (It looked in {str(exc.folder)!r}.)")
     except ValueError as exc:  # a user mistake: one sentence, no traceback
         return _fail(str(exc))
 
@@ -181,8 +174,8 @@ _OWN_DATA: dict[Path, Any] = {}  # --data files read in this process, by path
 
 
 def _own_data(path: Path) -> Any:
-    """A .npz file of images and labels, read by :func:`qcore.upload.load_npz`."""
-    from qcore.upload import load_npz
+    """A .npz file of images and labels, read by :func:`qcore.userdata.load_npz`."""
+    from qcore.userdata import load_npz
 
     if path not in _OWN_DATA:
         _OWN_DATA[path] = load_npz(_read_upload(path, "data files"), filename=path.name)
@@ -198,14 +191,22 @@ def _own_model(path: Path, arch: str, dataset: str | DatasetInfo) -> nn.Module:
 
 
 def _read_upload(path: Path, what: str) -> bytes:
-    """The bytes of a user's file, its size checked against the upload cap before reading."""
-    from qcore.upload import check_size
+    """The bytes of a user's file: a regular file only (a device or a FIFO could be endless
+    or never end), its size checked against the upload cap before reading and at most the
+    cap and one byte read."""
+    from qcore.upload import MAX_UPLOAD_BYTES, check_size
 
+    label = repr(str(path))
     try:
-        check_size(path.stat().st_size, repr(str(path)), what)
-        return path.read_bytes()
+        if not stat.S_ISREG(path.stat().st_mode):  # before open(): a FIFO blocks there
+            raise ValueError(f"{label} is not a regular file; give the path of a file.")
+        check_size(path.stat().st_size, label, what)
+        with path.open("rb") as f:
+            data = f.read(MAX_UPLOAD_BYTES + 1)  # the file may grow after the check
     except OSError as exc:
-        raise ValueError(f"Could not read {str(path)!r}: {exc.strerror or exc}.") from exc
+        raise ValueError(f"Could not read {label}: {exc.strerror or exc}.") from exc
+    check_size(len(data), label, what)
+    return data
 
 
 class ProgressBar:
@@ -255,20 +256,21 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--dataset", default=None, help="default: the model's own dataset")
     _weights_arg(parser)
-    parser.add_argument("--bits", type=_bits_arg, default=8,
+    parser.add_argument("--bits", type=bits_arg, default=8,
                         help="1..16, or 'float' for no quantization")
     parser.add_argument("--layer-bits", default="", metavar="LAYER:BITS,...",
                         help="bit widths for single layers, e.g. fc1:4,fc2:8")
-    parser.add_argument("--clip", type=_number_arg, default=1.0)
-    parser.add_argument("--clip-mode", default="ratio")
+    parser.add_argument("--clip", type=number_arg, default=1.0)
+    parser.add_argument("--clip-mode", default="ratio", choices=CLIP_MODES)
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--per-channel", action="store_true")
-    parser.add_argument("--rounding", default="nearest")
-    parser.add_argument("--prune", type=_number_arg, default=0.0)
+    parser.add_argument("--rounding", default="nearest", choices=ROUNDINGS)
+    parser.add_argument("--prune", type=rate_arg, default=0.0,
+                        help=f"pruning rate from 0 to {MAX_PRUNE:g}")
     parser.add_argument("--structured", action="store_true")
-    parser.add_argument("--scope", default="layer")
+    parser.add_argument("--scope", default="layer", choices=SCOPES)
     parser.add_argument("--no-fold-bn", action="store_true")
-    parser.add_argument("--abits", type=_bits_arg, default=None,
+    parser.add_argument("--abits", type=bits_arg, default=None,
                         help="activation bits 2..16 (calibrated on the calib split); "
                              "default float")
     parser.add_argument("--aobs", default="minmax", choices=ACT_OBSERVERS,
@@ -359,7 +361,7 @@ def _export(args: argparse.Namespace) -> int:
 def _train_samples_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m qcore train-samples", description="Train the sample models.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these models")
-    parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder")
+    parser.add_argument("--out", type=_out_dir_arg, default=SAMPLE_DIR, help="output folder")
     return parser
 
 
@@ -367,7 +369,7 @@ def _train_samples(args: argparse.Namespace) -> int:
     from qcore.train import train_samples
 
     t0 = time.perf_counter()
-    train_samples(args.out, args.only)
+    _write(args.out, lambda out: train_samples(out, args.only))
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -400,11 +402,11 @@ def _sweep_parser() -> argparse.ArgumentParser:
         description="Compress a sample model at every combination of the settings given "
         "and write accuracy, loss, packed size, ratio, sparsity and SQNR per combination.",
     )
-    parser.add_argument("--bits", nargs="+", type=_bits_arg, default=[2, 3, 4, 6, 8],
+    parser.add_argument("--bits", nargs="+", type=bits_arg, default=[2, 3, 4, 6, 8],
                         help="bit widths; 'float' adds unquantized rows (default: 2 3 4 6 8)")
-    parser.add_argument("--prune", nargs="+", type=_number_arg, default=[0.0],
+    parser.add_argument("--prune", nargs="+", type=rate_arg, default=[0.0],
                         help="pruning rates in [0, 1) (default: 0)")
-    parser.add_argument("--clip", nargs="+", type=_number_arg, default=[1.0],
+    parser.add_argument("--clip", nargs="+", type=number_arg, default=[1.0],
                         help="clip values, read as --clip-mode says (default: 1.0)")
     _analysis_args(parser)
     return parser
@@ -432,9 +434,9 @@ def _sensitivity_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bits", nargs="*", type=whole_number, default=list(DEFAULT_BITS),
                         help="bit widths (default: 2 to 8)")
-    parser.add_argument("--prune", nargs="*", type=_number_arg, default=list(DEFAULT_PRUNE_RATES),
+    parser.add_argument("--prune", nargs="*", type=rate_arg, default=list(DEFAULT_PRUNE_RATES),
                         help="pruning rates in [0, 1) (default: 0.25 0.5 0.75 0.9)")
-    parser.add_argument("--clip", type=_number_arg, default=1.0,
+    parser.add_argument("--clip", type=number_arg, default=1.0,
                         help="clip value, read as --clip-mode says (default: 1.0)")
     parser.add_argument("--naive", action="store_true",
                         help="recompute the whole model per row (slower, same numbers)")
@@ -464,15 +466,15 @@ def _finetune_parser() -> argparse.ArgumentParser:
         "fine-tuned test accuracy, and write the packed file of the fine-tuned model.",
     )
     _compression_args(parser)
-    parser.add_argument("--epochs", type=whole_number, default=1)
-    parser.add_argument("--lr", type=_number_arg, default=None,
+    parser.add_argument("--epochs", type=natural, default=1)
+    parser.add_argument("--lr", type=number_arg, default=None,
                         help="peak learning rate (default: FinetuneConfig's)")
-    parser.add_argument("--batch-size", type=whole_number, default=64)
-    parser.add_argument("--seed", type=whole_number, default=0)
+    parser.add_argument("--batch-size", type=positive, default=64)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--distill", action="store_true",
                         help="learn from the float model's outputs too (distillation)")
-    parser.add_argument("--temperature", type=_number_arg, default=4.0)
-    parser.add_argument("--alpha", type=_number_arg, default=0.5,
+    parser.add_argument("--temperature", type=number_arg, default=4.0)
+    parser.add_argument("--alpha", type=number_arg, default=0.5,
                         help="weight of the distillation term (default: 0.5)")
     parser.add_argument("--grad-bits", type=whole_number, default=None,
                         help="quantize gradients to 2..16 bits (stochastic rounding)")
@@ -534,15 +536,15 @@ def _deep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a sample model (see: list)")
     parser.add_argument("--dataset", default=None, help="default: the model's own")
     _weights_arg(parser)
-    parser.add_argument("--prune-rate", type=_number_arg, default=None,
+    parser.add_argument("--prune-rate", type=rate_arg, default=None,
                         help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
     parser.add_argument("--bits", type=whole_number, default=None,
                         help="one codebook width for every layer, 1 to 16 (default: recipe)")
-    parser.add_argument("--epochs", type=whole_number, default=None,
+    parser.add_argument("--epochs", type=natural, default=None,
                         help="retraining epochs after pruning (default: 2)")
-    parser.add_argument("--centroid-epochs", type=whole_number, default=None,
+    parser.add_argument("--centroid-epochs", type=natural, default=None,
                         help="centroid retraining epochs (default: 1)")
-    parser.add_argument("--seed", type=whole_number, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--out", type=_out_arg, required=True, help="packed file to write")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -583,12 +585,12 @@ def _robustness_parser() -> argparse.ArgumentParser:
     _compression_args(parser)
     parser.set_defaults(bits=None)  # without --bits: the float model
     parser.add_argument("--perturbation", default="fgsm", choices=PERTURBATIONS)
-    parser.add_argument("--strengths", nargs="+", type=_number_arg,
+    parser.add_argument("--strengths", nargs="+", type=number_arg,
                         default=[0.0, 0.05, 0.1, 0.2], help="default: 0 0.05 0.1 0.2")
-    parser.add_argument("--seed", type=whole_number, default=0)
-    parser.add_argument("--seeds", type=whole_number, default=3,
+    parser.add_argument("--seed", type=seed_arg, default=0)
+    parser.add_argument("--seeds", type=positive, default=3,
                         help="draws averaged for weight_noise and bitflip (default: 3)")
-    parser.add_argument("--steps", type=whole_number, default=10, help="PGD steps (default: 10)")
+    parser.add_argument("--steps", type=positive, default=10, help="PGD steps (default: 10)")
     parser.add_argument("--limit", type=whole_number, default=None,
                         help="only the first N test images (default: all)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of a table")
@@ -661,7 +663,10 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m qcore COMMAND ...``; return the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0
+    if argv[0] not in COMMANDS:
+        return _fail(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+                     "(see python -m qcore --help).")
     return COMMANDS[argv[0]](argv[1:])

@@ -893,6 +893,14 @@ def parse_flat(
         else:
             can = ", ".join(blocks) if blocks else "none"
             bad("drop", raw, f"comma-separated removable blocks of {model}: {can}")
+
+    # settings valid one by one that no config takes together: the first one wins
+    if values.get("codebook") == "kmeans" and values.get("per_channel"):
+        del values["per_channel"]
+        warnings.append(
+            f"The {source}'s `per_channel=true` cannot go with `codebook=kmeans` (a k-means "
+            "codebook is shared by the whole layer); per-tensor is used."
+        )
     return values, warnings
 
 

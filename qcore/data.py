@@ -49,11 +49,16 @@ CIFAR_CLASSES = (
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """One split of a dataset, normalised as ``x = (pixel / max - mean) / std`` per channel."""
+    """One split of a dataset, normalised as ``x = (pixel / max - mean) / std`` per channel.
+
+    ``x`` holds the normalised float32 inputs, or (an uploaded dataset's) the uint8 pixels
+    themselves, a quarter of the memory: :meth:`inputs` normalises those batch by batch.
+    Read inputs through :meth:`inputs`, never ``x`` directly.
+    """
 
     name: str
     split: str  # "train" | "calib" | "test"
-    x: torch.Tensor  # float32 (N, C, H, W), normalised
+    x: torch.Tensor  # float32 (N, C, H, W), normalised; or uint8 (N, C, H, W) pixels 0..255
     y: torch.Tensor  # int64 (N,)
     classes: tuple[str, ...]
     description: str
@@ -74,6 +79,22 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def inputs(self, rows: slice | torch.Tensor | np.ndarray = slice(None)) -> torch.Tensor:
+        """The normalised float32 inputs of ``rows`` (all by default), (n, C, H, W): ``x[rows]``
+        (a view for a slice: never write to it), or uint8 pixels made
+        ``(pixel / 255 - mean) / std`` for just those rows."""
+        x = self.x[rows]
+        if x.dtype != torch.uint8:
+            return x
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (x.to(torch.float32) / 255.0 - mean) / std
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this split's tensors hold (inputs, labels, indices)."""
+        return sum(t.element_size() * t.nelement() for t in (self.x, self.y, self.indices))
 
 
 @dataclass(frozen=True)
@@ -276,9 +297,10 @@ def _fetch(name: str, root: Path) -> None:
         if not all((root / cls.__name__ / "raw" / f).is_file() for f, _ in _MNIST_FILES):
             cls(str(root), train=True, download=True)  # fetches train and test files
     except (OSError, RuntimeError) as exc:  # no network, a mirror down, a full disk
+        # no folder and no raw error text: a viewer of a hosted app reads this sentence
         raise ValueError(
-            f"Downloading {name!r} into {root} failed ({exc}); check the internet connection, "
-            f"or copy the files there by hand."
+            f"Downloading {name!r} failed ({type(exc).__name__}); check the internet "
+            f"connection, or copy its files into the data folder (${DATA_ENV}) by hand."
         ) from exc
 
 
@@ -291,11 +313,13 @@ _MNIST_FILES = (
 
 
 class DatasetNotFound(ValueError):
-    """A torchvision dataset's files are not on disk (``download=True`` fetches them)."""
+    """A torchvision dataset's files are not on disk (``download=True`` fetches them).
+    The message names no folder (messages may reach a hosted app's viewers); ``folder``
+    says where it was looked for."""
 
     def __init__(self, name: str, folder: Path):
         super().__init__(
-            f"Dataset {name!r} was not found in {folder}; set the environment variable "
+            f"Dataset {name!r} was not found in the data folder; set the environment variable "
             f"{DATA_ENV} (or pass root=) to point at another folder, or pass download=True "
             f"(the UI's download button) to fetch it."
         )
@@ -317,8 +341,8 @@ def _check_idx_file(path: Path, magic: int) -> None:
         ok = len(data) == header + int(np.prod(dims))
     if not ok:
         raise ValueError(
-            f"The file {path} is corrupt (bad idx header or length); delete it and "
-            f"download it again."
+            f"The file {path.name} in the data folder is corrupt (bad idx header or length); "
+            f"delete it and download it again."
         )
 
 
@@ -335,9 +359,12 @@ def _mnist_source(name: str, root: Path) -> _Source:
         train = cls(str(root), train=True, download=False)
         test = cls(str(root), train=False, download=False)
     except Exception as e:  # torchvision's own checks
-        raise ValueError(f"Could not read {name!r} from {raw}: {e}") from e
+        raise ValueError(
+            f"Could not read {name!r} from the data folder ({type(e).__name__}); delete its "
+            "files and download them again."
+        ) from e
     if len(train.data) != len(train.targets) or len(test.data) != len(test.targets):
-        raise ValueError(f"The image and label files in {raw} disagree in length.")
+        raise ValueError(f"The image and label files of {name!r} disagree in length.")
     x = torch.cat([train.data, test.data]).unsqueeze(1)  # uint8 (N, 1, 28, 28)
     y = torch.cat([train.targets, test.targets]).long()
     mean, std = (MNIST_MEAN, MNIST_STD) if name == "mnist" else (FASHION_MEAN, FASHION_STD)
@@ -386,7 +413,10 @@ def read_pickle_restricted(path: Path) -> Any:
             return _RestrictedUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, MemoryError, UnicodeDecodeError) as e:  # fmt: skip
-        raise ValueError(f"The file {path} is corrupt or unsafe and was refused ({e}).") from e
+        raise ValueError(
+            f"The file {path.name} in the data folder is corrupt or unsafe and was refused "
+            f"({type(e).__name__})."
+        ) from e
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -395,11 +425,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(d[b"data"])
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except (TypeError, KeyError, ValueError) as e:
-        raise ValueError(f"The file {path} is not a CIFAR-10 batch ({e}).") from e
+        raise ValueError(f"The file {path.name} is not a CIFAR-10 batch ({e}).") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"The file {path} is not a CIFAR-10 batch (data must be uint8 [N, 3072]).")
+        raise ValueError(
+            f"The file {path.name} is not a CIFAR-10 batch (data must be uint8 [N, 3072])."
+        )
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"The file {path} is corrupt: labels do not match the images.")
+        raise ValueError(f"The file {path.name} is corrupt: labels do not match the images.")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -414,9 +446,9 @@ def _cifar_source(root: Path) -> _Source:
             n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]
         )
     except (TypeError, KeyError) as e:
-        raise ValueError(f"The file {folder / 'batches.meta'} is corrupt ({e}).") from e
+        raise ValueError(f"The file batches.meta of cifar10 is corrupt ({e}).") from e
     if len(classes) != 10:
-        raise ValueError(f"The file {folder / 'batches.meta'} must list 10 label names.")
+        raise ValueError("The file batches.meta of cifar10 must list 10 label names.")
     n_train = sum(len(p[1]) for p in parts[:-1])
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))

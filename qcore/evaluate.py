@@ -75,13 +75,15 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int)
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH) -> Metrics:
     """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (a qcore Dataset)."""
-    x = dataset.x
-    try:
-        logits = predict_logits(model, x, batch_size)
+    n = len(dataset)
+    try:  # inputs batch by batch: an upload's uint8 pixels are normalised per batch
+        parts = [predict_logits(model, dataset.inputs(slice(i, i + batch_size)), batch_size)
+                 for i in range(0, n, batch_size)]  # fmt: skip
+        logits = torch.cat(parts) if parts else torch.empty(0)
     except RuntimeError as exc:  # shape mismatch inside the network
         raise ValueError(
             f"The model cannot run on dataset {getattr(dataset, 'name', '?')!r} "
-            f"(inputs {tuple(x.shape[1:])}): {exc}"
+            f"(inputs {tuple(dataset.x.shape[1:])}): {exc}"
         ) from exc
     return metrics_from_logits(logits, dataset.y, len(dataset.classes))
 

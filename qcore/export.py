@@ -188,6 +188,22 @@ class Packed:
     header: dict
 
 
+def _check_sizes(header: dict, payload: bytes) -> None:
+    """``size_bytes`` is the payload's length exactly (the export writes exactly that form);
+    ``float_size_bytes`` a whole number of float32 values within what any tensor allows."""
+    size, float_size = header.get("size_bytes"), header.get("float_size_bytes")
+    if size != len(payload) or not _whole(size, 0, len(payload)):
+        raise ValueError(
+            f"The packed file's size_bytes ({_show(size)}) is not its payload's "
+            f"{len(payload):,} bytes."
+        )
+    if not _whole(float_size, 0, 4 << 31) or float_size % 4:
+        raise ValueError(
+            f"The packed file's float_size_bytes ({_show(float_size)}) is not a whole number "
+            "of float32 values."
+        )
+
+
 def _shapes(model: nn.Module, fold_bn: bool) -> dict[str, tuple[int, ...]]:
     folded = fold_batchnorm(model) if fold_bn else model
     return {k: tuple(v.shape) for k, v in state_for_size(folded).items()}
@@ -207,6 +223,7 @@ def load_packed(path: str | os.PathLike, template: nn.Module | None = None) -> P
     fold_bn = header.get("fold_bn")
     if fold_bn is not config.fold_bn:
         raise ValueError("The packed file's fold_bn does not match its config.")
+    _check_sizes(header, payload)
     table = header["tensors"]
     gone = tuple(f"{name}." for name in config.drop)  # removed blocks store nothing
     if template is not None:
@@ -294,10 +311,14 @@ def _activation_points(graph: Graph, header: dict, config: CompressionConfig) ->
         raise ValueError("The packed file's activation ranges do not match its config.")
     known = set(graph.point_names())
     ranges = {}
+    if len(table) > len(known):
+        raise ValueError("The packed file lists more activation ranges than the model has edges.")
     for entry in table:
-        if not isinstance(entry, dict) or entry.get("edge") not in known \
-                or entry.get("edge") in ranges:
-            raise ValueError("The packed file names an activation edge the model lacks.")
+        edge = entry.get("edge") if isinstance(entry, dict) else None
+        if not isinstance(edge, str) or edge not in known or edge in ranges:  # typed first:
+            raise ValueError(  # a list is unhashable
+                f"The packed file names an activation edge the model lacks ({_show(edge)})."
+            )
         bits, sym = entry.get("bits"), entry.get("symmetric")
         scale, zp = entry.get("scale"), entry.get("zero_point")
         lo, hi = entry.get("lo"), entry.get("hi")

@@ -584,7 +584,7 @@ def finetune(
                 rate_now = _gradual_step(student, config.prune, step, prune_end, interval,
                                          rate_now)  # fmt: skip
             idx = order[b * ft.batch_size : (b + 1) * ft.batch_size]
-            x, y = train.x[idx], train.y[idx]
+            x, y = train.inputs(idx), train.y[idx]
             lr = ft.lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / total))  # cosine decay
             logits, loss, grad_db = _train_step(student, opt, x, y, ft, teacher_graph, grad_gen,
                                                 lr)  # fmt: skip

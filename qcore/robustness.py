@@ -261,13 +261,13 @@ def perturb_inputs(
     out = []
     for b, i in enumerate(range(0, len(idx), EVAL_BATCH)):
         sel = idx[i : i + EVAL_BATCH]
-        x, y = dataset.x[sel], dataset.y[sel]
+        x, y = dataset.inputs(sel), dataset.y[sel]
         if strength == 0:
             out.append(x.clone())
             continue
         gen = _batch_generator(seed, _strength_key(strength), b)
         out.append(_perturb_batch(variant, perturbation, strength, x, y, bounds, gen, steps))
-    return torch.cat(out) if out else dataset.x[:0].clone()
+    return torch.cat(out) if out else dataset.inputs(slice(0, 0)).clone()
 
 
 def _check_steps(steps: object) -> None:
@@ -411,7 +411,7 @@ def robustness(
         raise ValueError(_BITFLIP_NEEDS_COMPRESSED)
     variant = _variant(model)  # a clear sentence for an untraceable model
     bounds = valid_range(dataset) if perturbation in INPUT_PERTURBATIONS else None
-    x_all, y_all = dataset.x, dataset.y
+    x_all, y_all = dataset.inputs(), dataset.y
     n = int(len(y_all))
     if n == 0:
         raise ValueError("The dataset is empty; there is nothing to evaluate.")

@@ -297,7 +297,7 @@ def _run_naive(model, dataset, jobs, ref, batch_size, progress) -> list[dict]:
 def _run_cached(model, graph: Graph, dataset, jobs, batch_size, max_cache_bytes,
                 progress) -> tuple[list[dict], Metrics] | None:
     """Rows the fast way, and the float metrics; ``None`` if the data does not fit."""
-    x = dataset.x
+    x = dataset.inputs()
     starts = list(range(0, x.shape[0], batch_size))
     plans: dict[str, Plan] = {}
     for job in jobs:

@@ -157,7 +157,7 @@ def train_model(
             total_loss, correct = 0.0, 0
             for i in range(0, n, config.batch_size):
                 idx = order[i : i + config.batch_size]
-                x, y = train.x[idx], train.y[idx]
+                x, y = train.inputs(idx), train.y[idx]
                 if config.shift:
                     x = random_shift(x, config.shift, gen)
                 logits = model(x)

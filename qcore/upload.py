@@ -1,4 +1,5 @@
 """Bring your own model: trained weights for one of the sample architectures, read safely.
+(Your own images and labels, a ``.npz`` file, are read by :mod:`qcore.userdata`.)
 
 A user who trained one of our architectures (``qcore.models.ARCHS``: mlp, lenet300, cnn,
 dwsep, resnet) on a dataset of their own shape hands us its weights file; we build that
@@ -11,7 +12,9 @@ What is read, and how:
 - **torch.save files** (``.pt``, ``.pth``, ``.bin``; the zip format of PyTorch 1.6 and
   later): read with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler, which
   rebuilds tensors and plain containers only. The zip's table is checked first (entries,
-  declared sizes) so a crafted archive cannot ask for more memory than the cap. The old
+  bounded by the table's own size too; declared sizes) so a crafted archive cannot ask for
+  more memory than the cap, and its pickle is bounded (1 MiB, 100,000 instructions) and
+  walked before torch reads it. The old
   pre-1.6 pickle format, whole pickled modules and TorchScript are refused.
 
 A checkpoint that holds the state dict under ``state_dict``, ``model_state_dict`` or
@@ -28,7 +31,6 @@ model in every cache.
 from __future__ import annotations
 
 import io
-import math
 import pickletools
 import zipfile
 from collections.abc import Mapping
@@ -39,14 +41,19 @@ from torch import nn
 
 from qcore.data import DatasetInfo, dataset_info
 from qcore.models import ARCHS, build_model, count_params
-from qcore.refs import DATA_PREFIX, UPLOAD_PREFIX, session_model_name, state_sha256
+from qcore.refs import UPLOAD_PREFIX, session_model_name, state_sha256
 
 __all__ = [
-    "MAX_UPLOAD_BYTES", "WEIGHT_SUFFIXES", "UploadedModel", "read_state_dict", "load_weights",
-    "architectures", "check_size", "UploadedDataset", "load_npz",
+    "MAX_UPLOAD_MB", "MAX_UPLOAD_BYTES", "WEIGHT_SUFFIXES", "UploadedModel", "read_state_dict",
+    "load_weights", "architectures", "check_size", "check_zip_table",
 ]  # fmt: skip
 
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # the server's upload cap (.streamlit/config.toml), again
+# The one upload cap, in the browser's megabytes (10^6 bytes): the sidebar's uploaders pass
+# MAX_UPLOAD_MB to the browser, .streamlit/config.toml's maxUploadSize says the same (tested),
+# and qcore checks MAX_UPLOAD_BYTES again for the command line and any other caller.
+MAX_UPLOAD_MB = 50
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
+MAX_UNPACKED_BYTES = 100 * 2**20  # a weights archive's entries together, unpacked
 MAX_ZIP_ENTRIES = 10_000  # a state dict of our architectures has well under 200 tensors
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints keep the weights
@@ -58,6 +65,12 @@ _SAFETENSORS_MAX_HEADER = 1024 * 1024  # a state dict of ours has a header of a 
 # Python hash it recursively: a crash or hours of one core.
 MAX_PICKLE_DEPTH = 32
 MAX_PICKLE_OBJECTS = 1_000_000
+# ... and before walking it, its size and instruction count: a state dict's pickle is a few
+# kB of a few thousand instructions (resnet's: 6,412 bytes, 1,997; with an Adam optimizer
+# beside it 14 kB, 4,798), while 98 MB of no-op instructions took 81 s to walk.
+MAX_PICKLE_BYTES = 1024 * 1024
+MAX_PICKLE_OPS = 100_000
+ZIP_ENTRY_BYTES = 128  # a central directory entry: 46 bytes and the name (torch's: ~64)
 # what PyTorch's restricted unpickler says when it refuses an object (a class, a function),
 # as opposed to a damaged pickle ("Unsupported operand", "String is too long", ...)
 _REFUSED_OBJECT = ("GLOBAL", "Can only build", "Can only create new object", "allowlisted")
@@ -69,7 +82,7 @@ def check_size(n: int, label: str = "The file", what: str = "weights files") -> 
     if n > MAX_UPLOAD_BYTES:
         raise ValueError(
             f"{label} is {n:,} bytes; {what} are capped at {MAX_UPLOAD_BYTES:,} "
-            f"bytes ({MAX_UPLOAD_BYTES / 2**20:g} MiB)."
+            f"bytes ({MAX_UPLOAD_BYTES / 1e6:g} MB)."
         )
 
 
@@ -91,28 +104,43 @@ def _is_safetensors(data: bytes) -> bool:
     return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _zip_entries(data: bytes) -> int | None:
-    """The entry count an archive's end record states (None when there is no end record),
-    read before zipfile parses the whole central directory."""
+def _end_record(data: bytes) -> tuple[int, int] | None:
+    """The entry count and the central directory's size in bytes that an archive's end
+    record states (None when there is no end record), read before zipfile parses anything."""
     at = data.rfind(b"PK\x05\x06", max(0, len(data) - 65_557))  # 22 bytes + a comment
     if at < 0 or at + 22 > len(data):
         return None
-    return int.from_bytes(data[at + 10 : at + 12], "little")  # 0xFFFF: a ZIP64 archive
+    # 0xFFFF entries or 0xFFFFFFFF bytes: a ZIP64 archive, whose real figures are larger
+    return int.from_bytes(data[at + 10 : at + 12], "little"), int.from_bytes(
+        data[at + 12 : at + 16], "little"
+    )
 
 
-def _too_many_entries(data: bytes, limit: int, why: str) -> None:
-    n = _zip_entries(data)
-    if n is not None and n > limit:
+def check_zip_table(data: bytes, limit: int, why: str) -> None:
+    """Refuse an archive of more than ``limit`` entries from its end record alone, before
+    zipfile parses its central directory (a million entries cost seconds and 500 MB there).
+    The count stated can lie, so the directory's size bounds it too: an entry takes at
+    least 46 bytes, and :data:`ZIP_ENTRY_BYTES` is room for a long name."""
+    end = _end_record(data)
+    if end is None:
+        return
+    n, size = end
+    if n > limit:
         more = " or more" if n == 0xFFFF else ""  # the field's largest value: ZIP64 has more
         raise ValueError(f"The archive has {n:,}{more} entries; {why}.")
+    if size > limit * ZIP_ENTRY_BYTES:
+        raise ValueError(
+            f"The archive's table of contents is {size:,} bytes, room for up to "
+            f"{size // 46:,} entries; {why}."
+        )
 
 
-def _check_zip(data: bytes, label: str = "The file") -> bytes:
+def _check_zip(data: bytes, label: str = "The file", where: str = "the file") -> bytes:
     """Refuse an archive whose table asks for more than the cap (before torch reads it);
     return its pickle (``<archive>/data.pkl``) for :func:`_check_pickle`."""
     damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError)
-    _too_many_entries(data, MAX_ZIP_ENTRIES, "a state dict of these architectures has a few "
-                      "hundred at most")  # fmt: skip
+    check_zip_table(data, MAX_ZIP_ENTRIES, "a state dict of these architectures has a few "
+                    "hundred at most")  # fmt: skip
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             infos = z.infolist()
@@ -124,10 +152,10 @@ def _check_zip(data: bytes, label: str = "The file") -> bytes:
             f"has a few hundred at most."
         )
     total = sum(i.file_size for i in infos)
-    if total > 2 * MAX_UPLOAD_BYTES:
+    if total > MAX_UNPACKED_BYTES:
         raise ValueError(
             f"The archive unpacks to {total / 2**20:,.0f} MiB, more than the "
-            f"{2 * MAX_UPLOAD_BYTES // 2**20} MiB allowed for a weights file."
+            f"{MAX_UNPACKED_BYTES // 2**20} MiB allowed for a weights file."
         )
     if any(i.filename.endswith("constants.pkl") or i.filename.endswith(".debug_pkl")
            or "/code/" in i.filename for i in infos):  # fmt: skip
@@ -141,11 +169,19 @@ def _check_zip(data: bytes, label: str = "The file") -> bytes:
             f"The archive holds {len(pickles)} pickles (data.pkl), not one: it is not a "
             "file torch.save wrote."
         )
-    try:  # at most 2 x the cap, by the check above
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            return z.read(pickles[0])
+    try:  # at most MAX_PICKLE_BYTES + 1 bytes, whatever the table says
+        with zipfile.ZipFile(io.BytesIO(data)) as z, z.open(pickles[0]) as f:
+            pkl = f.read(MAX_PICKLE_BYTES + 1)
     except damaged as e:
         raise ValueError(f"{label} is a damaged zip archive ({e}); save it again.") from e
+    if len(pkl) > MAX_PICKLE_BYTES:
+        raise ValueError(
+            f"The pickle in {where} unpacks to more "
+            f"than {MAX_PICKLE_BYTES:,} bytes; a state dict's takes a few kB (its tensors "
+            "are stored beside it), so this is a crafted file. Save the weights with "
+            "torch.save(model.state_dict(), path)."
+        )
+    return pkl
 
 
 # opcodes that add to the container below them on the stack instead of making a new object
@@ -162,7 +198,9 @@ def _check_pickle(pkl: bytes, where: str = "the file") -> None:
     memo: dict[int, tuple[int, int]] = {}
     objects = 0
     try:
-        for op, arg, _ in pickletools.genops(pkl):
+        for count, (op, arg, _) in enumerate(pickletools.genops(pkl)):
+            if count >= MAX_PICKLE_OPS:
+                raise _TooBig(False, long=True)
             name = op.name
             if name in _MEMO_PUT:
                 if not stack or stack[-1] is None:
@@ -216,6 +254,12 @@ def _check_pickle(pkl: bytes, where: str = "the file") -> None:
             if len(stack) > MAX_PICKLE_OBJECTS or objects > MAX_PICKLE_OBJECTS:
                 raise _TooBig(False)
     except _TooBig as e:
+        if e.long:
+            raise ValueError(
+                f"The pickle in {where} has more than {MAX_PICKLE_OPS:,} instructions; a "
+                "state dict's has a few thousand, so this is a crafted file. Save the weights "
+                "with torch.save(model.state_dict(), path)."
+            ) from None
         raise ValueError(
             f"The pickle in {where} "
             + ("nests objects deeper" if e.deep else "expands to more objects")
@@ -229,8 +273,8 @@ def _check_pickle(pkl: bytes, where: str = "the file") -> None:
 
 
 class _TooBig(Exception):
-    def __init__(self, deep: bool) -> None:
-        self.deep = deep
+    def __init__(self, deep: bool, long: bool = False) -> None:
+        self.deep, self.long = deep, long
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
@@ -276,7 +320,7 @@ def read_state_dict(data: bytes, filename: str = "") -> dict[str, torch.Tensor]:
         except Exception as e:  # the library's SafetensorsError and friends
             raise ValueError(f"{label} is not a readable safetensors file ({e}).") from e
     elif data[:4] == b"PK\x03\x04":
-        _check_pickle(_check_zip(data, label), where)
+        _check_pickle(_check_zip(data, label, where), where)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # the restricted unpickler refusing, or a damaged archive
@@ -444,201 +488,3 @@ def load_weights(
 def _shape(shape: Any) -> str:
     dims = tuple(shape.shape) if isinstance(shape, torch.Tensor) else tuple(shape)
     return "x".join(str(d) for d in dims) if dims else "a scalar"
-
-
-# ---------------------------------------------------------------------------------------------
-# Your own data: images and labels in a NumPy .npz file.
-
-MAX_DATA_IMAGES = 200_000
-MAX_DATA_VALUES = 60_000_000  # pixels in all images: 60,000 28x28 images are 47 million
-MIN_DATA_IMAGES = 20  # fewer cannot be split into train, calib and test
-MAX_DATA_CLASSES = 1000
-MAX_IMAGE_SIDE = 256
-
-
-def _plain(text: str) -> str:
-    """``text`` with anything but letters, digits and ``. _ -`` and spaces as ``_``."""
-    return "".join(ch if ch.isalnum() or ch in "._- " else "_" for ch in text)
-
-
-class UploadedDataset:
-    """An uploaded dataset: its three splits (:class:`~qcore.data.Dataset`), the record
-    that describes it (:class:`~qcore.data.DatasetInfo`), its name and SHA-256."""
-
-    __slots__ = ("name", "sha256", "info", "splits", "filename", "__weakref__")
-
-    def __init__(self, name: str, sha256: str, info: DatasetInfo,
-                 splits: dict[str, Any], filename: str) -> None:  # fmt: skip
-        self.name, self.sha256, self.info = name, sha256, info
-        self.splits, self.filename = splits, filename
-
-    def __repr__(self) -> str:
-        return f"UploadedDataset({self.name!r}, {self.info.input_shape}, {self.info.num_classes})"
-
-
-def load_npz(data: bytes, *, filename: str = "") -> UploadedDataset:
-    """Images and labels from a NumPy ``.npz`` file (``numpy.savez(path, x=images, y=labels)``,
-    optionally ``classes=names``), split like the embedded sets (seeded and stratified by
-    class: 20 % test, 10 % calib, the rest train) and normalised with the train split's mean
-    and standard deviation per channel.
-
-    ``x`` is (N, H, W), (N, C, H, W) or (N, H, W, C) with C 1 or 3: uint8 pixels (0..255)
-    or floats in [0, 1]. ``y`` holds N whole numbers 0..K-1 (K from 2 to 1,000). Read with
-    ``allow_pickle=False``: object arrays, which would need unpickling, are refused. The name
-    is ``ud-`` and the first 12 hex digits of the file's SHA-256.
-    """
-    import hashlib
-
-    import numpy as np
-    import numpy.lib.format  # noqa: F401  (np.lib.format)
-
-    from qcore.data import Dataset, _stratified_splits
-
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ValueError(f"Data must be given as bytes; got {type(data).__name__}.")
-    data = bytes(data)
-    label = f"{filename!r}" if filename else "The file"
-    check_size(len(data), label, "data files")
-    if data[:4] != b"PK\x03\x04":
-        raise ValueError(
-            f"{label} is not a NumPy .npz file; save the images and labels with "
-            "numpy.savez(path, x=images, y=labels)."
-        )
-    damaged = (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, KeyError)
-    _too_many_entries(data, 16, "a dataset file holds x, y and perhaps classes")
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            infos = z.infolist()
-    except damaged as e:
-        raise ValueError(f"{label} is a damaged .npz (zip) archive ({e}).") from e
-    total = sum(i.file_size for i in infos)
-    if len(infos) > 16 or total > 4 * MAX_UPLOAD_BYTES:
-        raise ValueError(
-            f"{label} holds {len(infos)} arrays unpacking to {total / 2**20:,.0f} MiB; a "
-            f"dataset file holds x, y and perhaps classes, at most "
-            f"{4 * MAX_UPLOAD_BYTES // 2**20} MiB unpacked."
-        )
-    members = {i.filename.removesuffix(".npy"): i for i in infos}
-    if not {"x", "y"} <= set(members):
-        raise ValueError(
-            f"{label} holds arrays {sorted(members)}; it needs x (the images) and y (the "
-            "labels): numpy.savez(path, x=images, y=labels)."
-        )
-    wanted = [k for k in ("x", "y", "classes") if k in members]
-    arrays: dict[str, Any] = {}
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            for key in wanted:
-                info = members[key]
-                with z.open(info) as f:  # the header first: numpy allocates what it declares
-                    version = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)  # fmt: skip
-                    shape, _, dtype = read_header(f)
-                if dtype.hasobject:
-                    raise ValueError("object arrays")
-                declared = math.prod(shape) * dtype.itemsize
-                if declared > info.file_size:
-                    raise ValueError(
-                        f"array {key} declares {declared:,} bytes but holds {info.file_size:,}"
-                    )
-                with z.open(info) as f:
-                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
-    except ValueError as e:
-        if "object arrays" in str(e) or "Object arrays cannot be loaded" in str(e):
-            raise ValueError(
-                f"{label} holds object arrays, which need unpickling and are never loaded "
-                "here; save plain numeric arrays."
-            ) from e
-        raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
-    except (*damaged, MemoryError) as e:
-        raise ValueError(f"{label} could not be read as a .npz file ({e}).") from e
-    x, y, classes = arrays["x"], arrays["y"], arrays.get("classes")
-    if not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in (x, y)):
-        raise ValueError(f"{label}'s x and y must be arrays with one row per image.")
-
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)  # channels last -> channels first
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{label}'s images x have shape {tuple(x.shape)}; give (N, H, W), (N, C, H, W) "
-            "or (N, H, W, C) with 1 or 3 channels."
-        )
-    n, c, h, w = (int(d) for d in x.shape)
-    if not MIN_DATA_IMAGES <= n <= MAX_DATA_IMAGES or x.size > MAX_DATA_VALUES:
-        raise ValueError(
-            f"{label} holds {n:,} images of {c}x{h}x{w}; give {MIN_DATA_IMAGES} to "
-            f"{MAX_DATA_IMAGES:,} images of at most {MAX_DATA_VALUES:,} values in all."
-        )
-    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
-        raise ValueError(f"{label}'s images are {h}x{w}; sides up to {MAX_IMAGE_SIDE} are read.")
-    if y.shape != (n,) or y.dtype.kind not in "iu":
-        raise ValueError(
-            f"{label}'s labels y are {y.dtype} of shape {tuple(y.shape)}; give {n:,} whole "
-            "numbers, one per image."
-        )
-    if x.dtype == np.uint8:
-        pixels = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32) / 255.0
-    elif x.dtype.kind == "f":
-        pixels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        if not bool(torch.isfinite(pixels).all()) or pixels.min() < 0 or pixels.max() > 1:
-            raise ValueError(
-                f"{label}'s float images must hold values in [0, 1] (or give uint8 pixels "
-                "0..255); they hold values outside it."
-            )
-    else:
-        raise ValueError(f"{label}'s images are {x.dtype}; give uint8 pixels or floats in [0, 1].")
-    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    k = int(labels.max()) + 1 if n else 0
-    if int(labels.min()) < 0 or not 2 <= k <= MAX_DATA_CLASSES:
-        raise ValueError(
-            f"{label}'s labels run from {int(labels.min())} to {int(labels.max())}; give "
-            f"classes numbered 0..K-1 with K from 2 to {MAX_DATA_CLASSES}."
-        )
-    if classes is not None:
-        if classes.shape != (k,) or classes.dtype.kind not in "USiu":
-            raise ValueError(
-                f"{label}'s classes hold {classes.shape} {classes.dtype}; give {k} names, "
-                "one per label."
-            )
-        # names are shown in markdown captions: plain characters only
-        names_ = tuple(
-            _plain(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))[:40]
-            for v in classes.tolist()
-        )
-    else:
-        names_ = tuple(str(i) for i in range(k))
-    splits_idx = _stratified_splits(labels)
-    if any(len(v) == 0 for v in splits_idx.values()):
-        raise ValueError(
-            f"{label} has too few images of each class for a train, calib and test split "
-            "(20 % of each class goes to test, 10 % to calib); give at least 10 of each class."
-        )
-    train = pixels[splits_idx["train"]]
-    mean = tuple(float(v) for v in train.mean(dim=(0, 2, 3)))
-    std = tuple(max(float(v), 1e-6) for v in train.std(dim=(0, 2, 3)))
-    sha = hashlib.sha256(data).hexdigest()
-    name = DATA_PREFIX + sha[:12]
-    source = _plain(filename)[:80]
-    description = (f"Uploaded from {source or 'a file'}: {n:,} images, {c}x{h}x{w}, "
-                   f"{k} classes.")  # fmt: skip
-    info = DatasetInfo(name, (c, h, w), k, description, "uploaded",
-                       tuple((s, int(len(v))) for s, v in splits_idx.items()))  # fmt: skip
-    m, sd = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    splits = {
-        s: Dataset(
-            name=name,
-            split=s,
-            x=((pixels[idx] - m) / sd).contiguous(),
-            y=labels[idx].clone(),
-            classes=names_,
-            description=description,
-            mean=mean,
-            std=std,
-            indices=idx.clone(),
-        )  # fmt: skip
-        for s, idx in splits_idx.items()
-    }
-    return UploadedDataset(name, sha, info, splits, filename)

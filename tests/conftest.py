@@ -26,6 +26,13 @@ class FakeDataset:
     classes: tuple[str, ...]
     name: str = "fake"
 
+    def inputs(self, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """As ``qcore.Dataset.inputs``: the (already normalised) float inputs of ``rows``."""
+        return self.x[rows]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
 
 def _randomise_bn(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

@@ -23,6 +23,9 @@ class Split:
     split: str = "calib"
     name: str = "synthetic"
 
+    def inputs(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.x[rows]
+
 
 def one_layer(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

@@ -16,7 +16,8 @@ from e2e import browser_page, metric_value, require_chromium, serve_app, wait_id
 from playwright.sync_api import expect
 
 import qcore
-from qcore.upload import load_npz, load_weights
+from qcore.upload import load_weights
+from qcore.userdata import load_npz
 
 pytestmark = pytest.mark.browser
 

@@ -203,3 +203,67 @@ def test_activation_and_fixed_point_options(tmp_path, capsys):
     assert qcore.load_packed(tmp_path / "a.qpk").config == cfg
     _run_fails(["evaluate", "--model", "digits-mlp", "--abits", "1"], capsys, "2 bits")
     _run_fails(["evaluate", "--model", "digits-mlp", "--aobs", "kl"], capsys, "--aobs", "minmax")
+
+
+# --- the command line run as a user runs it: a process, its exit code, its stderr -----------
+
+
+def _qcore(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "qcore", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    # devices and pipes are never read: /dev/zero read until memory ran out, a FIFO hung
+    (["evaluate", "--model", "digits-mlp", "--weights", "/dev/zero"],
+     "error: '/dev/zero' is not a regular file; give the path of a file.\n"),
+    (["evaluate", "--model", "digits-mlp", "--data", "/dev/zero"],
+     "error: '/dev/zero' is not a regular file; give the path of a file.\n"),
+    (["evaluate", "--model", "digits-mlp", "--weights", "FIFO"], "is not a regular file"),
+    # a folder for train-samples that is no folder, or no name at all, before 125 s of work
+    (["train-samples", "--out", "/dev/full"], "argument --out: '/dev/full' is not a folder"),
+    (["train-samples", "--out", ""], "argument --out: the path is empty; give a folder"),
+    # values a link refuses are refused here too
+    (["evaluate", "--model", "digits-mlp", "--prune", "-0.5"],
+     "argument --prune: expected a pruning rate from 0 to 0.99; got '-0.5'"),
+    (["evaluate", "--model", "digits-mlp", "--scope", "bogus"],
+     "argument --scope: invalid choice: 'bogus'"),
+    (["robustness", "--model", "digits-mlp", "--seed", "-1"],
+     "argument --seed: expected a seed from 0 to 4294967295; got '-1'"),
+    (["bench", "--finetune", "--lr", "0.0\u0665"],
+     "argument --lr: Expected a finite number; got '0.0\u0665'."),
+    (["bench", "--models", "nope"], "unknown model(s) 'nope'; the sample models are"),
+    (["frobnicate"], "unknown command 'frobnicate'; the commands are list, evaluate,"),
+])  # fmt: skip
+def test_careless_command_lines_end_in_one_error_line(argv, words, tmp_path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading would wait forever
+    work = tmp_path / "work"
+    work.mkdir()
+    out = _qcore([str(fifo) if a == "FIFO" else a for a in argv], cwd=work)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert words in out.stderr and "Traceback" not in out.stderr
+    assert list(work.iterdir()) == []  # nothing written where the command ran
+
+
+def test_a_user_file_is_read_to_the_cap_and_one_byte_at_most(tmp_path, monkeypatch) -> None:
+    import qcore.upload
+
+    big = tmp_path / "w.pt"
+    big.write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(qcore.upload, "MAX_UPLOAD_BYTES", 999)
+    with pytest.raises(ValueError, match="is 1,000 bytes; weights files are capped at 999"):
+        cli._read_upload(big, "weights files")
+
+
+def test_bench_does_not_import_the_command_line() -> None:
+    # qcore.cli imports qcore.bench for `bench` and `deep`; bench takes its parser from
+    # qcore.args, so the two modules no longer import each other
+    import ast
+
+    tree = ast.parse((ROOT / "qcore" / "bench.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "qcore.cli" not in imported and "qcore.args" in imported

@@ -379,3 +379,58 @@ def test_huffman_never_makes_a_file_larger() -> None:
         for a, b in zip(plain.layers, coded.layers, strict=True):
             assert b.size_bytes <= a.size_bytes
             assert torch.equal(a.dequantized, b.dequantized)  # the same weights
+
+
+def _resealed(data: bytes, edit) -> bytes:
+    """``data`` with ``edit(header)`` applied and its checksum made right again."""
+    (n,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
+    header = json.loads(data[PREFIX_BYTES : PREFIX_BYTES + n])
+    payload = data[PREFIX_BYTES + n :]
+    edit(header)
+    head = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(head)) + hashlib.sha256(head + payload).digest() \
+        + head + payload
+
+
+@pytest.mark.parametrize("field, value, words", [
+    # was a TypeError (a list is unhashable) from deep inside the loader
+    ("edge", [1], "names an activation edge the model lacks ([1])"),
+    ("edge", {"a": 1}, "names an activation edge the model lacks ({'a': 1})"),
+    ("edge", None, "names an activation edge the model lacks (None)"),
+    # were accepted: the header's sizes must be the file's own
+    ("size_bytes", "relidx", "size_bytes ('relidx') is not its payload's"),
+    ("size_bytes", -(2**31), "size_bytes (-2147483648) is not its payload's"),
+    ("size_bytes", {}, "size_bytes ({}) is not its payload's"),
+    ("size_bytes", None, "size_bytes (None) is not its payload's"),
+    ("float_size_bytes", "relidx", "float_size_bytes ('relidx') is not a whole number"),
+    ("float_size_bytes", -(2**31), "float_size_bytes (-2147483648) is not a whole number"),
+    ("float_size_bytes", {}, "float_size_bytes ({}) is not a whole number"),
+    ("float_size_bytes", 4 * 10**12, "float_size_bytes (4000000000000) is not a whole"),
+    ("float_size_bytes", 6, "float_size_bytes (6) is not a whole number of float32"),
+    ("float_size_bytes", True, "float_size_bytes (True) is not a whole number"),
+])  # fmt: skip
+def test_every_header_field_is_typed_and_bounded(tmp_path: Path, field, value, words) -> None:
+    from qcore.config import ActQuantConfig
+
+    model = make_mlp(0)
+    calib = qcore.Dataset(name="c", split="calib", x=torch.randn(32, 1, 6, 6),
+                          y=torch.zeros(32, dtype=torch.long), classes=("a", "b", "c"),
+                          description="", mean=(0.0,), std=(1.0,), indices=torch.arange(32))
+    cfg = CompressionConfig(quant=QuantConfig(bits=4), act=ActQuantConfig(bits=8))
+    c = compress(model, cfg, calib=calib)
+    data = packed_bytes(c)
+    good = tmp_path / "good.qpk"
+    good.write_bytes(data)
+    assert load_packed(good, template=model).header["size_bytes"] == c.size_bytes
+
+    def edit(header: dict) -> None:
+        if field == "edge":
+            header["activations"][0]["edge"] = value
+        else:
+            header[field] = value
+
+    bad = tmp_path / "bad.qpk"
+    bad.write_bytes(_resealed(data, edit))
+    with pytest.raises(ValueError) as e:
+        load_packed(bad, template=model)
+    assert words in str(e.value), str(e.value)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import re
 import struct
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 from conftest import _randomise_bn
@@ -271,7 +269,7 @@ def _zip(entries: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes
 
 
 def test_a_zip_that_unpacks_past_the_cap_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr(upload, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(upload, "MAX_UNPACKED_BYTES", 1000)
     data = _zip({"archive/data.pkl": b"\0" * 3000})  # 3,000 bytes, packed to far fewer
     assert len(data) < 1000
     msg = refused(data)
@@ -348,6 +346,45 @@ def test_crafted_pickles_are_refused_before_torch_reads_them(pkl: bytes, what: s
     assert len(msg) < 300
 
 
+def _flooded(filler: bytes, n: int, method: int = zipfile.ZIP_STORED) -> bytes:
+    """A valid torch.save file of mlp_state() whose pickle repeats ``filler`` (no-op pairs)
+    ``n`` times after its first memo write: torch would load it, after a long walk."""
+    pkl = _data_pkl()
+    at = pkl.index(b"q\x00") + 2  # after "} BINPUT 0": the state dict is on the stack
+    flood = pkl[:at] + filler * n + pkl[at:]
+    with zipfile.ZipFile(io.BytesIO(torch_bytes(mlp_state()))) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    name = next(k for k in entries if k.endswith("data.pkl"))
+    return _zip({**entries, name: flood}, method)
+
+
+def test_a_pickle_flooded_with_no_ops_is_refused_by_its_size() -> None:
+    # 10 million BINPUTs: 20 MB unpacked from a 20 kB upload (the audit's had 49 million,
+    # walked for 81 s and then accepted); refused from the size alone, before any walk
+    data = _flooded(b"q\x00", 10_000_000, zipfile.ZIP_DEFLATED)
+    assert len(data) < 200_000
+    assert refused(data) == (
+        "The pickle in the file unpacks to more than 1,048,576 bytes; a state dict's takes a "
+        "few kB (its tensors are stored beside it), so this is a crafted file. Save the "
+        "weights with torch.save(model.state_dict(), path)."
+    )
+
+
+def test_a_pickle_of_too_many_instructions_is_refused() -> None:
+    # BINGET 0, POP: 3 bytes for two instructions that change nothing; 150,000 pairs are
+    # 450 kB, under the size bound, and 300,000 instructions, over the count bound
+    data = _flooded(b"h\x000", 150_000)
+    assert refused(data, filename="f.pt") == (
+        "The pickle in 'f.pt' has more than 100,000 instructions; a state dict's has a few "
+        "thousand, so this is a crafted file. Save the weights with "
+        "torch.save(model.state_dict(), path)."
+    )
+    # (torch's loader refuses POP, but only after our walk had taken 27 s for the audit's);
+    # a few thousand no-op BINPUTs are a state dict like any other
+    plain = load_weights(torch_bytes(mlp_state()), "mlp", "digits")
+    assert load_weights(_flooded(b"q\x00", 5_000), "mlp", "digits").name == plain.name
+
+
 def test_every_sample_architectures_pickle_passes_the_scan() -> None:
     # the bounds leave room: the largest state dict here (resnet, with a checkpoint and an
     # optimizer state around it) is far below them
@@ -372,9 +409,12 @@ def test_a_file_over_the_cap_is_refused(monkeypatch) -> None:
 
 
 def test_the_real_cap_message() -> None:
-    msg = refused(b"\0" * (50 * 2**20 + 1))  # one byte over: the sentence says by how much
-    assert msg == ("The file is 52,428,801 bytes; weights files are capped at 52,428,800 "
-                   "bytes (50 MiB).")  # fmt: skip
+    # one byte over: the sentence says by how much. The cap is the browser's: 50 of its
+    # megabytes (10^6 bytes) are 50,000,000 bytes (it was 50 MiB here, and the browser
+    # refused files between the two)
+    msg = refused(b"\0" * (50_000_000 + 1))
+    assert msg == ("The file is 50,000,001 bytes; weights files are capped at 50,000,000 "
+                   "bytes (50 MB).")  # fmt: skip
 
 
 # --- 3. refusals: files that do not fit the architecture -------------------------------------
@@ -656,185 +696,16 @@ def test_a_pickle_protocol_torch_cannot_read_safely_is_named() -> None:
                    "protocol, or as safetensors.")  # fmt: skip
 
 
-# --- 8. your own data: .npz ------------------------------------------------------------------
+def test_one_upload_cap_for_the_browser_the_server_and_qcore() -> None:
+    import tomllib
 
+    from qcore.upload import MAX_UPLOAD_BYTES, MAX_UPLOAD_MB
 
-def npz_bytes(**arrays) -> bytes:
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def test_digits_as_npz_are_the_embedded_digits_exactly() -> None:
-    import hashlib
-
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    data = npz_bytes(x=(d.images / 16.0).astype(np.float32), y=d.target)
-    up = upload.load_npz(data, filename="d.npz")
-    assert up.name == "ud-" + hashlib.sha256(data).hexdigest()[:12] and up.sha256.startswith(
-        up.name[3:]
-    )
-    assert qcore.DatasetRef(up.name, "calib", sha256=up.sha256).is_session
-    assert up.info.input_shape == (1, 8, 8) and up.info.num_classes == 10
-    assert up.info.source == "uploaded"
-    for split in ("train", "calib", "test"):
-        ours, embedded = up.splits[split], qcore.load_dataset("digits", split)
-        assert torch.equal(ours.indices, embedded.indices)
-        assert torch.equal(ours.y, embedded.y)
-        assert torch.allclose(ours.x, embedded.x, atol=1e-5)
-        assert dict(up.info.splits)[split] == len(embedded)
-
-
-def test_channels_last_uint8_with_class_names() -> None:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(60, 6, 5, 3), dtype=np.uint8)
-    y = np.arange(60) % 3
-    up = upload.load_npz(npz_bytes(x=x, y=y, classes=np.array(["cat", "dog", "eel"])))
-    assert up.info.input_shape == (3, 6, 5)
-    train = up.splits["train"]
-    assert train.classes == ("cat", "dog", "eel")
-    pixels = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
-    raw = pixels[train.indices]
-    mean = raw.mean(dim=(0, 2, 3))
-    assert torch.allclose(torch.tensor(train.mean), mean, atol=1e-6)
-    std = raw.std(dim=(0, 2, 3))
-    expected = (raw - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    assert torch.allclose(train.x, expected, atol=1e-5)
-    # every image is in exactly one split
-    seen = torch.cat([up.splits[s].indices for s in ("train", "calib", "test")])
-    assert sorted(seen.tolist()) == list(range(60))
-
-
-@pytest.mark.parametrize("arrays, words", [
-    (dict(x=np.zeros((30, 8, 8))), "it needs x (the images) and y (the labels)"),
-    (dict(x=np.zeros((30, 2, 8, 8, 1)), y=np.zeros(30, int)), "give (N, H, W), (N, C, H, W)"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.zeros(29, int)), "give 30 whole numbers"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.full(30, 0.5)), "give 30 whole numbers"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.zeros(30, int)), "with K from 2 to 1000"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 2 - 1), "run from -1 to 0"),
-    (dict(x=np.full((30, 8, 8), 2.0), y=np.arange(30) % 2), "values in [0, 1]"),
-    (dict(x=np.full((30, 8, 8), np.nan), y=np.arange(30) % 2), "values in [0, 1]"),
-    (dict(x=np.zeros((10, 8, 8)), y=np.arange(10) % 2), "give 20 to 200,000 images"),
-    (dict(x=np.zeros((30, 8, 8), np.int32), y=np.arange(30) % 2), "give uint8 pixels or floats"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 2, classes=np.array(["a"])),
-     "give 2 names, one per label"),
-    (dict(x=np.zeros((30, 8, 8)), y=np.arange(30) % 15), "too few images of each class"),
-    (dict(x=np.array([object()] * 30, dtype=object), y=np.zeros(30, int)), "object arrays"),
-])  # fmt: skip
-def test_bad_data_files_are_refused_with_a_sentence(arrays, words) -> None:
-    with pytest.raises(ValueError) as e:
-        upload.load_npz(npz_bytes(**arrays))
-    assert words in str(e.value), str(e.value)
-
-
-def test_files_that_are_no_npz_are_refused() -> None:
-    for data, words in [(b"", "not a NumPy .npz file"), (b"PK\x03\x04junk", "damaged"),
-                        (torch_bytes(mlp_state()), "it needs x (the images)")]:  # fmt: skip
-        with pytest.raises(ValueError, match=re.escape(words)):
-            upload.load_npz(data)
-
-
-@settings(deadline=None, max_examples=40)
-@given(st.data())
-def test_fuzzed_npz_files_load_or_raise_value_error(data) -> None:
-    import numpy as np
-
-    good = npz_bytes(x=np.linspace(0, 1, 30 * 16, dtype=np.float32).reshape(30, 4, 4),
-                     y=np.arange(30) % 3)  # fmt: skip
-    b = bytearray(good)
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(b) - 1))
-        b[i] ^= 1 << data.draw(st.integers(0, 7))
-    cut = data.draw(st.integers(1, len(b)))
-    try:
-        up = upload.load_npz(bytes(b[:cut]))
-    except ValueError as e:
-        assert 0 < len(str(e)) < 600
-        return
-    for split in up.splits.values():
-        assert split.x.dtype == torch.float32 and bool(torch.isfinite(split.x).all())
-
-
-def _npz_with(member: str, body: bytes) -> bytes:
-    """A valid small .npz whose ``member`` is replaced by ``body``."""
-    good = npz_bytes(x=np.zeros((30, 4, 4), np.float32), y=np.arange(30) % 3)
-    with zipfile.ZipFile(io.BytesIO(good)) as z:
-        entries = {n: z.read(n) for n in z.namelist()}
-    return _zip({**entries, member: body}, zipfile.ZIP_STORED)
-
-
-def test_crafted_npz_members_are_refused_with_a_sentence() -> None:
-    # a member that is no .npy at all (numpy would hand back raw bytes)
-    with pytest.raises(ValueError, match="could not be read as a .npz file"):
-        upload.load_npz(_npz_with("x.npy", b"hello"))
-    # a header declaring a terabyte over no data: refused before numpy allocates it
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "<f8", "fortran_order": False, "shape": (1 << 37,)}
-    )
-    with pytest.raises(ValueError, match="declares 1,099,511,627,776 bytes but holds"):
-        upload.load_npz(_npz_with("x.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:]))
-    # an encrypted member (the flag bit set): zipfile raises RuntimeError
-    data = bytearray(_npz_with("x.npy", b"\x00" * 10))
-    at = data.index(b"PK\x03\x04")
-    data[at + 6] |= 1
-    with pytest.raises(ValueError):
-        upload.load_npz(bytes(data))
-
-
-def test_class_names_are_decoded_and_plain() -> None:
-    x, y = np.zeros((30, 4, 4), np.float32), np.arange(30) % 2
-    up = upload.load_npz(npz_bytes(x=x, y=y, classes=np.array([b"cat", b"**dog**"])))
-    assert up.splits["test"].classes == ("cat", "__dog__")
-
-
-def test_an_archive_of_many_entries_is_refused_from_its_end_record() -> None:
-    # the count is read from the end record before zipfile parses every entry (which took
-    # seconds for 400,000 of them)
-    data = _zip({f"e{i}": b"" for i in range(70_000)}, zipfile.ZIP_STORED)
-    assert refused(data) == ("The archive has 65,535 or more entries; a state dict of these "
-                             "architectures has a few hundred at most.")  # fmt: skip
-    with pytest.raises(ValueError, match="The archive has 65,535 or more entries; a dataset"):
-        upload.load_npz(data)
-
-
-def test_cli_data_file_is_read_like_the_known_dataset(tmp_path, capsys) -> None:
-    from sklearn.datasets import load_digits
-
-    from qcore.cli import main
-
-    d = load_digits()
-    path = tmp_path / "digits.npz"
-    np.savez(path, x=(d.images / 16.0).astype(np.float32), y=d.target)
-    assert main(["evaluate", "--model", "digits-mlp", "--data", str(path), "--bits", "4"]) == 0
-    own = capsys.readouterr().out
-    assert main(["evaluate", "--model", "digits-mlp", "--dataset", "digits", "--bits", "4"]) == 0
-    assert own == capsys.readouterr().out  # the same splits, the same numbers
-
-
-def test_cli_own_weights_on_own_data(tmp_path, capsys) -> None:
-    from qcore.cli import main
-
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (60, 6, 6)).astype(np.float32)
-    data = tmp_path / "toy.npz"
-    np.savez(data, x=x, y=np.arange(60) % 3)
-    up = upload.load_npz(data.read_bytes(), filename=data.name)
-    model = build_model("mlp", up.info.input_shape, up.info.num_classes)
-    weights = tmp_path / "toy.pt"
-    torch.save(model.state_dict(), weights)
-    argv = ["evaluate", "--model", "digits-mlp", "--weights", str(weights), "--data", str(data)]
-    assert main(argv) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first == f"float accuracy      {qcore.evaluate(model, up.splits['test']).accuracy:.4f}"
-    assert main([*argv, "--dataset", "digits"]) == 2
-    assert capsys.readouterr().err == "error: Give --dataset or --data, not both.\n"
-    assert main(["evaluate", "--model", "digits-mlp", "--data", str(data)]) == 2
-    assert "expects 1x8x8 inputs and 10 classes" in capsys.readouterr().err
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".streamlit", "config.toml"), "rb") as f:
+        config = tomllib.load(f)
+    # the browser counts a megabyte as 10^6 bytes; Streamlit's server as 2^20, a looser cap
+    assert config["server"]["maxUploadSize"] == MAX_UPLOAD_MB == 50
+    assert MAX_UPLOAD_BYTES == MAX_UPLOAD_MB * 10**6 == 50_000_000
+    sidebar = open(os.path.join(root, "pages", "sidebar.py")).read()
+    assert sidebar.count("max_upload_size=MAX_UPLOAD_MB") == 2  # both uploaders say so
