@@ -241,9 +241,11 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
                 key="per_channel",
                 horizontal=True,
                 persist_state=_KEEP,
-                disabled=is_float,
+                disabled=is_float or shared,
                 format_func=lambda v: "per-channel" if v else "per-tensor",
-                help="One scale per tensor, or one per output channel.",
+                help="One scale per tensor, or one per output channel."
+                + ("\n\nUnused with a k-means codebook: one codebook per layer." if shared
+                   else ""),
             )
             st.radio(
                 "Rounding",
@@ -380,6 +382,13 @@ def layer_bits_note(settings: Settings) -> None:
         on_click=_clear_layer_bits,
         help="Use the bit-width slider for every layer again.",
     )
+
+
+def settings_notes(settings: Settings) -> None:
+    """Say which choice could not be used with another, and what is used instead
+    (:meth:`qcore.config.Settings.notes`): the page still shows results."""
+    for note in settings.notes():
+        st.info(note, icon=":material/info:")
 
 
 def _clear_layer_bits() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -111,6 +111,17 @@ def _range_text(lo: Any, hi: Any, groups: int, unit: str = "") -> str:
     return text + unit + (f" over {groups} channels" if groups > 1 else "")
 
 
+def _channels(n: int, shape: str) -> str:
+    """`` (32 channels)``, or `` (23 of 32 channels kept)`` when pruning removed some whole
+    (the row then describes the kept ones: :func:`qcore.report.layer_row`).
+
+    >>> _channels(32, "32×1×3×3"), _channels(23, "32×1×3×3")
+    (' (32 channels)', ' (23 of 32 channels kept)')
+    """
+    total = int(str(shape).split("×")[0])
+    return f" ({n} channels)" if n >= total else f" ({n} of {total} channels kept)"
+
+
 def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
     """The per-layer table as the Playground shows it: text where a number needs words
     (an unchanged layer's SQNR, a float layer's grid), the rest as numbers; with ``sizes``
@@ -130,8 +141,9 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
               else [None] * len(table))  # fmt: skip
     out["grid range"] = [
         f"k-means: {int(k)} shared values" if not _missing(k)
-        else _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else f" ({n} channels)")
-        for lo, hi, n, k in zip(table["grid low"], table["grid high"], g, shared, strict=True)
+        else _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else _channels(n, shape))
+        for lo, hi, n, k, shape in zip(table["grid low"], table["grid high"], g, shared,
+                                       table["shape"], strict=True)
     ]
     out["scale Δ"] = [
         "none (codebook)" if not _missing(k) else _range_text(a, b, n) for a, b, n, k in
@@ -151,6 +163,10 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
         out[col] = table[col]
     return out
 
+
+# The Trade-offs table's columns: SQNR is the whole model's, one definition on every page.
+SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
+               "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip
 
 # Where each layer's packed bytes go, as the Playground's table shows them.
 SIZE_COLUMNS = ("code bits", "index bits", "codebook bytes", "table bytes")
@@ -207,13 +223,15 @@ LAYER_DISPLAY_COLUMNS = LAYER_TABLE_COLUMNS | {
     ),
     "grid range": st.column_config.TextColumn(
         "grid range",
-        help="The values the codes reach: the clip range after the scale and zero point are "
-        "rounded. Per-channel scales: the lowest and highest bound over the channels.",
+        help="The values the codes reach, in weight units: the clip range after the scale and "
+        "zero point are rounded. Per-channel scales: the lowest and highest bound over the "
+        "channels that keep a weight (a channel pruned whole has none).",
     ),
     "scale Δ": st.column_config.TextColumn(
         "scale Δ",
-        help="The step between neighbouring levels (at 1 bit: α, the level's magnitude). "
-        "Per-channel scales: the smallest and largest over the channels.",
+        help="The step between neighbouring levels, in weight units (at 1 bit: α, the level's "
+        "magnitude). Per-channel scales: the smallest and largest over the channels that "
+        "keep a weight.",
     ),
     "zero point": st.column_config.TextColumn(
         "zero point",
@@ -273,6 +291,44 @@ def results_json(model_name: str, dataset_name: str, settings: Settings, r: Resu
         mean_sqnr_db=r.mean_sqnr_db,
         layers=r.layers.to_dict("records"),
     )
+
+
+class Delta(NamedTuple):
+    """A metric's delta: its text, colour and arrow (``st.metric``'s arguments)."""
+
+    text: str
+    color: str  # "normal" or "off"
+    arrow: str  # "auto" or "off"
+
+
+def points_delta(value: float, reference: float, against: str) -> Delta:
+    """The change in percentage points against ``against``, as shown (one decimal): no
+    colour and no arrow when it shows as no change.
+
+    >>> points_delta(0.972, 0.985, "mnist-cnn").text
+    '−1.3 pts vs mnist-cnn'
+    >>> points_delta(0.98, 0.98, "float")
+    Delta(text='±0.0 pts vs float', color='off', arrow='off')
+    """
+    d = round((value - reference) * 100, 1)
+    if d == 0:
+        return Delta(f"±0.0 pts vs {against}", "off", "off")
+    return Delta(f"{'+' if d > 0 else '−'}{abs(d):.1f} pts vs {against}", "normal", "auto")
+
+
+def reference_text(base: str | None, reference: float, own_float: float) -> str:
+    """What the accuracy is compared with: the float model, or for a fine-tuned model the
+    model it came from (and its own unquantized accuracy, labelled as such).
+
+    >>> reference_text(None, 0.985, 0.985)
+    'The float model gets 98.5%.'
+    >>> reference_text("mnist-cnn", 0.985, 0.85)[:60]
+    'Compared with mnist-cnn, the model it was fine-tuned from: 9'
+    """
+    if base is None:
+        return f"The float model gets {reference:.1%}."
+    return (f"Compared with {base}, the model it was fine-tuned from: {reference:.1%} in "
+            f"float. This fine-tuned model's own weights, unquantized: {own_float:.1%}.")
 
 
 def wrong_caption(truth: str, float_pred: str, now_pred: str) -> str:

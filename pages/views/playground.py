@@ -7,8 +7,9 @@ from dataclasses import replace
 import streamlit as st
 
 from pages import cache, figures, tables
-from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
+from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note, settings_notes
 from pages.query import sync_query
+from pages.session import model_ref, reference_model
 from pages.sidebar import require_model_and_dataset
 from qcore import teach
 from qcore.analysis import ACT_HISTOGRAM_IMAGES
@@ -40,6 +41,7 @@ layer_names = cache.layer_names(model)
 blocks = cache.removable_blocks(model)
 settings = compression_ui(layer_names, blocks)
 layer_bits_note(settings)
+settings_notes(settings)
 if settings.drop:
     st.caption(
         "Removed: " + "; ".join(blocks.get(n, n) for n in settings.drop) + ". Each runs as the "
@@ -74,18 +76,26 @@ acts_text = (
     else f"activations rounded to {settings.abits}-bit codes on ranges calibrated on the "
     f"calibration split ({settings.aobs})"
 )
+# a fine-tuned model is compared with the model it came from, not its own float weights
+base = reference_model(model.name)
+ref_acc = (r.float_accuracy if base is None
+           else cache.float_metrics(model_ref(base), data).accuracy)  # fmt: skip
+ref_text = tables.reference_text(base, ref_acc, r.float_accuracy)
+change = tables.points_delta(r.accuracy, ref_acc, "float" if base is None else base)
+wa = settings.wa_label(layer_names)
 acc.metric(
     "Accuracy (simulated)",
     f"{r.accuracy:.1%}",
-    delta=f"{(r.accuracy - r.float_accuracy) * 100:+.1f} pts vs float",
+    delta=change.text,
+    delta_color=change.color,
+    delta_arrow=change.arrow,
     border=True,
     help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded "
-    f"({acts_text}) but run in float arithmetic. {settings.wa_label()}: weights in "
-    f"{'32' if settings.bits is None else settings.bits} bits, activations in "
-    f"{'32' if settings.abits is None else settings.abits}. The float model gets "
-    f"{r.float_accuracy:.1%}.",
+    f"({acts_text}) but run in float arithmetic. {wa}: weights in "
+    f"{settings.weight_bits_text(layer_names)}, activations in "
+    f"{'32' if settings.abits is None else settings.abits} bits. {ref_text}",
 )
-acc.caption(f"**{settings.wa_label()}** · simulated")
+acc.caption(f"**{wa}** · simulated")
 acc.caption(f"{r.n:,} test images:  \none image is {100 / r.n:.2g} pts")
 vs_float = _against_float(r.size_bytes, r.float_size_bytes)
 if unpruned is not None and r.size_bytes > unpruned:
@@ -123,8 +133,9 @@ sqnr.metric(
     _sqnr(r.sqnr_db),
     border=True,
     help="10·log10(Σ‖w‖² / Σ‖w − q(w)‖²) over all compressed layers together: the total "
-    "signal over the total error, so large layers weigh more. Each layer's own SQNR is in "
-    "the per-layer table."
+    "signal over the total error, so large layers weigh more. The weights of a removed "
+    "block count as all error (they are gone). Each layer's own SQNR is in the per-layer "
+    "table."
     + (
         " — means no error at all: every weight is the float one (infinite SQNR)."
         if r.sqnr_db == math.inf
@@ -139,8 +150,7 @@ agree.metric(
     "model predicts the same class as the float model.",
 )
 st.caption(
-    f"Float model: {r.float_accuracy:.1%} accuracy, "
-    f"{figures.format_bytes(r.float_size_bytes)} as float32. "
+    f"{ref_text} Float32 size: {figures.format_bytes(r.float_size_bytes)}. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
 
