@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
-from qcore import report
+from qcore import report, teach
 from qcore.config import Settings
 
 
@@ -45,6 +45,7 @@ class Result:
     seconds: float  # time to compress and evaluate
     # where each layer's packed bytes go (:func:`size_table`), beside ``layers``
     sizes: pd.DataFrame | None = None
+    clip_note: str = ""  # an absolute clip above a layer's max|w| (:func:`qcore.teach.clip_note`)
 
 
 def make_result(
@@ -72,6 +73,7 @@ def make_result(
         shapes={s.name: s.shape for s in comp.layers},
         seconds=seconds,
         sizes=size_table(comp),
+        clip_note=teach.clip_note(comp),
     )
 
 
@@ -540,4 +542,8 @@ def clip_curve_caption(curve: Any) -> str:
         "smaller c clips more weights; a larger one makes the step, and every rounding, "
         f"coarser. max|w| = {number(curve.max_abs)}: beyond it nothing is clipped."
     )
+    if c_now > curve.max_abs:
+        empty, levels = curve.empty
+        text += (f" c = {number(c_now)} is above max|w| ({number(curve.max_abs)}): {empty} of "
+                 f"the {levels} levels hold no weight.")
     return f"{text} {curve.note}".strip()

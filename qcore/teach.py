@@ -26,7 +26,7 @@ from qcore.quant import choose_qparams
 
 __all__ = [
     "Journey", "weight_journey", "random_weight_index", "ErrorCurve", "clip_error_curve",
-    "trap_hint",
+    "trap_hint", "empty_levels", "clip_note",
 ]  # fmt: skip
 
 
@@ -148,6 +148,9 @@ class ErrorCurve:
     table: pd.DataFrame  # columns c, clip_error, rounding_error, total; c ascending
     current: tuple[float, float]  # (the layer's clip magnitude, the curve's total there)
     optimum: tuple[float, float]  # (the c of least total on the curve, that total)
+    # (levels holding no kept weight, levels) of the layer's grid at ``current`` (its
+    # widest channel with per-channel scales)
+    empty: tuple[int, int] = (0, 0)
 
 
 class _Errors:
@@ -174,13 +177,18 @@ class _Errors:
         return float(e[inside:].sum()), float(e[:inside].sum())
 
 
+EXTRA_POINTS = 12  # points added past 1.25 * max|w| when the layer's clip lies beyond
+
+
 def clip_error_curve(compressed: Compressed, layer: str, points: int = 60) -> ErrorCurve:
     """The clip / rounding error trade-off of ``layer`` at ``points`` clip magnitudes.
 
     c runs over i * max|w| / round(0.8 * points) for i = 1..points: from a small fraction
     of max|w| through max|w| exactly (where clip_error is 0) to about 1.25 * max|w|, so
-    the widening of the steps past max|w| shows. ``current`` is the curve at the layer's
-    clip magnitude max(-lo, hi) (the widest channel's with per-channel scales).
+    the widening of the steps past max|w| shows; when the layer's own clip magnitude lies
+    beyond, :data:`EXTRA_POINTS` more run evenly on to 1.05 times it, so the curve covers
+    it. ``current`` is the curve at the layer's clip magnitude max(-lo, hi) (the widest
+    channel's with per-channel scales).
     """
     res = _layer(compressed, layer)
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
@@ -200,13 +208,17 @@ def clip_error_curve(compressed: Compressed, layer: str, points: int = 60) -> Er
     errors = _Errors(w, cfg, res.bits)
     k = max(1, round(0.8 * points))
     cs = [float(torch.tensor(amax * (i / k), dtype=torch.float32)) for i in range(1, points + 1)]
+    c_now = float(torch.maximum(-res.qparams.lo, res.qparams.hi).max())
+    if c_now > cs[-1]:  # a clip above the curve's end (absolute mode): reach past it
+        step = (1.05 * c_now - cs[-1]) / EXTRA_POINTS
+        cs += [float(torch.tensor(cs[-1] + step * i, dtype=torch.float32))
+               for i in range(1, EXTRA_POINTS + 1)]  # fmt: skip
     rows = []
     for c in cs:
         clip_error, rounding_error = errors(c)
         rows.append((c, clip_error, rounding_error, clip_error + rounding_error))
     table = pd.DataFrame(rows, columns=["c", "clip_error", "rounding_error", "total"])
     best = int(table["total"].to_numpy().argmin())  # the first of equal minima
-    c_now = float(torch.maximum(-res.qparams.lo, res.qparams.hi).max())
     now = sum(errors(c_now)) if c_now > 0 else float((w.double() ** 2).sum())
     notes = []
     if res.per_channel:
@@ -224,13 +236,22 @@ def clip_error_curve(compressed: Compressed, layer: str, points: int = 60) -> Er
         table=table,
         current=(c_now, now),
         optimum=(float(table["c"].iloc[best]), float(table["total"].iloc[best])),
+        empty=empty_levels(res, int(torch.argmax(torch.maximum(-res.qparams.lo,
+                                                               res.qparams.hi)))),
     )
 
 
 def trap_hint(
-    bits: int, clip_mode: str, clip: float, accuracy: float, one_bit_accuracy: float | None
+    bits: int,
+    clip_mode: str,
+    clip: float,
+    accuracy: float,
+    one_bit_accuracy: float | None,
+    symmetric: bool = True,
 ) -> str | None:
     """A one-line hint when 2 bits without clipping scores below 1 bit; None otherwise.
+    It describes the grid of the setting shown: symmetric 2-bit codes have 3 levels,
+    asymmetric ones 4.
 
     >>> trap_hint(2, "ratio", 1.0, 0.10, 0.62) is not None, trap_hint(2, "mse", 1.0, 0.1, 0.62)
     (True, None)
@@ -238,6 +259,62 @@ def trap_hint(
     if (bits != 2 or clip_mode != "ratio" or clip != 1.0 or one_bit_accuracy is None
             or not accuracy < one_bit_accuracy):
         return None
+    levels = ("its 3 levels are -max|w|, 0 and +max|w|" if symmetric else
+              "its 4 levels are spread evenly from min(w) to max(w), a third of that range "
+              "apart, with 0 one of them")  # fmt: skip
     return (f"2 bits without clipping scores {accuracy:.1%}, below 1 bit's "
-            f"{one_bit_accuracy:.1%}: its levels are -max|w|, 0 and +max|w|, so almost every "
-            "weight rounds to 0. Try the mse clip mode, which narrows the range.")
+            f"{one_bit_accuracy:.1%}: {levels}, so almost every weight rounds to 0. Try the "
+            "mse clip mode, which narrows the range.")
+
+
+def empty_levels(res: LayerResult, group: int = 0) -> tuple[int, int]:
+    """(levels no kept weight rounds to, levels) of one scale group of a quantized layer:
+    with a clip range wider than the weights, the outer levels hold nothing.
+
+    >>> from qcore.compress import compress
+    >>> from qcore.config import CompressionConfig
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.copy_(torch.tensor([[0.25, -0.5]]))
+    >>> q = QuantConfig(bits=3, clip_mode="absolute", clip=2.0)
+    >>> c = compress(net.eval(), CompressionConfig(quant=q))
+    >>> empty_levels(c.layer("0"))   # levels -2 .. 2 in steps of 2/3: 0.25 -> 0, -0.5 -> -2/3
+    (5, 7)
+    """
+    qp = res.qparams
+    if qp is None:
+        raise ValueError(f"Layer {res.name!r} has no grid: it is left in float or shared.")
+    levels = 2 if qp.binary else int(qp.qmax - qp.qmin + 1)
+    g = qp.scale.numel()
+    codes = res.codes.reshape(g, -1)[group]
+    if res.mask is not None:
+        codes = codes[res.mask.reshape(g, -1)[group]]
+    return levels - int(torch.unique(codes).numel()), levels
+
+
+def clip_note(compressed: Compressed) -> str:
+    """A sentence when the ``absolute`` clip c lies above a quantized layer's max|w| (its
+    grid then reaches past every weight and some levels hold no weight); "" otherwise."""
+    q = compressed.config.quant
+    if q is None or q.clip_mode != "absolute" or q.codebook != "uniform":
+        return ""
+    over = []
+    for res in compressed.layers:
+        if res.qparams is None or res.qparams.binary:
+            continue
+        w = res.float_weight if res.mask is None else res.float_weight[res.mask]
+        amax = float(w.abs().max()) if w.numel() else 0.0
+        if q.clip > amax:
+            g = int(torch.argmax(torch.maximum(-res.qparams.lo, res.qparams.hi)))
+            empty, levels = empty_levels(res, g)
+            over.append((res.name, amax, empty, levels))
+    if not over:
+        return ""
+    top = max(a for _, a, _, _ in over)
+    every = len(over) == sum(1 for r in compressed.layers if r.qparams is not None)
+    which = ("every quantized layer's" if every else
+             "one layer's" if len(over) == 1 else f"{len(over)} layers'")  # fmt: skip
+    parts = "; ".join(f"{n}: {e} of {lv}" for n, _, e, lv in over)
+    return (f"c = {q.clip:g} is above the largest |w| of {which} weights ({top:.2f} at most): "
+            f"the grid reaches past every weight, so its outer levels hold none. Levels that "
+            f"hold no weight: {parts}. A c at or below max|w| puts the levels on the weights.")

@@ -63,3 +63,27 @@ def test_tradeoffs_shows_the_playgrounds_whole_model_sqnr() -> None:
         shown = float(df.loc[df["bits"] == bits, "sqnr_db"].iloc[0])
         playground = cache.results(CNN, MNIST, Settings(bits=bits))
         assert shown == pytest.approx(playground.sqnr_db)
+
+
+@needs_sample
+def test_absolute_clip_above_max_w_says_so_on_the_playground() -> None:
+    at = open_app(bits="4", clip_mode="absolute", clip="1.5")
+    assert not at.exception and not at.error
+    (warning,) = [w.value for w in at.warning if "above the largest |w|" in w.value]
+    assert warning.startswith("c = 1.5 is above the largest |w| of every quantized layer's "
+                              "weights (0.50 at most)")  # fmt: skip
+    assert "conv1: 10 of 15" in warning  # the levels that hold no weight, counted
+    assert any("c = 1.5 is above max|w| (0.50012): 10 of the 15 levels hold no weight." in c
+               for c in texts(at.caption))  # fmt: skip
+
+
+@needs_sample
+def test_two_bit_tip_for_asymmetric_codes_names_four_levels() -> None:
+    # mnist-cnn: 2 bits asymmetric 35.3 %, 1 bit 69.1 %, so the tip shows
+    at = open_app(bits="2", symmetric="false")
+    assert not at.exception
+    (tip,) = [i.value for i in at.info if "below 1 bit's" in i.value]
+    assert "its 4 levels are spread evenly from min(w) to max(w)" in tip
+    assert "-max|w|, 0 and +max|w|" not in tip
+    (sym,) = [i.value for i in open_app(bits="2").info if "below 1 bit's" in i.value]
+    assert "its 3 levels are -max|w|, 0 and +max|w|" in sym

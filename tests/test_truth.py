@@ -108,3 +108,44 @@ def test_kmeans_with_per_channel_resolves_the_same_way_in_the_cli(capsys) -> Non
         ["--model", "mnist-cnn", "--bits", "4", "--per-channel", "--codebook", "kmeans"])
     cfg = _config(args, net)
     assert cfg.quant.codebook == "kmeans" and cfg.quant.per_channel is False
+
+
+def test_two_bit_tip_describes_the_grid_shown() -> None:
+    from qcore import teach
+
+    sym = teach.trap_hint(2, "ratio", 1.0, 0.1, 0.6, symmetric=True)
+    asym = teach.trap_hint(2, "ratio", 1.0, 0.1, 0.6, symmetric=False)
+    assert "3 levels are -max|w|, 0 and +max|w|" in sym
+    assert "4 levels" in asym and "-max|w|, 0 and +max|w|" not in asym
+
+
+def test_absolute_clip_above_max_w_counts_the_empty_levels() -> None:
+    from qcore import teach
+
+    net = _conv_net()
+    amaxes = [float(p.detach().abs().max()) for n, p in net.named_parameters() if "weight" in n]
+    amax = max(amaxes)
+    c = qcore.compress(net, Settings(bits=4, clip_mode="absolute", clip=3 * amax)
+                       .to_config())  # fmt: skip
+    for res in c.layers:  # brute force: the levels that no weight's code lands on
+        used = {int(v) for v in res.codes.reshape(-1)}
+        assert teach.empty_levels(res) == (15 - len(used), 15)
+        assert teach.empty_levels(res)[0] > 0
+    note = teach.clip_note(c)
+    assert note.startswith(f"c = {3 * amax:g} is above the largest |w| of every quantized")
+    # the error curve reaches the layer's c, and the caption says what lies past max|w|
+    curve = teach.clip_error_curve(c, "0")
+    assert curve.current[0] == pytest.approx(3 * amax)
+    assert curve.table["c"].max() >= curve.current[0]
+    assert curve.table["c"].is_monotonic_increasing
+    from pages import tables
+
+    caption = tables.clip_curve_caption(curve)
+    assert "of the 15 levels hold no weight" in caption
+    assert f"{curve.empty[0]} of the 15 levels" in caption
+    # within max|w|: no note, and the curve ends at 1.25 max|w| as before
+    inside = qcore.compress(net, Settings(bits=4, clip_mode="absolute", clip=min(amaxes) / 2)
+                            .to_config())  # fmt: skip
+    assert teach.clip_note(inside) == ""
+    plain = teach.clip_error_curve(inside, "0")
+    assert len(plain.table) == 60

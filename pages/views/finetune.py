@@ -184,6 +184,7 @@ model, data = require_model_and_dataset()
 sync_query({})
 layer_names = cache.layer_names(model)
 settings = playground_settings(layer_names)
+wa = settings.wa_label(layer_names)  # what is stored: per-layer bits read as they are
 st.caption(
     "Post-training compression rounds a trained model's weights once; below 3 or 4 bits that "
     "costs accuracy. Fine-tuning trains with the compression in the forward pass (the "
@@ -193,7 +194,7 @@ st.caption(
     "model in the sidebar is never changed: the result is a new model."
 )
 st.markdown(
-    f"Starting from the Playground's setting: **{settings.wa_label()}** · {settings.label()}"
+    f"Starting from the Playground's setting: **{wa}** · {settings.label()}"
 )
 
 try:
@@ -298,9 +299,9 @@ table = pd.DataFrame([
     {"model": f"float ({model.name})", "accuracy": post.float_accuracy * 100,
      "size_bytes": post.float_size_bytes, "stored as": "float32"},
     {"model": "post-training", "accuracy": post.accuracy * 100,
-     "size_bytes": post.size_bytes, "stored as": f"packed, {settings.wa_label()}"},
+     "size_bytes": post.size_bytes, "stored as": f"packed, {wa}"},
     {"model": "fine-tuned", "accuracy": outcome.accuracy * 100,
-     "size_bytes": outcome.compressed.size_bytes, "stored as": f"packed, {settings.wa_label()}"},
+     "size_bytes": outcome.compressed.size_bytes, "stored as": f"packed, {wa}"},
 ])  # fmt: skip
 st.dataframe(
     table,
@@ -333,7 +334,7 @@ st.caption(
 )
 st.plotly_chart(
     figures.training_curves(hist, total_steps=steps or None,
-                            title=f"Training curves ({settings.wa_label()})"),
+                            title=f"Training curves ({wa})"),
     key="ft_curves",
 )  # fmt: skip
 

@@ -155,6 +155,10 @@ st.caption(
 )
 
 
+if r.clip_note:  # an absolute clip above max|w|: levels that hold no weight
+    st.warning(r.clip_note, icon=":material/open_in_full:")
+
+
 # --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------
 def _use_mse() -> None:
     st.session_state["clip_mode"] = "mse"
@@ -169,7 +173,8 @@ if (
 ):
     try:
         one_bit = cache.results(model, data, replace(settings, bits=1).canonical())
-        hint = teach.trap_hint(2, "ratio", 1.0, r.accuracy, one_bit.accuracy)
+        hint = teach.trap_hint(2, "ratio", 1.0, r.accuracy, one_bit.accuracy,
+                               symmetric=settings.symmetric)  # fmt: skip
         if hint:
             mse = cache.results(model, data, replace(settings, clip_mode="mse").canonical())
     except ValueError:
