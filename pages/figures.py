@@ -840,17 +840,48 @@ ROBUST_TITLES = {
 }
 
 
+ROBUST_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross")
+
+
+def coinciding(curves: Mapping[str, pd.DataFrame]) -> list[list[str]]:
+    """Groups of labels whose curves are the same (equal accuracy at every strength), so
+    that one line hides the others; only groups of two or more.
+
+    >>> a = pd.DataFrame({"strength": [0.0, 0.1], "accuracy": [0.9, 0.5]})
+    >>> coinciding({"x": a, "y": a.copy(), "z": a.assign(accuracy=[0.9, 0.4])})
+    [['x', 'y']]
+    """
+    groups: dict[tuple, list[str]] = {}
+    for label, df in curves.items():
+        rows = df.sort_values("strength")
+        key = tuple(zip(rows["strength"].astype(float), rows["accuracy"].astype(float),
+                        strict=True))  # fmt: skip
+        groups.setdefault(key, []).append(label)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def robustness_curves(
     curves: Mapping[str, pd.DataFrame], perturbation: str, unit: str
 ) -> go.Figure:
     """Accuracy against strength, one line per model variant (label -> ``qcore.robustness``
     rows); the first (the float model) is a wide pale band. Weight perturbations show the
-    spread over draws as error bars (min to max)."""
+    spread over draws as error bars (min to max). Each variant has its own marker, and a
+    note names the variants whose curves coincide. On the log axis of bit flips, strength 0
+    cannot be drawn: its clean accuracy goes into the legend, and only the strengths above
+    0 are points (a lone point without a line)."""
     fig = go.Figure()
     log_x = perturbation == "bitflip"
+    shown_x: list[float] = []
     for i, (label, df) in enumerate(curves.items()):
         rows = df.sort_values("strength")
+        name = label
+        if log_x:  # 0 has no place on a log axis: say the clean accuracy instead
+            clean = rows[rows["strength"] <= 0]
+            if len(clean):
+                name = f"{label} (clean {100 * float(clean['accuracy'].iloc[0]):.1f} %)"
+            rows = rows[rows["strength"] > 0]
         x = rows["strength"].astype(float).tolist()
+        shown_x += x
         y = [100 * a for a in rows["accuracy"].astype(float)]
         err = None
         if "draws" in rows and (rows["draws"] > 1).any():
@@ -860,22 +891,39 @@ def robustness_curves(
                 "arrayminus": [b - 100 * a for a, b in zip(rows["accuracy_min"], y, strict=True)],
             }  # fmt: skip
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=label, error_y=err,
+            x=x, y=y, mode="lines+markers" if len(x) > 1 else "markers", name=name,
+            error_y=err,
             # the first (float) as a wide pale band, so a curve on top of it stays visible
             line={"color": ROBUST_COLORS[i % len(ROBUST_COLORS)], "width": 8 if i == 0 else 2},
+            # markers of decreasing size and their own shape: equal points stay visible
+            marker={"symbol": ROBUST_SYMBOLS[i % len(ROBUST_SYMBOLS)],
+                    "size": max(14 - 2 * i, 6)},
             opacity=0.45 if i == 0 else 1.0,
             customdata=[100 * a for a in rows["agreement"].astype(float)],
             hovertemplate=f"{label}<br>strength %{{x:g}}: accuracy %{{y:.1f}} %"
                           "<br>agreement with its clean prediction %{customdata:.1f} %"
                           "<extra></extra>",
         ))  # fmt: skip
+    same = coinciding(curves)
+    if same:
+        fig.add_annotation(
+            text="Same accuracy at every strength (one line hides the other): "
+            + "; ".join(" and ".join(g) for g in same),
+            xref="paper", yref="paper", x=0, y=1.02, showarrow=False, xanchor="left",
+            yanchor="bottom", font={"size": 11},
+        )
+    xaxis: dict[str, Any] = {"title": unit + (" (log scale; 0 not shown)" if log_x else ""),
+                             "type": "log" if log_x else "linear"}
+    if log_x and shown_x:  # the axis spans the measured strengths, half a decade beyond
+        lo, hi = math.log10(min(shown_x)), math.log10(max(shown_x))
+        xaxis["range"] = [lo - 0.5, hi + 0.5]
+        xaxis["dtick"] = 1  # decades only: 10^-4, 10^-3, ...
     fig.update_layout(
         title=ROBUST_TITLES.get(perturbation, perturbation),
-        xaxis={"title": unit + (" (log scale; 0 not shown)" if log_x else ""),
-               "type": "log" if log_x else "linear"},
+        xaxis=xaxis,
         yaxis={"title": "accuracy (%, simulated, test split)", "range": [0, 101]},
         legend={"orientation": "h", "y": -0.3},
-        margin={"t": 50, "b": 10, "l": 10, "r": 10},
+        margin={"t": 70 if same else 50, "b": 10, "l": 10, "r": 10},
         height=400,
     )  # fmt: skip
     return fig

@@ -87,3 +87,16 @@ def test_two_bit_tip_for_asymmetric_codes_names_four_levels() -> None:
     assert "-max|w|, 0 and +max|w|" not in tip
     (sym,) = [i.value for i in open_app(bits="2").info if "below 1 bit's" in i.value]
     assert "its 3 levels are -max|w|, 0 and +max|w|" in sym
+
+
+@needs_sample
+def test_a_dataset_not_on_disk_is_the_one_the_link_names(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QCORE_DATA_DIR", str(tmp_path))  # nothing downloaded there
+    at = open_app()
+    assert at.query_params["dataset"] == "mnist-5k"
+    at.selectbox(key="dataset_picker:mnist-cnn").set_value("fashion-mnist").run()
+    assert not at.exception
+    assert any("fashion-mnist dataset is not on this server" in e.value for e in at.error)
+    assert at.query_params["dataset"] == "fashion-mnist"  # a shared link opens this one
+    assert at.query_params["model"] == "mnist-cnn"
+    assert not any(str(tmp_path) in e.value for e in at.error)

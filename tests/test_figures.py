@@ -481,3 +481,39 @@ def test_training_curves_of_no_rows_yet_is_an_empty_frame() -> None:
     fig = figures.training_curves(pd.DataFrame(), total_steps=20)
     assert [len(t.x) for t in fig.data] == [0, 0]  # live: drawn before the first step
     assert list(fig.layout.xaxis.range) == [0, 20]
+
+
+# --- issue 18: the robustness chart draws only what was measured ----------------------------
+
+
+def _rows(strengths, accuracies) -> pd.DataFrame:
+    return pd.DataFrame({"strength": strengths, "accuracy": accuracies,
+                         "agreement": [1.0] * len(strengths)})  # fmt: skip
+
+
+def test_bitflip_curves_draw_points_only_where_measured() -> None:
+    # strengths "0 0.0001": the float model falls, two quantized variants keep the same
+    curves = {"float32": _rows([0.0, 1e-4], [0.985, 0.144]),
+              "8-bit": _rows([0.0, 1e-4], [0.985, 0.985]),
+              "4-bit": _rows([0.0, 1e-4], [0.985, 0.985])}  # fmt: skip
+    fig = figures.robustness_curves(curves, "bitflip", "fraction of stored bits flipped")
+    for t in fig.data:
+        assert list(t.x) == [1e-4]  # no point at 0 drawn at the axis' left edge
+        assert t.mode == "markers"  # one measured point: no line from nowhere
+    assert [t.name for t in fig.data] == [
+        "float32 (clean 98.5 %)", "8-bit (clean 98.5 %)", "4-bit (clean 98.5 %)"]
+    # the axis spans the measured strength, not an empty decade to 10^-3 and beyond
+    assert fig.layout.xaxis.range == (-4.5, -3.5) and fig.layout.xaxis.dtick == 1
+    # coinciding curves: their own markers, and a note naming them
+    symbols = [t.marker.symbol for t in fig.data]
+    assert len(set(symbols)) == 3
+    (note,) = [a.text for a in fig.layout.annotations]
+    assert note.endswith("8-bit and 4-bit")
+
+
+def test_linear_curves_keep_strength_zero_and_no_note_when_distinct() -> None:
+    curves = {"float32": _rows([0.0, 0.1], [0.98, 0.6]), "4 bits": _rows([0.0, 0.1], [0.97, 0.7])}
+    fig = figures.robustness_curves(curves, "fgsm", "epsilon")
+    assert [list(t.x) for t in fig.data] == [[0.0, 0.1], [0.0, 0.1]]
+    assert all(t.mode == "lines+markers" for t in fig.data)
+    assert not fig.layout.annotations and figures.coinciding(curves) == []
