@@ -191,12 +191,28 @@ def weight_histogram_figure(
         xaxis_title=f"{noun.removesuffix('s')} value",
         yaxis_title=f"{noun} per bin" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear",
+        yaxis_dtick=1 if log_y else None,  # a log axis labels decades only: 1, 10, 100
+        # the bins' own span, with several labels (an activation edge's range is narrow)
+        xaxis={"range": [float(edges[0]), float(edges[-1])], "nticks": 9},
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
         height=380,
     )
     return fig
+
+
+def row_percent(matrix: np.ndarray) -> np.ndarray:
+    """Each row as percentages of its sum (a true class's test images); 0 for an empty row.
+
+    >>> row_percent(np.array([[3, 1], [0, 0]])).tolist()
+    [[75.0, 25.0], [0.0, 0.0]]
+    """
+    m = np.asarray(matrix, dtype=float)
+    return 100 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+
+
+CONFUSION_SCALE_TITLE = "% of the true class's images (each row sums to 100)"
 
 
 def confusion_figure(
@@ -206,18 +222,27 @@ def confusion_figure(
     reference: np.ndarray | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Confusion matrix heatmap (row = true class, column = predicted).
+    """Confusion matrix heatmap (row = true class, column = predicted), in row percentages:
+    each cell is the share of that true class's test images predicted as the column's
+    class, so classes of different sizes compare; the counts are in the hover.
 
-    With ``reference`` (the float model's matrix) it shows the change, red for fewer.
+    With ``reference`` (the float model's matrix) it shows the change in percentage points,
+    red for fewer.
     """
     m = np.asarray(matrix)
     labels = [str(c) for c in classes]
+    pct = row_percent(m)
     if reference is None:
-        z, scale, mid, hover = m, "Blues", None, "true %{y}, predicted %{x}: %{z:,}"
+        z, scale, mid, counts = pct, "Blues", None, m
+        hover = "true %{y}, predicted %{x}: %{z:.1f} % of the row (%{customdata:,} images)"
+        bar = CONFUSION_SCALE_TITLE
     else:
-        z = m - np.asarray(reference)
+        ref = np.asarray(reference)
+        z, counts = pct - row_percent(ref), m - ref
         scale, mid = "RdBu", 0
-        hover = "true %{y}, predicted %{x}: %{z:+,} vs float"
+        hover = ("true %{y}, predicted %{x}: %{z:+.1f} pts of the row vs float "
+                 "(%{customdata:+,} images)")  # fmt: skip
+        bar = "change in % of the true class's images (pts)"
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -225,14 +250,16 @@ def confusion_figure(
             y=labels,
             colorscale=scale,
             zmid=mid,
-            texttemplate="%{z}",
+            customdata=counts,
+            texttemplate="%{z:.0f}" if reference is None else "%{z:+.0f}",
             hovertemplate=hover + "<extra></extra>",
+            colorbar={"title": {"text": bar, "side": "right"}},
         )
     )
     fig.update_layout(
         title=title,
         xaxis_title="predicted class",
-        yaxis_title="true class",
+        yaxis_title="true class (each row: % of its images)",
         yaxis_autorange="reversed",
         xaxis={"type": "category"},
         yaxis={"type": "category"},
@@ -380,8 +407,9 @@ def tradeoff_figure(
                 y=[current["accuracy"]],
                 mode="markers",
                 name="Playground setting",
-                marker={"size": 20, "symbol": "star", "color": "gold",
-                        "line": {"width": 1.5, "color": CURRENT_COLOR}},
+                # an open star: the sweep points it sits on stay visible inside it
+                marker={"size": 22, "symbol": "star-open", "color": CURRENT_COLOR,
+                        "line": {"width": 2.5, "color": CURRENT_COLOR}},
                 text=[f"Playground: {current.get('label', '')}<br>accuracy "
                       f"{current['accuracy']:.2%} · {format_bytes(current['size_bytes'])} packed"],
                 hovertemplate="%{text}<extra></extra>",
@@ -408,7 +436,8 @@ def tradeoff_figure(
         )
     fig.update_layout(
         title=title,
-        xaxis={"title": "packed size (kB, log scale)", "type": "log"},
+        # labels at 1, 2 and 5 of each decade, not every digit ("2 3 4 … 10 2 3 …")
+        xaxis={"title": "packed size (kB, log scale)", "type": "log", "dtick": "D2"},
         yaxis={"title": "accuracy (simulated, test split)", "tickformat": ".0%"},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
@@ -680,6 +709,7 @@ def clip_error_figure(
         xaxis_title=x_title,
         yaxis_title="squared error, summed over the layer" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear",
+        yaxis_dtick=1 if log_y else None,  # decades only
         # linear: the valley fills the plot (tiny c clips so much it would squash it; a
         # double click shows everything)
         yaxis_range=None if log_y or not math.isfinite(top) or top <= 0 else [0, top],
@@ -776,13 +806,20 @@ def deep_waterfall(stages: pd.DataFrame, *, title: str | None = None) -> go.Figu
         hovertemplate="%{x}<br>%{text}<extra></extra>",
     ))  # fmt: skip
     fig.add_trace(go.Scatter(
-        x=[*labels, "final"], y=[*acc, acc[-1]], mode="lines+markers+text", yaxis="y2",
+        x=[*labels, "final"], y=[*acc, acc[-1]], mode="lines+markers", yaxis="y2",
         name="accuracy after the stage", line={"color": DEEP_ACC_COLOR},
         marker={"size": 9}, text=[f"{a:.1f} %" for a in [*acc, acc[-1]]],
-        textposition="top center",
         customdata=[format_bytes(s) for s in [*sizes, sizes[-1]]],
         hovertemplate="%{x}<br>accuracy %{y:.2f} %<br>%{customdata}<extra></extra>",
     ))  # fmt: skip
+    # the accuracy labels dark on white, readable over any bar (text on the trace came out
+    # grey on the bars' colours)
+    for xi, a in zip([*labels, "final"], [*acc, acc[-1]], strict=True):
+        fig.add_annotation(x=xi, y=a, yref="y2", text=f"{a:.1f} %", showarrow=False,
+                           yshift=14, font={"color": "#111111", "size": 12},
+                           bgcolor="rgba(255, 255, 255, 0.9)", borderpad=2)  # fmt: skip
+    # every step's size change under its name, where no bar can hide it
+    fig.update_xaxes(tickvals=x, ticktext=[f"{n}<br>{t}" for n, t in zip(x, text, strict=True)])
     lo = max(0.0, math.floor(min(acc) - 5))
     fig.update_layout(
         title=title,

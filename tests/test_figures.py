@@ -117,11 +117,18 @@ def test_confusion_figure_shows_matrix_and_change() -> None:
     fig = figures.confusion_figure(m, ["cat", "dog"], title="t")
     (heat,) = fig.data
     assert isinstance(heat, go.Heatmap)
-    np.testing.assert_array_equal(heat.z, m)
+    # row percentages, and it says so (issue 18 item 12); the counts ride in the hover
+    np.testing.assert_allclose(heat.z, [[500 / 6, 100 / 6], [200 / 9, 700 / 9]])
+    np.testing.assert_allclose(np.sum(heat.z, axis=1), [100, 100])
+    np.testing.assert_array_equal(heat.customdata, m)
+    assert "each row sums to 100" in heat.colorbar.title.text
+    assert "% of the row" in heat.hovertemplate and "images" in heat.hovertemplate
     assert list(heat.x) == list(heat.y) == ["cat", "dog"]
     assert fig.layout.yaxis.autorange == "reversed"  # true class 0 on top
     diff = figures.confusion_figure(m, ["cat", "dog"], reference=ref)
-    np.testing.assert_array_equal(diff.data[0].z, m - ref)
+    np.testing.assert_allclose(diff.data[0].z, [[500 / 6 - 100, 100 / 6],
+                                                [200 / 9 - 100 / 9, 700 / 9 - 800 / 9]])
+    np.testing.assert_array_equal(diff.data[0].customdata, m - ref)
     assert diff.data[0].zmid == 0
 
 
@@ -190,7 +197,9 @@ def test_tradeoff_figure_points_front_star_and_hover() -> None:
     assert line.mode == "lines" and np.allclose(line.x, front["size_bytes"] / 1e3)
     assert list(line.y) == front["accuracy"].tolist()
     star = _trace(fig, "Playground setting")
-    assert star.marker.symbol == "star" and star.x == (0.5,) and star.y == (0.5,)
+    # an open star (issue 18 item 12): the points it sits on show through it
+    assert star.marker.symbol == "star-open" and star.x == (0.5,) and star.y == (0.5,)
+    assert fig.layout.xaxis.dtick == "D2"  # log axis labelled at 1, 2 and 5 only
     assert _trace(fig, "mixed precision").x == (0.3,)
     hover = " ".join(t for g in groups for t in g.text)
     for word in ("2 bits", "8 bits", "float32", "clip 1", "prune 0.5", "asymmetric",
@@ -517,3 +526,12 @@ def test_linear_curves_keep_strength_zero_and_no_note_when_distinct() -> None:
     assert [list(t.x) for t in fig.data] == [[0.0, 0.1], [0.0, 0.1]]
     assert all(t.mode == "lines+markers" for t in fig.data)
     assert not fig.layout.annotations and figures.coinciding(curves) == []
+
+
+def test_log_axes_label_decades_and_the_histogram_spans_its_bins() -> None:
+    _, _, h = _layer_hist()
+    fig = figures.weight_histogram_figure(h, log_y=True)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
+    assert fig.layout.xaxis.range == (float(h.edges[0]), float(h.edges[-1]))
+    assert fig.layout.xaxis.nticks == 9  # several labels, however narrow the range
+    assert figures.weight_histogram_figure(h).layout.yaxis.dtick is None  # linear: auto
