@@ -118,7 +118,7 @@ def sidebar_pickers() -> None:
     if ss["model"] in session_models():
         st.caption(
             f"A model of this session: {info.description} {info.params:,} parameters; "
-            f"float accuracy {info.float_accuracy:.1%} on {info.dataset}'s test split."
+            f"float accuracy {info.float_accuracy:.1%} on the {info.dataset} test split."
         )
     else:
         st.caption(

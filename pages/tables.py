@@ -308,14 +308,15 @@ def points_delta(value: float, reference: float, against: str) -> Delta:
     colour and no arrow when it shows as no change.
 
     >>> points_delta(0.972, 0.985, "mnist-cnn").text
-    '−1.3 pts vs mnist-cnn'
+    '-1.3 pts vs mnist-cnn'
     >>> points_delta(0.98, 0.98, "float")
     Delta(text='±0.0 pts vs float', color='off', arrow='off')
     """
     d = round((value - reference) * 100, 1)
     if d == 0:
         return Delta(f"±0.0 pts vs {against}", "off", "off")
-    return Delta(f"{'+' if d > 0 else '−'}{abs(d):.1f} pts vs {against}", "normal", "auto")
+    # an ASCII minus: st.metric reads the sign from it (a true minus shows a green up arrow)
+    return Delta(f"{d:+.1f} pts vs {against}", "normal", "auto")
 
 
 def reference_text(base: str | None, reference: float, own_float: float) -> str:

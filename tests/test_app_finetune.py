@@ -127,8 +127,7 @@ def test_train_one_epoch_then_open_the_session_model_in_the_playground() -> None
     base = cache.float_metrics(ModelRef("digits-mlp"), DatasetRef("digits")).accuracy
     (card,) = [m for m in at.metric if m.label.startswith("Accuracy")]
     d = round((outcome.accuracy - base) * 100, 1)
-    sign = "+" if d > 0 else "−" if d < 0 else "±"
-    assert card.delta == f"{sign}{abs(d):.1f} pts vs digits-mlp"
+    assert card.delta == (f"{d:+.1f} pts vs digits-mlp" if d else "±0.0 pts vs digits-mlp")
     assert any(f"the model it was fine-tuned from: {base:.1%} in float. This fine-tuned "
                f"model's own weights, unquantized: {outcome.float_accuracy:.1%}." in c.value
                for c in at.caption)  # fmt: skip

@@ -100,3 +100,50 @@ def test_a_dataset_not_on_disk_is_the_one_the_link_names(tmp_path, monkeypatch) 
     assert at.query_params["dataset"] == "fashion-mnist"  # a shared link opens this one
     assert at.query_params["model"] == "mnist-cnn"
     assert not any(str(tmp_path) in e.value for e in at.error)
+
+
+@needs_sample
+def test_no_change_is_neither_green_nor_an_up_arrow() -> None:
+    from streamlit.proto.Metric_pb2 import Metric as MetricProto
+
+    at = open_app(bits="16")  # 16 bits: the float model's accuracy to the image
+    (card,) = [m for m in at.metric if m.label.startswith("Accuracy")]
+    assert card.delta == "±0.0 pts vs float"
+    assert card.proto.color != MetricProto.MetricColor.GREEN
+    assert card.proto.direction != MetricProto.MetricDirection.UP
+    at = open_app(bits="2")  # a real loss: red, down
+    (card,) = [m for m in at.metric if m.label.startswith("Accuracy")]
+    assert card.delta.startswith("-") and card.delta.endswith(" pts vs float")
+    assert card.proto.direction == MetricProto.MetricDirection.DOWN
+    assert not any("digits's" in c.value or "'s test split" in c.value for c in at.caption)
+
+
+@needs_sample
+def test_gradient_bits_run_as_bit_width_and_the_hint_avoids_a_worse_lr() -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({"model": "digits-mlp", "dataset": "digits", "bits": "2"})
+    at.run()
+    at.switch_page("pages/views/finetune.py").run()
+    assert not at.exception
+    grad = at.select_slider(key="ft_grad_bits")
+    # low bits on the left, float32 at the right end, as the Bit width slider
+    options = list(grad.options)
+    assert options[0].startswith("2") and "float" in options[-1] and len(options) == 7
+    hint = " ".join(c.value for c in at.caption if "steps in all" in c.value)
+    assert "0.01" not in hint and "3e-3" in hint  # digits-mlp: 20 steps, few
+
+
+@needs_sample
+def test_pgd_steps_only_with_pgd() -> None:
+    from tests.test_app_robustness import open_page
+
+    at = open_page()
+    assert not at.exception
+    assert "rb_steps" not in [n.key for n in at.number_input]
+    at.multiselect(key="rb_perturbations").select("pgd").run()
+    assert not at.exception
+    assert at.number_input(key="rb_steps").value == 10

@@ -90,7 +90,7 @@ acc.metric(
     delta_color=change.color,
     delta_arrow=change.arrow,
     border=True,
-    help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded "
+    help=f"Top-1 on the {r.n:,} images of the {data.name} test split, weights rounded "
     f"({acts_text}) but run in float arithmetic. {wa}: weights in "
     f"{settings.weight_bits_text(layer_names)}, activations in "
     f"{'32' if settings.abits is None else settings.abits} bits. {ref_text}",

@@ -13,7 +13,7 @@ model, data = require_model_and_dataset()
 sync_query({})
 st.caption(
     "Accuracy against packed size. Every combination of the values below is compressed and "
-    f"evaluated on {data.name}'s test split. Accuracy is simulated (fake-quant); sizes are "
+    f"evaluated on the {data.name} test split. Accuracy is simulated (fake-quant); sizes are "
     "packed bytes. The dotted line is the Pareto front: no other setting is both smaller "
     "and more accurate."
 )
