@@ -995,3 +995,76 @@ def robustness_summary(curves: Mapping[str, pd.DataFrame], perturbation: str) ->
     if not parts:
         return head + "."
     return head + "; " + "; ".join(parts) + "."
+
+
+# --- the Playground's teaching panels: the error of one layer, SQNR against bits -------------
+ROUNDING_COLOR = "#636efa"
+CLIPPING_COLOR = "#d62728"
+RULE_COLOR = "rgba(90, 90, 90, 0.8)"
+
+
+def error_histogram_figure(h: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
+    """w − q(w) of one layer (a ``qcore.teach.ErrorHistogram``): rounding error of the
+    weights inside the grid, clipping error of those beyond it, stacked on the same bins,
+    with lines at ±Δ/2 where rounding error ends."""
+    edges = np.asarray(h.edges, dtype=float)
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig = go.Figure()
+    for counts, name, color in (
+        (h.rounding, "rounding error (inside the grid)", ROUNDING_COLOR),
+        (h.clipping, f"clipping error ({h.clipped:,} weights beyond the grid)", CLIPPING_COLOR),
+    ):
+        fig.add_trace(go.Bar(
+            x=centers, y=counts, width=widths, name=name, marker_color=color, opacity=0.75,
+            hovertemplate="error %{x:.3g}: %{y:,} weights<extra></extra>",
+        ))  # fmt: skip
+    for v in (-h.half_step, h.half_step):
+        _vline(fig, v, RULE_COLOR, 1.5, "dash")
+    fig.add_annotation(x=h.half_step, y=1, yref="paper", yanchor="bottom", showarrow=False,
+                       text=f"±Δ/2 = ±{h.half_step:.3g}", font={"color": "#111111"})  # fmt: skip
+    fig.update_layout(
+        title=title,
+        barmode="stack",
+        bargap=0,
+        xaxis={"title": "error w − q(w) (weight units)", "nticks": 9},
+        yaxis={"title": "weights per bin" + (" (log)" if log_y else ""),
+               "type": "log" if log_y else "linear", "dtick": 1 if log_y else None},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )  # fmt: skip
+    return fig
+
+
+def sqnr_bits_figure(df: pd.DataFrame, *, current: int | None = None,
+                     title: str | None = None) -> go.Figure:  # fmt: skip
+    """A layer's SQNR against bit width (``qcore.teach.sqnr_by_bits``) beside the rule of
+    thumb, a line rising 6.02 dB per bit; ``current`` marks the layer's own width."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=df["bits"].tolist(), y=df["rule_db"].tolist(), mode="lines",
+        name="6.02 dB per bit (rule of thumb)", line={"color": RULE_COLOR, "dash": "dash"},
+        hovertemplate="%{x} bits: rule %{y:.1f} dB<extra></extra>",
+    ))  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=df["bits"].tolist(), y=df["sqnr_db"].tolist(), mode="lines+markers",
+        name="this layer (measured)", line={"color": COMPRESSED_COLOR, "width": 2},
+        marker={"size": 8}, hovertemplate="%{x} bits: %{y:.1f} dB<extra></extra>",
+    ))  # fmt: skip
+    if current is not None and current in set(df["bits"]):
+        y = float(df.loc[df["bits"] == current, "sqnr_db"].iloc[0])
+        fig.add_trace(go.Scatter(
+            x=[current], y=[y], mode="markers", name=f"now: {current} bits, {y:.1f} dB",
+            marker={"size": 16, "symbol": "star-open", "color": CURRENT_COLOR,
+                    "line": {"width": 2.5, "color": CURRENT_COLOR}},
+            hovertemplate=f"now: {current} bits, %{{y:.1f}} dB<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "bit width", "dtick": 1},
+        yaxis={"title": "SQNR (dB)"},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )
+    return fig

@@ -396,16 +396,32 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
         rows.append(("8. dequantized", "(2·code − 1)·α" + (", 0 when pruned" if j.pruned else ""),
                      f"**{number(j.dequantized)}**"))  # fmt: skip
     else:
-        rows.append(("5. step Δ, zero point z",
-                     "Δ = grid width / (levels − 1); z = the code that stands for 0",
-                     f"Δ = {number(j.scale)}, z = {zp}"))  # fmt: skip
+        if j.exponent is None:
+            rows.append(("5. step Δ, zero point z",
+                         "Δ = grid width / (levels − 1); z = the code that stands for 0",
+                         f"Δ = {number(j.scale)}, z = {zp}"))  # fmt: skip
+        else:  # fixed point: the step is a power of two, dequantizing a shift
+            rows.append(("5. step Δ = 2^−p, zero point z",
+                         "Δ = grid width / (levels − 1), raised to a power of two; "
+                         "z = the code that stands for 0",
+                         f"p = {j.exponent}: Δ = 2^−{j.exponent} = {number(j.scale)}, z = {zp}"
+                         if j.exponent >= 0 else
+                         f"p = {j.exponent}: Δ = 2^{-j.exponent} = {number(j.scale)}, "
+                         f"z = {zp}"))  # fmt: skip
         if j.pruned:
             rows.append(("6. code q", "a pruned weight takes the zero code z",
                          f"**{number(j.code)}**"))  # fmt: skip
         else:
             qmax = -qmin if qmin < 0 else 2**j.bits - 1  # symmetric codes are +-(2^(b-1)-1)
             rows.append(("6. w / Δ + z", "the weight measured in steps", number(j.scaled)))
-            if stochastic:
+            if stochastic and j.draw is not None:
+                lo, hi = j.neighbours
+                how = (f"rounded at random to a neighbour: {lo} with chance "
+                       f"{1 - j.p_up:.0%}, {hi} with chance {j.p_up:.0%} (the fraction "
+                       f"{number(j.p_up)}); the draw u = {j.draw:.3f} gives "
+                       f"floor({number(j.scaled)} + u)")  # fmt: skip
+                value = f"**{number(j.code)}**"
+            elif stochastic:
                 how, value = "rounded up or down at random", f"**{number(j.code)}**"
             else:
                 nearest = round(j.scaled)  # half to even, as the quantizer rounds
@@ -418,7 +434,11 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
         rows.append((f"{len(rows) + 1}. stored bits",
                      f"q − ({number(qmin)}) = {j.code - qmin}, in {j.bits} binary digits",
                      f"`{j.code_binary}`"))  # fmt: skip
-        rows.append((f"{len(rows) + 1}. dequantized", "(q − z)·Δ",
+        if j.exponent is not None:
+            rows.append(_fixed_point_row(j, len(rows) + 1))
+        rows.append((f"{len(rows) + 1}. dequantized",
+                     "(q − z)·Δ" if j.exponent is None else
+                     f"(q − z)·2^−{j.exponent}: a shift by {j.exponent} binary places",
                      f"**{number(j.dequantized)}**"))  # fmt: skip
     unit = "α" if binary else "step Δ"
     share = f" ({abs(j.error) / j.scale:.2f} of {unit})" if j.scale else ""
@@ -426,6 +446,24 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
     lines = ["| step | what happens | value |", "|---|---|---|"]
     lines += [f"| {_cell(a)} | {_cell(b)} | {_cell(c)} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _fixed_point_row(j: Any, step: int) -> tuple[str, str, str]:
+    """The code as a fixed-point number: q − z in two's complement with the binary point
+    p places from the right, Q m.n (m integer bits besides the sign, n after the point)."""
+    from qcore.teach import fixed_point
+
+    v = j.code - int(j.zero_point)
+    width = j.bits if int(j.zero_point) == 0 else j.bits + 1  # q − z may need a bit more
+    m, n, text = fixed_point(v, width, j.exponent)
+    where = ("" if m >= 0 else
+             f"; m < 0: the point sits {-m} place{'s' if m != -1 else ''} left of the "
+             "stored bits")  # fmt: skip
+    return (f"{step}. fixed point Q{m}.{n}",
+            f"q − z = {v} in {width} bits, two's complement, read with the binary point "
+            f"{n} places from the right: {m} integer bits besides the sign, {n} fraction "
+            f"bits{where}",
+            f"`{text}`₂ = {v}·2^−{n} = {number(v * 2.0 ** -n)}")  # fmt: skip
 
 
 # --- activations: the calibrated range of a layer's input, and one value through it ---------
@@ -548,3 +586,37 @@ def clip_curve_caption(curve: Any) -> str:
         text += (f" c = {number(c_now)} is above max|w| ({number(curve.max_abs)}): {empty} of "
                  f"the {levels} levels hold no weight.")
     return f"{text} {curve.note}".strip()
+
+
+def error_caption(h: Any) -> str:
+    """What the error histogram shows (a ``qcore.teach.ErrorHistogram``), in numbers."""
+    text = (f"{h.kept:,} kept weights of {h.layer}. Inside the grid the error is rounding: "
+            f"it never exceeds half a step (Δ/2 = {number(h.half_step)}) and spreads "
+            "evenly over [−Δ/2, Δ/2].")
+    if h.clipped:
+        text += (f" {h.clipped:,} weights lie beyond the grid's ends and were clipped: their "
+                 "error is their distance past the end, the tails beyond ±Δ/2.")
+    else:
+        text += " No weight lies beyond the grid, so nothing was clipped."
+    return text
+
+
+def sqnr_bits_caption(df: pd.DataFrame) -> str:
+    """The rule of thumb against the layer's measured SQNR, in numbers."""
+    b = df["bits"].to_numpy()
+    db = df["sqnr_db"].to_numpy(dtype=float)
+    upper = b >= 4  # where the rule holds: rounding noise only, spread over a step
+    slope = (float(np.polyfit(b[upper], db[upper], 1)[0]) if upper.sum() >= 2
+             else float("nan"))  # fmt: skip
+    text = ("Each extra bit halves the step Δ, so the rounding noise power falls to a "
+            "quarter: 10·log10(4) = 6.02 dB more SQNR per bit (the dashed line, through this "
+            "layer's own width).")
+    if math.isfinite(slope):
+        text += f" Measured from 4 bits up, this layer gains {slope:.2f} dB per bit."
+    below = df[(df["bits"] < 4) & (df["sqnr_db"] < df["rule_db"] - 1.0)]
+    if len(below):
+        worst = below.iloc[0]
+        text += (f" At {int(worst['bits'])} bits it lies "
+                 f"{float(worst['rule_db'] - worst['sqnr_db']):.1f} dB below the line: with "
+                 "so few levels the error is no longer an even spread over one step.")
+    return text

@@ -20,13 +20,14 @@ import pandas as pd
 import torch
 
 from qcore.affine import fake_quantize
-from qcore.compress import Compressed, LayerResult
+from qcore.compress import Compressed, LayerResult, sqnr_db
 from qcore.config import QuantConfig
-from qcore.quant import choose_qparams
+from qcore.quant import choose_qparams, quantize_prechecked
 
 __all__ = [
     "Journey", "weight_journey", "random_weight_index", "ErrorCurve", "clip_error_curve",
-    "trap_hint", "empty_levels", "clip_note",
+    "trap_hint", "empty_levels", "clip_note", "fixed_point", "ErrorHistogram",
+    "error_histogram", "sqnr_by_bits", "DB_PER_BIT",
 ]  # fmt: skip
 
 
@@ -51,6 +52,22 @@ class Journey:
     code_binary: str  # code - qmin as exactly ``bits`` binary digits, the stored bits
     dequantized: float  # the value the compressed model runs with
     error: float  # dequantized - weight
+    # fixed point (power-of-two scales): scale = 2^-exponent, else None
+    exponent: int | None = None
+    # stochastic rounding: the uniform draw u in [0, 1) the stored code came from,
+    # floor(w / scale + u) + zero_point; None when rounding to nearest
+    draw: float | None = None
+
+    @property
+    def neighbours(self) -> tuple[int, int]:
+        """The two codes on either side of ``scaled``: floor and floor + 1."""
+        lo = math.floor(self.scaled)
+        return lo, lo + 1
+
+    @property
+    def p_up(self) -> float:
+        """Stochastic rounding's chance of the upper neighbour: the fraction of ``scaled``."""
+        return self.scaled - math.floor(self.scaled)
 
 
 def _layer(compressed: Compressed, layer: str) -> LayerResult:
@@ -98,6 +115,12 @@ def weight_journey(compressed: Compressed, layer: str, index: int | None = None)
         scaled = float(wi * (1.0 / scale)) + zero_point
     dequantized = float(res.dequantized.reshape(-1)[index]) + 0.0  # -0.0 (1 bit, pruned) -> 0
     weight = float(wi)
+    q = compressed.config.quant
+    exponent = draw = None
+    if q is not None and q.scale == "pow2" and not qp.binary:
+        exponent = -round(math.log2(float(scale)))  # the scale is exactly 2^-exponent
+    if q is not None and q.rounding == "stochastic" and not qp.binary:
+        draw = _stochastic_draw(compressed, res, index)
     return Journey(
         layer=layer,
         index=index,
@@ -116,7 +139,54 @@ def weight_journey(compressed: Compressed, layer: str, index: int | None = None)
         code_binary=format(code - qp.qmin, f"0{res.bits}b"),
         dequantized=dequantized,
         error=dequantized - weight,
+        exponent=exponent,
+        draw=draw,
     )
+
+
+def _stochastic_draw(compressed: Compressed, res: LayerResult, index: int) -> float | None:
+    """The uniform draw u behind a stochastically rounded code, regenerated as compress drew
+    it (one generator per layer, seeded seed * 1_000_003 + the layer's position); None if
+    regenerating it does not give the stored code back."""
+    q = compressed.config.quant
+    pos = [r.name for r in compressed.layers].index(res.name)
+    g = res.qparams.scale.numel()
+    gen = torch.Generator().manual_seed(q.seed * 1_000_003 + pos)
+    u = torch.rand((g, res.float_weight.numel() // g), generator=gen).reshape(-1)[index]
+    w2 = res.float_weight.detach().float().reshape(g, -1)
+    x = w2 * (1.0 / res.qparams.scale[:, None])
+    k = index % w2.shape[1]
+    grp = index // w2.shape[1]
+    code = torch.floor(x[grp, k] + u) + res.qparams.zero_point[grp]
+    code = code.clamp(res.qparams.qmin, res.qparams.qmax)
+    if int(code) != int(res.codes.reshape(-1)[index]):
+        return None
+    return float(u)
+
+
+def fixed_point(value: int, bits: int, fraction_bits: int) -> tuple[int, int, str]:
+    """A signed integer ``value`` (two's complement in ``bits`` bits) read as a fixed-point
+    number with ``fraction_bits`` bits after the binary point: (m, n, text) in Q m.n
+    notation (m integer bits besides the sign, n fraction bits; m < 0 when the point lies
+    left of the stored bits), the bits written with their point.
+
+    >>> fixed_point(5, 4, 3)          # 0.101 = 5/8
+    (0, 3, '0.101')
+    >>> fixed_point(-3, 4, 1)         # 110.1 = -1.5
+    (2, 1, '110.1')
+    >>> fixed_point(3, 4, 6)          # 0.000011 = 3/64: the point two places left
+    (-3, 6, '0.000011')
+    """
+    raw = format(value & ((1 << bits) - 1), f"0{bits}b")  # two's complement
+    n = fraction_bits
+    m = bits - 1 - n
+    if n <= 0:
+        return m, n, raw + "0" * (-n) + "."
+    if n >= bits:  # sign-extend up to the point
+        digits = raw[0] * (n - bits + 1) + raw
+    else:
+        digits = raw
+    return m, n, digits[:-n] + "." + digits[-n:]
 
 
 def random_weight_index(compressed: Compressed, layer: str, seed: int) -> int:
@@ -239,6 +309,83 @@ def clip_error_curve(compressed: Compressed, layer: str, points: int = 60) -> Er
         empty=empty_levels(res, int(torch.argmax(torch.maximum(-res.qparams.lo,
                                                                res.qparams.hi)))),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorHistogram:
+    """w - q(w) of one layer's kept weights: counts on ``edges``, split into the weights
+    inside the grid (rounding error, within half a step) and those clipped (outside it)."""
+
+    layer: str
+    edges: list[float]  # bins + 1, ascending
+    rounding: list[int]  # counts of weights inside the grid's range
+    clipping: list[int]  # counts of weights beyond it (clipped to its ends)
+    half_step: float  # Δ / 2: where rounding error ends (the largest per-channel step)
+    clipped: int  # how many weights were clipped
+    kept: int  # how many weights are counted (pruned ones left out)
+
+
+def error_histogram(compressed: Compressed, layer: str, bins: int = 60) -> ErrorHistogram:
+    """The error w - q(w) of ``layer``'s kept weights on ``bins`` equal bins: rounding error
+    of the weights inside the grid spreads over [-Δ/2, Δ/2]; a clipped weight's error is its
+    distance beyond the grid's end, in the tails."""
+    res = _layer(compressed, layer)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be a whole number of at least 2; got {bins!r}.")
+    g = res.qparams.scale.numel()
+    w = res.float_weight.detach().float().reshape(g, -1)
+    err = (w - res.dequantized.reshape(g, -1)).double()
+    lo, hi = res.grid_range
+    outside = (w < lo[:, None]) | (w > hi[:, None])
+    keep = torch.ones_like(w, dtype=torch.bool) if res.mask is None else res.mask.reshape(g, -1)
+    err, outside = err[keep], outside[keep]
+    if res.qparams.binary:  # +-alpha: no grid to fall outside of
+        outside = torch.zeros_like(outside)
+    half = float(res.qparams.scale.max()) / (1 if res.qparams.binary else 2)
+    top = max(float(err.abs().max()) if err.numel() else 0.0, half) * 1.02
+    edges = torch.linspace(-top, top, bins + 1, dtype=torch.float64)
+    inside_counts = torch.histc(err[~outside], bins, -top, top) if err.numel() else None
+    out_counts = torch.histc(err[outside], bins, -top, top) if err.numel() else None
+    zero = [0] * bins
+    return ErrorHistogram(
+        layer=layer, edges=edges.tolist(),
+        rounding=zero if inside_counts is None else [int(c) for c in inside_counts],
+        clipping=zero if out_counts is None else [int(c) for c in out_counts],
+        half_step=half, clipped=int(outside.sum()), kept=int(err.numel()),
+    )  # fmt: skip
+
+
+DB_PER_BIT = 20 * math.log10(2)  # 6.02 dB: each bit halves the step, a quarter the noise power
+
+
+def sqnr_by_bits(compressed: Compressed, layer: str, bits: tuple[int, ...] = tuple(
+        range(2, 13))) -> pd.DataFrame:  # fmt: skip
+    """``layer``'s SQNR (dB) at each bit width in ``bits``, everything else as the layer was
+    compressed (scheme, clip, scale mode, pruning mask; rounding to nearest), beside the
+    rule of thumb: a line of slope 6.02 dB per bit through the layer's own bit width (or
+    the middle of ``bits``). Columns: bits, sqnr_db, rule_db."""
+    res = compressed.layer(layer)
+    q = compressed.config.quant
+    if q is None or q.codebook != "uniform" or res.qparams is None:
+        raise ValueError(
+            f"Layer {layer!r} has no uniform grid (left in float or shared by a codebook), so "
+            "there is no bit width to vary."
+        )
+    bits = tuple(sorted({check for check in bits if 2 <= check <= 16}))
+    if not bits:
+        raise ValueError("Give bit widths from 2 to 16.")
+    cfg = replace(q, layer_bits=(), rounding="nearest", seed=0)
+    w = res.float_weight.detach()
+    rows = []
+    for b in bits:
+        r = quantize_prechecked(w, cfg, bits=b, mask=res.mask)
+        rows.append((b, sqnr_db(w, r.values)))
+    df = pd.DataFrame(rows, columns=["bits", "sqnr_db"])
+    anchor = res.bits if res.bits in bits else bits[len(bits) // 2]
+    at = float(df.loc[df["bits"] == anchor, "sqnr_db"].iloc[0])
+    df["rule_db"] = [at + DB_PER_BIT * (b - anchor) for b in df["bits"]]
+    df.attrs.update(anchor=anchor)
+    return df
 
 
 def trap_hint(

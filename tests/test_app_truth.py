@@ -147,3 +147,28 @@ def test_pgd_steps_only_with_pgd() -> None:
     at.multiselect(key="rb_perturbations").select("pgd").run()
     assert not at.exception
     assert at.number_input(key="rb_steps").value == 10
+
+
+@needs_sample
+def test_teaching_tabs_pick_a_weight_and_show_error_and_sqnr_against_bits() -> None:
+    import json
+
+    at = open_app(bits="4", scale="pow2", rounding="stochastic")
+    assert not at.exception and not at.error
+    labels = [t.label for t in at.tabs]
+    assert {"Error w − q(w)", "SQNR against bits"} <= set(labels)
+    (pick,) = [n for n in at.number_input if (n.key or "").startswith("journey_pick:")]
+    pick.set_value(5).run()
+    assert not at.exception
+    (journey,) = [m.value for m in at.markdown if "| 1. the weight |" in m.value]
+    assert "weight #5," in journey and "the draw u = " in journey
+    assert "Δ = 2^−" in journey and ". fixed point Q" in journey
+    charts = {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+              for c in at.get("plotly_chart")
+              if json.loads(c.proto.spec)["layout"].get("title", {}).get("text")}  # fmt: skip
+    (bits_chart,) = [v for k, v in charts.items() if k.startswith("SQNR against bits")]
+    names = [t["name"] for t in bits_chart["data"]]
+    assert names[0] == "6.02 dB per bit (rule of thumb)" and names[2].startswith("now: 4 bits")
+    (err_chart,) = [v for k, v in charts.items() if k.startswith("w − q(w)")]
+    assert err_chart["data"][0]["name"] == "rounding error (inside the grid)"
+    assert any(c.value.startswith("Each extra bit halves the step") for c in at.caption)

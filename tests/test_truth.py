@@ -149,3 +149,90 @@ def test_absolute_clip_above_max_w_counts_the_empty_levels() -> None:
     assert teach.clip_note(inside) == ""
     plain = teach.clip_error_curve(inside, "0")
     assert len(plain.table) == 60
+
+
+# --- the teaching panels: fixed point, stochastic rounding, error and SQNR against bits ------
+
+
+def test_fixed_point_reads_the_code_as_the_dequantized_value() -> None:
+    from qcore import teach
+
+    for v, bits, n in [(5, 4, 3), (-3, 4, 1), (3, 4, 6), (-7, 4, 2), (0, 3, 5), (6, 4, 0)]:
+        m, n2, text = teach.fixed_point(v, bits, n)
+        assert (m, n2) == (bits - 1 - n, n)
+        whole, frac = text.split(".")
+        # the digits, two's complement over their full width, equal v / 2^n
+        digits = whole + frac
+        value = int(digits, 2) - (1 << len(digits) if digits[0] == "1" else 0)
+        assert value / 2**len(frac) == v / 2**n
+
+
+def test_journey_shows_the_exponent_and_the_stochastic_draw() -> None:
+    from pages import tables
+    from qcore import teach
+
+    net = _conv_net()
+    c = qcore.compress(net, Settings(bits=4, scale="pow2", rounding="stochastic").to_config())
+    res = c.layer("3")
+    for index in (0, 7, 100, 500):
+        j = teach.weight_journey(c, "3", index)
+        assert j.scale == 2.0 ** -j.exponent  # a power of two: the exponent p
+        # the draw u reproduces the stored code: floor(w / Δ + u) (zero point 0)
+        assert j.draw is not None and 0 <= j.draw < 1
+        assert j.code == max(-7, min(7, math.floor(j.scaled + j.draw)))
+        lo, hi = j.neighbours
+        assert lo <= j.scaled < hi and j.p_up == pytest.approx(j.scaled - lo)
+        assert j.code in (lo, hi) or j.code in (-7, 7)
+        text = tables.journey_markdown(j, stochastic=True)
+        assert f"p = {j.exponent}: Δ = 2^−{j.exponent}" in text
+        assert f"the draw u = {j.draw:.3f}" in text
+        assert f"{1 - j.p_up:.0%}" in text and f"{j.p_up:.0%}" in text
+        assert f". fixed point Q{3 - j.exponent}.{j.exponent} |" in text
+        assert float(res.dequantized.reshape(-1)[index]) == j.dequantized
+    # nearest rounding, float scales: no exponent, no draw
+    j = teach.weight_journey(qcore.compress(net, Settings(bits=4).to_config()), "3", 7)
+    assert j.exponent is None and j.draw is None
+
+
+def test_error_histogram_splits_rounding_from_clipping() -> None:
+    from qcore import teach
+
+    net = _conv_net()
+    c = qcore.compress(net, Settings(bits=4, clip=0.5).to_config())
+    res = c.layer("3")
+    h = teach.error_histogram(c, "3")
+    w = res.float_weight.reshape(-1)
+    err = (w - res.dequantized.reshape(-1)).double()
+    lo, hi = (float(t[0]) for t in res.grid_range)
+    out = (w < lo) | (w > hi)
+    assert h.kept == w.numel() and h.clipped == int(out.sum()) > 0
+    assert sum(h.rounding) == int((~out).sum()) and sum(h.clipping) == h.clipped
+    assert h.half_step == pytest.approx(float(res.scales[0]) / 2)
+    # rounding error stays within half a step; clipping error lies beyond it
+    assert float(err[~out].abs().max()) <= h.half_step * (1 + 1e-5)
+    # a clipped weight's error is its distance past the grid's nearest end
+    past = torch.where(w > hi, w - hi, w - lo).double()
+    assert torch.allclose(err[out], past[out], atol=1e-7)
+    assert float(err[out].abs().max()) > 3 * h.half_step  # the tails reach far beyond
+
+
+def test_sqnr_against_bits_rises_about_six_db_a_bit() -> None:
+    from qcore import teach
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(256, 64)).eval()
+    c = qcore.compress(net, Settings(bits=6).to_config())
+    df = teach.sqnr_by_bits(c, "0", tuple(range(2, 13)))
+    assert list(df["bits"]) == list(range(2, 13))
+    assert teach.DB_PER_BIT == pytest.approx(6.0206, abs=1e-4)
+    # the line passes through the layer's own width with slope 6.02 dB per bit
+    at6 = float(df.loc[df["bits"] == 6, "sqnr_db"].iloc[0])
+    assert at6 == pytest.approx(c.layer("0").sqnr_db)
+    assert df["rule_db"].tolist() == pytest.approx([at6 + 6.0206 * (b - 6) for b in range(2, 13)],
+                                                   rel=1e-4)  # fmt: skip
+    # measured: from 6 bits up each bit adds close to 6.02 dB (uniform weights: exactly so)
+    steps = df["sqnr_db"].diff().to_numpy()[5:]
+    assert all(5.5 < d < 6.5 for d in steps), steps
+    with pytest.raises(ValueError, match="no uniform grid"):
+        teach.sqnr_by_bits(qcore.compress(net, Settings(bits=4, codebook="kmeans")
+                                          .to_config()), "0")  # fmt: skip

@@ -226,9 +226,25 @@ def _shared_layer(settings: Settings, layer: str) -> bool:
             and (settings.layers is None or layer in settings.layers))  # fmt: skip
 
 
-def journey_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
+def _pick_weight(model: ModelRef, layer: str, key: str) -> None:
+    if st.session_state.get(key) is not None:
+        st.session_state[_journey_key(model, layer)] = int(st.session_state[key])
+
+
+def journey_panel(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, n_weights: int = 0
+) -> None:
     """One weight of ``layer`` followed from float to code and back, step by step."""
     st.markdown("#### One weight's journey")
+    if n_weights:  # a teacher picks the weight: by its flat index, the largest or at random
+        pick = f"journey_pick:{model.name}:{layer}"
+        st.number_input(
+            "Weight index", min_value=0, max_value=n_weights - 1, value=None, step=1,
+            key=pick, on_change=_pick_weight, args=(model, layer, pick),
+            placeholder=f"0 … {n_weights - 1:,}",
+            help=f"Follow the weight at this flat index of {layer} (row-major over its "
+            "shape), or use the buttons below.",
+        )  # fmt: skip
     index = st.session_state.get(_journey_key(model, layer))  # None: the largest |w|
     a, b = st.columns(2)
     a.button(
@@ -352,6 +368,34 @@ def activation_panel(
     st.caption(tables.act_caption(a, min(a.calib_images, ACT_HISTOGRAM_IMAGES)))
 
 
+def error_panel(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, log_y: bool
+) -> None:
+    """The error w − q(w) of every kept weight of ``layer``: rounding noise within half a
+    step, clipping error in the tails."""
+    h = cache.error_histogram(model, settings, layer, data)
+    if h is None:
+        st.info(f"{layer} has no grid (left in float32 or shared by a k-means codebook), so "
+                "there is no rounding step to measure its error against.")  # fmt: skip
+        return
+    st.plotly_chart(figures.error_histogram_figure(h, log_y=log_y, title=f"w − q(w), {layer}"),
+                    key="error_hist_chart")  # fmt: skip
+    st.caption(tables.error_caption(h))
+
+
+def sqnr_bits_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
+    """``layer``'s SQNR at every bit width beside the 6.02 dB-per-bit rule of thumb."""
+    df = cache.sqnr_by_bits(model, settings, layer, data)
+    if df is None:
+        st.info(f"{layer} has no uniform grid (left in float32 or shared by a k-means "
+                "codebook), so there is no bit width to vary.")  # fmt: skip
+        return
+    now = dict(settings.layer_bits).get(layer, settings.bits)
+    st.plotly_chart(figures.sqnr_bits_figure(df, current=now, title=f"SQNR against bits, "
+                                             f"{layer}"), key="sqnr_bits_chart")  # fmt: skip
+    st.caption(tables.sqnr_bits_caption(df))
+
+
 @st.fragment
 def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes: dict) -> None:
     ss = st.session_state
@@ -385,7 +429,8 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
             help="Per-channel scales: levels and grid range of this channel.",
         )
     log_y = log.toggle("Log scale", key="hist_log")
-    weights_tab, acts_tab = st.tabs(["Weights", "Activations"])
+    weights_tab, acts_tab, error_tab, bits_tab = st.tabs(
+        ["Weights", "Activations", "Error w − q(w)", "SQNR against bits"])
     with weights_tab:
         try:
             h = cache.histogram(model, settings, layer, 80, channel, data)
@@ -399,9 +444,13 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
         )
     with acts_tab:
         activation_panel(model, data, settings, layer, log_y)
+    with error_tab:
+        error_panel(model, data, settings, layer, log_y)
+    with bits_tab:
+        sqnr_bits_panel(model, data, settings, layer)
     left, right = st.columns(2, gap="large")
     with left:
-        journey_panel(model, data, settings, layer)
+        journey_panel(model, data, settings, layer, math.prod(shapes[layer]))
     with right:
         error_curve_panel(model, data, settings, layer)
 
