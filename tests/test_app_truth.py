@@ -3,6 +3,8 @@ page, and what a user reads after each fix."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from pages import cache
@@ -172,3 +174,35 @@ def test_teaching_tabs_pick_a_weight_and_show_error_and_sqnr_against_bits() -> N
     (err_chart,) = [v for k, v in charts.items() if k.startswith("w − q(w)")]
     assert err_chart["data"][0]["name"] == "rounding error (inside the grid)"
     assert any(c.value.startswith("Each extra bit halves the step") for c in at.caption)
+
+
+@needs_sample
+def test_sqnr_card_counts_a_removed_block_as_all_error() -> None:
+    at = open_app(model="mnist-resnet", bits="8", drop="layer1")
+    assert not at.exception and not at.error
+    settings = Settings(bits=8, drop=("layer1",))
+    c = cache.get_compressed(ModelRef("mnist-resnet"), settings)
+    assert c.removed == ("layer1.conv1", "layer1.conv2")
+    assert metric(at, "SQNR") == f"{c.sqnr_db:.1f} dB"
+    # the kept layers alone are near 40 dB; the removed block's weights pull it down
+    kept_only = 10 * math.log10(sum(s.weight_energy for s in c.layers)
+                                / sum(s.error_energy for s in c.layers))  # fmt: skip
+    assert kept_only > 35 and c.sqnr_db < 15
+    help_text = [m.help for m in at.metric if m.label.startswith("SQNR")][0]
+    assert "removed block count as all error" in help_text
+
+
+@needs_sample
+def test_per_layer_table_with_structured_pruning_describes_kept_channels() -> None:
+    at = open_app(bits="4", per_channel="true", prune="0.3", structured="true")
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value.set_index("layer")
+    c = cache.get_compressed(CNN, Settings(bits=4, per_channel=True, prune=0.3,
+                                           structured=True))  # fmt: skip
+    for s in c.layers:
+        kept = s.mask.reshape(s.shape[0], -1).any(dim=1)
+        assert table.loc[s.name, "grid range"].endswith(
+            f"({int(kept.sum())} of {s.shape[0]} channels kept)")
+        top = float(s.scales[kept].max())
+        assert table.loc[s.name, "scale Δ"].split(" over ")[0].endswith(f"{top:.4g}")
+        assert "… 1 over" not in table.loc[s.name, "scale Δ"]

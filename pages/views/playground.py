@@ -375,8 +375,9 @@ def error_panel(
     step, clipping error in the tails."""
     h = cache.error_histogram(model, settings, layer, data)
     if h is None:
-        st.info(f"{layer} has no grid (left in float32 or shared by a k-means codebook), so "
-                "there is no rounding step to measure its error against.")  # fmt: skip
+        st.info(f"{layer} shares its weights through a k-means codebook: there is no "
+                "rounding step to measure its error against." if _shared_layer(settings, layer)
+                else f"{layer} keeps its float32 weights: its error is zero.")  # fmt: skip
         return
     st.plotly_chart(figures.error_histogram_figure(h, log_y=log_y, title=f"w − q(w), {layer}"),
                     key="error_hist_chart")  # fmt: skip
@@ -387,8 +388,9 @@ def sqnr_bits_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer
     """``layer``'s SQNR at every bit width beside the 6.02 dB-per-bit rule of thumb."""
     df = cache.sqnr_by_bits(model, settings, layer, data)
     if df is None:
-        st.info(f"{layer} has no uniform grid (left in float32 or shared by a k-means "
-                "codebook), so there is no bit width to vary.")  # fmt: skip
+        st.info(f"{layer} shares its weights through a k-means codebook: there is no "
+                "uniform grid whose bit width to vary." if _shared_layer(settings, layer)
+                else f"{layer} keeps its float32 weights: there is no bit width to vary.")
         return
     now = dict(settings.layer_bits).get(layer, settings.bits)
     st.plotly_chart(figures.sqnr_bits_figure(df, current=now, title=f"SQNR against bits, "
