@@ -166,6 +166,25 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
     return out
 
 
+def layer_display_order(shown: pd.DataFrame) -> list[str]:
+    """The columns of :func:`layer_display`'s table in the order a screen shows them: when
+    a codebook or Huffman tables take bytes, where the bytes go comes right after the bit
+    width (at 1400 px those columns were past the table's right edge); columns that say
+    nothing for every layer (0 bytes everywhere, "none (codebook)" everywhere) are left
+    out of the view (the data and the download keep them)."""
+    def empty(col: str) -> bool:
+        values = shown[col].tolist() if col in shown else []
+        return all(v in (0, None, "none (codebook)") for v in values)
+
+    grid = ["pruned", "rounded to zero", "SQNR (dB)", "grid range", "scale Δ", "zero point"]
+    sizes = [*SIZE_COLUMNS, "packed bytes", "float32 bytes", "encoding"]
+    head = ["layer", "kind", "shape", "params", "bits"]
+    bytes_first = not (empty("codebook bytes") and empty("table bytes"))
+    order = head + (sizes + grid if bytes_first else grid + sizes)
+    return [c for c in order if c in shown and not (c in (*SIZE_COLUMNS[1:], "scale Δ",
+                                                          "zero point") and empty(c))]
+
+
 # The Trade-offs table's columns: SQNR is the whole model's, one definition on every page.
 SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
                "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip

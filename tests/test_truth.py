@@ -236,3 +236,27 @@ def test_sqnr_against_bits_rises_about_six_db_a_bit() -> None:
     with pytest.raises(ValueError, match="no uniform grid"):
         teach.sqnr_by_bits(qcore.compress(net, Settings(bits=4, codebook="kmeans")
                                           .to_config()), "0")  # fmt: skip
+
+
+def test_per_layer_view_puts_codebook_bytes_where_a_screen_shows_them() -> None:
+    from pages import tables
+
+    net = _conv_net()
+
+    def order(settings: Settings) -> list[str]:
+        c = qcore.compress(net, settings.to_config())
+        shown = tables.layer_display(tables.layer_table(c), tables.size_table(c))
+        cols = tables.layer_display_order(shown)
+        assert set(cols) <= set(shown.columns) and len(cols) == len(set(cols))
+        return cols
+
+    shared = order(Settings(bits=4, codebook="kmeans", entropy="huffman"))
+    # right after the bit width, before the wide text columns; no "none (codebook)" column
+    assert shared[:6] == ["layer", "kind", "shape", "params", "bits", "code bits"]
+    assert shared.index("codebook bytes") < shared.index("grid range")
+    assert "scale Δ" not in shared and "zero point" not in shared
+    plain = order(Settings(bits=4))
+    # a uniform grid without Huffman: no codebook or table bytes to show, grid first
+    assert "codebook bytes" not in plain and "table bytes" not in plain
+    assert plain.index("grid range") < plain.index("packed bytes")
+    assert {"scale Δ", "zero point", "code bits", "encoding"} <= set(plain)

@@ -147,7 +147,8 @@ agree.metric(
     f"{r.agreement:.1%}",
     border=True,
     help="Agreement with the float model: the share of test images on which the compressed "
-    "model predicts the same class as the float model.",
+    "model predicts the same class as the float model"
+    + (" (this fine-tuned model's own float weights)." if base is not None else "."),
 )
 st.caption(
     f"{ref_text} Float32 size: {figures.format_bytes(r.float_size_bytes)}. "
@@ -466,9 +467,11 @@ table_tab, wrong_tab, confusion_tab = st.tabs(
     ["Per-layer table", "Newly wrong images", "Confusion matrix"]
 )
 with table_tab:
+    shown = tables.layer_display(r.layers, r.sizes)
     st.dataframe(
-        tables.layer_display(r.layers, r.sizes),
+        shown,
         hide_index=True,
+        column_order=tables.layer_display_order(shown),
         column_config=tables.LAYER_DISPLAY_COLUMNS,
         key="layer_table",
     )
