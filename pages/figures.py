@@ -195,7 +195,9 @@ def weight_histogram_figure(
         # the bins' own span, with several labels (an activation edge's range is narrow)
         xaxis={"range": [float(edges[0]), float(edges[-1])], "nticks": 9},
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
-        legend={"orientation": "h", "y": -0.2},
+        # below the tick labels and the axis title: at -0.2 its row covered the labels
+        # (the Activations tab showed one label of its x axis)
+        legend={"orientation": "h", "y": -0.4, "yanchor": "top"},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
         height=380,
     )

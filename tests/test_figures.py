@@ -534,4 +534,6 @@ def test_log_axes_label_decades_and_the_histogram_spans_its_bins() -> None:
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
     assert fig.layout.xaxis.range == (float(h.edges[0]), float(h.edges[-1]))
     assert fig.layout.xaxis.nticks == 9  # several labels, however narrow the range
+    # the legend below the tick labels and the axis title (at -0.2 it covered the labels)
+    assert fig.layout.legend.yanchor == "top" and fig.layout.legend.y <= -0.4
     assert figures.weight_histogram_figure(h).layout.yaxis.dtick is None  # linear: auto
