@@ -41,6 +41,14 @@ PAGES = [
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
 ]
 
+
+
+def page_title(title: str) -> str:
+    """The browser tab's title of a page: its own name first, then the app's."""
+    return "Quantization Playground" if title == "Playground" else (
+        f"{title} · Quantization Playground")
+
+
 timing.start_run()  # off unless QP_TIMINGS is set (scripts/bench_browser.py)
 init_session()
 
@@ -50,6 +58,8 @@ with st.sidebar:
     upload_panel()
 
 page = st.navigation(PAGES, position="top")  # the sidebar: see .streamlit/config.toml
+# each page's own browser-tab title (the first call above set the app's name for all)
+st.set_page_config(page_title=page_title(page.title))
 if page is PLAYGROUND:
     st.title("Quantization Playground")
     st.markdown(INTRO)

@@ -546,6 +546,32 @@ def clip_error_curve(
     return teach.clip_error_curve(comp, layer, points)
 
 
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def error_histogram(
+    model: ModelRef, settings: Settings, layer: str, data: DatasetRef | None = None
+):
+    """``qcore.teach.error_histogram`` of ``layer``, or None for a layer without a grid."""
+    from qcore import teach
+
+    comp = get_compressed(model, settings, data)
+    if comp.layer(layer).qparams is None:
+        return None
+    return teach.error_histogram(comp, layer)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def sqnr_by_bits(
+    model: ModelRef, settings: Settings, layer: str, data: DatasetRef | None = None
+):
+    """``qcore.teach.sqnr_by_bits`` of ``layer``, or None for a layer without a uniform grid."""
+    from qcore import teach
+
+    comp = get_compressed(model, settings, data)
+    if comp.layer(layer).qparams is None or comp.config.quant.codebook != "uniform":
+        return None
+    return teach.sqnr_by_bits(comp, layer)
+
+
 # --- the Fine-tune page: training in the background, results kept in the session -------------
 # A training run takes seconds to minutes and has a Stop button, so it runs as a
 # pages.progress.Job, not in st.cache_*: a stopped run must not be cached as the finished

@@ -104,12 +104,13 @@ _CLIP_LOOK: dict[str, tuple[float, str, str, str]] = {
             "Under mse the range with the least squared error is searched for each tensor "
             "(or channel); this slider is not used."),
 }  # fmt: skip
-CLIP_MODE_LABELS = {  # the clip-mode picker's options, short enough for its column
-    "ratio": "ratio of max|w|",
-    "absolute": "absolute (±c)",
-    "sigma": "sigma (std devs)",
-    "percentile": "percentile of |w|",
-    "mse": "mse (searched)",
+CLIP_MODE_LABELS = {  # the clip-mode picker's options, short enough for its column at
+    # 800 px ("ratio of max|w|" showed as "ratio of ma"); the slider's label says the unit
+    "ratio": "ratio",
+    "absolute": "absolute ±c",
+    "sigma": "sigma",
+    "percentile": "percentile",
+    "mse": "mse",
 }
 CLIP_SLIDERS: dict[str, ClipSlider] = {
     mode: ClipSlider(lo=r.lo, hi=r.hi, step=_CLIP_LOOK[mode][0], default=r.default,
@@ -194,8 +195,9 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
             persist_state=_KEEP,
             on_change=_on_clip_mode_change,
             disabled=is_float or shared,
-            help="What the clip threshold measures: a fraction of the largest |w|, weight "
-            "units, standard deviations or a percentile of |w|; mse searches the range.",
+            help="What the clip threshold measures: ratio, a fraction of the largest |w|; "
+            "absolute, ±c in weight units; sigma, standard deviations; percentile, a "
+            "percentile of |w|; mse searches the range.",
         )
         r = CLIP_SLIDERS[ss["clip_mode"]]
         st.slider(
@@ -241,9 +243,11 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
                 key="per_channel",
                 horizontal=True,
                 persist_state=_KEEP,
-                disabled=is_float,
+                disabled=is_float or shared,
                 format_func=lambda v: "per-channel" if v else "per-tensor",
-                help="One scale per tensor, or one per output channel.",
+                help="One scale per tensor, or one per output channel."
+                + ("\n\nUnused with a k-means codebook: one codebook per layer." if shared
+                   else ""),
             )
             st.radio(
                 "Rounding",
@@ -369,17 +373,26 @@ def layer_bits_note(settings: Settings) -> None:
         what = "they set every compressed layer, so the bit-width slider is off"
     else:
         what = "they override the bit-width slider for these layers"
-    text, button = st.columns([5, 1], vertical_alignment="center")
-    text.info(
+    # the button as wide as its label: a fixed share of the row cut it to "Clear p…"
+    row = st.container(horizontal=True, vertical_alignment="center", key="layer_bits_row")
+    row.info(
         f"Per-layer bit widths are active ({listed} bits); {what}.",
         icon=":material/stacked_bar_chart:",
     )
-    button.button(
+    row.button(
         "Clear per-layer bits",
         key="clear_layer_bits",
         on_click=_clear_layer_bits,
         help="Use the bit-width slider for every layer again.",
+        width="content",
     )
+
+
+def settings_notes(settings: Settings) -> None:
+    """Say which choice could not be used with another, and what is used instead
+    (:meth:`qcore.config.Settings.notes`): the page still shows results."""
+    for note in settings.notes():
+        st.info(note, icon=":material/info:")
 
 
 def _clear_layer_bits() -> None:

@@ -191,12 +191,30 @@ def weight_histogram_figure(
         xaxis_title=f"{noun.removesuffix('s')} value",
         yaxis_title=f"{noun} per bin" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear",
+        yaxis_dtick=1 if log_y else None,  # a log axis labels decades only: 1, 10, 100
+        # the bins' own span, with several labels (an activation edge's range is narrow)
+        xaxis={"range": [float(edges[0]), float(edges[-1])], "nticks": 9},
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
-        legend={"orientation": "h", "y": -0.2},
+        # below the tick labels and the axis title: at -0.2 its row covered the labels
+        # (the Activations tab showed one label of its x axis)
+        legend={"orientation": "h", "y": -0.4, "yanchor": "top"},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
         height=380,
     )
     return fig
+
+
+def row_percent(matrix: np.ndarray) -> np.ndarray:
+    """Each row as percentages of its sum (a true class's test images); 0 for an empty row.
+
+    >>> row_percent(np.array([[3, 1], [0, 0]])).tolist()
+    [[75.0, 25.0], [0.0, 0.0]]
+    """
+    m = np.asarray(matrix, dtype=float)
+    return 100 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+
+
+CONFUSION_SCALE_TITLE = "% of the true class's images (each row sums to 100)"
 
 
 def confusion_figure(
@@ -206,18 +224,27 @@ def confusion_figure(
     reference: np.ndarray | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Confusion matrix heatmap (row = true class, column = predicted).
+    """Confusion matrix heatmap (row = true class, column = predicted), in row percentages:
+    each cell is the share of that true class's test images predicted as the column's
+    class, so classes of different sizes compare; the counts are in the hover.
 
-    With ``reference`` (the float model's matrix) it shows the change, red for fewer.
+    With ``reference`` (the float model's matrix) it shows the change in percentage points,
+    red for fewer.
     """
     m = np.asarray(matrix)
     labels = [str(c) for c in classes]
+    pct = row_percent(m)
     if reference is None:
-        z, scale, mid, hover = m, "Blues", None, "true %{y}, predicted %{x}: %{z:,}"
+        z, scale, mid, counts = pct, "Blues", None, m
+        hover = "true %{y}, predicted %{x}: %{z:.1f} % of the row (%{customdata:,} images)"
+        bar = CONFUSION_SCALE_TITLE
     else:
-        z = m - np.asarray(reference)
+        ref = np.asarray(reference)
+        z, counts = pct - row_percent(ref), m - ref
         scale, mid = "RdBu", 0
-        hover = "true %{y}, predicted %{x}: %{z:+,} vs float"
+        hover = ("true %{y}, predicted %{x}: %{z:+.1f} pts of the row vs float "
+                 "(%{customdata:+,} images)")  # fmt: skip
+        bar = "change in % of the true class's images (pts)"
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -225,14 +252,16 @@ def confusion_figure(
             y=labels,
             colorscale=scale,
             zmid=mid,
-            texttemplate="%{z}",
+            customdata=counts,
+            texttemplate="%{z:.0f}" if reference is None else "%{z:+.0f}",
             hovertemplate=hover + "<extra></extra>",
+            colorbar={"title": {"text": bar, "side": "right"}},
         )
     )
     fig.update_layout(
         title=title,
         xaxis_title="predicted class",
-        yaxis_title="true class",
+        yaxis_title="true class (each row: % of its images)",
         yaxis_autorange="reversed",
         xaxis={"type": "category"},
         yaxis={"type": "category"},
@@ -380,8 +409,9 @@ def tradeoff_figure(
                 y=[current["accuracy"]],
                 mode="markers",
                 name="Playground setting",
-                marker={"size": 20, "symbol": "star", "color": "gold",
-                        "line": {"width": 1.5, "color": CURRENT_COLOR}},
+                # an open star: the sweep points it sits on stay visible inside it
+                marker={"size": 22, "symbol": "star-open", "color": CURRENT_COLOR,
+                        "line": {"width": 2.5, "color": CURRENT_COLOR}},
                 text=[f"Playground: {current.get('label', '')}<br>accuracy "
                       f"{current['accuracy']:.2%} · {format_bytes(current['size_bytes'])} packed"],
                 hovertemplate="%{text}<extra></extra>",
@@ -408,7 +438,8 @@ def tradeoff_figure(
         )
     fig.update_layout(
         title=title,
-        xaxis={"title": "packed size (kB, log scale)", "type": "log"},
+        # labels at 1, 2 and 5 of each decade, not every digit ("2 3 4 … 10 2 3 …")
+        xaxis={"title": "packed size (kB, log scale)", "type": "log", "dtick": "D2"},
         yaxis={"title": "accuracy (simulated, test split)", "tickformat": ".0%"},
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
@@ -680,6 +711,7 @@ def clip_error_figure(
         xaxis_title=x_title,
         yaxis_title="squared error, summed over the layer" + (" (log)" if log_y else ""),
         yaxis_type="log" if log_y else "linear",
+        yaxis_dtick=1 if log_y else None,  # decades only
         # linear: the valley fills the plot (tiny c clips so much it would squash it; a
         # double click shows everything)
         yaxis_range=None if log_y or not math.isfinite(top) or top <= 0 else [0, top],
@@ -776,13 +808,20 @@ def deep_waterfall(stages: pd.DataFrame, *, title: str | None = None) -> go.Figu
         hovertemplate="%{x}<br>%{text}<extra></extra>",
     ))  # fmt: skip
     fig.add_trace(go.Scatter(
-        x=[*labels, "final"], y=[*acc, acc[-1]], mode="lines+markers+text", yaxis="y2",
+        x=[*labels, "final"], y=[*acc, acc[-1]], mode="lines+markers", yaxis="y2",
         name="accuracy after the stage", line={"color": DEEP_ACC_COLOR},
         marker={"size": 9}, text=[f"{a:.1f} %" for a in [*acc, acc[-1]]],
-        textposition="top center",
         customdata=[format_bytes(s) for s in [*sizes, sizes[-1]]],
         hovertemplate="%{x}<br>accuracy %{y:.2f} %<br>%{customdata}<extra></extra>",
     ))  # fmt: skip
+    # the accuracy labels dark on white, readable over any bar (text on the trace came out
+    # grey on the bars' colours)
+    for xi, a in zip([*labels, "final"], [*acc, acc[-1]], strict=True):
+        fig.add_annotation(x=xi, y=a, yref="y2", text=f"{a:.1f} %", showarrow=False,
+                           yshift=14, font={"color": "#111111", "size": 12},
+                           bgcolor="rgba(255, 255, 255, 0.9)", borderpad=2)  # fmt: skip
+    # every step's size change under its name, where no bar can hide it
+    fig.update_xaxes(tickvals=x, ticktext=[f"{n}<br>{t}" for n, t in zip(x, text, strict=True)])
     lo = max(0.0, math.floor(min(acc) - 5))
     fig.update_layout(
         title=title,
@@ -840,17 +879,48 @@ ROBUST_TITLES = {
 }
 
 
+ROBUST_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross")
+
+
+def coinciding(curves: Mapping[str, pd.DataFrame]) -> list[list[str]]:
+    """Groups of labels whose curves are the same (equal accuracy at every strength), so
+    that one line hides the others; only groups of two or more.
+
+    >>> a = pd.DataFrame({"strength": [0.0, 0.1], "accuracy": [0.9, 0.5]})
+    >>> coinciding({"x": a, "y": a.copy(), "z": a.assign(accuracy=[0.9, 0.4])})
+    [['x', 'y']]
+    """
+    groups: dict[tuple, list[str]] = {}
+    for label, df in curves.items():
+        rows = df.sort_values("strength")
+        key = tuple(zip(rows["strength"].astype(float), rows["accuracy"].astype(float),
+                        strict=True))  # fmt: skip
+        groups.setdefault(key, []).append(label)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def robustness_curves(
     curves: Mapping[str, pd.DataFrame], perturbation: str, unit: str
 ) -> go.Figure:
     """Accuracy against strength, one line per model variant (label -> ``qcore.robustness``
     rows); the first (the float model) is a wide pale band. Weight perturbations show the
-    spread over draws as error bars (min to max)."""
+    spread over draws as error bars (min to max). Each variant has its own marker, and a
+    note names the variants whose curves coincide. On the log axis of bit flips, strength 0
+    cannot be drawn: its clean accuracy goes into the legend, and only the strengths above
+    0 are points (a lone point without a line)."""
     fig = go.Figure()
     log_x = perturbation == "bitflip"
+    shown_x: list[float] = []
     for i, (label, df) in enumerate(curves.items()):
         rows = df.sort_values("strength")
+        name = label
+        if log_x:  # 0 has no place on a log axis: say the clean accuracy instead
+            clean = rows[rows["strength"] <= 0]
+            if len(clean):
+                name = f"{label} (clean {100 * float(clean['accuracy'].iloc[0]):.1f} %)"
+            rows = rows[rows["strength"] > 0]
         x = rows["strength"].astype(float).tolist()
+        shown_x += x
         y = [100 * a for a in rows["accuracy"].astype(float)]
         err = None
         if "draws" in rows and (rows["draws"] > 1).any():
@@ -860,22 +930,39 @@ def robustness_curves(
                 "arrayminus": [b - 100 * a for a, b in zip(rows["accuracy_min"], y, strict=True)],
             }  # fmt: skip
         fig.add_trace(go.Scatter(
-            x=x, y=y, mode="lines+markers", name=label, error_y=err,
+            x=x, y=y, mode="lines+markers" if len(x) > 1 else "markers", name=name,
+            error_y=err,
             # the first (float) as a wide pale band, so a curve on top of it stays visible
             line={"color": ROBUST_COLORS[i % len(ROBUST_COLORS)], "width": 8 if i == 0 else 2},
+            # markers of decreasing size and their own shape: equal points stay visible
+            marker={"symbol": ROBUST_SYMBOLS[i % len(ROBUST_SYMBOLS)],
+                    "size": max(14 - 2 * i, 6)},
             opacity=0.45 if i == 0 else 1.0,
             customdata=[100 * a for a in rows["agreement"].astype(float)],
             hovertemplate=f"{label}<br>strength %{{x:g}}: accuracy %{{y:.1f}} %"
                           "<br>agreement with its clean prediction %{customdata:.1f} %"
                           "<extra></extra>",
         ))  # fmt: skip
+    same = coinciding(curves)
+    if same:
+        fig.add_annotation(
+            text="Same accuracy at every strength (one line hides the other): "
+            + "; ".join(" and ".join(g) for g in same),
+            xref="paper", yref="paper", x=0, y=1.02, showarrow=False, xanchor="left",
+            yanchor="bottom", font={"size": 11},
+        )
+    xaxis: dict[str, Any] = {"title": unit + (" (log scale; 0 not shown)" if log_x else ""),
+                             "type": "log" if log_x else "linear"}
+    if log_x and shown_x:  # the axis spans the measured strengths, half a decade beyond
+        lo, hi = math.log10(min(shown_x)), math.log10(max(shown_x))
+        xaxis["range"] = [lo - 0.5, hi + 0.5]
+        xaxis["dtick"] = 1  # decades only: 10^-4, 10^-3, ...
     fig.update_layout(
         title=ROBUST_TITLES.get(perturbation, perturbation),
-        xaxis={"title": unit + (" (log scale; 0 not shown)" if log_x else ""),
-               "type": "log" if log_x else "linear"},
+        xaxis=xaxis,
         yaxis={"title": "accuracy (%, simulated, test split)", "range": [0, 101]},
         legend={"orientation": "h", "y": -0.3},
-        margin={"t": 50, "b": 10, "l": 10, "r": 10},
+        margin={"t": 70 if same else 50, "b": 10, "l": 10, "r": 10},
         height=400,
     )  # fmt: skip
     return fig
@@ -910,3 +997,76 @@ def robustness_summary(curves: Mapping[str, pd.DataFrame], perturbation: str) ->
     if not parts:
         return head + "."
     return head + "; " + "; ".join(parts) + "."
+
+
+# --- the Playground's teaching panels: the error of one layer, SQNR against bits -------------
+ROUNDING_COLOR = "#636efa"
+CLIPPING_COLOR = "#d62728"
+RULE_COLOR = "rgba(90, 90, 90, 0.8)"
+
+
+def error_histogram_figure(h: Any, *, log_y: bool = False, title: str | None = None) -> go.Figure:
+    """w − q(w) of one layer (a ``qcore.teach.ErrorHistogram``): rounding error of the
+    weights inside the grid, clipping error of those beyond it, stacked on the same bins,
+    with lines at ±Δ/2 where rounding error ends."""
+    edges = np.asarray(h.edges, dtype=float)
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig = go.Figure()
+    for counts, name, color in (
+        (h.rounding, "rounding error (inside the grid)", ROUNDING_COLOR),
+        (h.clipping, f"clipping error ({h.clipped:,} weights beyond the grid)", CLIPPING_COLOR),
+    ):
+        fig.add_trace(go.Bar(
+            x=centers, y=counts, width=widths, name=name, marker_color=color, opacity=0.75,
+            hovertemplate="error %{x:.3g}: %{y:,} weights<extra></extra>",
+        ))  # fmt: skip
+    for v in (-h.half_step, h.half_step):
+        _vline(fig, v, RULE_COLOR, 1.5, "dash")
+    fig.add_annotation(x=h.half_step, y=1, yref="paper", yanchor="bottom", showarrow=False,
+                       text=f"±Δ/2 = ±{h.half_step:.3g}", font={"color": "#111111"})  # fmt: skip
+    fig.update_layout(
+        title=title,
+        barmode="stack",
+        bargap=0,
+        xaxis={"title": "error w − q(w) (weight units)", "nticks": 9},
+        yaxis={"title": "weights per bin" + (" (log)" if log_y else ""),
+               "type": "log" if log_y else "linear", "dtick": 1 if log_y else None},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )  # fmt: skip
+    return fig
+
+
+def sqnr_bits_figure(df: pd.DataFrame, *, current: int | None = None,
+                     title: str | None = None) -> go.Figure:  # fmt: skip
+    """A layer's SQNR against bit width (``qcore.teach.sqnr_by_bits``) beside the rule of
+    thumb, a line rising 6.02 dB per bit; ``current`` marks the layer's own width."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=df["bits"].tolist(), y=df["rule_db"].tolist(), mode="lines",
+        name="6.02 dB per bit (rule of thumb)", line={"color": RULE_COLOR, "dash": "dash"},
+        hovertemplate="%{x} bits: rule %{y:.1f} dB<extra></extra>",
+    ))  # fmt: skip
+    fig.add_trace(go.Scatter(
+        x=df["bits"].tolist(), y=df["sqnr_db"].tolist(), mode="lines+markers",
+        name="this layer (measured)", line={"color": COMPRESSED_COLOR, "width": 2},
+        marker={"size": 8}, hovertemplate="%{x} bits: %{y:.1f} dB<extra></extra>",
+    ))  # fmt: skip
+    if current is not None and current in set(df["bits"]):
+        y = float(df.loc[df["bits"] == current, "sqnr_db"].iloc[0])
+        fig.add_trace(go.Scatter(
+            x=[current], y=[y], mode="markers", name=f"now: {current} bits, {y:.1f} dB",
+            marker={"size": 16, "symbol": "star-open", "color": CURRENT_COLOR,
+                    "line": {"width": 2.5, "color": CURRENT_COLOR}},
+            hovertemplate=f"now: {current} bits, %{{y:.1f}} dB<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "bit width", "dtick": 1},
+        yaxis={"title": "SQNR (dB)"},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )
+    return fig

@@ -27,18 +27,19 @@ PREPARING_AFTER_S = 0.3  # with no progress report by then, it is a cache miss: 
 def run_with_progress(fn: Callable[..., Any], *args: Any, text: str) -> Any:
     """``fn(*args, _progress=...)`` in a worker thread, with a progress bar on a cache miss.
 
-    ``fn`` calls ``_progress(done, total, row)`` as it goes; its ValueError reaches the
-    caller.
+    ``fn`` calls ``_progress(done, total, row)`` as it goes; a row with a ``"phase"``
+    names the step under way, and the bar says it. Its ValueError reaches the caller.
     """
     updates: queue.SimpleQueue = queue.SimpleQueue()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qp-analysis")
     bar = None
     try:
-        future = pool.submit(fn, *args, _progress=lambda d, t, _row: updates.put((d, t)))
+        future = pool.submit(fn, *args, _progress=lambda d, t, row: updates.put(
+            (d, t, row.get("phase") if isinstance(row, dict) else None)))
         start = time.perf_counter()
         while True:
             try:
-                done, total = updates.get(timeout=0.05)
+                done, total, phase = updates.get(timeout=0.05)
             except queue.Empty:
                 if future.done():
                     break
@@ -47,12 +48,24 @@ def run_with_progress(fn: Callable[..., Any], *args: Any, text: str) -> Any:
                 continue
             if bar is None:
                 bar = st.progress(0.0, text=text)
-            bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
+            bar.progress(min(done / max(total, 1), 1.0), text=progress_text(text, done, total,
+                                                                           phase))
         return future.result()
     finally:
         pool.shutdown(wait=False)  # on a rerun mid-way the worker still fills the cache
         if bar is not None:
             bar.empty()
+
+
+def progress_text(text: str, done: int, total: int, phase: str | None = None) -> str:
+    """The bar's words: the phase under way when the work names it, and the steps.
+
+    >>> progress_text("Measuring…", 3, 24), progress_text("Measuring…", 25, 40, "Trying")
+    ('Measuring… 3/24', 'Trying… step 25 of 40')
+    """
+    if phase:
+        return f"{phase}… step {done} of {total}"
+    return f"{text} {done}/{total}"
 
 
 # --- a job that outlives a script run, with live rows and a stop button ------------------------

@@ -189,6 +189,7 @@ class SessionModel:
     info: qcore.ModelInfo  # as a sample's manifest entry: dataset, float accuracy, shape, ...
     origin: str  # e.g. "digits-mlp fine-tuned at 2 bits per-tensor, 1 epoch"
     module: Any  # float32, eval mode; shared read-only through pages.cache.get_model
+    base: str = ""  # the model it was fine-tuned from ("" for an upload)
 
 
 def session_models() -> dict[str, SessionModel]:
@@ -234,8 +235,16 @@ def register_session_model(
             train_recipe=recipe,
         )
         module = hold_session_model(ref, module)
-        held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module)
+        held[ref.name] = SessionModel(ref=ref, info=info, origin=origin, module=module,
+                                      base=base)
     return ref.name
+
+
+def reference_model(name: str) -> str | None:
+    """The model a fine-tuned session model came from, whose float accuracy is the one to
+    compare it with; None for a sample or an uploaded model (its own float is the reference)."""
+    held = session_models().get(name)
+    return held.base if held is not None and held.base else None
 
 
 def register_uploaded_model(uploaded: Any, float_accuracy: float) -> str:

@@ -162,7 +162,7 @@ def sidebar_pickers() -> None:
     if ss["model"] in session_models():
         st.caption(
             f"A model of this session: {info.description} {info.params:,} parameters; "
-            f"float accuracy {info.float_accuracy:.1%} on {info.dataset}'s test split."
+            f"float accuracy {info.float_accuracy:.1%} on the {info.dataset} test split."
         )
     else:
         st.caption(
@@ -359,6 +359,8 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
         get_model(model_ref(model_name))
         get_dataset(dataset_ref(dataset_name))
     except qcore.DatasetNotFound as e:
+        # the link names what was picked, so a shared link opens this same choice
+        _keep_url_true(model_name, dataset_name)
         # qcore's message is for a programmer (root=, download=True, the server's folder)
         if data_download_allowed():
             st.error(
@@ -378,6 +380,14 @@ def require_model_and_dataset() -> tuple[ModelRef, DatasetRef]:
         st.error(escape_markdown(str(e)))
         st.stop()
     return model_ref(model_name), dataset_ref(dataset_name)
+
+
+def _keep_url_true(model_name: str, dataset_name: str) -> None:
+    """Write the picked model and dataset to the URL even though the page stops before its
+    own settings are written: the link must never name the dataset picked before."""
+    q = st.query_params
+    if q.get("model") != model_name or q.get("dataset") != dataset_name:
+        q.update({"model": model_name, "dataset": dataset_name})
 
 
 def _download_button(name: str) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 import qcore
-from qcore import report
+from qcore import report, teach
 from qcore.config import Settings
 
 
@@ -45,6 +45,7 @@ class Result:
     seconds: float  # time to compress and evaluate
     # where each layer's packed bytes go (:func:`size_table`), beside ``layers``
     sizes: pd.DataFrame | None = None
+    clip_note: str = ""  # an absolute clip above a layer's max|w| (:func:`qcore.teach.clip_note`)
 
 
 def make_result(
@@ -72,6 +73,7 @@ def make_result(
         shapes={s.name: s.shape for s in comp.layers},
         seconds=seconds,
         sizes=size_table(comp),
+        clip_note=teach.clip_note(comp),
     )
 
 
@@ -111,6 +113,17 @@ def _range_text(lo: Any, hi: Any, groups: int, unit: str = "") -> str:
     return text + unit + (f" over {groups} channels" if groups > 1 else "")
 
 
+def _channels(n: int, shape: str) -> str:
+    """`` (32 channels)``, or `` (23 of 32 channels kept)`` when pruning removed some whole
+    (the row then describes the kept ones: :func:`qcore.report.layer_row`).
+
+    >>> _channels(32, "32×1×3×3"), _channels(23, "32×1×3×3")
+    (' (32 channels)', ' (23 of 32 channels kept)')
+    """
+    total = int(str(shape).split("×")[0])
+    return f" ({n} channels)" if n >= total else f" ({n} of {total} channels kept)"
+
+
 def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.DataFrame:
     """The per-layer table as the Playground shows it: text where a number needs words
     (an unchanged layer's SQNR, a float layer's grid), the rest as numbers; with ``sizes``
@@ -130,8 +143,9 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
               else [None] * len(table))  # fmt: skip
     out["grid range"] = [
         f"k-means: {int(k)} shared values" if not _missing(k)
-        else _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else f" ({n} channels)")
-        for lo, hi, n, k in zip(table["grid low"], table["grid high"], g, shared, strict=True)
+        else _range_text(lo, hi, 1) + ("" if _missing(lo) or n <= 1 else _channels(n, shape))
+        for lo, hi, n, k, shape in zip(table["grid low"], table["grid high"], g, shared,
+                                       table["shape"], strict=True)
     ]
     out["scale Δ"] = [
         "none (codebook)" if not _missing(k) else _range_text(a, b, n) for a, b, n, k in
@@ -151,6 +165,29 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
         out[col] = table[col]
     return out
 
+
+def layer_display_order(shown: pd.DataFrame) -> list[str]:
+    """The columns of :func:`layer_display`'s table in the order a screen shows them: when
+    a codebook or Huffman tables take bytes, where the bytes go comes right after the bit
+    width (at 1400 px those columns were past the table's right edge); columns that say
+    nothing for every layer (0 bytes everywhere, "none (codebook)" everywhere) are left
+    out of the view (the data and the download keep them)."""
+    def empty(col: str) -> bool:
+        values = shown[col].tolist() if col in shown else []
+        return all(v in (0, None, "none (codebook)") for v in values)
+
+    grid = ["pruned", "rounded to zero", "SQNR (dB)", "grid range", "scale Δ", "zero point"]
+    sizes = [*SIZE_COLUMNS, "packed bytes", "float32 bytes", "encoding"]
+    head = ["layer", "kind", "shape", "params", "bits"]
+    bytes_first = not (empty("codebook bytes") and empty("table bytes"))
+    order = head + (sizes + grid if bytes_first else grid + sizes)
+    return [c for c in order if c in shown and not (c in (*SIZE_COLUMNS[1:], "scale Δ",
+                                                          "zero point") and empty(c))]
+
+
+# The Trade-offs table's columns: SQNR is the whole model's, one definition on every page.
+SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
+               "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip
 
 # Where each layer's packed bytes go, as the Playground's table shows them.
 SIZE_COLUMNS = ("code bits", "index bits", "codebook bytes", "table bytes")
@@ -207,13 +244,15 @@ LAYER_DISPLAY_COLUMNS = LAYER_TABLE_COLUMNS | {
     ),
     "grid range": st.column_config.TextColumn(
         "grid range",
-        help="The values the codes reach: the clip range after the scale and zero point are "
-        "rounded. Per-channel scales: the lowest and highest bound over the channels.",
+        help="The values the codes reach, in weight units: the clip range after the scale and "
+        "zero point are rounded. Per-channel scales: the lowest and highest bound over the "
+        "channels that keep a weight (a channel pruned whole has none).",
     ),
     "scale Δ": st.column_config.TextColumn(
         "scale Δ",
-        help="The step between neighbouring levels (at 1 bit: α, the level's magnitude). "
-        "Per-channel scales: the smallest and largest over the channels.",
+        help="The step between neighbouring levels, in weight units (at 1 bit: α, the level's "
+        "magnitude). Per-channel scales: the smallest and largest over the channels that "
+        "keep a weight.",
     ),
     "zero point": st.column_config.TextColumn(
         "zero point",
@@ -273,6 +312,45 @@ def results_json(model_name: str, dataset_name: str, settings: Settings, r: Resu
         mean_sqnr_db=r.mean_sqnr_db,
         layers=r.layers.to_dict("records"),
     )
+
+
+class Delta(NamedTuple):
+    """A metric's delta: its text, colour and arrow (``st.metric``'s arguments)."""
+
+    text: str
+    color: str  # "normal" or "off"
+    arrow: str  # "auto" or "off"
+
+
+def points_delta(value: float, reference: float, against: str) -> Delta:
+    """The change in percentage points against ``against``, as shown (one decimal): no
+    colour and no arrow when it shows as no change.
+
+    >>> points_delta(0.972, 0.985, "mnist-cnn").text
+    '-1.3 pts vs mnist-cnn'
+    >>> points_delta(0.98, 0.98, "float")
+    Delta(text='±0.0 pts vs float', color='off', arrow='off')
+    """
+    d = round((value - reference) * 100, 1)
+    if d == 0:
+        return Delta(f"±0.0 pts vs {against}", "off", "off")
+    # an ASCII minus: st.metric reads the sign from it (a true minus shows a green up arrow)
+    return Delta(f"{d:+.1f} pts vs {against}", "normal", "auto")
+
+
+def reference_text(base: str | None, reference: float, own_float: float) -> str:
+    """What the accuracy is compared with: the float model, or for a fine-tuned model the
+    model it came from (and its own unquantized accuracy, labelled as such).
+
+    >>> reference_text(None, 0.985, 0.985)
+    'The float model gets 98.5%.'
+    >>> reference_text("mnist-cnn", 0.985, 0.85)[:60]
+    'Compared with mnist-cnn, the model it was fine-tuned from: 9'
+    """
+    if base is None:
+        return f"The float model gets {reference:.1%}."
+    return (f"Compared with {base}, the model it was fine-tuned from: {reference:.1%} in "
+            f"float. This fine-tuned model's own weights, unquantized: {own_float:.1%}.")
 
 
 def wrong_caption(truth: str, float_pred: str, now_pred: str) -> str:
@@ -337,16 +415,32 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
         rows.append(("8. dequantized", "(2·code − 1)·α" + (", 0 when pruned" if j.pruned else ""),
                      f"**{number(j.dequantized)}**"))  # fmt: skip
     else:
-        rows.append(("5. step Δ, zero point z",
-                     "Δ = grid width / (levels − 1); z = the code that stands for 0",
-                     f"Δ = {number(j.scale)}, z = {zp}"))  # fmt: skip
+        if j.exponent is None:
+            rows.append(("5. step Δ, zero point z",
+                         "Δ = grid width / (levels − 1); z = the code that stands for 0",
+                         f"Δ = {number(j.scale)}, z = {zp}"))  # fmt: skip
+        else:  # fixed point: the step is a power of two, dequantizing a shift
+            rows.append(("5. step Δ = 2^−p, zero point z",
+                         "Δ = grid width / (levels − 1), raised to a power of two; "
+                         "z = the code that stands for 0",
+                         f"p = {j.exponent}: Δ = 2^−{j.exponent} = {number(j.scale)}, z = {zp}"
+                         if j.exponent >= 0 else
+                         f"p = {j.exponent}: Δ = 2^{-j.exponent} = {number(j.scale)}, "
+                         f"z = {zp}"))  # fmt: skip
         if j.pruned:
             rows.append(("6. code q", "a pruned weight takes the zero code z",
                          f"**{number(j.code)}**"))  # fmt: skip
         else:
             qmax = -qmin if qmin < 0 else 2**j.bits - 1  # symmetric codes are +-(2^(b-1)-1)
             rows.append(("6. w / Δ + z", "the weight measured in steps", number(j.scaled)))
-            if stochastic:
+            if stochastic and j.draw is not None:
+                lo, hi = j.neighbours
+                how = (f"rounded at random to a neighbour: {lo} with chance "
+                       f"{1 - j.p_up:.0%}, {hi} with chance {j.p_up:.0%} (the fraction "
+                       f"{number(j.p_up)}); the draw u = {j.draw:.3f} gives "
+                       f"floor({number(j.scaled)} + u)")  # fmt: skip
+                value = f"**{number(j.code)}**"
+            elif stochastic:
                 how, value = "rounded up or down at random", f"**{number(j.code)}**"
             else:
                 nearest = round(j.scaled)  # half to even, as the quantizer rounds
@@ -359,7 +453,11 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
         rows.append((f"{len(rows) + 1}. stored bits",
                      f"q − ({number(qmin)}) = {j.code - qmin}, in {j.bits} binary digits",
                      f"`{j.code_binary}`"))  # fmt: skip
-        rows.append((f"{len(rows) + 1}. dequantized", "(q − z)·Δ",
+        if j.exponent is not None:
+            rows.append(_fixed_point_row(j, len(rows) + 1))
+        rows.append((f"{len(rows) + 1}. dequantized",
+                     "(q − z)·Δ" if j.exponent is None else
+                     f"(q − z)·2^−{j.exponent}: a shift by {j.exponent} binary places",
                      f"**{number(j.dequantized)}**"))  # fmt: skip
     unit = "α" if binary else "step Δ"
     share = f" ({abs(j.error) / j.scale:.2f} of {unit})" if j.scale else ""
@@ -367,6 +465,24 @@ def journey_markdown(j: Any, *, largest: bool = False, stochastic: bool = False)
     lines = ["| step | what happens | value |", "|---|---|---|"]
     lines += [f"| {_cell(a)} | {_cell(b)} | {_cell(c)} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _fixed_point_row(j: Any, step: int) -> tuple[str, str, str]:
+    """The code as a fixed-point number: q − z in two's complement with the binary point
+    p places from the right, Q m.n (m integer bits besides the sign, n after the point)."""
+    from qcore.teach import fixed_point
+
+    v = j.code - int(j.zero_point)
+    width = j.bits if int(j.zero_point) == 0 else j.bits + 1  # q − z may need a bit more
+    m, n, text = fixed_point(v, width, j.exponent)
+    where = ("" if m >= 0 else
+             f"; m < 0: the point sits {-m} place{'s' if m != -1 else ''} left of the "
+             "stored bits")  # fmt: skip
+    return (f"{step}. fixed point Q{m}.{n}",
+            f"q − z = {v} in {width} bits, two's complement, read with the binary point "
+            f"{n} places from the right: {m} integer bits besides the sign, {n} fraction "
+            f"bits{where}",
+            f"`{text}`₂ = {v}·2^−{n} = {number(v * 2.0 ** -n)}")  # fmt: skip
 
 
 # --- activations: the calibrated range of a layer's input, and one value through it ---------
@@ -484,4 +600,42 @@ def clip_curve_caption(curve: Any) -> str:
         "smaller c clips more weights; a larger one makes the step, and every rounding, "
         f"coarser. max|w| = {number(curve.max_abs)}: beyond it nothing is clipped."
     )
+    if c_now > curve.max_abs:
+        empty, levels = curve.empty
+        text += (f" c = {number(c_now)} is above max|w| ({number(curve.max_abs)}): {empty} of "
+                 f"the {levels} levels hold no weight.")
     return f"{text} {curve.note}".strip()
+
+
+def error_caption(h: Any) -> str:
+    """What the error histogram shows (a ``qcore.teach.ErrorHistogram``), in numbers."""
+    text = (f"{h.kept:,} kept weights of {h.layer}. Inside the grid the error is rounding: "
+            f"it never exceeds half a step (Δ/2 = {number(h.half_step)}) and spreads "
+            "evenly over [−Δ/2, Δ/2].")
+    if h.clipped:
+        text += (f" {h.clipped:,} weights lie beyond the grid's ends and were clipped: their "
+                 "error is their distance past the end, the tails beyond ±Δ/2.")
+    else:
+        text += " No weight lies beyond the grid, so nothing was clipped."
+    return text
+
+
+def sqnr_bits_caption(df: pd.DataFrame) -> str:
+    """The rule of thumb against the layer's measured SQNR, in numbers."""
+    b = df["bits"].to_numpy()
+    db = df["sqnr_db"].to_numpy(dtype=float)
+    upper = b >= 4  # where the rule holds: rounding noise only, spread over a step
+    slope = (float(np.polyfit(b[upper], db[upper], 1)[0]) if upper.sum() >= 2
+             else float("nan"))  # fmt: skip
+    text = ("Each extra bit halves the step Δ, so the rounding noise power falls to a "
+            "quarter: 10·log10(4) = 6.02 dB more SQNR per bit (the dashed line, through this "
+            "layer's own width).")
+    if math.isfinite(slope):
+        text += f" Measured from 4 bits up, this layer gains {slope:.2f} dB per bit."
+    below = df[(df["bits"] < 4) & (df["sqnr_db"] < df["rule_db"] - 1.0)]
+    if len(below):
+        worst = below.iloc[0]
+        text += (f" At {int(worst['bits'])} bits it lies "
+                 f"{float(worst['rule_db'] - worst['sqnr_db']):.1f} dB below the line: with "
+                 "so few levels the error is no longer an even spread over one step.")
+    return text

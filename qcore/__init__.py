@@ -40,9 +40,15 @@ from qcore.sensitivity import layer_sensitivity, sensitivity_matrix
 from qcore.sweep import SweepGrid, pareto_front, sweep
 from qcore.teach import (
     ErrorCurve,
+    ErrorHistogram,
     Journey,
     clip_error_curve,
+    clip_note,
+    empty_levels,
+    error_histogram,
+    fixed_point,
     random_weight_index,
+    sqnr_by_bits,
     trap_hint,
     weight_journey,
 )
@@ -77,5 +83,6 @@ __all__ = [
     "deep_compression", "DeepCompressionResult",
     # teaching: one weight's journey, the clipping trade-off, hints
     "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
-    "trap_hint",
+    "trap_hint", "clip_note", "empty_levels", "fixed_point", "error_histogram",
+    "ErrorHistogram", "sqnr_by_bits",
 ]  # fmt: skip

@@ -329,7 +329,8 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"agreement with float {agreement(base, m):.4f}")
     print(f"packed size         {c.size_bytes:,} B of {c.float_size_bytes:,} B float "
           f"({c.ratio:.2f}x smaller)")
-    print(f"sparsity            {c.sparsity:.4f}; mean SQNR {c.mean_sqnr_db:.2f} dB")
+    print(f"sparsity            {c.sparsity:.4f}; SQNR (whole model) {c.sqnr_db:.2f} dB "
+          f"(mean of the layers' SQNRs {c.mean_sqnr_db:.2f} dB)")
     for s in c.layers:
         sq = f"{s.sqnr_db:6.1f}" if math.isfinite(s.sqnr_db) else "   inf"
         print(f"  {s.name:<22} {str(s.shape):<18} {s.bits:>2} bits  sparsity {s.sparsity:.3f}  "

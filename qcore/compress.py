@@ -191,6 +191,10 @@ class Compressed:
     # calibrated activation ranges by graph edge ("input", "<layer>.input", additions);
     # empty when activations stay float
     activations: Mapping[str, ActRange] = field(default_factory=dict)
+    # ||w||^2 (float64) of the weight layers inside removed blocks (``config.drop``): gone
+    # from the network, so each counts as all error in the whole model's SQNR
+    removed_energy: float = 0.0
+    removed: tuple[str, ...] = ()  # those layers' names
 
     @property
     def graph(self) -> Graph:
@@ -220,9 +224,10 @@ class Compressed:
     @property
     def sqnr_db(self) -> float:
         """The whole model's SQNR: 10*log10(sum ||w||^2 / sum ||w - q(w)||^2) over every
-        compressed layer, so a layer is weighted by its energy (inf when nothing changed)."""
-        return _db(sum(s.weight_energy for s in self.layers),
-                   sum(s.error_energy for s in self.layers))
+        compressed layer, so a layer is weighted by its energy (inf when nothing changed).
+        The weights of a removed block are all error: q(w) = 0 for each of them."""
+        return _db(sum(s.weight_energy for s in self.layers) + self.removed_energy,
+                   sum(s.error_energy for s in self.layers) + self.removed_energy)
 
     @property
     def mean_sqnr_db(self) -> float:
@@ -434,6 +439,14 @@ def compress(
                         graph.float_stats(param_key(n, "weight"))[1])
         for i, n in enumerate(names)
     )  # fmt: skip
+    removed: tuple[str, ...] = ()
+    removed_energy = 0.0
+    if config.drop:  # the same folding as the compressed layers, so the energies add up
+        full = graph_of(model, config.fold_bn)
+        removed = tuple(n for n in full.layers if n not in graph.layers)
+        removed_energy = sum(
+            full.float_stats(param_key(n, "weight"))[1] for n in removed
+        )
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(
@@ -444,4 +457,6 @@ def compress(
         size_bytes=size_bytes,
         float_size_bytes=float_size,
         activations=activations,
+        removed_energy=removed_energy,
+        removed=removed,
     )

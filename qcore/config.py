@@ -474,7 +474,9 @@ class Settings:
             quant = QuantConfig(
                 bits=self.bits,
                 symmetric=self.symmetric,
-                per_channel=self.per_channel,
+                # a k-means codebook is shared by the whole layer: it takes no per-channel
+                # scales (see ``notes``, which says so)
+                per_channel=self.per_channel and self.codebook != "kmeans",
                 clip=self.clip,
                 clip_mode=self.clip_mode,
                 rounding=self.rounding,
@@ -602,7 +604,7 @@ class Settings:
             )
         elif s.codebook == "kmeans":  # the centroids ignore range, rounding and scale mode
             s = replace(s, clip=d.clip, clip_mode=d.clip_mode, symmetric=d.symmetric,
-                        rounding=d.rounding)  # fmt: skip
+                        rounding=d.rounding, per_channel=d.per_channel)  # fmt: skip
             if s.abits is None:
                 s = replace(s, scale=d.scale)
         elif s.clip_mode == "mse":
@@ -618,6 +620,20 @@ class Settings:
         if s.drop:  # the order blocks were picked in changes nothing
             s = replace(s, drop=tuple(sorted(s.drop)))
         return s
+
+    def notes(self) -> tuple[str, ...]:
+        """A sentence for each choice these settings set but cannot use together with another,
+        saying what is used instead (``to_config`` resolves each clash this way everywhere:
+        page, link, CLI).
+
+        >>> Settings(bits=4, per_channel=True, codebook="kmeans").notes()[0][:45]
+        'A k-means codebook is shared by a whole layer'
+        """
+        out = []
+        if self.bits is not None and self.codebook == "kmeans" and self.per_channel:
+            out.append("A k-means codebook is shared by a whole layer, so per-channel scales "
+                       "do not apply: each layer gets one codebook (per-tensor).")
+        return tuple(out)
 
     def label(self) -> str:
         """A short description, e.g. ``4 bits · clip 1 · symmetric · per-tensor · prune 0.5``."""
@@ -649,11 +665,46 @@ class Settings:
             parts.append("without " + ", ".join(self.drop))
         return " · ".join(parts)
 
-    def wa_label(self) -> str:
-        """Weight and activation widths, e.g. ``W4A8`` (``W32`` / ``A32`` for float)."""
-        w = 32 if self.bits is None else self.bits
-        w_text = f"W{w}" + ("*" if self.layer_bits and self.bits is not None else "")
-        return f"{w_text}A{32 if self.abits is None else self.abits}"
+    def weight_widths(self, layer_names: Sequence[str] | None = None) -> tuple[int, ...]:
+        """The distinct bit widths the compressed layers store, ascending (``(32,)`` in
+        float). Without ``layer_names`` (and with every layer compressed) a layer the
+        per-layer bits leave out is assumed to take ``bits``.
+
+        >>> Settings(bits=8, layer_bits=(("a", 4), ("b", 4))).weight_widths(["a", "b"])
+        (4,)
+        >>> Settings(bits=8, layer_bits=(("a", 4), ("b", 6))).weight_widths(["a", "b", "c"])
+        (4, 6, 8)
+        """
+        if self.bits is None:
+            return (32,)
+        names = self.layers if self.layers is not None else layer_names
+        over = dict(self.layer_bits)
+        if names is None:  # unknown layers: the slider's width sets those not listed
+            return tuple(sorted({self.bits, *over.values()}))
+        return tuple(sorted({over.get(n, self.bits) for n in names})) or (self.bits,)
+
+    def weight_bits_text(self, layer_names: Sequence[str] | None = None) -> str:
+        """The weights' widths in words: ``4 bits``, ``4 to 6 bits (per layer)``, ``32``."""
+        w = self.weight_widths(layer_names)
+        if len(w) == 1:
+            return f"{w[0]} bits"
+        return f"{w[0]} to {w[-1]} bits (per layer)"
+
+    def wa_label(self, layer_names: Sequence[str] | None = None) -> str:
+        """Weight and activation widths as stored, e.g. ``W4A8``, ``W4-6 mixedA32``
+        (``W32`` / ``A32`` for float). Pass the model's ``layer_names`` so that per-layer
+        bits covering every layer read as what they store.
+
+        >>> Settings(bits=8, abits=8, layer_bits=(("a", 4),)).wa_label(["a"])
+        'W4A8'
+        >>> Settings(bits=8, layer_bits=(("a", 4), ("b", 6))).wa_label(["a", "b"])
+        'W4-6 mixed A32'
+        """
+        w = self.weight_widths(layer_names)
+        a = f"A{32 if self.abits is None else self.abits}"
+        if len(w) == 1:
+            return f"W{w[0]}{a}"
+        return f"W{w[0]}-{w[-1]} mixed {a}"
 
     def slug(self) -> str:
         """A short file-name tag, e.g. ``4bit-prune0.5``."""

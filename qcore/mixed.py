@@ -193,7 +193,9 @@ def mixed_precision(
     by default ``dataset``; pass a calibration split to keep the test split unseen. The
     accuracies returned are on ``dataset``. The result is never worse on the search data
     than the best uniform width that fits; on ``dataset`` it may be, and ``beats`` and
-    ``note`` say so honestly. ``progress`` follows the sensitivity analysis. With ``act``,
+    ``note`` say so honestly. ``progress(done, total, {"phase": ...})`` counts every step
+of every phase (compressing, measuring the uniform widths, each layer alone, the choices,
+the test split) and names the phase. With ``act``,
     every candidate is measured with its activations quantized too (calibrated on
     ``calib``, by default ``search_dataset``); the per-layer costs stay weight-only.
     """
@@ -207,10 +209,17 @@ def mixed_precision(
     names = list(weight_layers(base))
     if not names:
         raise ValueError("The model has no linear or convolution layers to quantize.")
+    held_out = search is not dataset
+    report = _Phases(progress, [
+        len(cands), 1 + len(cands), len(names) * len(cands), 2,
+        len(cands) + 1 if held_out else 0,
+    ])  # fmt: skip
     # exact per-layer packed sizes, and the uniform totals, from one compress per width
-    per_bits = {b: compress(model, CompressionConfig(
-        quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn, act=act), calib=calib)
-        for b in cands}
+    per_bits = {}
+    for b in cands:
+        per_bits[b] = compress(model, CompressionConfig(
+            quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn, act=act), calib=calib)
+        report.step(0, f"Compressing every layer at {b} bits")
     sizes = {k: {b: per_bits[b].layer(k).size_bytes for b in cands} for k in names}
     c0 = per_bits[cands[0]]
     rest = c0.size_bytes - sum(sizes[k][cands[0]] for k in names)
@@ -223,13 +232,21 @@ def mixed_precision(
         )
 
     ref = evaluate(model, dataset, batch_size=batch_size)
+    report.step(1, "Measuring the float model")
     # every uniform width on the search data; the best one that fits is the reference
-    searched = {b: evaluate(per_bits[b].model, search, batch_size=batch_size) for b in cands}
+    searched = {}
+    for b in cands:
+        searched[b] = evaluate(per_bits[b].model, search, batch_size=batch_size)
+        report.step(1, f"Measuring uniform {b} bits on {_split_name(search)}")
     uniform = {b: r for b, r in searched.items() if per_bits[b].size_bytes <= budget}
     ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
 
-    sens = layer_sensitivity(model, search, bits=cands, prune_rates=(), quant=quant,
-                             fold_bn=fold_bn, batch_size=batch_size, progress=progress)
+    sens = layer_sensitivity(
+        model, search, bits=cands, prune_rates=(), quant=quant, fold_bn=fold_bn,
+        batch_size=batch_size,
+        progress=None if progress is None else report.inner(
+            2, f"Measuring each layer alone on {_split_name(search)}"),
+    )  # fmt: skip
     tried = {}
     for bits in _assignments(sens, names, sizes, budget - rest):
         key = tuple(bits[k] for k in names)
@@ -237,6 +254,7 @@ def mixed_precision(
             q = replace(quant, bits=cands[-1], layer_bits=bits)
             c, m = _evaluate(model, search, q, fold_bn, batch_size, act, calib)
             tried[key] = (q, c, m)
+        report.step(3, "Trying the per-layer choices that fit the budget")
     best_key = max(tried, key=lambda k: (tried[k][2].accuracy, -tried[k][2].loss,
                                          -tried[k][1].size_bytes)) if tried else None
     mixed_ok = best_key is not None and (
@@ -250,10 +268,16 @@ def mixed_precision(
         q, c, m = uq, per_bits[ub], uniform[ub]
     m_search = m
     # every fitting uniform width on the evaluation split (the same runs when it is the search)
-    tested = {b: (evaluate(per_bits[b].model, dataset, batch_size=batch_size)
-                  if search is not dataset else uniform[b]) for b in uniform}
-    if search is not dataset:  # report on the evaluation split
+    tested = {}
+    for b in uniform:
+        tested[b] = (evaluate(per_bits[b].model, dataset, batch_size=batch_size)
+                     if held_out else uniform[b])  # fmt: skip
+        if held_out:
+            report.step(4, f"Measuring uniform {b} bits on {_split_name(dataset)}")
+    if held_out:  # report on the evaluation split
         m = tested[ub] if not mixed_ok else evaluate(c.model, dataset, batch_size=batch_size)
+        report.step(4, f"Measuring the choice on {_split_name(dataset)}")
+    report.finish()
     um = tested[ub]
     if c.size_bytes > budget:  # sizes are additive by construction; never expected
         raise RuntimeError("The chosen bits do not fit the budget after all; please report.")
@@ -293,6 +317,39 @@ def mixed_precision(
         beats=beats,
         search_accuracy=m_search.accuracy,
     )
+
+
+class _Phases:
+    """Progress over the search's phases, each a number of steps: ``progress(done, total,
+    {"phase": name})`` counts every step of every phase, so the bar ends when the work does."""
+
+    def __init__(self, progress: Progress | None, sizes: list[int]):
+        self.progress, self.sizes = progress, list(sizes)
+        self.done = [0] * len(sizes)
+
+    def _emit(self, phase: str) -> None:
+        if self.progress is not None:
+            self.progress(sum(self.done), sum(self.sizes), {"phase": phase})
+
+    def step(self, i: int, phase: str) -> None:
+        """One step of phase ``i`` done (a phase that runs over its size grows)."""
+        self.done[i] += 1
+        self.sizes[i] = max(self.sizes[i], self.done[i])
+        self._emit(phase)
+
+    def inner(self, i: int, phase: str) -> Progress:
+        """A ``progress`` for work that reports its own (done, total): phase ``i``."""
+
+        def report(done: int, total: int, row: dict) -> None:
+            self.sizes[i], self.done[i] = total, done
+            self._emit(phase)
+
+        return report
+
+    def finish(self) -> None:
+        """Phases that ran fewer steps than planned (choices already tried) end here."""
+        self.sizes = list(self.done)
+        self._emit("Done")
 
 
 def _split_name(data: Dataset) -> str:

@@ -44,22 +44,38 @@ def _span(t: torch.Tensor | None) -> tuple[float | None, float | None]:
     return float(t.min()), float(t.max())
 
 
+def _kept_groups(s: LayerResult) -> torch.Tensor:
+    """Which scale groups (G,) hold a kept weight: every group unless a pruning mask
+    removed whole output channels of a per-channel layer (none kept: every group, so an
+    all-pruned layer is still described)."""
+    g = 1 if s.scales is None else s.scales.numel()
+    if s.mask is None or g == 1 or not s.per_channel:
+        return torch.ones(g, dtype=torch.bool)
+    kept = s.mask.reshape(g, -1).any(dim=1)
+    return kept if bool(kept.any()) else torch.ones(g, dtype=torch.bool)
+
+
 def layer_row(s: LayerResult) -> dict[str, Any]:
     """One layer as plain numbers (``None`` where a float layer has none).
 
     Grid, scale and zero point are the tensor's, or with per-channel scales the envelope of
     the channels: the lowest grid bound and the highest, the smallest scale and the largest.
-    ``channels`` counts the scale groups (1 per tensor, 0 for a layer left in float).
+    Only channels that keep a weight count: a channel that pruning removed whole holds no
+    weight and its placeholder scale says nothing. ``channels`` counts the scale groups
+    described (1 per tensor, the kept channels per channel, 0 for a layer left in float).
     An unchanged layer's SQNR (infinite) is ``None``, and so is a 1-bit layer's zero point
     (its levels are -alpha and +alpha: no code stands for 0).
     """
+    keep = _kept_groups(s)
     grid = s.grid_range
-    lo = None if grid is None else _span(grid[0])[0]
-    hi = None if grid is None else _span(grid[1])[1]
-    scale_min, scale_max = _span(s.scales)
+    lo = None if grid is None else _span(grid[0][keep])[0]
+    hi = None if grid is None else _span(grid[1][keep])[1]
+    scales = None if s.scales is None else s.scales[keep]
+    scale_min, scale_max = _span(scales)
     # 1 bit has no zero code (levels -alpha and +alpha): no zero point to report
     binary = s.qparams is not None and s.qparams.binary
-    zp_min, zp_max = (None, None) if binary else _span(s.zero_points)
+    zp_min, zp_max = (None, None) if binary else _span(
+        None if s.zero_points is None else s.zero_points[keep])
     return {
         "layer": s.name,
         "kind": s.kind,
@@ -76,7 +92,7 @@ def layer_row(s: LayerResult) -> dict[str, Any]:
         "scale max": scale_max,
         "zero point min": None if zp_min is None else int(zp_min),
         "zero point max": None if zp_max is None else int(zp_max),
-        "channels": 0 if s.scales is None else int(s.scales.numel()),
+        "channels": 0 if scales is None else int(scales.numel()),
         "packed bytes": s.size_bytes,
         "float32 bytes": s.float_bytes,
         "encoding": s.encoding,

@@ -83,7 +83,7 @@ def test_tradeoffs_run_draws_front_star_table_and_csv() -> None:
     names = [t["name"] for t in fig["data"]]
     assert {"prune 0", "prune 0.5", "Pareto front", "Playground setting"} <= set(names)
     star = fig["data"][names.index("Playground setting")]
-    assert star["marker"]["symbol"] == "star"
+    assert star["marker"]["symbol"] == "star-open"  # open: the points under it show
     assert fig["layout"]["xaxis"]["type"] == "log"
     table = at.dataframe[0].value
     assert len(table) == 4 and set(table["bits"]) == {2, 8}

@@ -115,6 +115,14 @@ def test_waterfall_steps_add_up_to_each_stage() -> None:
     # the accuracy after each stage on the second axis, in percent
     assert line.yaxis == "y2"
     assert list(line.y) == [98.0, 97.0, 97.5, 97.5, 97.5]
+    # issue 18 item 12: accuracy labels dark on white; every step's size change is shown
+    notes = [a for a in fig.layout.annotations if a.yref == "y2"]
+    assert [a.text for a in notes] == ["98.0 %", "97.0 %", "97.5 %", "97.5 %", "97.5 %"]
+    assert all(a.font.color == "#111111" and a.bgcolor.startswith("rgba(255, 255, 255")
+               for a in notes)  # fmt: skip
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert [t.split("<br>")[1] for t in ticks] == [
+        "40.0 kB", "−32.0 kB", "−5.50 kB", "−500 B", "2.00 kB (20.0x)"]
 
 
 def test_layer_bits_table_is_layers_by_stages_in_order() -> None:

@@ -123,7 +123,15 @@ def test_train_one_epoch_then_open_the_session_model_in_the_playground() -> None
     # the Playground's accuracy is computed from the session model: the fine-tuned one
     (acc,) = [m.value for m in at.metric if m.label.startswith("Accuracy")]
     assert acc == f"{outcome.accuracy:.1%}"
-    assert any(f"Float model: {outcome.float_accuracy:.1%}" in c.value for c in at.caption)
+    # compared with the model it came from (issue 18 item 5), its own float labelled so
+    base = cache.float_metrics(ModelRef("digits-mlp"), DatasetRef("digits")).accuracy
+    (card,) = [m for m in at.metric if m.label.startswith("Accuracy")]
+    d = round((outcome.accuracy - base) * 100, 1)
+    assert card.delta == (f"{d:+.1f} pts vs digits-mlp" if d else "±0.0 pts vs digits-mlp")
+    assert any(f"the model it was fine-tuned from: {base:.1%} in float. This fine-tuned "
+               f"model's own weights, unquantized: {outcome.float_accuracy:.1%}." in c.value
+               for c in at.caption)  # fmt: skip
+    assert not any("Float model:" in c.value for c in at.caption)
     # its link cannot carry it: a fresh session warns and falls back to the default model
     assert at.query_params["model"] == name
 

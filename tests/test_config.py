@@ -412,8 +412,14 @@ def test_codebook_settings_canonical_and_refusals() -> None:
                  rounding="stochastic", scale="pow2")
     assert a.canonical() == Settings(bits=4, codebook="kmeans")
     assert Settings(bits=None, codebook="kmeans").canonical() == Settings(bits=None)
-    with pytest.raises(ValueError, match="turn per-channel scales off"):
-        Settings(bits=4, codebook="kmeans", per_channel=True).to_config()
+    # per-channel scales with a codebook (issue 18 item 4): resolved one way everywhere,
+    # one codebook per layer, and a sentence says so (the config itself still refuses it)
+    clash = Settings(bits=4, codebook="kmeans", per_channel=True)
+    assert clash.to_config() == Settings(bits=4, codebook="kmeans").to_config()
+    assert clash.canonical() == Settings(bits=4, codebook="kmeans")
+    assert clash.notes() == ("A k-means codebook is shared by a whole layer, so per-channel "
+                             "scales do not apply: each layer gets one codebook (per-tensor).",)
+    assert Settings(bits=4, per_channel=True).notes() == ()
     with pytest.raises(ValueError, match="entropy must be one of none, huffman"):
         Settings(entropy="zip").to_config()
     for bad in ({"codebook": "lloyd"}, {"entropy": "gzip"}):

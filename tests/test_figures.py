@@ -117,11 +117,18 @@ def test_confusion_figure_shows_matrix_and_change() -> None:
     fig = figures.confusion_figure(m, ["cat", "dog"], title="t")
     (heat,) = fig.data
     assert isinstance(heat, go.Heatmap)
-    np.testing.assert_array_equal(heat.z, m)
+    # row percentages, and it says so (issue 18 item 12); the counts ride in the hover
+    np.testing.assert_allclose(heat.z, [[500 / 6, 100 / 6], [200 / 9, 700 / 9]])
+    np.testing.assert_allclose(np.sum(heat.z, axis=1), [100, 100])
+    np.testing.assert_array_equal(heat.customdata, m)
+    assert "each row sums to 100" in heat.colorbar.title.text
+    assert "% of the row" in heat.hovertemplate and "images" in heat.hovertemplate
     assert list(heat.x) == list(heat.y) == ["cat", "dog"]
     assert fig.layout.yaxis.autorange == "reversed"  # true class 0 on top
     diff = figures.confusion_figure(m, ["cat", "dog"], reference=ref)
-    np.testing.assert_array_equal(diff.data[0].z, m - ref)
+    np.testing.assert_allclose(diff.data[0].z, [[500 / 6 - 100, 100 / 6],
+                                                [200 / 9 - 100 / 9, 700 / 9 - 800 / 9]])
+    np.testing.assert_array_equal(diff.data[0].customdata, m - ref)
     assert diff.data[0].zmid == 0
 
 
@@ -190,7 +197,9 @@ def test_tradeoff_figure_points_front_star_and_hover() -> None:
     assert line.mode == "lines" and np.allclose(line.x, front["size_bytes"] / 1e3)
     assert list(line.y) == front["accuracy"].tolist()
     star = _trace(fig, "Playground setting")
-    assert star.marker.symbol == "star" and star.x == (0.5,) and star.y == (0.5,)
+    # an open star (issue 18 item 12): the points it sits on show through it
+    assert star.marker.symbol == "star-open" and star.x == (0.5,) and star.y == (0.5,)
+    assert fig.layout.xaxis.dtick == "D2"  # log axis labelled at 1, 2 and 5 only
     assert _trace(fig, "mixed precision").x == (0.3,)
     hover = " ".join(t for g in groups for t in g.text)
     for word in ("2 bits", "8 bits", "float32", "clip 1", "prune 0.5", "asymmetric",
@@ -481,3 +490,50 @@ def test_training_curves_of_no_rows_yet_is_an_empty_frame() -> None:
     fig = figures.training_curves(pd.DataFrame(), total_steps=20)
     assert [len(t.x) for t in fig.data] == [0, 0]  # live: drawn before the first step
     assert list(fig.layout.xaxis.range) == [0, 20]
+
+
+# --- issue 18: the robustness chart draws only what was measured ----------------------------
+
+
+def _rows(strengths, accuracies) -> pd.DataFrame:
+    return pd.DataFrame({"strength": strengths, "accuracy": accuracies,
+                         "agreement": [1.0] * len(strengths)})  # fmt: skip
+
+
+def test_bitflip_curves_draw_points_only_where_measured() -> None:
+    # strengths "0 0.0001": the float model falls, two quantized variants keep the same
+    curves = {"float32": _rows([0.0, 1e-4], [0.985, 0.144]),
+              "8-bit": _rows([0.0, 1e-4], [0.985, 0.985]),
+              "4-bit": _rows([0.0, 1e-4], [0.985, 0.985])}  # fmt: skip
+    fig = figures.robustness_curves(curves, "bitflip", "fraction of stored bits flipped")
+    for t in fig.data:
+        assert list(t.x) == [1e-4]  # no point at 0 drawn at the axis' left edge
+        assert t.mode == "markers"  # one measured point: no line from nowhere
+    assert [t.name for t in fig.data] == [
+        "float32 (clean 98.5 %)", "8-bit (clean 98.5 %)", "4-bit (clean 98.5 %)"]
+    # the axis spans the measured strength, not an empty decade to 10^-3 and beyond
+    assert fig.layout.xaxis.range == (-4.5, -3.5) and fig.layout.xaxis.dtick == 1
+    # coinciding curves: their own markers, and a note naming them
+    symbols = [t.marker.symbol for t in fig.data]
+    assert len(set(symbols)) == 3
+    (note,) = [a.text for a in fig.layout.annotations]
+    assert note.endswith("8-bit and 4-bit")
+
+
+def test_linear_curves_keep_strength_zero_and_no_note_when_distinct() -> None:
+    curves = {"float32": _rows([0.0, 0.1], [0.98, 0.6]), "4 bits": _rows([0.0, 0.1], [0.97, 0.7])}
+    fig = figures.robustness_curves(curves, "fgsm", "epsilon")
+    assert [list(t.x) for t in fig.data] == [[0.0, 0.1], [0.0, 0.1]]
+    assert all(t.mode == "lines+markers" for t in fig.data)
+    assert not fig.layout.annotations and figures.coinciding(curves) == []
+
+
+def test_log_axes_label_decades_and_the_histogram_spans_its_bins() -> None:
+    _, _, h = _layer_hist()
+    fig = figures.weight_histogram_figure(h, log_y=True)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1
+    assert fig.layout.xaxis.range == (float(h.edges[0]), float(h.edges[-1]))
+    assert fig.layout.xaxis.nticks == 9  # several labels, however narrow the range
+    # the legend below the tick labels and the axis title (at -0.2 it covered the labels)
+    assert fig.layout.legend.yanchor == "top" and fig.layout.legend.y <= -0.4
+    assert figures.weight_histogram_figure(h).layout.yaxis.dtick is None  # linear: auto

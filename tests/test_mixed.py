@@ -235,3 +235,30 @@ def test_mixed_precision_with_quantized_activations() -> None:
     c = qcore.compress(model, cfg, calib=calib)
     assert c.size_bytes == r.size_bytes <= 3200
     assert qcore.evaluate(c.model, test).accuracy == r.accuracy
+
+
+def test_progress_covers_every_phase_and_names_it() -> None:
+    # issue 18 item 11: the bar reached 24/24 while half the work still ran
+    model, data = _setup()
+    search = Dataset(name="synthetic", split="calib", x=data.x[:32], y=data.y[:32],
+                     classes=data.classes, description="synthetic", mean=(0.0,), std=(1.0,),
+                     indices=torch.arange(32))  # fmt: skip
+    calls: list[tuple[int, int, str]] = []
+    budget = _uniform_sizes(model, [4])[4]
+    mixed_precision(model, data, budget, (2, 4, 8), search_dataset=search,
+                    progress=lambda d, t, row: calls.append((d, t, row["phase"])))
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == calls[-1][1]  # ends full, never goes back
+    assert all(d <= t for d, t, _ in calls)
+    assert calls[-1][2] == "Done"
+    phases = list(dict.fromkeys(p for _, _, p in calls))
+    assert phases[0] == "Compressing every layer at 2 bits"
+    assert "Measuring each layer alone on the calibration split" in phases
+    assert "Trying the per-layer choices that fit the budget" in phases
+    # the test split comes last, after the layers: the bar is not full before it
+    first_test = next(i for i, (_, _, p) in enumerate(calls) if p.endswith("the test split"))
+    last_layer = max(i for i, (_, _, p) in enumerate(calls) if p.startswith("Measuring each"))
+    assert last_layer < first_test and calls[last_layer][0] < calls[last_layer][1]
+    # 3 layers x 3 widths measured alone: 9 steps of that phase
+    layer_steps = [d for d, _, p in calls if p.startswith("Measuring each layer")]
+    assert layer_steps[-1] - layer_steps[0] == 8

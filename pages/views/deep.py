@@ -16,7 +16,7 @@ st.caption(
     "Han, Mao and Dally's three stages (ICLR 2016): prune the smallest weights and retrain "
     "the rest, share each layer's weights through a k-means codebook and retrain its "
     "centroids, then Huffman code the codes and the sparse index. Retraining runs on "
-    f"{data.name}'s train split (at most {cache.DEEP_MAX_TRAIN:,} images); accuracy is "
+    f"the {data.name} train split (at most {cache.DEEP_MAX_TRAIN:,} images); accuracy is "
     "measured on its test split after each stage. Sizes are packed bytes, tables and "
     "codebooks included."
 )
@@ -129,7 +129,7 @@ st.dataframe(
 )  # fmt: skip
 st.caption(
     "—: the paper does not publish that number. Its model trained on 60,000 digits; "
-    f"{data.name}'s train split has far fewer, so our float accuracy is lower, and with "
+    f"the {data.name} train split has far fewer, so our float accuracy is lower, and with "
     f"{res.n:,} {res.split} images one image moves accuracy by {100 / res.n:.2g} points."
 )
 

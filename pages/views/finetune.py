@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
-from pages import cache, figures
+from pages import cache, figures, tables
 from pages.progress import Job, watch
 from pages.query import sync_query
 from pages.session import (
@@ -29,7 +29,7 @@ ERROR = "ft_error"  # st.session_state key: what the Train button refused, for t
 OPEN = "ft_open_playground"  # st.session_state key: Open in Playground was pressed
 LR_OPTIONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 BATCH_OPTIONS = (16, 32, 64, 128, 256)
-GRAD_BITS_OPTIONS = (FLOAT, 16, 8, 6, 4, 3, 2)
+GRAD_BITS_OPTIONS = (2, 3, 4, 6, 8, 16, FLOAT)  # as Bit width: float32 at the right end
 MAX_EPOCHS_HERE = 20  # the page's limit; qcore's own is higher (the command line)
 # below this many steps a run at lr 1e-3 barely moves (2-bit digits-mlp: 20 steps an epoch)
 FEW_STEPS = 100
@@ -184,16 +184,17 @@ model, data = require_model_and_dataset()
 sync_query({})
 layer_names = cache.layer_names(model)
 settings = playground_settings(layer_names)
+wa = settings.wa_label(layer_names)  # what is stored: per-layer bits read as they are
 st.caption(
     "Post-training compression rounds a trained model's weights once; below 3 or 4 bits that "
     "costs accuracy. Fine-tuning trains with the compression in the forward pass (the "
     "straight-through estimator lets the gradient through the rounding), so the weights "
-    f"learn to work on the grid. It trains on {data.name}'s train split, reports on its "
+    f"learn to work on the grid. It trains on the {data.name} train split, reports on its "
     "calibration split while training, and measures on its test split at the end. The "
     "model in the sidebar is never changed: the result is a new model."
 )
 st.markdown(
-    f"Starting from the Playground's setting: **{settings.wa_label()}** · {settings.label()}"
+    f"Starting from the Playground's setting: **{wa}** · {settings.label()}"
 )
 
 try:
@@ -205,8 +206,9 @@ steps = _planned_steps(data, ft)
 few = steps < FEW_STEPS
 st.caption(
     f"{steps:,} steps in all ({ft.epochs} × {steps // ft.epochs:,} batches of {ft.batch_size})."
-    + (" That is few for the weights to move far: with so few steps, more epochs or a larger "
-       "learning rate (0.01) train further." if few else "")
+    + (" That is few for the weights to move far: more epochs train further, or a learning "
+       "rate of 3e-3 (at 1e-2 training was measured worse at 2 bits; see the README)."
+       if few else "")
 )  # fmt: skip
 ss = st.session_state
 key = (model, data, settings, ft)
@@ -278,14 +280,15 @@ except ValueError as e:
     st.error(str(e))
     st.stop()
 same_size = outcome.compressed.size_bytes == post.size_bytes
-gain = (outcome.accuracy - post.accuracy) * 100
+gain = tables.points_delta(outcome.accuracy, post.accuracy, "post-training")
 c1, c2, c3 = st.columns(3)
 c1.metric("Accuracy, fine-tuned", f"{outcome.accuracy:.1%}", border=True,
-          delta=f"{gain:+.1f} pts vs post-training",
+          delta=gain.text, delta_color=gain.color, delta_arrow=gain.arrow,
           help=f"Simulated top-1 on the {outcome.n:,} test images of {data.name}, the "
           "fine-tuned weights compressed with the same setting.")  # fmt: skip
+post_change = tables.points_delta(post.accuracy, post.float_accuracy, "float")
 c2.metric("Accuracy, post-training", f"{post.accuracy:.1%}", border=True,
-          delta=f"{(post.accuracy - post.float_accuracy) * 100:+.1f} pts vs float",
+          delta=post_change.text, delta_color=post_change.color, delta_arrow=post_change.arrow,
           help="The same setting applied to the model without training (the Playground's "
           "number).")  # fmt: skip
 c3.metric("Packed size", figures.format_bytes(outcome.compressed.size_bytes), border=True,
@@ -298,9 +301,9 @@ table = pd.DataFrame([
     {"model": f"float ({model.name})", "accuracy": post.float_accuracy * 100,
      "size_bytes": post.float_size_bytes, "stored as": "float32"},
     {"model": "post-training", "accuracy": post.accuracy * 100,
-     "size_bytes": post.size_bytes, "stored as": f"packed, {settings.wa_label()}"},
+     "size_bytes": post.size_bytes, "stored as": f"packed, {wa}"},
     {"model": "fine-tuned", "accuracy": outcome.accuracy * 100,
-     "size_bytes": outcome.compressed.size_bytes, "stored as": f"packed, {settings.wa_label()}"},
+     "size_bytes": outcome.compressed.size_bytes, "stored as": f"packed, {wa}"},
 ])  # fmt: skip
 st.dataframe(
     table,
@@ -333,7 +336,7 @@ st.caption(
 )
 st.plotly_chart(
     figures.training_curves(hist, total_steps=steps or None,
-                            title=f"Training curves ({settings.wa_label()})"),
+                            title=f"Training curves ({wa})"),
     key="ft_curves",
 )  # fmt: skip
 

@@ -17,7 +17,7 @@ sync_query({})
 layer_names = cache.layer_names(model)
 st.caption(
     "Sensitive layers get more bits, robust ones fewer, within a packed-size budget. The bits "
-    f"are chosen on {data.name}'s calibration split; the results are measured on its test "
+    f"are chosen on the {data.name} calibration split; the results are measured on its test "
     "split, which the search never sees. Accuracy is simulated (fake-quant)."
 )
 

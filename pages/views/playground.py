@@ -7,8 +7,9 @@ from dataclasses import replace
 import streamlit as st
 
 from pages import cache, figures, tables, timing
-from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
+from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note, settings_notes
 from pages.query import sync_query
+from pages.session import model_ref, reference_model
 from pages.sidebar import require_model_and_dataset
 from qcore import teach
 from qcore.analysis import ACT_HISTOGRAM_IMAGES
@@ -40,6 +41,7 @@ layer_names = cache.layer_names(model)
 blocks = cache.removable_blocks(model)
 settings = compression_ui(layer_names, blocks)
 layer_bits_note(settings)
+settings_notes(settings)
 if settings.drop:
     st.caption(
         "Removed: " + "; ".join(blocks.get(n, n) for n in settings.drop) + ". Each runs as the "
@@ -74,18 +76,26 @@ acts_text = (
     else f"activations rounded to {settings.abits}-bit codes on ranges calibrated on the "
     f"calibration split ({settings.aobs})"
 )
+# a fine-tuned model is compared with the model it came from, not its own float weights
+base = reference_model(model.name)
+ref_acc = (r.float_accuracy if base is None
+           else cache.float_metrics(model_ref(base), data).accuracy)  # fmt: skip
+ref_text = tables.reference_text(base, ref_acc, r.float_accuracy)
+change = tables.points_delta(r.accuracy, ref_acc, "float" if base is None else base)
+wa = settings.wa_label(layer_names)
 acc.metric(
     "Accuracy (simulated)",
     f"{r.accuracy:.1%}",
-    delta=f"{(r.accuracy - r.float_accuracy) * 100:+.1f} pts vs float",
+    delta=change.text,
+    delta_color=change.color,
+    delta_arrow=change.arrow,
     border=True,
-    help=f"Top-1 on the {r.n:,} images of {data.name}'s test split, weights rounded "
-    f"({acts_text}) but run in float arithmetic. {settings.wa_label()}: weights in "
-    f"{'32' if settings.bits is None else settings.bits} bits, activations in "
-    f"{'32' if settings.abits is None else settings.abits}. The float model gets "
-    f"{r.float_accuracy:.1%}.",
+    help=f"Top-1 on the {r.n:,} images of the {data.name} test split, weights rounded "
+    f"({acts_text}) but run in float arithmetic. {wa}: weights in "
+    f"{settings.weight_bits_text(layer_names)}, activations in "
+    f"{'32' if settings.abits is None else settings.abits} bits. {ref_text}",
 )
-acc.caption(f"**{settings.wa_label()}** · simulated")
+acc.caption(f"**{wa}** · simulated")
 acc.caption(f"{r.n:,} test images:  \none image is {100 / r.n:.2g} pts")
 vs_float = _against_float(r.size_bytes, r.float_size_bytes)
 if unpruned is not None and r.size_bytes > unpruned:
@@ -123,8 +133,9 @@ sqnr.metric(
     _sqnr(r.sqnr_db),
     border=True,
     help="10·log10(Σ‖w‖² / Σ‖w − q(w)‖²) over all compressed layers together: the total "
-    "signal over the total error, so large layers weigh more. Each layer's own SQNR is in "
-    "the per-layer table."
+    "signal over the total error, so large layers weigh more. The weights of a removed "
+    "block count as all error (they are gone). Each layer's own SQNR is in the per-layer "
+    "table."
     + (
         " — means no error at all: every weight is the float one (infinite SQNR)."
         if r.sqnr_db == math.inf
@@ -136,14 +147,18 @@ agree.metric(
     f"{r.agreement:.1%}",
     border=True,
     help="Agreement with the float model: the share of test images on which the compressed "
-    "model predicts the same class as the float model.",
+    "model predicts the same class as the float model"
+    + (" (this fine-tuned model's own float weights)." if base is not None else "."),
 )
 st.caption(
-    f"Float model: {r.float_accuracy:.1%} accuracy, "
-    f"{figures.format_bytes(r.float_size_bytes)} as float32. "
+    f"{ref_text} Float32 size: {figures.format_bytes(r.float_size_bytes)}. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
 timing.mark("headline")
+
+
+if r.clip_note:  # an absolute clip above max|w|: levels that hold no weight
+    st.warning(r.clip_note, icon=":material/open_in_full:")
 
 
 # --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------
@@ -160,7 +175,8 @@ if (
 ):
     try:
         one_bit = cache.results(model, data, replace(settings, bits=1).canonical())
-        hint = teach.trap_hint(2, "ratio", 1.0, r.accuracy, one_bit.accuracy)
+        hint = teach.trap_hint(2, "ratio", 1.0, r.accuracy, one_bit.accuracy,
+                               symmetric=settings.symmetric)  # fmt: skip
         if hint:
             mse = cache.results(model, data, replace(settings, clip_mode="mse").canonical())
     except ValueError:
@@ -212,9 +228,25 @@ def _shared_layer(settings: Settings, layer: str) -> bool:
             and (settings.layers is None or layer in settings.layers))  # fmt: skip
 
 
-def journey_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
+def _pick_weight(model: ModelRef, layer: str, key: str) -> None:
+    if st.session_state.get(key) is not None:
+        st.session_state[_journey_key(model, layer)] = int(st.session_state[key])
+
+
+def journey_panel(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, n_weights: int = 0
+) -> None:
     """One weight of ``layer`` followed from float to code and back, step by step."""
     st.markdown("#### One weight's journey")
+    if n_weights:  # a teacher picks the weight: by its flat index, the largest or at random
+        pick = f"journey_pick:{model.name}:{layer}"
+        st.number_input(
+            "Weight index", min_value=0, max_value=n_weights - 1, value=None, step=1,
+            key=pick, on_change=_pick_weight, args=(model, layer, pick),
+            placeholder=f"0 … {n_weights - 1:,}",
+            help=f"Follow the weight at this flat index of {layer} (row-major over its "
+            "shape), or use the buttons below.",
+        )  # fmt: skip
     index = st.session_state.get(_journey_key(model, layer))  # None: the largest |w|
     a, b = st.columns(2)
     a.button(
@@ -338,6 +370,36 @@ def activation_panel(
     st.caption(tables.act_caption(a, min(a.calib_images, ACT_HISTOGRAM_IMAGES)))
 
 
+def error_panel(
+    model: ModelRef, data: DatasetRef, settings: Settings, layer: str, log_y: bool
+) -> None:
+    """The error w − q(w) of every kept weight of ``layer``: rounding noise within half a
+    step, clipping error in the tails."""
+    h = cache.error_histogram(model, settings, layer, data)
+    if h is None:
+        st.info(f"{layer} shares its weights through a k-means codebook: there is no "
+                "rounding step to measure its error against." if _shared_layer(settings, layer)
+                else f"{layer} keeps its float32 weights: its error is zero.")  # fmt: skip
+        return
+    st.plotly_chart(figures.error_histogram_figure(h, log_y=log_y, title=f"w − q(w), {layer}"),
+                    key="error_hist_chart")  # fmt: skip
+    st.caption(tables.error_caption(h))
+
+
+def sqnr_bits_panel(model: ModelRef, data: DatasetRef, settings: Settings, layer: str) -> None:
+    """``layer``'s SQNR at every bit width beside the 6.02 dB-per-bit rule of thumb."""
+    df = cache.sqnr_by_bits(model, settings, layer, data)
+    if df is None:
+        st.info(f"{layer} shares its weights through a k-means codebook: there is no "
+                "uniform grid whose bit width to vary." if _shared_layer(settings, layer)
+                else f"{layer} keeps its float32 weights: there is no bit width to vary.")
+        return
+    now = dict(settings.layer_bits).get(layer, settings.bits)
+    st.plotly_chart(figures.sqnr_bits_figure(df, current=now, title=f"SQNR against bits, "
+                                             f"{layer}"), key="sqnr_bits_chart")  # fmt: skip
+    st.caption(tables.sqnr_bits_caption(df))
+
+
 @st.fragment
 def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes: dict) -> None:
     ss = st.session_state
@@ -371,9 +433,10 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
             help="Per-channel scales: levels and grid range of this channel.",
         )
     log_y = log.toggle("Log scale", key="hist_log")
-    # only the open view is computed and sent: a slider move redraws one chart, not four
-    weights_tab, acts_tab, journey_tab, curve_tab = st.tabs(
-        ["Weights", "Activations", "One weight's journey", "Clipping error"],
+    # only the open view is computed and sent: a slider move redraws one chart, not six
+    weights_tab, acts_tab, error_tab, bits_tab, journey_tab, curve_tab = st.tabs(
+        ["Weights", "Activations", "Error w − q(w)", "SQNR against bits",
+         "One weight's journey", "Clipping error"],
         key="layer_view", on_change="rerun",
     )
     if weights_tab.open:
@@ -391,9 +454,15 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
     if acts_tab.open:
         with acts_tab:
             activation_panel(model, data, settings, layer, log_y)
+    if error_tab.open:
+        with error_tab:
+            error_panel(model, data, settings, layer, log_y)
+    if bits_tab.open:
+        with bits_tab:
+            sqnr_bits_panel(model, data, settings, layer)
     if journey_tab.open:
         with journey_tab:
-            journey_panel(model, data, settings, layer)
+            journey_panel(model, data, settings, layer, math.prod(shapes[layer]))
     if curve_tab.open:
         with curve_tab:
             error_curve_panel(model, data, settings, layer)
@@ -414,9 +483,11 @@ def details_section(model: ModelRef, data: DatasetRef, settings: Settings, r) ->
     )
     if table_tab.open:
         with table_tab:
+            shown = tables.layer_display(r.layers, r.sizes)
             st.dataframe(
-                tables.layer_display(r.layers, r.sizes),
+                shown,
                 hide_index=True,
+                column_order=tables.layer_display_order(shown),
                 column_config=tables.LAYER_DISPLAY_COLUMNS,
                 key="layer_table",
             )

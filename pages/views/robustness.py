@@ -57,7 +57,7 @@ ds = cache.get_dataset(data)
 std = ", ".join(f"{s:g}" for s in ds.std)
 st.caption(
     "Does clipping and quantizing make a model sturdier? Each curve is the accuracy on "
-    f"{data.name}'s test split (simulated, fake-quant) as a perturbation grows. "
+    f"the {data.name} test split (simulated, fake-quant) as a perturbation grows. "
     "**Gaussian**: noise of that standard deviation added to the normalised input "
     f"(pixel in [0, 1] − mean) / std, std {std}, then clamped to the valid pixel range. "
     "**FGSM / PGD**: white-box attacks computed against each model itself, epsilon in "
@@ -96,7 +96,9 @@ with st.container(border=True):
         "PGD once per step: fewer images are faster.",
     )  # fmt: skip
     limit = None if n_images >= len(ds.y) else int(n_images)
-    steps = c2.number_input("PGD steps", 1, 50, 10, key="rb_steps")
+    steps = 10  # PGD's default, unused by the other perturbations
+    if "pgd" in picked:  # shown only where it does something
+        steps = c2.number_input("PGD steps", 1, 50, 10, key="rb_steps", persist_state="session")
 
     current = playground_settings(layer_names)
     p1, p2, p3 = st.columns([3, 1, 1], vertical_alignment="bottom")
@@ -209,7 +211,7 @@ if inputs:
         f"the attack computed against {_label(target)}; the float model sees the same image")
     st.caption(f"The first {GRID_IMAGES} test images, {NAMES[which]} at {strength:g} "
                f"({attacked}). Under each: true class · float32's answer · "
-               f"{_label(target)}'s answer.")  # fmt: skip
+               f"the answer of {_label(target)}.")  # fmt: skip
     images = figures.display_images(grid.images, ds.mean, ds.std)
     cols = st.columns(GRID_IMAGES)
     for i, col in enumerate(cols):

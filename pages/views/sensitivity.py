@@ -13,7 +13,7 @@ model, data = require_model_and_dataset()
 sync_query({})
 st.caption(
     "Each layer is quantized (or pruned) on its own while every other layer stays float, and "
-    f"the model is evaluated on {data.name}'s test split. A large drop means the layer "
+    f"the model is evaluated on the {data.name} test split. A large drop means the layer "
     "needs more bits; a small one means it can take fewer. Accuracy is simulated (fake-quant)."
 )
 

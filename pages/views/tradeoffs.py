@@ -3,7 +3,7 @@
 import streamlit as st
 
 import qcore
-from pages import cache, controls, figures
+from pages import cache, controls, figures, tables
 from pages.query import sync_query
 from pages.session import last_run, playground_settings
 from pages.sidebar import require_model_and_dataset
@@ -13,7 +13,7 @@ model, data = require_model_and_dataset()
 sync_query({})
 st.caption(
     "Accuracy against packed size. Every combination of the values below is compressed and "
-    f"evaluated on {data.name}'s test split. Accuracy is simulated (fake-quant); sizes are "
+    f"evaluated on the {data.name} test split. Accuracy is simulated (fake-quant); sizes are "
     "packed bytes. The dotted line is the Pareto front: no other setting is both smaller "
     "and more accurate."
 )
@@ -57,11 +57,10 @@ st.caption(
 
 table = df.assign(pareto=df.index.isin(front.index))
 st.dataframe(
-    table,
+    # the whole model's SQNR, as on the Playground (the per-layer mean is in the CSV only)
+    table[list(tables.SWEEP_SHOWN)],
     hide_index=True,
     key="tradeoff_table",
-    column_order=["bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
-                  "size_bytes", "ratio", "sparsity", "mean_sqnr_db", "pareto"],
     column_config={
         "bits": st.column_config.NumberColumn("bits", help="empty = float32"),
         "accuracy": st.column_config.NumberColumn("accuracy (sim.)", format="percent"),
@@ -69,7 +68,11 @@ st.dataframe(
         "size_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
         "ratio": st.column_config.NumberColumn("ratio", format="%.1fx"),
         "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
-        "mean_sqnr_db": st.column_config.NumberColumn("mean SQNR (dB)", format="%.1f"),
+        "sqnr_db": st.column_config.NumberColumn(
+            "SQNR (dB, whole model)", format="%.1f",
+            help="10·log10(Σ‖w‖² / Σ‖w − q(w)‖²) over all compressed layers together, as on "
+            "the Playground.",
+        ),
         "pareto": st.column_config.CheckboxColumn("Pareto"),
     },
 )  # fmt: skip
