@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
+import qcore.activations
 from pages.progress import run_with_progress
 from pages.tables import (
     ActInfo,
@@ -204,6 +205,12 @@ def histogram(
     return qcore.layer_histogram(get_compressed(model, settings, data), layer, bins, channel)
 
 
+def _input_edge(comp: qcore.Compressed, layer: str) -> str | None:
+    """The activation edge ``layer`` reads (an engine's stored tensor), None when float."""
+    act = next((r.act for r in comp.layers if r.name == layer), None)
+    return None if act is None or act.edge not in comp.activations else act.edge
+
+
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def activation_histogram(
     model: ModelRef, data: DatasetRef, settings: Settings, layer: str, bins: int = 80
@@ -211,10 +218,23 @@ def activation_histogram(
     """Binned values reaching ``layer``'s input before and after its activation quantizer,
     on calibration images (counts only); None when that input is not quantized."""
     comp = get_compressed(model, settings, data)
-    edge = f"{layer}.input"
-    if edge not in comp.activations:
+    edge = _input_edge(comp, layer)
+    if edge is None:
         return None
     return qcore.activation_histogram(comp, edge, get_calib_dataset(data), bins)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def activation_edges(
+    model: ModelRef, data: DatasetRef, settings: Settings
+) -> tuple[tuple[str, str], ...]:
+    """The quantized activation edges, in graph order, each with what it holds."""
+    comp = get_compressed(model, settings, data)
+    if not comp.activations:
+        return ()
+    p = qcore.activations.placement(comp.graph, [r.name for r in comp.layers],
+                                    comp.config.act.output)  # fmt: skip
+    return tuple((e, p.describe(e)) for e in comp.activations)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
@@ -223,9 +243,10 @@ def activation_info(
 ) -> ActInfo | None:
     """The calibrated range of ``layer``'s input as plain numbers; None when it stays float."""
     comp = get_compressed(model, settings, data)
-    act = comp.activations.get(f"{layer}.input")
-    if act is None:
+    edge = _input_edge(comp, layer)
+    if edge is None:
         return None
+    act = comp.activations[edge]
     calib_images = len(get_calib_dataset(data).y)
     return make_act_info(act, settings.aobs, calib_images, pow2=settings.scale == "pow2")
 

@@ -441,6 +441,15 @@ def act_caption(a: ActInfo, shown_images: int) -> str:
     return text
 
 
+def edges_caption(edges: tuple[tuple[str, str], ...]) -> str:
+    """The quantized activation edges by name, each with what it holds."""
+    listed = "; ".join(f"`{e}` ({what})" for e, what in edges)
+    return (
+        f"{len(edges)} quantized edges, where an int8 engine stores a tensor (nothing inside "
+        f"a fused group; the logits stay float): {listed}."
+    )
+
+
 def act_journey_markdown(a: ActInfo, x: float, which: str) -> str:
     """One activation value ``x`` through its edge's quantizer, by plain arithmetic:
     code = clamp(round(x / Δ) + z, qmin, qmax), value = (code − z)·Δ."""

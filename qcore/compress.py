@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qcore.activations import ActRange, act_points, activation_edges, calibrate
+from qcore.activations import ActRange, act_points, calibrate_placed, placement
 from qcore.blocks import without_blocks
 from qcore.codecs import (
     Encoded,
@@ -232,7 +232,7 @@ class Compressed:
     layers: tuple[LayerResult, ...]
     size_bytes: int
     float_size_bytes: int
-    # calibrated activation ranges by graph edge ("input", "<layer>.input", additions);
+    # calibrated activation ranges by graph edge ("input", each fused group's output);
     # empty when activations stay float
     activations: Mapping[str, ActRange] = field(default_factory=dict)
 
@@ -357,7 +357,7 @@ def compress(
 
     With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
     split, never the test split) and fake-quantized on every edge of
-    :func:`qcore.activations.activation_edges`.
+    :func:`qcore.activations.placement` (where an integer engine stores tensors).
     """
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
@@ -404,9 +404,10 @@ def compress(
         else:
             masks = {n: layer_mask(w, p) for n, w in weights.items()}
 
-    activations = {}
+    activations, act_inputs = {}, {}
     if config.act is not None:  # cached per (graph, data, config): weights do not matter
-        activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
+        activations = calibrate_placed(graph, calib, config.act, names)
+        act_inputs = placement(graph, names, config.act.output).inputs
     results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
@@ -457,7 +458,7 @@ def compress(
             sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
             size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
-            act=activations.get(f"{n}.input"), codebook=codebook,
+            act=activations.get(act_inputs.get(n) or ""), codebook=codebook,
         ))  # fmt: skip
 
     layers = tuple(results)

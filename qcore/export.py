@@ -307,7 +307,7 @@ def _with_activations(model: nn.Module, header: dict, config: CompressionConfig)
     if config.act is None or not isinstance(table, list) or not table:
         raise ValueError("The packed file's activation ranges do not match its config.")
     graph = graph_of(model, fold_bn=False)
-    known = set(graph.point_names())
+    known = {"input"} | {n.name for n in graph.nodes}  # any node's output can be an edge
     ranges = {}
     for entry in table:
         if not isinstance(entry, dict) or entry.get("edge") not in known \
