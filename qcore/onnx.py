@@ -50,7 +50,7 @@ from qcore.graph import param_key
 
 __all__ = [
     "OnnxExport", "Latency", "CpuInt8", "export_onnx", "run_onnx", "measure_latency",
-    "cpu_int8", "integer_kernels", "INTEGER_OPS",
+    "cpu_int8", "integer_kernels", "INTEGER_OPS", "deploy", "Deployment", "DeployRow",
 ]  # fmt: skip
 
 OPSET = 17  # per-channel QuantizeLinear/DequantizeLinear need 13; 17 runs everywhere
@@ -496,3 +496,100 @@ def _time(once: Callable[[], None], seconds: float, min_runs: int, max_runs: int
         once()
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+
+# ------------------------------------------------------------------------- the deploy table
+
+BATCH_SIZES = (1, 256)  # one image (interactive) and a large batch (throughput)
+
+
+@dataclass(frozen=True)
+class DeployRow:
+    """One runtime: its test accuracy, agreement, latency per batch size and file bytes."""
+
+    runtime: str  # "float PyTorch", "float ONNX Runtime", "simulated ...", "int8 ONNX Runtime"
+    accuracy: float
+    agrees_with_float: float  # fraction of test images with the float model's prediction
+    agrees_with_simulated: float  # ... with qcore's simulated (fake-quant) prediction
+    latency: tuple[Latency, ...]  # one per batch size
+    file_bytes: int | None  # the ONNX file; None for a PyTorch model held in memory
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Float PyTorch, float ONNX Runtime, the simulation and the quantized ONNX file, side by
+    side on one test split and one CPU."""
+
+    rows: tuple[DeployRow, ...]
+    export: OnnxExport  # the quantized file
+    float_export: OnnxExport
+    cpu: CpuInt8
+    label: str  # the setting, e.g. "W8A8"
+
+    def integer_sentence(self) -> str:
+        """Which layers ran integer kernels in ONNX Runtime, and which did not and why."""
+        e = self.export
+        if not e.integer_layers:
+            text = "No layer ran an integer kernel in ONNX Runtime"
+        else:
+            text = (f"{len(e.integer_layers)} of {len(e.integer_layers) + len(e.fake_quant_layers)}"
+                    f" layers ran ONNX Runtime integer kernels: {', '.join(e.integer_layers)}")
+        rest = "; ".join(f"{n}: {why}" for n, why in e.reasons.items())
+        return f"{text}." + (f" In float: {rest}." if rest else "")
+
+
+def deploy(
+    model: nn.Module,
+    compressed: Compressed,
+    test: Dataset,
+    path: str | Path,
+    float_path: str | Path,
+    label: str = "quantized",
+    batch_sizes: tuple[int, ...] = BATCH_SIZES,
+    seconds: float = 0.5,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Deployment:
+    """Export the float model and ``compressed`` to ONNX, evaluate both in ONNX Runtime and
+    both in PyTorch on ``test``, and time each at every batch size.
+
+    ``progress(done, total, what)`` is called after each step (export, evaluation, timing).
+    """
+    from qcore.compress import compress
+    from qcore.config import CompressionConfig
+    from qcore.evaluate import agreement, evaluate
+
+    total = 4 + 4 * len(batch_sizes)
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    plain = compress(model, CompressionConfig(quant=None, fold_bn=compressed.config.fold_bn,
+                                              drop=compressed.config.drop))  # fmt: skip
+    float_export = export_onnx(plain, float_path)
+    quant_export = export_onnx(compressed, path)
+    step("exported the float and quantized ONNX files")
+    base = evaluate(model, test)
+    sim = evaluate(compressed.model, test)
+    step("evaluated in PyTorch")
+    f_ort = run_onnx(float_export.path, test)
+    step("evaluated the float file in ONNX Runtime")
+    q_ort = run_onnx(quant_export.path, test)
+    step("evaluated the quantized file in ONNX Runtime")
+    targets = [("float PyTorch", model, base, None),
+               ("float ONNX Runtime", float_export.path, f_ort, float_export.size_bytes),
+               (f"simulated {label} (PyTorch fake-quant)", compressed.model, sim, None),
+               (f"{'int8' if quant_export.integer_layers else 'fake-quant'} ONNX Runtime "
+                f"({label})", quant_export.path, q_ort, quant_export.size_bytes)]  # fmt: skip
+    rows = []
+    for name, target, m, nbytes in targets:
+        lats = []
+        for bs in batch_sizes:
+            lats.append(measure_latency(target, test, bs, seconds=seconds))
+            step(f"timed {name} at batch {bs}")
+        rows.append(DeployRow(name, m.accuracy, agreement(m, base), agreement(m, sim),
+                              tuple(lats), nbytes))  # fmt: skip
+    return Deployment(tuple(rows), quant_export, float_export, cpu_int8(), label)
