@@ -12,10 +12,12 @@ background with a progress bar (``pages.progress``).
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -23,6 +25,7 @@ import streamlit as st
 
 import qcore
 import qcore.activations
+import qcore.onnx
 from pages.progress import run_with_progress
 from pages.tables import (
     ActInfo,
@@ -700,3 +703,43 @@ def deep_packed_download(
     """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
     comp = deep_result(model, data, prune_rate, bits, epochs).compressed
     return lambda: qcore.packed_bytes(comp)
+
+
+# --- deploy: the setting as an ONNX file, run by ONNX Runtime ---------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """The quantized ONNX file of one setting: its bytes and which layers run integer."""
+
+    data: bytes
+    export: qcore.OnnxExport  # .path names a deleted temporary file: use ``data``
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def onnx_file(model: ModelRef, data: DatasetRef, settings: Settings) -> OnnxFile:
+    """``qcore.export_onnx`` of the setting (activations calibrated on ``data``'s calib split)."""
+    comp = get_compressed(model, settings, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        e = qcore.export_onnx(comp, Path(tmp) / "model.onnx")
+        return OnnxFile(e.path.read_bytes(), e)
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def deployment(
+    model: ModelRef, data: DatasetRef, settings: Settings, _progress=None
+) -> qcore.onnx.Deployment:
+    """Float PyTorch, float ONNX Runtime, the simulation and the int8 file: accuracy on the
+    test split and latency at batch 1 and 256 (``qcore.onnx.deploy``)."""
+    comp = get_compressed(model, settings, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        return qcore.onnx.deploy(get_model(model), comp, get_dataset(data),
+                                 Path(tmp) / "model.onnx", Path(tmp) / "float.onnx",
+                                 settings.wa_label(), progress=_progress)  # fmt: skip
+
+
+def run_deploy(model: ModelRef, data: DatasetRef, settings: Settings) -> qcore.onnx.Deployment:
+    """The deploy table, from the cache or measured with a progress bar."""
+    get_calib_dataset(data)  # loaded here, where its spinner can be drawn
+    return run_with_progress(deployment, model, data, settings,
+                             text="Exporting, evaluating and timing…")  # fmt: skip

@@ -494,3 +494,21 @@ def clip_curve_caption(curve: Any) -> str:
         f"coarser. max|w| = {number(curve.max_abs)}: beyond it nothing is clipped."
     )
     return f"{text} {curve.note}".strip()
+
+
+# --- deploy: one row per runtime --------------------------------------------------------------
+
+
+def deploy_frame(d: Any) -> pd.DataFrame:
+    """The rows of a ``qcore.onnx.Deployment`` as the page shows them."""
+    rows = []
+    for r in d.rows:
+        row = {"runtime": r.runtime, "test accuracy": f"{r.accuracy:.2%}",
+               "agrees with float": f"{r.agrees_with_float:.2%}",
+               "agrees with simulated": f"{r.agrees_with_simulated:.2%}"}  # fmt: skip
+        for lat in r.latency:
+            row[f"batch {lat.batch_size}: median ms"] = round(lat.median_ms, 2)
+            row[f"batch {lat.batch_size}: p90 ms"] = round(lat.p90_ms, 2)
+        row["file bytes"] = "—" if r.file_bytes is None else f"{r.file_bytes:,}"
+        rows.append(row)
+    return pd.DataFrame(rows)
