@@ -417,8 +417,9 @@ def export_onnx(compressed: Compressed, path: str | Path) -> OnnxExport:
     ran = integer_kernels(path, [n for n in names if n not in reasons])
     for n in names:
         if n not in reasons and n not in ran:
-            reasons[n] = "ONNX Runtime did not fuse it into an integer kernel (its output stays " \
-                "float)"  # fmt: skip
+            # e.g. an unfolded BatchNorm, or a ReLU kept before a signed (symmetric) output
+            reasons[n] = ("ONNX Runtime did not fuse its quantize/dequantize group into an "
+                          "integer kernel: float arithmetic on int8 weights")  # fmt: skip
     return OnnxExport(
         path=path,
         size_bytes=path.stat().st_size,
