@@ -296,6 +296,7 @@ class SweepParams:
     clips: tuple[float, ...] = (1.0,)  # ratio of max|w|; 1.0 = no clipping
     symmetric: tuple[bool, ...] = (True,)
     per_channel: tuple[bool, ...] = (False,)
+    act_bits: tuple[int | None, ...] = (None,)  # activation widths; None = float32
 
     def grid(self) -> qcore.SweepGrid:
         """The qcore grid; raises ValueError with a user sentence for an empty or huge one."""
@@ -305,6 +306,7 @@ class SweepParams:
             ("clip", self.clips),
             ("scheme", self.symmetric),
             ("granularity", self.per_channel),
+            ("activation width", self.act_bits),
         ):
             if not values:
                 raise ValueError(f"Pick at least one {name} for the sweep.")
@@ -314,6 +316,7 @@ class SweepParams:
             clips=self.clips,
             symmetric=self.symmetric,
             per_channel=self.per_channel,
+            act_bits=self.act_bits,
         )
         if len(grid) > MAX_SWEEP_CONFIGS:
             raise ValueError(
@@ -327,10 +330,12 @@ class SweepParams:
 def sweep_table(
     model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
 ) -> pd.DataFrame:
-    """``qcore.sweep`` over the grid on the test split; one row per configuration."""
+    """``qcore.sweep`` over the grid on the test split; one row per configuration
+    (activations calibrated on the calibration split)."""
     return qcore.sweep(
-        get_model(model), get_dataset(data), params.grid(), progress=_progress
-    )
+        get_model(model), get_dataset(data), params.grid(), progress=_progress,
+        calib=get_calib_dataset(data) if any(b is not None for b in params.act_bits) else None,
+    )  # fmt: skip
 
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
@@ -743,3 +748,21 @@ def run_deploy(model: ModelRef, data: DatasetRef, settings: Settings) -> qcore.o
     get_calib_dataset(data)  # loaded here, where its spinner can be drawn
     return run_with_progress(deployment, model, data, settings,
                              text="Exporting, evaluating and timing…")  # fmt: skip
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def sweep_latency_table(
+    model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
+) -> pd.DataFrame:
+    """``qcore.onnx.sweep_latency``: batch-1 ONNX Runtime latency of each sweep row that
+    runs integer kernels (NaN for the others)."""
+    calib = get_calib_dataset(data) if any(b is not None for b in params.act_bits) else None
+    return qcore.onnx.sweep_latency(get_model(model), get_dataset(data), params.grid(),
+                                    calib=calib, progress=_progress)  # fmt: skip
+
+
+def run_sweep_latency(model: ModelRef, data: DatasetRef, params: SweepParams) -> pd.DataFrame:
+    """The latency column of a sweep, from the cache or measured with a progress bar."""
+    params.grid()
+    return run_with_progress(sweep_latency_table, model, data, params,
+                             text="Exporting and timing the int8 rows…")  # fmt: skip

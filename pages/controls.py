@@ -443,6 +443,15 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
             persist_state=_KEEP,
             format_func=lambda v: "per-channel" if v else "per-tensor",
         )
+        st.multiselect(
+            "Activations (bits)",
+            [FLOAT, 8, 6, 4],
+            key="to_abits",
+            persist_state=_KEEP,
+            format_func=_bits_chip,
+            help="Activation widths, calibrated min-max on the calibration split. W8A8 rows "
+            "can be timed in ONNX Runtime's integer kernels below the chart.",
+        )
         run = st.form_submit_button("Run sweep", key="to_run", type="primary")
     ss = st.session_state
     params = SweepParams(
@@ -451,6 +460,7 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
         clips=tuple(float(v) for v in ss["to_clips"]),
         symmetric=tuple(bool(v) for v in ss["to_symmetric"]),
         per_channel=tuple(bool(v) for v in ss["to_per_channel"]),
+        act_bits=tuple(None if v == FLOAT else int(v) for v in ss.get("to_abits", [FLOAT])),
     )
     return params, run
 

@@ -28,6 +28,7 @@ faster than float32.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import statistics
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
@@ -51,6 +53,7 @@ from qcore.graph import param_key
 __all__ = [
     "OnnxExport", "Latency", "CpuInt8", "export_onnx", "run_onnx", "measure_latency",
     "cpu_int8", "integer_kernels", "INTEGER_OPS", "deploy", "Deployment", "DeployRow",
+    "sweep_latency", "SWEEP_LATENCY_COLUMNS",
 ]  # fmt: skip
 
 OPSET = 17  # per-channel QuantizeLinear/DequantizeLinear need 13; 17 runs everywhere
@@ -594,3 +597,65 @@ def deploy(
         rows.append(DeployRow(name, m.accuracy, agreement(m, base), agreement(m, sim),
                               tuple(lats), nbytes))  # fmt: skip
     return Deployment(tuple(rows), quant_export, float_export, cpu_int8(), label)
+
+
+# ------------------------------------------------------------------ latency beside a sweep
+
+SWEEP_LATENCY_COLUMNS = ("runtime", "latency_ms", "latency_p90_ms", "integer_layers")
+
+
+def sweep_latency(
+    model: nn.Module,
+    test: Dataset,
+    grid,
+    calib: Dataset | None = None,
+    batch_size: int = 1,
+    seconds: float = 0.2,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> pd.DataFrame:
+    """Real latency beside ``qcore.sweep(model, test, grid)``: one row per configuration,
+    in the grid's order.
+
+    A configuration ONNX Runtime runs with integer kernels (8-bit weights and 8-bit
+    activations) is exported and timed at ``batch_size``: ``runtime`` "int8 ONNX Runtime",
+    its median and p90 ms and how many layers ran integer. Any other row has no real
+    runtime of its own (its accuracy is simulated only): ``runtime`` is None and its
+    latency NaN, never a number measured on something else. ``df.attrs["float_ms"]`` is
+    the float model's latency in ONNX Runtime at the same batch size, for reference.
+    """
+    from qcore.compress import compress
+    from qcore.config import CompressionConfig
+
+    configs = grid.configs()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = compress(model, CompressionConfig(quant=None))
+        f = export_onnx(plain, Path(tmp) / "float.onnx")
+        float_lat = measure_latency(f.path, test, batch_size, seconds=seconds)
+        for i, cfg in enumerate(configs):
+            row: dict = {"runtime": None, "latency_ms": math.nan, "latency_p90_ms": math.nan,
+                         "integer_layers": 0}  # fmt: skip
+            q, a = cfg.quant, cfg.act
+            if q is not None and a is not None and a.bits == 8 and q.codebook != "kmeans" \
+                    and any(q.bits_for(n) == 8 for n in graph_layers(model, cfg)):  # fmt: skip
+                e = export_onnx(compress(model, cfg, calib=calib), Path(tmp) / f"{i}.onnx")
+                if e.integer_layers:
+                    lat = measure_latency(e.path, test, batch_size, seconds=seconds)
+                    row = {"runtime": "int8 ONNX Runtime", "latency_ms": lat.median_ms,
+                           "latency_p90_ms": lat.p90_ms,
+                           "integer_layers": len(e.integer_layers)}  # fmt: skip
+            rows.append(row)
+            if progress is not None:
+                progress(i + 1, len(configs), row)
+    df = pd.DataFrame(rows, columns=list(SWEEP_LATENCY_COLUMNS))
+    df.attrs.update(float_ms=float_lat.median_ms, float_p90_ms=float_lat.p90_ms,
+                    batch_size=batch_size, threads=float_lat.threads,
+                    cpu=float_lat.cpu.sentence())  # fmt: skip
+    return df
+
+
+def graph_layers(model: nn.Module, cfg) -> list[str]:
+    """The names of the weight layers ``cfg`` compresses (all of them when it names none)."""
+    from qcore.fold import weight_layers
+
+    return list(weight_layers(model)) if cfg.layers is None else list(cfg.layers)

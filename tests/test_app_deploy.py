@@ -79,3 +79,37 @@ def test_float_activations_say_why_nothing_runs_integer() -> None:
     assert "**No layer of 2 runs an integer kernel in this setting.**" in md
     assert any("4-bit weights: no integer kernel" in m for m in md)
     assert any("Activations are float32 in this setting" in i.value for i in at.info)
+
+
+@needs_sample
+def test_tradeoffs_latency_axis_plots_only_rows_with_a_real_runtime() -> None:
+    import json
+
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.switch_page("pages/views/tradeoffs.py").run()
+    at.selectbox(key="model_picker").set_value("digits-mlp").run()
+    at.multiselect(key="to_bits").set_value([4, 8])
+    at.multiselect(key="to_prune").set_value([0.0])
+    at.multiselect(key="to_abits").set_value(["float32", 8])
+    at.button(key="to_run").click().run()
+    ok(at, "Trade-offs")
+    table = at.dataframe[0].value
+    assert len(table) == 4 and set(table["act_bits"].dropna()) == {8}
+    assert not any("Latency" in json.loads(c.proto.spec)["layout"]["xaxis"]["title"]["text"]
+                   for c in at.get("plotly_chart"))  # nothing measured before the button
+    at.button(key="to_latency_run").click().run()
+    ok(at, "Trade-offs")
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    (lat,) = [f for f in figs if "latency" in f["layout"]["xaxis"]["title"]["text"]]
+    (points,) = lat["data"]
+    assert points["name"] == "int8 ONNX Runtime (measured)" and len(points["x"]) == 1
+    assert "8 bits" in points["text"][0] and "activations 8 bits" in points["text"][0]
+    assert points["x"][0] > 0
+    calib = qcore.load_dataset("digits", "calib")
+    c = qcore.compress(qcore.load_model("digits-mlp"), Settings(bits=8, abits=8).to_config(),
+                       calib=calib)
+    assert points["y"] == [qcore.evaluate(c.model, qcore.load_dataset("digits", "test")).accuracy]
+    text = [m.value for m in at.main.caption if "ran in a real runtime" in m.value]
+    assert len(text) == 1 and text[0].startswith("1 of 4 rows ran in a real runtime")
+    assert "the other 3 have no integer kernel" in text[0]

@@ -158,3 +158,19 @@ def test_an_op_the_export_does_not_know_is_refused_with_a_sentence(tmp_path) -> 
         qcore.export_onnx(c, tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="result of qcore.compress"):
         qcore.export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_sweep_latency_times_only_rows_with_an_integer_runtime() -> None:
+    model, test, calib = _splits("digits-mlp")
+    grid = qcore.SweepGrid(bits=[4, 8, None], act_bits=[None, 8])
+    seen = []
+    df = qcore.onnx.sweep_latency(model, test, grid, calib=calib, seconds=0.02,
+                                  progress=lambda d, t, r: seen.append((d, t)))  # fmt: skip
+    rows = qcore.sweep(model, test, grid, calib=calib)
+    assert len(df) == len(rows) == 6 and seen == [(i, 6) for i in range(1, 7)]
+    timed = df["runtime"].notna()
+    # only W8A8 has ONNX Runtime integer kernels; the rest are simulated only, not timed
+    assert (rows[timed]["bits"] == 8).all() and (rows[timed]["act_bits"] == 8).all()
+    assert timed.sum() == 1 and df[timed]["integer_layers"].item() == 1
+    assert df[timed]["latency_ms"].item() > 0 and df[~timed]["latency_ms"].isna().all()
+    assert df.attrs["float_ms"] > 0 and df.attrs["batch_size"] == 1
