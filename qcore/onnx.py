@@ -291,7 +291,7 @@ def _module_node(b: _Builder, n: fx.Node, mod: nn.Module, x: str, P: dict,
     raise _unsupported(f"{type(mod).__name__} ({t})")
 
 
-def _build(compressed: Compressed):
+def _build(compressed: Compressed, input_shape: tuple[int, ...] | None = None):
     """The ONNX model of ``compressed`` and which layers hold int8 codes (or why not)."""
     from onnx import TensorProto, helper
 
@@ -337,14 +337,16 @@ def _build(compressed: Compressed):
             # dequantized tensor (values unchanged: they already lie on that grid)
             out = _qdq(b, out, acts[p.shared[edge]], edge)
         env[n] = out
-    shape = list(graph.spec["input_shape"]) if graph.spec else None
-    x_shape = ["batch", *shape] if shape else None
-    classes = graph.spec["num_classes"] if graph.spec else None
+    shape = list(graph.spec["input_shape"]) if graph.spec else input_shape
+    if shape is None:
+        raise ValueError("This model records no input shape; pass input_shape=(C, H, W) (one "
+                         "example's shape, without the batch).")  # fmt: skip
+    x_shape = ["batch", *(int(d) for d in shape)]
+    classes = graph.spec["num_classes"] if graph.spec else "classes"
     g = helper.make_graph(
         b.nodes, "qcore",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                       ["batch", classes] if classes else None)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         b.inits,
     )  # fmt: skip
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -405,14 +407,17 @@ def integer_kernels(path: str | Path, layers: list[str] | tuple[str, ...]) -> di
     return found
 
 
-def export_onnx(compressed: Compressed, path: str | Path) -> OnnxExport:
+def export_onnx(
+    compressed: Compressed, path: str | Path, input_shape: tuple[int, ...] | None = None
+) -> OnnxExport:
     """Write ``compressed`` as an ONNX file in QDQ form (module docstring) and say which
-    layers ONNX Runtime runs with integer kernels."""
+    layers ONNX Runtime runs with integer kernels. ``input_shape`` (one example's shape) is
+    needed only for a model that does not record it (``qcore_spec``)."""
     import onnx
 
     if not isinstance(compressed, Compressed):
         raise ValueError("export_onnx needs the result of qcore.compress.")
-    model, reasons = _build(compressed)
+    model, reasons = _build(compressed, input_shape)
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     path.write_bytes(model.SerializeToString())
@@ -571,8 +576,7 @@ def deploy(
         if progress is not None:
             progress(done, total, what)
 
-    plain = compress(model, CompressionConfig(quant=None, fold_bn=compressed.config.fold_bn,
-                                              drop=compressed.config.drop))  # fmt: skip
+    plain = compress(model, CompressionConfig(quant=None))  # the whole float model, folded
     float_export = export_onnx(plain, float_path)
     quant_export = export_onnx(compressed, path)
     step("exported the float and quantized ONNX files")

@@ -174,3 +174,22 @@ def test_sweep_latency_times_only_rows_with_an_integer_runtime() -> None:
     assert timed.sum() == 1 and df[timed]["integer_layers"].item() == 1
     assert df[timed]["latency_ms"].item() > 0 and df[~timed]["latency_ms"].isna().all()
     assert df.attrs["float_ms"] > 0 and df.attrs["batch_size"] == 1
+
+
+def test_a_model_without_a_recorded_shape_needs_input_shape(tmp_path) -> None:
+    import onnxruntime as ort
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=8)))
+    with pytest.raises(ValueError, match="input_shape"):
+        qcore.export_onnx(c, tmp_path / "m.onnx")
+    e = qcore.export_onnx(c, tmp_path / "m.onnx", input_shape=(1, 4, 4))
+    x = torch.randn(5, 1, 4, 4)
+    out = ort.InferenceSession(str(e.path)).run(["logits"], {"input": x.numpy()})[0]
+    with torch.inference_mode():
+        ref = c.model(x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)  # int8 weights, float arithmetic
+    assert e.reasons == {"1": "activations are float32: int8 weights, float arithmetic",
+                         "3": "activations are float32: int8 weights, float arithmetic"}
