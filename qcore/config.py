@@ -512,10 +512,11 @@ class Settings:
                 f"This config uses rounding seed {q.seed}; flat settings always use seed 0."
             )
         a = config.act
-        if a is not None and (a.symmetric or a.percentile != ActQuantConfig().percentile):
+        if a is not None and (a.symmetric or a.percentile != ActQuantConfig().percentile
+                              or a.output):  # fmt: skip
             raise ValueError(
-                "Flat settings use asymmetric activations and the default percentile; this "
-                "config differs."
+                "Flat settings use asymmetric activations, the default percentile and float "
+                "logits; this config differs."
             )
         if q is not None and a is not None and q.scale != a.scale:
             raise ValueError("Flat settings use one scale mode for weights and activations.")

@@ -382,3 +382,5 @@ def test_output_true_quantizes_the_logits() -> None:
     cfg = CompressionConfig(act=ActQuantConfig(bits=3, output=True))
     assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
     assert "output" not in ActQuantConfig().to_dict()
+    with pytest.raises(ValueError, match="float logits"):  # no flat setting (URL) says it
+        qcore.Settings.from_config(cfg)
