@@ -193,3 +193,17 @@ def test_a_model_without_a_recorded_shape_needs_input_shape(tmp_path) -> None:
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)  # int8 weights, float arithmetic
     assert e.reasons == {"1": "activations are float32: int8 weights, float arithmetic",
                          "3": "activations are float32: int8 weights, float arithmetic"}
+
+
+def test_quantize_pairs_sit_on_the_placed_edges_and_their_pools(tmp_path) -> None:
+    """mnist-cnn W8A8: one QuantizeLinear per edge (input, relu1, relu2, relu3) and one per
+    op keeping its input's qparams (pool1, pool2, flatten), none before a ReLU."""
+    model, _, calib = _splits("mnist-cnn")
+    c = qcore.compress(model, W8A8, calib=calib)
+    e = qcore.export_onnx(c, tmp_path / "m.onnx")
+    nodes = onnx.load(str(e.path)).graph.node
+    quantized = sorted(n.input[0] for n in nodes if n.op_type == "QuantizeLinear")
+    assert quantized == ["flatten", "input", "pool1", "pool2", "relu1", "relu2", "relu3"]
+    makers = {o: n.op_type for n in nodes for o in n.output}
+    assert [makers[q] for q in quantized if q != "input"] == ["Flatten", "MaxPool", "MaxPool",
+                                                              "Relu", "Relu", "Relu"]
