@@ -39,6 +39,7 @@ PAGES = [
     st.Page("pages/views/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/views/deep.py", title="Deep Compression", icon=":material/compress:"),
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
+    st.Page("pages/views/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
 ]
 
 

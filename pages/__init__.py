@@ -10,9 +10,9 @@
 - ``progress``: background work with a progress bar.
 - ``tables``: the result records, the per-layer table and the results download.
 - ``figures``: plotly figure builders, plain functions without Streamlit.
-- ``tradeoffs``, ``sensitivity``, ``mixed``, ``finetune``, ``deep``, ``robustness``: not
-  pages and not helpers, but one line each that runs ``app.py`` (:func:`run_app`), for the
-  reason below.
+- ``tradeoffs``, ``sensitivity``, ``mixed``, ``finetune``, ``deep``, ``robustness``,
+  ``deploy``: not pages and not helpers, but one line each that runs ``app.py``
+  (:func:`run_app`), for the reason below.
 
 Why those files. Streamlit (1.67) decides once per server process, when the first
 session starts, whether the app is an old-style (v1) multipage app: it is when a

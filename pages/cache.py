@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 import qcore
+import qcore.activations
+import qcore.onnx
 from pages import timing
 from pages.progress import run_with_progress
 from pages.tables import (
@@ -297,6 +301,12 @@ def histogram(
     return qcore.layer_histogram(get_compressed(model, settings, data), layer, bins, channel)
 
 
+def _input_edge(comp: qcore.Compressed, layer: str) -> str | None:
+    """The activation edge ``layer`` reads (an engine's stored tensor), None when float."""
+    act = next((r.act for r in comp.layers if r.name == layer), None)
+    return None if act is None or act.edge not in comp.activations else act.edge
+
+
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
 def activation_histogram(
     model: ModelRef, data: DatasetRef, settings: Settings, layer: str, bins: int = 80
@@ -304,10 +314,23 @@ def activation_histogram(
     """Binned values reaching ``layer``'s input before and after its activation quantizer,
     on calibration images (counts only); None when that input is not quantized."""
     comp = get_compressed(model, settings, data)
-    edge = f"{layer}.input"
-    if edge not in comp.activations:
+    edge = _input_edge(comp, layer)
+    if edge is None:
         return None
     return qcore.activation_histogram(comp, edge, get_calib_dataset(data), bins)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def activation_edges(
+    model: ModelRef, data: DatasetRef, settings: Settings
+) -> tuple[tuple[str, str], ...]:
+    """The quantized activation edges, in graph order, each with what it holds."""
+    comp = get_compressed(model, settings, data)
+    if not comp.activations:
+        return ()
+    p = qcore.activations.placement(comp.graph, [r.name for r in comp.layers],
+                                    comp.config.act.output)  # fmt: skip
+    return tuple((e, p.describe(e)) for e in comp.activations)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
@@ -316,9 +339,10 @@ def activation_info(
 ) -> ActInfo | None:
     """The calibrated range of ``layer``'s input as plain numbers; None when it stays float."""
     comp = get_compressed(model, settings, data)
-    act = comp.activations.get(f"{layer}.input")
-    if act is None:
+    edge = _input_edge(comp, layer)
+    if edge is None:
         return None
+    act = comp.activations[edge]
     calib_images = len(get_calib_dataset(data).y)
     return make_act_info(act, settings.aobs, calib_images, pow2=settings.scale == "pow2")
 
@@ -365,6 +389,7 @@ class SweepParams:
     clips: tuple[float, ...] = (1.0,)  # ratio of max|w|; 1.0 = no clipping
     symmetric: tuple[bool, ...] = (True,)
     per_channel: tuple[bool, ...] = (False,)
+    act_bits: tuple[int | None, ...] = (None,)  # activation widths; None = float32
 
     def grid(self) -> qcore.SweepGrid:
         """The qcore grid; raises ValueError with a user sentence for an empty or huge one."""
@@ -374,6 +399,7 @@ class SweepParams:
             ("clip", self.clips),
             ("scheme", self.symmetric),
             ("granularity", self.per_channel),
+            ("activation width", self.act_bits),
         ):
             if not values:
                 raise ValueError(f"Pick at least one {name} for the sweep.")
@@ -383,6 +409,7 @@ class SweepParams:
             clips=self.clips,
             symmetric=self.symmetric,
             per_channel=self.per_channel,
+            act_bits=self.act_bits,
         )
         if len(grid) > MAX_SWEEP_CONFIGS:
             raise ValueError(
@@ -396,10 +423,12 @@ class SweepParams:
 def sweep_table(
     model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
 ) -> pd.DataFrame:
-    """``qcore.sweep`` over the grid on the test split; one row per configuration."""
+    """``qcore.sweep`` over the grid on the test split; one row per configuration
+    (activations calibrated on the calibration split)."""
     return qcore.sweep(
-        get_model(model), get_dataset(data), params.grid(), progress=_progress
-    )
+        get_model(model), get_dataset(data), params.grid(), progress=_progress,
+        calib=get_calib_dataset(data) if any(b is not None for b in params.act_bits) else None,
+    )  # fmt: skip
 
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
@@ -797,3 +826,61 @@ def deep_packed_download(
     """A zero-argument callable for ``st.download_button``: the packed file, built on click."""
     comp = deep_result(model, data, prune_rate, bits, epochs).compressed
     return lambda: qcore.packed_bytes(comp)
+
+
+# --- deploy: the setting as an ONNX file, run by ONNX Runtime ---------------------------------
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """The quantized ONNX file of one setting: its bytes and which layers run integer."""
+
+    data: bytes
+    export: qcore.OnnxExport  # .path names a deleted temporary file: use ``data``
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def onnx_file(model: ModelRef, data: DatasetRef, settings: Settings) -> OnnxFile:
+    """``qcore.export_onnx`` of the setting (activations calibrated on ``data``'s calib split)."""
+    comp = get_compressed(model, settings, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        e = qcore.export_onnx(comp, Path(tmp) / "model.onnx")
+        return OnnxFile(e.path.read_bytes(), e)
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def deployment(
+    model: ModelRef, data: DatasetRef, settings: Settings, _progress=None
+) -> qcore.onnx.Deployment:
+    """Float PyTorch, float ONNX Runtime, the simulation and the int8 file: accuracy on the
+    test split and latency at batch 1 and 256 (``qcore.onnx.deploy``)."""
+    comp = get_compressed(model, settings, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        return qcore.onnx.deploy(get_model(model), comp, get_dataset(data),
+                                 Path(tmp) / "model.onnx", Path(tmp) / "float.onnx",
+                                 settings.wa_label(), progress=_progress)  # fmt: skip
+
+
+def run_deploy(model: ModelRef, data: DatasetRef, settings: Settings) -> qcore.onnx.Deployment:
+    """The deploy table, from the cache or measured with a progress bar."""
+    get_calib_dataset(data)  # loaded here, where its spinner can be drawn
+    return run_with_progress(deployment, model, data, settings,
+                             text="Exporting, evaluating and timing…")  # fmt: skip
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def sweep_latency_table(
+    model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
+) -> pd.DataFrame:
+    """``qcore.onnx.sweep_latency``: batch-1 ONNX Runtime latency of each sweep row that
+    runs integer kernels (NaN for the others)."""
+    calib = get_calib_dataset(data) if any(b is not None for b in params.act_bits) else None
+    return qcore.onnx.sweep_latency(get_model(model), get_dataset(data), params.grid(),
+                                    calib=calib, progress=_progress)  # fmt: skip
+
+
+def run_sweep_latency(model: ModelRef, data: DatasetRef, params: SweepParams) -> pd.DataFrame:
+    """The latency column of a sweep, from the cache or measured with a progress bar."""
+    params.grid()
+    return run_with_progress(sweep_latency_table, model, data, params,
+                             text="Exporting and timing the int8 rows…")  # fmt: skip

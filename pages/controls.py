@@ -28,9 +28,12 @@ from qcore.config import (
 BITS_OPTIONS: tuple[int | str, ...] = (*range(1, 17), FLOAT)  # the bit-width slider
 ABITS_OPTIONS: tuple[int | str, ...] = (*range(2, 17), FLOAT)  # activations need 2 bits
 ACTIVATIONS_HELP = (
-    "Bits per activation: the values flowing between layers (the network's input and each "
-    "layer's input), each rounded to a code on a range calibrated on the dataset's "
-    "calibration split, never the test split. Right end: float32, activations not quantized."
+    "Bits per activation: the values flowing between layers, rounded where an int8 engine "
+    "stores them: the network's input and the output of each fused group (a conv or linear "
+    "layer with its BatchNorm and ReLU, an addition with its ReLU), never inside a group; "
+    "pooling keeps its input's grid and the logits stay float. Each range is calibrated on "
+    "the dataset's calibration split, never the test split. The Activations tab lists the "
+    "edges. Right end: float32, activations not quantized."
 )
 OBSERVER_HELP = "How the calibration split sets each activation's range:\n\n" + "\n".join(
     f"- **{name}**: {ACT_OBSERVER_HELP[name]}" for name in ACT_OBSERVERS
@@ -453,6 +456,15 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
             persist_state=_KEEP,
             format_func=lambda v: "per-channel" if v else "per-tensor",
         )
+        st.multiselect(
+            "Activations (bits)",
+            [FLOAT, 8, 6, 4],
+            key="to_abits",
+            persist_state=_KEEP,
+            format_func=_bits_chip,
+            help="Activation widths, calibrated min-max on the calibration split. W8A8 rows "
+            "can be timed in ONNX Runtime's integer kernels below the chart.",
+        )
         run = st.form_submit_button("Run sweep", key="to_run", type="primary")
     ss = st.session_state
     params = SweepParams(
@@ -461,6 +473,7 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
         clips=tuple(float(v) for v in ss["to_clips"]),
         symmetric=tuple(bool(v) for v in ss["to_symmetric"]),
         per_channel=tuple(bool(v) for v in ss["to_per_channel"]),
+        act_bits=tuple(None if v == FLOAT else int(v) for v in ss.get("to_abits", [FLOAT])),
     )
     return params, run
 

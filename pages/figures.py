@@ -312,6 +312,10 @@ def config_label(row: Mapping[str, Any]) -> str:
             parts.append(f"clip {clip:g}" + ("" if mode == "ratio" else f" ({mode})"))
         parts += [str(row.get("scheme", "")), str(row.get("granularity", ""))]
     parts.append(f"prune {float(row.get('prune', 0.0)):g}")
+    abits = row.get("act_bits")
+    if abits is not None and abits is not pd.NA and not (isinstance(abits, float)
+                                                         and math.isnan(abits)):  # fmt: skip
+        parts.append(f"activations {int(abits)} bits")
     return " · ".join(p for p in parts if p)
 
 
@@ -444,6 +448,48 @@ def tradeoff_figure(
         legend={"orientation": "h", "y": -0.2},
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
         height=480,
+    )
+    return fig
+
+
+def latency_figure(
+    df: pd.DataFrame, latency: pd.DataFrame, *, title: str | None = None
+) -> go.Figure:
+    """Accuracy against measured latency: only the sweep rows (``df``) that ran in a real
+    runtime (``latency``, from ``qcore.onnx.sweep_latency``, row by row); the others are
+    left out, never drawn at a latency they did not have. A dotted line marks the float
+    model in ONNX Runtime (``latency.attrs["float_ms"]``)."""
+    timed = latency["runtime"].notna().to_numpy()
+    rows = df[timed].to_dict("records")
+    lat = latency[timed].to_dict("records")
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[r["latency_ms"] for r in lat],
+            y=[r["accuracy"] for r in rows],
+            mode="markers",
+            name="int8 ONNX Runtime (measured)",
+            marker={"size": 11, "color": COMPRESSED_COLOR, "line": {"width": 0.5,
+                                                                      "color": "white"}},
+            text=[f"{config_label(r)}<br>accuracy {r['accuracy']:.2%} "
+                  f"(simulated) · {t['latency_ms']:.2f} ms (p90 {t['latency_p90_ms']:.2f})"
+                  for r, t in zip(rows, lat, strict=True)],
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )  # fmt: skip
+    float_ms = latency.attrs.get("float_ms")
+    if float_ms is not None:
+        fig.add_vline(x=float_ms, line={"color": FLOAT_COLOR, "dash": "dot", "width": 1},
+                      annotation_text=f"float32 in ONNX Runtime {float_ms:.2f} ms",
+                      annotation_position="top right")  # fmt: skip
+    batch = latency.attrs.get("batch_size", 1)
+    fig.update_layout(
+        title=title,
+        xaxis={"title": f"latency, ms per forward pass at batch {batch} (median, measured)"},
+        yaxis={"title": "accuracy (simulated, test split)", "tickformat": ".0%"},
+        legend={"orientation": "h", "y": -0.2},
+        margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
+        height=420,
     )
     return fig
 

@@ -36,6 +36,7 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
     "to_clips": [1.0],
     "to_symmetric": [True],
     "to_per_channel": [False],
+    "to_abits": [FLOAT],
     "sens_bits": [2, 3, 4, 5, 6, 7, 8],
     "sens_prune": [0.25, 0.5, 0.75, 0.9],
     "sens_per_channel": False,

@@ -186,8 +186,8 @@ def layer_display_order(shown: pd.DataFrame) -> list[str]:
 
 
 # The Trade-offs table's columns: SQNR is the whole model's, one definition on every page.
-SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
-               "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip
+SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "act_bits", "accuracy",
+               "agreement", "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip
 
 # Where each layer's packed bytes go, as the Playground's table shows them.
 SIZE_COLUMNS = ("code bits", "index bits", "codebook bytes", "table bytes")
@@ -557,6 +557,15 @@ def act_caption(a: ActInfo, shown_images: int) -> str:
     return text
 
 
+def edges_caption(edges: tuple[tuple[str, str], ...]) -> str:
+    """The quantized activation edges by name, each with what it holds."""
+    listed = "; ".join(f"`{e}` ({what})" for e, what in edges)
+    return (
+        f"{len(edges)} quantized edges, where an int8 engine stores a tensor (nothing inside "
+        f"a fused group; the logits stay float): {listed}."
+    )
+
+
 def act_journey_markdown(a: ActInfo, x: float, which: str) -> str:
     """One activation value ``x`` through its edge's quantizer, by plain arithmetic:
     code = clamp(round(x / Δ) + z, qmin, qmax), value = (code − z)·Δ."""
@@ -639,3 +648,21 @@ def sqnr_bits_caption(df: pd.DataFrame) -> str:
                  f"{float(worst['rule_db'] - worst['sqnr_db']):.1f} dB below the line: with "
                  "so few levels the error is no longer an even spread over one step.")
     return text
+
+
+# --- deploy: one row per runtime --------------------------------------------------------------
+
+
+def deploy_frame(d: Any) -> pd.DataFrame:
+    """The rows of a ``qcore.onnx.Deployment`` as the page shows them."""
+    rows = []
+    for r in d.rows:
+        row = {"runtime": r.runtime, "test accuracy": f"{r.accuracy:.2%}",
+               "agrees with float": f"{r.agrees_with_float:.2%}",
+               "agrees with simulated": f"{r.agrees_with_simulated:.2%}"}  # fmt: skip
+        for lat in r.latency:
+            row[f"batch {lat.batch_size}: median ms"] = round(lat.median_ms, 2)
+            row[f"batch {lat.batch_size}: p90 ms"] = round(lat.p90_ms, 2)
+        row["file bytes"] = "—" if r.file_bytes is None else f"{r.file_bytes:,}"
+        rows.append(row)
+    return pd.DataFrame(rows)

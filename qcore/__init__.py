@@ -32,6 +32,16 @@ from qcore.fold import weight_layers
 from qcore.graph import Graph, Variant, graph_of
 from qcore.mixed import MixedPrecisionResult, UniformChoice, mixed_precision
 from qcore.models import ModelInfo, check_fit, list_models, load_model, model_info
+from qcore.onnx import (
+    CpuInt8,
+    Latency,
+    OnnxExport,
+    cpu_int8,
+    export_onnx,
+    integer_kernels,
+    measure_latency,
+    run_onnx,
+)
 from qcore.prune import magnitude_mask, prune_tensor
 from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
 from qcore.refs import DatasetRef, ModelRef
@@ -72,6 +82,9 @@ __all__ = [
     "layer_histogram", "Histogram",
     # the packed file
     "export_packed", "packed_bytes", "load_packed", "read_header", "Packed",
+    # real int8: ONNX (QDQ) export, ONNX Runtime, latency and the CPU's int8 instructions
+    "export_onnx", "OnnxExport", "run_onnx", "measure_latency", "Latency", "cpu_int8",
+    "CpuInt8", "integer_kernels",
     # analyses
     "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
     "mixed_precision", "MixedPrecisionResult", "UniformChoice",

@@ -1,9 +1,18 @@
 """Activation quantization: calibrate a range per edge, then fake-quantize where values flow.
 
-Edges are points of the shared graph (:mod:`qcore.graph`): the network's input, the input
-of every weight layer and the output of every addition (residuals). Calibration runs the
-float graph over the calibration split batch by batch with a :class:`HistogramObserver`
-on each edge, then the config's observer policy turns each histogram into a range:
+Edges are where an integer engine (torch.ao, ONNX Runtime, TensorRT) materialises a
+tensor: the network's input and the output of each fused group: a conv or linear layer
+with the BatchNorm and ReLU after it, an addition with the ReLU after it, any other op on
+its own. Nothing inside a group is rounded, so a residual sum is stored once, after its
+ReLU, and a convolution's output once, after its BatchNorm and ReLU. Pooling, flattening
+and the identity keep their input's qparams (an average is rounded again to that grid).
+The logits stay float unless ``ActQuantConfig(output=True)``. An edge is named after the
+last node of its group (``relu1``: conv1 + relu1 of mnist-cnn; ``layer1_relu2``: an
+addition and its ReLU); :func:`placement` says which nodes each edge closes.
+
+Calibration runs the float graph over the calibration split batch by batch with a
+:class:`HistogramObserver` on each edge, then the config's observer policy turns each
+histogram into a range:
 
 ``minmax``, ``percentile`` (at ``ActQuantConfig.percentile``), ``mse`` or ``entropy``:
 entries of the one range-policy table in :mod:`qcore.ranges`, which the weights use too.
@@ -18,12 +27,15 @@ the bit width, so they are cached too: a new activation width needs no calibrati
 
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import fx, nn
+from torch.nn import functional as F
 
 from qcore.affine import QParams, fake_quantize, qparams_from_range
 from qcore.config import ActQuantConfig
@@ -31,7 +43,10 @@ from qcore.graph import Graph
 from qcore.observers import ExtremesObserver, HistogramObserver, Observer
 from qcore.ranges import choose_range, entropy_threshold
 
-__all__ = ["ActRange", "activation_edges", "calibrate", "act_points", "entropy_threshold"]
+__all__ = [
+    "ActRange", "Placement", "placement", "activation_edges", "calibrate", "calibrate_placed",
+    "act_points", "entropy_threshold",
+]  # fmt: skip
 
 CALIB_BINS = 2048
 CALIB_BATCH = 256
@@ -79,17 +94,174 @@ class ActRange:
         return fake_quantize(x.reshape(1, -1), self.qparams).reshape(x.shape)
 
 
-def activation_edges(graph: Graph, layers: Sequence[str] | None = None) -> list[str]:
-    """The edges quantized: the input, weight-layer inputs (of ``layers``), additions."""
+# how each op places activations (see the module docstring)
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FNS = {F.relu, F.relu6, torch.relu, "relu", "relu_"}
+# ops whose output lies on their input's grid: no edge of their own, the input's qparams
+_SAME_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten,
+                 nn.Identity, nn.Dropout)  # fmt: skip
+_SAME_FNS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool2d, torch.flatten,
+             F.dropout, "flatten", "view", "reshape", "contiguous", "squeeze",
+             "unsqueeze"}  # fmt: skip
+# averages keep their input's qparams, but the mean of codes falls between levels: rounded again
+_AVERAGE_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)  # fmt: skip
+_AVERAGE_FNS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                F.adaptive_avg_pool2d}  # fmt: skip
+# other tensor ops an engine runs on their own, each writing its output
+_OTHER_FNS = {operator.mul, operator.sub, operator.matmul, torch.mul, torch.sub, torch.cat,
+              torch.matmul, torch.sigmoid, torch.tanh, F.gelu, F.silu, F.sigmoid, F.hardswish,
+              "mul", "sub", "sigmoid", "tanh", "matmul"}  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where an integer engine materialises the tensors of one graph.
+
+    ``edges`` are calibrated, in graph order: ``"input"`` and each group's output, named
+    after the group's last node (``groups[edge]`` lists its nodes). ``shared`` maps a
+    pooling, flattening or identity node to the edge whose qparams it keeps; ``rounds``
+    are those of them (averages) whose output is rounded to that grid again. ``inputs``
+    gives each weight layer the point its input is read from (None: left float), and
+    ``logits`` the edge that holds the network's output (left out of ``edges`` unless
+    asked for).
+    """
+
+    edges: tuple[str, ...]
+    groups: dict[str, tuple[str, ...]]
+    shared: dict[str, str]
+    rounds: tuple[str, ...]
+    inputs: dict[str, str | None]
+    logits: str | None
+
+    def describe(self, edge: str) -> str:
+        """A few words on what ``edge`` holds, e.g. "conv1 + relu1 output"."""
+        if edge == "input":
+            return "the network's input"
+        if edge in self.shared:
+            return f"{edge} output, on {self.shared[edge]}'s grid (pooling keeps its qparams)"
+        if edge in self.groups:
+            return " + ".join(self.groups[edge]) + " output"
+        raise ValueError(f"No activation edge {edge!r}; the edges are {', '.join(self.edges)}.")
+
+
+def _role(n: fx.Node, graph: Graph) -> str | None:
+    """weight, bn, relu, add, same, average, other, or None (not a tensor op we place)."""
+    if n.op == "call_module":
+        if n.target in graph.layers:
+            return "weight"
+        mod = graph.module.get_submodule(n.target)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return "bn"
+        if isinstance(mod, _RELU_MODULES):
+            return "relu"
+        if isinstance(mod, _SAME_MODULES):
+            return "same"
+        if isinstance(mod, _AVERAGE_MODULES):
+            return "average"
+        return "other"
+    if n.op not in ("call_function", "call_method"):
+        return None
+    t = n.target
+    for role, targets in (("add", _ADDS), ("relu", _RELU_FNS), ("same", _SAME_FNS),
+                          ("average", _AVERAGE_FNS), ("other", _OTHER_FNS)):  # fmt: skip
+        try:
+            if t in targets:
+                return role
+        except TypeError:  # an unhashable target
+            return None
+    return None
+
+
+def _fused_next(n: fx.Node, graph: Graph, role: str) -> fx.Node | None:
+    """The node after ``n`` that joins its group: its only reader, of role ``role``."""
+    users = list(n.users)
+    if len(users) == 1 and users[0].args and users[0].args[0] is n \
+            and _role(users[0], graph) == role:
+        return users[0]
+    return None
+
+
+def _label(n: fx.Node) -> str:
+    return str(n.target) if n.op == "call_module" else n.name
+
+
+def placement(graph: Graph, layers: Sequence[str] | None = None, output: bool = False) -> Placement:
+    """The activation edges of ``graph`` as an integer engine fuses it (module docstring).
+
+    Groups headed by a weight layer outside ``layers`` are left float; ``output=True``
+    also quantizes the logits.
+    """
     keep = set(graph.layers if layers is None else layers)
-    out = []
-    for name in graph.point_names():
-        if name.endswith(".input"):
-            if name[: -len(".input")] in keep:
-                out.append(name)
-        elif name == "input" or name.startswith(("add", "iadd")):
-            out.append(name)
-    return out
+    taken: set[fx.Node] = set()
+    carrier: dict[fx.Node, str] = {graph.input: "input"}  # value -> the point it is read from
+    source: dict[fx.Node, str] = {graph.input: "input"}  # value -> the edge of its qparams
+    groups: dict[str, tuple[str, ...]] = {}
+    heads: dict[str, fx.Node] = {}
+    shared: dict[str, str] = {}
+    rounds: list[str] = []
+    for n in graph.nodes:
+        role = _role(n, graph)
+        if n in taken or role is None:
+            continue
+        if role in ("same", "average"):
+            arg = n.args[0] if n.args else None
+            if isinstance(arg, fx.Node) and arg in source:
+                source[n] = source[arg]
+                shared[n.name] = source[arg]
+                carrier[n] = n.name if role == "average" else carrier[arg]
+                if role == "average":
+                    rounds.append(n.name)
+            continue
+        members = [n]
+        if role == "weight" and (bn := _fused_next(members[-1], graph, "bn")) is not None:
+            members.append(bn)
+        if role in ("weight", "add") and (
+            (r := _fused_next(members[-1], graph, "relu")) is not None
+        ):
+            members.append(r)
+        taken.update(members)
+        last = members[-1]
+        groups[last.name] = tuple(_label(m) for m in members)
+        heads[last.name] = n
+        carrier[last] = source[last] = last.name
+    out = graph.output.args[0]
+    logits = source.get(out) if isinstance(out, fx.Node) else None
+    dropped = {e for e, head in heads.items()
+               if head.op == "call_module" and head.target in graph.layers
+               and head.target not in keep}  # fmt: skip
+    edges = ["input"] + [e for e in heads if e not in dropped and (output or e != logits)]
+    quantized = set(edges)
+    shared = {k: v for k, v in shared.items() if v in quantized}
+    inputs = {}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target in graph.layers:
+            arg = n.args[0] if n.args else None
+            point = carrier.get(arg) if isinstance(arg, fx.Node) else None
+            inputs[str(n.target)] = point if point in quantized or point in shared else None
+    return Placement(tuple(edges), groups, shared, tuple(r for r in rounds if r in shared),
+                     inputs, logits)  # fmt: skip
+
+
+def activation_edges(
+    graph: Graph, layers: Sequence[str] | None = None, output: bool = False
+) -> list[str]:
+    """The calibrated edges: the input and each fused group's output (see :func:`placement`)."""
+    return list(placement(graph, layers, output).edges)
+
+
+def calibrate_placed(
+    graph: Graph, data, cfg: ActQuantConfig, layers: Sequence[str] | None = None
+) -> dict[str, ActRange]:
+    """Ranges of every placed edge, and of each average that keeps its input's qparams."""
+    p = placement(graph, layers, cfg.output)
+    ranges = calibrate(graph, data, cfg, p.edges)
+    shared = {e: replace(ranges[p.shared[e]], edge=e) for e in p.rounds}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    both = {**ranges, **shared}
+    return {e: both[e] for e in sorted(both, key=lambda e: -1 if e == "input" else order[e])}
 
 
 def _data_key(data) -> tuple:

@@ -11,6 +11,7 @@ Commands:
   robustness      accuracy under input noise, FGSM / PGD, weight noise or bit flips
   finetune        quantization-aware fine-tuning, then write the packed file
   deep            Deep Compression (prune, share weights, Huffman), then write the file
+  deploy          export to ONNX (QDQ int8) and compare PyTorch and ONNX Runtime
 """
 
 from __future__ import annotations
@@ -359,6 +360,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m qcore deploy",
+                    description="Export to ONNX in QDQ form and compare float PyTorch, float "
+                    "ONNX Runtime, the simulation and the int8 file: accuracy, agreement, "
+                    "latency at batch 1 and 256, file bytes.")  # fmt: skip
+    _compression_args(parser)
+    parser.add_argument("--out", type=_out_arg, required=True, help="ONNX file to write")
+    parser.add_argument("--seconds", type=number_arg, default=0.5,
+                        help="time spent timing each runtime at each batch size")
+    return parser
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from qcore.onnx import deploy
+
+    model, data = _load(args)
+    cfg = _config(args, model)
+    if not 0.0 < args.seconds <= 60.0:
+        raise ValueError(f"--seconds must be in (0, 60]; got {args.seconds}.")
+    c = compress(model, cfg, calib=_calib(args, cfg))
+    label = Settings.from_config(cfg).wa_label()
+    float_out = args.out.with_name(args.out.stem + ".float.onnx")
+    d = _write(args.out, lambda out: deploy(model, c, data, out, float_out, label,
+                                            seconds=args.seconds))  # fmt: skip
+    sizes = [lat.batch_size for lat in d.rows[0].latency]
+    head = "".join(f"  batch {b:<3} ms (p90)" for b in sizes)
+    print(f"{'runtime':<42} accuracy  agrees float  agrees sim{head}  file bytes")
+    for r in d.rows:
+        lat = "".join(f"  {x.median_ms:8.2f} ({x.p90_ms:7.2f})" for x in r.latency)
+        size = "-" if r.file_bytes is None else f"{r.file_bytes:,}"
+        print(f"{r.runtime:<42} {r.accuracy:8.4f}  {r.agrees_with_float:12.4f}  "
+              f"{r.agrees_with_simulated:10.4f}{lat}  {size:>10}")
+    print(d.integer_sentence())
+    threads = d.rows[0].latency[0].threads
+    print(f"{threads} thread(s). {d.cpu.sentence()}")
+    print(f"wrote {args.out} ({d.export.size_bytes:,} bytes) and {float_out} "
+          f"({d.float_export.size_bytes:,} bytes); open them in Netron to see the graph")
+    return 0
+
+
 def _train_samples_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m qcore train-samples", description="Train the sample models.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these models")
@@ -658,6 +699,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "robustness": lambda argv: _run(_robustness_parser(), _robustness, argv),
     "finetune": main_finetune,
     "deep": lambda argv: _run(_deep_parser(), _deep, argv),
+    "deploy": lambda argv: _run(_deploy_parser(), _deploy, argv),
 }
 
 

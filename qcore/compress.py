@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qcore.activations import ActRange, act_points, activation_edges, calibrate
+from qcore.activations import ActRange, act_points, calibrate_placed, placement
 from qcore.blocks import without_blocks
 from qcore.codecs import (
     Encoded,
@@ -188,7 +188,7 @@ class Compressed:
     layers: tuple[LayerResult, ...]
     size_bytes: int
     float_size_bytes: int
-    # calibrated activation ranges by graph edge ("input", "<layer>.input", additions);
+    # calibrated activation ranges by graph edge ("input", each fused group's output);
     # empty when activations stay float
     activations: Mapping[str, ActRange] = field(default_factory=dict)
     # ||w||^2 (float64) of the weight layers inside removed blocks (``config.drop``): gone
@@ -400,7 +400,7 @@ def compress(
 
     With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
     split, never the test split) and fake-quantized on every edge of
-    :func:`qcore.activations.activation_edges`.
+    :func:`qcore.activations.placement` (where an integer engine stores tensors).
     """
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
@@ -430,12 +430,14 @@ def compress(
         else:
             masks = {n: layer_mask(w, p) for n, w in weights.items()}
 
-    activations = {}
+    activations, act_inputs = {}, {}
     if config.act is not None:  # cached per (graph, data, config): weights do not matter
-        activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
+        activations = calibrate_placed(graph, calib, config.act, names)
+        act_inputs = placement(graph, names, config.act.output).inputs
     layers = tuple(
         _compress_layer(i, n, weights[n], masks.get(n), config,
-                        graph.params.get(param_key(n, "bias")), activations.get(f"{n}.input"),
+                        graph.params.get(param_key(n, "bias")),
+                        activations.get(act_inputs.get(n) or ""),
                         graph.float_stats(param_key(n, "weight"))[1])
         for i, n in enumerate(names)
     )  # fmt: skip
@@ -444,9 +446,7 @@ def compress(
     if config.drop:  # the same folding as the compressed layers, so the energies add up
         full = graph_of(model, config.fold_bn)
         removed = tuple(n for n in full.layers if n not in graph.layers)
-        removed_energy = sum(
-            full.float_stats(param_key(n, "weight"))[1] for n in removed
-        )
+        removed_energy = sum(full.float_stats(param_key(n, "weight"))[1] for n in removed)
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(

@@ -266,6 +266,8 @@ class ActQuantConfig:
     observer: ActObserver = "minmax"
     percentile: float = 99.99  # for observer="percentile", in (0, 100]
     scale: ScaleMode = "float"  # or "pow2": the scale a power of two (fixed point)
+    # quantize the logits too (an engine's last layer writing int8); off, they stay float
+    output: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("scale", self.scale, SCALE_MODES)
@@ -280,16 +282,21 @@ class ActQuantConfig:
         object.__setattr__(self, "percentile", pct)
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be true or false; got {_show(self.symmetric)}.")
+        if not isinstance(self.output, bool):
+            raise ValueError(f"output must be true or false; got {_show(self.output)}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-safe values."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON-safe values (``output`` only when set, so older files read the same)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.output:
+            del d["output"]
+        return d
 
     @classmethod
     def from_dict(cls, d: object) -> ActQuantConfig:
         """The config ``to_dict`` wrote; missing keys take their defaults."""
         values = _known_keys("An activation config", cls, d)
-        _check_bools("An activation config", values, ("symmetric",))
+        _check_bools("An activation config", values, ("symmetric", "output"))
         return cls(**values)
 
 
@@ -507,10 +514,11 @@ class Settings:
                 f"This config uses rounding seed {q.seed}; flat settings always use seed 0."
             )
         a = config.act
-        if a is not None and (a.symmetric or a.percentile != ActQuantConfig().percentile):
+        if a is not None and (a.symmetric or a.percentile != ActQuantConfig().percentile
+                              or a.output):  # fmt: skip
             raise ValueError(
-                "Flat settings use asymmetric activations and the default percentile; this "
-                "config differs."
+                "Flat settings use asymmetric activations, the default percentile and float "
+                "logits; this config differs."
             )
         if q is not None and a is not None and q.scale != a.scale:
             raise ValueError("Flat settings use one scale mode for weights and activations.")

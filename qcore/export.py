@@ -309,7 +309,7 @@ def _activation_points(graph: Graph, header: dict, config: CompressionConfig) ->
     table = header.get("activations")
     if config.act is None or not isinstance(table, list) or not table:
         raise ValueError("The packed file's activation ranges do not match its config.")
-    known = set(graph.point_names())
+    known = {"input"} | {n.name for n in graph.nodes}  # any node's output can be an edge
     ranges = {}
     if len(table) > len(known):
         raise ValueError("The packed file lists more activation ranges than the model has edges.")

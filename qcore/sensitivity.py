@@ -238,8 +238,8 @@ def layer_sensitivity(
     layer, kind and setting).
 
     ``act_bits`` adds rows of kind "act": each activation edge alone (``layer`` names the
-    edge, e.g. "fc1.input") fake-quantized at each width, everything else float, with
-    ranges calibrated on ``calib`` as the ``act`` template says (observer, scheme).
+    edge, e.g. "relu2": conv2 + relu2's output) fake-quantized at each width, everything
+    else float, with ranges calibrated on ``calib`` as the ``act`` template says.
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune

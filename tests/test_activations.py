@@ -10,7 +10,7 @@ import torch
 from conftest import Residual
 from torch import nn
 
-from qcore.activations import activation_edges, calibrate, entropy_threshold
+from qcore.activations import activation_edges, calibrate, entropy_threshold, placement
 from qcore.config import ActQuantConfig, CompressionConfig
 from qcore.graph import graph_of
 
@@ -106,10 +106,35 @@ def test_entropy_threshold_hand_case() -> None:
     assert entropy_threshold(np.ones(4), 4.0, 8) == 4.0  # fewer bins than levels: all of it
 
 
-def test_edges_are_inputs_and_additions() -> None:
+def test_edges_are_where_an_int8_engine_stores_tensors() -> None:
+    """b(relu(a(x)) + x): the input, a + relu's output, the sum; the logits stay float."""
     graph = graph_of(Residual().eval())
-    assert activation_edges(graph) == ["input", "a.input", "add", "b.input"]
-    assert activation_edges(graph, ["b"]) == ["input", "add", "b.input"]
+    assert activation_edges(graph) == ["input", "relu", "add"]
+    assert activation_edges(graph, output=True) == ["input", "relu", "add", "b"]
+    assert activation_edges(graph, ["b"]) == ["input", "add"]  # a's group left float
+    p = placement(graph)
+    assert p.inputs == {"a": "input", "b": "add"} and p.logits == "b"
+    assert p.describe("relu") == "a + relu output"
+
+
+def test_placement_fuses_conv_bn_relu_and_add_relu_and_pools_keep_qparams() -> None:
+    """mnist-resnet: no edge inside a block's conv+BN+ReLU or add+ReLU; the average pool
+    is rounded on its input's grid; the fc reads it."""
+    import qcore
+
+    graph = graph_of(qcore.load_model("mnist-resnet"))
+    p = placement(graph)
+    assert p.edges == ("input", "stem_2", "layer1_relu1", "layer1_conv2", "layer1_relu2",
+                       "layer2_relu1", "layer2_conv2", "layer2_shortcut_0", "layer2_relu2",
+                       "layer3_relu1", "layer3_conv2", "layer3_shortcut_0", "layer3_relu2")
+    assert not any(e.startswith("add") for e in p.edges)  # every sum is stored after its ReLU
+    assert p.groups["layer1_relu2"] == ("add", "layer1.relu2")
+    assert p.shared == {"layer1_shortcut": "stem_2", "pool": "layer3_relu2",
+                        "flatten": "layer3_relu2"}
+    assert p.rounds == ("pool",) and p.inputs["fc"] == "pool" and p.logits == "fc"
+    cnn = placement(graph_of(qcore.load_model("mnist-cnn")))
+    assert cnn.edges == ("input", "relu1", "relu2", "relu3") and cnn.rounds == ()
+    assert cnn.inputs == {"conv1": "input", "conv2": "relu1", "fc1": "relu2", "fc2": "relu3"}
 
 
 def test_act_config_checks_and_round_trips() -> None:
@@ -163,7 +188,8 @@ def test_w16a16_matches_float_and_w8a8_stays_within_a_point(name: str) -> None:
     assert abs(qcore.evaluate(c8.model, test).accuracy - ref) <= 0.01
     # every weight layer's input is quantized, and the record says how
     assert all(r.act is not None and r.act.bits == 8 for r in c8.layers)
-    assert set(c8.activations) >= {f"{r.name}.input" for r in c8.layers}
+    assert {r.act.edge for r in c8.layers} <= set(c8.activations)
+    assert "input" in c8.activations
 
 
 def test_two_bit_activations_cost_accuracy_and_calibration_ignores_the_test_split() -> None:
@@ -172,7 +198,7 @@ def test_two_bit_activations_cost_accuracy_and_calibration_ignores_the_test_spli
     model, test, calib = _splits("mnist-cnn")
     c2 = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=2)), calib=calib)
     c8 = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=8)), calib=calib)
-    # 4 levels per activation: 96.6 % against 98.5 % at 8 bits on mnist-cnn
+    # 4 levels per activation: 96.5 % against 98.5 % at 8 bits on mnist-cnn
     assert qcore.evaluate(c2.model, test).accuracy < qcore.evaluate(c8.model, test).accuracy - 0.01
     # poison the test split in place (a copy of the shared data): the ranges do not move
     before = {e: (r.lo, r.hi) for e, r in c8.activations.items()}
@@ -208,7 +234,7 @@ def test_export_carries_the_activation_ranges(tmp_path) -> None:
     c = qcore.compress(model, CompressionConfig(quant=QuantConfig(bits=6, scale="pow2"),
                                                 act=ActQuantConfig(bits=4, scale="pow2")),
                        calib=calib)
-    assert any(e.startswith("add") for e in c.activations)
+    assert "layer1_relu2" in c.activations  # add + ReLU: one edge after the sum
     qcore.export_packed(c, tmp_path / "m.qpk")
     packed = qcore.load_packed(tmp_path / "m.qpk")
     assert packed.config == c.config
@@ -225,9 +251,10 @@ def test_activation_histogram_bins_what_reaches_the_edge() -> None:
 
     model, _, calib = _splits("mnist-cnn")
     c = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=3)), calib=calib)
-    r = c.layer("fc1").act
-    h = qcore.activation_histogram(c, "fc1.input", calib)
-    n = min(ACT_HISTOGRAM_IMAGES, len(calib.x)) * c.layer("fc1").shape[1]
+    r = c.layer("fc2").act
+    assert r.edge == "relu3"  # fc1 + relu3's output is what fc2 reads
+    h = qcore.activation_histogram(c, r.edge, calib)
+    n = min(ACT_HISTOGRAM_IMAGES, len(calib.x)) * c.layer("fc2").shape[1]
     assert int(h.before.sum()) == int(h.after.sum()) == n  # every value, once
     assert len(h.levels) == 8 and h.clip == r.grid_range and h.requested == (r.lo, r.hi)
     # after quantization every value sits on one of the 8 levels
@@ -333,3 +360,75 @@ def test_a_new_activation_width_reuses_the_statistics_without_a_pass(observer: s
                       ["0.input"])  # fmt: skip
     assert (r4["0.input"].lo, r4["0.input"].hi) == (fresh["0.input"].lo, fresh["0.input"].hi)
     assert r8["0.input"].scale != r4["0.input"].scale
+
+
+def _torch_ao_fake_quant(model: nn.Module, calib, bits: int, logits_layer: str) -> nn.Module:
+    """torch.ao's FX fake-quant: min-max per tensor, conv+bn+relu and add+relu fused, the
+    last layer left float; observers calibrated first, then fake quant switched on."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MinMaxObserver,
+        QConfig,
+        QConfigMapping,
+        disable_fake_quant,
+        disable_observer,
+        enable_fake_quant,
+        enable_observer,
+    )
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    act = FakeQuantize.with_args(observer=MinMaxObserver, quant_min=0, quant_max=2**bits - 1,
+                                 dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    weight = FakeQuantize.with_args(observer=MinMaxObserver, dtype=torch.qint8,
+                                    qscheme=torch.per_tensor_symmetric)
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    mapping = mapping.set_module_name(logits_layer, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), mapping, (calib.x[:2],))
+    prepared.apply(disable_fake_quant)
+    prepared.apply(enable_observer)
+    with torch.inference_mode():
+        for i in range(0, len(calib.x), 256):
+            prepared(calib.x[i : i + 256])
+    prepared.apply(disable_observer)
+    prepared.apply(enable_fake_quant)
+    return prepared  # runs float weights (post-training prepare) and fake-quant activations
+
+
+@pytest.mark.parametrize("name,logits", [("mnist-cnn", "fc2"), ("mnist-resnet", "fc")])
+def test_low_bit_activations_match_torch_ao_fused_placement(name: str, logits: str) -> None:
+    """External oracle at A3 and A2 (float weights): within 1 point of torch.ao's fake-quant
+    (measured: equal, 98.6/96.5 % on mnist-cnn, 89.9/11.2 % on mnist-resnet)."""
+    import qcore
+
+    model, test, calib = _splits(name)
+    for bits in (3, 2):
+        ref = _torch_ao_fake_quant(model, calib, bits, logits)
+        with torch.inference_mode():
+            theirs = float((ref(test.x).argmax(1) == test.y).double().mean())
+        c = qcore.compress(model, CompressionConfig(quant=None, act=ActQuantConfig(bits=bits)),
+                           calib=calib)
+        ours = qcore.evaluate(c.model, test).accuracy
+        assert abs(ours - theirs) <= 0.01, (bits, ours, theirs)
+
+
+def test_output_true_quantizes_the_logits() -> None:
+    import qcore
+
+    model, test, calib = _splits("mnist-cnn")
+    off = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=3)), calib=calib)
+    on = qcore.compress(model, CompressionConfig(act=ActQuantConfig(bits=3, output=True)),
+                        calib=calib)
+    assert set(on.activations) - set(off.activations) == {"fc2"}
+    with torch.inference_mode():
+        logits = on.model(test.x[:32])
+    assert len(torch.unique(logits)) <= 8  # 3-bit codes: at most 8 values
+    cfg = CompressionConfig(act=ActQuantConfig(bits=3, output=True))
+    assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
+    assert "output" not in ActQuantConfig().to_dict()
+    with pytest.raises(ValueError, match="float logits"):  # no flat setting (URL) says it
+        qcore.Settings.from_config(cfg)

@@ -267,3 +267,30 @@ def test_bench_does_not_import_the_command_line() -> None:
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert "qcore.cli" not in imported and "qcore.args" in imported
+
+
+def test_deploy_prints_the_runtime_rows_and_writes_the_onnx_files(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    argv = ["deploy", "--model", "digits-mlp", "--bits", "8", "--abits", "8", "--out", str(out),
+            "--seconds", "0.01"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    model, test = qcore.load_model("digits-mlp"), qcore.load_dataset("digits", "test")
+    calib = qcore.load_dataset("digits", "calib")
+    c = qcore.compress(model, qcore.Settings(bits=8, abits=8).to_config(), calib=calib)
+    sim = qcore.evaluate(c.model, test)
+    real = qcore.run_onnx(out, test)
+    rows = {line.split("  ")[0].strip(): line for line in text.splitlines()}
+    assert set(rows) >= {"float PyTorch", "float ONNX Runtime", "int8 ONNX Runtime (W8A8)",
+                         "simulated W8A8 (PyTorch fake-quant)"}
+    int8 = rows["int8 ONNX Runtime (W8A8)"].split()
+    assert int8[4] == f"{real.accuracy:.4f}"  # accuracy, then agreement with float and sim
+    assert int8[6] == f"{qcore.agreement(real, sim):.4f}"
+    assert int8[-1] == f"{out.stat().st_size:,}"
+    assert rows["float PyTorch"].split()[2] == f"{qcore.evaluate(model, test).accuracy:.4f}"
+    assert "batch 1 " in text and "batch 256" in text
+    assert "1 of 2 layers ran ONNX Runtime integer kernels: fc1." in text
+    assert qcore.cpu_int8().sentence() in text
+    assert (tmp_path / "m.float.onnx").is_file()
+    _run_fails(["deploy", "--model", "digits-mlp", "--out", str(out), "--seconds", "0"],
+               capsys, "--seconds")

@@ -517,19 +517,26 @@ def test_eight_bit_activations_show_what_qcore_computes_with_calibration() -> No
 def test_activation_tab_draws_the_calibrated_levels_and_says_where_they_come_from() -> None:
     at = show(open_app(abits="8"), ACTS)
     ok(at)
-    fig = chart_titled(at, "Input of conv1")
+    fig = chart_titled(at, "Input of conv1: edge input")
     c = calib_compressed(bits=8, abits=8)
     calib = qcore.load_dataset("mnist-5k", "calib")
-    h = qcore.activation_histogram(c, "conv1.input", calib, bins=80)
+    h = qcore.activation_histogram(c, "input", calib, bins=80)
     assert h.levels is not None and len(h.levels) == 256
     names = [t.get("name", "") for t in fig["data"]]
     assert figures.level_label(256) in names and figures.GRID_RANGE_LABEL in names
     levels = [t for t in fig["data"] if t.get("name") == figures.level_label(256)][0]
     xs = _array(levels["x"])
     assert len({x for x in xs if x is not None and math.isfinite(x)}) == 256  # a line each
-    act = c.activations["conv1.input"]
+    act = c.activations["input"]
     text = [t for t in captions(at) if t.startswith("Calibrated on ")]
     assert len(text) == 1
+    # the edges listed by name: where an int8 engine stores tensors, logits float
+    listed = [t for t in captions(at) if "quantized edges" in t]
+    assert listed == [
+        "4 quantized edges, where an int8 engine stores a tensor (nothing inside a fused "
+        "group; the logits stay float): `input` (the network's input); `relu1` (conv1 + "
+        "relu1 output); `relu2` (conv2 + relu2 output); `relu3` (fc1 + relu3 output)."
+    ]
     n = len(calib.y)
     assert f"Calibrated on {n:,} calibration images" in text[0] and "**minmax**" in text[0]
     for v in (act.lo, act.hi, act.observed_min, act.observed_max):

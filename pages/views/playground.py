@@ -342,8 +342,9 @@ def activation_panel(
         st.info(
             "Activations are float32 now, so nothing is calibrated or rounded between the "
             "layers. Set **Activations** (beside the bit width) to, say, 8 bits: each "
-            "layer's input is then calibrated on the calibration split, and this tab draws "
-            "its values, its range and its levels.",
+            "tensor an int8 engine stores (the input, each fused group's output) is then "
+            "calibrated on the calibration split, and this tab draws the values this "
+            "layer reads, their range and their levels.",
             icon=":material/info:",
         )
         return
@@ -354,13 +355,13 @@ def activation_panel(
         st.error(str(e))
         return
     if h is None or a is None:
-        st.info(f"{layer} is not compressed, so its input is not quantized.")
+        st.info(f"{layer} reads a value that stays float, so its input is not quantized.")
         return
     st.plotly_chart(
         figures.weight_histogram_figure(
             h,
             log_y=log_y,
-            title=f"Input of {layer} ({a.bits}-bit activations, {a.observer})",
+            title=f"Input of {layer}: edge {a.edge} ({a.bits}-bit activations, {a.observer})",
             noun="activations",
             names=("before quantizing", "quantized"),
             requested_label="calibrated",
@@ -368,6 +369,8 @@ def activation_panel(
         key="act_hist_chart",
     )
     st.caption(tables.act_caption(a, min(a.calib_images, ACT_HISTOGRAM_IMAGES)))
+    edges = cache.activation_edges(model, data, settings)
+    st.caption(tables.edges_caption(edges))
 
 
 def error_panel(

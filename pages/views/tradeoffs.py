@@ -63,6 +63,7 @@ st.dataframe(
     key="tradeoff_table",
     column_config={
         "bits": st.column_config.NumberColumn("bits", help="empty = float32"),
+        "act_bits": st.column_config.NumberColumn("activation bits", help="empty = float32"),
         "accuracy": st.column_config.NumberColumn("accuracy (sim.)", format="percent"),
         "agreement": st.column_config.NumberColumn("agreement", format="percent"),
         "size_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
@@ -76,6 +77,37 @@ st.dataframe(
         "pareto": st.column_config.CheckboxColumn("Pareto"),
     },
 )  # fmt: skip
+# --- latency: only rows with a real runtime (W8A8 runs integer kernels in ONNX Runtime) ---
+int8_rows = int(((df["bits"] == 8) & (df["act_bits"] == 8)).fillna(False).sum())
+st.subheader("Latency")
+if not int8_rows:
+    st.caption(
+        "Latency is measured only for settings a real runtime runs: W8A8 (8-bit weights and "
+        "activations) in ONNX Runtime's integer kernels. This sweep has none; add 8 to "
+        "**Bit widths** and to **Activations (bits)**. Other rows are simulated only."
+    )
+else:
+    ss = st.session_state
+    key = ("to_latency", model, data, params)
+    if st.button(f"Measure latency of the {int8_rows} W8A8 row(s)", key="to_latency_run",
+                 help="Exports each W8A8 row to ONNX and times it in ONNX Runtime at batch 1."):
+        ss["to_latency_last"] = key
+    if ss.get("to_latency_last") == key:
+        try:
+            lat = cache.run_sweep_latency(model, data, params)
+        except ValueError as e:
+            st.error(str(e))
+            st.stop()
+        st.plotly_chart(figures.latency_figure(df, lat), key="latency_chart")
+        timed = int(lat["runtime"].notna().sum())
+        st.caption(
+            f"{timed} of {len(df)} rows ran in a real runtime (int8 ONNX Runtime) and are "
+            f"drawn at their measured latency; the other {len(df) - timed} have no integer "
+            "kernel (weights or activations not at 8 bits) and are left out: their accuracy "
+            f"is simulated only. {lat.attrs['threads']} thread(s). {lat.attrs['cpu']}"
+        )
+        table = table.assign(latency_ms=lat["latency_ms"].round(3), runtime=lat["runtime"])
+
 st.download_button(
     "Download the table (CSV)",
     data=table.to_csv(index=False),
