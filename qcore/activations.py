@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,8 +104,10 @@ def calibrate(
     cfg: ActQuantConfig,
     edges: Sequence[str],
     batch_size: int = CALIB_BATCH,
+    replacements: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, ActRange]:
-    """Ranges per edge from the float graph run over ``data`` (cached per graph)."""
+    """Ranges per edge from the float graph run over ``data`` (cached per graph; with
+    ``replacements``, e.g. equalized float tensors, computed afresh)."""
     if getattr(data, "split", None) == "test":
         raise ValueError(
             "Activations are calibrated on the calibration split, never on the test split; "
@@ -115,7 +117,7 @@ def calibrate(
         raise ValueError("The calibration split is empty; activations cannot be calibrated.")
     key = (_data_key(data), cfg, tuple(edges))
     with _LOCK:
-        cached = _CALIBRATED.get(graph, {}).get(key)
+        cached = None if replacements else _CALIBRATED.get(graph, {}).get(key)
     if cached is not None:
         return cached
     observers = {e: HistogramObserver(bins=CALIB_BINS) for e in edges}
@@ -129,8 +131,10 @@ def calibrate(
     points = {e: observe(e) for e in edges}
     with torch.inference_mode():
         for i in range(0, data.x.shape[0], batch_size):
-            graph.run(data.x[i : i + batch_size], points=points)
+            graph.run(data.x[i : i + batch_size], replacements or None, points=points)
     ranges = {e: _range(e, obs, cfg) for e, obs in observers.items()}
+    if replacements:
+        return ranges
     with _LOCK:
         per_graph = _CALIBRATED.setdefault(graph, {})
         if len(per_graph) >= MAX_CALIBRATIONS_PER_GRAPH:

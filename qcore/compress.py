@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,7 +35,9 @@ from qcore.fold import state_for_size, weight_layers
 from qcore.graph import Graph, graph_of, param_key
 from qcore.kmeans import kmeans_codebook
 from qcore.prune import global_masks, layer_mask
+from qcore.ptq import Equalization, adaround_layer, bias_corrections, check_calib, equalize
 from qcore.quant import QParams, dequantize_codes, quantize_prechecked
+from qcore.refs import Progress
 
 __all__ = ["CompressedModel", "LayerResult", "Compressed", "compress", "sqnr_db"]
 
@@ -69,6 +71,8 @@ class LayerResult:
     weight_energy: float = 0.0  # ||w||^2 (float64), the numerator of sqnr_db
     error_energy: float = 0.0  # ||w - q(w)||^2 (float64), its denominator
     codebook: torch.Tensor | None = None  # (C,) float32 shared values (k-means), else None
+    # AdaRound: the share of the layer's weights whose code differs from round-to-nearest's
+    rounding_changed: float | None = None
 
     @property
     def scales(self) -> torch.Tensor | None:
@@ -235,6 +239,8 @@ class Compressed:
     # calibrated activation ranges by graph edge ("input", "<layer>.input", additions);
     # empty when activations stay float
     activations: Mapping[str, ActRange] = field(default_factory=dict)
+    # cross-layer equalization: the pairs equalized and those left alone (None when off)
+    equalization: Equalization | None = None
 
     @property
     def graph(self) -> Graph:
@@ -351,13 +357,19 @@ def _zero_pruned(codes: torch.Tensor, mask: torch.Tensor, qp: QParams) -> torch.
 
 
 def compress(
-    model: nn.Module, config: CompressionConfig | None = None, calib: Dataset | None = None
+    model: nn.Module,
+    config: CompressionConfig | None = None,
+    calib: Dataset | None = None,
+    progress: Progress | None = None,
 ) -> Compressed:
     """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md).
 
     With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
     split, never the test split) and fake-quantized on every edge of
-    :func:`qcore.activations.activation_edges`.
+    :func:`qcore.activations.activation_edges`. ``config.equalize``,
+    ``config.bias_correction`` and ``QuantConfig(rounding="adaround")`` are the remedies
+    of :mod:`qcore.ptq`; the last two learn from ``calib`` too. ``progress(done, total,
+    row)`` is told after each layer AdaRound finishes.
     """
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
@@ -392,9 +404,22 @@ def compress(
     names = [n for n in names if n in graph.layers]
     if not names:
         raise ValueError("Every layer picked to compress lies in a removed block.")
+    adaround = q is not None and q.rounding == "adaround" and q.codebook == "uniform"
+    if adaround:
+        check_calib(calib, "AdaRound")
+    if config.bias_correction:
+        check_calib(calib, "Bias correction")
     weights = {n: graph.params[param_key(n, "weight")] for n in names}
     for n, w in weights.items():
         _check_weights(n, w)
+    biases = {n: graph.params.get(param_key(n, "bias")) for n in names}
+    equalized, float_repl = None, {}
+    if config.equalize and q is not None:  # new float tensors, the same function
+        equalized = equalize(graph, names, weights, biases)
+        weights = {**weights, **equalized.weights}
+        biases = {**biases, **equalized.biases}
+        float_repl = {param_key(n, "weight"): v for n, v in equalized.weights.items()}
+        float_repl.update({param_key(n, "bias"): v for n, v in equalized.biases.items()})
 
     masks: dict[str, torch.Tensor] = {}
     if config.prunes:
@@ -406,11 +431,14 @@ def compress(
 
     activations = {}
     if config.act is not None:  # cached per (graph, data, config): weights do not matter
-        activations = calibrate(graph, calib, config.act, activation_edges(graph, names))
+        activations = calibrate(graph, calib, config.act, activation_edges(graph, names),
+                                replacements=float_repl)
+    points = act_points(activations)
+    variant: dict[str, torch.Tensor] = dict(float_repl)  # what the variant runs with so far
     results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
-        qparams = codes = codebook = None
+        qparams = codes = codebook = rounding_changed = None
         bits, per_channel = 32, False
         if q is not None and q.codebook == "kmeans":
             bits = q.bits_for(n)
@@ -422,11 +450,27 @@ def compress(
             qparams, bits, per_channel, codes = res.qparams, res.bits, res.per_channel, res.codes
             if mask is not None and not qparams.binary:
                 codes = _zero_pruned(codes, mask, qparams)
+            if adaround:
+                if qparams.binary:
+                    raise ValueError(
+                        "AdaRound chooses between two neighbouring levels; it needs at least "
+                        "2 bits (pick nearest rounding at 1 bit)."
+                    )
+                nearest = codes
+                codes = adaround_layer(graph, n, w, biases[n], qparams, calib, float_repl,
+                                       variant, points, mask, gen)
+                kept = mask if mask is not None else torch.ones(w.shape, dtype=torch.bool)
+                rounding_changed = float((codes != nearest)[kept].float().mean()) if bool(
+                    kept.any()) else 0.0
+                res = res._replace(values=_weight_after(w, mask, qparams, codes))
+                if progress is not None:
+                    progress(i + 1, len(names), {"layer": n})
             # the quantizer already dequantized (pruned weights zero): the same values as
             # ``_weight_after`` gives from the stored codes, so the stats need no second pass
             new = res.values
         else:
             new = _weight_after(w, mask, None, None)
+        variant[param_key(n, "weight")] = new
         if q is None:
             encoded = encode_float(new, config.entropy)
         elif codebook is not None:
@@ -435,16 +479,18 @@ def compress(
             encoded = encode_quantized(codes, qparams, bits, per_channel=per_channel,
                                        symmetric=q.symmetric, mask=mask,
                                        pow2=q.scale == "pow2", entropy=config.entropy)
-        bias = graph.params.get(param_key(n, "bias"))
+        bias = biases[n]
         bias_numel = 0 if bias is None else bias.numel()
         n_zero = int((new == 0).sum())
         n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
         sig, err = _energies(w, new)
-        new_bias = None
+        new_bias = None if n not in biases_changed(equalized) else bias
         if bias is not None and mask is not None and config.prune.structured:
             # a removed output channel is gone, bias included
             alive = mask.reshape(mask.shape[0], -1).any(dim=1)
             new_bias = torch.where(alive, bias, torch.zeros(()))
+        if new_bias is not None:
+            variant[param_key(n, "bias")] = new_bias
         results.append(LayerResult(
             name=n, kind="conv" if w.dim() > 2 else "linear", shape=tuple(w.shape),
             float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
@@ -458,8 +504,16 @@ def compress(
             size_bytes=encoded.nbytes() + float_bytes(bias_numel),
             float_bytes=float_bytes(w.numel() + bias_numel),
             act=activations.get(f"{n}.input"), codebook=codebook,
+            rounding_changed=rounding_changed,
         ))  # fmt: skip
 
+    if config.bias_correction:  # b - E[(W_q - W) x] on the calibration split, layer by layer
+        fixed = bias_corrections(
+            graph, names, weights, {r.name: r.dequantized for r in results},
+            {r.name: r.bias if r.bias is not None else biases[r.name] for r in results},
+            calib, variant, points,
+        )
+        results = [replace(r, bias=fixed[r.name]) if r.name in fixed else r for r in results]
     layers = tuple(results)
     size_bytes = sum(enc.nbytes() for _, _, enc in _packed_tensors(graph, layers))
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
@@ -470,5 +524,11 @@ def compress(
         size_bytes=size_bytes,
         float_size_bytes=float_size,
         activations=activations,
+        equalization=equalized,
     )
+
+
+def biases_changed(equalized: Equalization | None) -> frozenset[str]:
+    """The layers whose float bias equalization rescaled."""
+    return frozenset() if equalized is None else frozenset(equalized.biases)
 
