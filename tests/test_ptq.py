@@ -388,3 +388,45 @@ def test_packed_file_header_holds_the_config() -> None:
     cfg = CompressionConfig(quant=QuantConfig(bits=4), equalize=True, bias_correction=True)
     comp = compress(model, cfg, calib=_data(16))
     assert load_packed_bytes(comp, model).config == cfg
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_flags_reach_the_config(capsys, tmp_path, few_steps) -> None:
+    from qcore.cli import main
+    from qcore.export import read_header
+
+    argv = ["--model", "digits-mlp", "--bits", "3", "--equalize", "--bias-correction",
+            "--rounding", "adaround"]  # fmt: skip
+    assert main(["evaluate", *argv]) == 0
+    out = capsys.readouterr()
+    cfg = CompressionConfig(quant=QuantConfig(bits=3, rounding="adaround"), equalize=True,
+                            bias_correction=True)  # fmt: skip
+    c = compress(qcore.load_model("digits-mlp"), cfg, calib=qcore.load_dataset("digits", "calib"))
+    m = qcore.evaluate(c.model, qcore.load_dataset("digits", "test"))
+    assert f"simulated accuracy  {m.accuracy:.4f}" in out.out
+    assert "equalized pairs     fc1->fc2" in out.out
+    assert f"rounding changed {c.layer('fc1').rounding_changed:.3f}" in out.out
+    assert "AdaRound 2/2: fc2" in out.err
+    path = tmp_path / "m.qpk"
+    assert main(["export", *argv, "--out", str(path)]) == 0
+    assert CompressionConfig.from_dict(read_header(path)["config"]) == cfg
+
+
+def test_sweep_grid_has_the_remedies_as_axes(few_steps) -> None:
+    grid = qcore.SweepGrid(bits=[1, 3], rounding=["nearest", "adaround"], equalize=[False, True],
+                           bias_correction=[True])  # fmt: skip
+    assert len(grid) == 2 + 4  # 1 bit has no rounding choice
+    assert qcore.SweepGrid.from_dict(json.loads(json.dumps(grid.to_dict()))) == grid
+    model = qcore.load_model("digits-mlp")
+    test, calib = qcore.load_dataset("digits", "test"), qcore.load_dataset("digits", "calib")
+    df = qcore.sweep(model, test, qcore.SweepGrid(bits=[3], equalize=[False, True],
+                                                  bias_correction=[False, True]), calib=calib)
+    assert df[["equalize", "bias_correction"]].values.tolist() == [
+        [False, False], [False, True], [True, False], [True, True]]
+    cfg = CompressionConfig(quant=QuantConfig(bits=3), equalize=True, bias_correction=True)
+    direct = qcore.evaluate(compress(model, cfg, calib=calib).model, test).accuracy
+    assert df["accuracy"].iloc[3] == direct
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        qcore.SweepGrid(rounding=["up"])
