@@ -149,6 +149,8 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
             out[col] = table[col]
     for col in ("packed bytes", "float32 bytes", "encoding"):
         out[col] = table[col]
+    if "rounding changed" in table:  # AdaRound: the share rounded the other way
+        out["rounding changed"] = table["rounding changed"]
     return out
 
 
@@ -196,6 +198,11 @@ LAYER_TABLE_COLUMNS = {
     ),
     "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
     "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),
+    "rounding changed": st.column_config.NumberColumn(
+        "rounding changed", format="percent",
+        help="AdaRound: the share of the layer's kept weights that it rounded the other way "
+        "from round-to-nearest (down instead of up, or up instead of down).",
+    ),
 }
 
 # The Playground's table (:func:`layer_display`): its text columns explained.

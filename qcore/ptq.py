@@ -39,6 +39,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
@@ -49,6 +50,7 @@ from qcore.graph import Graph, Points, param_key
 __all__ = [
     "Equalization", "equalize", "find_pairs", "bias_corrections", "check_calib",
     "adaround_layer", "adaround_codes", "layer_inputs", "channel_ranges", "ADAROUND_ITERS",
+    "equalization_ranges",
     "ADAROUND_BATCH", "ADAROUND_SAMPLES",
 ]  # fmt: skip
 
@@ -194,6 +196,22 @@ def _in_channel_index(mod: nn.Module, w: torch.Tensor, channels: int) -> torch.T
 def channel_ranges(w: torch.Tensor) -> torch.Tensor:
     """max|w| per output channel (dim 0), (C,)."""
     return w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+
+
+def equalization_ranges(compressed) -> dict[str, dict[str, np.ndarray]]:
+    """Per equalized layer of a ``Compressed`` model, each output channel's weight min and
+    max before and after equalization (AIMET's picture), as numpy arrays (C,) under the
+    keys ``before min``, ``before max``, ``after min``, ``after max``; {} when off."""
+    eq = compressed.equalization
+    if eq is None:
+        return {}
+    out = {}
+    for name, after in eq.weights.items():
+        before = compressed.graph.params[param_key(name, "weight")]
+        b2, a2 = before.reshape(before.shape[0], -1), after.reshape(after.shape[0], -1)
+        out[name] = {"before min": b2.amin(1).numpy(), "before max": b2.amax(1).numpy(),
+                     "after min": a2.amin(1).numpy(), "after max": a2.amax(1).numpy()}
+    return out
 
 
 def equalize(

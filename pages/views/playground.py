@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import cache, figures, tables
+from pages import cache, figures, remedies, tables
 from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
@@ -50,12 +50,13 @@ settings = settings.canonical()  # unused options must not split the cache
 
 try:
     settings.to_config()
+    cache.prepare_compressed(model, settings, data)  # AdaRound: a progress bar per layer
     with st.spinner("Compressing and evaluating…", show_time=True):
         r = cache.results(model, data, settings)
         # pruning can cost more in its sparse index than it saves (see the README): then the
         # size is compared with the same setting unpruned
         unpruned = (
-            cache.packed_size(model, replace(settings, prune=0.0).canonical())
+            cache.packed_size(model, replace(settings, prune=0.0).canonical(), data)
             if settings.prune > 0
             else None
         )
@@ -143,6 +144,7 @@ st.caption(
     f"{figures.format_bytes(r.float_size_bytes)} as float32. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
+remedies.equalization_panel(model, data, settings)
 
 
 # --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------

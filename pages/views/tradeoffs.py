@@ -60,8 +60,9 @@ st.dataframe(
     table,
     hide_index=True,
     key="tradeoff_table",
-    column_order=["bits", "prune", "clip", "scheme", "granularity", "accuracy", "agreement",
-                  "size_bytes", "ratio", "sparsity", "mean_sqnr_db", "pareto"],
+    column_order=["bits", "prune", "clip", "scheme", "granularity", "rounding", "equalize",
+                  "bias_correction", "accuracy", "agreement", "size_bytes", "ratio", "sparsity",
+                  "mean_sqnr_db", "pareto"],
     column_config={
         "bits": st.column_config.NumberColumn("bits", help="empty = float32"),
         "accuracy": st.column_config.NumberColumn("accuracy (sim.)", format="percent"),
@@ -71,6 +72,8 @@ st.dataframe(
         "sparsity": st.column_config.NumberColumn("sparsity", format="percent"),
         "mean_sqnr_db": st.column_config.NumberColumn("mean SQNR (dB)", format="%.1f"),
         "pareto": st.column_config.CheckboxColumn("Pareto"),
+        "equalize": st.column_config.CheckboxColumn("equalized"),
+        "bias_correction": st.column_config.CheckboxColumn("bias corrected"),
     },
 )  # fmt: skip
 st.download_button(
