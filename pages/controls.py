@@ -67,8 +67,8 @@ ROUNDING_HELP = (
     "chance of each its nearness (seeded, so results repeat). adaround: up or down as "
     "learnt for each weight on the calibration split, so that each layer's output stays "
     "close to the float one (AdaRound, Nagel et al. 2020); the codes stay on the same grid, "
-    "so the packed size does not change. It takes seconds to minutes per model, with a "
-    "progress bar. Unused at 1 bit."
+    "with the same bits per weight and the same file format. It takes about a minute per "
+    "model, with a progress bar. Unused at 1 bit."
 )
 EQUALIZE_HELP = (
     "Cross-layer equalization (Nagel et al. 2019): where two layers have only ReLU or "

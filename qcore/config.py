@@ -135,7 +135,8 @@ class QuantConfig:
     clip: float = 1.0
     clip_mode: ClipMode = "ratio"
     # "stochastic": seeded; "adaround": learnt per weight on calibration data (qcore.ptq),
-    # the codes on the same grid as nearest's, so size and file format do not change
+    # the codes on the same grid as nearest's: same bits per weight, same file format (a
+    # sparse form may win, and the file shrink, where more codes land on zero)
     rounding: Rounding = "nearest"
     seed: int = 0  # for stochastic rounding, so results repeat; 0..2**32-1
     # Per-layer bit widths that override ``bits``, as (layer name, bits) pairs, one per
