@@ -434,7 +434,7 @@ def compress(
         activations = calibrate(graph, calib, config.act, activation_edges(graph, names),
                                 replacements=float_repl)
     points = act_points(activations)
-    variant: dict[str, torch.Tensor] = dict(float_repl)  # what the variant runs with so far
+    running: dict[str, torch.Tensor] = dict(float_repl)  # what the variant runs with so far
     results = []
     for i, n in enumerate(names):
         w, mask = weights[n], masks.get(n)
@@ -458,7 +458,7 @@ def compress(
                     )
                 nearest = codes
                 codes = adaround_layer(graph, n, w, biases[n], qparams, calib, float_repl,
-                                       variant, points, mask, gen)
+                                       running, points, mask, gen)
                 kept = mask if mask is not None else torch.ones(w.shape, dtype=torch.bool)
                 rounding_changed = float((codes != nearest)[kept].float().mean()) if bool(
                     kept.any()) else 0.0
@@ -470,7 +470,7 @@ def compress(
             new = res.values
         else:
             new = _weight_after(w, mask, None, None)
-        variant[param_key(n, "weight")] = new
+        running[param_key(n, "weight")] = new
         if q is None:
             encoded = encode_float(new, config.entropy)
         elif codebook is not None:
@@ -490,7 +490,7 @@ def compress(
             alive = mask.reshape(mask.shape[0], -1).any(dim=1)
             new_bias = torch.where(alive, bias, torch.zeros(()))
         if new_bias is not None:
-            variant[param_key(n, "bias")] = new_bias
+            running[param_key(n, "bias")] = new_bias
         results.append(LayerResult(
             name=n, kind="conv" if w.dim() > 2 else "linear", shape=tuple(w.shape),
             float_weight=w, mask=mask, qparams=qparams, codes=codes, bits=bits,
@@ -511,7 +511,7 @@ def compress(
         fixed = bias_corrections(
             graph, names, weights, {r.name: r.dequantized for r in results},
             {r.name: r.bias if r.bias is not None else biases[r.name] for r in results},
-            calib, variant, points,
+            calib, running, points,
         )
         results = [replace(r, bias=fixed[r.name]) if r.name in fixed else r for r in results]
     layers = tuple(results)

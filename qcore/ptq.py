@@ -402,16 +402,23 @@ def adaround_codes(
     if qp.binary:
         raise ValueError("AdaRound chooses between two grid levels; it needs at least 2 bits.")
     iters = ADAROUND_ITERS if iters is None else iters
+    # learning needs autograd even when the caller runs under inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _adaround(w.clone(), qp, x_q.clone(), target.clone(), layer_fn, bias, mask, relu,
+                         iters, batch_size, generator)  # fmt: skip
+
+
+def _adaround(w, qp, x_q, target, layer_fn, bias, mask, relu, iters, batch_size, generator):
     g = qp.scale.numel()
     w = w.detach().float()
     w2 = w.reshape(g, -1)
-    s, z = qp.scale.float()[:, None], qp.zero_point.float()[:, None]
+    s, z = qp.scale.float().clone()[:, None], qp.zero_point.float().clone()[:, None]
     floor = torch.floor(w2 / s)
     rest = (w2 / s - floor).clamp(0.0, 1.0)
     p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
     v = torch.log(p / (1 - p)).requires_grad_(True)  # h(v) == rest at the start
     keep = None if mask is None else mask.reshape(g, -1).float()
-    fixed = None if bias is None else bias.detach()
+    fixed = None if bias is None else bias.detach().clone()
     target = F.relu(target) if relu else target
     opt = torch.optim.Adam([v], lr=ADAROUND_LR)
     n = x_q.shape[0]

@@ -344,6 +344,16 @@ def test_adaround_needs_calib_and_two_bits(few_steps) -> None:
                  calib=_data(8))  # fmt: skip
 
 
+def test_adaround_learns_under_inference_mode(few_steps) -> None:
+    model, calib = make_bn_model(), _data(16)
+    cfg = CompressionConfig(quant=QuantConfig(bits=3, rounding="adaround"))
+    plain = compress(model, cfg, calib=calib)
+    with torch.inference_mode():
+        inside = compress(model, cfg, calib=calib)
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(plain.layers, inside.layers,
+                                                             strict=True))  # fmt: skip
+
+
 def test_adaround_reports_progress_per_layer(few_steps) -> None:
     model = make_bn_model()
     calls = []
