@@ -181,6 +181,23 @@ def test_equalize_runs_before_quantizing_and_changes_the_weights_it_stores() -> 
         torch.testing.assert_close(loaded.model(x), eq.model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_activation_ranges_are_calibrated_on_the_equalized_model() -> None:
+    """16-bit weights and activations: the equalized variant stays on the float function,
+    which it would not if its activation ranges came from the unequalized model."""
+    model, calib = _depthwise(), _data(64)
+    cfg = CompressionConfig(quant=QuantConfig(bits=16), act=qcore.ActQuantConfig(bits=16),
+                            equalize=True)  # fmt: skip
+    comp = compress(model, cfg, calib=calib)
+    plain = compress(model, CompressionConfig(quant=QuantConfig(bits=16),
+                                              act=qcore.ActQuantConfig(bits=16)), calib=calib)
+    g = graph_of(model)
+    edge = "dw.input"
+    # the stem's output channels were divided by s, so the range reaching dw changed
+    assert comp.activations[edge].hi != plain.activations[edge].hi
+    with torch.no_grad():
+        torch.testing.assert_close(comp.model(calib.x), g.run(calib.x), rtol=1e-3, atol=1e-3)
+
+
 def test_equalize_is_skipped_without_quantization() -> None:
     model = _depthwise()
     comp = compress(model, CompressionConfig(quant=None, equalize=True))
