@@ -29,6 +29,7 @@ import streamlit as st
 import qcore
 import qcore.activations
 import qcore.onnx
+import qcore.ptq
 from pages import timing
 from pages.progress import run_with_progress
 from pages.tables import (
@@ -245,11 +246,12 @@ def float_metrics(model: ModelRef, data: DatasetRef) -> qcore.Metrics:
 
 @st.cache_resource(max_entries=COMPRESSED_CACHE_ENTRIES, show_spinner=False)
 def _compressed(
-    model: ModelRef, settings: Settings, data: DatasetRef | None
+    model: ModelRef, settings: Settings, data: DatasetRef | None, _progress=None
 ) -> qcore.Compressed:
     calib = None if data is None else get_calib_dataset(data)
     with timing.phase("compress"):
-        return qcore.compress(get_model(model), settings.to_config(), calib=calib)
+        return qcore.compress(get_model(model), settings.to_config(), calib=calib,
+                              progress=_progress)  # fmt: skip
 
 
 def get_compressed(
@@ -258,23 +260,56 @@ def get_compressed(
     """The compressed model (its tensors are needed for histograms and export). Read-only.
 
     With quantized activations (``settings.abits``) they are calibrated on the calibration
-    split of ``data`` (never its test split); without, ``data`` is not part of the key, so
-    every dataset shares the one weight-only variant.
+    split of ``data`` (never its test split), and bias correction and AdaRound learn from
+    it (``settings.needs_calib``); without, ``data`` is not part of the key, so every
+    dataset shares the one weight-only variant.
     """
-    if settings.abits is None:
+    if not settings.needs_calib:
         return _compressed(model, settings, None)
     if data is None:
         raise ValueError(
-            "Quantized activations are calibrated on a dataset's calibration split; "
-            "no dataset was given."
+            "Quantized activations, bias correction and AdaRound learn from a dataset's "
+            "calibration split; no dataset was given."
         )
     return _compressed(model, settings, data)
 
 
+ADAROUND_TEXT = "AdaRound: learning each layer's rounding on the calibration split…"
+
+
+def prepare_compressed(model: ModelRef, settings: Settings, data: DatasetRef) -> None:
+    """Compress ahead of :func:`results` with a progress bar (one step per layer) when
+    AdaRound makes it take seconds; the result lands in the cache that results reads."""
+    if settings.bits is None or settings.rounding != "adaround" or settings.codebook != "uniform":
+        return
+    get_calib_dataset(data)  # loaded here, where its spinner can be drawn
+    run_with_progress(_compressed, model, settings, data, text=ADAROUND_TEXT)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def equalization_ranges(
+    model: ModelRef, settings: Settings, data: DatasetRef
+) -> dict[str, Any]:
+    """Cross-layer equalization as plain values: per equalized layer, each output channel's
+    weight min and max before and after (numpy arrays), and the pairs left alone."""
+    comp = get_compressed(model, settings, data)
+    eq = comp.equalization
+    return {"layers": qcore.ptq.equalization_ranges(comp),
+            "pairs": [] if eq is None else list(eq.pairs),
+            "skipped": [] if eq is None else list(eq.skipped)}  # fmt: skip
+
+
 def _weights_only(settings: Settings) -> Settings:
-    """The same weights with float activations: what sizes need (activations store
-    nothing in the packed file), without a calibration."""
-    return replace(settings, abits=None).canonical() if settings.abits is not None else settings
+    """The same stored bytes without a calibration where none changes them: float
+    activations (they store nothing in the packed file), no bias correction (a bias keeps
+    its size) and, unless Huffman coding counts the codes, nearest rounding (AdaRound's
+    codes are on the same grid, so dense and sparse forms keep their size)."""
+    same = {"abits": None, "bias_correction": False}
+    if settings.entropy == "none" and settings.rounding == "adaround":
+        same["rounding"] = "nearest"
+    if all(getattr(settings, k) == v for k, v in same.items()):
+        return settings
+    return replace(settings, **same).canonical()
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
@@ -361,10 +396,11 @@ def newly_wrong(
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
-def packed_size(model: ModelRef, settings: Settings) -> int:
+def packed_size(model: ModelRef, settings: Settings, data: DatasetRef | None = None) -> int:
     """Packed bytes of one setting (compress only, no evaluation; activations change no
-    byte of the file, so they are left float here and nothing is calibrated)."""
-    return get_compressed(model, _weights_only(settings)).size_bytes
+    byte of the file, so they are left float here and nothing is calibrated; ``data``
+    only for AdaRound with Huffman coding, whose learnt codes the size depends on)."""
+    return get_compressed(model, _weights_only(settings), data).size_bytes
 
 
 def packed_download(
@@ -390,6 +426,14 @@ class SweepParams:
     symmetric: tuple[bool, ...] = (True,)
     per_channel: tuple[bool, ...] = (False,)
     act_bits: tuple[int | None, ...] = (None,)  # activation widths; None = float32
+    rounding: tuple[str, ...] = ("nearest",)  # "adaround" learns on the calibration split
+    equalize: tuple[bool, ...] = (False,)
+    bias_correction: tuple[bool, ...] = (False,)
+
+    @property
+    def needs_calib(self) -> bool:
+        """Whether some configuration learns from the calibration split."""
+        return "adaround" in self.rounding or True in self.bias_correction
 
     def grid(self) -> qcore.SweepGrid:
         """The qcore grid; raises ValueError with a user sentence for an empty or huge one."""
@@ -400,6 +444,9 @@ class SweepParams:
             ("scheme", self.symmetric),
             ("granularity", self.per_channel),
             ("activation width", self.act_bits),
+            ("rounding", self.rounding),
+            ("equalization choice", self.equalize),
+            ("bias correction choice", self.bias_correction),
         ):
             if not values:
                 raise ValueError(f"Pick at least one {name} for the sweep.")
@@ -410,6 +457,9 @@ class SweepParams:
             symmetric=self.symmetric,
             per_channel=self.per_channel,
             act_bits=self.act_bits,
+            rounding=self.rounding,
+            equalize=self.equalize,
+            bias_correction=self.bias_correction,
         )
         if len(grid) > MAX_SWEEP_CONFIGS:
             raise ValueError(
@@ -424,10 +474,12 @@ def sweep_table(
     model: ModelRef, data: DatasetRef, params: SweepParams, _progress=None
 ) -> pd.DataFrame:
     """``qcore.sweep`` over the grid on the test split; one row per configuration
-    (activations calibrated on the calibration split)."""
+    (activations calibrated, AdaRound and bias correction learnt, on the calibration
+    split)."""
+    needs = params.needs_calib or any(b is not None for b in params.act_bits)
     return qcore.sweep(
         get_model(model), get_dataset(data), params.grid(), progress=_progress,
-        calib=get_calib_dataset(data) if any(b is not None for b in params.act_bits) else None,
+        calib=get_calib_dataset(data) if needs else None,
     )  # fmt: skip
 
 
@@ -475,6 +527,8 @@ def mixed_result(
 def run_sweep(model: ModelRef, data: DatasetRef, params: SweepParams) -> pd.DataFrame:
     """The sweep table, from the cache or computed with a progress bar."""
     params.grid()  # a ValueError with a sentence before any thread starts
+    if params.needs_calib:
+        get_calib_dataset(data)  # loaded here, where its spinner can be drawn
     return run_with_progress(sweep_table, model, data, params, text="Sweeping…")
 
 

@@ -21,6 +21,7 @@ from qcore.config import (
     CODEBOOKS,
     ENTROPY_CODINGS,
     FLOAT,
+    ROUNDINGS,
     SCALE_MODES,
     Settings,
 )
@@ -63,6 +64,27 @@ ENTROPY_HELP = (
     "file (5 bits per symbol) and counted in the size. A layer keeps whichever form is "
     "smaller, so Huffman coding never makes the file larger. The weights do not change, "
     "only how they are written, so accuracy stays the same."
+)
+ROUNDING_HELP = (
+    "nearest: each weight to the nearest level. stochastic: up or down at random, with the "
+    "chance of each its nearness (seeded, so results repeat). adaround: up or down as "
+    "learnt for each weight on the calibration split, so that each layer's output stays "
+    "close to the float one (AdaRound, Nagel et al. 2020); the codes stay on the same grid, "
+    "with the same bits per weight and the same file format. It takes about a minute per "
+    "model, with a progress bar. Unused at 1 bit."
+)
+EQUALIZE_HELP = (
+    "Cross-layer equalization (Nagel et al. 2019): where two layers have only ReLU or "
+    "pooling between them, output channel i of the first is divided by s_i = "
+    "sqrt(r1_i·r2_i)/r2_i and input channel i of the second multiplied by it, so their "
+    "per-channel weight ranges r1 and r2 match and one per-tensor scale fits every channel. "
+    "The float model computes the same function (to float rounding). Pairs across a "
+    "residual addition are left alone and listed under the headline."
+)
+BIAS_CORRECTION_HELP = (
+    "Quantizing a layer's weights shifts its mean output by E[(W_q − W)·x]. That shift is "
+    "measured on the dataset's calibration split (never the test split), layer by layer, "
+    "and subtracted from each bias. Layers without a bias are left as they are."
 )
 SCALE_MODE_LABELS = {"float": "float", "pow2": "power of two (fixed point)"}
 SCALE_MODE_HELP = (
@@ -254,12 +276,12 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
             )
             st.radio(
                 "Rounding",
-                ["nearest", "stochastic"],
+                list(ROUNDINGS),
                 key="rounding",
                 horizontal=True,
                 persist_state=_KEEP,
                 disabled=is_float or one_bit or shared,
-                help="Stochastic rounding is seeded, so results repeat. Unused at 1 bit.",
+                help=ROUNDING_HELP,
             )
             if one_bit and not shared:
                 st.caption(ONE_BIT_NOTE)
@@ -306,6 +328,20 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
                 key="fold_bn",
                 persist_state=_KEEP,
                 help="Fold BatchNorm into the preceding layer before compressing (as deployed).",
+            )
+            st.toggle(
+                "Cross-layer equalization",
+                key="equalize",
+                persist_state=_KEEP,
+                disabled=is_float,
+                help=EQUALIZE_HELP,
+            )
+            st.toggle(
+                "Bias correction",
+                key="bias_correction",
+                persist_state=_KEEP,
+                disabled=is_float and ss.get("prune", 0.0) == 0,
+                help=BIAS_CORRECTION_HELP,
             )
             st.selectbox(
                 "Activation observer",
@@ -465,6 +501,31 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
             help="Activation widths, calibrated min-max on the calibration split. W8A8 rows "
             "can be timed in ONNX Runtime's integer kernels below the chart.",
         )
+        a, b, c = st.columns(3, gap="large")
+        a.multiselect(
+            "Rounding",
+            list(ROUNDINGS),
+            key="to_rounding",
+            persist_state=_KEEP,
+            help="adaround learns each layer's rounding on the calibration split: seconds to "
+            "minutes per configuration.",
+        )
+        b.multiselect(
+            "Cross-layer equalization",
+            [False, True],
+            key="to_equalize",
+            persist_state=_KEEP,
+            format_func=lambda v: "on" if v else "off",
+            help=EQUALIZE_HELP,
+        )
+        c.multiselect(
+            "Bias correction",
+            [False, True],
+            key="to_bias_correction",
+            persist_state=_KEEP,
+            format_func=lambda v: "on" if v else "off",
+            help=BIAS_CORRECTION_HELP,
+        )
         run = st.form_submit_button("Run sweep", key="to_run", type="primary")
     ss = st.session_state
     params = SweepParams(
@@ -474,6 +535,9 @@ def sweep_grid_ui() -> tuple[SweepParams, bool]:
         symmetric=tuple(bool(v) for v in ss["to_symmetric"]),
         per_channel=tuple(bool(v) for v in ss["to_per_channel"]),
         act_bits=tuple(None if v == FLOAT else int(v) for v in ss.get("to_abits", [FLOAT])),
+        rounding=tuple(str(v) for v in ss.get("to_rounding", ["nearest"])),
+        equalize=tuple(bool(v) for v in ss.get("to_equalize", [False])),
+        bias_correction=tuple(bool(v) for v in ss.get("to_bias_correction", [False])),
     )
     return params, run
 

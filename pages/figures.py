@@ -311,6 +311,12 @@ def config_label(row: Mapping[str, Any]) -> str:
         if clip is not None and not (isinstance(clip, float) and math.isnan(clip)):
             parts.append(f"clip {clip:g}" + ("" if mode == "ratio" else f" ({mode})"))
         parts += [str(row.get("scheme", "")), str(row.get("granularity", ""))]
+        if row.get("rounding") == "adaround":
+            parts.append("AdaRound")
+        if row.get("equalize") is True:
+            parts.append("equalized")
+    if row.get("bias_correction") is True:
+        parts.append("bias corrected")
     parts.append(f"prune {float(row.get('prune', 0.0)):g}")
     abits = row.get("act_bits")
     if abits is not None and abits is not pd.NA and not (isinstance(abits, float)
@@ -1115,4 +1121,31 @@ def sqnr_bits_figure(df: pd.DataFrame, *, current: int | None = None,
         margin={"t": 50 if title else 30, "b": 10, "l": 10, "r": 10},
         height=360,
     )
+    return fig
+
+
+def channel_ranges_figure(ranges: Mapping[str, np.ndarray], layer: str) -> go.Figure:
+    """AIMET's picture of cross-layer equalization: each output channel's weight range
+    (a bar from its min to its max) before and after, side by side on one value axis.
+
+    ``ranges`` holds numpy arrays (C,) under ``before min``, ``before max``, ``after min``
+    and ``after max`` (``qcore.ptq.equalization_ranges``)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=("before equalization", "after equalization"))
+    for col, (when, color) in enumerate((("before", FLOAT_COLOR), ("after", COMPRESSED_COLOR)),
+                                        start=1):  # fmt: skip
+        lo = np.asarray(ranges[f"{when} min"], dtype=float)
+        hi = np.asarray(ranges[f"{when} max"], dtype=float)
+        fig.add_trace(go.Bar(
+            x=np.arange(lo.size), y=hi - lo, base=lo, marker_color=color, name=when,
+            customdata=np.stack([lo, hi], axis=1),
+            hovertemplate="channel %{x}: %{customdata[0]:.4g} … %{customdata[1]:.4g}"
+                          "<extra></extra>",
+        ), row=1, col=col)  # fmt: skip
+        fig.update_xaxes(title_text="output channel", row=1, col=col)
+    fig.update_yaxes(title_text=f"{layer} weight", row=1, col=1)
+    fig.update_layout(showlegend=False, bargap=0.15, height=340,
+                      margin={"t": 40, "b": 10, "l": 10, "r": 10})  # fmt: skip
     return fig

@@ -37,6 +37,9 @@ ANALYSIS_DEFAULTS: dict[str, Any] = {  # widget values of the analysis pages
     "to_symmetric": [True],
     "to_per_channel": [False],
     "to_abits": [FLOAT],
+    "to_rounding": ["nearest"],
+    "to_equalize": [False],
+    "to_bias_correction": [False],
     "sens_bits": [2, 3, 4, 5, 6, 7, 8],
     "sens_prune": [0.25, 0.5, 0.75, 0.9],
     "sens_per_channel": False,
@@ -103,6 +106,8 @@ def settings_from_session(values: Mapping[str, Any], layer_names: Sequence[str])
         codebook=str(values.get("codebook", "uniform")),
         entropy=str(values.get("entropy", "none")),
         drop=tuple(str(n) for n in values.get("drop", ())),
+        equalize=bool(values.get("equalize", False)),
+        bias_correction=bool(values.get("bias_correction", False)),
     )
 
 

@@ -163,6 +163,8 @@ def layer_display(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd.
             out[col] = table[col]
     for col in ("packed bytes", "float32 bytes", "encoding"):
         out[col] = table[col]
+    if "rounding changed" in table:  # AdaRound: the share rounded the other way
+        out["rounding changed"] = table["rounding changed"]
     return out
 
 
@@ -186,8 +188,9 @@ def layer_display_order(shown: pd.DataFrame) -> list[str]:
 
 
 # The Trade-offs table's columns: SQNR is the whole model's, one definition on every page.
-SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "act_bits", "accuracy",
-               "agreement", "size_bytes", "ratio", "sparsity", "sqnr_db", "pareto")  # fmt: skip
+SWEEP_SHOWN = ("bits", "prune", "clip", "scheme", "granularity", "rounding", "equalize",
+               "bias_correction", "act_bits", "accuracy", "agreement", "size_bytes", "ratio",
+               "sparsity", "sqnr_db", "pareto")  # fmt: skip
 
 # Where each layer's packed bytes go, as the Playground's table shows them.
 SIZE_COLUMNS = ("code bits", "index bits", "codebook bytes", "table bytes")
@@ -233,6 +236,11 @@ LAYER_TABLE_COLUMNS = {
     ),
     "packed bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
     "float32 bytes": st.column_config.NumberColumn("float32 bytes", format="localized"),
+    "rounding changed": st.column_config.NumberColumn(
+        "rounding changed", format="percent",
+        help="AdaRound: the share of the layer's kept weights that it rounded the other way "
+        "from round-to-nearest (down instead of up, or up instead of down).",
+    ),
 }
 
 # The Playground's table (:func:`layer_display`): its text columns explained.

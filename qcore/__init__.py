@@ -43,6 +43,7 @@ from qcore.onnx import (
     run_onnx,
 )
 from qcore.prune import magnitude_mask, prune_tensor
+from qcore.ptq import Equalization, channel_ranges
 from qcore.quant import choose_qparams, quantize_tensor, quantize_with_params
 from qcore.refs import DatasetRef, ModelRef
 from qcore.robustness import PERTURBATIONS, flip_bits, noisy_weights, perturb_inputs, robustness
@@ -75,6 +76,7 @@ __all__ = [
     "quantize_with_params", "magnitude_mask", "prune_tensor", "sqnr_db",
     # the runtime and the pipeline
     "Graph", "Variant", "graph_of", "weight_layers", "compress", "Compressed",
+    "Equalization", "channel_ranges",
     "LayerResult", "removable_blocks", "without_blocks", "Block",
     # measuring
     "evaluate", "metrics_from_logits", "Metrics", "agreement", "weight_histogram",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import operator
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -253,11 +253,13 @@ def activation_edges(
 
 
 def calibrate_placed(
-    graph: Graph, data, cfg: ActQuantConfig, layers: Sequence[str] | None = None
+    graph: Graph, data, cfg: ActQuantConfig, layers: Sequence[str] | None = None,
+    replacements: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, ActRange]:
-    """Ranges of every placed edge, and of each average that keeps its input's qparams."""
+    """Ranges of every placed edge, and of each average that keeps its input's qparams
+    (``replacements``: float tensors the graph runs with instead, e.g. equalized ones)."""
     p = placement(graph, layers, cfg.output)
-    ranges = calibrate(graph, data, cfg, p.edges)
+    ranges = calibrate(graph, data, cfg, p.edges, replacements=replacements)
     shared = {e: replace(ranges[p.shared[e]], edge=e) for e in p.rounds}
     order = {n.name: i for i, n in enumerate(graph.nodes)}
     both = {**ranges, **shared}
@@ -275,8 +277,10 @@ def calibrate(
     cfg: ActQuantConfig,
     edges: Sequence[str],
     batch_size: int = CALIB_BATCH,
+    replacements: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, ActRange]:
-    """Ranges per edge from the float graph run over ``data`` (cached per graph)."""
+    """Ranges per edge from the float graph run over ``data`` (cached per graph; with
+    ``replacements``, e.g. equalized float tensors, computed afresh)."""
     if getattr(data, "split", None) == "test":
         raise ValueError(
             "Activations are calibrated on the calibration split, never on the test split; "
@@ -286,23 +290,26 @@ def calibrate(
         raise ValueError("The calibration split is empty; activations cannot be calibrated.")
     key = (_data_key(data), cfg, tuple(edges))
     with _LOCK:
-        cached = _CALIBRATED.get(graph, {}).get(key)
+        cached = None if replacements else _CALIBRATED.get(graph, {}).get(key)
     if cached is not None:
         return cached
-    observers = _observe(graph, data, edges, cfg.observer == "minmax", batch_size)
+    observers = _observe(graph, data, edges, cfg.observer == "minmax", batch_size,
+                         replacements)  # fmt: skip
     ranges = {e: _range(e, obs, cfg) for e, obs in observers.items()}
-    _remember(_CALIBRATED, graph, key, ranges)
+    if not replacements:
+        _remember(_CALIBRATED, graph, key, ranges)
     return ranges
 
 
-def _observe(graph: Graph, data, edges: Sequence[str], extremes_only: bool,
-             batch_size: int) -> dict[str, Observer]:  # fmt: skip
-    """The statistics of each edge over ``data`` (cached per graph): they do not depend on
-    the bit width, so moving the activation slider derives new ranges without a pass.
-    Min-max needs only the extremes; the other policies a histogram."""
+def _observe(graph: Graph, data, edges: Sequence[str], extremes_only: bool, batch_size: int,
+             replacements: Mapping[str, torch.Tensor] | None = None) -> dict[str, Observer]:
+    """The statistics of each edge over ``data`` (cached per graph unless ``replacements``
+    change the tensors): they do not depend on the bit width, so moving the activation
+    slider derives new ranges without a pass. Min-max needs only the extremes; the other
+    policies a histogram."""
     key = (_data_key(data), tuple(edges), extremes_only, batch_size)
     with _LOCK:
-        cached = _STATISTICS.get(graph, {}).get(key)
+        cached = None if replacements else _STATISTICS.get(graph, {}).get(key)
     if cached is not None:
         return cached
     observers: dict[str, Observer] = {
@@ -319,8 +326,10 @@ def _observe(graph: Graph, data, edges: Sequence[str], extremes_only: bool,
     points = {e: observe(e) for e in edges}
     with torch.inference_mode():
         for i in range(0, data.x.shape[0], batch_size):
-            graph.run(data.inputs(slice(i, i + batch_size)), points=points)
-    _remember(_STATISTICS, graph, key, observers)  # read-only from here on
+            graph.run(data.inputs(slice(i, i + batch_size)), replacements or None,
+                      points=points)  # fmt: skip
+    if not replacements:
+        _remember(_STATISTICS, graph, key, observers)  # read-only from here on
     return observers
 
 

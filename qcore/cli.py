@@ -265,7 +265,8 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-mode", default="ratio", choices=CLIP_MODES)
     parser.add_argument("--asymmetric", action="store_true")
     parser.add_argument("--per-channel", action="store_true")
-    parser.add_argument("--rounding", default="nearest", choices=ROUNDINGS)
+    parser.add_argument("--rounding", default="nearest", choices=ROUNDINGS,
+                        help="nearest, stochastic, or adaround (learnt on the calib split)")
     parser.add_argument("--prune", type=rate_arg, default=0.0,
                         help=f"pruning rate from 0 to {MAX_PRUNE:g}")
     parser.add_argument("--structured", action="store_true")
@@ -284,6 +285,11 @@ def _compression_args(parser: argparse.ArgumentParser) -> None:
                         help="'huffman' to Huffman code the weight codes and sparse index")
     parser.add_argument("--drop", default="", metavar="BLOCK,...",
                         help="blocks to remove (run as the identity), e.g. layer1")
+    parser.add_argument("--equalize", action="store_true",
+                        help="cross-layer equalization before quantizing (float function kept)")
+    parser.add_argument("--bias-correction", action="store_true",
+                        help="subtract each layer's mean output shift, measured on the calib "
+                             "split, from its bias")
 
 
 def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
@@ -303,12 +309,16 @@ def _config(args: argparse.Namespace, model: nn.Module) -> CompressionConfig:
         layer_bits=layer_bits, abits=args.abits, aobs=args.aobs, scale=args.scale,
         codebook=args.codebook, entropy=args.entropy,
         drop=tuple(n.strip() for n in args.drop.split(",") if n.strip()),
+        equalize=args.equalize, bias_correction=args.bias_correction,
     ).to_config()
 
 
 def _calib(args: argparse.Namespace, cfg: CompressionConfig) -> Dataset | None:
-    """The calibration split, when activations are quantized (never the test split)."""
-    if cfg.act is None:
+    """The calibration split, when activations are quantized, biases corrected or rounding
+    learnt (never the test split)."""
+    q = cfg.quant
+    adaround = q is not None and q.rounding == "adaround" and q.codebook == "uniform"
+    if cfg.act is None and not cfg.bias_correction and not adaround:
         return None
     return _split(args, "calib")
 
@@ -323,7 +333,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, data = _load(args)
     cfg = _config(args, model)
     base = evaluate(model, data)
-    c = compress(model, cfg, calib=_calib(args, cfg))
+    c = compress(model, cfg, calib=_calib(args, cfg), progress=_layer_progress(cfg))
     m = evaluate(c.model, data)
     print(f"float accuracy      {base.accuracy:.4f}")
     print(f"simulated accuracy  {m.accuracy:.4f} ({m.accuracy - base.accuracy:+.4f}), "
@@ -334,9 +344,24 @@ def _evaluate(args: argparse.Namespace) -> int:
           f"(mean of the layers' SQNRs {c.mean_sqnr_db:.2f} dB)")
     for s in c.layers:
         sq = f"{s.sqnr_db:6.1f}" if math.isfinite(s.sqnr_db) else "   inf"
+        ada = "" if s.rounding_changed is None else f"  rounding changed {s.rounding_changed:.3f}"
         print(f"  {s.name:<22} {str(s.shape):<18} {s.bits:>2} bits  sparsity {s.sparsity:.3f}  "
-              f"SQNR {sq} dB  {s.size_bytes:>9,} B ({s.encoding})")
+              f"SQNR {sq} dB  {s.size_bytes:>9,} B ({s.encoding}){ada}")
+    if c.equalization is not None:
+        eq = c.equalization
+        print("equalized pairs     " + (", ".join(f"{a}->{b}" for a, b in eq.pairs) or "none"))
+        for a, b, why in eq.skipped:
+            print(f"  not equalized {a}->{b}: {why}")
     return 0
+
+
+def _layer_progress(cfg: CompressionConfig):
+    """AdaRound takes seconds per layer: say which layer is done, on stderr."""
+    q = cfg.quant
+    if q is None or q.rounding != "adaround" or q.codebook != "uniform":
+        return None
+    return lambda done, total, row: print(f"AdaRound {done}/{total}: {row['layer']}",
+                                          file=sys.stderr, flush=True)
 
 
 def _export_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ centroid index of each weight, and no qparams.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,7 +35,9 @@ from qcore.fold import state_for_size, weight_layers
 from qcore.graph import Graph, Variant, graph_of, param_key
 from qcore.kmeans import kmeans_codebook
 from qcore.prune import global_masks, layer_mask
+from qcore.ptq import Equalization, adaround_layer, bias_corrections, check_calib, equalize
 from qcore.quant import QParams, dequantize_codes, quantize_prechecked
+from qcore.refs import Progress
 
 __all__ = ["LayerResult", "Compressed", "compress", "replacements_of", "sqnr_db"]
 
@@ -69,6 +71,8 @@ class LayerResult:
     weight_energy: float = 0.0  # ||w||^2 (float64), the numerator of sqnr_db
     error_energy: float = 0.0  # ||w - q(w)||^2 (float64), its denominator
     codebook: torch.Tensor | None = None  # (C,) float32 shared values (k-means), else None
+    # AdaRound: the share of the layer's weights whose code differs from round-to-nearest's
+    rounding_changed: float | None = None
 
     @property
     def scales(self) -> torch.Tensor | None:
@@ -195,6 +199,8 @@ class Compressed:
     # from the network, so each counts as all error in the whole model's SQNR
     removed_energy: float = 0.0
     removed: tuple[str, ...] = ()  # those layers' names
+    # cross-layer equalization: the pairs equalized and those left alone (None when off)
+    equalization: Equalization | None = None
 
     @property
     def graph(self) -> Graph:
@@ -339,11 +345,16 @@ def _compress_layer(
     bias: torch.Tensor | None,
     act: ActRange | None,
     energy: float,
+    *,
+    bias_changed: bool = False,
+    adaround: Callable[[QParams, torch.Generator], torch.Tensor] | None = None,
 ) -> LayerResult:
     """One weight layer (the ``i``-th compressed) quantized, encoded and accounted;
-    ``energy`` is ||w||^2 of its float weight (cached per graph)."""
+    ``energy`` is ||w||^2 of its float weight (cached per graph). ``bias_changed``: the
+    float bias is not the graph's (equalization rescaled it), so the record carries it.
+    ``adaround(qparams, generator)`` gives the learned codes instead of nearest rounding."""
     q = config.quant
-    qparams = codes = codebook = None
+    qparams = codes = codebook = rounding_changed = None
     bits, per_channel = 32, False
     if q is not None and q.codebook == "kmeans":
         bits = q.bits_for(n)
@@ -358,6 +369,17 @@ def _compress_layer(
         # the quantizer already dequantized (pruned weights zero): the same values as
         # ``_weight_after`` gives from the stored codes, so the stats need no second pass
         new = res.values
+        if adaround is not None:
+            if qparams.binary:
+                raise ValueError(
+                    "AdaRound chooses between two neighbouring levels; it needs at least "
+                    "2 bits (pick nearest rounding at 1 bit)."
+                )
+            nearest, codes = codes, adaround(qparams, gen)
+            kept = mask if mask is not None else torch.ones(w.shape, dtype=torch.bool)
+            rounding_changed = (float((codes != nearest)[kept].float().mean())
+                                if bool(kept.any()) else 0.0)  # fmt: skip
+            new = _weight_after(w, mask, qparams, codes)
     else:
         new = _weight_after(w, mask, None, None)
     if q is None:
@@ -372,7 +394,7 @@ def _compress_layer(
     n_zero = int((new == 0).sum())
     n_pruned = 0 if mask is None else int((~mask).sum())  # pruned weights are all zero
     sig, err = energy, float(((w.double() - new.double()) ** 2).sum())  # as _energies
-    new_bias = None
+    new_bias = bias if bias_changed else None
     if bias is not None and mask is not None and config.prune.structured:
         # a removed output channel is gone, bias included
         alive = mask.reshape(mask.shape[0], -1).any(dim=1)
@@ -389,18 +411,24 @@ def _compress_layer(
         sqnr_db=_db(sig, err), weight_energy=sig, error_energy=err,
         size_bytes=encoded.nbytes() + float_bytes(bias_numel),
         float_bytes=float_bytes(w.numel() + bias_numel),
-        act=act, codebook=codebook,
+        act=act, codebook=codebook, rounding_changed=rounding_changed,
     )  # fmt: skip
 
 
 def compress(
-    model: nn.Module, config: CompressionConfig | None = None, calib: Dataset | None = None
+    model: nn.Module,
+    config: CompressionConfig | None = None,
+    calib: Dataset | None = None,
+    progress: Progress | None = None,
 ) -> Compressed:
     """Compress ``model`` as ``config`` says and account for every byte (see DESIGN.md).
 
     With ``config.act`` set, activations are calibrated on ``calib`` (a calibration
     split, never the test split) and fake-quantized on every edge of
     :func:`qcore.activations.placement` (where an integer engine stores tensors).
+    ``config.equalize``, ``config.bias_correction`` and ``QuantConfig(rounding="adaround")``
+    are the remedies of :mod:`qcore.ptq`; the last two learn from ``calib`` too.
+    ``progress(done, total, row)`` is told after each layer AdaRound finishes.
     """
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
@@ -410,6 +438,12 @@ def compress(
             "Quantizing activations needs calibration data: pass calib= the dataset's "
             "'calib' split (never the test split)."
         )
+    q = config.quant
+    adaround = q is not None and q.rounding == "adaround" and q.codebook == "uniform"
+    if adaround:
+        check_calib(calib, "AdaRound")
+    if config.bias_correction:
+        check_calib(calib, "Bias correction")
     # removed blocks: the graph of the model with them replaced by the identity, so their
     # weights are neither run nor stored (named layers inside them are simply gone)
     base = without_blocks(model, config.drop)
@@ -421,6 +455,14 @@ def compress(
             raise ValueError(
                 f"Layer {n!r} has NaN or infinite weights; the model cannot be compressed."
             )
+    biases = {n: graph.params.get(param_key(n, "bias")) for n in names}
+    equalized, float_repl = None, {}
+    if config.equalize and q is not None:  # new float tensors, the same function
+        equalized = equalize(graph, names, weights, biases)
+        weights = {**weights, **equalized.weights}
+        biases = {**biases, **equalized.biases}
+        float_repl = {param_key(n, "weight"): v for n, v in equalized.weights.items()}
+        float_repl.update({param_key(n, "bias"): v for n, v in equalized.biases.items()})
 
     masks: dict[str, torch.Tensor] = {}
     if config.prunes:
@@ -432,15 +474,39 @@ def compress(
 
     activations, act_inputs = {}, {}
     if config.act is not None:  # cached per (graph, data, config): weights do not matter
-        activations = calibrate_placed(graph, calib, config.act, names)
+        activations = calibrate_placed(graph, calib, config.act, names,
+                                       replacements=float_repl)  # fmt: skip
         act_inputs = placement(graph, names, config.act.output).inputs
-    layers = tuple(
-        _compress_layer(i, n, weights[n], masks.get(n), config,
-                        graph.params.get(param_key(n, "bias")),
-                        activations.get(act_inputs.get(n) or ""),
-                        graph.float_stats(param_key(n, "weight"))[1])
-        for i, n in enumerate(names)
-    )  # fmt: skip
+    points = act_points(activations)
+    running: dict[str, torch.Tensor] = dict(float_repl)  # what the variant runs with so far
+    results = []
+    for i, n in enumerate(names):
+        w = weights[n]
+        learn = None
+        if adaround:
+            def learn(qp: QParams, gen: torch.Generator, n=n, w=w) -> torch.Tensor:
+                return adaround_layer(graph, n, w, biases[n], qp, calib, float_repl, running,
+                                      points, masks.get(n), gen)  # fmt: skip
+        energy = (float((w.double() ** 2).sum()) if n in (equalized.weights if equalized else {})
+                  else graph.float_stats(param_key(n, "weight"))[1])  # fmt: skip
+        r = _compress_layer(i, n, w, masks.get(n), config, biases[n],
+                            activations.get(act_inputs.get(n) or ""), energy,
+                            bias_changed=n in biases_changed(equalized), adaround=learn)
+        running[param_key(n, "weight")] = r.dequantized
+        if r.bias is not None:
+            running[param_key(n, "bias")] = r.bias
+        if adaround and progress is not None:
+            progress(i + 1, len(names), {"layer": n})
+        results.append(r)
+
+    if config.bias_correction:  # b - E[(W_q - W) x] on the calibration split, layer by layer
+        fixed = bias_corrections(
+            graph, names, weights, {r.name: r.dequantized for r in results},
+            {r.name: r.bias if r.bias is not None else biases[r.name] for r in results},
+            calib, running, points,
+        )
+        results = [replace(r, bias=fixed[r.name]) if r.name in fixed else r for r in results]
+    layers = tuple(results)
     removed: tuple[str, ...] = ()
     removed_energy = 0.0
     if config.drop:  # the same folding as the compressed layers, so the energies add up
@@ -451,7 +517,7 @@ def compress(
     float_size = sum(float_bytes(v.numel()) for v in state_for_size(model).values())
     return Compressed(
         # weights derived from the records when it runs: no second float copy is cached
-        model=Variant(graph, lambda: replacements_of(layers), act_points(activations)),
+        model=Variant(graph, lambda: replacements_of(layers), points),
         config=config,
         layers=layers,
         size_bytes=size_bytes,
@@ -459,4 +525,10 @@ def compress(
         activations=activations,
         removed_energy=removed_energy,
         removed=removed,
+        equalization=equalized,
     )
+
+
+def biases_changed(equalized: Equalization | None) -> frozenset[str]:
+    """The layers whose float bias equalization rescaled."""
+    return frozenset() if equalized is None else frozenset(equalized.biases)

@@ -39,7 +39,7 @@ __all__ = [
 ]  # fmt: skip
 
 ClipMode = Literal["ratio", "absolute", "sigma", "percentile", "mse"]
-Rounding = Literal["nearest", "stochastic"]
+Rounding = Literal["nearest", "stochastic", "adaround"]
 Scope = Literal["layer", "global"]
 ActObserver = Literal["minmax", "percentile", "mse", "entropy"]
 ScaleMode = Literal["float", "pow2"]
@@ -47,7 +47,7 @@ Codebook = Literal["uniform", "kmeans"]
 Entropy = Literal["huffman"]
 
 CLIP_MODES: tuple[str, ...] = ("ratio", "absolute", "sigma", "percentile", "mse")
-ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "adaround")
 SCOPES: tuple[str, ...] = ("layer", "global")
 ACT_OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
 SCALE_MODES: tuple[str, ...] = ("float", "pow2")
@@ -134,6 +134,9 @@ class QuantConfig:
     per_channel: bool = False  # one scale per output channel (dim 0) instead of per tensor
     clip: float = 1.0
     clip_mode: ClipMode = "ratio"
+    # "stochastic": seeded; "adaround": learnt per weight on calibration data (qcore.ptq),
+    # the codes on the same grid as nearest's: same bits per weight, same file format (a
+    # sparse form may win, and the file shrink, where more codes land on zero)
     rounding: Rounding = "nearest"
     seed: int = 0  # for stochastic rounding, so results repeat; 0..2**32-1
     # Per-layer bit widths that override ``bits``, as (layer name, bits) pairs, one per
@@ -313,8 +316,16 @@ class CompressionConfig:
     entropy: Entropy | None = None
     # blocks replaced by the identity (layer removal: see qcore.blocks), e.g. ("layer1",)
     drop: tuple[str, ...] = ()
+    # cross-layer equalization of consecutive layers through ReLU before quantizing (the
+    # float function unchanged); only with quant set (qcore.ptq)
+    equalize: bool = False
+    # subtract E[(W_q - W) x], measured on the calibration split, from each bias (qcore.ptq)
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
+        for key in ("equalize", "bias_correction"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false; got {_show(getattr(self, key))}.")
         if isinstance(self.drop, str) or not all(
             isinstance(n, str) and n for n in self.drop
         ):
@@ -358,6 +369,9 @@ class CompressionConfig:
             d["entropy"] = self.entropy
         if self.drop:  # absent when nothing is removed, for the same reason
             d["drop"] = list(self.drop)
+        for key in ("equalize", "bias_correction"):  # absent when off, for the same reason
+            if getattr(self, key):
+                d[key] = True
         return d
 
     @classmethod
@@ -367,7 +381,7 @@ class CompressionConfig:
         Raises ValueError with a sentence for a key it does not know or a bad value.
         """
         values = _known_keys("A compression config", cls, d)
-        _check_bools("A compression config", values, ("fold_bn",))
+        _check_bools("A compression config", values, ("fold_bn", "equalize", "bias_correction"))
         if values.get("quant") is not None:
             values["quant"] = QuantConfig.from_dict(values["quant"])
         if values.get("prune") is not None:
@@ -471,6 +485,15 @@ class Settings:
     codebook: str = "uniform"  # "kmeans": weights share 2^bits k-means centroids per layer
     entropy: str = "none"  # "huffman": codes and relative indices Huffman coded where smaller
     drop: tuple[str, ...] = ()  # blocks replaced by the identity (layer removal)
+    equalize: bool = False  # cross-layer equalization before quantizing
+    bias_correction: bool = False  # empirical bias correction on the calibration split
+
+    @property
+    def needs_calib(self) -> bool:
+        """Whether compressing reads the calibration split (activations, bias correction,
+        AdaRound), so a cache must key it by dataset."""
+        return self.abits is not None or (self.bits is not None and (
+            self.bias_correction or (self.rounding == "adaround" and self.codebook != "kmeans")))
 
     def to_config(self) -> CompressionConfig:
         """The qcore config; raises ValueError with a user sentence for a bad combination."""
@@ -500,7 +523,8 @@ class Settings:
         _check_choice("entropy", self.entropy, ENTROPY_CODINGS)
         return CompressionConfig(quant=quant, prune=prune, layers=self.layers,
                                  fold_bn=self.fold_bn, act=act, drop=self.drop,
-                                 entropy=None if self.entropy == "none" else self.entropy)
+                                 entropy=None if self.entropy == "none" else self.entropy,
+                                 equalize=self.equalize, bias_correction=self.bias_correction)
 
     @classmethod
     def from_config(
@@ -533,6 +557,8 @@ class Settings:
             aobs="minmax" if a is None else a.observer,
             scale=(q.scale if q is not None else a.scale if a is not None else "float"),
             entropy="none" if config.entropy is None else config.entropy,
+            equalize=config.equalize,
+            bias_correction=config.bias_correction,
         )
         if q is None:
             return replace(s, bits=None)
@@ -560,7 +586,8 @@ class Settings:
             "prune": f"{self.prune:g}",
         }
         default = Settings()
-        for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+        for key in ("symmetric", "per_channel", "structured", "fold_bn", "equalize",
+                    "bias_correction"):
             if getattr(self, key) != getattr(default, key):
                 q[key] = "true" if getattr(self, key) else "false"
         for key in ("rounding", "scope", "scale", "aobs", "codebook", "entropy"):
@@ -609,7 +636,10 @@ class Settings:
                 rounding=d.rounding,
                 layer_bits=d.layer_bits,
                 codebook=d.codebook,
+                equalize=d.equalize,  # the float function is unchanged by equalization
             )
+            if s.prune == 0 and not s.drop:  # float weights: no error for a bias to correct
+                s = replace(s, bias_correction=d.bias_correction)
         elif s.codebook == "kmeans":  # the centroids ignore range, rounding and scale mode
             s = replace(s, clip=d.clip, clip_mode=d.clip_mode, symmetric=d.symmetric,
                         rounding=d.rounding, per_channel=d.per_channel)  # fmt: skip
@@ -668,6 +698,12 @@ class Settings:
             parts.append("power-of-two scales")
         if self.entropy == "huffman":
             parts.append("Huffman coded")
+        if self.bits is not None and self.rounding == "adaround" and self.codebook != "kmeans":
+            parts.append("AdaRound")
+        if self.equalize:
+            parts.append("equalized")
+        if self.bias_correction:
+            parts.append("bias corrected")
         parts.append(f"prune {self.prune:g}")
         if self.drop:
             parts.append("without " + ", ".join(self.drop))
@@ -725,6 +761,12 @@ class Settings:
             parts.append("huffman")
         if self.abits is not None:
             parts.append(f"a{self.abits}")
+        if self.bits is not None and self.rounding == "adaround" and self.codebook != "kmeans":
+            parts.append("adaround")
+        if self.equalize:
+            parts.append("cle")
+        if self.bias_correction:
+            parts.append("bc")
         if self.prune > 0:
             parts.append(f"prune{self.prune:g}")
         if self.drop:
@@ -896,7 +938,8 @@ def parse_flat(
         except ValueError:
             bad("prune", raw, f"a rate from 0 to {MAX_PRUNE:g}")
 
-    for key in ("symmetric", "per_channel", "structured", "fold_bn"):
+    for key in ("symmetric", "per_channel", "structured", "fold_bn", "equalize",
+                "bias_correction"):
         raw = flat.get(key)
         if raw is not None:
             try:

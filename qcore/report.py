@@ -96,7 +96,7 @@ def layer_row(s: LayerResult) -> dict[str, Any]:
         "packed bytes": s.size_bytes,
         "float32 bytes": s.float_bytes,
         "encoding": s.encoding,
-    }
+    } | ({} if s.rounding_changed is None else {"rounding changed": s.rounding_changed})
 
 
 def layer_rows(compressed: Compressed) -> list[dict[str, Any]]:

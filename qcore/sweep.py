@@ -20,6 +20,7 @@ from qcore.compress import compress
 from qcore.config import (
     ACT_OBSERVERS,
     CLIP_MODES,
+    ROUNDINGS,
     SCOPES,
     ActObserver,
     ClipMode,
@@ -37,7 +38,7 @@ __all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "bits", "clip", "clip_mode", "prune", "symmetric", "per_channel", "scheme", "granularity",
-    "act_bits", "act_observer",
+    "act_bits", "act_observer", "rounding", "equalize", "bias_correction",
     "accuracy", "loss", "agreement", "size_bytes", "float_size_bytes", "ratio", "sparsity",
     "mean_sqnr_db", "sqnr_db", "seconds",
 )  # fmt: skip
@@ -71,6 +72,10 @@ class SweepGrid:
     fold_bn: bool = True
     act_bits: tuple[int | None, ...] = (None,)  # activation widths; None = float activations
     act_observer: ActObserver = "minmax"
+    # post-training remedies (qcore.ptq); rows with adaround or bias correction need calib
+    rounding: tuple[str, ...] = ("nearest",)
+    equalize: tuple[bool, ...] = (False,)
+    bias_correction: tuple[bool, ...] = (False,)
     _configs: tuple[CompressionConfig, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,12 @@ class SweepGrid:
         if self.act_observer not in ACT_OBSERVERS:
             raise ValueError(f"act_observer must be one of {', '.join(ACT_OBSERVERS)}; "
                              f"got {self.act_observer!r}.")
+        object.__setattr__(self, "rounding", _tuple("rounding", self.rounding))
+        for r in self.rounding:
+            if r not in ROUNDINGS:
+                raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {r!r}.")
+        for key in ("equalize", "bias_correction"):
+            object.__setattr__(self, key, tuple(bool(v) for v in _tuple(key, getattr(self, key))))
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {', '.join(CLIP_MODES)}; "
                              f"got {self.clip_mode!r}.")
@@ -104,10 +115,14 @@ class SweepGrid:
             if b is None:  # float rows do not vary with clip, scheme or granularity
                 configs.append(flat.to_config())
                 continue
-            for clip, sym, pc in product(self.clips, self.symmetric, self.per_channel):
+            for clip, sym, pc, rnd, eq, bc in product(self.clips, self.symmetric,
+                                                      self.per_channel, self.rounding,
+                                                      self.equalize, self.bias_correction):
                 configs.append(replace(flat, clip=clip, clip_mode=self.clip_mode, symmetric=sym,
-                                       per_channel=pc).to_config())
-        object.__setattr__(self, "_configs", tuple(configs))
+                                       per_channel=pc, equalize=eq,
+                                       rounding=rnd if b != 1 else "nearest",  # no choice
+                                       bias_correction=bc).to_config())
+        object.__setattr__(self, "_configs", tuple(dict.fromkeys(configs)))
 
     def to_dict(self) -> dict:
         """Plain JSON values (tuples as lists); :meth:`from_dict` reads them back."""
@@ -139,7 +154,8 @@ def _describe(cfg: CompressionConfig) -> dict:
     if q is None:
         return {"bits": None, "clip": math.nan, "clip_mode": None, "prune": rate,
                 "symmetric": None, "per_channel": None, "scheme": "float",
-                "granularity": "none", **act}  # fmt: skip
+                "granularity": "none", "rounding": None, "equalize": False,
+                "bias_correction": cfg.bias_correction, **act}  # fmt: skip
     return {
         **act,
         "bits": q.bits,
@@ -150,6 +166,9 @@ def _describe(cfg: CompressionConfig) -> dict:
         "per_channel": q.per_channel,
         "scheme": "symmetric" if q.symmetric else "asymmetric",
         "granularity": "per-channel" if q.per_channel else "per-tensor",
+        "rounding": q.rounding,
+        "equalize": cfg.equalize,
+        "bias_correction": cfg.bias_correction,
     }
 
 
@@ -171,7 +190,8 @@ def sweep(
     predictions, the packed ``size_bytes`` next to ``float_size_bytes``, their ``ratio``,
     the weight ``sparsity``, the ``mean_sqnr_db`` over layers that changed (inf if none
     did), the whole model's ``sqnr_db`` and the ``seconds`` the row took. Rows with
-    activation bits (``act_bits``) calibrate on ``calib``, the calibration split.
+    activation bits (``act_bits``), AdaRound or bias correction learn from ``calib``, the
+    calibration split.
     ``df.attrs`` holds the float accuracy and loss. ``progress(done, total, row)`` is called
     after each row. Deterministic.
     """

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import cache, figures, tables, timing
+from pages import cache, figures, remedies, tables, timing
 from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note, settings_notes
 from pages.query import sync_query
 from pages.session import model_ref, reference_model
@@ -52,12 +52,13 @@ settings = settings.canonical()  # unused options must not split the cache
 
 try:
     settings.to_config()
+    cache.prepare_compressed(model, settings, data)  # AdaRound: a progress bar per layer
     with st.spinner("Compressing and evaluating…", show_time=True):
         r = cache.results(model, data, settings)
         # pruning can cost more in its sparse index than it saves (see the README): then the
         # size is compared with the same setting unpruned
         unpruned = (
-            cache.packed_size(model, replace(settings, prune=0.0).canonical())
+            cache.packed_size(model, replace(settings, prune=0.0).canonical(), data)
             if settings.prune > 0
             else None
         )
@@ -155,6 +156,7 @@ st.caption(
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
 timing.mark("headline")
+remedies.equalization_panel(model, data, settings)
 
 
 if r.clip_note:  # an absolute clip above max|w|: levels that hold no weight

@@ -75,6 +75,8 @@ st.dataframe(
             "the Playground.",
         ),
         "pareto": st.column_config.CheckboxColumn("Pareto"),
+        "equalize": st.column_config.CheckboxColumn("equalized"),
+        "bias_correction": st.column_config.CheckboxColumn("bias corrected"),
     },
 )  # fmt: skip
 # --- latency: only rows with a real runtime (W8A8 runs integer kernels in ONNX Runtime) ---
