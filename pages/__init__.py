@@ -10,7 +10,8 @@
 - ``progress``: background work with a progress bar.
 - ``tables``: the result records, the per-layer table and the results download.
 - ``figures``: plotly figure builders, plain functions without Streamlit.
-- ``tradeoffs``, ``sensitivity``, ``mixed``, ``finetune``, ``deep``, ``robustness``: not
+- ``compare``: the Playground's compare mode (setting A pinned beside the live B).
+- ``tradeoffs``, ``sensitivity``, ``mixed``, ``finetune``, ``deep``, ``robustness``, ``debug``: not
   pages and not helpers, but one line each that runs ``app.py`` (:func:`run_app`), for the
   reason below.
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import cache, figures, tables
+from pages import cache, compare, figures, tables
 from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note
 from pages.query import sync_query
 from pages.sidebar import require_model_and_dataset
@@ -45,7 +45,7 @@ if settings.drop:
         "Removed: " + "; ".join(blocks.get(n, n) for n in settings.drop) + ". Each runs as the "
         "identity (its input passed straight on), and its weights are not stored."
     )
-sync_query(settings.to_flat())
+sync_query({**settings.to_flat(), **compare.link_params(model, layer_names, list(blocks))})
 settings = settings.canonical()  # unused options must not split the cache
 
 try:
@@ -61,6 +61,8 @@ try:
         )
 except ValueError as e:
     st.error(str(e))
+    st.stop()
+if compare.view(model, data, settings, r, layer_names, blocks):  # A pinned: A beside B
     st.stop()
 
 # --- headline numbers -------------------------------------------------------------------------
@@ -143,6 +145,7 @@ st.caption(
     f"{figures.format_bytes(r.float_size_bytes)} as float32. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
+compare.pin_button(model, settings)
 
 
 # --- the 2-bit trap: plain ratio clipping at 2 bits can score below 1 bit ---------------------
