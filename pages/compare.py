@@ -54,7 +54,7 @@ def decode(
     except ValueError:
         return Settings(), [f"The link's setting A has more than {MAX_LINK_FIELDS} parts; "
                             "it was ignored."]  # fmt: skip
-    return Settings.from_flat(dict(pairs), layer_names, model=model, source="setting A",
+    return Settings.from_flat(dict(pairs), layer_names, model=model, source="pinned setting A",
                               blocks=blocks)  # fmt: skip
 
 

@@ -153,19 +153,19 @@ def summary_sentence(summary: pd.DataFrame) -> str:
     >>> t = pd.DataFrame({"setting": list(SUMMARY_SETTINGS),
     ...                   "accuracy": [0.99, 0.987, 0.899, 0.88], "loss": [0.0] * 4})
     >>> summary_sentence(t)
-    'Weights cost 0.3 pp, activations 9.1 pp, both 11.0 pp (float 99.0 %, both 88.0 %).'
+    'Weights cost 0.3 pp, activations cost 9.1 pp, both cost 11.0 pp (float 99.0 %, both 88.0 %).'
     """
     acc = summary.set_index("setting")["accuracy"]
     f = float(acc["float"])
 
     def cost(setting: str) -> str:
         pp = (f - float(acc[setting])) * 100
-        return f"{pp:.1f} pp" if pp >= 0.05 else ("nothing" if pp > -0.05 else
-                                                  f"{pp:.1f} pp (a gain)")  # fmt: skip
+        if abs(pp) < 0.05:
+            return "cost nothing"
+        return f"cost {pp:.1f} pp" if pp > 0 else f"gain {-pp:.1f} pp"
 
-    return (f"Weights cost {cost('weights only')}, activations {cost('activations only')}, "
-            f"both {cost('both')} (float {f:.1%}, both {float(acc['both']):.1%}).").replace(
-                "%", " %")  # fmt: skip
+    return (f"Weights {cost('weights only')}, activations {cost('activations only')}, "
+            f"both {cost('both')} (float {100 * f:.1f} %, both {100 * float(acc['both']):.1f} %).")
 
 
 # ---------------------------------------------------------------------------------------------
