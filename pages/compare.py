@@ -90,8 +90,12 @@ def _pin(model: str, settings: Settings) -> None:
     st.session_state[PINNED] = (model, settings)
 
 
+ENDED = "compare_ended"  # session: set by Stop comparing, so the sidebar comes back once
+
+
 def _unpin() -> None:
     st.session_state.pop(PINNED, None)
+    st.session_state[ENDED] = True
 
 
 def pin_button(model: ModelRef, settings: Settings) -> None:
@@ -142,11 +146,18 @@ def headline(r: Result, a: Result | None) -> list[tuple[str, str, str | None, st
     return rows
 
 
-def _column(title: str, settings: Settings, r: Result, a: Result | None) -> None:
-    st.markdown(f"### {title} · {settings.wa_label()}")
-    st.caption(settings.label())
-    for label, value, delta, color in headline(r, a):
-        st.metric(label, value, delta=delta, delta_color=color, border=True)
+def _numbers(a: Settings, ra: Result, b: Settings, rb: Result) -> None:
+    """A's and B's headline numbers, one row per number (so each pair lines up), B's with
+    its delta against A."""
+    left, right = st.columns(2, gap="large")
+    for col, title, s in ((left, "A (pinned)", a), (right, "B (live)", b)):
+        col.markdown(f"### {title} · {s.wa_label()}")
+        col.caption(s.label())
+    for (label, va, _, _), (_, vb, delta, color) in zip(headline(ra, None), headline(rb, ra),
+                                                         strict=True):  # fmt: skip
+        ca, cb = st.columns(2, gap="large")
+        ca.metric(label, va, border=True, height="stretch")
+        cb.metric(label, vb, delta=delta, delta_color=color, border=True, height="stretch")
 
 
 def view(
@@ -160,6 +171,8 @@ def view(
     """A beside the live setting B, when a setting is pinned; False (nothing drawn) if not."""
     a = pinned(model, layer_names, list(blocks))
     if a is None:
+        if st.session_state.pop(ENDED, False):
+            st.set_page_config(initial_sidebar_state="expanded")
         return False
     st.set_page_config(initial_sidebar_state="collapsed")
     st.html(STYLE)
@@ -177,11 +190,7 @@ def view(
         )
         stop.button("Stop comparing", key="compare_unpin", on_click=_unpin,
                     icon=":material/close:", width="stretch")  # fmt: skip
-        left, right = st.columns(2, gap="large")
-        with left:
-            _column("A (pinned)", a, ra, None)
-        with right:
-            _column("B (live)", b, rb, ra)
+        _numbers(a, ra, b, rb)
     _histograms(model, data, a, b, ra, rb, layer_names)
     _disagreeing(model, data, a, b, rb.n)
     return True

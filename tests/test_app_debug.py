@@ -107,11 +107,12 @@ def test_compare_pins_a_and_shows_it_beside_the_live_setting() -> None:
     shown = metrics(at)
     labels = ["Accuracy (simulated)", "Packed size", "Sparsity", "SQNR (whole model)",
               "Agreement with float"]  # fmt: skip
-    assert [m[0] for m in shown] == labels + labels  # A's column, then B's
+    assert [m[0] for m in shown] == [x for label in labels for x in (label, label)]  # A, B
     assert shown[0][1:] == (f"{ma.accuracy:.1%}", "")
-    assert shown[5][1:] == (f"{mb.accuracy:.1%}",
+    assert shown[1][1:] == (f"{mb.accuracy:.1%}",
                             f"{(mb.accuracy - ma.accuracy) * 100:+.1f} pts vs A")  # fmt: skip
-    assert all(d.endswith("vs A") for _, _, d in shown[5:])  # every number with its delta
+    assert all(d.endswith("vs A") for _, _, d in shown[1::2])  # every number with its delta
+    assert all(d == "" for _, _, d in shown[::2])
     assert [c.value for c in at.caption][:2] == [a.label(), b.label()]
     # the link carries A
     assert dict(parse_qsl(at.query_params["a"])) == a.to_flat()
@@ -139,7 +140,7 @@ def test_a_link_with_a_opens_the_comparison() -> None:
     shown = metrics(at)
     assert len(shown) == 10
     assert shown[0][1] == f"{scored(a).accuracy:.1%}"
-    assert shown[5][1] == f"{scored(Settings(bits=2)).accuracy:.1%}"
+    assert shown[1][1] == f"{scored(Settings(bits=2)).accuracy:.1%}"
     assert at.session_state["compare_a"] == (MODEL, a.canonical())
 
 
@@ -153,3 +154,16 @@ def test_a_bad_a_in_a_link_warns_and_compares_with_the_default() -> None:
     ]
     assert at.session_state["compare_a"] == (MODEL, Settings())
     assert len(at.metric) == 10
+
+
+@needs_sample
+def test_debug_page_of_the_float_setting_finds_no_error() -> None:
+    at = open_page("pages/views/debug.py", bits="float")
+    ok(at, "Debug a setting")
+    assert "#### Weights cost nothing, activations cost nothing, both cost nothing" in (
+        at.markdown[1].value)
+    assert [i.value for i in at.info] == [
+        "Keeping any one layer in float wins no accuracy here (all set: "
+        f"{scored(Settings(bits=None)).accuracy:.1%})."]
+    dot = at.get("graphviz_chart")[0].proto.spec
+    assert dot.count("local SQNR no error") == 2  # fc1 and fc2, both exact

@@ -62,7 +62,7 @@ def test_compare_pins_a_then_a_slider_moves_b_and_both_are_shown(app_url):
         assert page.locator('[data-testid="stImage"]').count() > 0
         # presentation layout: the sidebar collapsed, the numbers large
         sidebar = page.locator('[data-testid="stSidebar"]')
-        assert sidebar.get_attribute("aria-expanded") == "false"
+        assert sidebar.get_attribute("data-collapsed") == "true"
         size = page.locator('[data-testid="stMetricValue"]').first.evaluate(
             "e => parseFloat(getComputedStyle(e).fontSize)")
         assert size >= 40
@@ -78,7 +78,7 @@ def test_debug_page_draws_the_model_graph(app_url):
         graph.wait_for(timeout=180_000)
         wait_idle(page)
         assert page.locator("h1").first.inner_text() == "Debug a setting"
-        text = graph.inner_text()
+        text = graph.text_content()
         assert "fc1" in text and "fc2" in text and "dB" in text
         assert page.get_by_text("Weights cost").count() == 1
         assert page.locator('[data-testid="stException"]').count() == 0
