@@ -98,6 +98,20 @@ def _data_key(data) -> tuple:
             tuple(data.x.shape))  # fmt: skip
 
 
+def _cached_ranges(per_graph: dict[tuple, dict[str, ActRange]], key: tuple
+                   ) -> dict[str, ActRange] | None:  # fmt: skip
+    """The ranges of ``key``'s edges from a calibration of the same data and config over
+    these edges or more: an edge's observer sees the same values whichever other edges are
+    observed (observers pass values on unchanged), so the ranges are the same ones."""
+    if key in per_graph:
+        return per_graph[key]
+    data, cfg, edges = key
+    for (d, c, more), ranges in per_graph.items():
+        if d == data and c == cfg and set(edges) <= set(more):
+            return {e: ranges[e] for e in edges}
+    return None
+
+
 def calibrate(
     graph: Graph,
     data,
@@ -137,20 +151,6 @@ def calibrate(
             per_graph.pop(next(iter(per_graph)))
         per_graph[key] = ranges
     return ranges
-
-
-def _cached_ranges(per_graph: dict[tuple, dict[str, ActRange]], key: tuple
-                   ) -> dict[str, ActRange] | None:  # fmt: skip
-    """The ranges of ``key``'s edges from a calibration of the same data and config over
-    these edges or more: an edge's observer sees the same values whichever other edges are
-    observed (observers pass values on unchanged), so the ranges are the same ones."""
-    if key in per_graph:
-        return per_graph[key]
-    data, cfg, edges = key
-    for (d, c, more), ranges in per_graph.items():
-        if d == data and c == cfg and set(edges) <= set(more):
-            return {e: ranges[e] for e in edges}
-    return None
 
 
 def _range(edge: str, obs: HistogramObserver, cfg: ActQuantConfig) -> ActRange:
