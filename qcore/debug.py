@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from qcore.compress import Compressed, compress
+from qcore.compress import compress
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
@@ -282,10 +282,11 @@ def _apply_layer(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tens
     return mod._conv_forward(x, w, b)
 
 
-def _evaluated(model: nn.Module, cfg: CompressionConfig, calib: Dataset | None,
-               dataset: Dataset) -> tuple[Compressed, Metrics]:  # fmt: skip
-    c = compress(model, cfg, calib=calib if cfg.act is not None else None)
-    return c, evaluate(c.model, dataset)
+def _scored(model: nn.Module, cfg: CompressionConfig, calib: Dataset | None,
+            dataset: Dataset) -> Metrics:  # fmt: skip
+    """``evaluate(compress(model, cfg, calib).model, dataset)``: one summary row."""
+    return evaluate(compress(model, cfg, calib=calib if cfg.act is not None else None).model,
+                    dataset)  # fmt: skip
 
 
 def analyze(
@@ -301,7 +302,8 @@ def analyze(
 
     ``calib`` is the calibration split (needed when ``config.act`` is set). Accuracy and
     loss are on ``dataset`` (the test split), as the SQNRs. ``progress(done, total, row)``
-    is called after each summary row and after each batch of the layer rows.
+    is called after each summary row and after each batch of the layer rows. A model with
+    one compressed layer has no "all but this" set: NaN there.
     """
     start = time.perf_counter()
     if not isinstance(config, CompressionConfig):
@@ -325,12 +327,18 @@ def analyze(
         if progress is not None:
             progress(done, total, row)
 
-    summary = []
-    for setting, cfg in summary_configs(config).items():
-        m = evaluate(full.model, dataset) if cfg is config else _evaluated(
-            model, cfg, calib, dataset)[1]  # fmt: skip
-        summary.append({"setting": setting, "accuracy": m.accuracy, "loss": m.loss})
-        report(summary[-1])
+    # "both" is the whole compressed model and "float" (unless blocks are removed, which
+    # the float row keeps) the graph without replacements or points: both run below, batch
+    # by batch as evaluate runs them, so their logits come from there
+    configs = summary_configs(config)
+    from_runs = {"both"} if config.drop else {"both", "float"}
+    summary: dict[str, Metrics] = {}
+    for setting, cfg in configs.items():
+        if setting not in from_runs:
+            summary[setting] = _scored(model, cfg, calib, dataset)
+            report({"setting": setting})
+    float_logits: list[torch.Tensor] = []
+    both_logits: list[torch.Tensor] = []
 
     # the two bases: float weights with the edges every "only k" variant quantizes too
     # (input, residual additions), and the whole compressed model
@@ -365,12 +373,14 @@ def analyze(
     with torch.inference_mode():
         for s in starts:
             xb = x[s : s + EVAL_BATCH]
-            _, flo = graph.run(xb, keep=outs | ins | (keep_base if not base_p else set()))
+            flo_out, flo = graph.run(xb, keep=outs | ins | (keep_base if not base_p else set()))
+            float_logits.append(flo_out)
             if base_p:
                 _, base = graph.run(xb, None, base_p, keep=keep_base | {graph.output})
             else:
                 base = flo
-            _, whole = graph.run(xb, full_r, full_p, keep=keep_full | outs | {graph.output})
+            both_out, whole = graph.run(xb, full_r, full_p, keep=keep_full | outs | {graph.output})
+            both_logits.append(both_out)
             for n, node in node_of.items():
                 ref = flo[node]
                 xin = flo[node.args[0]]
@@ -397,6 +407,10 @@ def analyze(
             report({"batch": s // EVAL_BATCH})
 
     classes = len(dataset.classes)
+    for setting, logits in (("float", float_logits), ("both", both_logits)):
+        if setting in from_runs:
+            summary[setting] = metrics_from_logits(torch.cat(logits), dataset.y, classes)
+            report({"setting": setting})
     scores: dict[tuple[str, str], Metrics] = {
         (v.layer, v.family): metrics_from_logits(torch.cat(v.logits), dataset.y, classes)
         for v in variants
@@ -414,7 +428,8 @@ def analyze(
             "loss_all_but_this": math.nan if rest is None else rest.loss,
         })  # fmt: skip
     return Analysis(
-        summary=pd.DataFrame(summary, columns=["setting", "accuracy", "loss"]),
+        summary=pd.DataFrame([{"setting": k, "accuracy": summary[k].accuracy,
+                               "loss": summary[k].loss} for k in SUMMARY_SETTINGS]),
         layers=pd.DataFrame(rows, columns=list(LAYER_COLUMNS)),
         config=config,
         outline=graph_outline(graph),
