@@ -968,11 +968,12 @@ def sqnr_lines(layers: pd.DataFrame, *, title: str | None = None) -> go.Figure:
         ))  # fmt: skip
     fig.update_layout(
         title=title,
-        xaxis={"title": "layer (model order)", "type": "category"},
+        xaxis={"type": "category", "tickangle": -40},  # layers in model order
         yaxis={"title": "output SQNR (dB, higher is better)"},
-        legend={"orientation": "h", "y": -0.35},
-        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
-        height=380,
+        # above the plot: the layer names below take a varying height
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
+        margin={"t": 90 if title else 40, "b": 10, "l": 10, "r": 10},
+        height=400,
     )
     return fig
 
