@@ -30,6 +30,23 @@ def _accuracies(page) -> list[str]:
     return [c.locator('[data-testid="stMetricValue"]').inner_text() for c in cards.all()]
 
 
+def test_debug_page_draws_the_model_graph(app_url):
+    """First in this module: a /debug link as the first visit after a server start."""
+    with browser_page(viewport=(1400, 2400)) as page:
+        page.goto(f"{app_url}/debug?model=digits-mlp&bits=3&abits=4",
+                  wait_until="domcontentloaded")  # fmt: skip
+        graph = page.locator('[data-testid="stGraphVizChart"] svg')
+        graph.wait_for(timeout=180_000)
+        wait_idle(page)
+        assert page.locator("h1").first.inner_text() == "Debug a setting"
+        body = page.locator("body").inner_text()
+        assert "Page not found" not in body and "does not seem to exist" not in body
+        text = graph.text_content()
+        assert "fc1" in text and "fc2" in text and "dB" in text
+        assert page.get_by_text("Weights cost").count() == 1
+        assert page.locator('[data-testid="stException"]').count() == 0
+
+
 def test_compare_pins_a_then_a_slider_moves_b_and_both_are_shown(app_url):
     with browser_page(viewport=(1400, 1600)) as page:
         page.goto(f"{app_url}/?model=digits-mlp&bits=3", wait_until="domcontentloaded")
@@ -68,17 +85,3 @@ def test_compare_pins_a_then_a_slider_moves_b_and_both_are_shown(app_url):
         assert size >= 40
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(SCREENSHOT), full_page=True)
-
-
-def test_debug_page_draws_the_model_graph(app_url):
-    with browser_page(viewport=(1400, 2400)) as page:
-        page.goto(f"{app_url}/debug?model=digits-mlp&bits=3&abits=4",
-                  wait_until="domcontentloaded")  # fmt: skip
-        graph = page.locator('[data-testid="stGraphVizChart"] svg')
-        graph.wait_for(timeout=180_000)
-        wait_idle(page)
-        assert page.locator("h1").first.inner_text() == "Debug a setting"
-        text = graph.text_content()
-        assert "fc1" in text and "fc2" in text and "dB" in text
-        assert page.get_by_text("Weights cost").count() == 1
-        assert page.locator('[data-testid="stException"]').count() == 0
