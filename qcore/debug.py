@@ -302,7 +302,8 @@ def analyze(
 
     ``calib`` is the calibration split (needed when ``config.act`` is set). Accuracy and
     loss are on ``dataset`` (the test split), as the SQNRs. ``progress(done, total, row)``
-    is called after each summary row and after each batch of the layer rows. A model with
+    is called once the setting is compressed (and calibrated), after each summary row and
+    after each batch of the layer rows. A model with
     one compressed layer has no "all but this" set: NaN there.
     """
     start = time.perf_counter()
@@ -318,7 +319,7 @@ def analyze(
     full = compress(model, config, calib=calib)  # calibrates every edge once (reused below)
     graph = full.graph
     names = [r.name for r in full.layers]
-    total = len(SUMMARY_SETTINGS) + len(starts)
+    total = 1 + len(SUMMARY_SETTINGS) + len(starts)
     done = 0
 
     def report(row: dict) -> None:
@@ -326,6 +327,8 @@ def analyze(
         done += 1
         if progress is not None:
             progress(done, total, row)
+
+    report({"setting": "both", "step": "compressed"})  # activations calibrated, if any
 
     # "both" is the whole compressed model and "float" (unless blocks are removed, which
     # the float row keeps) the graph without replacements or points: both run below, batch

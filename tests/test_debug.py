@@ -225,7 +225,7 @@ def test_progress_reports_every_summary_row_and_batch(resnet, data) -> None:
     seen = []
     analyze(resnet, CompressionConfig(quant=QuantConfig(bits=4)), test,
             progress=lambda d, t, row: seen.append((d, t)))  # fmt: skip
-    assert seen == [(i, 4 + 3) for i in range(1, 8)]  # 4 summary rows, 3 batches
+    assert seen == [(i, 1 + 4 + 3) for i in range(1, 9)]  # compressed, 4 rows, 3 batches
 
 
 def test_summary_sentence_in_words() -> None:
