@@ -24,6 +24,7 @@ from qcore.refs import DatasetRef, ModelRef
 
 PINNED = "compare_a"  # session: (model name, Settings) of the pinned A
 LINK = "compare_a_link"  # session: the raw ``a=`` of the link the session opened with
+ENDED = "compare_ended"  # session: set by Stop comparing, so the sidebar comes back once
 MAX_LINK_FIELDS = 40  # an ``a=`` with more fields than this is refused
 SHOWN_IMAGES = 16
 IMAGES_PER_ROW = 8
@@ -88,9 +89,6 @@ def link_params(model: ModelRef, layer_names: Sequence[str], blocks: Sequence[st
 
 def _pin(model: str, settings: Settings) -> None:
     st.session_state[PINNED] = (model, settings)
-
-
-ENDED = "compare_ended"  # session: set by Stop comparing, so the sidebar comes back once
 
 
 def _unpin() -> None:
