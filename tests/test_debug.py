@@ -376,3 +376,18 @@ def test_summary_configs_split_weights_from_activations() -> None:
     assert c["weights only"] == replace(cfg, act=None)
     assert c["activations only"] == replace(cfg, quant=None, prune=None, drop=())
     assert c["float"].keeps_float and c["float"].act is None
+
+
+@needs_sample
+@pytest.mark.parametrize("name", qcore.list_models())
+def test_every_sample_models_graph_names_each_of_its_weight_layers(name: str) -> None:
+    model = qcore.load_model(name)
+    outline = graph_outline(qcore.graph_of(model))
+    layers = list(qcore.weight_layers(model))
+    assert [n.layer for n in outline if n.kind == "layer"] == layers
+    dot = figures.model_graph_dot(outline, dict.fromkeys(layers, 12.0))
+    for layer in layers:
+        assert f'label="{layer}\\n' in dot
+    assert dot.count(f'fillcolor="{figures.sqnr_color(12.0)}"') == len(layers) + 1  # + legend
+    names = {n.name for n in outline}
+    assert all(i in names for n in outline for i in n.inputs)  # every edge has both ends
