@@ -34,6 +34,7 @@ PAGES = [
     st.Page("pages/views/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
     st.Page("pages/views/sensitivity.py", title="Layer sensitivity",
             icon=":material/troubleshoot:"),  # fmt: skip
+    st.Page("pages/views/debug.py", title="Debug", icon=":material/bug_report:"),
     st.Page("pages/views/mixed.py", title="Mixed precision",
             icon=":material/stacked_bar_chart:"),  # fmt: skip
     st.Page("pages/views/finetune.py", title="Fine-tune", icon=":material/model_training:"),

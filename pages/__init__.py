@@ -10,8 +10,9 @@
 - ``progress``: background work with a progress bar.
 - ``tables``: the result records, the per-layer table and the results download.
 - ``figures``: plotly figure builders, plain functions without Streamlit.
+- ``compare``: the Playground's compare mode (setting A pinned beside the live B).
 - ``tradeoffs``, ``sensitivity``, ``mixed``, ``finetune``, ``deep``, ``robustness``,
-  ``deploy``: not pages and not helpers, but one line each that runs ``app.py``
+  ``deploy``, ``debug``: not pages and not helpers, but one line each that runs ``app.py``
   (:func:`run_app`), for the reason below.
 
 Why those files. Streamlit (1.67) decides once per server process, when the first

@@ -34,9 +34,11 @@ from pages import timing
 from pages.progress import run_with_progress
 from pages.tables import (
     ActInfo,
+    Disagreements,
     NewlyWrong,
     Result,
     make_act_info,
+    make_disagreements,
     make_newly_wrong,
     make_result,
 )
@@ -938,3 +940,36 @@ def run_sweep_latency(model: ModelRef, data: DatasetRef, params: SweepParams) ->
     params.grid()
     return run_with_progress(sweep_latency_table, model, data, params,
                              text="Exporting and timing the int8 rows…")  # fmt: skip
+
+
+# --- the Debug page and comparing two settings ------------------------------------------------
+
+
+@st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)
+def analysis(
+    model: ModelRef, data: DatasetRef, settings: Settings, _progress=None
+) -> qcore.Analysis:
+    """``qcore.analyze`` of one setting on the test split (activations calibrated on the
+    calibration split)."""
+    calib = None if settings.abits is None else get_calib_dataset(data)
+    return qcore.analyze(get_model(model), settings.to_config(), get_dataset(data),
+                         calib=calib, progress=_progress)  # fmt: skip
+
+
+def run_analysis(model: ModelRef, data: DatasetRef, settings: Settings) -> qcore.Analysis:
+    """The analysis of ``settings``, from the cache or computed with a progress bar."""
+    settings.to_config()  # a ValueError with a sentence before any thread starts
+    get_dataset(data)  # loaded here, where their spinners can be drawn
+    if settings.abits is not None:
+        get_calib_dataset(data)
+    return run_with_progress(analysis, model, data, settings,
+                             text="Analysing each layer…")  # fmt: skip
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def disagreements(
+    model: ModelRef, data: DatasetRef, a: Settings, b: Settings, limit: int = MAX_WRONG_SHOWN
+) -> Disagreements:
+    """Up to ``limit`` test images on which settings ``a`` and ``b`` predict different classes."""
+    return make_disagreements(get_dataset(data), results(model, data, a).predictions,
+                              results(model, data, b).predictions, limit)  # fmt: skip

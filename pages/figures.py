@@ -1149,3 +1149,178 @@ def channel_ranges_figure(ranges: Mapping[str, np.ndarray], layer: str) -> go.Fi
     fig.update_layout(showlegend=False, bargap=0.15, height=340,
                       margin={"t": 40, "b": 10, "l": 10, "r": 10})  # fmt: skip
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The Debug page (qcore.analyze) and comparing two settings.
+
+DEBUG_SETTING_COLORS = {"float": FLOAT_COLOR, "weights only": "#ab63fa",
+                        "activations only": "#00a36c", "both": COMPRESSED_COLOR}  # fmt: skip
+LOCAL_COLOR = "#ef553b"  # the error a layer makes
+CUMULATIVE_COLOR = "#636efa"  # the error that reaches it, piled up
+# The graph's fixed SQNR scale: (upper bound in dB, fill colour, legend text), worst first
+SQNR_BANDS: tuple[tuple[float, str, str], ...] = (
+    (10.0, "#d73027", "below 10 dB"),
+    (20.0, "#fc8d59", "10 to 20 dB"),
+    (30.0, "#fee08b", "20 to 30 dB"),
+    (40.0, "#d9ef8b", "30 to 40 dB"),
+    (math.inf, "#66bd63", "40 dB or more"),
+)
+EXACT_COLOR = "#f0f0f0"  # a layer with no error (or not compressed)
+ACT_EDGE_COLOR = "#8e44ad"  # an edge whose values are fake-quantized
+
+
+def debug_summary_bars(summary: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Accuracy of float, weights only, activations only and both (``Analysis.summary``)."""
+    acc = 100 * summary["accuracy"].to_numpy(dtype=float)
+    settings = summary["setting"].astype(str).tolist()
+    fig = go.Figure(go.Bar(
+        x=settings, y=acc,
+        marker_color=[DEBUG_SETTING_COLORS.get(s, COMPRESSED_COLOR) for s in settings],
+        text=[f"{a:.1f} %" for a in acc], textposition="outside",
+        customdata=summary["loss"].to_numpy(dtype=float),
+        hovertemplate="%{x}: %{y:.2f} % (loss %{customdata:.4f})<extra></extra>",
+    ))  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "what is quantized", "type": "category"},
+        yaxis={"title": "accuracy (%, simulated, test split)", "range": [0, 105]},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=360,
+    )
+    return fig
+
+
+def sqnr_lines(layers: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Each layer's output SQNR when only it is compressed (local: where error is made)
+    and in the compressed model (cumulative: where it piles up), layers in model order."""
+    fig = go.Figure()
+    x = layers["layer"].astype(str).tolist()
+    for col, name, color in (("sqnr_local_db", "local (only this layer compressed)", LOCAL_COLOR),
+                             ("sqnr_cumulative_db", "cumulative (in the compressed model)",
+                              CUMULATIVE_COLOR)):  # fmt: skip
+        v = layers[col].to_numpy(dtype=float)
+        fig.add_trace(go.Scatter(
+            x=x, y=np.where(np.isfinite(v), v, np.nan), mode="lines+markers", name=name,
+            line={"color": color}, connectgaps=False,
+            hovertemplate=f"%{{x}}: %{{y:.1f}} dB ({name.split(' ')[0]})<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(
+        title=title,
+        xaxis={"type": "category", "tickangle": -40},  # layers in model order
+        yaxis={"title": "output SQNR (dB, higher is better)"},
+        # above the plot: the layer names below take a varying height
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "x": 0},
+        margin={"t": 90 if title else 40, "b": 10, "l": 10, "r": 10},
+        height=400,
+    )
+    return fig
+
+
+def sqnr_color(db: float) -> str:
+    """The fill of a layer on the graph's fixed SQNR scale (:data:`SQNR_BANDS`)."""
+    if db is None or math.isnan(db) or db == math.inf:
+        return EXACT_COLOR
+    return next(color for top, color, _ in SQNR_BANDS if db < top)
+
+
+def _dot_text(text: str) -> str:
+    """Text inside a DOT string: backslashes and quotes escaped, line breaks as ``\\n``."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def model_graph_dot(
+    outline: Sequence[Any],
+    sqnr: Mapping[str, float],
+    act_edges: Sequence[str] = (),
+    *,
+    act_label: str = "quantized",
+    what: str = "SQNR",
+) -> str:
+    """The traced graph as Graphviz DOT text: each weight layer filled by its ``sqnr`` on
+    a fixed scale (with a legend), residual additions as circles, and the edges whose
+    values are fake-quantized (``act_edges``, point names) drawn thick and labelled.
+
+    ``outline`` holds ``qcore.debug.GraphNode`` records (name, kind, label, inputs, layer).
+    """
+    acts = set(act_edges)
+    kinds = {n.name: n for n in outline}
+    lines = [
+        "digraph model {",
+        '  rankdir=TB; nodesep=0.25; ranksep=0.3; bgcolor="transparent";',
+        '  node [fontname="Helvetica", fontsize=10, shape=box, style="rounded,filled", '
+        'fillcolor="#ffffff", color="#888888"];',
+        '  edge [color="#777777", arrowsize=0.6];',
+    ]
+    for n in outline:
+        attrs: dict[str, str] = {}
+        if n.kind == "layer":
+            db = sqnr.get(n.layer, math.nan)
+            value = "no error" if db == math.inf else (
+                "not compressed" if db is None or math.isnan(db) else f"{db:.1f} dB")
+            attrs = {"label": f"{n.layer}\n{n.label}\n{what} {value}",
+                     "fillcolor": sqnr_color(db), "penwidth": "1.5"}  # fmt: skip
+        elif n.kind == "add":
+            attrs = {"label": "+", "shape": "circle", "fillcolor": "#ffffff", "width": "0.3",
+                     "fixedsize": "true", "fontsize": "14"}  # fmt: skip
+        elif n.kind in ("input", "output"):
+            attrs = {"label": n.label, "shape": "ellipse", "fillcolor": "#e8eefc"}
+        else:
+            attrs = {"label": n.label, "fontsize": "8", "height": "0.2", "color": "#bbbbbb",
+                     "fillcolor": "#fafafa"}  # fmt: skip
+        body = ", ".join(f'{k}="{_dot_text(v)}"' for k, v in attrs.items())
+        lines.append(f'  "{_dot_text(n.name)}" [{body}];')
+    for n in outline:
+        for src in n.inputs:
+            s = kinds.get(src)
+            quantized = (
+                (s is not None and s.kind == "input" and "input" in acts)
+                or (n.kind == "layer" and f"{n.layer}.input" in acts)
+                or (s is not None and s.kind == "add" and s.name in acts)
+            )
+            style = (f' [color="{ACT_EDGE_COLOR}", penwidth=2.2, label=" {_dot_text(act_label)}",'
+                     f' fontsize=8, fontcolor="{ACT_EDGE_COLOR}"]' if quantized else "")
+            lines.append(f'  "{_dot_text(src)}" -> "{_dot_text(n.name)}"{style};')
+    lines.append(f'  subgraph cluster_legend {{ label="{_dot_text(what)} of each weight layer"; '
+                 'fontsize=10; color="#cccccc";')
+    legend = [(color, text) for _, color, text in SQNR_BANDS] + [(EXACT_COLOR, "no error")]
+    for i, (color, text) in enumerate(legend):
+        lines.append(f'    "legend_{i}" [label="{_dot_text(text)}", fillcolor="{color}", '
+                     'fontsize=9];')
+    if acts:
+        lines.append(f'    "legend_act" [label="thick purple edge: activations {act_label}", '
+                     f'shape=plaintext, style="", fontsize=9, fontcolor="{ACT_EDGE_COLOR}"];')
+    lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def compare_histograms(
+    a: HistogramLike, b: HistogramLike, *, names: tuple[str, str] = ("A", "B"),
+    title: str | None = None, log_y: bool = False,
+) -> go.Figure:  # fmt: skip
+    """Two settings' compressed weights of one layer overlaid (each on its own bins), with
+    the float weights as a grey outline."""
+    fig = go.Figure()
+    edges = np.asarray(a.edges, dtype=float)
+    fig.add_trace(go.Scatter(
+        x=(edges[:-1] + edges[1:]) / 2, y=np.asarray(a.before), mode="lines",
+        line={"color": "rgba(90, 90, 90, 0.7)", "shape": "hvh", "width": 1},
+        name="float weights",
+    ))  # fmt: skip
+    for h, name, color in ((a, names[0], FLOAT_COLOR), (b, names[1], COMPRESSED_COLOR)):
+        e = np.asarray(h.edges, dtype=float)
+        fig.add_trace(go.Bar(
+            x=(e[:-1] + e[1:]) / 2, y=np.asarray(h.after), width=np.diff(e), name=name,
+            marker_color=color, opacity=0.55,
+            hovertemplate=f"{name}: %{{y:,}} weights near %{{x:.4g}}<extra></extra>",
+        ))  # fmt: skip
+    fig.update_layout(
+        title=title, barmode="overlay",
+        xaxis={"title": "weight value"},
+        yaxis={"title": "weights (count)", "type": "log" if log_y else "linear"},
+        legend={"orientation": "h", "y": -0.25},
+        margin={"t": 50 if title else 20, "b": 10, "l": 10, "r": 10},
+        height=380,
+    )  # fmt: skip
+    return fig

@@ -18,7 +18,8 @@ from qcore.config import FLOAT, SETTING_KEYS, parse_flat
 from qcore.refs import DATA_PREFIX, SESSION_PREFIXES
 
 DEFAULT_MODEL = "mnist-cnn"  # the model a link without ``model=`` opens
-QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS)
+COMPARE_KEY = "a"  # the pinned setting A of compare mode: its flat settings, URL-encoded
+QUERY_KEYS: tuple[str, ...] = ("model", "dataset", *SETTING_KEYS, COMPARE_KEY)
 SHOWN_CHARS = 40  # a link's key or value is quoted at most this long
 SHOWN_ITEMS = 10  # the query warning lists at most this many ignored settings
 
@@ -85,6 +86,8 @@ def parse_query(
             except ValueError as e:
                 bad("dataset", raw, f"it does not fit {model}: {e}; its own dataset is used")
 
+    if COMPARE_KEY in flat:  # read by pages.compare against the model's layers
+        values["compare_a_link"] = flat[COMPARE_KEY]
     settings = {k: v for k, v in flat.items() if k in SETTING_KEYS}
     names = layer_names(model) if {"layers", "layer_bits"} & settings.keys() else ()
     blocks = block_names(model) if block_names is not None and "drop" in settings else None

@@ -674,3 +674,32 @@ def deploy_frame(d: Any) -> pd.DataFrame:
         row["file bytes"] = "—" if r.file_bytes is None else f"{r.file_bytes:,}"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True, eq=False)
+class Disagreements:
+    """Test images on which two settings (A and B) predict different classes."""
+
+    images: np.ndarray  # float32 (K, C, H, W), normalised as in the dataset
+    a_pred: list[str]
+    b_pred: list[str]
+    truth: list[str]
+    total: int  # how many such images there are in the split
+
+
+def make_disagreements(
+    ds: qcore.Dataset, a: np.ndarray, b: np.ndarray, limit: int
+) -> Disagreements:
+    """The first ``limit`` images of ``ds`` where predictions ``a`` and ``b`` (int64 [N])
+    differ, with class names."""
+    idx = np.flatnonzero(a != b)
+    shown = idx[:limit]
+    names: Sequence[str] = ds.classes
+    y = ds.y.numpy()
+    return Disagreements(
+        images=ds.x[shown].numpy(),
+        a_pred=[names[i] for i in a[shown]],
+        b_pred=[names[i] for i in b[shown]],
+        truth=[names[i] for i in y[shown]],
+        total=int(idx.size),
+    )

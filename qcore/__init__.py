@@ -24,6 +24,7 @@ from qcore.data import (
     list_datasets,
     load_dataset,
 )
+from qcore.debug import Analysis, analyze
 from qcore.deep import DeepCompressionResult, deep_compression
 from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
@@ -100,4 +101,6 @@ __all__ = [
     "weight_journey", "Journey", "random_weight_index", "clip_error_curve", "ErrorCurve",
     "trap_hint", "clip_note", "empty_levels", "fixed_point", "error_histogram",
     "ErrorHistogram", "sqnr_by_bits",
+    # debugging one setting: weights or activations, which layer, local or piled up
+    "analyze", "Analysis",
 ]  # fmt: skip

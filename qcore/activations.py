@@ -271,6 +271,20 @@ def _data_key(data) -> tuple:
             tuple(data.x.shape))  # fmt: skip
 
 
+def _cached_ranges(per_graph: dict[tuple, dict[str, ActRange]], key: tuple
+                   ) -> dict[str, ActRange] | None:  # fmt: skip
+    """The ranges of ``key``'s edges from a calibration of the same data and config over
+    these edges or more: an edge's observer sees the same values whichever other edges are
+    observed (observers pass values on unchanged), so the ranges are the same ones."""
+    if key in per_graph:
+        return per_graph[key]
+    data, cfg, edges = key
+    for (d, c, more), ranges in per_graph.items():
+        if d == data and c == cfg and set(edges) <= set(more):
+            return {e: ranges[e] for e in edges}
+    return None
+
+
 def calibrate(
     graph: Graph,
     data,
@@ -290,7 +304,7 @@ def calibrate(
         raise ValueError("The calibration split is empty; activations cannot be calibrated.")
     key = (_data_key(data), cfg, tuple(edges))
     with _LOCK:
-        cached = None if replacements else _CALIBRATED.get(graph, {}).get(key)
+        cached = None if replacements else _cached_ranges(_CALIBRATED.get(graph, {}), key)
     if cached is not None:
         return cached
     observers = _observe(graph, data, edges, cfg.observer == "minmax", batch_size,

@@ -12,6 +12,7 @@ Commands:
   finetune        quantization-aware fine-tuning, then write the packed file
   deep            Deep Compression (prune, share weights, Huffman), then write the file
   deploy          export to ONNX (QDQ int8) and compare PyTorch and ONNX Runtime
+  analyze         why a setting loses accuracy: weights or activations, which layer
 """
 
 from __future__ import annotations
@@ -692,6 +693,47 @@ def _robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="python -m qcore analyze",
+        description="Why one configuration loses accuracy, on the test split: float, "
+        "weights only, activations only and both; then per compressed layer its output's "
+        "SQNR when only it is compressed (local) and in the compressed model (cumulative), "
+        "and the accuracy with only it compressed and with all but it compressed.",
+    )
+    _compression_args(parser)
+    parser.add_argument("--csv", action="store_true",
+                        help="print the summary as CSV, a blank line, then the layers as CSV")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from qcore.debug import analyze, summary_sentence
+
+    model, data = _load(args)
+    cfg = _config(args, model)
+    progress = None if args.quiet else ProgressBar("analyze")
+    a = analyze(model, cfg, data, calib=_calib(args, cfg), progress=progress)
+    if args.csv:
+        print(a.summary.to_csv(index=False))
+        print(a.layers.to_csv(index=False), end="")
+        return 0
+    label = Settings.from_config(cfg, list(weight_layers(model))).label()
+    print(f"{args.model} ({label}) on {data.name} test split, {a.n:,} images, "
+          f"{a.seconds:.1f} s; accuracy simulated")
+    print(summary_sentence(a.summary))
+    print(a.summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print()
+    print(a.layers.drop(columns=["index"]).to_string(
+        index=False, float_format=lambda v: f"{v:.4f}"))
+    best = a.best_float_layer
+    if best is not None:
+        print(f"Keeping {best} in float wins the most: "
+              f"{a.float_keeping[best] * 100:+.1f} pp.")
+    return 0
+
+
 def main_sweep(argv: list[str]) -> int:
     """``python -m qcore sweep``: one CSV row per configuration of the grid."""
     return _run(_sweep_parser(), _sweep, argv)
@@ -725,6 +767,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "finetune": main_finetune,
     "deep": lambda argv: _run(_deep_parser(), _deep, argv),
     "deploy": lambda argv: _run(_deploy_parser(), _deploy, argv),
+    "analyze": lambda argv: _run(_analyze_parser(), _analyze, argv),
 }
 
 

@@ -409,15 +409,20 @@ class Graph:
         plan: Plan,
         cache: Mapping[fx.Node, Any],
         replacements: Mapping[str, torch.Tensor] | None = None,
+        points: Points | None = None,
     ) -> Any:
-        """The output with only ``plan.keys`` replaced, from the cached values ``plan.reads``."""
+        """The output with only ``plan.keys`` replaced, from the cached values ``plan.reads``.
+
+        ``points`` act on the suffix's nodes only: the cached values already carry the
+        points of the run that kept them.
+        """
         if self.output not in plan.suffix:
             return cache[self.output]
         P = self.tensors(replacements)
         env = {n: cache[n] for n in plan.reads}
         with running():
             for n in plan.suffix:
-                env[n] = self._eval(n, env, P, None)
+                env[n] = self._eval(n, env, P, points)
         return env[self.output]
 
 

@@ -218,8 +218,8 @@ def test_a_page_link_is_the_first_visit_after_a_server_start(path, title, button
         # the app's own navigation, not a list of the modules in pages/
         links = page.locator('[data-testid="stTopNavLink"]').all_inner_texts()
         assert [t.split("\n")[-1].strip() for t in links] == [
-            "Playground", "Trade-offs", "Layer sensitivity", "Mixed precision", "Fine-tune",
-            "Deep Compression", "Robustness", "Deploy",
+            "Playground", "Trade-offs", "Layer sensitivity", "Debug", "Mixed precision",
+            "Fine-tune", "Deep Compression", "Robustness", "Deploy",
         ], links
         page.screenshot(path=str(tmp_path / f"first-{path}.png"), full_page=True)
         # and the page still works after that first run

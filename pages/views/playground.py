@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from pages import cache, figures, remedies, tables, timing
+from pages import cache, compare, figures, remedies, tables, timing
 from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note, settings_notes
 from pages.query import sync_query
 from pages.session import model_ref, reference_model
@@ -47,7 +47,7 @@ if settings.drop:
         "Removed: " + "; ".join(blocks.get(n, n) for n in settings.drop) + ". Each runs as the "
         "identity (its input passed straight on), and its weights are not stored."
     )
-sync_query(settings.to_flat())
+sync_query({**settings.to_flat(), **compare.link_params(model, layer_names, list(blocks))})
 settings = settings.canonical()  # unused options must not split the cache
 
 try:
@@ -64,6 +64,8 @@ try:
         )
 except ValueError as e:
     st.error(str(e))
+    st.stop()
+if compare.view(model, data, settings, r, layer_names, blocks):  # A pinned: A beside B
     st.stop()
 
 # --- headline numbers -------------------------------------------------------------------------
@@ -157,6 +159,7 @@ st.caption(
 )
 timing.mark("headline")
 remedies.equalization_panel(model, data, settings)
+compare.pin_button(model, settings)
 
 
 if r.clip_note:  # an absolute clip above max|w|: levels that hold no weight
