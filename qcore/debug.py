@@ -314,7 +314,7 @@ def analyze(
                          "dataset's 'calib' split (never the test split).")  # fmt: skip
     if len(dataset.y) == 0:
         raise ValueError("The dataset is empty; pick a split with examples in it.")
-    x = dataset.x
+    x = dataset.inputs()
     starts = list(range(0, x.shape[0], EVAL_BATCH))  # the batches of evaluate
     full = compress(model, config, calib=calib)  # calibrates every edge once (reused below)
     graph = full.graph

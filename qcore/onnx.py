@@ -47,8 +47,8 @@ from torch.nn import functional as F
 from qcore.activations import ActRange, placement
 from qcore.compress import Compressed, LayerResult
 from qcore.data import Dataset
-from qcore.evaluate import Metrics, metrics_from_logits, runner_of
-from qcore.graph import param_key
+from qcore.evaluate import Metrics, metrics_from_logits
+from qcore.graph import Variant, param_key
 
 __all__ = [
     "OnnxExport", "Latency", "CpuInt8", "export_onnx", "run_onnx", "measure_latency",
@@ -440,7 +440,7 @@ def export_onnx(
 def run_onnx(path: str | Path, dataset: Dataset, batch_size: int = 256) -> Metrics:
     """Evaluate an exported ONNX file with ONNX Runtime on ``dataset`` (CPU)."""
     sess = _session(path)
-    x = dataset.x.numpy()
+    x = dataset.inputs().numpy()
     outs = [sess.run(["logits"], {"input": x[i : i + batch_size]})[0]
             for i in range(0, len(x), batch_size)]  # fmt: skip
     logits = torch.from_numpy(np.concatenate(outs)) if outs else torch.empty(0)
@@ -468,9 +468,9 @@ def measure_latency(
     if n == 0:
         raise ValueError("The dataset is empty; there is nothing to time.")
     idx = torch.arange(batch_size) % n  # the first images, repeated when the split is smaller
-    x = dataset.x[idx]
+    x = dataset.inputs(idx)
     if isinstance(model_or_onnx_path, nn.Module):
-        run = runner_of(model_or_onnx_path)
+        run = Variant.of(model_or_onnx_path).runner()
         used = torch.get_num_threads()
         runtime = "PyTorch"
 

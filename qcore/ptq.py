@@ -358,7 +358,7 @@ def bias_corrections(
         dw = compressed[name] - weights[name]
         if not bool((dw != 0).any()):
             continue
-        x = layer_inputs(graph, name, calib.x, repl, points)
+        x = layer_inputs(graph, name, calib.inputs(), repl, points)
         fn = _layer_fn(graph.layers[name])
         with torch.no_grad():
             total = torch.zeros(b.shape[0], dtype=torch.float64)
@@ -465,7 +465,7 @@ def adaround_layer(
     """AdaRound codes of layer ``name``: float targets from the float model (with
     ``float_replacements``, e.g. equalized tensors), inputs from the variant so far."""
     check_calib(calib, "AdaRound")
-    x = calib.x[:ADAROUND_SAMPLES]
+    x = calib.inputs(slice(0, ADAROUND_SAMPLES))
     fn = _layer_fn(graph.layers[name])
     x_float = layer_inputs(graph, name, x, float_replacements)
     x_q = layer_inputs(graph, name, x, replacements, points)
