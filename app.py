@@ -3,6 +3,7 @@ and routes to the pages (``streamlit run app.py``)."""
 
 import streamlit as st
 
+from pages.access import require_access
 from pages.query import show_query_warnings
 from pages.session import init_session
 from pages.sidebar import data_panel, sidebar_pickers, upload_panel
@@ -36,6 +37,7 @@ PAGES = [
     st.Page("pages/views/robustness.py", title="Robustness", icon=":material/shield:"),
 ]
 
+require_access()  # sign-in and the allow-list, when the secrets have [auth]
 init_session()
 
 with st.sidebar:

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,15 +46,19 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(timeout: float = 90.0) -> Iterator[str]:
-    """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards."""
+def serve_app(
+    timeout: float = 90.0, args: Sequence[str] = (), env: dict | None = None
+) -> Iterator[str]:
+    """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards.
+    ``args`` are more command-line options (``--secrets.files PATH``), ``env`` the
+    environment's additions."""
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+         "--server.fileWatcherType", "none", *args],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     try:
