@@ -9,6 +9,7 @@ and a sign-out button. See ``.streamlit/secrets.example.toml``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import streamlit as st
 
 SIGN_IN = "Sign in"
 SIGN_OUT = "Sign out"
+REQUIRE_ENV = "QP_REQUIRE_SIGN_IN"  # set (1/true/yes/on) in the container: no [auth], no app
 REFUSED = "is not on this app's allow-list; ask whoever runs it to add you."
 
 
@@ -63,6 +65,12 @@ def allowed(email: object, allowed_emails: object = None, allowed_domains: objec
 def require_access() -> None:
     """Stop this run unless the viewer may see the app (a no-op when sign-in is off)."""
     if not _section("auth"):
+        if os.environ.get(REQUIRE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+            st.error(
+                "This server requires sign-in but its secrets have no [auth] section: mount a "
+                "secrets file (see .streamlit/secrets.example.toml) and restart it."
+            )
+            st.stop()
         return
     if not st.user.is_logged_in:
         st.title("Quantization Playground")

@@ -91,6 +91,17 @@ def test_malformed_allow_list_keeps_everyone_out_with_the_reason() -> None:
     assert not at.metric
 
 
+def test_a_server_that_requires_sign_in_refuses_to_run_without_auth(monkeypatch) -> None:
+    monkeypatch.setenv("QP_REQUIRE_SIGN_IN", "1")
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [
+        "This server requires sign-in but its secrets have no [auth] section: mount a "
+        "secrets file (see .streamlit/secrets.example.toml) and restart it."
+    ]
+    assert not at.metric and not at.button and not at.sidebar.selectbox
+
+
 def test_allowed_user_gets_the_app() -> None:
     at = _app({"is_logged_in": True, "email": "alice@team.example", "email_verified": True},
               {"allowed_domains": ["team.example"]})  # fmt: skip
