@@ -98,7 +98,8 @@ def start_server(env: dict) -> tuple[subprocess.Popen, str, object]:
 async def open_playground(browser, url: str, prune: float, timeout_s: float):
     context = await browser.new_context(viewport={"width": 1400, "height": 1000})
     page = await context.new_page()
-    await page.goto(f"{url}/?prune={prune:.2f}", wait_until="domcontentloaded")
+    await page.goto(f"{url}/?prune={prune:.2f}", wait_until="domcontentloaded",
+                    timeout=timeout_s * 1000)  # fmt: skip
     metric = page.locator('[data-testid="stMetric"]', has_text="Packed size")
     await metric.wait_for(timeout=timeout_s * 1000)
     await page.wait_for_function(METRIC_JS, arg=["Packed size", ""], timeout=timeout_s * 1000)
@@ -145,7 +146,7 @@ async def finetune(browser, url: str, timeout_s: float):
     await page.goto(f"{url}/finetune", wait_until="domcontentloaded")
     train = page.get_by_role("button", name="Train")
     await train.wait_for(timeout=timeout_s * 1000)
-    epochs = page.get_by_label("Epochs")
+    epochs = page.get_by_role("spinbutton", name="Epochs")
     await epochs.fill("20")  # longer than the row: it runs for the whole measurement
     await epochs.press("Enter")
     await page.wait_for_timeout(1500)
@@ -164,9 +165,11 @@ async def one_row(url: str, pid: int, users: int, seconds: float, timeout_s: flo
                                           args=CHROMIUM_FLAGS)  # fmt: skip
         try:
             extra = [await finetune(browser, url, timeout_s)] if with_finetune else []
-            opened = await asyncio.gather(*(
+            tries = await asyncio.gather(*(
                 open_playground(browser, url, (i % 10) * 0.05, timeout_s * 4)
-                for i in range(users)))  # fmt: skip
+                for i in range(users)), return_exceptions=True)  # fmt: skip
+            opened = [t for t in tries if not isinstance(t, BaseException)]
+            failed_opens = len(tries) - len(opened)  # a user who never got the page: an error
             rss_start = rss_mb(pid)
             deadline = time.monotonic() + seconds
             walks = await asyncio.gather(*(
@@ -182,8 +185,13 @@ async def one_row(url: str, pid: int, users: int, seconds: float, timeout_s: flo
     times = sorted(t for ts, _ in walks for t in ts)
     q = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
     return {"users": users, "moves": len(times), "p50": statistics.median(times) if times else 0,
-            "p95": q[18] if times else 0, "errors": sum(e for _, e in walks),
+            "p95": q[18] if times else 0, "errors": sum(e for _, e in walks) + failed_opens,
             "rss_start": rss_start, "rss_end": rss_end}  # fmt: skip
+
+
+def _line(r: dict) -> str:
+    return (f"| {r['users']} | {r['moves']} | {r['p50']:.0f} | {r['p95']:.0f} | {r['errors']} "
+            f"| {r['rss_start']:.0f} | {r['rss_end']:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for users in args.users:
             rows.append(asyncio.run(one_row(url, proc.pid, users, args.seconds,
                                             args.move_timeout, args.finetune)))  # fmt: skip
-            print(f"  {users} users done", file=sys.stderr, flush=True)
+            print(f"  {_line(rows[-1])}", file=sys.stderr, flush=True)  # kept if a later row fails
     finally:
         proc.terminate()
         try:
@@ -219,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| users | moves | p50 ms | p95 ms | errors | rss start MB | rss end MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['users']} | {r['moves']} | {r['p50']:.0f} | {r['p95']:.0f} | {r['errors']} "
-              f"| {r['rss_start']:.0f} | {r['rss_end']:.0f} |")
+        print(_line(r))
     return 1 if any(r["errors"] for r in rows) else 0
 
 
