@@ -116,23 +116,24 @@ async def walk(page, seed: int, deadline: float, timeout_s: float) -> tuple[list
     )
     times, errors = [], 0
     while time.monotonic() < deadline:
-        bits = await slider.get_attribute("aria-valuetext") or ""
-        if bits == "1 bit":
-            key = "ArrowRight"
-        elif bits == "8 bits":
-            key = "ArrowLeft"
-        else:
-            key = rng.choice(["ArrowLeft", "ArrowRight"])
-        old = await value.inner_text()
-        await slider.focus()
-        start = time.perf_counter()
-        await page.keyboard.press(key)
         try:
+            bits = await slider.get_attribute("aria-valuetext", timeout=timeout_s * 1000) or ""
+            if bits == "1 bit":
+                key = "ArrowRight"
+            elif bits == "8 bits":
+                key = "ArrowLeft"
+            else:
+                key = rng.choice(["ArrowLeft", "ArrowRight"])
+            old = await value.inner_text(timeout=timeout_s * 1000)
+            await slider.focus(timeout=timeout_s * 1000)
+            start = time.perf_counter()
+            await page.keyboard.press(key)
             await page.wait_for_function(METRIC_JS, arg=["Packed size", old],
                                          timeout=timeout_s * 1000)  # fmt: skip
             times.append((time.perf_counter() - start) * 1000)
         except Exception:  # noqa: BLE001 - a move not drawn in time counts as an error
             errors += 1
+            continue
         if await page.locator('[data-testid="stException"]').count():
             errors += 1
             await page.reload(wait_until="domcontentloaded")
