@@ -6,6 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages import timing
+from pages.access import require_access
 from pages.query import show_query_warnings
 from pages.session import init_session
 from pages.sidebar import data_panel, sidebar_pickers, upload_panel
@@ -44,7 +45,6 @@ PAGES = [
 ]
 
 
-
 def page_title(title: str) -> str:
     """The browser tab's title of a page: its own name first, then the app's."""
     return "Quantization Playground" if title == "Playground" else (
@@ -52,6 +52,7 @@ def page_title(title: str) -> str:
 
 
 timing.start_run()  # off unless QP_TIMINGS is set (scripts/bench_browser.py)
+require_access()  # sign-in and the allow-list, when the secrets have [auth]
 init_session()
 
 with st.sidebar:

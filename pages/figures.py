@@ -1273,10 +1273,10 @@ def model_graph_dot(
     for n in outline:
         for src in n.inputs:
             s = kinds.get(src)
-            quantized = (
-                (s is not None and s.kind == "input" and "input" in acts)
-                or (n.kind == "layer" and f"{n.layer}.input" in acts)
-                or (s is not None and s.kind == "add" and s.name in acts)
+            # an edge an integer engine stores: the input, or a fused group's output (the
+            # point sits on the group's last node, qcore.activations.placement)
+            quantized = s is not None and (
+                (s.kind == "input" and "input" in acts) or s.name in acts
             )
             style = (f' [color="{ACT_EDGE_COLOR}", penwidth=2.2, label=" {_dot_text(act_label)}",'
                      f' fontsize=8, fontcolor="{ACT_EDGE_COLOR}"]' if quantized else "")

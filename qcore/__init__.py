@@ -27,6 +27,7 @@ from qcore.data import (
 from qcore.debug import Analysis, analyze
 from qcore.deep import DeepCompressionResult, deep_compression
 from qcore.evaluate import Metrics, agreement, evaluate, metrics_from_logits
+from qcore.executors import ProcessExecutor, RayExecutor
 from qcore.export import Packed, export_packed, load_packed, packed_bytes, read_header
 from qcore.finetune import FinetuneConfig, FinetuneResult, finetune
 from qcore.fold import weight_layers
@@ -91,6 +92,8 @@ __all__ = [
     # analyses
     "SweepGrid", "sweep", "pareto_front", "layer_sensitivity", "sensitivity_matrix",
     "mixed_precision", "MixedPrecisionResult", "UniformChoice",
+    # where a grid's rows run: worker processes or a Ray cluster (executor= on the grids)
+    "ProcessExecutor", "RayExecutor",
     # robustness: input noise, FGSM / PGD, weight noise, bit flips
     "robustness", "PERTURBATIONS", "perturb_inputs", "noisy_weights", "flip_bits",
     # training-aware compression: quantization-aware fine-tuning

@@ -604,7 +604,7 @@ def _deep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="a sample model (see: list)")
     parser.add_argument("--dataset", default=None, help="default: the model's own")
     _weights_arg(parser)
-    parser.add_argument("--prune-rate", type=rate_arg, default=None,
+    parser.add_argument("--prune-rate", type=number_arg, default=None,
                         help="one pruning rate for every layer, 0 to 0.99 (default: recipe)")
     parser.add_argument("--bits", type=whole_number, default=None,
                         help="one codebook width for every layer, 1 to 16 (default: recipe)")

@@ -996,13 +996,8 @@ def parse_flat(
             can = ", ".join(blocks) if blocks else "none"
             bad("drop", raw, f"comma-separated removable blocks of {model}: {can}")
 
-    # settings valid one by one that no config takes together: the first one wins
-    if values.get("codebook") == "kmeans" and values.get("per_channel"):
-        del values["per_channel"]
-        warnings.append(
-            f"The {source}'s `per_channel=true` cannot go with `codebook=kmeans` (a k-means "
-            "codebook is shared by the whole layer); per-tensor is used."
-        )
+    # settings valid one by one but not together (k-means with per-channel scales) are kept
+    # as given: Settings.to_config resolves them and Settings.notes says how
     return values, warnings
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from qcore.activations import placement
 from qcore.compress import compress
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
@@ -289,6 +290,22 @@ def _scored(model: nn.Module, cfg: CompressionConfig, calib: Dataset | None,
                     dataset)  # fmt: skip
 
 
+def _own_edges(graph, names: Sequence[str], config: CompressionConfig,
+               node_of: dict) -> tuple[dict[str, set[str]], dict[str, str | None]]:  # fmt: skip
+    """Per compressed layer, the activation edges that quantize its own group's output
+    (with a pooling that keeps their grid), and the edge each layer reads its input from
+    (:func:`qcore.activations.placement`); empty when activations stay float."""
+    if config.act is None:
+        return {}, {}
+    p = placement(graph, names, config.act.output)
+    own: dict[str, set[str]] = {}
+    for n, node in node_of.items():
+        mine = {e for e, members in p.groups.items() if node.name in members}
+        mine |= {e for e in p.rounds if p.shared.get(e) in mine}
+        own[n] = mine
+    return own, dict(p.inputs)
+
+
 def analyze(
     model: nn.Module,
     config: CompressionConfig,
@@ -346,7 +363,9 @@ def analyze(
     # the two bases: float weights with the edges every "only k" variant quantizes too
     # (input, residual additions), and the whole compressed model
     full_r, full_a, full_p = full.replacements(), dict(full.activations), full.model.points
-    layer_edges = {f"{n}.input" for n in graph.layers}
+    node_of = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
+    own, reads_from = _own_edges(graph, names, config, node_of)
+    layer_edges = set().union(*own.values()) if own else set()
     base_a = {e: r for e, r in full_a.items() if e not in layer_edges}
     base_p = {e: f for e, f in full_p.items() if e in base_a}
     plans = {n: graph.plan(_layer_keys(graph, n)) for n in names}
@@ -360,7 +379,7 @@ def analyze(
             c = compress(model, cfg, calib=calib)
             r, a = c.replacements(), dict(c.activations)
             keys, edges = _diff(br, ba, r, a)
-            local = keys <= set(_layer_keys(graph, n)) and edges <= {f"{n}.input"}
+            local = keys <= set(_layer_keys(graph, n)) and edges <= own.get(n, set())
             if local:  # share the base's tensors: equal, and no second copy held
                 r = {k: (v if k in keys else br[k]) for k, v in r.items()}
             variants.append(_Variant(n, family, r, c.model.points,
@@ -369,7 +388,6 @@ def analyze(
 
     keep_base = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "only"))
     keep_full = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "rest"))
-    node_of = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
     outs = set(node_of.values())
     ins = {node.args[0] for node in outs}
     energy = {n: [0.0, 0.0, 0.0] for n in names}  # sum y_f^2, local error, cumulative error
@@ -387,7 +405,7 @@ def analyze(
             for n, node in node_of.items():
                 ref = flo[node]
                 xin = flo[node.args[0]]
-                point = full_p.get(f"{n}.input")
+                point = full_p.get(reads_from.get(n) or "")
                 if point is not None:
                     xin = point(xin)
                 w = full_r.get(param_key(n, "weight"), graph.params[param_key(n, "weight")])

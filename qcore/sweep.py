@@ -6,10 +6,12 @@ evaluates the model once per configuration and returns one table row each.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from itertools import product
 
 import numpy as np
@@ -31,8 +33,9 @@ from qcore.config import (
     check_bits,
 )
 from qcore.data import Dataset
-from qcore.evaluate import EVAL_BATCH, agreement, evaluate
-from qcore.refs import Progress
+from qcore.evaluate import EVAL_BATCH, Metrics, agreement, evaluate
+from qcore.executors import Executor, check_refs, load_refs
+from qcore.refs import DatasetRef, ModelRef, Progress
 
 __all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
 
@@ -172,14 +175,54 @@ def _describe(cfg: CompressionConfig) -> dict:
     }
 
 
+def _row(model: nn.Module, dataset: Dataset, ref: Metrics, cfg: CompressionConfig,
+         calib: Dataset | None, batch_size: int) -> dict:
+    """One row of the sweep table: ``cfg`` applied to ``model`` and evaluated."""
+    start = time.perf_counter()
+    c = compress(model, cfg, calib=calib)
+    m = evaluate(c.model, dataset, batch_size=batch_size)
+    row = _describe(cfg)
+    row.update(
+        accuracy=m.accuracy,
+        loss=m.loss,
+        agreement=agreement(m, ref),
+        size_bytes=c.size_bytes,
+        float_size_bytes=c.float_size_bytes,
+        ratio=c.ratio,
+        sparsity=c.sparsity,
+        mean_sqnr_db=c.mean_sqnr_db,
+        sqnr_db=c.sqnr_db,
+        seconds=time.perf_counter() - start,
+    )
+    return row
+
+
+@lru_cache(maxsize=4)
+def _float_metrics(model_key: str, dataset_key: str, batch_size: int) -> Metrics:
+    model, dataset, _ = load_refs({"model": json.loads(model_key),
+                                   "dataset": json.loads(dataset_key)})  # fmt: skip
+    return evaluate(model, dataset, batch_size=batch_size)
+
+
+def _sweep_job(job: dict) -> tuple[dict, float, float]:
+    """A worker's row: the job names the model and data by reference and the
+    configuration as a dict; returns the row and the float model's accuracy and loss."""
+    model, dataset, calib = load_refs(job)
+    ref = _float_metrics(json.dumps(job["model"], sort_keys=True),
+                         json.dumps(job["dataset"], sort_keys=True), job["batch_size"])
+    cfg = CompressionConfig.from_dict(job["config"])
+    return _row(model, dataset, ref, cfg, calib, job["batch_size"]), ref.accuracy, ref.loss
+
+
 def sweep(
-    model: nn.Module,
-    dataset: Dataset,
+    model: nn.Module | ModelRef,
+    dataset: Dataset | DatasetRef,
     grid: SweepGrid | None = None,
     *,
-    calib: Dataset | None = None,
+    calib: Dataset | DatasetRef | None = None,
     progress: Progress | None = None,
     batch_size: int = EVAL_BATCH,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Compress and evaluate ``model`` once per configuration of ``grid``.
 
@@ -194,37 +237,47 @@ def sweep(
     calibration split.
     ``df.attrs`` holds the float accuracy and loss. ``progress(done, total, row)`` is called
     after each row. Deterministic.
+
+    ``model`` and ``dataset`` (and ``calib``) may be a :class:`~qcore.ModelRef` /
+    :class:`~qcore.DatasetRef`; with an ``executor`` (:class:`~qcore.ProcessExecutor`,
+    :class:`~qcore.RayExecutor`) they must be, and the rows run there, one job per
+    configuration: the same table as in process, ``seconds`` aside (``progress`` then
+    follows the order in which rows finish).
     """
     grid = SweepGrid() if grid is None else grid
     if not isinstance(grid, SweepGrid):
         raise ValueError("grid must be a SweepGrid, e.g. SweepGrid(bits=[2, 4, 8]).")
-    ref = evaluate(model, dataset, batch_size=batch_size)
     configs = grid.configs()
-    rows = []
-    for i, cfg in enumerate(configs):
-        start = time.perf_counter()
-        c = compress(model, cfg, calib=calib)
-        m = evaluate(c.model, dataset, batch_size=batch_size)
-        row = _describe(cfg)
-        row.update(
-            accuracy=m.accuracy,
-            loss=m.loss,
-            agreement=agreement(m, ref),
-            size_bytes=c.size_bytes,
-            float_size_bytes=c.float_size_bytes,
-            ratio=c.ratio,
-            sparsity=c.sparsity,
-            mean_sqnr_db=c.mean_sqnr_db,
-            sqnr_db=c.sqnr_db,
-            seconds=time.perf_counter() - start,
-        )
-        rows.append(row)
-        if progress is not None:
-            progress(i + 1, len(configs), row)
+    if executor is not None:
+        check_refs(model, dataset, calib)
+        jobs = [{"model": model.to_dict(), "dataset": dataset.to_dict(),  # type: ignore[union-attr]
+                 "calib": None if calib is None else calib.to_dict(),  # type: ignore[union-attr]
+                 "config": cfg.to_dict(), "batch_size": batch_size} for cfg in configs]
+        done = [0]
+
+        def on_result(_i: int, out: tuple[dict, float, float]) -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(configs), out[0])
+
+        outs = executor.map(_sweep_job, jobs, on_result)
+        rows = [row for row, _, _ in outs]
+        float_acc, float_loss = (outs[0][1], outs[0][2]) if outs else (math.nan, math.nan)
+    else:
+        model = model.load() if isinstance(model, ModelRef) else model
+        dataset = dataset.load() if isinstance(dataset, DatasetRef) else dataset
+        calib = calib.load() if isinstance(calib, DatasetRef) else calib
+        ref = evaluate(model, dataset, batch_size=batch_size)
+        float_acc, float_loss = ref.accuracy, ref.loss
+        rows = []
+        for i, cfg in enumerate(configs):
+            rows.append(_row(model, dataset, ref, cfg, calib, batch_size))
+            if progress is not None:
+                progress(i + 1, len(configs), rows[-1])
     df = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     df["bits"] = df["bits"].astype("Int64")  # missing for float rows
     df["act_bits"] = df["act_bits"].astype("Int64")  # missing for float activations
-    df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss)
+    df.attrs.update(float_accuracy=float_acc, float_loss=float_loss)
     return df
 
 

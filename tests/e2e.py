@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,18 +46,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(timeout: float = 90.0, env: dict | None = None,
-              log_path: Path | None = None) -> Iterator[str]:
+def serve_app(
+    timeout: float = 90.0, args: Sequence[str] = (), env: dict | None = None,
+    log_path: Path | None = None,
+) -> Iterator[str]:
     """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards.
-
-    ``env`` adds environment variables; ``log_path`` keeps the server's output in that file
-    (read it while the server runs) instead of a temporary one."""
+    ``args`` are more command-line options (``--secrets.files PATH``), ``env`` the
+    environment's additions; ``log_path`` keeps the server's output in that file (read it
+    while the server runs) instead of a temporary one."""
     port = free_port()
     log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
+         "--server.fileWatcherType", "none", *args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"

@@ -79,8 +79,13 @@ def test_app_starts_with_default_model_on_the_playground() -> None:
     info = qcore.model_info("mnist-cnn")
     assert abs(percent(metric(at, "Accuracy")) - info.float_accuracy) < 0.01  # 8 bits ~ float
     assert [m.delta for m in at.metric][1].startswith("4.0x smaller")
-    assert len(at.get("plotly_chart")) >= 2  # histogram and confusion matrix, at least
     assert len(at.get("download_button")) == 2
+    # only the open tabs are drawn: the weight histogram; the confusion matrix on its tab
+    assert len(at.get("plotly_chart")) == 1
+    at.session_state["details_view"] = "Confusion matrix"
+    at.run()
+    ok(at)
+    assert len(at.get("plotly_chart")) == 2
     assert at.query_params["model"] == "mnist-cnn" and at.query_params["bits"] == "8"
     assert not at.warning
     assert any(m.value.startswith("A trained network stores") for m in at.markdown)

@@ -75,6 +75,8 @@ def test_absolute_clip_above_max_w_says_so_on_the_playground() -> None:
     assert warning.startswith("c = 1.5 is above the largest |w| of every quantized layer's "
                               "weights (0.50 at most)")  # fmt: skip
     assert "conv1: 10 of 15" in warning  # the levels that hold no weight, counted
+    at.session_state["layer_view"] = "Clipping error"  # the curve's tab (drawn when open)
+    at.run()
     assert any("c = 1.5 is above max|w| (0.50012): 10 of the 15 levels hold no weight." in c
                for c in texts(at.caption))  # fmt: skip
 
@@ -159,21 +161,33 @@ def test_teaching_tabs_pick_a_weight_and_show_error_and_sqnr_against_bits() -> N
     assert not at.exception and not at.error
     labels = [t.label for t in at.tabs]
     assert {"Error w − q(w)", "SQNR against bits"} <= set(labels)
+
+    def show(view: str) -> None:  # only the open tab of the layer's views is drawn
+        at.session_state["layer_view"] = view
+        at.run()
+        assert not at.exception
+
+    show("One weight's journey")
     (pick,) = [n for n in at.number_input if (n.key or "").startswith("journey_pick:")]
     pick.set_value(5).run()
     assert not at.exception
     (journey,) = [m.value for m in at.markdown if "| 1. the weight |" in m.value]
     assert "weight #5," in journey and "the draw u = " in journey
     assert "Δ = 2^−" in journey and ". fixed point Q" in journey
-    charts = {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
-              for c in at.get("plotly_chart")
-              if json.loads(c.proto.spec)["layout"].get("title", {}).get("text")}  # fmt: skip
-    (bits_chart,) = [v for k, v in charts.items() if k.startswith("SQNR against bits")]
+
+    def charts() -> dict:
+        return {json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+                for c in at.get("plotly_chart")
+                if json.loads(c.proto.spec)["layout"].get("title", {}).get("text")}  # fmt: skip
+
+    show("SQNR against bits")
+    (bits_chart,) = [v for k, v in charts().items() if k.startswith("SQNR against bits")]
     names = [t["name"] for t in bits_chart["data"]]
     assert names[0] == "6.02 dB per bit (rule of thumb)" and names[2].startswith("now: 4 bits")
-    (err_chart,) = [v for k, v in charts.items() if k.startswith("w − q(w)")]
-    assert err_chart["data"][0]["name"] == "rounding error (inside the grid)"
     assert any(c.value.startswith("Each extra bit halves the step") for c in at.caption)
+    show("Error w − q(w)")
+    (err_chart,) = [v for k, v in charts().items() if k.startswith("w − q(w)")]
+    assert err_chart["data"][0]["name"] == "rounding error (inside the grid)"
 
 
 @needs_sample

@@ -28,7 +28,7 @@ def test_a_hostile_link_and_file_name_fetch_and_render_nothing_else() -> None:
         page.locator('[data-testid="stMetric"]').first.wait_for(timeout=90_000)
         wait_idle(page)
         assert page.locator('[data-testid="stException"]').count() == 0
-        expect(page.get_by_text("cannot go with", exact=False)).to_have_count(1)
+        expect(page.get_by_text("per-channel scales do not apply", exact=False)).to_have_count(1)
         icons = page.evaluate(
             "() => [...document.querySelectorAll('link[rel~=\"icon\"]')].map(l => l.href)"
         )

@@ -251,7 +251,7 @@ def test_the_graph_names_every_weight_layer_and_shows_adds_and_activation_edges(
     for layer in LAYERS:
         assert f'label="{layer}\\n' in dot, layer
     assert dot.count('shape="circle"') == 2  # the two residual additions
-    # every fake-quantized edge is drawn as one: the input's and each layer input's at least
+    # every fake-quantized edge is drawn as one: the input and each fused group's output
     assert dot.count('label=" A4"') >= len(LAYERS)
     for _, color, text in figures.SQNR_BANDS:
         assert text in dot and color in dot

@@ -30,6 +30,9 @@ class Split:
     split: str = "calib"
     name: str = "fake"
 
+    def inputs(self, rows=slice(None)) -> torch.Tensor:
+        return self.x[rows]
+
 
 def _data(n: int = 64, split: str = "calib", seed: int = 5, shape=(1, 6, 6)) -> Split:
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@
 import streamlit as st
 
 import qcore
-from pages import cache, controls, figures, tables
+from pages import cache, controls, figures, jobs, tables
 from pages.query import sync_query
 from pages.session import last_run, playground_settings
 from pages.sidebar import require_model_and_dataset
@@ -26,7 +26,7 @@ params = last_run(
     stale="The results below are of the last run; press **Run sweep** for the grid above.",
 )  # fmt: skip
 try:
-    df = cache.run_sweep(model, data, params)
+    df = jobs.run_sweep(model, data, params, restart=run)  # in a worker process (pages/jobs.py)
 except ValueError as e:
     st.error(str(e))
     st.stop()
