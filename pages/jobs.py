@@ -28,6 +28,8 @@ from typing import Any
 
 import streamlit as st
 
+from qcore.executors import spawnable_main
+
 WORKERS_ENV, PER_SESSION_ENV = "QP_JOB_WORKERS", "QP_JOBS_PER_SESSION"
 KEPT_RESULTS = 16  # finished results per process, as pages.cache.ANALYSIS_CACHE_ENTRIES
 
@@ -165,7 +167,8 @@ class JobPool:
             recv, send = ctx.Pipe(duplex=False)
             job._process = ctx.Process(target=_worker, args=(job.task, job.payload, send),
                                        daemon=True, name=f"qp-job-{job.seq}")  # fmt: skip
-            job._process.start()
+            with spawnable_main():  # not the page script again in the worker
+                job._process.start()
             send.close()
             job.state = "running"
             self._running.append(job)

@@ -17,8 +17,11 @@ the process that submitted it, so a row computed elsewhere equals the in-process
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import lru_cache
 from multiprocessing import get_context
@@ -94,6 +97,29 @@ def check_refs(model: object, dataset: object, calib: object = None) -> None:
                 "name. Run without an executor, or pick a sample model and dataset."
             )
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def spawnable_main() -> Iterator[None]:
+    """Start spawned processes inside this: a new process re-runs the parent's main script
+    first, unless it is a module (``python -m``). Under Streamlit the main module is the
+    app's page script, which must not run again in a worker, so its file name is hidden
+    while processes start (a worker imports what its job names, nothing else)."""
+    main = sys.modules.get("__main__")
+    hide = (main is not None and getattr(main, "__spec__", None) is None
+            and getattr(main, "__file__", None) is not None)  # fmt: skip
+    with _MAIN_LOCK:
+        if not hide:
+            yield
+            return
+        path = main.__file__
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
+
 
 class ProcessExecutor:
     """Jobs on a pool of ``workers`` local worker processes (started fresh, not forked, so
@@ -115,7 +141,8 @@ class ProcessExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
         threads = torch.get_num_threads()
-        futures = [self._pool.submit(_run_job, fn, job, threads) for job in jobs]
+        with spawnable_main():  # the pool starts its processes on submit
+            futures = [self._pool.submit(_run_job, fn, job, threads) for job in jobs]
         index = {f: i for i, f in enumerate(futures)}
         pending = set(futures)
         try:

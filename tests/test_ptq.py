@@ -194,7 +194,8 @@ def test_activation_ranges_are_calibrated_on_the_equalized_model() -> None:
     plain = compress(model, CompressionConfig(quant=QuantConfig(bits=16),
                                               act=qcore.ActQuantConfig(bits=16)), calib=calib)
     g = graph_of(model)
-    edge = "dw.input"
+    edge = comp.layer("dw").act.edge  # the stem's group output, which dw reads
+    assert edge == plain.layer("dw").act.edge
     # the stem's output channels were divided by s, so the range reaching dw changed
     assert comp.activations[edge].hi != plain.activations[edge].hi
     with torch.no_grad():
