@@ -15,6 +15,7 @@ Models and datasets made in a session are not sent: those jobs run in the web pr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -50,10 +51,11 @@ def _sweep(payload: dict, progress: Callable[[int, int, dict], None]) -> Any:
 
     address = os.environ.get(RAY_ADDRESS_ENV) or None
     executor = RayExecutor(address=address) if address else None
-    return qcore.sweep(
-        qcore.ModelRef.from_dict(payload["model"]), qcore.DatasetRef.from_dict(payload["dataset"]),
-        qcore.SweepGrid.from_dict(payload["grid"]), progress=progress, executor=executor,
-    )  # fmt: skip
+    data = qcore.DatasetRef.from_dict(payload["dataset"])
+    calib = dataclasses.replace(data, split="calib") if payload.get("calib") else None
+    grid = qcore.SweepGrid.from_dict(payload["grid"])
+    return qcore.sweep(qcore.ModelRef.from_dict(payload["model"]), data, grid, calib=calib,
+                       progress=progress, executor=executor)  # fmt: skip
 
 
 TASKS: dict[str, Callable[[dict, Callable[[int, int, dict], None]], Any]] = {"sweep": _sweep}
@@ -266,6 +268,9 @@ def run_sweep(model: Any, data: Any, params: Any, restart: bool = False) -> Any:
     grid = params.grid()  # a ValueError with a sentence before anything starts
     if model.is_session or data.is_session or pool().workers == 0:
         return cache.run_sweep(model, data, params)
-    payload = {"model": model.to_dict(), "dataset": data.to_dict(), "grid": grid.to_dict()}
+    # activations calibrated, AdaRound and bias correction learnt on the calibration split
+    needs = params.needs_calib or any(b is not None for b in params.act_bits)
+    payload = {"model": model.to_dict(), "dataset": data.to_dict(), "grid": grid.to_dict(),
+               "calib": needs}  # fmt: skip
     key = ("sweep", model, data, params)
     return run(key, "sweep", payload, text="Sweeping…", restart=restart)

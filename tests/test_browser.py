@@ -236,9 +236,20 @@ def _combobox(page, label: str):
 
 
 def _pick(page, label: str, option: str) -> None:
-    """Choose the option whose text contains ``option`` in the selectbox ``label``."""
-    _combobox(page, label).click()
-    page.get_by_role("option").filter(has_text=option).first.click()
+    """Choose the option whose text contains ``option`` in the selectbox ``label``. A rerun
+    that redraws the picker while its list opens closes the list: then open it again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):
+        wait_idle(page)
+        _combobox(page, label).click()
+        try:
+            page.get_by_role("option").filter(has_text=option).first.click(timeout=10_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
     wait_idle(page)
 
 
