@@ -432,3 +432,21 @@ def test_output_true_quantizes_the_logits() -> None:
     assert "output" not in ActQuantConfig().to_dict()
     with pytest.raises(ValueError, match="float logits"):  # no flat setting (URL) says it
         qcore.Settings.from_config(cfg)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_an_edges_fused_fake_quant_equals_qcores_formula_bit_for_bit(bits, symmetric) -> None:
+    """ActRange.fake_quantize runs torch's fused kernel; it must give exactly the values of
+    qcore.affine.fake_quantize (quantize_codes then dequantize_codes)."""
+    from qcore.activations import ActRange
+    from qcore.affine import fake_quantize, qparams_from_range
+
+    g = torch.Generator().manual_seed(bits * 2 + symmetric)
+    for scale in (1e-3, 1.0, 300.0):
+        x = torch.randn(20_000, generator=g) * scale
+        lo, hi = torch.tensor([float(x.min()) * 0.7]), torch.tensor([float(x.max()) * 0.6])
+        qp = qparams_from_range(lo, hi, bits, symmetric)
+        r = ActRange("e", float(lo[0]), float(hi[0]), float(lo[0]), float(hi[0]), qp, bits,
+                     symmetric)  # fmt: skip
+        assert torch.equal(r.fake_quantize(x), fake_quantize(x.reshape(1, -1), qp).reshape(-1))
