@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import lru_cache
@@ -104,21 +105,22 @@ _MAIN_LOCK = threading.Lock()
 def spawnable_main() -> Iterator[None]:
     """Start spawned processes inside this: a new process re-runs the parent's main script
     first, unless it is a module (``python -m``). Under Streamlit the main module is the
-    app's page script, which must not run again in a worker, so its file name is hidden
-    while processes start (a worker imports what its job names, nothing else)."""
+    app's page script, which must not run again in a worker, so a bare stand-in is the main
+    module while processes start (a worker imports what its job names, nothing else). The
+    script's own globals are not touched: it keeps running as it was."""
     main = sys.modules.get("__main__")
-    hide = (main is not None and getattr(main, "__spec__", None) is None
-            and getattr(main, "__file__", None) is not None)  # fmt: skip
+    if main is None or getattr(main, "__spec__", None) is not None \
+            or getattr(main, "__file__", None) is None:  # fmt: skip
+        yield
+        return
+    stand_in = types.ModuleType("__main__")
     with _MAIN_LOCK:
-        if not hide:
-            yield
-            return
-        path = main.__file__
-        del main.__file__
+        sys.modules["__main__"] = stand_in
         try:
             yield
         finally:
-            main.__file__ = path
+            if sys.modules.get("__main__") is stand_in:
+                sys.modules["__main__"] = main
 
 
 class ProcessExecutor:
