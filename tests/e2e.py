@@ -117,3 +117,21 @@ def metric_value(page, label: str) -> str:
     """The text of the ``st.metric`` whose label contains ``label``."""
     metric = page.locator('[data-testid="stMetric"]', has_text=label).first
     return metric.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def pick_option(page, picker, option, attempts: int = 3) -> None:
+    """Open the selectbox ``picker`` (a locator) and click ``option`` (a locator in its
+    list). A rerun that redraws the picker while its list opens closes the list: then the
+    list is opened again, after the run is over."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        wait_idle(page)
+        picker.click()
+        try:
+            option.click(timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")

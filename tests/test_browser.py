@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 
 import pytest
-from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
+from e2e import (
+    browser_page,
+    metric_value,
+    pick_option,
+    require_chromium,
+    serve_app,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -236,20 +243,9 @@ def _combobox(page, label: str):
 
 
 def _pick(page, label: str, option: str) -> None:
-    """Choose the option whose text contains ``option`` in the selectbox ``label``. A rerun
-    that redraws the picker while its list opens closes the list: then open it again."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    for attempt in range(3):
-        wait_idle(page)
-        _combobox(page, label).click()
-        try:
-            page.get_by_role("option").filter(has_text=option).first.click(timeout=10_000)
-            break
-        except PlaywrightTimeout:
-            if attempt == 2:
-                raise
-            page.keyboard.press("Escape")
+    """Choose the option whose text contains ``option`` in the selectbox ``label``."""
+    pick_option(page, _combobox(page, label),
+                page.get_by_role("option").filter(has_text=option).first)  # fmt: skip
     wait_idle(page)
 
 

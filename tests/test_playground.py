@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from e2e import CHROMIUM, browser_page, serve_app, wait_idle
+from e2e import CHROMIUM, browser_page, pick_option, serve_app, wait_idle
 from playwright.sync_api import expect
 from streamlit.testing.v1 import AppTest
 
@@ -784,16 +784,17 @@ def _histogram_title(page) -> str:
 def test_browser_layer_picker_shows_the_layer_drawn_after_a_model_change(app_url) -> None:
     with browser_page() as page:
         _open(page, f"{app_url}/?model=mnist-cnn")
-        page.locator('[data-testid="stSelectbox"]', has_text="Layer").first.click()
-        page.get_by_role("option", name="fc1", exact=True).click()
+        pick_option(page, page.locator('[data-testid="stSelectbox"]', has_text="Layer").first,
+                    page.get_by_role("option", name="fc1", exact=True))  # fmt: skip
         page.wait_for_function(
             """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] .gtitle')]
                 .some(e => e.textContent.trim() === 'fc1')""",
             timeout=60_000,
         )
         assert _layer_picker_text(page) == "fc1"
-        page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
-        page.get_by_role("option", name="mnist-dwsep", exact=False).click()
+        model_picker = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first
+        pick_option(page, model_picker, page.get_by_role("option", name="mnist-dwsep",
+                                                         exact=False))  # fmt: skip
         page.wait_for_function(
             """() => [...document.querySelectorAll('[data-testid="stPlotlyChart"] .gtitle')]
                 .some(e => e.textContent.trim() === 'stem.0')""",
