@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode
 import streamlit as st
 
 from pages import cache, figures
+from pages.controls import image_grid
 from pages.query import COMPARE_KEY
 from pages.tables import Result
 from qcore.config import Settings
@@ -232,9 +233,6 @@ def _disagreeing(model: ModelRef, data: DatasetRef, a: Settings, b: Settings, n:
     )
     ds = cache.get_dataset(data)
     images = figures.display_images(d.images, ds.mean, ds.std)
-    for start in range(0, len(images), IMAGES_PER_ROW):
-        cols = st.columns(IMAGES_PER_ROW)
-        shown = range(start, min(start + IMAGES_PER_ROW, len(images)))
-        for col, i in zip(cols, shown, strict=False):  # the last row may be short
-            col.image(images[i], width="content")
-            col.caption(f"true {d.truth[i]}  \nA {d.a_pred[i]} · B {d.b_pred[i]}")
+    captions = [f"true {t}  \nA {a} · B {b}" for t, a, b in zip(d.truth, d.a_pred, d.b_pred,
+                                                                   strict=True)]  # fmt: skip
+    image_grid(images, captions, IMAGES_PER_ROW)

@@ -600,3 +600,13 @@ def budget_ui(lo_kb: float, hi_kb: float) -> float:
         persist_state=_KEEP,
         help="From every layer at the lowest candidate bit width to every layer at 8 bits.",
     )
+
+
+def image_grid(images: Sequence, captions: Sequence[str], per_row: int) -> None:
+    """Images in rows of ``per_row`` columns, each with its own caption under it."""
+    for start in range(0, len(images), per_row):
+        cols = st.columns(per_row)
+        shown = range(start, min(start + per_row, len(images)))
+        for col, i in zip(cols, shown, strict=False):  # the last row may be short
+            col.image(images[i], width="content")
+            col.caption(captions[i])

@@ -7,7 +7,13 @@ from dataclasses import replace
 import streamlit as st
 
 from pages import cache, compare, figures, remedies, tables, timing
-from pages.controls import CLIP_SLIDERS, compression_ui, layer_bits_note, settings_notes
+from pages.controls import (
+    CLIP_SLIDERS,
+    compression_ui,
+    image_grid,
+    layer_bits_note,
+    settings_notes,
+)
 from pages.query import sync_query
 from pages.session import model_ref, reference_model
 from pages.sidebar import require_model_and_dataset
@@ -530,12 +536,9 @@ def wrong_images(model: ModelRef, data: DatasetRef, settings: Settings) -> None:
     )
     ds = cache.get_dataset(data)
     images = figures.display_images(w.images, ds.mean, ds.std)
-    for start in range(0, len(images), WRONG_PER_ROW):
-        cols = st.columns(WRONG_PER_ROW)
-        shown = range(start, min(start + WRONG_PER_ROW, len(images)))
-        for col, i in zip(cols, shown, strict=False):  # the last row may be short
-            col.image(images[i], width="content")
-            col.caption(tables.wrong_caption(w.truth[i], w.float_pred[i], w.now_pred[i]))
+    captions = [tables.wrong_caption(t, f, n)
+                for t, f, n in zip(w.truth, w.float_pred, w.now_pred, strict=True)]  # fmt: skip
+    image_grid(images, captions, WRONG_PER_ROW)
 
 
 with timing.phase("details tabs"):
