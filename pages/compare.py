@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import streamlit as st
 
-from pages import cache, figures
-from pages.controls import image_grid
+from pages import cache, figures, tables
+from pages.controls import display_images, image_grid
 from pages.query import COMPARE_KEY
 from pages.tables import Result
 from qcore.config import Settings
@@ -116,7 +116,7 @@ def _sqnr(v: float) -> str:
 
 def _signed_bytes(n: int) -> str:
     # an ASCII sign: st.metric colours a delta by its leading "-"
-    return ("+" if n > 0 else "-" if n < 0 else "±") + figures.format_bytes(abs(n))
+    return ("+" if n > 0 else "-" if n < 0 else "±") + tables.format_bytes(abs(n))
 
 
 def headline(r: Result, a: Result | None) -> list[tuple[str, str, str | None, str]]:
@@ -133,7 +133,7 @@ def headline(r: Result, a: Result | None) -> list[tuple[str, str, str | None, st
     rows = [
         ("Accuracy (simulated)", f"{r.accuracy:.1%}",
          None if a is None else pts(r.accuracy, a.accuracy), "normal"),
-        ("Packed size", figures.format_bytes(r.size_bytes),
+        ("Packed size", tables.format_bytes(r.size_bytes),
          None if a is None else f"{_signed_bytes(r.size_bytes - a.size_bytes)} vs A", "inverse"),
         ("Sparsity", f"{r.sparsity:.1%}", None if a is None else pts(r.sparsity, a.sparsity),
          "off"),
@@ -232,7 +232,7 @@ def _disagreeing(model: ModelRef, data: DatasetRef, a: Settings, b: Settings, n:
         f"{len(d.truth)} are shown with the true class and each setting's answer."
     )
     ds = cache.get_dataset(data)
-    images = figures.display_images(d.images, ds.mean, ds.std)
+    images = display_images(d.images, ds.mean, ds.std)
     captions = [f"true {t}  \nA {a} · B {b}" for t, a, b in zip(d.truth, d.a_pred, d.b_pred,
                                                                    strict=True)]  # fmt: skip
     image_grid(images, captions, IMAGES_PER_ROW)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import streamlit as st
 
 from pages.cache import SweepParams
@@ -178,16 +180,50 @@ def _covers_every_layer(layer_bits: Sequence[tuple[str, int]], layers: Sequence[
     return bool(layers) and all(n in named for n in layers)
 
 
+@dataclass(frozen=True)
+class _Shown:
+    """What the current values switch off in the other controls."""
+
+    is_float: bool  # the slider is at float32: nothing is quantized
+    one_bit: bool
+    shared: bool  # a k-means codebook: no grid, range or rounding to set
+    act_float: bool  # activations stay float32
+    overridden: bool  # per-layer bits name every compressed layer: the slider sets none
+
+
+def _shown(ss: Any) -> _Shown:
+    is_float = ss["bits"] == FLOAT
+    return _Shown(
+        is_float=is_float,
+        one_bit=ss["bits"] == 1,
+        shared=not is_float and ss.get("codebook") == "kmeans",
+        act_float=ss.get("abits", FLOAT) == FLOAT,
+        overridden=not is_float and _covers_every_layer(ss.get("layer_bits", ()), ss["layers"]),
+    )
+
+
 def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None = None) -> Settings:
     """Bit widths of weights and activations, clip (with its mode), pruning rate and the
     Advanced options (activation observer and scale mode among them)."""
     ss = st.session_state
     ensure_layers(layer_names)
-    is_float, one_bit = ss["bits"] == FLOAT, ss["bits"] == 1
-    shared = not is_float and ss.get("codebook") == "kmeans"  # k-means: no grid to set
-    act_float = ss.get("abits", FLOAT) == FLOAT
-    # with per-layer bits on every compressed layer, only float32 on the slider matters
-    overridden = not is_float and _covers_every_layer(ss.get("layer_bits", ()), ss["layers"])
+    shown = _shown(ss)
+    _sliders(ss, shown)
+    with st.expander("Advanced"):
+        a, b, c = st.columns(3, gap="large")
+        with a:
+            _grid_options(shown)
+        with b:
+            _pruning_options()
+        with c:
+            _pipeline_options(ss, shown)
+        _layer_options(ss, layer_names, blocks or {})
+    return settings_from_session(ss, layer_names)
+
+
+def _sliders(ss: Any, shown: _Shown) -> None:
+    """The three columns above the fold: bit widths, clip, pruning rate."""
+    is_float, shared, overridden = shown.is_float, shown.shared, shown.overridden
     c_bits, c_clip, c_prune = st.columns(3, gap="large")
     with c_bits:
         st.select_slider(
@@ -248,138 +284,149 @@ def compression_ui(layer_names: Sequence[str], blocks: Mapping[str, str] | None 
             help=PRUNE_HELP,
         )
 
-    with st.expander("Advanced"):
-        a, b, c = st.columns(3, gap="large")
-        with a:
-            st.radio(
-                "Range",
-                [True, False],
-                key="symmetric",
-                horizontal=True,
-                persist_state=_KEEP,
-                disabled=is_float or one_bit or shared,
-                format_func=lambda v: "symmetric" if v else "asymmetric",
-                help="Symmetric: zero point 0, codes ±(2^(b-1)-1). Asymmetric: codes 0..2^b-1 "
-                "with an integer zero point. Unused at 1 bit.",
-            )
-            st.radio(
-                "Scales",
-                [False, True],
-                key="per_channel",
-                horizontal=True,
-                persist_state=_KEEP,
-                disabled=is_float or shared,
-                format_func=lambda v: "per-channel" if v else "per-tensor",
-                help="One scale per tensor, or one per output channel."
-                + ("\n\nUnused with a k-means codebook: one codebook per layer." if shared
-                   else ""),
-            )
-            st.radio(
-                "Rounding",
-                list(ROUNDINGS),
-                key="rounding",
-                horizontal=True,
-                persist_state=_KEEP,
-                disabled=is_float or one_bit or shared,
-                help=ROUNDING_HELP,
-            )
-            if one_bit and not shared:
-                st.caption(ONE_BIT_NOTE)
-            st.radio(
-                "Codebook",
-                list(CODEBOOKS),
-                key="codebook",
-                horizontal=True,
-                persist_state=_KEEP,
-                disabled=is_float,
-                format_func=CODEBOOK_LABELS.__getitem__,
-                help=CODEBOOK_HELP,
-            )
-        with b:
-            st.toggle(
-                "Structured pruning",
-                key="structured",
-                persist_state=_KEEP,
-                help="Remove whole output channels (smallest L2 norm first) until the "
-                "pruning rate's share of the weights is reached; never a layer's last "
-                "channel.",
-            )
-            st.radio(
-                "Pruning scope",
-                ["layer", "global"],
-                key="scope",
-                horizontal=True,
-                persist_state=_KEEP,
-                help="layer: the same rate in every layer; global: the rate is a share of "
-                "all compressed weights, ranked together, so layers lose different shares.",
-            )
-            st.radio(
-                "Entropy coding",
-                list(ENTROPY_CODINGS),
-                key="entropy",
-                horizontal=True,
-                persist_state=_KEEP,
-                format_func=ENTROPY_LABELS.__getitem__,
-                help=ENTROPY_HELP,
-            )
-        with c:
-            st.toggle(
-                "Fold BatchNorm",
-                key="fold_bn",
-                persist_state=_KEEP,
-                help="Fold BatchNorm into the preceding layer before compressing (as deployed).",
-            )
-            st.toggle(
-                "Cross-layer equalization",
-                key="equalize",
-                persist_state=_KEEP,
-                disabled=is_float,
-                help=EQUALIZE_HELP,
-            )
-            st.toggle(
-                "Bias correction",
-                key="bias_correction",
-                persist_state=_KEEP,
-                disabled=is_float and ss.get("prune", 0.0) == 0,
-                help=BIAS_CORRECTION_HELP,
-            )
-            st.selectbox(
-                "Activation observer",
-                list(ACT_OBSERVERS),
-                key="aobs",
-                persist_state=_KEEP,
-                disabled=act_float,
-                help=OBSERVER_HELP + ("\n\nUnused while activations are float32."
-                                      if act_float else ""),
-            )
-            st.radio(
-                "Scale mode",
-                list(SCALE_MODES),
-                key="scale",
-                horizontal=True,
-                persist_state=_KEEP,
-                disabled=(is_float or shared) and act_float,
-                format_func=SCALE_MODE_LABELS.__getitem__,
-                help=SCALE_MODE_HELP,
-            )
-        st.multiselect(
-            "Layers to compress",
-            list(layer_names),
-            key="layers",
-            persist_state=_KEEP,
-            help="Layers left out stay float32. A layer inside a removed block (below) "
-            "leaves the network whether it is listed here or not.",
-        )
-        # said in a caption, not in the options' labels: a multiselect whose labels change
-        # between runs can lose its selection in the browser
-        dropped = [b for b in ss.get("drop", []) if b in (blocks or {})]
-        gone = [n for n in layer_names
-                if any(n == b or n.startswith(b + ".") for b in dropped)]  # fmt: skip
-        if gone:
-            st.caption(f"Removed with their block: {', '.join(gone)}. They leave the network "
-                       "whether they are listed above or not.")  # fmt: skip
-        _drop_picker(blocks or {})
-    return settings_from_session(ss, layer_names)
+
+def _grid_options(shown: _Shown) -> None:
+    """Range, scales, rounding and codebook: how weights meet their grid."""
+    is_float, one_bit, shared = shown.is_float, shown.one_bit, shown.shared
+    st.radio(
+        "Range",
+        [True, False],
+        key="symmetric",
+        horizontal=True,
+        persist_state=_KEEP,
+        disabled=is_float or one_bit or shared,
+        format_func=lambda v: "symmetric" if v else "asymmetric",
+        help="Symmetric: zero point 0, codes ±(2^(b-1)-1). Asymmetric: codes 0..2^b-1 "
+        "with an integer zero point. Unused at 1 bit.",
+    )
+    st.radio(
+        "Scales",
+        [False, True],
+        key="per_channel",
+        horizontal=True,
+        persist_state=_KEEP,
+        disabled=is_float or shared,
+        format_func=lambda v: "per-channel" if v else "per-tensor",
+        help="One scale per tensor, or one per output channel."
+        + ("\n\nUnused with a k-means codebook: one codebook per layer." if shared
+           else ""),
+    )
+    st.radio(
+        "Rounding",
+        list(ROUNDINGS),
+        key="rounding",
+        horizontal=True,
+        persist_state=_KEEP,
+        disabled=is_float or one_bit or shared,
+        help=ROUNDING_HELP,
+    )
+    if one_bit and not shared:
+        st.caption(ONE_BIT_NOTE)
+    st.radio(
+        "Codebook",
+        list(CODEBOOKS),
+        key="codebook",
+        horizontal=True,
+        persist_state=_KEEP,
+        disabled=is_float,
+        format_func=CODEBOOK_LABELS.__getitem__,
+        help=CODEBOOK_HELP,
+    )
+
+
+def _pruning_options() -> None:
+    """Structured pruning, its scope, and entropy coding of the codes."""
+    st.toggle(
+        "Structured pruning",
+        key="structured",
+        persist_state=_KEEP,
+        help="Remove whole output channels (smallest L2 norm first) until the "
+        "pruning rate's share of the weights is reached; never a layer's last "
+        "channel.",
+    )
+    st.radio(
+        "Pruning scope",
+        ["layer", "global"],
+        key="scope",
+        horizontal=True,
+        persist_state=_KEEP,
+        help="layer: the same rate in every layer; global: the rate is a share of "
+        "all compressed weights, ranked together, so layers lose different shares.",
+    )
+    st.radio(
+        "Entropy coding",
+        list(ENTROPY_CODINGS),
+        key="entropy",
+        horizontal=True,
+        persist_state=_KEEP,
+        format_func=ENTROPY_LABELS.__getitem__,
+        help=ENTROPY_HELP,
+    )
+
+
+def _pipeline_options(ss: Any, shown: _Shown) -> None:
+    """BatchNorm folding, equalization, bias correction and the activation observer."""
+    is_float, shared, act_float = shown.is_float, shown.shared, shown.act_float
+    st.toggle(
+        "Fold BatchNorm",
+        key="fold_bn",
+        persist_state=_KEEP,
+        help="Fold BatchNorm into the preceding layer before compressing (as deployed).",
+    )
+    st.toggle(
+        "Cross-layer equalization",
+        key="equalize",
+        persist_state=_KEEP,
+        disabled=is_float,
+        help=EQUALIZE_HELP,
+    )
+    st.toggle(
+        "Bias correction",
+        key="bias_correction",
+        persist_state=_KEEP,
+        disabled=is_float and ss.get("prune", 0.0) == 0,
+        help=BIAS_CORRECTION_HELP,
+    )
+    st.selectbox(
+        "Activation observer",
+        list(ACT_OBSERVERS),
+        key="aobs",
+        persist_state=_KEEP,
+        disabled=act_float,
+        help=OBSERVER_HELP + ("\n\nUnused while activations are float32."
+                              if act_float else ""),
+    )
+    st.radio(
+        "Scale mode",
+        list(SCALE_MODES),
+        key="scale",
+        horizontal=True,
+        persist_state=_KEEP,
+        disabled=(is_float or shared) and act_float,
+        format_func=SCALE_MODE_LABELS.__getitem__,
+        help=SCALE_MODE_HELP,
+    )
+
+
+def _layer_options(ss: Any, layer_names: Sequence[str], blocks: Mapping[str, str]) -> None:
+    """Which layers are compressed, and which blocks leave the network."""
+    st.multiselect(
+        "Layers to compress",
+        list(layer_names),
+        key="layers",
+        persist_state=_KEEP,
+        help="Layers left out stay float32. A layer inside a removed block (below) "
+        "leaves the network whether it is listed here or not.",
+    )
+    # said in a caption, not in the options' labels: a multiselect whose labels change
+    # between runs can lose its selection in the browser
+    dropped = [b for b in ss.get("drop", []) if b in blocks]
+    gone = [n for n in layer_names
+            if any(n == b or n.startswith(b + ".") for b in dropped)]  # fmt: skip
+    if gone:
+        st.caption(f"Removed with their block: {', '.join(gone)}. They leave the network "
+                   "whether they are listed above or not.")  # fmt: skip
+    _drop_picker(blocks)
 
 
 def _drop_picker(blocks: Mapping[str, str]) -> None:
@@ -610,3 +657,24 @@ def image_grid(images: Sequence, captions: Sequence[str], per_row: int) -> None:
         for col, i in zip(cols, shown, strict=False):  # the last row may be short
             col.image(images[i], width="content")
             col.caption(captions[i])
+
+
+def display_images(
+    x: np.ndarray, mean: Sequence[float], std: Sequence[float], *, min_size: int = 84
+) -> list[np.ndarray]:
+    """Normalised images (K, C, H, W) back to pixels in [0, 1], enlarged for display.
+
+    Grey images become (H', W'), colour ones (H', W', C); each side is repeated (nearest
+    neighbour) by a whole factor so that it is at least ``min_size`` pixels, when it is smaller.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"Images must be (K, C, H, W); got shape {x.shape}.")
+    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    pix = np.clip(x * s + m, 0.0, 1.0)
+    factor = max(1, -(-min_size // max(x.shape[2], 1)))
+    if factor > 1:
+        pix = pix.repeat(factor, axis=2).repeat(factor, axis=3)
+    out = pix[:, 0] if pix.shape[1] == 1 else pix.transpose(0, 2, 3, 1)
+    return list(out)

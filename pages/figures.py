@@ -15,6 +15,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
+from pages.tables import format_bytes
+
 FLOAT_COLOR = "#636efa"
 COMPRESSED_COLOR = "#ef553b"
 LEVEL_COLOR = "rgba(90, 90, 90, 0.45)"
@@ -34,20 +36,6 @@ class HistogramLike(Protocol):
     zeros_after: int
     requested: tuple[float, float] | None  # the clip range asked for
     shared: int | None  # a k-means layer: how many levels are shared values
-
-
-def format_bytes(n: float) -> str:
-    """A byte count in three significant figures: "840 B", "9.50 kB", "127 kB", "1.33 MB".
-
-    >>> format_bytes(840), format_bytes(9500), format_bytes(126_640), format_bytes(1_334_104)
-    ('840 B', '9.50 kB', '127 kB', '1.33 MB')
-    """
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            v = n / scale
-            decimals = 0 if v >= 100 else 1 if v >= 10 else 2
-            return f"{v:.{decimals}f} {unit}"
-    return f"{int(n)} B"
 
 
 GRID_RANGE_LABEL = "grid range (what the codes reach)"
@@ -269,27 +257,6 @@ def confusion_figure(
         height=460,
     )
     return fig
-
-
-def display_images(
-    x: np.ndarray, mean: Sequence[float], std: Sequence[float], *, min_size: int = 84
-) -> list[np.ndarray]:
-    """Normalised images (K, C, H, W) back to pixels in [0, 1], enlarged for display.
-
-    Grey images become (H', W'), colour ones (H', W', C); each side is repeated (nearest
-    neighbour) by a whole factor so that it is at least ``min_size`` pixels, when it is smaller.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4:
-        raise ValueError(f"Images must be (K, C, H, W); got shape {x.shape}.")
-    m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    pix = np.clip(x * s + m, 0.0, 1.0)
-    factor = max(1, -(-min_size // max(x.shape[2], 1)))
-    if factor > 1:
-        pix = pix.repeat(factor, axis=2).repeat(factor, axis=3)
-    out = pix[:, 0] if pix.shape[1] == 1 else pix.transpose(0, 2, 3, 1)
-    return list(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,34 +556,6 @@ def prune_curves(
     return fig
 
 
-def sensitivity_summary(df: pd.DataFrame) -> str:
-    """The most and least sensitive layers, in a sentence.
-
-    Judged by the accuracy drop at the lowest bit width tried (ties: the mean drop over all
-    bit widths); without bit widths, by the drop at the highest pruning rate.
-    """
-    quant = df[df["kind"] == "quant"]
-    if len(quant):
-        part, at = quant, quant["setting"].min()
-        where = f"at {at:g} bits"
-    else:
-        part = df[df["kind"] == "prune"]
-        if not len(part):
-            raise ValueError("The sensitivity table has no rows.")
-        at = part["setting"].max()
-        where = f"pruned {at:.0%}"
-    mean = part.groupby("layer", sort=False)["drop"].mean()
-    low = part[part["setting"] == at].set_index("layer")["drop"]
-    ranked = sorted(low.index, key=lambda n: (low[n], mean[n]))  # least sensitive first
-    most, least = ranked[-1], ranked[0]
-    if most == least:
-        return f"Only one layer: {most} (drop {low[most] * 100:.1f} pts {where})."
-    return (
-        f"Most sensitive: {most} (drop {low[most] * 100:.1f} pts {where}); "
-        f"least sensitive: {least} (drop {low[least] * 100:.1f} pts {where})."
-    )
-
-
 def bits_colors(bits: Sequence[int], lo: int = 1, hi: int = 8) -> list[str]:
     """One Viridis colour per bit width (``lo`` dark purple to ``hi`` yellow), as CSS strings.
 
@@ -888,38 +827,6 @@ def deep_waterfall(stages: pd.DataFrame, *, title: str | None = None) -> go.Figu
     return fig
 
 
-def deep_layer_bits(layers: pd.DataFrame) -> pd.DataFrame:
-    """Bits per weight of each layer after each stage: one row per layer, one column per
-    stage (in the pipeline's order), from ``qcore.deep_compression(...).layers``."""
-    order = list(dict.fromkeys(layers["stage"]))
-    table = layers.pivot(index="layer", columns="stage", values="bits_per_weight")
-    rows = list(dict.fromkeys(layers["layer"]))
-    return table.loc[rows, order].reset_index().rename_axis(columns=None)
-
-
-def deep_comparison(stages: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame:
-    """Our stages and the paper's side by side, one row per stage: our weights kept (%),
-    packed bytes, ratio and top-1 error (%), then the paper's as text ("—" where the paper
-    publishes no number). ``paper`` is one of ``qcore.deep.PAPER``."""
-    theirs = paper.set_index("stage")
-
-    def text(stage: str, column: str, fmt: str) -> str:
-        v = theirs[column].get(stage)
-        return "—" if v is None or v != v else fmt.format(v)  # v != v: NaN
-
-    return pd.DataFrame({
-        "stage": list(stages["label"]),
-        "kept": 100 * stages["kept"].to_numpy(dtype=float),
-        "size_bytes": stages["size_bytes"].to_numpy(),
-        "ratio": stages["ratio"].to_numpy(dtype=float),
-        "error": 100 * (1 - stages["accuracy"].to_numpy(dtype=float)),
-        "paper_kept": [text(s, "kept", "{:.0%}") for s in stages["stage"]],
-        "paper_size": [text(s, "size_kb", "{:.0f} KB") for s in stages["stage"]],
-        "paper_ratio": [text(s, "ratio", "{:.0f}x") for s in stages["stage"]],
-        "paper_error": [text(s, "error", "{:.2%}") for s in stages["stage"]],
-    })  # fmt: skip
-
-
 # --- the Robustness page: accuracy against perturbation strength ------------------------------
 ROBUST_COLORS = ("#636efa", "#ef553b", "#00a36c", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
 ROBUST_TITLES = {
@@ -1018,37 +925,6 @@ def robustness_curves(
         height=400,
     )  # fmt: skip
     return fig
-
-
-def robustness_summary(curves: Mapping[str, pd.DataFrame], perturbation: str) -> str:
-    """What the curves show, in a sentence computed from the rows: each variant's accuracy
-    against the first one's (the float model) at one strength, the largest at which the
-    first still keeps at least half its clean accuracy (else the smallest above 0)."""
-    labels = list(curves)
-    if not labels:
-        raise ValueError("There are no curves to summarise.")
-    base = curves[labels[0]].set_index("strength")["accuracy"]
-    nonzero = [s for s in base.index if s > 0]
-    if not nonzero:
-        return "Only strength 0 was measured: the clean accuracy, nothing perturbed."
-    clean = float(base.get(0.0, base.iloc[0]))
-    kept = [s for s in nonzero if base[s] >= clean / 2]
-    at = max(kept) if kept else min(nonzero)
-    word = "epsilon" if perturbation in ("fgsm", "pgd") else "strength"
-    if perturbation == "bitflip":
-        word = "a flipped fraction of"
-    parts = []
-    for label in labels[1:]:
-        rows = curves[label].set_index("strength")["accuracy"]
-        if at not in rows.index:
-            continue
-        d = 100 * (float(rows[at]) - float(base[at]))
-        verdict = "no change" if abs(d) < 0.05 else f"{d:+.1f} pts"
-        parts.append(f"{label} keeps {100 * float(rows[at]):.1f} % ({verdict})")
-    head = f"At {word} {at:g}, {labels[0]} keeps {100 * float(base[at]):.1f} %"
-    if not parts:
-        return head + "."
-    return head + "; " + "; ".join(parts) + "."
 
 
 # --- the Playground's teaching panels: the error of one layer, SQNR against bits -------------

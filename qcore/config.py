@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -889,116 +889,98 @@ def parse_flat(
     ['The link has an unknown setting `colour`; it was ignored.']
     """
     values: dict[str, Any] = {}
-    warnings: list[str] = []
+    warnings = [f"The {source} has an unknown setting `{key}`; it was ignored."
+                for key in flat if key not in SETTING_KEYS]  # fmt: skip
 
-    def bad(key: str, raw: str, expected: str) -> None:
-        warnings.append(
-            f"The {source}'s `{key}={_cut(raw)}` is not valid ({expected}); using the default."
-        )
-
-    for key in flat:
-        if key not in SETTING_KEYS:
-            warnings.append(f"The {source} has an unknown setting `{key}`; it was ignored.")
-
-    raw = flat.get("bits")
-    if raw is not None:
+    def take(key: str, parse: Callable[[str], Any], expected: str) -> None:
+        """values[key] from the text, or a warning naming what was expected."""
+        raw = flat.get(key)
+        if raw is None:
+            return
         try:
-            values["bits"] = parse_bits(raw)
+            values[key] = parse(raw)
         except ValueError:
-            bad("bits", raw, "a whole number from 1 to 16, or float")
+            warnings.append(
+                f"The {source}'s `{key}={_cut(raw)}` is not valid ({expected}); using the "
+                "default."
+            )
 
-    raw = flat.get("clip_mode")
-    if raw is not None:
-        if raw in CLIP_RANGES:
-            values["clip_mode"] = raw
-        else:
-            bad("clip_mode", raw, "one of " + ", ".join(CLIP_RANGES))
+    take("bits", parse_bits, "a whole number from 1 to 16, or float")
+    take("clip_mode", _one_of(CLIP_RANGES), "one of " + ", ".join(CLIP_RANGES))
     mode = values.get("clip_mode", "ratio")
     if mode != "ratio":
         values["clip"] = CLIP_RANGES[mode].default  # the default clip of the linked mode
-
-    raw = flat.get("clip")
-    if raw is not None:
-        r = CLIP_RANGES[mode]
-        try:
-            v = parse_number(raw)
-            if not r.lo <= v <= r.hi:
-                raise ValueError
-            values["clip"] = v
-        except ValueError:
-            bad("clip", raw, f"a number from {r.lo:g} to {r.hi:g} in {mode} mode")
-
-    raw = flat.get("prune")
-    if raw is not None:
-        try:
-            v = parse_number(raw)
-            if not 0.0 <= v <= MAX_PRUNE:
-                raise ValueError
-            values["prune"] = v
-        except ValueError:
-            bad("prune", raw, f"a rate from 0 to {MAX_PRUNE:g}")
-
-    for key in ("symmetric", "per_channel", "structured", "fold_bn", "equalize",
-                "bias_correction"):
-        raw = flat.get(key)
-        if raw is not None:
-            try:
-                values[key] = parse_bool(raw)
-            except ValueError:
-                bad(key, raw, "true or false")
-
-    raw = flat.get("abits")
-    if raw is not None:
-        try:
-            b = parse_bits(raw)
-            if b is not None and b < 2:
-                raise ValueError
-            values["abits"] = b
-        except ValueError:
-            bad("abits", raw, "a whole number from 2 to 16, or float")
-
-    for key, choices in (("rounding", ROUNDINGS), ("scope", SCOPES), ("scale", SCALE_MODES),
-                         ("aobs", ACT_OBSERVERS), ("codebook", CODEBOOKS),
-                         ("entropy", ENTROPY_CODINGS)):
-        raw = flat.get(key)
-        if raw is not None:
-            if raw in choices:
-                values[key] = raw
-            else:
-                bad(key, raw, "one of " + ", ".join(choices))
+    r = CLIP_RANGES[mode]
+    take("clip", _within(r.lo, r.hi), f"a number from {r.lo:g} to {r.hi:g} in {mode} mode")
+    take("prune", _within(0.0, MAX_PRUNE), f"a rate from 0 to {MAX_PRUNE:g}")
+    for key in _BOOL_KEYS:
+        take(key, parse_bool, "true or false")
+    take("abits", _act_bits, "a whole number from 2 to 16, or float")
+    for key, choices in _CHOICE_KEYS:
+        take(key, _one_of(choices), "one of " + ", ".join(choices))
 
     known = list(layer_names)
-    raw = flat.get("layers")
-    if raw is not None:
-        picked = [n.strip() for n in raw.split(",") if n.strip()]
-        if picked and all(n in known for n in picked):
-            values["layers"] = tuple(n for n in known if n in picked)
-        else:
-            bad("layers", raw, f"comma-separated layers of {model}: " + ", ".join(known))
-
-    raw = flat.get("layer_bits")
-    if raw is not None:
-        try:
-            values["layer_bits"] = parse_layer_bits(raw, known)
-        except ValueError:
-            example = f"{known[0] if known else 'fc1'}:4"
-            layers = ", ".join(known)
-            bad("layer_bits", raw, f"pairs such as {example}, bits 1 to 16, layers {layers}")
-
-    raw = flat.get("drop")
-    if raw is not None:
-        picked = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
-        if blocks is not None and all(n in blocks for n in picked):
-            values["drop"] = tuple(n for n in blocks if n in picked)
-        elif blocks is None and all(_BLOCK_NAME.fullmatch(n) for n in picked):
-            values["drop"] = tuple(picked)
-        else:
-            can = ", ".join(blocks) if blocks else "none"
-            bad("drop", raw, f"comma-separated removable blocks of {model}: {can}")
-
+    take("layers", lambda raw: _layers(raw, known),
+         f"comma-separated layers of {model}: " + ", ".join(known))  # fmt: skip
+    example = f"{known[0] if known else 'fc1'}:4"
+    take("layer_bits", lambda raw: parse_layer_bits(raw, known),
+         f"pairs such as {example}, bits 1 to 16, layers {', '.join(known)}")  # fmt: skip
+    can = ", ".join(blocks) if blocks else "none"
+    take("drop", lambda raw: _drop(raw, blocks),
+         f"comma-separated removable blocks of {model}: {can}")  # fmt: skip
     # settings valid one by one but not together (k-means with per-channel scales) are kept
     # as given: Settings.to_config resolves them and Settings.notes says how
     return values, warnings
+
+
+_BOOL_KEYS = ("symmetric", "per_channel", "structured", "fold_bn", "equalize", "bias_correction")
+_CHOICE_KEYS = (("rounding", ROUNDINGS), ("scope", SCOPES), ("scale", SCALE_MODES),
+                ("aobs", ACT_OBSERVERS), ("codebook", CODEBOOKS),
+                ("entropy", ENTROPY_CODINGS))  # fmt: skip
+
+
+def _one_of(choices: Collection[str]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(raw)
+        return raw
+
+    return parse
+
+
+def _within(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        v = parse_number(raw)
+        if not lo <= v <= hi:
+            raise ValueError(raw)
+        return v
+
+    return parse
+
+
+def _act_bits(raw: str) -> int | None:
+    b = parse_bits(raw)
+    if b is not None and b < 2:
+        raise ValueError(raw)
+    return b
+
+
+def _layers(raw: str, known: Sequence[str]) -> tuple[str, ...]:
+    """Comma-separated layer names, all of the model's, in model order."""
+    picked = [n.strip() for n in raw.split(",") if n.strip()]
+    if not picked or not all(n in known for n in picked):
+        raise ValueError(raw)
+    return tuple(n for n in known if n in picked)
+
+
+def _drop(raw: str, blocks: Sequence[str] | None) -> tuple[str, ...]:
+    """Comma-separated removable blocks (any dotted names when the blocks are unknown)."""
+    picked = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if blocks is not None and all(n in blocks for n in picked):
+        return tuple(n for n in blocks if n in picked)
+    if blocks is None and all(_BLOCK_NAME.fullmatch(n) for n in picked):
+        return tuple(picked)
+    raise ValueError(raw)
 
 
 _BLOCK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")

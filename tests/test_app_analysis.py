@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_app import APP, needs_sample, ok
 
-from pages import cache, figures
+from pages import cache, tables
 from pages.query import parse_query
 from pages.session import settings_from_session
 from qcore.config import Settings
@@ -185,7 +185,7 @@ def test_mixed_precision_fits_the_budget_and_opens_in_the_playground() -> None:
     assert layer_bits_note(at)
     assert at.query_params["layer_bits"] == ",".join(f"{n}:{b}" for n, b in chosen.items())
     size_now = next(m for m in at.metric if m.label == "Packed size").value
-    assert size_now == figures.format_bytes(res.size_bytes)
+    assert size_now == tables.format_bytes(res.size_bytes)
     # AppTest reruns the page it was switched to last, not the one st.switch_page picked
     at.switch_page("pages/views/playground.py").run()
     assert per_layer_bits(at) == chosen

@@ -128,14 +128,14 @@ def test_waterfall_steps_add_up_to_each_stage() -> None:
 def test_layer_bits_table_is_layers_by_stages_in_order() -> None:
     import pandas as pd
 
-    from pages import figures
+    from pages import tables
 
     layers = pd.DataFrame({
         "layer": ["fc1", "fc2", "fc1", "fc2"],
         "stage": ["float", "float", "pruned", "pruned"],
         "bits_per_weight": [32.0, 32.0, 3.5, 9.25],
     })  # fmt: skip
-    table = figures.deep_layer_bits(layers)
+    table = tables.deep_layer_bits(layers)
     assert list(table.columns) == ["layer", "float", "pruned"]
     assert table.to_dict("records") == [
         {"layer": "fc1", "float": 32.0, "pruned": 3.5},
@@ -144,9 +144,9 @@ def test_layer_bits_table_is_layers_by_stages_in_order() -> None:
 
 
 def test_comparison_puts_the_papers_numbers_beside_ours() -> None:
-    from pages import figures
+    from pages import tables
 
-    table = figures.deep_comparison(_stages().assign(kept=[1.0, 0.1, 0.1, 0.1]),
+    table = tables.deep_comparison(_stages().assign(kept=[1.0, 0.1, 0.1, 0.1]),
                                     qcore.deep.PAPER["LeNet-300-100"])  # fmt: skip
     assert list(table["stage"]) == list(_stages()["label"])
     assert list(table["size_bytes"]) == [40_000, 8_000, 2_500, 2_000]

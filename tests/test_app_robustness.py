@@ -9,7 +9,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_app import APP, needs_sample, ok
 
-from pages import figures
+from pages import figures, tables
 from qcore.config import Settings
 from qcore.robustness import parse_strengths
 
@@ -106,10 +106,10 @@ def _df(acc: list[float], strengths=(0.0, 0.1, 0.2)) -> pd.DataFrame:
 
 def test_summary_compares_at_the_largest_strength_float_keeps_half() -> None:
     curves = {"float32": _df([0.98, 0.60, 0.20]), "4 bits": _df([0.97, 0.70, 0.30])}
-    text = figures.robustness_summary(curves, "fgsm")
+    text = tables.robustness_summary(curves, "fgsm")
     assert text == "At epsilon 0.1, float32 keeps 60.0 %; 4 bits keeps 70.0 % (+10.0 pts)."
     curves = {"float32": _df([0.98, 0.30, 0.20]), "4 bits": _df([0.97, 0.30, 0.10])}
-    text = figures.robustness_summary(curves, "gaussian")
+    text = tables.robustness_summary(curves, "gaussian")
     assert text == "At strength 0.1, float32 keeps 30.0 %; 4 bits keeps 30.0 % (no change)."
     fig = figures.robustness_curves(curves, "bitflip", "fraction of stored bits flipped")
     assert fig.layout.xaxis.type == "log"

@@ -176,7 +176,7 @@ def test_playground_removes_a_linked_block_and_shows_the_smaller_size() -> None:
                for c in at.caption)  # fmt: skip
     c = qcore.compress(qcore.load_model("mnist-resnet"),
                        Settings(bits=8, drop=("layer1",)).to_config())  # fmt: skip
-    from pages.figures import format_bytes
+    from pages.tables import format_bytes
 
     assert packed_kb(at) == format_bytes(c.size_bytes)
 

@@ -14,7 +14,7 @@ from _plotly_utils.basevalidators import ColorValidator
 from conftest import FakeDataset, make_mlp
 
 import qcore
-from pages import figures
+from pages import controls, figures, tables
 
 
 def _layer_hist(bits: int = 3, clip: float = 0.5, per_channel: bool = False, **kw):
@@ -136,7 +136,7 @@ def test_display_images_undo_normalisation_and_enlarge() -> None:
     pix = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
     mean, std = (0.1307,), (0.3081,)
     x = (pix - mean[0]) / std[0]
-    out = figures.display_images(x, mean, std)
+    out = controls.display_images(x, mean, std)
     assert len(out) == 3 and out[0].shape == (84, 84)  # 28 px repeated 3 times
     np.testing.assert_allclose(out[1][::3, ::3], pix[1, 0], atol=1e-6)
     assert out[0].min() >= 0.0 and out[0].max() <= 1.0
@@ -144,11 +144,11 @@ def test_display_images_undo_normalisation_and_enlarge() -> None:
 
 def test_display_images_colour_and_clipping() -> None:
     x = np.full((2, 3, 32, 32), 10.0, dtype=np.float32)  # far above 1 after un-normalising
-    out = figures.display_images(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_size=64)
+    out = controls.display_images(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), min_size=64)
     assert out[0].shape == (64, 64, 3)
     assert np.all(out[0] == 1.0)
     with pytest.raises(ValueError, match="K, C, H, W"):
-        figures.display_images(np.zeros((28, 28)), (0.0,), (1.0,))
+        controls.display_images(np.zeros((28, 28)), (0.0,), (1.0,))
 
 
 # --- trade-offs, layer sensitivity and mixed precision ----------------------------------------
@@ -258,21 +258,21 @@ def test_prune_curves_one_line_per_layer_from_float() -> None:
 
 def test_sensitivity_summary_names_most_and_least_sensitive() -> None:
     df = _sensitivity_table()
-    assert figures.sensitivity_summary(df) == (
+    assert tables.sensitivity_summary(df) == (
         "Most sensitive: conv (drop 30.0 pts at 2 bits); "
         "least sensitive: fc (drop 5.0 pts at 2 bits)."
     )
     prune_only = df[df["kind"] == "prune"]
-    assert figures.sensitivity_summary(prune_only).startswith(
+    assert tables.sensitivity_summary(prune_only).startswith(
         "Most sensitive: fc (drop 40.0 pts pruned 90%)")  # fmt: skip
     one = df[df["layer"] == "fc"]
-    assert figures.sensitivity_summary(one) == "Only one layer: fc (drop 5.0 pts at 2 bits)."
+    assert tables.sensitivity_summary(one) == "Only one layer: fc (drop 5.0 pts at 2 bits)."
     tie = df.copy()
     tie.loc[(tie["kind"] == "quant") & (tie["setting"] == 2.0), "drop"] = 0.1
     # equal drops at 2 bits: the mean over all bit widths decides (fc loses 1 pt at 8 bits)
-    assert figures.sensitivity_summary(tie).startswith("Most sensitive: fc")
+    assert tables.sensitivity_summary(tie).startswith("Most sensitive: fc")
     with pytest.raises(ValueError):
-        figures.sensitivity_summary(df.iloc[0:0])
+        tables.sensitivity_summary(df.iloc[0:0])
 
 
 def test_bits_bars_in_model_order_with_params() -> None:
@@ -284,7 +284,7 @@ def test_bits_bars_in_model_order_with_params() -> None:
 
 
 def test_format_bytes_keeps_three_significant_figures() -> None:
-    from pages.figures import format_bytes
+    from pages.tables import format_bytes
 
     assert [format_bytes(n) for n in (0, 840, 1000, 9500, 12_345, 126_640, 1_334_104)] == [
         "0 B", "840 B", "1.00 kB", "9.50 kB", "12.3 kB", "127 kB", "1.33 MB",

@@ -151,8 +151,8 @@ def test_pruning_that_costs_bytes_is_shown_against_no_pruning() -> None:
     unpruned = compressed("digits-mlp", bits=1).size_bytes
     assert pruned > unpruned  # 1 bit has no zero code: the mask costs more than it saves
     size = the_metric(at, "Packed size")
-    assert size.value == figures.format_bytes(pruned)
-    assert size.delta == f"+{figures.format_bytes(pruned - unpruned)} vs no pruning"
+    assert size.value == tables.format_bytes(pruned)
+    assert size.delta == f"+{tables.format_bytes(pruned - unpruned)} vs no pruning"
     assert f"{pruned - unpruned:,} bytes more" in size.proto.help
     assert "smaller than float32" in size.proto.help  # the ratio against float is still said
 
@@ -635,7 +635,7 @@ def test_a_link_sets_codebook_and_entropy_and_the_size_table_shows_where_bytes_g
     assert at.radio(key="codebook").value == "kmeans"
     assert at.radio(key="entropy").value == "huffman"
     c = compressed(bits=4, prune=0.9, scope="global", codebook="kmeans", entropy="huffman")
-    assert the_metric(at, "Packed size").value == figures.format_bytes(c.size_bytes)
+    assert the_metric(at, "Packed size").value == tables.format_bytes(c.size_bytes)
     table = at.dataframe[0].value
     size_columns_match(table, c)
     by_layer = table.set_index("layer")
@@ -665,14 +665,14 @@ def test_entropy_coding_shrinks_the_file_and_leaves_accuracy_alone() -> None:
     ok(at)
     coded = compressed(bits=4, prune=0.8, entropy="huffman")
     assert coded.size_bytes < plain.size_bytes
-    assert the_metric(at, "Packed size").value == figures.format_bytes(coded.size_bytes)
+    assert the_metric(at, "Packed size").value == tables.format_bytes(coded.size_bytes)
     assert the_metric(at, "Accuracy (simulated)").value == before  # the same weights
     size_columns_match(at.dataframe[0].value, coded)
     assert at.query_params["entropy"] == "huffman"
     at.radio(key="codebook").set_value("kmeans").run()
     ok(at)
     shared = compressed(bits=4, prune=0.8, entropy="huffman", codebook="kmeans")
-    assert the_metric(at, "Packed size").value == figures.format_bytes(shared.size_bytes)
+    assert the_metric(at, "Packed size").value == tables.format_bytes(shared.size_bytes)
     size_columns_match(at.dataframe[0].value, shared)
 
 

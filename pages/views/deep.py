@@ -4,7 +4,7 @@ bytes and the accuracy after each stage, next to the paper's published numbers."
 import streamlit as st
 
 import qcore
-from pages import cache, figures
+from pages import cache, figures, tables
 from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
@@ -78,8 +78,8 @@ acc_col.metric(
 )
 size_col.metric(
     "Packed size",
-    figures.format_bytes(payload),
-    delta=f"from {figures.format_bytes(first['size_bytes'])} float32",
+    tables.format_bytes(payload),
+    delta=f"from {tables.format_bytes(first['size_bytes'])} float32",
     delta_color="off",
     delta_arrow="off",
     border=True,
@@ -105,14 +105,14 @@ if skipped:
     )
 
 paper_name = qcore.deep.paper_reference(cache.get_model(model))
-tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
+paper_tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
 st.subheader("Stage by stage, beside the paper")
 st.markdown(
     f"**Ours**: {model.name} on {data.name} (accuracy on its {res.split} split). "
-    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {tables}), for reference."
+    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {paper_tables}), for reference."
 )
 st.dataframe(
-    figures.deep_comparison(stages, qcore.deep.PAPER[paper_name]),
+    tables.deep_comparison(stages, qcore.deep.PAPER[paper_name]),
     hide_index=True,
     key="deep_stages_table",
     column_config={
@@ -134,7 +134,7 @@ st.caption(
 )
 
 st.subheader("Bits per weight, layer by layer")
-bits_table = figures.deep_layer_bits(res.layers)
+bits_table = tables.deep_layer_bits(res.layers)
 st.dataframe(
     bits_table,
     hide_index=True,

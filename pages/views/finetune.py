@@ -291,7 +291,7 @@ c2.metric("Accuracy, post-training", f"{post.accuracy:.1%}", border=True,
           delta=post_change.text, delta_color=post_change.color, delta_arrow=post_change.arrow,
           help="The same setting applied to the model without training (the Playground's "
           "number).")  # fmt: skip
-c3.metric("Packed size", figures.format_bytes(outcome.compressed.size_bytes), border=True,
+c3.metric("Packed size", tables.format_bytes(outcome.compressed.size_bytes), border=True,
           delta="same as post-training" if same_size else
           f"{outcome.compressed.size_bytes - post.size_bytes:+,} B vs post-training",
           delta_color="off", delta_arrow="off",

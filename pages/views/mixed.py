@@ -74,8 +74,8 @@ mixed_col.metric(
 )
 size_col.metric(
     "Packed size, mixed",
-    figures.format_bytes(r.size_bytes),
-    delta=f"budget {figures.format_bytes(budget_bytes)}",
+    tables.format_bytes(r.size_bytes),
+    delta=f"budget {tables.format_bytes(budget_bytes)}",
     delta_color="off",
     delta_arrow="off",
     border=True,
@@ -84,7 +84,7 @@ size_col.metric(
 uniform_col.metric(
     f"Best uniform within budget: {best.bits} bits",
     f"{test_acc[best.bits]:.1%}",
-    delta=f"{figures.format_bytes(best.size_bytes)} packed",
+    delta=f"{tables.format_bytes(best.size_bytes)} packed",
     delta_color="off",
     delta_arrow="off",
     border=True,

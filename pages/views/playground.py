@@ -10,6 +10,7 @@ from pages import cache, compare, figures, remedies, tables, timing
 from pages.controls import (
     CLIP_SLIDERS,
     compression_ui,
+    display_images,
     image_grid,
     layer_bits_note,
     settings_notes,
@@ -108,7 +109,7 @@ acc.caption(f"**{wa}** · simulated")
 acc.caption(f"{r.n:,} test images:  \none image is {100 / r.n:.2g} pts")
 vs_float = _against_float(r.size_bytes, r.float_size_bytes)
 if unpruned is not None and r.size_bytes > unpruned:
-    size_delta = f"+{figures.format_bytes(r.size_bytes - unpruned)} vs no pruning"
+    size_delta = f"+{tables.format_bytes(r.size_bytes - unpruned)} vs no pruning"
     size_help = (
         f"Pruning costs bytes here: the mask or index that marks the pruned weights takes "
         f"more than they save (at 1 bit there is no zero code), so this is "
@@ -119,7 +120,7 @@ else:
     size_delta, size_help = vs_float, ""
 size.metric(
     "Packed size",
-    figures.format_bytes(r.size_bytes),
+    tables.format_bytes(r.size_bytes),
     delta=size_delta,
     delta_color="inverse" if size_delta.endswith("vs no pruning") else "off",  # red: a cost
     delta_arrow="off",
@@ -160,7 +161,7 @@ agree.metric(
     + (" (this fine-tuned model's own float weights)." if base is not None else "."),
 )
 st.caption(
-    f"{ref_text} Float32 size: {figures.format_bytes(r.float_size_bytes)}. "
+    f"{ref_text} Float32 size: {tables.format_bytes(r.float_size_bytes)}. "
     f"Computed in {r.seconds:.2f} s (repeat settings come from the cache)."
 )
 timing.mark("headline")
@@ -535,7 +536,7 @@ def wrong_images(model: ModelRef, data: DatasetRef, settings: Settings) -> None:
         "and the compressed model's."
     )
     ds = cache.get_dataset(data)
-    images = figures.display_images(w.images, ds.mean, ds.std)
+    images = display_images(w.images, ds.mean, ds.std)
     captions = [tables.wrong_caption(t, f, n)
                 for t, f, n in zip(w.truth, w.float_pred, w.now_pred, strict=True)]  # fmt: skip
     image_grid(images, captions, WRONG_PER_ROW)

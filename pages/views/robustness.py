@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 import pandas as pd
 import streamlit as st
 
-from pages import cache, figures
+from pages import cache, controls, figures, tables
 from pages.cache import RobustnessParams
 from pages.query import sync_query
 from pages.session import last_run, playground_settings
@@ -170,7 +170,7 @@ for prm in params:
         continue
     first = next(iter(curves.values()))
     st.subheader(NAMES[prm.perturbation])
-    st.markdown(f"**{figures.robustness_summary(curves, prm.perturbation)}**")
+    st.markdown(f"**{tables.robustness_summary(curves, prm.perturbation)}**")
     st.plotly_chart(
         figures.robustness_curves(curves, prm.perturbation, first.attrs["unit"]),
         key=f"rb_chart_{prm.perturbation}",
@@ -212,7 +212,7 @@ if inputs:
     st.caption(f"The first {GRID_IMAGES} test images, {NAMES[which]} at {strength:g} "
                f"({attacked}). Under each: true class · float32's answer · "
                f"the answer of {_label(target)}.")  # fmt: skip
-    images = figures.display_images(grid.images, ds.mean, ds.std)
+    images = controls.display_images(grid.images, ds.mean, ds.std)
     cols = st.columns(GRID_IMAGES)
     for i, col in enumerate(cols):
         col.image(images[i], width="content")

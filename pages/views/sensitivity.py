@@ -3,7 +3,7 @@
 import streamlit as st
 
 import qcore
-from pages import cache, controls, figures
+from pages import cache, controls, figures, tables
 from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
@@ -30,7 +30,7 @@ except ValueError as e:
     st.error(str(e))
     st.stop()
 
-st.markdown(f"**{figures.sensitivity_summary(df)}**")
+st.markdown(f"**{tables.sensitivity_summary(df)}**")
 float_accuracy = df.attrs.get("float_accuracy")
 if bits:
     scales = "per-channel" if per_channel else "per-tensor"
