@@ -68,14 +68,17 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def start_server(env: dict) -> tuple[subprocess.Popen, str, object]:
+def start_server(env: dict, cwd: Path = ROOT) -> tuple[subprocess.Popen, str, object]:
+    """``streamlit run app.py`` of the checkout ``cwd`` on a free loopback port, once it
+    answers ``/_stcore/health``; the process, its URL and its log (a temporary file holding
+    its standard output and error)."""
     port = free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1",
          "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
