@@ -295,6 +295,9 @@ class Graph:
                 return lambda args, kw, P: F.batch_norm(
                     args[0], P[rm], P[rv], P.get(w), P.get(b), False, 0.0, eps
                 )
+            tile = _tile_of(mod)
+            if tile is not None:
+                return lambda args, kw, P: _max_of_tiles(args[0], tile, mod)
             return lambda args, kw, P: mod(*args, **kw)
         if op == "call_function":
             return lambda args, kw, P: t(*args, **kw)
@@ -532,6 +535,44 @@ class Variant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{len(self.replacements())} replaced tensors, {len(self._points)} points"
+
+
+def _tile_of(mod: nn.Module) -> tuple[int, int] | None:
+    """(kh, kw) when ``mod`` is a MaxPool2d over non-overlapping kh x kw tiles (stride equal
+    to the kernel, no padding or dilation, floor mode, no indices, more than one value)."""
+    if not isinstance(mod, nn.MaxPool2d) or mod.ceil_mode or mod.return_indices:
+        return None
+
+    def pair(v: Any) -> tuple[int, ...]:
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    k = pair(mod.kernel_size)
+    if len(k) != 2 or k == (1, 1) or pair(mod.stride or mod.kernel_size) != k:
+        return None
+    if pair(mod.padding) != (0, 0) or pair(mod.dilation) != (1, 1):
+        return None
+    return (int(k[0]), int(k[1]))
+
+
+def _max_of_tiles(x: Any, tile: tuple[int, int], mod: nn.Module) -> Any:
+    """``mod(x)`` for a tiling MaxPool2d (:func:`_tile_of`), computed as the element-wise
+    maximum of its kh*kw strided slices: the same values (NaN wins, as in max_pool2d), about
+    four times faster on CPU than max_pool2d's kernel, which also records each maximum's
+    index. With a gradient to carry, the module itself runs (its backward picks one input)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or (
+        x.requires_grad and torch.is_grad_enabled()
+    ):
+        return mod(x)
+    kh, kw = tile
+    h, w = x.shape[-2] // kh * kh, x.shape[-1] // kw * kw
+    if h == 0 or w == 0:
+        return mod(x)  # max_pool2d's own error for an input smaller than a tile
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            part = x[..., i:h:kh, j:w:kw]
+            out = part if out is None else torch.maximum(out, part)
+    return out
 
 
 def _is_add(n: fx.Node) -> bool:

@@ -7,6 +7,8 @@ import threading
 import pytest
 import torch
 from conftest import Residual, make_bn_model, make_mlp, state_hash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qcore
@@ -207,3 +209,63 @@ def test_gradients_flow_through_variant_tensors_not_the_shared_ones() -> None:
     v(torch.ones(4, 3)).sum().backward()
     assert torch.equal(w.grad, torch.full((2, 3), 8.0))
     assert all(not t.requires_grad for t in g.params.values())
+
+
+_VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 2), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+    kh=st.integers(1, 3), kw=st.integers(1, 3), special=st.lists(_VALUES, max_size=6),
+    seed=st.integers(0, 2**16), batched=st.booleans(),
+)  # fmt: skip
+def test_tiled_max_pool_is_max_pool2d_value_for_value(n, c, h, w, kh, kw, special, seed,
+                                                       batched) -> None:  # fmt: skip
+    """The graph runs a MaxPool2d over non-overlapping tiles as the maximum of strided
+    slices: the same values as the module, NaN and infinities included, odd sizes cropped
+    as max_pool2d crops them; an input smaller than a tile gets max_pool2d's own error."""
+    from qcore.graph import _max_of_tiles, _tile_of
+
+    pool = nn.MaxPool2d((kh, kw))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, h, w) if batched else (c, h, w), generator=gen).round(decimals=1)
+    flat = x.view(-1)
+    for i, v in enumerate(special):  # ties, signed zeros, NaN and infinities at known places
+        flat[(i * 7) % flat.numel()] = v
+    tile = _tile_of(pool)
+    if (kh, kw) == (1, 1):
+        assert tile is None  # nothing to gain: the module runs
+        return
+    assert tile == (kh, kw)
+    if h < kh or w < kw:
+        with pytest.raises(RuntimeError):
+            pool(x)
+        with pytest.raises(RuntimeError):
+            _max_of_tiles(x, tile, pool)
+        return
+    with torch.inference_mode():
+        torch.testing.assert_close(_max_of_tiles(x, tile, pool), pool(x), rtol=0, atol=0,
+                                   equal_nan=True)  # fmt: skip
+
+
+def test_pools_that_do_not_tile_run_as_the_module() -> None:
+    from qcore.graph import _tile_of
+
+    assert _tile_of(nn.MaxPool2d(2)) == (2, 2)
+    assert _tile_of(nn.MaxPool2d((2, 3))) == (2, 3)
+    for pool in (nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, padding=1),
+                 nn.MaxPool2d(2, dilation=2), nn.MaxPool2d(2, ceil_mode=True),
+                 nn.MaxPool2d(2, return_indices=True), nn.AvgPool2d(2)):  # fmt: skip
+        assert _tile_of(pool) is None, pool
+
+
+def test_a_pool_with_a_gradient_to_carry_runs_the_module() -> None:
+    """Training through a tiled pool sends each tile's gradient to one input, as
+    max_pool2d does (the element-wise maximum would split it between ties)."""
+    from qcore.graph import _max_of_tiles
+
+    pool = nn.MaxPool2d(2)
+    x = torch.zeros(1, 1, 2, 2, requires_grad=True)  # a four-way tie
+    _max_of_tiles(x, (2, 2), pool).sum().backward()
+    assert x.grad.sum().item() == 1.0 and int((x.grad != 0).sum()) == 1
