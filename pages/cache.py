@@ -30,13 +30,14 @@ import qcore
 import qcore.activations
 import qcore.onnx
 import qcore.ptq
-from pages import timing
+from pages import figures, timing
 from pages.progress import run_with_progress
 from pages.tables import (
     ActInfo,
     Disagreements,
     NewlyWrong,
     Result,
+    layer_display,
     make_act_info,
     make_disagreements,
     make_newly_wrong,
@@ -323,6 +324,31 @@ def results(model: ModelRef, data: DatasetRef, settings: Settings) -> Result:
         m = qcore.evaluate(comp.model, get_dataset(data))
     seconds = time.perf_counter() - start
     return make_result(comp, m, float_metrics(model, data), seconds)
+
+
+@st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def layer_table(model: ModelRef, data: DatasetRef, settings: Settings) -> pd.DataFrame:
+    """The Playground's per-layer table (:func:`pages.tables.layer_display` of the results),
+    built once per setting: a revisited setting only sends it."""
+    r = results(model, data, settings)
+    return layer_display(r.layers, r.sizes)
+
+
+@st.cache_resource(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)
+def weight_histogram_chart(
+    model: ModelRef,
+    settings: Settings,
+    layer: str,
+    channel: int | None,
+    data: DatasetRef | None,
+    log_y: bool,
+    title: str,
+) -> Any:
+    """The Weights view's plotly figure, built once per setting and view and shared by the
+    sessions (plotly's checks make building one cost tens of milliseconds; st.plotly_chart
+    only reads it)."""
+    h = histogram(model, settings, layer, 80, channel, data)
+    return figures.weight_histogram_figure(h, log_y=log_y, title=title)
 
 
 @st.cache_data(max_entries=RESULT_CACHE_ENTRIES, show_spinner=False)

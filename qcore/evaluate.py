@@ -76,9 +76,11 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int)
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH) -> Metrics:
     """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (a qcore Dataset)."""
     n = len(dataset)
+    assert_eval(model, "evaluating")
+    run = Variant.of(model).runner()  # the replacement tensors derived once, not per batch
     try:  # inputs batch by batch: an upload's uint8 pixels are normalised per batch
-        parts = [predict_logits(model, dataset.inputs(slice(i, i + batch_size)), batch_size)
-                 for i in range(0, n, batch_size)]  # fmt: skip
+        with torch.inference_mode():
+            parts = [run(dataset.inputs(slice(i, i + batch_size))) for i in range(0, n, batch_size)]
         logits = torch.cat(parts) if parts else torch.empty(0)
     except RuntimeError as exc:  # shape mismatch inside the network
         raise ValueError(

@@ -109,7 +109,8 @@ paper_tables = "Tables 1 and 3" if paper_name == "LeNet-5" else "Tables 1 and 2"
 st.subheader("Stage by stage, beside the paper")
 st.markdown(
     f"**Ours**: {model.name} on {data.name} (accuracy on its {res.split} split). "
-    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {paper_tables}), for reference."
+    f"**The paper's** {paper_name} on all of MNIST (Han et al. 2016, {paper_tables}), for "
+    "reference."
 )
 st.dataframe(
     tables.deep_comparison(stages, qcore.deep.PAPER[paper_name]),

@@ -456,16 +456,14 @@ def layer_section(model: ModelRef, data: DatasetRef, settings: Settings, shapes:
     )
     if weights_tab.open:
         with weights_tab:
+            what = "" if channel is None else f", output channel {channel}"
             try:
-                h = cache.histogram(model, settings, layer, 80, channel, data)
+                fig = cache.weight_histogram_chart(model, settings, layer, channel, data,
+                                                   log_y, f"{layer}{what}")  # fmt: skip
             except ValueError as e:
                 st.error(str(e))
                 return
-            what = "" if channel is None else f", output channel {channel}"
-            st.plotly_chart(
-                figures.weight_histogram_figure(h, log_y=log_y, title=f"{layer}{what}"),
-                key="hist_chart",
-            )
+            st.plotly_chart(fig, key="hist_chart")
     if acts_tab.open:
         with acts_tab:
             activation_panel(model, data, settings, layer, log_y)
@@ -498,7 +496,7 @@ def details_section(model: ModelRef, data: DatasetRef, settings: Settings, r) ->
     )
     if table_tab.open:
         with table_tab:
-            shown = tables.layer_display(r.layers, r.sizes)
+            shown = cache.layer_table(model, data, settings)
             st.dataframe(
                 shown,
                 hide_index=True,
