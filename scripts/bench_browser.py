@@ -15,7 +15,9 @@ their ratios to it, and where the time of a step goes:
 - sent: bytes the server sent the browser over the websocket during the step;
 - browser after last message: from the last message of the step to the moment the new
   size is on screen and Streamlit is idle (drawing);
-- a second browser opening the Playground on the warm server: time until its numbers show.
+- a second browser opening the Playground on the warm server: time until its numbers show;
+- Streamlit alone: the same slider step and opening on a bare page (one slider, one
+  metric, and for one opening a plotly chart), the floor under every figure above.
 
     .venv/bin/python scripts/bench_browser.py [--steps 6]
 """
@@ -153,6 +155,33 @@ def _breakdown(steps: list[dict], kind: str, title: str) -> str:
             f"browser after last message {med('browser') * 1000:.0f} ms (medians, n={len(rows)})")
 
 
+# Streamlit's own cost, with nothing of this app: one slider and one metric (and, for the
+# opening time, one plotly chart under them, as the Playground has)
+FLOOR_APP = """import streamlit as st
+bits = st.select_slider("Bit width", options=list(range(1, 17)), value=8)
+st.metric("Packed size", f"{bits * 1000:,} B")
+if st.query_params.get("chart"):
+    import plotly.graph_objects as go
+    st.plotly_chart(go.Figure(go.Bar(x=[1, 2], y=[bits, 3])))
+"""
+
+
+def streamlit_floor(steps: int) -> tuple[float, float, float]:
+    """On a bare page (:data:`FLOOR_APP`) served the same way: the median key-to-screen of
+    the slider, and a new browser's opening time without and with one plotly chart."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "floor.py").write_text(FLOOR_APP)
+    with serve_app(script=str(folder / "floor.py")) as url, browser_page() as page:
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator('[data-testid="stMetric"]', has_text=SIZE).wait_for(timeout=120_000)
+        wait_idle(page)
+        moves = [_step(page, key) for key in ["ArrowLeft"] * steps + ["ArrowRight"] * steps]
+        browser = page.context.browser
+        plain = statistics.median(_open_seconds(browser, url) for _ in range(3))
+        chart = statistics.median(_open_seconds(browser, f"{url}/?chart=1") for _ in range(3))
+    return statistics.median(moves), plain, chart
+
+
 def float_forward_seconds(repeats: int = 5) -> float:
     import qcore
 
@@ -214,6 +243,10 @@ def main() -> int:
           f"max {max(acts) * 1000:.0f}, n={len(acts)})")
     print(f"  first load after the server start: {first_load:.1f} s; a second browser opening "
           f"the Playground on the warm server: {second_open:.1f} s (target <= 3 s)")
+    floor_move, floor_open, floor_chart = streamlit_floor(steps)
+    print(f"Streamlit alone on this machine (a bare page: one slider, one metric): key press "
+          f"to new metric median {floor_move * 1000:.0f} ms; a new browser opening it "
+          f"{floor_open:.1f} s, {floor_chart:.1f} s with one plotly chart under the metric")
     fwd = forward
     print("ratios to the float forward pass (targets: new <= 1.3, revisited <= 0.6, "
           "activation slider <= 2):")

@@ -48,16 +48,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_app(
     timeout: float = 90.0, args: Sequence[str] = (), env: dict | None = None,
-    log_path: Path | None = None,
+    log_path: Path | None = None, script: str = "app.py",
 ) -> Iterator[str]:
     """Run ``streamlit run app.py`` on a free port; yield its base URL; stop it afterwards.
     ``args`` are more command-line options (``--secrets.files PATH``), ``env`` the
     environment's additions; ``log_path`` keeps the server's output in that file (read it
-    while the server runs) instead of a temporary one."""
+    while the server runs) instead of a temporary one; ``script`` another page script
+    (``scripts/bench_browser.py`` measures a bare one)."""
     port = free_port()
     log = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+        [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
          "--server.port", str(port), "--browser.gatherUsageStats", "false",
          "--server.fileWatcherType", "none", *args],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
