@@ -232,9 +232,12 @@ def refs_key(job: dict) -> tuple[str, str, str]:
                  for k in ("model", "dataset", "calib"))  # fmt: skip
 
 
-def load_args(model: Any, dataset: Any, calib: Any = None) -> tuple[Any, Any, Any]:
-    """Refs loaded in process (a grid run without an executor takes refs or live objects)."""
-    model = model.load() if isinstance(model, ModelRef) else model
+def load_args(model: Any, dataset: Any, calib: Any = None,
+              model_bytes: bytes | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """Refs loaded in process (a grid run without an executor takes refs or live objects;
+    a session model's ref with its ``model_bytes``)."""
+    if isinstance(model, ModelRef):
+        model = load_model_ref(model.to_dict(), model_bytes)
     dataset = dataset.load() if isinstance(dataset, DatasetRef) else dataset
     calib = calib.load() if isinstance(calib, DatasetRef) else calib
     return model, dataset, calib

@@ -31,7 +31,7 @@ from qcore.compress import compress
 from qcore.config import ActQuantConfig, CompressionConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, evaluate
-from qcore.executors import Executor, check_refs, load_args, unpack_model
+from qcore.executors import Executor, check_refs, load_args
 from qcore.fold import weight_layers
 from qcore.graph import fold_batchnorm
 from qcore.refs import DatasetRef, ModelRef, Progress
@@ -213,11 +213,9 @@ the test split) and names the phase. With ``act``,
         check_refs(model, dataset, search_ref, model_bytes)
         check_refs(model, search_ref, calib, model_bytes)
         refs = (model, search_ref)
-        if isinstance(model, ModelRef) and model.sha256 is not None:
-            model = unpack_model(model_bytes, model.sha256)  # type: ignore[arg-type]
     if isinstance(search_dataset, DatasetRef) and search_dataset == dataset:
         search_dataset = None  # the same split: not held out
-    model, dataset, search_dataset = load_args(model, dataset, search_dataset)
+    model, dataset, search_dataset = load_args(model, dataset, search_dataset, model_bytes)
     calib = calib.load() if isinstance(calib, DatasetRef) else calib
     search = dataset if search_dataset is None else search_dataset
     calib = search if calib is None else calib

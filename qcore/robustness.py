@@ -472,7 +472,7 @@ def robustness(
         df.attrs.update({"clean_accuracy": outs[0][1], "unit": strength_unit(perturbation),
                          "perturbation": perturbation})  # fmt: skip
         return df
-    model, dataset, calib = load_args(model, dataset, calib)
+    model, dataset, calib = load_args(model, dataset, calib, model_bytes)
     if config is not None:
         model = _target(model, config, calib, perturbation)
     if perturbation == "bitflip" and not isinstance(model, Compressed):

@@ -259,7 +259,7 @@ def layer_sensitivity(
         return _on_executor(executor, ref_job(model, dataset, calib, model_bytes), bits,  # type: ignore[arg-type]
                             rates, act_list, quant, prune, act, layers, fold_bn, batch_size,
                             naive, max_cache_bytes, progress)  # fmt: skip
-    model, dataset, calib = load_args(model, dataset, calib)
+    model, dataset, calib = load_args(model, dataset, calib, model_bytes)
     bits, rates, act_list = _check_arguments(quant, prune, bits, prune_rates, act_bits, calib,
                                              batch_size, dataset)  # fmt: skip
     graph = graph_of(model, fold_bn)  # a ValueError naming the operation if untraceable

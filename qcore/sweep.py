@@ -264,7 +264,7 @@ def sweep(
         rows = [row for row, _, _ in outs]
         float_acc, float_loss = (outs[0][1], outs[0][2]) if outs else (math.nan, math.nan)
     else:
-        model, dataset, calib = load_args(model, dataset, calib)
+        model, dataset, calib = load_args(model, dataset, calib, model_bytes)
         ref = evaluate(model, dataset, batch_size=batch_size)
         float_acc, float_loss = ref.accuracy, ref.loss
         rows = []
