@@ -5,12 +5,23 @@ a Stop that cancels.
 One pool per server process (``QP_JOB_WORKERS`` worker processes at a time, 2 by default;
 ``0`` runs jobs in the web process, as before). A job is a task name and plain dicts
 (``ModelRef`` / ``DatasetRef`` / config dicts, never a live module); each runs in a fresh
-process, so Stop ends it at once and a crash cannot reach the server. A session may have
-``QP_JOBS_PER_SESSION`` jobs (1 by default) waiting or running. The job outlives the script
-run that started it: a rerun (any widget) finds it by its key and draws its progress again.
-With ``QCORE_RAY_ADDRESS`` set, a sweep's rows run on that Ray cluster from the job process
-(Ray starts in that process's main thread, never in Streamlit's script thread).
-Models and datasets made in a session are not sent: those jobs run in the web process.
+process with the web process's torch thread count, so Stop ends it at once, a crash cannot
+reach the server, and its numbers equal the in-process run's. A session may have
+``QP_JOBS_PER_SESSION`` jobs (1 by default) waiting or running. The job outlives the
+script run that started it: a rerun (any widget) finds it by its key and draws its progress
+again.
+
+What runs where. In a job process (:data:`TASKS`): the Trade-offs sweep (``sweep``; with
+``QCORE_RAY_ADDRESS`` set its rows go on to that Ray cluster, Ray started in the job
+process's main thread, never in Streamlit's script thread), layer sensitivity
+(``sensitivity``), mixed precision and its uniform widths (``mixed``), fine-tuning
+(``finetune``: Stop asks it to end after the batch; the model comes back as state bytes and
+SHA-256 and is rebuilt here), Deep Compression (``deep``: its packed file comes back) and a
+Robustness run's curves (``robustness``). In the web process: the Playground's slider path
+and everything drawn from one setting, and every job on a dataset uploaded in a session
+(its hash is of the file, which the server does not keep). A model made in a session
+(uploaded ``up-…``, fine-tuned ``ft-…``) goes to the worker as its hash and bytes
+(``qcore.executors.pack_model``); the worker rebuilds it and checks the hash.
 """
 
 from __future__ import annotations
