@@ -565,6 +565,11 @@ class PoolRun:
         """Jobs waiting before this one while it waits for a worker; None once it runs."""
         return pool().ahead(self._job) if self._job.state == "waiting" else None
 
+    @property
+    def starting(self) -> bool:
+        """Whether it runs but has not reported yet (the worker loads the model and data)."""
+        return self._job.state == "running" and not self._job.total
+
     def snapshot(self) -> list[dict]:
         return list(self._job.rows)
 

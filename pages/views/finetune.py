@@ -233,6 +233,8 @@ if job is not None and job.running:
         ahead = getattr(j, "ahead", None)  # a job in the pool waits for a worker first
         if ahead is not None:
             what = f"Waiting for a worker ({ahead} ahead)…"
+        elif getattr(j, "starting", False):  # the worker loads the model and the data
+            what = "Starting a worker…"
         elif j.done >= total:  # the worker now compresses the model and evaluates it
             what = "Trained; measuring on the test split…"
         else:
