@@ -698,10 +698,18 @@ class FinetuneOutcome:
     """A fine-tuning run and its fine-tuned compressed model, measured on the test split."""
 
     result: qcore.FinetuneResult  # .model (float, fine-tuned), .history, .stopped, .seconds
-    compressed: qcore.Compressed  # .model compressed with the same settings (the download)
+    # .model compressed with the same settings (the download); None when trained in a job
+    # process (pages.jobs), which sends its packed file instead
+    compressed: qcore.Compressed | None
     accuracy: float  # the fine-tuned compressed model, test split (simulated)
     float_accuracy: float  # the fine-tuned float model before compression, test split
     n: int  # test images
+    size_bytes: int  # packed payload bytes of the fine-tuned compressed model
+    packed: bytes | None = None  # its packed file, when it came from a job process
+
+    def packed_bytes(self) -> bytes:
+        """The packed file of the fine-tuned compressed model (the download)."""
+        return self.packed if self.packed is not None else qcore.packed_bytes(self.compressed)
 
 
 def train_dataset(data: DatasetRef):
@@ -732,7 +740,8 @@ def finetune_run(
     m = qcore.evaluate(comp.model, test)
     float_m = qcore.evaluate(res.model, test)
     return FinetuneOutcome(result=res, compressed=comp, accuracy=m.accuracy,
-                           float_accuracy=float_m.accuracy, n=m.n)  # fmt: skip
+                           float_accuracy=float_m.accuracy, n=m.n,
+                           size_bytes=comp.size_bytes)  # fmt: skip
 
 
 def finished_finetune(key: tuple) -> FinetuneOutcome | None:
@@ -891,6 +900,17 @@ def run_deep(
         deep_result, model, data, prune_rate, bits, epochs,
         text="Pruning, sharing and retraining…",
     )  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class DeepOutcome:
+    """What the Deep Compression page draws: the result (its ``compressed`` None when it
+    ran in a job process), the packed payload's bytes, the file's bytes and its download."""
+
+    result: qcore.DeepCompressionResult
+    size_bytes: int  # packed payload bytes of the final stage
+    file_bytes: int  # the packed file: payload and header
+    download: Callable[[], bytes]  # the packed file, for st.download_button
 
 
 @st.cache_data(max_entries=ANALYSIS_CACHE_ENTRIES, show_spinner=False)

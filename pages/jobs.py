@@ -5,18 +5,30 @@ a Stop that cancels.
 One pool per server process (``QP_JOB_WORKERS`` worker processes at a time, 2 by default;
 ``0`` runs jobs in the web process, as before). A job is a task name and plain dicts
 (``ModelRef`` / ``DatasetRef`` / config dicts, never a live module); each runs in a fresh
-process, so Stop ends it at once and a crash cannot reach the server. A session may have
-``QP_JOBS_PER_SESSION`` jobs (1 by default) waiting or running. The job outlives the script
-run that started it: a rerun (any widget) finds it by its key and draws its progress again.
-With ``QCORE_RAY_ADDRESS`` set, a sweep's rows run on that Ray cluster from the job process
-(Ray starts in that process's main thread, never in Streamlit's script thread).
-Models and datasets made in a session are not sent: those jobs run in the web process.
+process with the web process's torch thread count, so Stop ends it at once, a crash cannot
+reach the server, and its numbers equal the in-process run's. A session may have
+``QP_JOBS_PER_SESSION`` jobs (1 by default) waiting or running. The job outlives the
+script run that started it: a rerun (any widget) finds it by its key and draws its progress
+again.
+
+What runs where. In a job process (:data:`TASKS`): the Trade-offs sweep (``sweep``; with
+``QCORE_RAY_ADDRESS`` set its rows go on to that Ray cluster, Ray started in the job
+process's main thread, never in Streamlit's script thread), layer sensitivity
+(``sensitivity``), mixed precision and its uniform widths (``mixed``), fine-tuning
+(``finetune``: Stop asks it to end after the batch; the model comes back as state bytes and
+SHA-256 and is rebuilt here), Deep Compression (``deep``: its packed file comes back) and a
+Robustness run's curves (``robustness``). In the web process: the Playground's slider path
+and everything drawn from one setting, and every job on a dataset uploaded in a session
+(its hash is of the file, which the server does not keep). A model made in a session
+(uploaded ``up-…``, fine-tuned ``ft-…``) goes to the worker as its hash and bytes
+(``qcore.executors.pack_model``); the worker rebuilds it and checks the hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 import threading
@@ -28,7 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
+import torch
 
+from pages.progress import progress_text
 from qcore.executors import spawnable_main
 
 WORKERS_ENV, PER_SESSION_ENV = "QP_JOB_WORKERS", "QP_JOBS_PER_SESSION"
@@ -43,30 +57,157 @@ def _env_int(name: str, default: int) -> int:
 
 
 # --- the worker side (a fresh process; imports qcore, never Streamlit) --------------------------
+# Each task is ``fn(payload, progress, should_stop)``: the payload names the model and the
+# data by reference (a session model comes with its bytes, ``model_bytes``, rebuilt and
+# checked against its SHA-256 by qcore.executors.load_refs); it returns plain picklable data
+# (tables, records, state bytes), never a live module.
+
+Report = Callable[[int, int, dict], None]
 
 
-def _sweep(payload: dict, progress: Callable[[int, int, dict], None]) -> Any:
+def _sweep(payload: dict, progress: Report, _stop: Callable[[], bool]) -> Any:
     import qcore
     from qcore.executors import RAY_ADDRESS_ENV, RayExecutor
 
     address = os.environ.get(RAY_ADDRESS_ENV) or None
     executor = RayExecutor(address=address) if address else None
     data = qcore.DatasetRef.from_dict(payload["dataset"])
-    calib = dataclasses.replace(data, split="calib") if payload.get("calib") else None
+    calib = qcore.DatasetRef.from_dict(payload["calib"]) if payload.get("calib") else None
     grid = qcore.SweepGrid.from_dict(payload["grid"])
     return qcore.sweep(qcore.ModelRef.from_dict(payload["model"]), data, grid, calib=calib,
-                       progress=progress, executor=executor)  # fmt: skip
+                       progress=progress, executor=executor,
+                       model_bytes=payload.get("model_bytes"))  # fmt: skip
 
 
-TASKS: dict[str, Callable[[dict, Callable[[int, int, dict], None]], Any]] = {"sweep": _sweep}
+def _sensitivity(payload: dict, progress: Report, _stop: Callable[[], bool]) -> Any:
+    """As pages.cache.sensitivity_table."""
+    import qcore
+    from qcore.executors import load_refs
+
+    model, data, _ = load_refs(payload)
+    return qcore.layer_sensitivity(
+        model, data, bits=tuple(payload["bits"]), prune_rates=tuple(payload["rates"]),
+        quant=qcore.QuantConfig(per_channel=payload["per_channel"]), progress=progress,
+    )  # fmt: skip
 
 
-def _worker(task: str, payload: dict, conn: Any) -> None:
-    """A job process's main: run the task, send ("progress", done, total) as it goes and
-    ("ok", result) or ("error", is_value_error, message) at the end."""
+def _mixed(payload: dict, progress: Report, _stop: Callable[[], bool]) -> Any:
+    """As pages.cache.mixed_result, then the uniform widths' sweep the page draws beside it
+    (pages.cache.sweep_table)."""
+    import qcore
+    from qcore.executors import load_refs
+
+    model, data, calib = load_refs(payload)
+    res = qcore.mixed_precision(
+        model, data, payload["budget_bytes"], tuple(payload["candidates"]),
+        quant=qcore.QuantConfig(per_channel=payload["per_channel"]), search_dataset=calib,
+        progress=progress,
+    )  # fmt: skip
+    phase = "Measuring every uniform bit width on the test split"
+    uniform = qcore.sweep(model, data, qcore.SweepGrid.from_dict(payload["grid"]),
+                          progress=lambda d, t, _r: progress(d, t, {"phase": phase}))  # fmt: skip
+    return res, uniform
+
+
+def _finetune(payload: dict, progress: Report, should_stop: Callable[[], bool]) -> dict:
+    """As pages.cache.finetune_run; the fine-tuned model comes back as its bytes and hash,
+    the compressed one as its packed file."""
+    import qcore
+    from qcore.executors import load_dataset_ref, load_refs, pack_model
+    from qcore.refs import state_sha256
+
+    model, test, calib = load_refs(payload)
+    train = load_dataset_ref({**payload["dataset"], "split": "train"})
+    config = qcore.CompressionConfig.from_dict(payload["config"])
+    ft = qcore.FinetuneConfig.from_dict(payload["ft"])
+    res = qcore.finetune(model, train, config, ft, calib=calib, progress=progress,
+                         should_stop=should_stop)  # fmt: skip
+    comp = qcore.compress(res.model, config, calib=calib if payload["act"] else None)
+    m, float_m = qcore.evaluate(comp.model, test), qcore.evaluate(res.model, test)
+    return {"model_bytes": pack_model(res.model), "sha256": state_sha256(res.model),
+            "history": res.history, "stopped": res.stopped, "seconds": res.seconds,
+            "accuracy": m.accuracy, "float_accuracy": float_m.accuracy, "n": m.n,
+            "size_bytes": comp.size_bytes, "packed": qcore.packed_bytes(comp)}  # fmt: skip
+
+
+def _deep(payload: dict, progress: Report, _stop: Callable[[], bool]) -> dict:
+    """As pages.cache.deep_result; the compressed model comes back as its packed file."""
+    import qcore
+    from qcore.executors import load_dataset_ref, load_refs
+
+    model, test, calib = load_refs(payload)
+    train = load_dataset_ref({**payload["dataset"], "split": "train"})
+    n = payload["max_train"]
+    if len(train) > n:  # as pages.cache.deep_train_split
+        train = dataclasses.replace(train, x=train.x[:n], y=train.y[:n],
+                                    indices=train.indices[:n])  # fmt: skip
+    res = qcore.deep_compression(model, train, calib, prune_rate=payload["prune_rate"],
+                                 bits=payload["bits"], epochs=payload["epochs"], test=test,
+                                 progress=progress)  # fmt: skip
+    return {"result": dataclasses.replace(res, compressed=None),
+            "size_bytes": res.compressed.size_bytes, "packed": qcore.packed_bytes(res.compressed)}
+
+
+def _robustness(payload: dict, progress: Report, _stop: Callable[[], bool]) -> dict:
+    """Every curve of a Robustness run, as pages.cache.robustness_table computes each: a
+    table, or the sentence of its ValueError, by (perturbation index, variant index)."""
+    import qcore
+    from qcore.executors import load_refs, refs_key, worker_memo
+
+    model, data, calib = load_refs(payload)
+    out: dict[tuple[int, int], Any] = {}
+    curves = [(i, j) for i in range(len(payload["params"]))
+              for j in range(len(payload["variants"]))]  # fmt: skip
+    for k, (i, j) in enumerate(curves):
+        prm, v = payload["params"][i], payload["variants"][j]
+        bitflip = prm["perturbation"] == "bitflip"
+        phase = f"{prm['perturbation']} on {v['label']}"
+        try:
+            if v["keeps_float"] and not bitflip:
+                target = model
+            else:
+                key = ("robustness", *refs_key(payload), json.dumps(v["config"], sort_keys=True))
+                comp = worker_memo(key, lambda v=v: qcore.compress(
+                    model, qcore.CompressionConfig.from_dict(v["config"]),
+                    calib=calib if v["needs_calib"] else None))  # fmt: skip
+                target = comp if bitflip else comp.model
+            ds, limit = data, prm["limit"]
+            if limit is not None and limit < len(ds.y):  # as pages.cache._first_images
+                ds = dataclasses.replace(ds, x=ds.x[:limit], y=ds.y[:limit],
+                                         indices=ds.indices[:limit])  # fmt: skip
+            out[i, j] = qcore.robustness(
+                target, ds, prm["perturbation"], tuple(prm["strengths"]), steps=prm["steps"],
+                progress=lambda d, t, _r, k=k, phase=phase: progress(
+                    k * 100 + round(100 * d / max(t, 1)), 100 * len(curves), {"phase": phase}),
+            )  # fmt: skip
+        except ValueError as e:
+            out[i, j] = str(e)
+    return out
+
+
+TASKS: dict[str, Callable[[dict, Report, Callable[[], bool]], Any]] = {
+    "sweep": _sweep, "sensitivity": _sensitivity, "mixed": _mixed, "finetune": _finetune,
+    "deep": _deep, "robustness": _robustness,
+}  # fmt: skip
+LIVE_ROWS = {"finetune"}  # tasks whose progress rows the page draws as they come (a chart)
+GENTLE_STOP = {"finetune"}  # Stop asks these to end after the step and return what they have
+
+
+def _worker(task: str, payload: dict, conn: Any, threads: int, stop: Any) -> None:
+    """A job process's main: run the task with the web process's torch thread count (so
+    its numbers equal the in-process run's), send ("progress", done, total, phase, row) as
+    it goes and ("ok", result) or ("error", is_value_error, message) at the end."""
+    import torch
+
+    torch.set_num_threads(threads)
+    live = task in LIVE_ROWS
+
+    def progress(done: int, total: int, row: dict) -> None:
+        phase = row.get("phase") if isinstance(row, dict) else None
+        conn.send(("progress", done, total, phase, dict(row) if live else None))
+
     try:
-        out = TASKS[task](payload, lambda d, t, _row: conn.send(("progress", d, t)))
-        conn.send(("ok", out))
+        conn.send(("ok", TASKS[task](payload, progress, stop.is_set)))
     except ValueError as e:  # a sentence for the user
         conn.send(("error", True, str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the page, not raised here
@@ -89,11 +230,15 @@ class PoolJob:
     state: str = "waiting"  # waiting, running, done, failed, stopped
     done: int = 0
     total: int = 0
+    phase: str | None = None  # the step under way, when the task names it
+    rows: list[dict] = field(default_factory=list)  # progress rows (LIVE_ROWS tasks only)
+    stopping: bool = False  # a gentle Stop was asked for: the task ends after its step
     result: Any = None
     error: str | None = None
     user_error: bool = False  # the error is a sentence for the user (a ValueError)
     seq: int = field(default_factory=itertools.count().__next__)
     _process: Any = None
+    _stop: Any = None  # a multiprocessing Event the task polls (GENTLE_STOP tasks)
 
     @property
     def finished(self) -> bool:
@@ -114,12 +259,16 @@ class JobPool:
         with self._lock:
             return self._jobs.get(key)
 
-    def submit(self, key: tuple, session: str, task: str, payload: dict) -> PoolJob:
-        """The job for ``key`` (a running or finished one is reused); a ValueError with a
-        sentence when the session already has its share of jobs waiting or running."""
+    def submit(self, key: tuple, session: str, task: str, payload: dict,
+               fresh: bool = False) -> PoolJob:  # fmt: skip
+        """The job for ``key`` (a running or finished one is reused, a finished one not with
+        ``fresh``); a ValueError with a sentence when the session already has its share of
+        jobs waiting or running."""
         with self._lock:
             job = self._jobs.get(key)
-            if job is not None and job.state not in ("failed", "stopped"):
+            if job is not None and job.state not in ("failed", "stopped") and not (
+                fresh and job.finished
+            ):
                 return job
             mine = [j for j in self._waiting + self._running if j.session == session]
             if len(mine) >= self.per_session:
@@ -140,12 +289,17 @@ class JobPool:
         with self._lock:
             return self._waiting.index(job) if job in self._waiting else 0
 
-    def stop(self, job: PoolJob) -> None:
-        """Cancel ``job``: a waiting job leaves the queue, a running one's process ends."""
+    def stop(self, job: PoolJob, gentle: bool = False) -> None:
+        """Cancel ``job``: a waiting job leaves the queue, a running one's process ends (with
+        ``gentle``, a task of GENTLE_STOP is asked to end after its step and return what it
+        has: the job then finishes as done)."""
         with self._lock:
             if job in self._waiting:
                 self._waiting.remove(job)
                 job.state = "stopped"
+            elif job.state == "running" and gentle and job.task in GENTLE_STOP:
+                job.stopping = True
+                job._stop.set()
             elif job.state == "running":
                 job.state = "stopped"
                 job._process.kill()
@@ -167,8 +321,10 @@ class JobPool:
             job = self._waiting.pop(0)
             ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
             recv, send = ctx.Pipe(duplex=False)
-            job._process = ctx.Process(target=_worker, args=(job.task, job.payload, send),
-                                       daemon=True, name=f"qp-job-{job.seq}")  # fmt: skip
+            job._stop = ctx.Event()
+            args = (job.task, job.payload, send, torch.get_num_threads(), job._stop)
+            job._process = ctx.Process(target=_worker, args=args, daemon=True,
+                                       name=f"qp-job-{job.seq}")  # fmt: skip
             with spawnable_main():  # not the page script again in the worker
                 job._process.start()
             send.close()
@@ -185,7 +341,9 @@ class JobPool:
                 except (EOFError, OSError):
                     break
                 if msg[0] == "progress":
-                    job.done, job.total = msg[1], msg[2]
+                    if msg[4] is not None:
+                        job.rows.append(msg[4])  # before done: a reader sees every row
+                    job.done, job.total, job.phase = msg[1], msg[2], msg[3]
                 elif msg[0] == "ok":
                     job.result = msg[1]
                 else:
@@ -222,19 +380,20 @@ class _SessionJobs:
         weakref.finalize(self, p.stop_session, session)
 
 
-def run(key: tuple, task: str, payload: dict, *, text: str, restart: bool = False,
-        every_s: float = 0.3) -> Any:  # fmt: skip
-    """The result of ``task`` for ``payload``, run in the pool: draws "waiting for a worker
-    (N ahead)" or a progress bar and a Stop button until it is done; stops the script run
-    (with a sentence) if the job was stopped or failed. A stopped job starts again only
-    with ``restart`` (the page's run button). A ValueError from the job, or from the
+def run(key: tuple, task: str, payload: dict | Callable[[], dict], *, text: str,
+        restart: bool = False, every_s: float = 0.3) -> Any:  # fmt: skip
+    """The result of ``task`` for ``payload`` (or for what a callable returns, built only
+    when the job must start), run in the pool: draws "waiting for a worker (N ahead)" or a
+    progress bar and a Stop button until it is done; stops the script run (with a
+    sentence) if the job was stopped or failed. A stopped job starts again only with
+    ``restart`` (the page's run button). A ValueError from the job, or from the
     per-session cap, reaches the caller."""
     p, session = pool(), _session_id()
     if "_qp_jobs" not in st.session_state:
         st.session_state["_qp_jobs"] = _SessionJobs(p, session)
     job = p.find(key)
     if job is None or (restart and job.state in ("failed", "stopped")):
-        job = p.submit(key, session, task, payload)
+        job = p.submit(key, session, task, payload() if callable(payload) else payload)
     status, stop_slot = st.empty(), st.empty()
     if not job.finished and stop_slot.button("Stop", key=f"stop_{task}", icon=":material/stop:"):
         p.stop(job)
@@ -244,7 +403,8 @@ def run(key: tuple, task: str, payload: dict, *, text: str, restart: bool = Fals
             status.info(f"Waiting for a worker ({ahead} ahead).", icon=":material/hourglass:")
         else:
             frac = job.done / job.total if job.total else 0.0
-            label = f"{text} {job.done}/{job.total}" if job.total else f"{text} (starting)"
+            label = (progress_text(text, job.done, job.total, job.phase) if job.total
+                     else f"{text} (starting)")  # fmt: skip
             status.progress(min(frac, 1.0), text=label)
         time.sleep(every_s)
     status.empty()
@@ -260,17 +420,205 @@ def run(key: tuple, task: str, payload: dict, *, text: str, restart: bool = Fals
     return job.result
 
 
+# --- what the pages call: in the pool, or in this process --------------------------------------
+
+
+def in_pool(data: Any) -> bool:
+    """Whether a job on ``data`` runs in the pool: not with ``QP_JOB_WORKERS=0``, and not
+    for a dataset uploaded in a session (its hash is of the file, which the server does not
+    keep, so a worker could not check what it was sent). Models made in a session go, as
+    their bytes and hash."""
+    return not data.is_session and pool().workers > 0
+
+
+def refs_payload(model: Any, data: Any, calib: bool = False) -> dict:
+    """A job's references: the model, the test split and (``calib``) the calibration split;
+    a session model's bytes under ``model_bytes`` (qcore.executors.pack_model; the worker
+    rebuilds it and checks its SHA-256)."""
+    from pages import cache
+    from qcore.executors import pack_model, ref_job
+
+    calib_ref = dataclasses.replace(data, split="calib") if calib else None
+    model_bytes = pack_model(cache.get_model(model)) if model.is_session else None
+    return ref_job(model, data, calib_ref, model_bytes)
+
+
 def run_sweep(model: Any, data: Any, params: Any, restart: bool = False) -> Any:
-    """The Trade-offs sweep in the pool (``pages.cache.run_sweep`` in process for models or
-    data made in a session, or with ``QP_JOB_WORKERS=0``); ``restart``: the run button."""
+    """The Trade-offs sweep in the pool (``pages.cache.run_sweep`` in process for uploaded
+    data, or with ``QP_JOB_WORKERS=0``); ``restart``: the run button."""
     from pages import cache
 
     grid = params.grid()  # a ValueError with a sentence before anything starts
-    if model.is_session or data.is_session or pool().workers == 0:
+    if not in_pool(data):
         return cache.run_sweep(model, data, params)
     # activations calibrated, AdaRound and bias correction learnt on the calibration split
     needs = params.needs_calib or any(b is not None for b in params.act_bits)
-    payload = {"model": model.to_dict(), "dataset": data.to_dict(), "grid": grid.to_dict(),
-               "calib": needs}  # fmt: skip
-    key = ("sweep", model, data, params)
-    return run(key, "sweep", payload, text="Sweeping…", restart=restart)
+    return run(("sweep", model, data, params), "sweep",
+               lambda: {**refs_payload(model, data, needs), "grid": grid.to_dict()},
+               text="Sweeping…", restart=restart)  # fmt: skip
+
+
+def run_sensitivity(model: Any, data: Any, bits: tuple[int, ...], rates: tuple[float, ...],
+                    per_channel: bool, restart: bool = False) -> Any:  # fmt: skip
+    """The layer sensitivity table (``pages.cache.run_sensitivity`` when not pooled)."""
+    from pages import cache
+
+    cache.check_sensitivity_choice(bits, rates)
+    if not in_pool(data):
+        return cache.run_sensitivity(model, data, bits, rates, per_channel)
+    return run(("sensitivity", model, data, bits, rates, per_channel), "sensitivity",
+               lambda: {**refs_payload(model, data), "bits": list(bits), "rates": list(rates),
+                        "per_channel": per_channel},
+               text="Testing each layer…", restart=restart)  # fmt: skip
+
+
+def run_mixed(model: Any, data: Any, budget_bytes: int, candidates: tuple[int, ...],
+              per_channel: bool, restart: bool = False) -> tuple[Any, Any]:  # fmt: skip
+    """The mixed-precision choice and every uniform width's sweep row on the test split."""
+    from pages import cache
+    from pages.progress import run_with_progress
+
+    if not candidates:
+        raise ValueError("Pick at least one candidate bit width.")
+    params = cache.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,))
+    if not in_pool(data):
+        res = cache.run_mixed(model, data, budget_bytes, candidates, per_channel)
+        uniform = run_with_progress(cache.sweep_table, model, data, params,
+                                    text="Measuring every uniform bit width on the test "
+                                    "split…")  # fmt: skip
+        return res, uniform
+    return run(("mixed", model, data, budget_bytes, candidates, per_channel), "mixed",
+               lambda: {**refs_payload(model, data, calib=True), "budget_bytes": budget_bytes,
+                        "candidates": list(candidates), "per_channel": per_channel,
+                        "grid": params.grid().to_dict()},
+               text="Measuring each layer on the calibration split…",
+               restart=restart)  # fmt: skip
+
+
+def run_deep(model: Any, data: Any, prune_rate: float | None, bits: int | None, epochs: int,
+             restart: bool = False) -> Any:  # fmt: skip
+    """The Deep Compression result as a ``pages.cache.DeepOutcome`` (its packed file built
+    in the worker, or on the download's click in process)."""
+    from pages import cache
+
+    if not in_pool(data):
+        res = cache.run_deep(model, data, prune_rate, bits, epochs)
+        return cache.DeepOutcome(
+            result=res, size_bytes=res.compressed.size_bytes,
+            file_bytes=cache.deep_packed_size(model, data, prune_rate, bits, epochs),
+            download=cache.deep_packed_download(model, data, prune_rate, bits, epochs),
+        )  # fmt: skip
+    out = run(("deep", model, data, prune_rate, bits, epochs), "deep",
+              lambda: {**refs_payload(model, data, calib=True), "prune_rate": prune_rate,
+                       "bits": bits, "epochs": epochs, "max_train": cache.DEEP_MAX_TRAIN},
+              text="Pruning, sharing and retraining…", restart=restart)  # fmt: skip
+    packed = out["packed"]
+    return cache.DeepOutcome(result=out["result"], size_bytes=out["size_bytes"],
+                             file_bytes=len(packed), download=lambda: packed)  # fmt: skip
+
+
+def run_robustness(model: Any, data: Any, variants: tuple, params: tuple,
+                   restart: bool = False) -> dict[tuple, Any]:  # fmt: skip
+    """Every curve of a Robustness run: ``{(params, settings): table, or the sentence of
+    its ValueError}`` (one job for them all, since a session runs one job at a time)."""
+    from pages import cache
+
+    if not in_pool(data):
+        out: dict[tuple, Any] = {}
+        for prm in params:
+            for s in variants:
+                try:
+                    out[prm, s] = cache.run_robustness(model, data, s, prm)
+                except ValueError as e:
+                    out[prm, s] = str(e)
+        return out
+
+    def payload() -> dict:
+        vs = [{"config": s.to_config().to_dict(), "keeps_float": s.to_config().keeps_float,
+               "needs_calib": s.needs_calib, "label": s.label()} for s in variants]  # fmt: skip
+        ps = [{"perturbation": p.perturbation, "strengths": list(p.strengths),
+               "limit": p.limit, "steps": p.steps} for p in params]  # fmt: skip
+        calib = any(s.needs_calib for s in variants)
+        return {**refs_payload(model, data, calib), "variants": vs, "params": ps}
+
+    res = run(("robustness", model, data, variants, params), "robustness", payload,
+              text="Perturbing…", restart=restart)  # fmt: skip
+    return {(p, s): res[i, j] for i, p in enumerate(params) for j, s in enumerate(variants)}
+
+
+class PoolRun:
+    """A fine-tuning job in the pool, with the interface of ``pages.progress.Job`` (rows,
+    done, total, stop, stopping, running, result) so that the page draws either alike."""
+
+    def __init__(self, key: Any, job: PoolJob, settings: Any, ft: Any) -> None:
+        self.key, self._job, self._settings, self._ft = key, job, settings, ft
+        self._outcome: Any = None
+
+    rows = property(lambda self: self._job.rows)
+    done = property(lambda self: self._job.done)
+    total = property(lambda self: self._job.total)
+    stopping = property(lambda self: self._job.stopping)
+    running = property(lambda self: not self._job.finished)
+
+    @property
+    def ahead(self) -> int | None:
+        """Jobs waiting before this one while it waits for a worker; None once it runs."""
+        return pool().ahead(self._job) if self._job.state == "waiting" else None
+
+    @property
+    def starting(self) -> bool:
+        """Whether it runs but has not reported yet (the worker loads the model and data)."""
+        return self._job.state == "running" and not self._job.total
+
+    def snapshot(self) -> list[dict]:
+        return list(self._job.rows)
+
+    def stop(self) -> None:
+        """End training after this batch (a waiting job leaves the queue)."""
+        pool().stop(self._job, gentle=True)
+
+    def result(self) -> Any:
+        """The ``pages.cache.FinetuneOutcome`` (the model rebuilt from its bytes, its
+        SHA-256 checked); a ValueError with a sentence if the job failed or was cancelled."""
+        job = self._job
+        if job.state == "stopped":
+            raise ValueError("The training was cancelled before it started or finished.")
+        if job.state == "failed":
+            raise ValueError(job.error if job.user_error else f"The job failed: {job.error}")
+        if self._outcome is None:
+            self._outcome = _finetune_outcome(job.result, self._settings, self._ft)
+        return self._outcome
+
+
+def _finetune_outcome(out: dict, settings: Any, ft: Any) -> Any:
+    import qcore
+    from pages import cache
+    from qcore.executors import unpack_model
+
+    model = unpack_model(out["model_bytes"], out["sha256"])
+    res = qcore.FinetuneResult(model=model, history=out["history"], config=settings.to_config(),
+                               ft=ft, stopped=out["stopped"], seconds=out["seconds"])  # fmt: skip
+    return cache.FinetuneOutcome(result=res, compressed=None, accuracy=out["accuracy"],
+                                 float_accuracy=out["float_accuracy"], n=out["n"],
+                                 size_bytes=out["size_bytes"], packed=out["packed"])  # fmt: skip
+
+
+def start_finetune(key: Any, model: Any, data: Any, settings: Any, ft: Any) -> Any:
+    """Start a fine-tuning run: a ``PoolRun`` in the pool, else a ``pages.progress.Job`` in
+    this process (uploaded data, or ``QP_JOB_WORKERS=0``). A ValueError with a sentence when
+    the session already has its share of jobs."""
+    from pages import cache
+    from pages.progress import Job
+
+    if not in_pool(data):
+        # loaded here, where a spinner can be drawn: the worker thread only reads them
+        for load in (cache.train_dataset, cache.get_calib_dataset, cache.get_dataset):
+            load(data)
+        return Job(key, cache.finetune_run, model, data, settings, ft)
+    p = pool()
+    if "_qp_jobs" not in st.session_state:
+        st.session_state["_qp_jobs"] = _SessionJobs(p, _session_id())
+    payload = {**refs_payload(model, data, calib=True), "config": settings.to_config().to_dict(),
+               "ft": ft.to_dict(), "act": settings.abits is not None}  # fmt: skip
+    job = p.submit(("finetune", *key), _session_id(), "finetune", payload, fresh=True)
+    return PoolRun(key, job, settings, ft)

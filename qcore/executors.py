@@ -13,15 +13,26 @@ config dicts (``CompressionConfig.to_dict()``), never a live module: a worker re
 model and the data from the references once and keeps them (:func:`load_refs`). ``fn`` is a
 module-level function of qcore, sent by name. Each job runs with the torch thread count of
 the process that submitted it, so a row computed elsewhere equals the in-process row exactly.
+
+A model made in a session (uploaded ``up-…`` or fine-tuned ``ft-…``) cannot be loaded by
+name; it travels as its hash and its bytes: ``ModelRef(..., sha256=...)`` with
+``model_bytes=qcore.executors.pack_model(module)``. The worker rebuilds the architecture
+from the bytes (the module's ``qcore_spec`` and its state dict, read with
+``torch.load(weights_only=True)``, loaded strictly) and checks the state's SHA-256
+(:func:`qcore.refs.state_sha256`) before using it (:func:`unpack_model`). Uploaded datasets
+are not sent: their hash is of the uploaded file, which the server does not keep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import sys
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import lru_cache
@@ -31,9 +42,10 @@ from typing import Any, Protocol
 
 import torch
 
-from qcore.refs import DatasetRef, ModelRef
+from qcore.refs import DatasetRef, ModelRef, state_sha256
 
-__all__ = ["Executor", "ProcessExecutor", "RayExecutor", "load_refs", "RAY_ADDRESS_ENV"]
+__all__ = ["Executor", "ProcessExecutor", "RayExecutor", "load_refs", "check_refs",
+           "pack_model", "unpack_model", "RAY_ADDRESS_ENV"]  # fmt: skip
 
 RAY_ADDRESS_ENV = "QCORE_RAY_ADDRESS"  # where the app's jobs find a Ray cluster
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding qcore/, for workers
@@ -71,18 +83,98 @@ def _dataset(name: str, split: str, sha256: str | None) -> Any:
     return DatasetRef(name, split, sha256).load()
 
 
+def pack_model(model: Any) -> bytes:
+    """A model's bytes for a worker: its ``qcore_spec`` (architecture, input shape, classes)
+    and its state dict, written with ``torch.save`` (read back by :func:`unpack_model`).
+    The model is not changed."""
+    spec = getattr(model, "qcore_spec", None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+        raise ValueError(
+            "This model does not record its architecture (qcore_spec), so a worker cannot "
+            "rebuild it; run it without a worker."
+        )
+    buf = io.BytesIO()
+    state = {k: t.detach().to("cpu") for k, t in model.state_dict().items()}
+    torch.save({"spec": dict(spec), "state": state}, buf)
+    return buf.getvalue()
+
+
+def unpack_model(data: bytes, sha256: str | None = None) -> Any:
+    """The float model (eval mode) from :func:`pack_model`'s bytes: the architecture built
+    from the spec (in its folded form when the state is that of a model fine-tuned with
+    BatchNorm folded), the state loaded strictly, and its SHA-256
+    (:func:`qcore.refs.state_sha256`) checked against ``sha256`` when given."""
+    from qcore.finetune import float_module
+    from qcore.fold import has_batchnorm
+    from qcore.models import build_model
+
+    try:
+        obj = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+        spec, state = dict(obj["spec"]), obj["state"]
+        model = build_model(spec["arch"], tuple(spec["input_shape"]), int(spec["num_classes"]))
+        if set(model.state_dict()) != set(state) and has_batchnorm(model):
+            model = float_module(model, {}, fold_bn=True)  # fine-tuning's folded structure
+        model.load_state_dict(state, strict=True)
+    except Exception as e:  # unreadable bytes, another architecture
+        raise ValueError(f"The model's bytes sent with the job could not be read: {e}") from e
+    model = model.float().eval()
+    model.qcore_spec = spec  # type: ignore[assignment]
+    if sha256 is not None and state_sha256(model) != sha256:
+        raise ValueError(
+            "The model's bytes sent with the job do not match its SHA-256; it was changed on "
+            "the way. Run it again."
+        )
+    return model
+
+
+_UNPACKED: OrderedDict[str, Any] = OrderedDict()  # session models by SHA-256, newest last
+_UNPACKED_KEPT = 4
+_UNPACKED_LOCK = threading.Lock()
+
+
+def _session_model(ref: ModelRef, data: bytes | None) -> Any:
+    """A session model rebuilt from the bytes its job carries, kept for the worker's next jobs."""
+    with _UNPACKED_LOCK:
+        held = _UNPACKED.get(ref.sha256)  # type: ignore[arg-type]
+        if held is not None:
+            _UNPACKED.move_to_end(ref.sha256)  # type: ignore[arg-type]
+            return held
+    if data is None:
+        ref.load()  # a ValueError: a session model cannot be loaded by name
+    model = unpack_model(data, ref.sha256)  # type: ignore[arg-type]
+    with _UNPACKED_LOCK:
+        _UNPACKED[ref.sha256] = model  # type: ignore[index]
+        while len(_UNPACKED) > _UNPACKED_KEPT:
+            _UNPACKED.popitem(last=False)
+    return model
+
+
+def load_model_ref(d: dict, model_bytes: bytes | None = None) -> Any:
+    """The model a job names (``ModelRef.to_dict()``), loaded once per worker process; a
+    session model from ``model_bytes`` (:func:`pack_model`), its SHA-256 checked."""
+    m = ModelRef.from_dict(d)
+    return _model(m.name, None) if m.sha256 is None else _session_model(m, model_bytes)
+
+
+def load_dataset_ref(d: dict) -> Any:
+    """The dataset split a job names (``DatasetRef.to_dict()``), loaded once per worker."""
+    r = DatasetRef.from_dict(d)
+    return _dataset(r.name, r.split, r.sha256)
+
+
 def load_refs(job: dict) -> tuple[Any, Any, Any]:
     """The (model, dataset, calib) a job names under ``model``, ``dataset`` and ``calib``
-    (``calib`` may be None), loaded once per worker process and shared by its jobs."""
-    m = ModelRef.from_dict(job["model"])
-    d = DatasetRef.from_dict(job["dataset"])
-    c = None if job.get("calib") is None else DatasetRef.from_dict(job["calib"])
-    calib = None if c is None else _dataset(c.name, c.split, c.sha256)
-    return _model(m.name, m.sha256), _dataset(d.name, d.split, d.sha256), calib
+    (``calib`` may be None), loaded once per worker process and shared by its jobs. A
+    session model comes with its bytes under ``model_bytes``."""
+    model = load_model_ref(job["model"], job.get("model_bytes"))
+    calib = None if job.get("calib") is None else load_dataset_ref(job["calib"])
+    return model, load_dataset_ref(job["dataset"]), calib
 
 
-def check_refs(model: object, dataset: object, calib: object = None) -> None:
-    """Raise ValueError unless the model and data are references a worker can load."""
+def check_refs(model: object, dataset: object, calib: object = None,
+               model_bytes: bytes | None = None) -> None:  # fmt: skip
+    """Raise ValueError unless the model and data are references a worker can load (a
+    session model only with its ``model_bytes``)."""
     if not isinstance(model, ModelRef) or not isinstance(dataset, DatasetRef) or not (
         calib is None or isinstance(calib, DatasetRef)
     ):
@@ -91,12 +183,64 @@ def check_refs(model: object, dataset: object, calib: object = None) -> None:
             "qcore.DatasetRef (e.g. ModelRef('mnist-cnn'), DatasetRef('mnist-5k')): jobs "
             "carry references that a worker loads, never live modules."
         )
-    for ref in (model, dataset, calib):
+    if model.sha256 is not None and model_bytes is None:
+        raise ValueError(
+            f"{model.name} was made or uploaded in a session; a worker cannot load it by "
+            "name. Pass its bytes (model_bytes=qcore.executors.pack_model(module)), run "
+            "without an executor, or pick a sample model."
+        )
+    for ref in (dataset, calib):
         if ref is not None and ref.sha256 is not None:
             raise ValueError(
-                f"{ref.name} was made or uploaded in a session; a worker cannot load it by "
-                "name. Run without an executor, or pick a sample model and dataset."
+                f"{ref.name} was uploaded in a session; a worker cannot load it by name. "
+                "Run without an executor, or pick a known dataset."
             )
+
+
+def ref_job(model: ModelRef, dataset: DatasetRef, calib: DatasetRef | None = None,
+            model_bytes: bytes | None = None) -> dict:  # fmt: skip
+    """The references part of a job, as :func:`load_refs` reads it."""
+    job: dict = {"model": model.to_dict(), "dataset": dataset.to_dict(),
+                 "calib": None if calib is None else calib.to_dict()}  # fmt: skip
+    if model_bytes is not None:
+        job["model_bytes"] = model_bytes
+    return job
+
+
+_MEMO: OrderedDict[tuple, Any] = OrderedDict()
+_MEMO_KEPT = 8
+
+
+def worker_memo(key: tuple, fn: Callable[[], Any]) -> Any:
+    """``fn()`` once per worker process for ``key`` (e.g. the float model's metrics, which
+    every job of a grid compares with), the newest :data:`_MEMO_KEPT` kept."""
+    with _UNPACKED_LOCK:
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return _MEMO[key]
+    value = fn()
+    with _UNPACKED_LOCK:
+        _MEMO[key] = value
+        while len(_MEMO) > _MEMO_KEPT:
+            _MEMO.popitem(last=False)
+    return value
+
+
+def refs_key(job: dict) -> tuple[str, str, str]:
+    """A job's references as a hashable key (never its bytes)."""
+    return tuple(json.dumps(job.get(k), sort_keys=True)  # type: ignore[return-value]
+                 for k in ("model", "dataset", "calib"))  # fmt: skip
+
+
+def load_args(model: Any, dataset: Any, calib: Any = None,
+              model_bytes: bytes | None = None) -> tuple[Any, Any, Any]:  # fmt: skip
+    """Refs loaded in process (a grid run without an executor takes refs or live objects;
+    a session model's ref with its ``model_bytes``)."""
+    if isinstance(model, ModelRef):
+        model = load_model_ref(model.to_dict(), model_bytes)
+    dataset = dataset.load() if isinstance(dataset, DatasetRef) else dataset
+    calib = calib.load() if isinstance(calib, DatasetRef) else calib
+    return model, dataset, calib
 
 _MAIN_LOCK = threading.Lock()
 

@@ -31,9 +31,10 @@ from qcore.compress import compress
 from qcore.config import ActQuantConfig, CompressionConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, evaluate
+from qcore.executors import Executor, check_refs, load_args
 from qcore.fold import weight_layers
 from qcore.graph import fold_batchnorm
-from qcore.refs import Progress
+from qcore.refs import DatasetRef, ModelRef, Progress
 from qcore.sensitivity import layer_sensitivity
 
 __all__ = ["DEFAULT_CANDIDATE_BITS", "MixedPrecisionResult", "UniformChoice",
@@ -173,18 +174,20 @@ def _assignments(sens: pd.DataFrame, names: list[str], sizes: dict[str, dict[int
 
 
 def mixed_precision(
-    model: nn.Module,
-    dataset: Dataset,
+    model: nn.Module | ModelRef,
+    dataset: Dataset | DatasetRef,
     budget_bytes: int,
     candidate_bits: Iterable[int] = DEFAULT_CANDIDATE_BITS,
     *,
     quant: QuantConfig | None = None,
-    search_dataset: Dataset | None = None,
+    search_dataset: Dataset | DatasetRef | None = None,
     fold_bn: bool = True,
     batch_size: int = EVAL_BATCH,
     progress: Progress | None = None,
     act: ActQuantConfig | None = None,
-    calib: Dataset | None = None,
+    calib: Dataset | DatasetRef | None = None,
+    executor: Executor | None = None,
+    model_bytes: bytes | None = None,
 ) -> MixedPrecisionResult:
     """Per-layer bit widths from ``candidate_bits`` that fit ``budget_bytes`` (packed).
 
@@ -198,8 +201,22 @@ of every phase (compressing, measuring the uniform widths, each layer alone, the
 the test split) and names the phase. With ``act``,
     every candidate is measured with its activations quantized too (calibrated on
     ``calib``, by default ``search_dataset``); the per-layer costs stay weight-only.
+
+    ``model`` and the datasets may be refs. With an ``executor`` they must be: the
+    sensitivity pass (each layer alone at each width, the independent grid inside) runs
+    there, one job per layer, and the rest here; the result is the same as in process.
     """
     quant, cands, budget = _check_arguments(quant, candidate_bits, budget_bytes)
+    refs = None
+    if executor is not None:
+        search_ref = dataset if search_dataset is None else search_dataset
+        check_refs(model, dataset, search_ref, model_bytes)
+        check_refs(model, search_ref, calib, model_bytes)
+        refs = (model, search_ref)
+    if isinstance(search_dataset, DatasetRef) and search_dataset == dataset:
+        search_dataset = None  # the same split: not held out
+    model, dataset, search_dataset = load_args(model, dataset, search_dataset, model_bytes)
+    calib = calib.load() if isinstance(calib, DatasetRef) else calib
     search = dataset if search_dataset is None else search_dataset
     calib = search if calib is None else calib
     if act is None:
@@ -242,8 +259,8 @@ the test split) and names the phase. With ``act``,
     ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
 
     sens = layer_sensitivity(
-        model, search, bits=cands, prune_rates=(), quant=quant, fold_bn=fold_bn,
-        batch_size=batch_size,
+        *(refs or (model, search)), bits=cands, prune_rates=(), quant=quant, fold_bn=fold_bn,
+        batch_size=batch_size, executor=executor, model_bytes=model_bytes,
         progress=None if progress is None else report.inner(
             2, f"Measuring each layer alone on {_split_name(search)}"),
     )  # fmt: skip

@@ -37,6 +37,7 @@ the same model. Nothing handed in is changed; every draw comes from ``seed``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 
@@ -46,12 +47,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qcore.compress import Compressed, LayerResult, _weight_after
+from qcore.compress import Compressed, LayerResult, _weight_after, compress
+from qcore.config import CompressionConfig
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH
+from qcore.executors import (
+    Executor,
+    check_refs,
+    load_args,
+    load_refs,
+    ref_job,
+    refs_key,
+    worker_memo,
+)
 from qcore.fold import assert_eval
 from qcore.graph import Variant, param_key
-from qcore.refs import Progress
+from qcore.refs import DatasetRef, ModelRef, Progress
 
 __all__ = [
     "PERTURBATIONS",
@@ -382,9 +393,31 @@ def _predict(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(logits).all(dim=1), pred, torch.full_like(pred, -1))
 
 
+def _target(model: nn.Module, config: CompressionConfig | None, calib: Dataset | None,
+            perturbation: str) -> nn.Module | Compressed:  # fmt: skip
+    """What the perturbation runs on: the model itself, or it compressed with ``config``
+    (the stored form for bit flips, else the variant)."""
+    if config is None:
+        return model
+    c = compress(model, config, calib=calib)
+    return c if perturbation == "bitflip" else c.model
+
+
+def _robustness_job(job: dict) -> tuple[dict, float]:
+    """One strength's row and the clean accuracy, as that row of the in-process table."""
+    model, dataset, calib = load_refs(job)
+    config = None if job["config"] is None else CompressionConfig.from_dict(job["config"])
+    key = ("robustness-target", *refs_key(job), json.dumps(job["config"], sort_keys=True),
+           job["perturbation"] == "bitflip")  # fmt: skip
+    target = worker_memo(key, lambda: _target(model, config, calib, job["perturbation"]))
+    df = robustness(target, dataset, job["perturbation"], [job["strength"]], seed=job["seed"],
+                    steps=job["steps"], seeds=job["seeds"])  # fmt: skip
+    return df.to_dict("records")[0], df.attrs["clean_accuracy"]
+
+
 def robustness(
-    model: nn.Module | Compressed,
-    dataset: Dataset,
+    model: nn.Module | Compressed | ModelRef,
+    dataset: Dataset | DatasetRef,
     perturbation: str,
     strengths: Sequence[float],
     *,
@@ -392,6 +425,10 @@ def robustness(
     progress: Progress | None = None,
     steps: int = 10,
     seeds: int = 3,
+    config: CompressionConfig | None = None,
+    calib: Dataset | DatasetRef | None = None,
+    executor: Executor | None = None,
+    model_bytes: bytes | None = None,
 ) -> pd.DataFrame:
     """Accuracy and agreement with the clean prediction at each strength (one row each).
 
@@ -399,6 +436,12 @@ def robustness(
     ``agreement``, ``accuracy_min`` and ``accuracy_max`` (over draws), ``draws``, ``n``
     and ``perturbation``. ``df.attrs`` holds ``clean_accuracy`` and ``unit``. See the
     module docstring for what each perturbation and its strength mean.
+
+    With ``config`` the model is compressed first (activations calibrated on ``calib``) and
+    the perturbation runs on that variant (bit flips on its stored form). ``model`` and
+    ``dataset`` (and ``calib``) may be refs; with an ``executor`` they must be, and each
+    strength runs there as one job: the same table as in process. A session model's bytes
+    go as ``model_bytes``.
     """
     perturbation = _check_perturbation(perturbation)
     values = check_strengths(perturbation, strengths)
@@ -407,6 +450,31 @@ def robustness(
         raise ValueError(f"seed must be a whole number; got {seed!r}.")
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
         raise ValueError(f"seeds must be a whole number from 1 to {MAX_SEEDS}; got {seeds!r}.")
+    if config is not None and not isinstance(config, CompressionConfig):
+        raise ValueError("config must be a CompressionConfig (or None for the model itself).")
+    if executor is not None:
+        check_refs(model, dataset, calib, model_bytes)
+        if perturbation == "bitflip" and config is None:
+            raise ValueError(_BITFLIP_NEEDS_COMPRESSED)
+        refs = ref_job(model, dataset, calib, model_bytes)  # type: ignore[arg-type]
+        jobs = [{**refs, "config": None if config is None else config.to_dict(),
+                 "perturbation": perturbation, "strength": s, "seed": seed, "steps": steps,
+                 "seeds": seeds} for s in values]  # fmt: skip
+        done = [0]
+
+        def on_result(_i: int, out: tuple[dict, float]) -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(jobs), out[0])
+
+        outs = executor.map(_robustness_job, jobs, on_result)
+        df = pd.DataFrame([row for row, _ in outs])
+        df.attrs.update({"clean_accuracy": outs[0][1], "unit": strength_unit(perturbation),
+                         "perturbation": perturbation})  # fmt: skip
+        return df
+    model, dataset, calib = load_args(model, dataset, calib, model_bytes)
+    if config is not None:
+        model = _target(model, config, calib, perturbation)
     if perturbation == "bitflip" and not isinstance(model, Compressed):
         raise ValueError(_BITFLIP_NEEDS_COMPRESSED)
     variant = _variant(model)  # a clear sentence for an untraceable model

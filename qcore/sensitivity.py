@@ -37,9 +37,10 @@ from qcore.compress import Compressed, compress
 from qcore.config import ActQuantConfig, CompressionConfig, PruneConfig, QuantConfig, check_bits
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
+from qcore.executors import Executor, check_refs, load_args, load_refs, ref_job
 from qcore.fold import has_batchnorm
 from qcore.graph import Graph, Plan, Variant, graph_of
-from qcore.refs import Progress
+from qcore.refs import DatasetRef, ModelRef, Progress
 
 __all__ = [
     "DEFAULT_BITS",
@@ -161,7 +162,7 @@ def _check_arguments(quant, prune, bits, prune_rates, act_bits, calib, batch_siz
         raise ValueError("Activation rows need calibration data: pass calib= the 'calib' split.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive whole number; got {batch_size!r}.")
-    if len(dataset.y) == 0:
+    if dataset is not None and len(dataset.y) == 0:
         raise ValueError("The dataset is empty; pick a split with examples in it.")
     return bits, rates, act_list
 
@@ -205,8 +206,8 @@ def _act_rows(graph: Graph, dataset: Dataset, calib: Dataset, act: ActQuantConfi
 
 
 def layer_sensitivity(
-    model: nn.Module,
-    dataset: Dataset,
+    model: nn.Module | ModelRef,
+    dataset: Dataset | DatasetRef,
     bits: Iterable[int] = DEFAULT_BITS,
     prune_rates: Iterable[float] = DEFAULT_PRUNE_RATES,
     *,
@@ -220,7 +221,9 @@ def layer_sensitivity(
     progress: Progress | None = None,
     act_bits: Iterable[int] = (),
     act: ActQuantConfig | None = None,
-    calib: Dataset | None = None,
+    calib: Dataset | DatasetRef | None = None,
+    executor: Executor | None = None,
+    model_bytes: bytes | None = None,
 ) -> pd.DataFrame:
     """Accuracy when each layer alone is quantized (at each of ``bits``) or pruned.
 
@@ -240,10 +243,23 @@ def layer_sensitivity(
     ``act_bits`` adds rows of kind "act": each activation edge alone (``layer`` names the
     edge, e.g. "relu2": conv2 + relu2's output) fake-quantized at each width, everything
     else float, with ranges calibrated on ``calib`` as the ``act`` template says.
+
+    ``model`` and ``dataset`` (and ``calib``) may be refs; with an ``executor``
+    (:class:`~qcore.ProcessExecutor`, :class:`~qcore.RayExecutor`) they must be, and each
+    layer's rows (and each activation width's) run there as one job: the same table as in
+    process (``df.attrs["seconds"]`` aside). A session model's bytes go as ``model_bytes``.
     """
     quant = QuantConfig() if quant is None else quant
     prune = PruneConfig() if prune is None else prune
     act = ActQuantConfig() if act is None else act
+    if executor is not None:
+        check_refs(model, dataset, calib, model_bytes)
+        bits, rates, act_list = _check_arguments(quant, prune, bits, prune_rates, act_bits,
+                                                 calib, batch_size, None)  # fmt: skip
+        return _on_executor(executor, ref_job(model, dataset, calib, model_bytes), bits,  # type: ignore[arg-type]
+                            rates, act_list, quant, prune, act, layers, fold_bn, batch_size,
+                            naive, max_cache_bytes, progress)  # fmt: skip
+    model, dataset, calib = load_args(model, dataset, calib, model_bytes)
     bits, rates, act_list = _check_arguments(quant, prune, bits, prune_rates, act_bits, calib,
                                              batch_size, dataset)  # fmt: skip
     graph = graph_of(model, fold_bn)  # a ValueError naming the operation if untraceable
@@ -279,6 +295,99 @@ def layer_sensitivity(
                   act_progress)  # fmt: skip
     df = pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
     df.attrs.update(float_accuracy=ref.accuracy, float_loss=ref.loss, method=method,
+                    seconds=time.perf_counter() - start)
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# On an executor: one job per layer (its rows, the cached way) and one per activation width.
+
+
+def _plan_job(job: dict) -> tuple[list[str], list[str], float | None, float | None]:
+    """The layers (and activation edges) to analyse; the float metrics when no weight rows
+    will measure them (as in process: ``evaluate`` of the model)."""
+    model, dataset, _ = load_refs(job)
+    if len(dataset.y) == 0:
+        raise ValueError("The dataset is empty; pick a split with examples in it.")
+    graph = graph_of(model, job["fold_bn"])
+    names = _layer_names(graph, job["layers"])
+    edges = activation_edges(graph, names) if job["act_bits"] else []
+    if job["weight_rows"]:
+        return names, edges, None, None
+    ref = evaluate(model, dataset, batch_size=job["batch_size"])
+    return names, edges, ref.accuracy, ref.loss
+
+
+def _layer_job(job: dict) -> tuple[list[dict], float, float, str]:
+    """One layer's rows (every bit width and rate), the float accuracy and loss, and the
+    method that ran; the same rows as that layer's part of the in-process table."""
+    model, dataset, _ = load_refs(job)
+    graph = graph_of(model, job["fold_bn"])
+    jobs = [replace(j, index=job["index"]) for j in _jobs(
+        [job["layer"]], job["bits"], job["rates"], QuantConfig.from_dict(job["quant"]),
+        PruneConfig.from_dict(job["prune"]), job["fold_bn"])]  # fmt: skip
+    result = None
+    if not job["naive"]:
+        result = _run_cached(model, graph, dataset, jobs, job["batch_size"],
+                             job["max_cache_bytes"], None)  # fmt: skip
+    if result is None:
+        ref = evaluate(model, dataset, batch_size=job["batch_size"])
+        return _run_naive(model, dataset, jobs, ref, job["batch_size"], None), ref.accuracy, \
+            ref.loss, "naive"  # fmt: skip
+    rows, ref = result
+    return rows, ref.accuracy, ref.loss, "cached"
+
+
+def _act_job(job: dict) -> list[dict]:
+    """The rows of one activation width (every edge), ``drop`` and ``loss_increase`` left
+    for the caller, who knows the float metrics."""
+    model, dataset, calib = load_refs(job)
+    graph = graph_of(model, job["fold_bn"])
+    nan = Metrics(math.nan, math.nan, len(dataset.y), None, None)  # type: ignore[arg-type]
+    rows: list[dict] = []
+    _act_rows(graph, dataset, calib, ActQuantConfig.from_dict(job["act"]), [job["bits"]],
+              job["edges"], nan, job["batch_size"], rows, lambda _d, _r: None)  # fmt: skip
+    return rows
+
+
+def _on_executor(executor: Executor, refs: dict, bits, rates, act_list, quant, prune, act,
+                 layers, fold_bn, batch_size, naive, max_cache_bytes,
+                 progress) -> pd.DataFrame:  # fmt: skip
+    start = time.perf_counter()
+    common = {**refs, "fold_bn": fold_bn, "batch_size": batch_size}
+    layer_list = None if layers is None else (
+        [layers] if isinstance(layers, str) else list(layers))  # fmt: skip
+    [(names, edges, ref_acc, ref_loss)] = executor.map(_plan_job, [{
+        **common, "layers": layer_list, "act_bits": act_list,
+        "weight_rows": bool(bits or rates)}])  # fmt: skip
+    per_layer = len(bits) + len(rates)
+    weight_jobs = [{**common, "layer": n, "index": i, "bits": bits, "rates": rates,
+                    "quant": quant.to_dict(), "prune": prune.to_dict(), "naive": naive,
+                    "max_cache_bytes": max_cache_bytes}
+                   for i, n in enumerate(names)] if per_layer else []  # fmt: skip
+    act_jobs = [{**common, "bits": b, "edges": edges, "act": act.to_dict()} for b in act_list]
+    total = len(weight_jobs) * per_layer + len(act_jobs) * len(edges)
+    done = [0]
+
+    def on_result(_i: int, out: Any) -> None:
+        rows = out[0] if isinstance(out, tuple) else out
+        for row in rows:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total, row)
+
+    outs = executor.map(_layer_job, weight_jobs, on_result) if weight_jobs else []
+    rows = [row for out in outs for row in out[0]]
+    method = "naive"
+    if outs:
+        _, ref_acc, ref_loss, _ = outs[0]
+        method = "cached" if all(o[3] == "cached" for o in outs) else "naive"
+    for act_rows in executor.map(_act_job, act_jobs, on_result) if act_jobs else []:
+        for row in act_rows:
+            rows.append({**row, "drop": ref_acc - row["accuracy"],
+                         "loss_increase": row["loss"] - ref_loss})  # fmt: skip
+    df = pd.DataFrame(rows, columns=list(SENSITIVITY_COLUMNS))
+    df.attrs.update(float_accuracy=ref_acc, float_loss=ref_loss, method=method,
                     seconds=time.perf_counter() - start)
     return df
 

@@ -6,12 +6,10 @@ evaluates the model once per configuration and returns one table row each.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
 from itertools import product
 
 import numpy as np
@@ -34,7 +32,15 @@ from qcore.config import (
 )
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, agreement, evaluate
-from qcore.executors import Executor, check_refs, load_refs
+from qcore.executors import (
+    Executor,
+    check_refs,
+    load_args,
+    load_refs,
+    ref_job,
+    refs_key,
+    worker_memo,
+)
 from qcore.refs import DatasetRef, ModelRef, Progress
 
 __all__ = ["SWEEP_COLUMNS", "SweepGrid", "sweep", "pareto_front"]
@@ -197,19 +203,12 @@ def _row(model: nn.Module, dataset: Dataset, ref: Metrics, cfg: CompressionConfi
     return row
 
 
-@lru_cache(maxsize=4)
-def _float_metrics(model_key: str, dataset_key: str, batch_size: int) -> Metrics:
-    model, dataset, _ = load_refs({"model": json.loads(model_key),
-                                   "dataset": json.loads(dataset_key)})  # fmt: skip
-    return evaluate(model, dataset, batch_size=batch_size)
-
-
 def _sweep_job(job: dict) -> tuple[dict, float, float]:
     """A worker's row: the job names the model and data by reference and the
     configuration as a dict; returns the row and the float model's accuracy and loss."""
     model, dataset, calib = load_refs(job)
-    ref = _float_metrics(json.dumps(job["model"], sort_keys=True),
-                         json.dumps(job["dataset"], sort_keys=True), job["batch_size"])
+    ref = worker_memo(("float", *refs_key(job)[:2], job["batch_size"]),
+                      lambda: evaluate(model, dataset, batch_size=job["batch_size"]))
     cfg = CompressionConfig.from_dict(job["config"])
     return _row(model, dataset, ref, cfg, calib, job["batch_size"]), ref.accuracy, ref.loss
 
@@ -223,6 +222,7 @@ def sweep(
     progress: Progress | None = None,
     batch_size: int = EVAL_BATCH,
     executor: Executor | None = None,
+    model_bytes: bytes | None = None,
 ) -> pd.DataFrame:
     """Compress and evaluate ``model`` once per configuration of ``grid``.
 
@@ -242,17 +242,17 @@ def sweep(
     :class:`~qcore.DatasetRef`; with an ``executor`` (:class:`~qcore.ProcessExecutor`,
     :class:`~qcore.RayExecutor`) they must be, and the rows run there, one job per
     configuration: the same table as in process, ``seconds`` aside (``progress`` then
-    follows the order in which rows finish).
+    follows the order in which rows finish). A model made in a session (a ref with a
+    ``sha256``) goes to the workers as ``model_bytes`` (:func:`qcore.executors.pack_model`).
     """
     grid = SweepGrid() if grid is None else grid
     if not isinstance(grid, SweepGrid):
         raise ValueError("grid must be a SweepGrid, e.g. SweepGrid(bits=[2, 4, 8]).")
     configs = grid.configs()
     if executor is not None:
-        check_refs(model, dataset, calib)
-        jobs = [{"model": model.to_dict(), "dataset": dataset.to_dict(),  # type: ignore[union-attr]
-                 "calib": None if calib is None else calib.to_dict(),  # type: ignore[union-attr]
-                 "config": cfg.to_dict(), "batch_size": batch_size} for cfg in configs]
+        check_refs(model, dataset, calib, model_bytes)
+        refs = ref_job(model, dataset, calib, model_bytes)  # type: ignore[arg-type]
+        jobs = [{**refs, "config": cfg.to_dict(), "batch_size": batch_size} for cfg in configs]
         done = [0]
 
         def on_result(_i: int, out: tuple[dict, float, float]) -> None:
@@ -264,9 +264,7 @@ def sweep(
         rows = [row for row, _, _ in outs]
         float_acc, float_loss = (outs[0][1], outs[0][2]) if outs else (math.nan, math.nan)
     else:
-        model = model.load() if isinstance(model, ModelRef) else model
-        dataset = dataset.load() if isinstance(dataset, DatasetRef) else dataset
-        calib = calib.load() if isinstance(calib, DatasetRef) else calib
+        model, dataset, calib = load_args(model, dataset, calib, model_bytes)
         ref = evaluate(model, dataset, batch_size=batch_size)
         float_acc, float_loss = ref.accuracy, ref.loss
         rows = []

@@ -147,3 +147,24 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)) + x)
+
+
+def _job_pool(monkeypatch, workers: str):
+    from pages import jobs
+
+    monkeypatch.setenv(jobs.WORKERS_ENV, workers)
+    jobs.pool.clear()  # the next page run makes the pool anew, sized by the variable
+    yield jobs
+    jobs.pool.clear()
+
+
+@pytest.fixture
+def jobs_in_process(monkeypatch):
+    """The analysis pages' jobs run in the test's process (``QP_JOB_WORKERS=0``)."""
+    yield from _job_pool(monkeypatch, "0")
+
+
+@pytest.fixture
+def one_job_worker(monkeypatch):
+    """The analysis pages' jobs run in a pool of one worker process (``QP_JOB_WORKERS=1``)."""
+    yield from _job_pool(monkeypatch, "1")

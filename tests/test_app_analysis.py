@@ -203,9 +203,12 @@ def _uniform_table(at: AppTest):
 
 
 @needs_sample
-def test_mixed_precision_compares_with_every_uniform_width_that_fits(monkeypatch) -> None:
+def test_mixed_precision_compares_with_every_uniform_width_that_fits(
+    monkeypatch, jobs_in_process
+) -> None:
     """mnist-cnn at the default budget: uniform 4 bits fits and ties the mixed choice on the
-    test split, so the page may not say that mixed precision beats it."""
+    test split, so the page may not say that mixed precision beats it (its progress texts
+    are the in-process ones: QP_JOB_WORKERS=0)."""
     texts: list[str] = []
     real = cache.run_with_progress
 

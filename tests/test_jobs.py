@@ -70,3 +70,94 @@ def test_a_jobs_value_error_is_a_sentence() -> None:
     _until(lambda: job.finished)
     assert job.state == "failed" and job.user_error
     assert "no-such-model" in job.error
+
+
+def _refs(model: qcore.ModelRef, calib: bool = False, model_bytes: bytes | None = None) -> dict:
+    from qcore.executors import ref_job
+
+    return ref_job(model, qcore.DatasetRef("digits"),
+                   qcore.DatasetRef("digits", "calib") if calib else None, model_bytes)  # fmt: skip
+
+
+def test_sensitivity_and_finetune_jobs_equal_the_in_process_run() -> None:
+    from pages.jobs import _finetune_outcome
+
+    pool = JobPool(workers=2, per_session=2)
+    model = qcore.ModelRef("digits-mlp")
+    sens = pool.submit(("sens",), "s1", "sensitivity", {
+        **_refs(model), "bits": [2, 4], "rates": [0.5], "per_channel": False})  # fmt: skip
+    settings = qcore.Settings(bits=2)
+    ft = qcore.FinetuneConfig(epochs=1)
+    tune = pool.submit(("ft",), "s1", "finetune", {
+        **_refs(model, calib=True), "config": settings.to_config().to_dict(),
+        "ft": ft.to_dict(), "act": False})  # fmt: skip
+    # in process, as pages.cache computes them
+    live, test = model.load(), qcore.load_dataset("digits")
+    calib = qcore.load_dataset("digits", "calib")
+    ref_sens = qcore.layer_sensitivity(live, test, bits=(2, 4), prune_rates=(0.5,),
+                                       quant=qcore.QuantConfig(per_channel=False))  # fmt: skip
+    ref_ft = qcore.finetune(live, qcore.load_dataset("digits", "train"), settings.to_config(),
+                            ft, calib=calib)  # fmt: skip
+    ref_comp = qcore.compress(ref_ft.model, settings.to_config())
+
+    _until(lambda: sens.finished and tune.finished)
+    assert sens.state == tune.state == "done", (sens.error, tune.error)
+    pd.testing.assert_frame_equal(sens.result, ref_sens, check_exact=True)
+    assert len(tune.rows) == len(ref_ft.history)  # the live rows the page charts
+    out = _finetune_outcome(tune.result, settings, ft)  # the model rebuilt, its hash checked
+    assert qcore.refs.state_sha256(out.result.model) == qcore.refs.state_sha256(ref_ft.model)
+    pd.testing.assert_frame_equal(out.result.history.drop(columns="seconds"),
+                                  ref_ft.history.drop(columns="seconds"), check_exact=True)
+    assert out.accuracy == qcore.evaluate(ref_comp.model, test).accuracy
+    assert out.size_bytes == ref_comp.size_bytes
+    assert out.packed_bytes() == qcore.packed_bytes(ref_comp)
+
+
+def test_an_uploaded_models_job_runs_in_a_worker_from_its_bytes() -> None:
+    import io
+    import os
+
+    import torch
+
+    from qcore.executors import pack_model
+    from qcore.upload import load_weights
+
+    buf = io.BytesIO()
+    torch.save(qcore.load_model("digits-mlp").state_dict(), buf)
+    up = load_weights(buf.getvalue(), qcore.model_info("digits-mlp").arch, "digits",
+                      filename="mine.pt")  # fmt: skip
+    ref = qcore.ModelRef(up.name, sha256=up.sha256)
+    pool = JobPool(workers=2, per_session=2)
+    job = pool.submit(("up",), "s1", "sweep", {
+        **_refs(ref, model_bytes=pack_model(up.module)), "grid": GRID.to_dict()})  # fmt: skip
+    # bytes of other weights under this hash are refused in the worker
+    other = pack_model(qcore.load_model("digits-mlp"))  # same weights: same hash, accepted
+    bad_model = qcore.load_model("digits-mlp")
+    with torch.no_grad():
+        bad_model.fc1.weight[0, 0] += 1
+    bad = pool.submit(("bad",), "s2", "sweep", {
+        **_refs(ref, model_bytes=pack_model(bad_model)), "grid": GRID.to_dict()})  # fmt: skip
+    _until(lambda: job.finished and bad.finished)
+    assert job.state == "done", job.error
+    assert job._process.pid != os.getpid()  # it ran in a job process, not here
+    expected = qcore.sweep(up.module, qcore.load_dataset("digits"), GRID)
+    pd.testing.assert_frame_equal(job.result.drop(columns="seconds"),
+                                  expected.drop(columns="seconds"), check_exact=True)  # fmt: skip
+    assert bad.state == "failed" and bad.user_error
+    assert "do not match its SHA-256" in bad.error
+    assert other  # (a sample's bytes pack too)
+
+
+def test_a_gentle_stop_ends_fine_tuning_with_the_model_so_far() -> None:
+    pool = JobPool(workers=1, per_session=1)
+    ft = qcore.FinetuneConfig(epochs=20)
+    job = pool.submit(("ft-long",), "s1", "finetune", {
+        **_refs(qcore.ModelRef("digits-mlp"), calib=True),
+        "config": qcore.Settings(bits=2).to_config().to_dict(), "ft": ft.to_dict(),
+        "act": False})  # fmt: skip
+    _until(lambda: job.done >= 3)
+    pool.stop(job, gentle=True)
+    assert job.stopping and job.state == "running"
+    _until(lambda: job.finished)
+    assert job.state == "done" and job.result["stopped"]
+    assert 3 <= int(job.result["history"]["step"].max()) < job.total

@@ -4,7 +4,7 @@ bytes and the accuracy after each stage, next to the paper's published numbers."
 import streamlit as st
 
 import qcore
-from pages import cache, figures, tables
+from pages import cache, figures, jobs, tables
 from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
@@ -56,15 +56,15 @@ prune_rate, codebook_bits, epochs = last_run(
     stale="The results below are of the last run; press **Run Deep Compression** again.",
 )  # fmt: skip
 try:
-    res = cache.run_deep(model, data, prune_rate, codebook_bits, epochs)
+    outcome = jobs.run_deep(model, data, prune_rate, codebook_bits, epochs, restart=run)
 except ValueError as e:
     st.error(str(e))
     st.stop()
+res = outcome.result
 
 stages = res.stages
 first, final = stages.iloc[0], stages.iloc[-1]
-payload = res.compressed.size_bytes
-file_bytes = cache.deep_packed_size(model, data, prune_rate, codebook_bits, epochs)
+payload, file_bytes = outcome.size_bytes, outcome.file_bytes
 acc_col, size_col, ratio_col = st.columns(3)
 drop = round((final["accuracy"] - first["accuracy"]) * 100, 1)
 acc_col.metric(
@@ -160,7 +160,7 @@ st.caption(
 )
 st.download_button(
     "Download the packed model",
-    data=cache.deep_packed_download(model, data, prune_rate, codebook_bits, epochs),
+    data=outcome.download,
     file_name=f"{model.name}-deep-compression.qpk",
     mime="application/octet-stream",
     on_click="ignore",

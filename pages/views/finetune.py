@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
-from pages import cache, figures, tables
+from pages import cache, figures, jobs, tables
 from pages.progress import Job, watch
 from pages.query import sync_query
 from pages.session import (
@@ -163,10 +163,8 @@ def _start() -> None:
         _check_choice(settings, ft)
         key = (model, data, settings, ft)
         if cache.finished_finetune(key) is None and not (JOB in ss and ss[JOB].running):
-            # loaded here, where a spinner can be drawn: the worker only reads them
-            for load in (cache.train_dataset, cache.get_calib_dataset, cache.get_dataset):
-                load(data)
-            ss[JOB] = Job(key, cache.finetune_run, model, data, settings, ft)
+            # a worker process (pages.jobs), or a thread here for uploaded data
+            ss[JOB] = jobs.start_finetune(key, model, data, settings, ft)
     except ValueError as e:
         ss[ERROR] = str(e)
 
@@ -232,7 +230,12 @@ if job is not None and job.running:
 
     def draw(j: Job) -> None:
         total = j.total or total_planned
-        if j.done >= total:  # the worker now compresses the model and evaluates it
+        ahead = getattr(j, "ahead", None)  # a job in the pool waits for a worker first
+        if ahead is not None:
+            what = f"Waiting for a worker ({ahead} ahead)…"
+        elif getattr(j, "starting", False):  # the worker loads the model and the data
+            what = "Starting a worker…"
+        elif j.done >= total:  # the worker now compresses the model and evaluates it
             what = "Trained; measuring on the test split…"
         else:
             what = "Stopping after this batch…" if j.stopping else "Training…"
@@ -279,7 +282,7 @@ try:
 except ValueError as e:
     st.error(str(e))
     st.stop()
-same_size = outcome.compressed.size_bytes == post.size_bytes
+same_size = outcome.size_bytes == post.size_bytes
 gain = tables.points_delta(outcome.accuracy, post.accuracy, "post-training")
 c1, c2, c3 = st.columns(3)
 c1.metric("Accuracy, fine-tuned", f"{outcome.accuracy:.1%}", border=True,
@@ -291,11 +294,11 @@ c2.metric("Accuracy, post-training", f"{post.accuracy:.1%}", border=True,
           delta=post_change.text, delta_color=post_change.color, delta_arrow=post_change.arrow,
           help="The same setting applied to the model without training (the Playground's "
           "number).")  # fmt: skip
-c3.metric("Packed size", tables.format_bytes(outcome.compressed.size_bytes), border=True,
+c3.metric("Packed size", tables.format_bytes(outcome.size_bytes), border=True,
           delta="same as post-training" if same_size else
-          f"{outcome.compressed.size_bytes - post.size_bytes:+,} B vs post-training",
+          f"{outcome.size_bytes - post.size_bytes:+,} B vs post-training",
           delta_color="off", delta_arrow="off",
-          help=f"{outcome.compressed.size_bytes:,} bytes of packed export.")  # fmt: skip
+          help=f"{outcome.size_bytes:,} bytes of packed export.")  # fmt: skip
 
 table = pd.DataFrame([
     {"model": f"float ({model.name})", "accuracy": post.float_accuracy * 100,
@@ -303,7 +306,7 @@ table = pd.DataFrame([
     {"model": "post-training", "accuracy": post.accuracy * 100,
      "size_bytes": post.size_bytes, "stored as": f"packed, {wa}"},
     {"model": "fine-tuned", "accuracy": outcome.accuracy * 100,
-     "size_bytes": outcome.compressed.size_bytes, "stored as": f"packed, {wa}"},
+     "size_bytes": outcome.size_bytes, "stored as": f"packed, {wa}"},
 ])  # fmt: skip
 st.dataframe(
     table,
@@ -326,7 +329,7 @@ if same_size:
     )
 else:
     st.caption(
-        f"The fine-tuned file is {outcome.compressed.size_bytes:,} bytes against "
+        f"The fine-tuned file is {outcome.size_bytes:,} bytes against "
         f"{post.size_bytes:,} post-training: training moved some weights to or from the zero "
         "code, and a sparse encoding stores zeros in fewer or more bytes."
     )
@@ -345,13 +348,13 @@ origin = _origin(model.name, data, settings, res.ft, stopped_at)
 d1, d2 = st.columns(2)
 d1.download_button(
     "Download the fine-tuned packed model",
-    data=lambda: qcore.packed_bytes(outcome.compressed),
+    data=outcome.packed_bytes,
     file_name=f"{model.name}-{settings.slug()}-finetuned.qpk",
     mime="application/octet-stream",
     on_click="ignore",
     key="ft_download",
     icon=":material/download:",
-    help=f"Exactly {outcome.compressed.size_bytes:,} bytes of payload plus a small JSON "
+    help=f"Exactly {outcome.size_bytes:,} bytes of payload plus a small JSON "
     "header; load it with qcore.load_packed.",
 )
 d2.button(

@@ -5,8 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import qcore
-from pages import cache, controls, figures, tables
-from pages.progress import run_with_progress
+from pages import cache, controls, figures, jobs, tables
 from pages.query import sync_query
 from pages.session import last_run, mixed_settings, open_in_playground
 from pages.sidebar import require_model_and_dataset
@@ -38,17 +37,13 @@ budget_bytes, candidates, per_channel = last_run(
     prompt="Set the budget and press **Find per-layer bits**.",
     stale="The results below are of the last run; press **Find per-layer bits** again.",
 )  # fmt: skip
-params = cache.SweepParams(bits=candidates, prune_rates=(0.0,), per_channel=(per_channel,))
 try:
-    res = cache.run_mixed(model, data, budget_bytes, candidates, per_channel)
+    # the choice, and every uniform width on the test split for the chart (a worker's job)
+    res, uniform = jobs.run_mixed(model, data, budget_bytes, candidates, per_channel,
+                                  restart=run)  # fmt: skip
     chosen = mixed_settings(res, layer_names)
     with st.spinner("Evaluating on the test split…"):
         r = cache.results(model, data, chosen)  # the Playground's own numbers
-    # every uniform width on the test split, for the chart (its own progress bar)
-    uniform = run_with_progress(
-        cache.sweep_table, model, data, params,
-        text="Measuring every uniform bit width on the test split…",
-    )  # fmt: skip
 except ValueError as e:
     st.error(str(e))
     st.stop()

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 import pandas as pd
 import streamlit as st
 
-from pages import cache, controls, figures, tables
+from pages import cache, controls, figures, jobs, tables
 from pages.cache import RobustnessParams
 from pages.query import sync_query
 from pages.session import last_run, playground_settings
@@ -160,13 +160,17 @@ def _label(s: Settings) -> str:
     return "float32" if s == FLOAT else s.label()
 
 
+try:
+    # every curve (a table, or a sentence for one that cannot be drawn), in a worker's job
+    results = jobs.run_robustness(model, data, variants, params, restart=run)
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
 for prm in params:
-    curves = {}
-    try:
-        for s in variants:
-            curves[_label(s)] = cache.run_robustness(model, data, s, prm)
-    except ValueError as e:
-        st.error(str(e))
+    curves = {_label(s): results[prm, s] for s in variants}
+    error = next((c for c in curves.values() if isinstance(c, str)), None)
+    if error is not None:
+        st.error(error)
         continue
     first = next(iter(curves.values()))
     st.subheader(NAMES[prm.perturbation])

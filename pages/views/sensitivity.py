@@ -3,7 +3,7 @@
 import streamlit as st
 
 import qcore
-from pages import cache, controls, figures, tables
+from pages import cache, controls, figures, jobs, tables
 from pages.query import sync_query
 from pages.session import last_run
 from pages.sidebar import require_model_and_dataset
@@ -25,7 +25,7 @@ bits, rates, per_channel = last_run(
     stale="The results below are of the last run; press **Run analysis** to apply the above.",
 )  # fmt: skip
 try:
-    df = cache.run_sensitivity(model, data, bits, rates, per_channel)
+    df = jobs.run_sensitivity(model, data, bits, rates, per_channel, restart=run)  # a worker
 except ValueError as e:
     st.error(str(e))
     st.stop()
