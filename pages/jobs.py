@@ -46,6 +46,9 @@ from pages.progress import progress_text
 from qcore.executors import spawnable_main
 
 WORKERS_ENV, PER_SESSION_ENV = "QP_JOB_WORKERS", "QP_JOBS_PER_SESSION"
+# how much lower a job process's CPU priority is than the web process's (os.nice): the
+# sliders of everyone else come first, a job takes the cores they leave
+NICE_ENV, DEFAULT_NICE = "QP_JOB_NICE", 10
 KEPT_RESULTS = 16  # finished results per process, as pages.cache.ANALYSIS_CACHE_ENTRIES
 
 
@@ -199,6 +202,10 @@ def _worker(task: str, payload: dict, conn: Any, threads: int, stop: Any) -> Non
     it goes and ("ok", result) or ("error", is_value_error, message) at the end."""
     import torch
 
+    try:
+        os.nice(_env_int(NICE_ENV, DEFAULT_NICE))
+    except OSError:  # not allowed here: the job runs at the web process's priority
+        pass
     torch.set_num_threads(threads)
     live = task in LIVE_ROWS
 

@@ -63,6 +63,24 @@ def test_queue_cap_stop_and_result() -> None:
     assert again.state == "stopped"
 
 
+def test_a_job_runs_below_the_web_process_priority(monkeypatch) -> None:
+    """Job processes are niced (QP_JOB_NICE, 10 by default): everyone's sliders in the
+    web process come first and a job takes the cores they leave."""
+    import os
+
+    from pages import jobs
+
+    for env, step in ((None, jobs.DEFAULT_NICE), ("3", 3)):
+        if env is not None:
+            monkeypatch.setenv(jobs.NICE_ENV, env)
+        pool = JobPool(workers=1, per_session=1)
+        job = pool.submit(("nice", env), "s1", "sweep", _payload(BIG))
+        _until(lambda job=job: job.state == "running" and job.done >= 1)
+        want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + step)
+        assert os.getpriority(os.PRIO_PROCESS, job._process.pid) == want
+        pool.stop(job)
+
+
 def test_a_jobs_value_error_is_a_sentence() -> None:
     pool = JobPool(workers=1, per_session=1)
     bad = {**_payload(GRID), "model": {"name": "no-such-model"}}
