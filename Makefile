@@ -19,14 +19,10 @@ $(STAMP): requirements.txt
 app: $(STAMP)
 	QP_ALLOW_DATA_DOWNLOAD=$${QP_ALLOW_DATA_DOWNLOAD:-1} $(VENV)/bin/streamlit run app.py --server.port $(PORT)
 
-# Two pytest workers (pytest-xdist), each test file in one worker so that a file's browser
-# server is started once: the suite's CPU-bound and browser-bound tests overlap on 2 cores.
-# TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
 test: $(STAMP)
 	bash scripts/ensure_chromium.sh
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) -m qcore bench
