@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,16 @@ class Metrics:
 EVAL_BATCH = 256  # fits the CPU cache better than one large batch (see qcore bench)
 
 
+def _logits(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The logits of each batch, concatenated: the model's replacement tensors are derived
+    once for all batches, and everything runs under inference mode."""
+    assert_eval(model, "evaluating")
+    run = Variant.of(model).runner()
+    with torch.inference_mode():
+        outs = [run(x) for x in batches]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
 def predict_logits(
     model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH
 ) -> torch.Tensor:
@@ -45,13 +56,7 @@ def predict_logits(
     ``model`` runs as a :class:`qcore.graph.Variant`: a variant as it is, a plain module as
     its own traced graph (the same logits; ValueError naming the line torch.fx cannot trace).
     """
-    assert_eval(model, "evaluating")
-    run = Variant.of(model).runner()
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, x.shape[0], batch_size):
-            outs.append(run(x[i : i + batch_size]))
-    return torch.cat(outs) if outs else torch.empty(0)
+    return _logits(model, (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)))
 
 
 def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> Metrics:
@@ -76,12 +81,9 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, num_classes: int)
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = EVAL_BATCH) -> Metrics:
     """Top-1 accuracy and mean loss of ``model`` on ``dataset`` (a qcore Dataset)."""
     n = len(dataset)
-    assert_eval(model, "evaluating")
-    run = Variant.of(model).runner()  # the replacement tensors derived once, not per batch
     try:  # inputs batch by batch: an upload's uint8 pixels are normalised per batch
-        with torch.inference_mode():
-            parts = [run(dataset.inputs(slice(i, i + batch_size))) for i in range(0, n, batch_size)]
-        logits = torch.cat(parts) if parts else torch.empty(0)
+        logits = _logits(model, (dataset.inputs(slice(i, i + batch_size))
+                                 for i in range(0, n, batch_size)))  # fmt: skip
     except RuntimeError as exc:  # shape mismatch inside the network
         raise ValueError(
             f"The model cannot run on dataset {getattr(dataset, 'name', '?')!r} "
