@@ -46,7 +46,8 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qcore.activations import placement
-from qcore.compress import compress
+from qcore.compress import _db, compress
+from qcore.compress import _energies as _energy
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
 from qcore.evaluate import EVAL_BATCH, Metrics, evaluate, metrics_from_logits
@@ -259,19 +260,6 @@ def _diff(
 
 def _layer_keys(graph: Graph, layer: str) -> list[str]:
     return [k for k in (param_key(layer, "weight"), param_key(layer, "bias")) if k in graph.params]
-
-
-def _energy(ref: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    r = ref.double()
-    return float((r**2).sum()), float(((r - y.double()) ** 2).sum())
-
-
-def _db(sig: float, err: float) -> float:
-    if err == 0.0:
-        return math.inf
-    if sig == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(sig / err)
 
 
 def _apply_layer(mod: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
