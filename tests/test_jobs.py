@@ -21,6 +21,20 @@ def _payload(grid: qcore.SweepGrid) -> dict:
             "grid": grid.to_dict()}  # fmt: skip
 
 
+@pytest.fixture
+def new_pool():
+    """``JobPool(...)``, closed after the test (its spare process ends with it)."""
+    made: list[JobPool] = []
+
+    def make(*args, **kwargs) -> JobPool:
+        made.append(JobPool(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
 def _until(cond, limit_s: float = 300.0) -> None:
     end = time.monotonic() + limit_s  # a bound on waiting, not a timing assertion
     while not cond():
@@ -28,8 +42,8 @@ def _until(cond, limit_s: float = 300.0) -> None:
         time.sleep(0.1)
 
 
-def test_queue_cap_stop_and_result() -> None:
-    pool = JobPool(workers=1, per_session=1)
+def test_queue_cap_stop_and_result(new_pool) -> None:
+    pool = new_pool(workers=1, per_session=1)
     first = pool.submit(("a",), "s1", "sweep", _payload(GRID))
     second = pool.submit(("b",), "s2", "sweep", _payload(BIG))
     third = pool.submit(("c",), "s3", "sweep", _payload(BIG))
@@ -63,7 +77,7 @@ def test_queue_cap_stop_and_result() -> None:
     assert again.state == "stopped"
 
 
-def test_a_job_runs_below_the_web_process_priority(monkeypatch) -> None:
+def test_a_job_runs_below_the_web_process_priority(new_pool, monkeypatch) -> None:
     """Job processes are niced (QP_JOB_NICE, 10 by default): everyone's sliders in the
     web process come first and a job takes the cores they leave."""
     import os
@@ -73,7 +87,7 @@ def test_a_job_runs_below_the_web_process_priority(monkeypatch) -> None:
     for env, step in ((None, jobs.DEFAULT_NICE), ("3", 3)):
         if env is not None:
             monkeypatch.setenv(jobs.NICE_ENV, env)
-        pool = JobPool(workers=1, per_session=1)
+        pool = new_pool(workers=1, per_session=1)
         job = pool.submit(("nice", env), "s1", "sweep", _payload(BIG))
         _until(lambda job=job: job.state == "running" and job.done >= 1)
         want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + step)
@@ -81,8 +95,8 @@ def test_a_job_runs_below_the_web_process_priority(monkeypatch) -> None:
         pool.stop(job)
 
 
-def test_a_jobs_value_error_is_a_sentence() -> None:
-    pool = JobPool(workers=1, per_session=1)
+def test_a_jobs_value_error_is_a_sentence(new_pool) -> None:
+    pool = new_pool(workers=1, per_session=1)
     bad = {**_payload(GRID), "model": {"name": "no-such-model"}}
     job = pool.submit(("bad",), "s1", "sweep", bad)
     _until(lambda: job.finished)
@@ -97,10 +111,10 @@ def _refs(model: qcore.ModelRef, calib: bool = False, model_bytes: bytes | None 
                    qcore.DatasetRef("digits", "calib") if calib else None, model_bytes)  # fmt: skip
 
 
-def test_sensitivity_and_finetune_jobs_equal_the_in_process_run() -> None:
+def test_sensitivity_and_finetune_jobs_equal_the_in_process_run(new_pool) -> None:
     from pages.jobs import _finetune_outcome
 
-    pool = JobPool(workers=2, per_session=2)
+    pool = new_pool(workers=2, per_session=2)
     model = qcore.ModelRef("digits-mlp")
     sens = pool.submit(("sens",), "s1", "sensitivity", {
         **_refs(model), "bits": [2, 4], "rates": [0.5], "per_channel": False})  # fmt: skip
@@ -131,7 +145,7 @@ def test_sensitivity_and_finetune_jobs_equal_the_in_process_run() -> None:
     assert out.packed_bytes() == qcore.packed_bytes(ref_comp)
 
 
-def test_an_uploaded_models_job_runs_in_a_worker_from_its_bytes() -> None:
+def test_an_uploaded_models_job_runs_in_a_worker_from_its_bytes(new_pool) -> None:
     import io
     import os
 
@@ -145,7 +159,7 @@ def test_an_uploaded_models_job_runs_in_a_worker_from_its_bytes() -> None:
     up = load_weights(buf.getvalue(), qcore.model_info("digits-mlp").arch, "digits",
                       filename="mine.pt")  # fmt: skip
     ref = qcore.ModelRef(up.name, sha256=up.sha256)
-    pool = JobPool(workers=2, per_session=2)
+    pool = new_pool(workers=2, per_session=2)
     job = pool.submit(("up",), "s1", "sweep", {
         **_refs(ref, model_bytes=pack_model(up.module)), "grid": GRID.to_dict()})  # fmt: skip
     # bytes of other weights under this hash are refused in the worker
@@ -166,8 +180,8 @@ def test_an_uploaded_models_job_runs_in_a_worker_from_its_bytes() -> None:
     assert other  # (a sample's bytes pack too)
 
 
-def test_a_gentle_stop_ends_fine_tuning_with_the_model_so_far() -> None:
-    pool = JobPool(workers=1, per_session=1)
+def test_a_gentle_stop_ends_fine_tuning_with_the_model_so_far(new_pool) -> None:
+    pool = new_pool(workers=1, per_session=1)
     ft = qcore.FinetuneConfig(epochs=20)
     job = pool.submit(("ft-long",), "s1", "finetune", {
         **_refs(qcore.ModelRef("digits-mlp"), calib=True),
@@ -179,3 +193,42 @@ def test_a_gentle_stop_ends_fine_tuning_with_the_model_so_far() -> None:
     _until(lambda: job.finished)
     assert job.state == "done" and job.result["stopped"]
     assert 3 <= int(job.result["history"]["step"].max()) < job.total
+
+
+def test_a_job_runs_in_the_process_started_ahead_for_it(new_pool, monkeypatch) -> None:
+    """The pool keeps one job process started ahead, imports done: the next job runs in
+    it (one process per job still), a new spare starts, and close() ends the spare."""
+    import os
+
+    from pages import jobs
+
+    pool = new_pool(workers=1, per_session=2)
+    spare = pool._spare.process
+    assert spare.is_alive() and spare.pid != os.getpid()
+    first = pool.submit(("s1",), "s1", "sweep", _payload(GRID))
+    assert first._process is spare  # the job went to the process already running
+    _until(lambda: first.finished)
+    assert first.state == "done", first.error
+    _until(lambda: not spare.is_alive(), 60)  # a job process runs one job and ends
+    nxt = pool._spare.process
+    assert nxt is not spare and nxt.is_alive()
+    second = pool.submit(("s2",), "s1", "sweep", _payload(GRID))
+    assert second._process is nxt
+    _until(lambda: second.finished)
+    pd.testing.assert_frame_equal(first.result.drop(columns="seconds"),
+                                  second.result.drop(columns="seconds"), check_exact=True)
+    last = pool._spare.process
+    pool.close()
+    assert not last.is_alive() and pool._spare is None
+
+    # QP_JOB_SPARE=0: no process waits; each job starts its own
+    monkeypatch.setenv(jobs.SPARE_ENV, "0")
+    jobs.pool.clear()
+    try:
+        none = jobs.pool()
+        assert none._spare is None and not none.keeps_spare
+        job = none.submit(("s3",), "s1", "sweep", _payload(GRID))
+        _until(lambda: job.finished)
+        assert job.state == "done" and none._spare is None
+    finally:
+        jobs.pool.clear()
