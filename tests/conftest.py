@@ -168,3 +168,15 @@ def jobs_in_process(monkeypatch):
 def one_job_worker(monkeypatch):
     """The analysis pages' jobs run in a pool of one worker process (``QP_JOB_WORKERS=1``)."""
     yield from _job_pool(monkeypatch, "1")
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """The app served once (``streamlit run app.py``, default settings) for every browser
+    test that needs no server of its own: each test opens its own browser session on it,
+    as users of one hosted app do. Tests that need a fresh server, other options or a
+    server-wide budget start their own with ``e2e.serve_app``."""
+    from e2e import serve_app
+
+    with serve_app() as url:
+        yield url

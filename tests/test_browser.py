@@ -21,12 +21,6 @@ require_chromium()
 ACCURACY = "Accuracy (simulated"
 
 
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
-
-
 def _slider(page, label: str):
     # Streamlit's slider is an <input type="range"> labelled with the widget's label
     return page.locator(f'input[type="range"][aria-label="{label}"]')

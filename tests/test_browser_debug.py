@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from e2e import browser_page, require_chromium, serve_app, wait_idle
+from e2e import browser_page, require_chromium, wait_idle
 
 pytestmark = pytest.mark.browser
 
@@ -16,12 +16,6 @@ require_chromium()
 
 ACCURACY = "Accuracy (simulated"
 SCREENSHOT = Path(os.environ.get("QP_COMPARE_SCREENSHOT", "/tmp/compare_page.png"))
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
 
 
 def _accuracies(page) -> list[str]:

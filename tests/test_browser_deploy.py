@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from e2e import browser_page, require_chromium, serve_app, wait_idle
+from e2e import browser_page, require_chromium, wait_idle
 
 pytestmark = pytest.mark.browser
 
 require_chromium()
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
 
 
 def test_deploy_page_names_integer_layers_and_measures(app_url):

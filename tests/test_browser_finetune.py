@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
+from e2e import browser_page, metric_value, require_chromium, wait_idle
 from playwright.sync_api import expect
 
 import qcore
@@ -26,12 +26,6 @@ LINK = "/finetune?model=digits-mlp&dataset=digits&bits=2"
 # (55 batches of 64 an epoch); digits-mlp's 400 steps can end before Stop is pressed
 LONG_LINK = "/finetune?model=mnist-cnn&bits=2"
 LONG_STEPS = 20 * math.ceil(len(qcore.load_dataset("mnist-5k", "train").y) / 64)
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
 
 
 def _open_page(page, app_url: str, link: str = LINK):

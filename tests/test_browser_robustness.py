@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from e2e import browser_page, require_chromium, serve_app, wait_idle
+from e2e import browser_page, require_chromium, wait_idle
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
@@ -14,12 +14,6 @@ pytestmark = pytest.mark.browser
 require_chromium()
 
 SCREENSHOT = Path(os.environ.get("QP_ROBUST_SCREENSHOT", "/tmp/robust_page.png"))
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
 
 
 def test_robustness_page_runs_a_curve_and_shows_images(app_url):

@@ -4,17 +4,11 @@ short at 1024 px, the clip-mode picker at 800 px)."""
 from __future__ import annotations
 
 import pytest
-from e2e import browser_page, require_chromium, serve_app, wait_idle
+from e2e import browser_page, require_chromium, wait_idle
 
 pytestmark = pytest.mark.browser
 
 require_chromium()
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with serve_app() as url:
-        yield url
 
 
 def test_each_page_has_its_own_tab_title(app_url):

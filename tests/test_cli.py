@@ -214,7 +214,7 @@ def _qcore(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.parametrize(("argv", "words"), [
+CARELESS = [
     # devices and pipes are never read: /dev/zero read until memory ran out, a FIFO hung
     (["evaluate", "--model", "digits-mlp", "--weights", "/dev/zero"],
      "error: '/dev/zero' is not a regular file; give the path of a file.\n"),
@@ -235,13 +235,39 @@ def _qcore(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Compl
      "argument --lr: Expected a finite number; got '0.0\u0665'."),
     (["bench", "--models", "nope"], "unknown model(s) 'nope'; the sample models are"),
     (["frobnicate"], "unknown command 'frobnicate'; the commands are list, evaluate,"),
-])  # fmt: skip
-def test_careless_command_lines_end_in_one_error_line(argv, words, tmp_path) -> None:
-    fifo = tmp_path / "fifo"
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def careless_runs(tmp_path_factory) -> list:
+    """Every CARELESS command line run as a user runs it, each in its own empty folder,
+    three processes at a time (each spends seconds importing torch): a list, in CARELESS's
+    order, of (the finished process or the exception that ended the run, its folder)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("careless")
+    fifo = base / "fifo"
     os.mkfifo(fifo)  # nobody ever writes to it: opening it for reading would wait forever
-    work = tmp_path / "work"
-    work.mkdir()
-    out = _qcore([str(fifo) if a == "FIFO" else a for a in argv], cwd=work)
+
+    def run(i: int) -> tuple:
+        work = base / f"work{i}"
+        work.mkdir()
+        argv = [str(fifo) if a == "FIFO" else a for a in CARELESS[i][0]]
+        try:
+            return _qcore(argv, cwd=work), work
+        except subprocess.TimeoutExpired as e:  # a hang fails that command line's test
+            return e, work
+
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(run, range(len(CARELESS))))
+
+
+@pytest.mark.parametrize("i", range(len(CARELESS)),
+                         ids=[f"argv{i}" for i in range(len(CARELESS))])  # fmt: skip
+def test_careless_command_lines_end_in_one_error_line(careless_runs, i: int) -> None:
+    out, work = careless_runs[i]
+    words = CARELESS[i][1]
+    assert isinstance(out, subprocess.CompletedProcess), out
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert words in out.stderr and "Traceback" not in out.stderr
