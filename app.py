@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages import timing
+from pages import jobs, timing
 from pages.access import require_access
 from pages.query import show_query_warnings
 from pages.session import init_session
@@ -44,6 +44,10 @@ PAGES = [
     st.Page("pages/views/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
 ]
 
+# the pages whose run button starts a job (pages/jobs.py TASKS)
+JOB_PAGES = {"Trade-offs", "Layer sensitivity", "Mixed precision", "Fine-tune",
+             "Deep Compression", "Robustness"}  # fmt: skip
+
 
 def page_title(title: str) -> str:
     """The browser tab's title of a page: its own name first, then the app's."""
@@ -67,6 +71,8 @@ if page is PLAYGROUND:
     st.title("Quantization Playground")
     st.markdown(INTRO)
 show_query_warnings()
+if page.title in JOB_PAGES:
+    jobs.pool()  # the job pool and its spare process start while the page is set up
 try:
     page.run()
 finally:

@@ -62,7 +62,7 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-# --- the worker side (a fresh process; imports qcore, never Streamlit) --------------------------
+# --- the worker side (a job process imports this module, Streamlit too, but makes no st call) -
 # Each task is ``fn(payload, progress, should_stop)``: the payload names the model and the
 # data by reference (a session model comes with its bytes, ``model_bytes``, rebuilt and
 # checked against its SHA-256 by qcore.executors.load_refs); it returns plain picklable data

@@ -132,3 +132,16 @@ def test_storm_uploads_are_valid_and_each_a_new_model(tmp_path) -> None:
     assert (arch, dataset) == ("mlp", "digits")
     names = {load_weights(p.read_bytes(), arch, dataset, filename=p.name).name for p in paths}
     assert len(names) == 2 and all(n.startswith("up-") for n in names)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--jobs", "0"], "--jobs: expected 1 to 10; got 0"),
+    (["--gap", "-1"], "--gap: expected 0 to 60 seconds; got -1.0"),
+    (["--read", "61"], "--read: expected 0 to 60 seconds; got 61.0"),
+])  # fmt: skip
+def test_start_bench_bounds_are_refused_before_anything_starts(argv, said, capsys) -> None:
+    import bench_start
+
+    with pytest.raises(SystemExit) as e:
+        bench_start.main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err
