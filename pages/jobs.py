@@ -314,8 +314,8 @@ class JobPool:
         self._spare: _Process | None = _start_process() if self.keeps_spare else None
 
     def close(self) -> None:
-        """Stop every job and end the spare process (tests; a server's pool lives as long
-        as the server, and its processes end with it)."""
+        """Stop every job and end the spare process (when the cached pool is cleared, and
+        in tests; a server's pool lives as long as the server, its processes end with it)."""
         with self._lock:
             jobs = self._waiting + self._running
         for j in jobs:
@@ -446,9 +446,10 @@ class JobPool:
             job._process.join()
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False, on_release=JobPool.close)
 def pool() -> JobPool:
-    """The server process's one pool, shared by every session."""
+    """The server process's one pool, shared by every session (clearing the cache closes
+    it: its jobs stop and its spare process ends)."""
     return JobPool(_env_int(WORKERS_ENV, 2), max(1, _env_int(PER_SESSION_ENV, 1)),
                    spare=_env_int(SPARE_ENV, 1) > 0)
 

@@ -40,8 +40,11 @@ def _sensitivity(at, bits=(2, 8), rates=(0.5,)):
 @needs_sample
 def test_sensitivity_runs_in_a_worker_and_draws_the_in_process_table(one_job_worker) -> None:
     at = open_page("sensitivity", "digits-mlp")
+    spare = one_job_worker.pool()._spare  # opening the page started the pool's spare process
+    assert spare is not None and spare.process.is_alive()
     _sensitivity(at)
     (job,) = _jobs(one_job_worker, "sensitivity")
+    assert job._process is spare.process  # the job ran in it
     ref = cache.sensitivity_table(MLP, DIGITS, (2, 8), (0.5,), False)  # the in-process table
     pd.testing.assert_frame_equal(job.result, ref, check_exact=True)
     shown = next(d.value for d in at.dataframe)

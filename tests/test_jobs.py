@@ -232,3 +232,9 @@ def test_a_job_runs_in_the_process_started_ahead_for_it(new_pool, monkeypatch) -
         assert job.state == "done" and none._spare is None
     finally:
         jobs.pool.clear()
+    # the server's pool is closed when its cache entry goes: its spare ends
+    monkeypatch.delenv(jobs.SPARE_ENV)
+    cached = jobs.pool()
+    spare = cached._spare.process
+    jobs.pool.clear()
+    assert not spare.is_alive() and cached._spare is None
