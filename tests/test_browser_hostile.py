@@ -6,7 +6,7 @@ warning, and a refused file's name is text: no bold, no link, no image, no KaTeX
 from __future__ import annotations
 
 import pytest
-from e2e import browser_page, require_chromium, serve_app, wait_idle
+from e2e import browser_page, require_chromium, wait_idle
 from playwright.sync_api import expect
 
 import qcore
@@ -19,9 +19,10 @@ HOSTILE = "**bold** [click](https://evil.example/x) ![t](https://evil.example/t.
 
 
 @pytest.mark.skipif("mnist-cnn" not in qcore.list_models(), reason="sample models not trained")
-def test_a_hostile_link_and_file_name_fetch_and_render_nothing_else() -> None:
+def test_a_hostile_link_and_file_name_fetch_and_render_nothing_else(app_url) -> None:
     requests: list[str] = []
-    with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
+    url = app_url  # the shared server: each test is its own browser session
+    with browser_page(viewport=(1400, 1600)) as page:
         page.on("request", lambda r: requests.append(r.url))
         page.goto(f"{url}/?model=mnist-cnn&bits=4&codebook=kmeans&per_channel=true",
                   wait_until="domcontentloaded")  # fmt: skip

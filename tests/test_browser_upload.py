@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import browser_page, metric_value, require_chromium, serve_app, wait_idle
+from e2e import browser_page, metric_value, require_chromium, wait_idle
 from playwright.sync_api import expect
 
 import qcore
@@ -66,11 +66,12 @@ def _pick(page, selectbox, option: str) -> None:
 
 
 @pytest.mark.skipif("mnist-cnn" not in qcore.list_models(), reason="sample models not trained")
-def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
+def test_upload_refuses_a_broken_file_then_adds_the_model(app_url, tmp_path):
     good, bad = _weights(tmp_path)
     expected = load_weights(good.read_bytes(), "cnn", "mnist-5k", filename=good.name)
     accuracy = qcore.evaluate(expected.module, qcore.load_dataset("mnist-5k")).accuracy
-    with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
+    url = app_url  # the shared server: each test is its own browser session
+    with browser_page(viewport=(1400, 1600)) as page:
         sidebar = _open_panel(page, f"{url}/?model=mnist-cnn", "Upload your own weights")
         weights_input = sidebar.locator('[data-testid="stFileUploader"]', has_text="Weights file"
                                         ).locator('input[type="file"]').first  # fmt: skip
@@ -112,7 +113,7 @@ def test_upload_refuses_a_broken_file_then_adds_the_model(tmp_path):
 
 
 @pytest.mark.skipif("digits-mlp" not in qcore.list_models(), reason="sample models not trained")
-def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(tmp_path):
+def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(app_url, tmp_path):
     """scikit-learn's digits as an .npz: the same splits and normalisation as the embedded
     digits, so digits-mlp scores the same on it."""
     import numpy as np
@@ -126,7 +127,8 @@ def test_upload_data_refuses_a_bad_file_then_measures_the_model_on_it(tmp_path):
     settings = qcore.Settings(bits=8).to_config()
     compressed = qcore.compress(qcore.load_model("digits-mlp"), settings)
     accuracy = qcore.evaluate(compressed.model, expected.splits["test"]).accuracy
-    with serve_app() as url, browser_page(viewport=(1400, 1600)) as page:
+    url = app_url  # the shared server: each test is its own browser session
+    with browser_page(viewport=(1400, 1600)) as page:
         sidebar = _open_panel(page, f"{url}/?model=digits-mlp&dataset=digits&bits=8",
                               "Upload your own data")  # fmt: skip
         uploader = sidebar.locator('[data-testid="stFileUploader"]', has_text="Data file")
