@@ -88,7 +88,7 @@ def test_embedded_sets_are_the_libraries_own_arrays() -> None:
     data, target = _mnist_5k_arrays()
     assert data.shape == (5000, 784) and np.array_equal(data, xs)
     assert target.dtype == np.int64 and np.array_equal(target, ys)
-    # and the splits qcore builds from them start with the first library rows
+    # and a split's row is the library row its index names
     test = load_dataset("digits", "test")
     first = int(test.indices[0])
     pixels = test.x[0, 0] * test.std[0] + test.mean[0]
