@@ -29,7 +29,6 @@ and everything drawn from one setting, and every job on a dataset uploaded in a 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import multiprocessing
 import os
@@ -264,7 +263,6 @@ class PoolJob:
     result: Any = None
     error: str | None = None
     user_error: bool = False  # the error is a sentence for the user (a ValueError)
-    seq: int = field(default_factory=itertools.count().__next__)
     _process: Any = None
     _stop: Any = None  # a multiprocessing Event the task polls (GENTLE_STOP tasks)
 
