@@ -98,67 +98,12 @@ def weight_histogram_figure(
             )
         )
 
-    levels = None if hist.levels is None else np.asarray(hist.levels, dtype=float)
-    if levels is not None and levels.size:
-        # one trace of vertical segments on a hidden [0, 1] axis: fast for 255 levels, and
-        # independent of the count axis (linear or log)
-        xs = np.repeat(levels, 3)
-        xs[2::3] = np.nan
-        ys = np.tile([0.0, 1.0, np.nan], levels.size)
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                yaxis="y2",
-                mode="lines",
-                name=level_label(levels.size, hist.shared),
-                line={
-                    "color": LEVEL_COLOR,
-                    "width": 0.5 if levels.size > MAX_LEVEL_LINES else 1,
-                    "dash": "dot",
-                },
-                hoverinfo="skip",
-            )
-        )
+    _draw_levels(fig, hist)
     if hist.clip is not None:
-        # qcore.layer_histogram gives the grid's effective range here: the values the codes
-        # reach (the clip range after rounding the scale and zero point)
-        lo, hi = hist.clip
-        for v, label in ((lo, "grid low"), (hi, "grid high")):
-            _vline(fig, v, CLIP_COLOR, 2, "dash")
-            fig.add_annotation(
-                x=v,
-                y=1,
-                yref="paper",
-                text=f"{label} {v:.3g}",
-                showarrow=False,
-                yanchor="bottom",
-                font={"color": CLIP_COLOR},
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="lines",
-                name=GRID_RANGE_LABEL,
-                line={"color": CLIP_COLOR, "dash": "dash"},
-            )
-        )
+        _draw_grid_range(fig, hist.clip)
     asked = hist.requested
     if asked is not None and not np.allclose(asked, hist.clip or (np.nan, np.nan), rtol=1e-6):
-        # the clip range asked for, where rounding (asymmetric zero point) or 1 bit (the grid
-        # is +-alpha inside it) makes the grid differ from it
-        for v in asked:
-            _vline(fig, v, REQUESTED_COLOR, 1.5, "dot")
-        fig.add_trace(
-            go.Scatter(
-                x=[None],
-                y=[None],
-                mode="lines",
-                name=f"{requested_label} [{asked[0]:.3g}, {asked[1]:.3g}]",
-                line={"color": REQUESTED_COLOR, "dash": "dot"},
-            )
-        )
+        _draw_requested(fig, asked, requested_label)
     total = int(after.sum())
     zero_share = hist.zeros_after / total if total else 0.0
     fig.add_annotation(
@@ -190,6 +135,75 @@ def weight_histogram_figure(
         height=380,
     )
     return fig
+
+
+def _draw_levels(fig: go.Figure, hist: HistogramLike) -> None:
+    """The quantization levels (or k-means shared values) as dotted vertical lines."""
+    levels = None if hist.levels is None else np.asarray(hist.levels, dtype=float)
+    if levels is not None and levels.size:
+        # one trace of vertical segments on a hidden [0, 1] axis: fast for 255 levels, and
+        # independent of the count axis (linear or log)
+        xs = np.repeat(levels, 3)
+        xs[2::3] = np.nan
+        ys = np.tile([0.0, 1.0, np.nan], levels.size)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                yaxis="y2",
+                mode="lines",
+                name=level_label(levels.size, hist.shared),
+                line={
+                    "color": LEVEL_COLOR,
+                    "width": 0.5 if levels.size > MAX_LEVEL_LINES else 1,
+                    "dash": "dot",
+                },
+                hoverinfo="skip",
+            )
+        )
+
+
+def _draw_grid_range(fig: go.Figure, clip: tuple[float, float]) -> None:
+    """The grid's effective range: dashed lines at its ends, labelled, and a legend entry."""
+    # qcore.layer_histogram gives the grid's effective range here: the values the codes
+    # reach (the clip range after rounding the scale and zero point)
+    lo, hi = clip
+    for v, label in ((lo, "grid low"), (hi, "grid high")):
+        _vline(fig, v, CLIP_COLOR, 2, "dash")
+        fig.add_annotation(
+            x=v,
+            y=1,
+            yref="paper",
+            text=f"{label} {v:.3g}",
+            showarrow=False,
+            yanchor="bottom",
+            font={"color": CLIP_COLOR},
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name=GRID_RANGE_LABEL,
+            line={"color": CLIP_COLOR, "dash": "dash"},
+        )
+    )
+
+
+def _draw_requested(fig: go.Figure, asked: tuple[float, float], label: str) -> None:
+    """The clip range asked for, where rounding (asymmetric zero point) or 1 bit (the grid
+    is +-alpha inside it) makes the grid differ from it."""
+    for v in asked:
+        _vline(fig, v, REQUESTED_COLOR, 1.5, "dot")
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            name=f"{label} [{asked[0]:.3g}, {asked[1]:.3g}]",
+            line={"color": REQUESTED_COLOR, "dash": "dot"},
+        )
+    )
 
 
 def row_percent(matrix: np.ndarray) -> np.ndarray:

@@ -46,7 +46,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from qcore.activations import placement
-from qcore.compress import _db, compress
+from qcore.compress import Compressed, _db, compress
 from qcore.compress import _energies as _energy
 from qcore.config import CompressionConfig
 from qcore.data import Dataset
@@ -347,11 +347,70 @@ def analyze(
             report({"setting": setting})
     float_logits: list[torch.Tensor] = []
     both_logits: list[torch.Tensor] = []
+    full_r, full_p = full.replacements(), full.model.points
+    node_of = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
 
+    variants, base_p, reads_from = _variants(model, config, calib, full, full_r, names,
+                                                node_of)
+
+    keep_base = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "only"))
+    keep_full = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "rest"))
+    outs = set(node_of.values())
+    ins = {node.args[0] for node in outs}
+    energy = {n: [0.0, 0.0, 0.0] for n in names}  # sum y_f^2, local error, cumulative error
+    with torch.inference_mode():
+        for s in starts:
+            xb = x[s : s + EVAL_BATCH]
+            flo_out, flo = graph.run(xb, keep=outs | ins | (keep_base if not base_p else set()))
+            float_logits.append(flo_out)
+            if base_p:
+                _, base = graph.run(xb, None, base_p, keep=keep_base | {graph.output})
+            else:
+                base = flo
+            both_out, whole = graph.run(xb, full_r, full_p, keep=keep_full | outs | {graph.output})
+            both_logits.append(both_out)
+            _add_energy(graph, node_of, flo, whole, full_r, full_p, reads_from, energy)
+            for v in variants:
+                if v.plan is None:
+                    v.logits.append(graph.run(xb, v.replacements, v.points))
+                else:
+                    cache = base if v.family == "only" else whole
+                    v.logits.append(graph.run_suffix(v.plan, cache, v.replacements, v.points))
+            del flo, base, whole
+            report({"batch": s // EVAL_BATCH})
+
+    classes = len(dataset.classes)
+    for setting, logits in (("float", float_logits), ("both", both_logits)):
+        if setting in from_runs:
+            summary[setting] = metrics_from_logits(torch.cat(logits), dataset.y, classes)
+            report({"setting": setting})
+    scores: dict[tuple[str, str], Metrics] = {
+        (v.layer, v.family): metrics_from_logits(torch.cat(v.logits), dataset.y, classes)
+        for v in variants
+    }
+    return Analysis(
+        summary=pd.DataFrame([{"setting": k, "accuracy": summary[k].accuracy,
+                               "loss": summary[k].loss} for k in SUMMARY_SETTINGS]),
+        layers=pd.DataFrame(_layer_rows(full, energy, scores), columns=list(LAYER_COLUMNS)),
+        config=config,
+        outline=graph_outline(graph),
+        act_edges=tuple(full.activations),
+        n=int(len(dataset.y)),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _variants(model: nn.Module, config: CompressionConfig, calib: Dataset | None,
+              full: Compressed, full_r: dict, names: list[str], node_of: dict[str, Any]
+              ) -> tuple[list[_Variant], dict[str, Any], dict[str, str | None]]:  # fmt: skip
+    """Each layer's "only this" and "all but this" variants, each with the plan that runs
+    only the graph after the layer when its difference from its base stays inside it; the
+    base's activation points (those every "only" variant quantizes too: the input and the
+    residual additions); and the edge each layer reads."""
+    graph = full.graph
     # the two bases: float weights with the edges every "only k" variant quantizes too
     # (input, residual additions), and the whole compressed model
-    full_r, full_a, full_p = full.replacements(), dict(full.activations), full.model.points
-    node_of = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in names}
+    full_a, full_p = dict(full.activations), full.model.points
     own, reads_from = _own_edges(graph, names, config, node_of)
     layer_edges = set().union(*own.values()) if own else set()
     base_a = {e: r for e, r in full_a.items() if e not in layer_edges}
@@ -373,57 +432,36 @@ def analyze(
             variants.append(_Variant(n, family, r, c.model.points,
                                      plans[n] if local else None, []))  # fmt: skip
             del c
+    return variants, base_p, reads_from
 
-    keep_base = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "only"))
-    keep_full = set().union(*(v.plan.reads for v in variants if v.plan and v.family == "rest"))
-    outs = set(node_of.values())
-    ins = {node.args[0] for node in outs}
-    energy = {n: [0.0, 0.0, 0.0] for n in names}  # sum y_f^2, local error, cumulative error
-    with torch.inference_mode():
-        for s in starts:
-            xb = x[s : s + EVAL_BATCH]
-            flo_out, flo = graph.run(xb, keep=outs | ins | (keep_base if not base_p else set()))
-            float_logits.append(flo_out)
-            if base_p:
-                _, base = graph.run(xb, None, base_p, keep=keep_base | {graph.output})
-            else:
-                base = flo
-            both_out, whole = graph.run(xb, full_r, full_p, keep=keep_full | outs | {graph.output})
-            both_logits.append(both_out)
-            for n, node in node_of.items():
-                ref = flo[node]
-                xin = flo[node.args[0]]
-                point = full_p.get(reads_from.get(n) or "")
-                if point is not None:
-                    xin = point(xin)
-                w = full_r.get(param_key(n, "weight"), graph.params[param_key(n, "weight")])
-                bkey = param_key(n, "bias")
-                b = full_r.get(bkey, graph.params.get(bkey))
-                y_local = _apply_layer(graph.layers[n], xin, w, b)
-                sig, err_local = _energy(ref, y_local)
-                _, err_cum = _energy(ref, whole[node])
-                e = energy[n]
-                e[0] += sig
-                e[1] += err_local
-                e[2] += err_cum
-            for v in variants:
-                if v.plan is None:
-                    v.logits.append(graph.run(xb, v.replacements, v.points))
-                else:
-                    cache = base if v.family == "only" else whole
-                    v.logits.append(graph.run_suffix(v.plan, cache, v.replacements, v.points))
-            del flo, base, whole
-            report({"batch": s // EVAL_BATCH})
 
-    classes = len(dataset.classes)
-    for setting, logits in (("float", float_logits), ("both", both_logits)):
-        if setting in from_runs:
-            summary[setting] = metrics_from_logits(torch.cat(logits), dataset.y, classes)
-            report({"setting": setting})
-    scores: dict[tuple[str, str], Metrics] = {
-        (v.layer, v.family): metrics_from_logits(torch.cat(v.logits), dataset.y, classes)
-        for v in variants
-    }
+def _add_energy(graph: Any, node_of: dict[str, Any], flo: dict, whole: dict,
+                full_r: dict, full_p: dict, reads_from: dict[str, str | None],
+                energy: dict[str, list[float]]) -> None:  # fmt: skip
+    """Add one batch's signal, local error (the layer alone, fed the float input) and
+    cumulative error (the compressed model up to it) to each layer's ``energy``."""
+    for n, node in node_of.items():
+        ref = flo[node]
+        xin = flo[node.args[0]]
+        point = full_p.get(reads_from.get(n) or "")
+        if point is not None:
+            xin = point(xin)
+        w = full_r.get(param_key(n, "weight"), graph.params[param_key(n, "weight")])
+        bkey = param_key(n, "bias")
+        b = full_r.get(bkey, graph.params.get(bkey))
+        y_local = _apply_layer(graph.layers[n], xin, w, b)
+        sig, err_local = _energy(ref, y_local)
+        _, err_cum = _energy(ref, whole[node])
+        e = energy[n]
+        e[0] += sig
+        e[1] += err_local
+        e[2] += err_cum
+
+
+def _layer_rows(full: Compressed, energy: dict[str, list[float]],
+                scores: dict[tuple[str, str], Metrics]) -> list[dict]:  # fmt: skip
+    """One row per compressed layer: its weights' SQNR, its output's local and cumulative
+    SQNR, and the accuracy and loss with only it compressed and with all but it."""
     rows = []
     for i, s in enumerate(full.layers):
         e = energy[s.name]
@@ -436,14 +474,5 @@ def analyze(
             "accuracy_all_but_this": math.nan if rest is None else rest.accuracy,
             "loss_all_but_this": math.nan if rest is None else rest.loss,
         })  # fmt: skip
-    return Analysis(
-        summary=pd.DataFrame([{"setting": k, "accuracy": summary[k].accuracy,
-                               "loss": summary[k].loss} for k in SUMMARY_SETTINGS]),
-        layers=pd.DataFrame(rows, columns=list(LAYER_COLUMNS)),
-        config=config,
-        outline=graph_outline(graph),
-        act_edges=tuple(full_a),
-        n=int(len(dataset.y)),
-        seconds=time.perf_counter() - start,
-    )
+    return rows
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 from torch import nn
 
-from qcore.compress import compress
+from qcore.compress import Compressed, compress
 from qcore.config import ActQuantConfig, CompressionConfig, QuantConfig, check_bits
 from qcore.data import Dataset
-from qcore.evaluate import EVAL_BATCH, evaluate
+from qcore.evaluate import EVAL_BATCH, Metrics, evaluate
 from qcore.executors import Executor, check_refs, load_args
 from qcore.fold import weight_layers
 from qcore.graph import fold_batchnorm
@@ -231,32 +231,11 @@ the test split) and names the phase. With ``act``,
         len(cands), 1 + len(cands), len(names) * len(cands), 2,
         len(cands) + 1 if held_out else 0,
     ])  # fmt: skip
-    # exact per-layer packed sizes, and the uniform totals, from one compress per width
-    per_bits = {}
-    for b in cands:
-        per_bits[b] = compress(model, CompressionConfig(
-            quant=replace(quant, bits=b, layer_bits=()), fold_bn=fold_bn, act=act), calib=calib)
-        report.step(0, f"Compressing every layer at {b} bits")
-    sizes = {k: {b: per_bits[b].layer(k).size_bytes for b in cands} for k in names}
-    c0 = per_bits[cands[0]]
-    rest = c0.size_bytes - sum(sizes[k][cands[0]] for k in names)
-    smallest = c0.size_bytes
-    if budget < smallest:
-        raise ValueError(
-            f"A budget of {budget:,} bytes is below the smallest possible packed size, "
-            f"{smallest:,} bytes (every layer at {cands[0]} bits); raise the budget or "
-            "add a lower candidate bit width."
-        )
-
+    run = _Search(model, search, quant, fold_bn, batch_size, act, calib, report)
+    per_bits, sizes, rest = run.each_width(cands, names, budget)
     ref = evaluate(model, dataset, batch_size=batch_size)
     report.step(1, "Measuring the float model")
-    # every uniform width on the search data; the best one that fits is the reference
-    searched = {}
-    for b in cands:
-        searched[b] = evaluate(per_bits[b].model, search, batch_size=batch_size)
-        report.step(1, f"Measuring uniform {b} bits on {_split_name(search)}")
-    uniform = {b: r for b, r in searched.items() if per_bits[b].size_bytes <= budget}
-    ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
+    searched, uniform, ub = run.uniform_widths(per_bits, budget)
 
     sens = layer_sensitivity(
         *(refs or (model, search)), bits=cands, prune_rates=(), quant=quant, fold_bn=fold_bn,
@@ -264,36 +243,16 @@ the test split) and names the phase. With ``act``,
         progress=None if progress is None else report.inner(
             2, f"Measuring each layer alone on {_split_name(search)}"),
     )  # fmt: skip
-    tried = {}
-    for bits in _assignments(sens, names, sizes, budget - rest):
-        key = tuple(bits[k] for k in names)
-        if key not in tried:
-            q = replace(quant, bits=cands[-1], layer_bits=bits)
-            c, m = _evaluate(model, search, q, fold_bn, batch_size, act, calib)
-            tried[key] = (q, c, m)
-        report.step(3, "Trying the per-layer choices that fit the budget")
-    best_key = max(tried, key=lambda k: (tried[k][2].accuracy, -tried[k][2].loss,
-                                         -tried[k][1].size_bytes)) if tried else None
-    mixed_ok = best_key is not None and (
-        (tried[best_key][2].accuracy, -tried[best_key][2].loss)
-        >= (uniform[ub].accuracy, -uniform[ub].loss)
+    best = run.best_assignment(_assignments(sens, names, sizes, budget - rest), names, cands)
+    mixed_ok = best is not None and (
+        (best[2].accuracy, -best[2].loss) >= (uniform[ub].accuracy, -uniform[ub].loss)
     )
-    uq = replace(quant, bits=ub, layer_bits=())
     if mixed_ok:
-        q, c, m = tried[best_key]
+        q, c, m = best
     else:
-        q, c, m = uq, per_bits[ub], uniform[ub]
+        q, c, m = replace(quant, bits=ub, layer_bits=()), per_bits[ub], uniform[ub]
     m_search = m
-    # every fitting uniform width on the evaluation split (the same runs when it is the search)
-    tested = {}
-    for b in uniform:
-        tested[b] = (evaluate(per_bits[b].model, dataset, batch_size=batch_size)
-                     if held_out else uniform[b])  # fmt: skip
-        if held_out:
-            report.step(4, f"Measuring uniform {b} bits on {_split_name(dataset)}")
-    if held_out:  # report on the evaluation split
-        m = tested[ub] if not mixed_ok else evaluate(c.model, dataset, batch_size=batch_size)
-        report.step(4, f"Measuring the choice on {_split_name(dataset)}")
+    tested, m = run.on_test_split(dataset, per_bits, uniform, ub, c, m, mixed_ok)
     report.finish()
     um = tested[ub]
     if c.size_bytes > budget:  # sizes are additive by construction; never expected
@@ -313,7 +272,7 @@ the test split) and names the phase. With ``act``,
         search_accuracy=m_search.accuracy, uniform_search=uniform[ub].accuracy,
         choices=choices, beats=beats,
         search_split=_split_name(search), test_split=_split_name(dataset),
-        held_out=search is not dataset,
+        held_out=held_out,
     )  # fmt: skip
     return MixedPrecisionResult(
         layer_bits=layer_bits,
@@ -334,6 +293,93 @@ the test split) and names the phase. With ``act``,
         beats=beats,
         search_accuracy=m_search.accuracy,
     )
+
+
+@dataclass
+class _Search:
+    """The steps of :func:`mixed_precision` that compress and measure candidates: on the
+    search split, with the same scheme template, folding, batch size and activations."""
+
+    model: nn.Module
+    search: Dataset
+    quant: QuantConfig
+    fold_bn: bool
+    batch_size: int
+    act: ActQuantConfig | None
+    calib: Dataset | None
+    report: _Phases
+
+    def each_width(self, cands: list[int], names: list[str], budget: int
+                   ) -> tuple[dict[int, Compressed], dict[str, dict[int, int]], int]:  # fmt: skip
+        """Every layer compressed at each candidate width (one compress per width): the
+        compressed models, each layer's exact packed size per width, and the bytes outside
+        the layers (the same at every width). Raises when even the lowest width overflows."""
+        per_bits = {}
+        for b in cands:
+            per_bits[b] = compress(self.model, CompressionConfig(
+                quant=replace(self.quant, bits=b, layer_bits=()), fold_bn=self.fold_bn,
+                act=self.act), calib=self.calib)  # fmt: skip
+            self.report.step(0, f"Compressing every layer at {b} bits")
+        sizes = {k: {b: per_bits[b].layer(k).size_bytes for b in cands} for k in names}
+        c0 = per_bits[cands[0]]
+        rest = c0.size_bytes - sum(sizes[k][cands[0]] for k in names)
+        if budget < c0.size_bytes:
+            raise ValueError(
+                f"A budget of {budget:,} bytes is below the smallest possible packed size, "
+                f"{c0.size_bytes:,} bytes (every layer at {cands[0]} bits); raise the budget "
+                "or add a lower candidate bit width."
+            )
+        return per_bits, sizes, rest
+
+    def uniform_widths(self, per_bits: dict[int, Compressed], budget: int
+                       ) -> tuple[dict[int, Metrics], dict[int, Metrics], int]:  # fmt: skip
+        """Every uniform width on the search split; those that fit; the best that fits (the
+        reference the per-layer choice must reach)."""
+        searched = {}
+        for b, c in per_bits.items():
+            searched[b] = evaluate(c.model, self.search, batch_size=self.batch_size)
+            self.report.step(1, f"Measuring uniform {b} bits on {_split_name(self.search)}")
+        uniform = {b: r for b, r in searched.items() if per_bits[b].size_bytes <= budget}
+        ub = max(uniform, key=lambda b: (uniform[b].accuracy, -uniform[b].loss, -b))
+        return searched, uniform, ub
+
+    def best_assignment(self, assignments: Iterable[dict[str, int]], names: list[str],
+                        cands: list[int]
+                        ) -> tuple[QuantConfig, Compressed, Metrics] | None:  # fmt: skip
+        """Each distinct per-layer choice measured on the search split; the best (accuracy,
+        then loss, then the smaller size), or None when no choice fits."""
+        tried = {}
+        for bits in assignments:
+            key = tuple(bits[k] for k in names)
+            if key not in tried:
+                q = replace(self.quant, bits=cands[-1], layer_bits=bits)
+                c, m = _evaluate(self.model, self.search, q, self.fold_bn, self.batch_size,
+                                 self.act, self.calib)  # fmt: skip
+                tried[key] = (q, c, m)
+            self.report.step(3, "Trying the per-layer choices that fit the budget")
+        if not tried:
+            return None
+        return tried[max(tried, key=lambda k: (tried[k][2].accuracy, -tried[k][2].loss,
+                                               -tried[k][1].size_bytes))]  # fmt: skip
+
+    def on_test_split(self, dataset: Dataset, per_bits: dict[int, Compressed],
+                      uniform: dict[int, Metrics], ub: int, chosen: Compressed,
+                      m: Metrics, mixed_ok: bool
+                      ) -> tuple[dict[int, Metrics], Metrics]:  # fmt: skip
+        """Every fitting uniform width and the choice on the evaluation split (the search
+        runs themselves when the search split is the evaluation split)."""
+        held_out = self.search is not dataset
+        tested = {}
+        for b in uniform:
+            tested[b] = (evaluate(per_bits[b].model, dataset, batch_size=self.batch_size)
+                         if held_out else uniform[b])  # fmt: skip
+            if held_out:
+                self.report.step(4, f"Measuring uniform {b} bits on {_split_name(dataset)}")
+        if held_out:
+            m = tested[ub] if not mixed_ok else evaluate(chosen.model, dataset,
+                                                         batch_size=self.batch_size)
+            self.report.step(4, f"Measuring the choice on {_split_name(dataset)}")
+        return tested, m
 
 
 class _Phases:
