@@ -14,7 +14,10 @@ their ratios to it, and where the time of a step goes:
   tabs (table, images, confusion matrix) and the downloads;
 - sent: bytes the server sent the browser over the websocket during the step;
 - browser after last message: from the last message of the step to the moment the new
-  size is on screen and Streamlit is idle (drawing);
+  size is on screen and Streamlit is idle;
+- browser busy: the page's main-thread time in the step (Chrome's ``TaskDuration``), which
+  includes handling each message as it arrives: the browser's share, most of which
+  overlaps the server's;
 - a second browser opening the Playground on the warm server: time until its numbers show;
 - Streamlit alone: the same slider step and opening on a bare page (one slider, one
   metric, and for one opening a plotly chart), the floor under every figure above.
@@ -42,6 +45,18 @@ PHASES = ("script", "headline", "compress", "evaluate", "layer section", "detail
           "downloads")
 
 
+class MainThread:
+    """The page's main-thread time so far, from Chrome's own counter (``TaskDuration``)."""
+
+    def __init__(self, page):
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.send("Performance.enable")
+
+    def busy(self) -> float:
+        metrics = self.cdp.send("Performance.getMetrics")["metrics"]
+        return next(m["value"] for m in metrics if m["name"] == "TaskDuration")
+
+
 class Recorder:
     """Websocket messages the browser receives and the server's QP_TIMING lines, per step."""
 
@@ -50,6 +65,8 @@ class Recorder:
         self.log_path = log_path
         self.log_offset = 0
         self.steps: list[dict] = []
+        self.busy_at_start = 0.0
+        self.main = MainThread(page)
         page.on("websocket", self._socket)
 
     def _socket(self, ws) -> None:
@@ -72,6 +89,7 @@ class Recorder:
     def begin(self) -> float:
         self._server_lines()  # skip what came before
         self.frames.clear()
+        self.busy_at_start = self.main.busy()
         return time.perf_counter()
 
     def end(self, start: float, shown: float, idle: float, kind: str) -> None:
@@ -80,7 +98,8 @@ class Recorder:
         frames = [f for f in self.frames if f[0] >= start]
         last = max((t for t, _ in frames), default=start)
         step = {"kind": kind, "shown": shown, "sent": sum(n for _, n in frames),
-                "browser": max(0.0, idle - (last - start)), "runs": len(runs)}
+                "browser": max(0.0, idle - (last - start)), "runs": len(runs),
+                "busy": self.main.busy() - self.busy_at_start}
         for k in PHASES:
             step[k] = sum(r.get(k, 0.0) for r in runs)
         self.steps.append(step)
@@ -152,7 +171,8 @@ def _breakdown(steps: list[dict], kind: str, title: str) -> str:
     server = ", ".join(f"{k} {med(k) * 1000:.0f}" for k in PHASES[1:])
     return (f"  {title}: key to screen {med('shown') * 1000:.0f} ms = server script "
             f"{med('script') * 1000:.0f} ms ({server}) + sent {med('sent') / 1024:.0f} kB + "
-            f"browser after last message {med('browser') * 1000:.0f} ms (medians, n={len(rows)})")
+            f"browser after last message {med('browser') * 1000:.0f} ms; browser main thread "
+            f"busy {med('busy') * 1000:.0f} ms (medians, n={len(rows)})")
 
 
 # Streamlit's own cost, with nothing of this app: one slider and one metric (and, for the
@@ -166,20 +186,28 @@ if st.query_params.get("chart"):
 """
 
 
-def streamlit_floor(steps: int) -> tuple[float, float, float]:
+def streamlit_floor(steps: int) -> tuple[float, float, float, float]:
     """On a bare page (:data:`FLOOR_APP`) served the same way: the median key-to-screen of
-    the slider, and a new browser's opening time without and with one plotly chart."""
+    the slider and the page's main-thread time in it, and a new browser's opening time
+    without and with one plotly chart."""
+    global REC
+    REC = None  # the Playground's recorder belongs to a closed page
     folder = Path(tempfile.mkdtemp())
     (folder / "floor.py").write_text(FLOOR_APP)
     with serve_app(script=str(folder / "floor.py")) as url, browser_page() as page:
         page.goto(url, wait_until="domcontentloaded")
         page.locator('[data-testid="stMetric"]', has_text=SIZE).wait_for(timeout=120_000)
         wait_idle(page)
-        moves = [_step(page, key) for key in ["ArrowLeft"] * steps + ["ArrowRight"] * steps]
+        main = MainThread(page)
+        moves, busy = [], []
+        for key in ["ArrowLeft"] * steps + ["ArrowRight"] * steps:
+            before = main.busy()
+            moves.append(_step(page, key))
+            busy.append(main.busy() - before)
         browser = page.context.browser
         plain = statistics.median(_open_seconds(browser, url) for _ in range(3))
         chart = statistics.median(_open_seconds(browser, f"{url}/?chart=1") for _ in range(3))
-    return statistics.median(moves), plain, chart
+    return statistics.median(moves), statistics.median(busy), plain, chart
 
 
 def float_forward_seconds(repeats: int = 5) -> float:
@@ -243,9 +271,10 @@ def main() -> int:
           f"max {max(acts) * 1000:.0f}, n={len(acts)})")
     print(f"  first load after the server start: {first_load:.1f} s; a second browser opening "
           f"the Playground on the warm server: {second_open:.1f} s (target <= 3 s)")
-    floor_move, floor_open, floor_chart = streamlit_floor(steps)
+    floor_move, floor_busy, floor_open, floor_chart = streamlit_floor(steps)
     print(f"Streamlit alone on this machine (a bare page: one slider, one metric): key press "
-          f"to new metric median {floor_move * 1000:.0f} ms; a new browser opening it "
+          f"to new metric median {floor_move * 1000:.0f} ms (browser main thread busy "
+          f"{floor_busy * 1000:.0f} ms); a new browser opening it "
           f"{floor_open:.1f} s, {floor_chart:.1f} s with one plotly chart under the metric")
     fwd = forward
     print("ratios to the float forward pass (targets: new <= 1.3, revisited <= 0.6, "
