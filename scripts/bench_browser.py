@@ -255,6 +255,7 @@ def main() -> int:
         act_steps = min(steps, 6)  # A8 -> A7 ... A2
         acts = [_act_step(page, "ArrowLeft", f"W8A{8 - i} · simulated")
                 for i in range(1, act_steps + 1)]
+    recorded = REC.steps
     forward = float_forward_seconds()
     print("mnist-cnn on mnist-5k (1,000 test images), bit-width slider moved one step at a time")
     print(f"  float forward pass over the test split (qcore.evaluate): {forward * 1000:.0f} ms")
@@ -285,7 +286,7 @@ def main() -> int:
     print("where the time goes (ms; server phases from QP_TIMINGS, pages/timing.py):")
     for kind, title in (("new", "new setting"), ("cached", "revisited setting"),
                         ("w8a8", "W8A8, bit-width slider"), ("act", "activation slider")):
-        line = _breakdown(REC.steps, kind, title)
+        line = _breakdown(recorded, kind, title)
         if line:
             print(line)
     return 0
