@@ -445,13 +445,7 @@ def robustness(
     """
     perturbation = _check_perturbation(perturbation)
     values = check_strengths(perturbation, strengths)
-    _check_steps(steps)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be a whole number; got {seed!r}.")
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
-        raise ValueError(f"seeds must be a whole number from 1 to {MAX_SEEDS}; got {seeds!r}.")
-    if config is not None and not isinstance(config, CompressionConfig):
-        raise ValueError("config must be a CompressionConfig (or None for the model itself).")
+    _check_run(steps, seed, seeds, config)
     if executor is not None:
         check_refs(model, dataset, calib, model_bytes)
         if perturbation == "bitflip" and config is None:
@@ -460,18 +454,7 @@ def robustness(
         jobs = [{**refs, "config": None if config is None else config.to_dict(),
                  "perturbation": perturbation, "strength": s, "seed": seed, "steps": steps,
                  "seeds": seeds} for s in values]  # fmt: skip
-        done = [0]
-
-        def on_result(_i: int, out: tuple[dict, float]) -> None:
-            done[0] += 1
-            if progress is not None:
-                progress(done[0], len(jobs), out[0])
-
-        outs = executor.map(_robustness_job, jobs, on_result)
-        df = pd.DataFrame([row for row, _ in outs])
-        df.attrs.update({"clean_accuracy": outs[0][1], "unit": strength_unit(perturbation),
-                         "perturbation": perturbation})  # fmt: skip
-        return df
+        return _on_executor(executor, jobs, perturbation, progress)
     model, dataset, calib = load_args(model, dataset, calib, model_bytes)
     if config is not None:
         model = _target(model, config, calib, perturbation)
@@ -522,6 +505,34 @@ def robustness(
         })  # fmt: skip
     df = pd.DataFrame(rows)
     df.attrs.update({"clean_accuracy": clean_acc, "unit": strength_unit(perturbation),
+                     "perturbation": perturbation})  # fmt: skip
+    return df
+
+
+def _check_run(steps: int, seed: int, seeds: int, config: CompressionConfig | None) -> None:
+    """Refuse a bad number of attack steps, seed, number of draws or config."""
+    _check_steps(steps)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be a whole number; got {seed!r}.")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"seeds must be a whole number from 1 to {MAX_SEEDS}; got {seeds!r}.")
+    if config is not None and not isinstance(config, CompressionConfig):
+        raise ValueError("config must be a CompressionConfig (or None for the model itself).")
+
+
+def _on_executor(executor: Executor, jobs: list[dict], perturbation: str,
+                 progress: Progress | None) -> pd.DataFrame:  # fmt: skip
+    """One job per strength on ``executor``; the rows in order, as in process."""
+    done = [0]
+
+    def on_result(_i: int, out: tuple[dict, float]) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(jobs), out[0])
+
+    outs = executor.map(_robustness_job, jobs, on_result)
+    df = pd.DataFrame([row for row, _ in outs])
+    df.attrs.update({"clean_accuracy": outs[0][1], "unit": strength_unit(perturbation),
                      "perturbation": perturbation})  # fmt: skip
     return df
 
