@@ -44,7 +44,7 @@ PAGES = [
     st.Page("pages/views/deploy.py", title="Deploy", icon=":material/rocket_launch:"),
 ]
 
-# the pages whose run button starts a job (pages/jobs.py TASKS)
+# the pages whose run button starts a job (pages/worker.py TASKS)
 JOB_PAGES = {"Trade-offs", "Layer sensitivity", "Mixed precision", "Fine-tune",
              "Deep Compression", "Robustness"}  # fmt: skip
 

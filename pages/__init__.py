@@ -8,6 +8,8 @@
 - ``query``: the URL query (parsed by qcore's flat-settings mapping, ``qcore.config``).
 - ``cache``: every cached computation (the only ``st.cache_*``).
 - ``progress``: background work with a progress bar.
+- ``jobs``: the pool of job processes for the analysis pages; ``worker``: what runs in a
+  job process (the tasks), free of Streamlit.
 - ``tables``: the result records, the per-layer table and the results download.
 - ``figures``: plotly figure builders, plain functions without Streamlit.
 - ``compare``: the Playground's compare mode (setting A pinned beside the live B).

@@ -238,3 +238,20 @@ def test_a_job_runs_in_the_process_started_ahead_for_it(new_pool, monkeypatch) -
     spare = cached._spare.process
     jobs.pool.clear()
     assert not spare.is_alive() and cached._spare is None
+
+
+def test_a_job_process_imports_no_streamlit() -> None:
+    """A job process runs pages.worker's main, and that module (with what a job imports
+    before it comes) loads torch and qcore but not Streamlit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pages import jobs, worker
+
+    assert jobs._job_main is worker._job_main and worker._job_main.__module__ == "pages.worker"
+    code = ("import sys, pages.worker, qcore, qcore.executors; "
+            "print(sorted(m for m in ('streamlit', 'torch', 'qcore') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "['qcore', 'torch']"
