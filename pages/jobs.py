@@ -42,13 +42,7 @@ import streamlit as st
 import torch
 
 from pages.progress import progress_text
-from pages.worker import (  # noqa: F401 - the job processes' side; the NICE names for tests
-    DEFAULT_NICE,
-    GENTLE_STOP,
-    NICE_ENV,
-    _env_int,
-    _job_main,
-)
+from pages.worker import GENTLE_STOP, _env_int, _job_main  # the job processes' side
 from qcore.executors import spawnable_main
 
 WORKERS_ENV, PER_SESSION_ENV = "QP_JOB_WORKERS", "QP_JOBS_PER_SESSION"

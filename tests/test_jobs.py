@@ -82,11 +82,11 @@ def test_a_job_runs_below_the_web_process_priority(new_pool, monkeypatch) -> Non
     web process come first and a job takes the cores they leave."""
     import os
 
-    from pages import jobs
+    from pages import worker
 
-    for env, step in ((None, jobs.DEFAULT_NICE), ("3", 3)):
+    for env, step in ((None, worker.DEFAULT_NICE), ("3", 3)):
         if env is not None:
-            monkeypatch.setenv(jobs.NICE_ENV, env)
+            monkeypatch.setenv(worker.NICE_ENV, env)
         pool = new_pool(workers=1, per_session=1)
         job = pool.submit(("nice", env), "s1", "sweep", _payload(BIG))
         _until(lambda job=job: job.state == "running" and job.done >= 1)
