@@ -163,6 +163,12 @@ def _draw_levels(fig: go.Figure, hist: HistogramLike) -> None:
         )
 
 
+def _legend_line(fig: go.Figure, name: str, color: str, dash: str) -> None:
+    """A legend entry for lines drawn as shapes (shapes have none): an empty line trace."""
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name,
+                             line={"color": color, "dash": dash}))  # fmt: skip
+
+
 def _draw_grid_range(fig: go.Figure, clip: tuple[float, float]) -> None:
     """The grid's effective range: dashed lines at its ends, labelled, and a legend entry."""
     # qcore.layer_histogram gives the grid's effective range here: the values the codes
@@ -179,15 +185,7 @@ def _draw_grid_range(fig: go.Figure, clip: tuple[float, float]) -> None:
             yanchor="bottom",
             font={"color": CLIP_COLOR},
         )
-    fig.add_trace(
-        go.Scatter(
-            x=[None],
-            y=[None],
-            mode="lines",
-            name=GRID_RANGE_LABEL,
-            line={"color": CLIP_COLOR, "dash": "dash"},
-        )
-    )
+    _legend_line(fig, GRID_RANGE_LABEL, CLIP_COLOR, "dash")
 
 
 def _draw_requested(fig: go.Figure, asked: tuple[float, float], label: str) -> None:
@@ -195,15 +193,7 @@ def _draw_requested(fig: go.Figure, asked: tuple[float, float], label: str) -> N
     is +-alpha inside it) makes the grid differ from it."""
     for v in asked:
         _vline(fig, v, REQUESTED_COLOR, 1.5, "dot")
-    fig.add_trace(
-        go.Scatter(
-            x=[None],
-            y=[None],
-            mode="lines",
-            name=f"{label} [{asked[0]:.3g}, {asked[1]:.3g}]",
-            line={"color": REQUESTED_COLOR, "dash": "dot"},
-        )
-    )
+    _legend_line(fig, f"{label} [{asked[0]:.3g}, {asked[1]:.3g}]", REQUESTED_COLOR, "dot")
 
 
 def row_percent(matrix: np.ndarray) -> np.ndarray:
